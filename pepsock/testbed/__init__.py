@@ -1,0 +1,1 @@
+"""Network-namespace testbed: hosts, links, shaping and the evaluation experiments."""
