@@ -180,7 +180,10 @@ def connect_via_pep(dest_ip: str, dest_port: int, pep_addrinfo, timeout=_GLOBAL_
     family, type_, proto, _, pep_sockaddr = pep_addrinfo
     header = protocol.connect_request(dest_ip, dest_port)
     deadline = _deadline(timeout)
+    ip = normalize_ip(dest_ip)
     sock = PepSocket(family, socket.SOCK_STREAM, proto)
+    sock._pep_init((str(ip), dest_port) if ip.version == 4 else (str(ip), dest_port, 0, 0),
+                   pep_sockaddr[:2])
     try:
         if source_address:
             sock.bind(source_address)
@@ -191,9 +194,6 @@ def connect_via_pep(dest_ip: str, dest_port: int, pep_addrinfo, timeout=_GLOBAL_
         _send_rest(sock, header[taken:], deadline)
         sock.settimeout(socket.getdefaulttimeout() if timeout is _GLOBAL_DEFAULT_TIMEOUT
                         else timeout)
-        ip = normalize_ip(dest_ip)
-        destination = (str(ip), dest_port) if ip.version == 4 else (str(ip), dest_port, 0, 0)
-        sock._pep_init(destination, pep_sockaddr[:2])
         return sock
     except BaseException:
         sock.close()

@@ -53,6 +53,22 @@ class Host:
         return _Entered(self.name)
 
 
+CLONE_NEWNET = 0x40000000
+_libc = None
+
+
+def _setns(fd: int) -> None:
+    """setns(2) for a network namespace (os.setns only exists from Python 3.12)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 class _Entered:
     """setns() the current thread into a namespace and back; for in-process sockets."""
 
@@ -63,14 +79,14 @@ class _Entered:
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
         try:
-            os.setns(fd, os.CLONE_NEWNET)
+            _setns(fd)
         finally:
             os.close(fd)
         return self
 
     def __exit__(self, *exc):
         try:
-            os.setns(self._home, os.CLONE_NEWNET)
+            _setns(self._home)
         finally:
             os.close(self._home)
 
