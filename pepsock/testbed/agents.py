@@ -1,0 +1,377 @@
+"""The programs that run inside the testbed's namespaces (one process each).
+
+    python -m pepsock.testbed.agents <command> [options]    -> one JSON object on stdout
+
+Servers print {"ready": true} first and then run until killed.  Every client
+command is bounded by a deadline.  Times are CLOCK_MONOTONIC, which all network
+namespaces share, so one-way delays between namespaces are exact; `--start-at`
+takes an absolute monotonic time so that flows start in step with the rate
+schedule.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+
+MSG_FASTOPEN = getattr(socket, "MSG_FASTOPEN", 0x20000000)
+TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
+TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
+BIN = 0.1          # goodput bins (s)
+CHUNK = 1 << 20
+
+
+def out(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def sleep_until(t: float) -> None:
+    d = t - time.monotonic()
+    if d > 0:
+        time.sleep(d)
+
+
+def set_cc(sock: socket.socket, cc: str | None) -> None:
+    if cc:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, cc.encode())
+
+
+def parse_hostport(s: str) -> tuple[str, int]:
+    host, _, port = s.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# ---------------------------------------------------------------------------
+# Server: "<n>\n" asks for n bytes; the server sends them and closes.
+
+def cmd_server(a) -> None:
+    fam = socket.AF_INET6 if ":" in a.bind else socket.AF_INET
+    ls = socket.socket(fam, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    set_cc(ls, a.cc)
+    ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 256)
+    ls.bind((a.bind, a.port))
+    ls.listen(512)
+    payload = memoryview(b"x" * CHUNK)
+    out({"ready": True})
+
+    def serve(c: socket.socket) -> None:
+        try:
+            c.settimeout(60)
+            buf = b""
+            while b"\n" not in buf:
+                d = c.recv(64)
+                if not d:
+                    return
+                buf += d
+            n = int(buf.split(b"\n", 1)[0])
+            while n > 0:
+                k = c.send(payload[:min(n, CHUNK)])
+                n -= k
+            c.shutdown(socket.SHUT_WR)
+            c.settimeout(5)
+            while c.recv(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        finally:
+            c.close()
+
+    while True:
+        c, _ = ls.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+# ---------------------------------------------------------------------------
+# Bulk client: K flows of N bytes, end to end or through the PEP.
+
+def open_flow(mode: str, server: tuple[str, int], pep: tuple[str, int] | None,
+              cc: str | None, timeout: float, request: bytes) -> socket.socket:
+    """A connected socket with `request` sent, by the given method."""
+    if mode == "e2e":
+        s = socket.create_connection(server, timeout=timeout)
+        set_cc(s, cc)
+        s.sendall(request)
+        return s
+    if mode == "tfo":
+        s = socket.socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET, socket.SOCK_STREAM)
+        set_cc(s, cc)
+        s.sendto(request, MSG_FASTOPEN, server)   # blocking: SYN carries the request
+        s.settimeout(timeout)
+        return s
+    if mode in ("pep", "pep-notfo"):
+        import pepsock
+        s = pepsock.create_connection(server, timeout=timeout, pep=pep)
+        set_cc(s, cc)
+        s.sendall(request)
+        return s
+    if mode == "connect":
+        s = socket.create_connection(pep, timeout=timeout)
+        set_cc(s, cc)
+        host = f"[{server[0]}]" if ":" in server[0] else server[0]
+        s.sendall(f"CONNECT {host}:{server[1]} HTTP/1.1\r\nHost: {host}:{server[1]}\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = s.recv(4096)
+            if not d:
+                raise ConnectionError("proxy closed during CONNECT")
+            buf += d
+        status = buf.split(b"\r\n", 1)[0]
+        if b" 200" not in status:
+            raise ConnectionError(f"CONNECT refused: {status!r}")
+        s.sendall(request)
+        return s
+    if mode == "socks5":
+        s = socket.create_connection(pep, timeout=timeout)
+        set_cc(s, cc)
+        s.sendall(b"\x05\x01\x00")
+        if _recvn(s, 2) != b"\x05\x00":
+            raise ConnectionError("SOCKS5 greeting refused")
+        if ":" in server[0]:
+            req = b"\x05\x01\x00\x04" + socket.inet_pton(socket.AF_INET6, server[0])
+        else:
+            req = b"\x05\x01\x00\x01" + socket.inet_aton(server[0])
+        s.sendall(req + struct.pack("!H", server[1]))
+        rep = _recvn(s, 4)
+        if rep[1] != 0:
+            raise ConnectionError(f"SOCKS5 connect failed: {rep[1]}")
+        _recvn(s, {1: 4, 4: 16}.get(rep[3], 0) + 2)
+        s.sendall(request)
+        return s
+    raise ValueError(mode)
+
+
+def _recvn(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        d = s.recv(n - len(buf))
+        if not d:
+            raise ConnectionError("closed early")
+        buf += d
+    return buf
+
+
+def cmd_bulk(a) -> None:
+    server = parse_hostport(a.server)
+    pep = parse_hostport(a.pep) if a.pep else None
+    start = a.start_at or time.monotonic()
+    deadline = start + a.timeout
+    results: list[dict] = [{} for _ in range(a.flows)]
+
+    def flow(i: int) -> None:
+        r = results[i]
+        bins: dict[int, int] = {}
+        sleep_until(start + i * a.stagger)
+        t0 = time.monotonic()
+        r["t_start"] = t0 - start
+        got = 0
+        try:
+            s = open_flow(a.mode, server, pep, a.cc, a.timeout, f"{a.bytes}\n".encode())
+            buf = bytearray(CHUNK)
+            while got < a.bytes:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                n = s.recv_into(buf)
+                now = time.monotonic()
+                if n == 0:
+                    break
+                if got == 0:
+                    r["t_first"] = now - start
+                got += n
+                b = int((now - start) / BIN)
+                bins[b] = bins.get(b, 0) + n
+            r["t_end"] = time.monotonic() - start
+            s.close()
+        except Exception as e:  # reported, not raised: the run records the failure
+            r["error"] = repr(e)
+        r["bytes"] = got
+        r["complete"] = got >= a.bytes
+        r["fct"] = r.get("t_end", float("nan")) - r["t_start"]
+        r["bins"] = sorted(bins.items())
+
+    threads = [threading.Thread(target=flow, args=(i,), daemon=True) for i in range(a.flows)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic() + 1))
+    out({"start": start, "bin": BIN, "flows": results})
+
+
+# ---------------------------------------------------------------------------
+# Interactive flow: 100-byte UDP datagrams every 50 ms carrying seq + send time.
+
+def cmd_udp_send(a) -> None:
+    dst = parse_hostport(a.dst)
+    s = socket.socket(socket.AF_INET6 if ":" in dst[0] else socket.AF_INET, socket.SOCK_DGRAM)
+    start = a.start_at or time.monotonic()
+    pad = b"\0" * max(0, a.size - 12)
+    seq = 0
+    while True:
+        t = start + seq * a.interval
+        if t - start > a.duration:
+            break
+        sleep_until(t)
+        s.sendto(struct.pack("!Iq", seq, time.monotonic_ns()) + pad, dst)
+        seq += 1
+    out({"sent": seq})
+
+
+def cmd_udp_recv(a) -> None:
+    fam = socket.AF_INET6 if ":" in a.bind else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.bind((a.bind, a.port))
+    out({"ready": True})
+    end = time.monotonic() + a.duration
+    recs = []
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        r, _, _ = select.select([s], [], [], left)
+        if not r:
+            break
+        d = s.recv(2048)
+        now = time.monotonic_ns()
+        if len(d) >= 12:
+            seq, sent = struct.unpack("!Iq", d[:12])
+            recs.append((seq, sent / 1e9, now / 1e9))
+    out({"records": recs})
+
+
+# ---------------------------------------------------------------------------
+# Time to first byte: connect, ask for a few bytes, time the first one.
+
+def cmd_ttfb(a) -> None:
+    server = parse_hostport(a.server)
+    proxy = parse_hostport(a.proxy) if a.proxy else None
+    res = []
+    for _ in range(a.warmup):      # TFO cookies, ARP/ND, page cache
+        try:
+            s = open_flow(a.mode, server, proxy, a.cc, 5, b"1\n")
+            s.recv(16)
+            s.close()
+        except Exception:
+            pass
+        time.sleep(a.gap)
+    for _ in range(a.reps):
+        t0 = time.monotonic()
+        try:
+            s = open_flow(a.mode, server, proxy, a.cc, 5, f"{a.size}\n".encode())
+            d = s.recv(16)
+            t1 = time.monotonic()
+            s.close()
+            res.append({"ttfb_ms": (t1 - t0) * 1000 if d else None})
+        except Exception as e:
+            res.append({"ttfb_ms": None, "error": repr(e)})
+        time.sleep(a.gap)
+    out({"mode": a.mode, "results": res})
+
+
+# ---------------------------------------------------------------------------
+# ICMP echo (the image has no ping): median RTT to a destination.
+
+def _csum(b: bytes) -> int:
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def cmd_ping(a) -> None:
+    v6 = ":" in a.dst
+    if v6:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF
+    rtts = []
+    for seq in range(a.count):
+        body = struct.pack("!d", time.monotonic()) + b"p" * 48
+        typ = 128 if v6 else 8
+        hdr = struct.pack("!BBHHH", typ, 0, 0, ident, seq)
+        pkt = hdr + body
+        if not v6:  # the kernel fills the ICMPv6 checksum
+            pkt = struct.pack("!BBHHH", typ, 0, _csum(pkt), ident, seq) + body
+        t0 = time.monotonic()
+        s.sendto(pkt, (a.dst, 0))
+        end = t0 + a.wait
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            r, _, _ = select.select([s], [], [], left)
+            if not r:
+                break
+            d = s.recv(2048)
+            now = time.monotonic()
+            icmp = d if v6 else d[(d[0] & 0xF) * 4:]
+            if len(icmp) >= 8:
+                t, _, _, i, q = struct.unpack("!BBHHH", icmp[:8])
+                if t == (129 if v6 else 0) and i == ident and q == seq:
+                    rtts.append((now - t0) * 1000)
+                    break
+        time.sleep(a.interval)
+    out({"rtts_ms": rtts, "sent": a.count})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="pepsock.testbed.agents")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("server")
+    sp.add_argument("--bind", default="0.0.0.0")
+    sp.add_argument("--port", type=int, required=True)
+    sp.add_argument("--cc")
+    sp.set_defaults(fn=cmd_server)
+    sp = sub.add_parser("bulk")
+    sp.add_argument("--server", required=True)
+    sp.add_argument("--pep")
+    sp.add_argument("--mode", default="e2e")
+    sp.add_argument("--bytes", type=int, required=True)
+    sp.add_argument("--flows", type=int, default=1)
+    sp.add_argument("--stagger", type=float, default=0.0)
+    sp.add_argument("--start-at", type=float)
+    sp.add_argument("--timeout", type=float, default=60)
+    sp.add_argument("--cc")
+    sp.set_defaults(fn=cmd_bulk)
+    sp = sub.add_parser("udp-send")
+    sp.add_argument("--dst", required=True)
+    sp.add_argument("--interval", type=float, default=0.05)
+    sp.add_argument("--size", type=int, default=100)
+    sp.add_argument("--duration", type=float, required=True)
+    sp.add_argument("--start-at", type=float)
+    sp.set_defaults(fn=cmd_udp_send)
+    sp = sub.add_parser("udp-recv")
+    sp.add_argument("--bind", default="0.0.0.0")
+    sp.add_argument("--port", type=int, required=True)
+    sp.add_argument("--duration", type=float, required=True)
+    sp.set_defaults(fn=cmd_udp_recv)
+    sp = sub.add_parser("ttfb")
+    sp.add_argument("--server", required=True)
+    sp.add_argument("--proxy")
+    sp.add_argument("--mode", required=True)
+    sp.add_argument("--reps", type=int, default=10)
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--gap", type=float, default=0.05)
+    sp.add_argument("--size", type=int, default=100)
+    sp.add_argument("--cc")
+    sp.set_defaults(fn=cmd_ttfb)
+    sp = sub.add_parser("ping")
+    sp.add_argument("dst")
+    sp.add_argument("--count", type=int, default=5)
+    sp.add_argument("--interval", type=float, default=0.1)
+    sp.add_argument("--wait", type=float, default=2.0)
+    sp.set_defaults(fn=cmd_ping)
+    a = p.parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

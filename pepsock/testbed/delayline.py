@@ -1,0 +1,170 @@
+"""A user-space delay line over two TUN devices, one per emulated link.
+
+Each packet read from one TUN device is written to the other one at arrival + D,
+in arrival order (mahimahi's delay queue: a FIFO of packets stamped with their
+release time).  The router namespace steers traffic through it with policy
+routing (see `topology.py`): packets arriving from the left veth are routed to
+TUN A, the delay line writes them to TUN B, and the kernel forwards them out of
+the right veth; the other direction goes B -> A.
+
+The fast path is `delayline.c`, compiled once with `cc` into a temp directory
+(cached by the hash of its source).  `python -m pepsock.testbed.delayline A B
+D_AB_US D_BA_US` is the same algorithm in Python, kept to measure whether Python
+keeps up (it does not at 75 Mbit/s on a busy two-core machine: see
+benchmarks/bench_testbed_delayline.py and docs/evaluation/).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("delayline.c")
+
+
+def build(cc: str | None = None) -> str:
+    """Compile delayline.c (once per source version) and return the binary's path."""
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"pepsock-delayline-{tag}"
+    if out.exists():
+        return str(out)
+    cc = cc or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("needs a C compiler (cc) to build the delay line")
+    tmpdir = tempfile.mkdtemp(prefix="pepsock-dl-")
+    try:
+        c = Path(tmpdir) / "delayline.c"
+        c.write_bytes(src)
+        binary = Path(tmpdir) / "delayline"
+        subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(c)], check=True,
+                       capture_output=True, text=True, timeout=60)
+        os.replace(binary, out)  # atomic: concurrent builders are fine
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return str(out)
+
+
+class DelayLine:
+    """One running delay line inside a namespace (a child process)."""
+
+    def __init__(self, host, tun_a: str, tun_b: str, delay_ab_us: int, delay_ba_us: int,
+                 *, impl: str = "c", slots: int = 16384):
+        self.host = host
+        self.tun_a, self.tun_b = tun_a, tun_b
+        self.delay_ab_us, self.delay_ba_us = int(delay_ab_us), int(delay_ba_us)
+        self.impl = impl
+        if impl == "c":
+            argv = [build(), tun_a, tun_b, str(self.delay_ab_us), str(self.delay_ba_us), str(slots)]
+        else:
+            argv = [sys.executable, "-m", "pepsock.testbed.delayline", tun_a, tun_b,
+                    str(self.delay_ab_us), str(self.delay_ba_us), str(slots)]
+        self.proc = host.popen(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        line = self.proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            self.proc.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"delay line did not start in {host.name}: {line!r} {err}")
+        self.stats: dict = {}
+
+    def stop(self) -> dict:
+        """Stop it and return its counters (packets in/out, drops, worst lateness)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                _, err = self.proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                _, err = self.proc.communicate(timeout=5)
+            for line in (err or "").splitlines():
+                if line.startswith("{"):
+                    try:
+                        self.stats = json.loads(line)
+                    except ValueError:
+                        pass
+        return self.stats
+
+
+# ---------------------------------------------------------------------------
+# The same algorithm in Python (for the "does Python keep up?" measurement).
+
+_TUNSETIFF = 0x400454CA
+_IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
+
+
+def _tun_open(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI))
+    return fd
+
+
+def _py_main(argv: list[str]) -> int:
+    a, b, d_ab, d_ba = argv[0], argv[1], int(argv[2]) / 1e6, int(argv[3]) / 1e6
+    slots = int(argv[4]) if len(argv) > 4 else 16384
+    fa, fb = _tun_open(a), _tun_open(b)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    qs = {fa: deque(), fb: deque()}          # packets read from fd, waiting
+    other = {fa: fb, fb: fa}
+    delay = {fa: d_ab, fb: d_ba}
+    stats = {"ab_in": 0, "ab_out": 0, "ab_drops": 0, "ab_late_max_us": 0,
+             "ba_in": 0, "ba_out": 0, "ba_drops": 0, "ba_late_max_us": 0}
+    key = {fa: "ab", fb: "ba"}
+    poller = select.poll()
+    poller.register(fa, select.POLLIN)
+    poller.register(fb, select.POLLIN)
+    clock = time.monotonic
+    print("ready", flush=True)
+    while not stop:
+        now = clock()
+        nxt = None
+        for fd, q in qs.items():
+            k = key[fd]
+            while q and q[0][0] <= now:
+                due, pkt = q.popleft()
+                late = int((now - due) * 1e6)
+                if late > stats[k + "_late_max_us"]:
+                    stats[k + "_late_max_us"] = late
+                try:
+                    os.write(other[fd], pkt)
+                    stats[k + "_out"] += 1
+                except OSError:
+                    stats[k + "_drops"] += 1
+            if q and (nxt is None or q[0][0] < nxt):
+                nxt = q[0][0]
+        timeout = None if nxt is None else max(0.0, (nxt - now) * 1000)
+        try:
+            events = poller.poll(timeout)
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            q, k = qs[fd], key[fd]
+            for _ in range(256):
+                try:
+                    pkt = os.read(fd, 2048)
+                except BlockingIOError:
+                    break
+                stats[k + "_in"] += 1
+                if len(q) >= slots:
+                    stats[k + "_drops"] += 1
+                    continue
+                q.append((clock() + delay[fd], pkt))
+    print(json.dumps(stats), file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_py_main(sys.argv[1:]))

@@ -1,0 +1,114 @@
+"""Bandwidth: an HTB class with a bfifo leaf on a router's egress, rate changed
+over netlink (pyroute2) on a schedule, so nothing forks per change.
+
+    root 1: htb default 1
+      class 1:1 htb rate R ceil R          <- the rate, changed on schedule
+        qdisc 10: bfifo limit Q bytes      <- the bottleneck queue, fixed in bytes
+
+HTB cannot do a rate of 0; an outage is `OUTAGE_BPS` (one 1514-byte frame every
+~1.5 s), which is as good as nothing for a TCP flow.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from .traces import Schedule
+
+OUTAGE_BPS = 8_000
+
+
+def _burst(rate_bps: float) -> int:
+    # ~1 ms worth of bytes, at least two full frames: precise at 75 Mbit/s, no stalls at low rates.
+    return max(2 * 1600, int(rate_bps / 8 / 1000))
+
+
+class Shaper:
+    """HTB + bfifo on `ifname` inside `host`'s namespace."""
+
+    def __init__(self, host, ifname: str, rate_bps: float, queue_bytes: int):
+        self.host, self.ifname, self.queue_bytes = host, ifname, int(queue_bytes)
+        rate = max(OUTAGE_BPS, int(rate_bps))
+        b = _burst(rate)
+        host.run("tc", "qdisc", "replace", "dev", ifname, "root", "handle", "1:", "htb",
+                 "default", "1")
+        host.run("tc", "class", "add", "dev", ifname, "parent", "1:", "classid", "1:1", "htb",
+                 "rate", f"{rate}bit", "ceil", f"{rate}bit", "burst", str(b), "cburst", str(b),
+                 "quantum", "1514")
+        host.run("tc", "qdisc", "add", "dev", ifname, "parent", "1:1", "handle", "10:", "bfifo",
+                 "limit", str(self.queue_bytes))
+        self.rate_bps = rate
+        self._ipr = None
+        self._idx = None
+        self._lock = threading.Lock()
+        self.changes: list[tuple[float, float]] = []   # (monotonic time, rate) actually applied
+
+    def _netlink(self):
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+            with self.host.enter():           # the socket stays bound to this namespace
+                self._ipr = IPRoute()
+                self._idx = self._ipr.link_lookup(ifname=self.ifname)[0]
+        return self._ipr
+
+    def set_rate(self, rate_bps: float) -> None:
+        rate = max(OUTAGE_BPS, int(rate_bps))
+        b = _burst(rate)
+        with self._lock:
+            ipr = self._netlink()
+            ipr.tc("change-class", "htb", self._idx, handle=0x10001, parent=0x10000,
+                   rate=f"{rate}bit", ceil=f"{rate}bit", burst=b, cburst=b, quantum=1514)
+            self.rate_bps = rate
+            self.changes.append((time.monotonic(), float(rate_bps)))
+
+    def stats(self) -> dict:
+        """Counters of the bottleneck queue (sent bytes/packets, drops, backlog)."""
+        out = self.host.run("tc", "-s", "qdisc", "show", "dev", self.ifname, check=False).stdout
+        res = {}
+        block = out.split("qdisc bfifo", 1)[-1]
+        import re
+        m = re.search(r"Sent (\d+) bytes (\d+) pkt \(dropped (\d+), overlimits (\d+)", block)
+        if m:
+            res = {"sent_bytes": int(m[1]), "sent_pkts": int(m[2]), "dropped": int(m[3])}
+        return res
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ipr is not None:
+                try:
+                    self._ipr.close()
+                except Exception:
+                    pass
+                self._ipr = None
+
+
+class ScheduleRunner:
+    """A thread that applies a Schedule's rate changes to a Shaper, starting at t0."""
+
+    def __init__(self, shaper: Shaper, schedule: Schedule, duration: float):
+        self.shaper, self.schedule, self.duration = shaper, schedule, duration
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="schedule")
+        self.t0: float | None = None
+        self.errors: list[str] = []
+
+    def start(self, t0: float | None = None) -> "ScheduleRunner":
+        self.t0 = time.monotonic() if t0 is None else t0
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        for t, rate in self.schedule.changes(self.duration):
+            wait = self.t0 + t - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            if self._stop.is_set():
+                return
+            try:
+                self.shaper.set_rate(rate)
+            except Exception as e:  # keep going; the report lists it
+                self.errors.append(repr(e))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,226 @@
+"""The evaluation testbed: five namespaces in a row.
+
+    client --[wireless]-- wrouter -- pep -- drouter --[wired]-- server
+    192.0.2.10      192.0.2.1|.129   .130|198.51.100.2   .1|203.0.113.1   203.0.113.10
+
+* wrouter: delay line (one-way D_w each way, so R1 = client-PEP RTT = 2 D_w) and
+  the bottleneck: HTB + bfifo on its egress towards the client (downlink),
+  rate changed on a schedule.
+* drouter: delay line (R2 = PEP-server RTT = 2 D_d) and HTB + bfifo at the wired
+  rate on its egress towards the PEP.
+* every namespace: congestion control pinned, TFO on (3), no metrics cache,
+  TSO/GSO/GRO off on every veth.  IPv6 (2001:db8::/32) is configured alongside.
+
+The delay lines sit in the forwarding path by policy routing: traffic that
+arrives on the left veth is routed into TUN "dla", the delay line writes it to
+TUN "dlb" after D, and the kernel forwards it on from there (and back).
+"""
+from __future__ import annotations
+
+import atexit
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from .delayline import DelayLine
+from .netns import Host, Topology
+from .shaping import Shaper
+
+ADDR = {
+    "client": "192.0.2.10", "wr_c": "192.0.2.1", "wr_p": "192.0.2.129", "pep_w": "192.0.2.130",
+    "pep_d": "198.51.100.2", "dr_p": "198.51.100.1", "dr_s": "203.0.113.1", "server": "203.0.113.10",
+}
+ADDR6 = {
+    "client": "2001:db8:1::10", "wr_c": "2001:db8:1::1", "wr_p": "2001:db8:2::1", "pep_w": "2001:db8:2::2",
+    "pep_d": "2001:db8:3::2", "dr_p": "2001:db8:3::1", "dr_s": "2001:db8:4::1", "server": "2001:db8:4::10",
+}
+
+
+@dataclass
+class Settings:
+    r1_ms: float = 10.0             # client-PEP RTT (wireless side)
+    r2_ms: float = 40.0             # PEP-server RTT (wired side)
+    wireless_mbit: float = 10.0     # starting rate of the bottleneck (then the schedule)
+    wired_mbit: float = 100.0
+    queue_bytes: int = 375_000      # bottleneck bfifo: 40 ms at 75 Mbit/s, 300 ms at 10 Mbit/s
+    wired_queue_bytes: int = 1_000_000
+    cc: str = "cubic"
+    tfo: int = 3
+    delay_impl: str = "c"           # "c" or "py"
+
+
+class Testbed:
+    """Builds the chain; `close()` (or the context manager) removes everything."""
+
+    def __init__(self, settings: Settings | None = None, prefix: str = "ev"):
+        self.s = settings or Settings()
+        self.topo = Topology(prefix=prefix)
+        self.delaylines: list[DelayLine] = []
+        self.shapers: list[Shaper] = []
+        self._closed = False
+        atexit.register(self.close)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction -------------------------------------------------------------
+    def _build(self) -> None:
+        s, t = self.s, self.topo
+        self._allow_cc(s.cc)
+        self.client = t.host("client", tfo=s.tfo)
+        self.wrouter = t.host("wrouter", forwarding=True, tfo=s.tfo)
+        self.pep = t.host("pep", forwarding=True, tfo=s.tfo)
+        self.drouter = t.host("drouter", forwarding=True, tfo=s.tfo)
+        self.server = t.host("server", tfo=s.tfo)
+        for h in self.hosts():
+            h.sysctl("net.ipv4.tcp_congestion_control", s.cc)
+            h.sysctl("net.ipv4.tcp_no_metrics_save", 1)
+            h.sysctl("net.ipv4.conf.all.rp_filter", 0)
+            h.sysctl("net.ipv4.conf.default.rp_filter", 0)
+            h.sysctl("net.ipv6.conf.all.accept_dad", 0)
+            h.sysctl("net.ipv6.conf.default.accept_dad", 0)
+        A, A6 = ADDR, ADDR6
+
+        def l(a, ka, b, kb, p4, p6):
+            return t.link(a, [f"{A[ka]}/{p4}", f"{A6[ka]}/64"], b, [f"{A[kb]}/{p4}", f"{A6[kb]}/64"],
+                          offloads=False)
+
+        self.if_c_wr, self.if_wr_c = l(self.client, "client", self.wrouter, "wr_c", 25, 64)
+        self.if_wr_p, self.if_p_wr = l(self.wrouter, "wr_p", self.pep, "pep_w", 25, 64)
+        self.if_p_dr, self.if_dr_p = l(self.pep, "pep_d", self.drouter, "dr_p", 24, 64)
+        self.if_dr_s, self.if_s_dr = l(self.drouter, "dr_s", self.server, "server", 24, 64)
+
+        # Routes (v4 and v6).
+        for fam, a in (("-4", A), ("-6", A6)):
+            def rt(h, dest, via):
+                h.run("ip", fam, "route", "add", dest, "via", via)
+            rt(self.client, "default", a["wr_c"])
+            rt(self.wrouter, "default", a["pep_w"])
+            rt(self.pep, "default", a["dr_p"])
+            rt(self.drouter, "default", a["pep_d"])
+            rt(self.server, "default", a["dr_s"])
+        self.pep.run("ip", "-4", "route", "add", "192.0.2.0/25", "via", A["wr_p"])
+        self.pep.run("ip", "-6", "route", "add", "2001:db8:1::/64", "via", A6["wr_p"])
+
+        # Delay lines: wireless link in wrouter, wired link in drouter.
+        self._delay(self.wrouter, self.if_wr_c, self.if_wr_p, s.r1_ms)
+        self._delay(self.drouter, self.if_dr_p, self.if_dr_s, s.r2_ms)
+
+        # Shaping: the wireless downlink (bottleneck) and the wired downlink.
+        self.bottleneck = Shaper(self.wrouter, self.if_wr_c, s.wireless_mbit * 1e6, s.queue_bytes)
+        self.wired = Shaper(self.drouter, self.if_dr_p, s.wired_mbit * 1e6, s.wired_queue_bytes)
+        self.shapers = [self.bottleneck, self.wired]
+
+    _ALLOWED = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
+
+    def _allow_cc(self, cc: str) -> None:
+        """A namespace may only default to an algorithm in the host-wide allowed list
+        (reno and bbr here); add ours to it for the run and put the list back on close."""
+        self._allowed_before = None
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+            if cc not in f.read().split():
+                raise RuntimeError(f"congestion control {cc} is not available in this kernel")
+        with open(self._ALLOWED) as f:
+            allowed = f.read().split()
+        if cc not in allowed:
+            self._allowed_before = " ".join(allowed)
+            with open(self._ALLOWED, "w") as f:
+                f.write(" ".join(allowed + [cc]))
+
+    def _restore_cc(self) -> None:
+        if getattr(self, "_allowed_before", None) is not None:
+            try:
+                with open(self._ALLOWED, "w") as f:
+                    f.write(self._allowed_before)
+            except OSError:
+                pass
+            self._allowed_before = None
+
+    def _delay(self, router: Host, left_if: str, right_if: str, rtt_ms: float) -> None:
+        one_way_us = int(rtt_ms * 1000 / 2)
+        dl = DelayLine(router, "dla", "dlb", one_way_us, one_way_us, impl=self.s.delay_impl)
+        self.delaylines.append(dl)
+        for tun in ("dla", "dlb"):
+            router.run("ip", "link", "set", tun, "up", "txqueuelen", "10000")
+            router.sysctl(f"net.ipv4.conf.{tun}.rp_filter", 0)
+        for fam in ("-4", "-6"):
+            router.run("ip", fam, "route", "add", "default", "dev", "dla", "table", "100")
+            router.run("ip", fam, "route", "add", "default", "dev", "dlb", "table", "101")
+            router.run("ip", fam, "rule", "add", "iif", left_if, "lookup", "100", "pref", "100")
+            router.run("ip", fam, "rule", "add", "iif", right_if, "lookup", "101", "pref", "101")
+
+    # -- use ------------------------------------------------------------------------
+    def hosts(self) -> list[Host]:
+        return list(self.topo.hosts.values())
+
+    def reset(self, wireless_mbit: float | None = None) -> None:
+        """Between runs: back to the starting rate, forget cached TCP metrics."""
+        self.bottleneck.set_rate((wireless_mbit or self.s.wireless_mbit) * 1e6)
+        self.bottleneck.changes.clear()
+        for h in self.hosts():
+            h.run("ip", "tcp_metrics", "flush", "all", check=False)
+
+    def close(self) -> dict:
+        if self._closed:
+            return {}
+        self._closed = True
+        stats = {}
+        for sh in self.shapers:
+            sh.close()
+        for i, dl in enumerate(self.delaylines):
+            try:
+                stats[f"delayline{i}"] = dl.stop()
+            except Exception:
+                pass
+        self.topo.cleanup()
+        self._restore_cc()
+        try:
+            atexit.unregister(self.close)
+        except Exception:
+            pass
+        return stats
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP behave like Ctrl-C (KeyboardInterrupt), so `finally` blocks tear down."""
+    def raise_kbi(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, raise_kbi)
+        except (ValueError, OSError):
+            pass
+
+
+def leftover_namespaces(prefix: str = "ev") -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [l.split()[0] for l in out.splitlines() if l.startswith(prefix)]
+
+
+def ping_rtt_ms(src: Host, dst: str, count: int = 5, interval: float = 0.2) -> float:
+    """Median RTT of `count` pings (ms)."""
+    out = src.run("ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "2", dst,
+                  check=False, timeout=count * interval + 10).stdout
+    import re
+    m = re.search(r"= [\d.]+/([\d.]+)/", out)
+    if not m:
+        raise RuntimeError(f"ping {dst} from {src.name} failed: {out}")
+    return float(m[1])
+
+
+if __name__ == "__main__":
+    with Testbed() as tb:
+        t0 = time.monotonic()
+        print("rtt client->server", ping_rtt_ms(tb.client, ADDR["server"]))
+        print("rtt client->pep", ping_rtt_ms(tb.client, ADDR["pep_w"]))
+        print("rtt pep->server", ping_rtt_ms(tb.pep, ADDR["server"]))
+        print("rtt6 client->server", ping_rtt_ms(tb.client, ADDR6["server"]))
