@@ -30,12 +30,12 @@ def cmd_lib(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import preload
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
         print("pep run: give a command to run, e.g. pep run --pep 192.0.2.1:5124 -- curl URL",
               file=sys.stderr)
         return 2
+    from . import preload
     return preload.run(argv, pep=args.pep)
 
 
@@ -73,7 +73,10 @@ def main(argv=None) -> int:
         from .testbed.eval import main as eval_main
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `pep ... | head`
+        return 0
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class Converter:
             except protocol.ProtocolError as exc:
                 client.sendall(protocol.error_reply(exc.code))
                 return
+            if isinstance(target, protocol.Info):
+                client.sendall(protocol.success_reply((protocol.SupportedTCPExtensions((2, 3, 4)),)))
+                return
             seen.connect = target
             if self.raw_reply is not None:
                 self._send_reply(client, self.raw_reply)
