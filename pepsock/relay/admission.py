@@ -1,0 +1,134 @@
+"""Who may use the relay, where to, and how much: no I/O beyond reading /proc.
+
+Destination decision, in order:
+1. the --allow-dest / --deny-dest rules in the order given: first match wins;
+2. the built-in deny list: loopback, link-local, multicast, broadcast,
+   unspecified, and every address of this host (its interfaces, their
+   directed broadcasts) -- no open door into the PEP host or its LAN segment;
+3. otherwise allowed.
+So `--allow-dest 127.0.0.0/8` opens loopback, and `--allow-dest 192.0.2.0/24:443
+--deny-dest 0.0.0.0/0 --deny-dest ::/0` turns the relay into an allow-list.
+"""
+from __future__ import annotations
+
+import ipaddress
+import time
+
+from ..policy import AddressRule, normalize_ip
+
+BUILTIN_DENY = tuple(AddressRule.parse(t) for t in (
+    "0.0.0.0/8",          # "this network"; 0.0.0.0 reaches the host itself on Linux
+    "127.0.0.0/8",        # loopback
+    "169.254.0.0/16",     # link-local (cloud metadata services live here)
+    "224.0.0.0/4",        # multicast
+    "255.255.255.255/32",  # limited broadcast
+    "::/96",              # unspecified, loopback, IPv4-compatible
+    "fe80::/10",          # link-local
+    "ff00::/8",           # multicast
+))
+
+#: How long the set of local addresses is trusted before /proc is read again.
+LOCAL_REFRESH = 5.0
+
+
+def local_addresses() -> tuple[set, list]:
+    """Every address that reaches this host: interface addresses, local
+    routes and the directed broadcasts of their subnets (/proc/net/fib_trie),
+    IPv6 interface addresses (/proc/net/if_inet6).  Per network namespace.
+    Returns (single addresses, networks)."""
+    found: set = set()
+    nets: list = []
+    try:
+        with open("/proc/net/fib_trie") as f:
+            last = None
+            for line in f:
+                s = line.strip()
+                if s.startswith(("|--", "+--")):
+                    last = s[3:].split()[0].split("/")[0]
+                    continue
+                if last is None or not s.startswith("/"):
+                    continue
+                prefix, _, kind = s.partition(" ")
+                if not (kind.endswith("LOCAL") or kind.endswith("BROADCAST")):
+                    continue
+                try:
+                    if prefix == "/32":
+                        found.add(ipaddress.IPv4Address(last))
+                    else:
+                        nets.append(ipaddress.IPv4Network(last + prefix, strict=False))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                found.add(ipaddress.IPv6Address(int(line.split()[0], 16)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found, nets
+
+
+class Admission:
+    """Destination policy, client policy and tunnel limits."""
+
+    def __init__(self, dest_rules, allow_clients, max_tunnels: int, max_per_client: int,
+                 extra_local=()):
+        self.dest_rules = list(dest_rules)
+        self.allow_clients = list(allow_clients)
+        self.max_tunnels = max_tunnels
+        self.max_per_client = max_per_client
+        self.extra_local = {normalize_ip(a) for a in extra_local}
+        self._local: set = set()
+        self._local_nets: list = []
+        self._local_at = -1e9
+        self.open_total = 0
+        self.per_client: dict[str, int] = {}
+
+    # -- destinations ---------------------------------------------------------
+    def is_local(self, addr) -> bool:
+        now = time.monotonic()
+        if now - self._local_at > LOCAL_REFRESH:
+            found, self._local_nets = local_addresses()
+            self._local = found | self.extra_local
+            self._local_at = now
+        return addr in self._local or any(
+            addr.version == n.version and addr in n for n in self._local_nets)
+
+    def dest_allowed(self, addr, port: int) -> tuple[bool, str]:
+        """(allowed, reason)."""
+        addr = normalize_ip(addr)
+        for allow, rule in self.dest_rules:
+            if rule.matches(addr, port):
+                return allow, ("allowed by --allow-dest" if allow else "denied by --deny-dest")
+        for rule in BUILTIN_DENY:
+            if rule.matches(addr, port):
+                return False, f"{addr} is in {rule.network}, denied by default"
+        if self.is_local(addr):
+            return False, f"{addr} is an address of this host, denied by default"
+        return True, "allowed"
+
+    # -- clients ---------------------------------------------------------------
+    def client_allowed(self, addr) -> bool:
+        if not self.allow_clients:
+            return True
+        return any(r.matches(addr) for r in self.allow_clients)
+
+    def take(self, client_ip: str) -> bool:
+        """Reserve a tunnel slot for client_ip; False past a limit (Error 64)."""
+        if self.open_total >= self.max_tunnels:
+            return False
+        n = self.per_client.get(client_ip, 0)
+        if self.max_per_client and n >= self.max_per_client:
+            return False
+        self.per_client[client_ip] = n + 1
+        self.open_total += 1
+        return True
+
+    def release(self, client_ip: str) -> None:
+        self.open_total -= 1
+        n = self.per_client.get(client_ip, 1) - 1
+        if n <= 0:
+            self.per_client.pop(client_ip, None)
+        else:
+            self.per_client[client_ip] = n

@@ -1,0 +1,203 @@
+"""Command line of `pep relay` (also `python -m pepsock.relay`).
+
+At start the relay prints one line per bound address on stdout, flushed,
+after the sockets listen (and, with --workers, after every worker listens):
+
+    listening on 127.0.0.1:40123
+    stats on 127.0.0.1:9100          (only with --stats)
+
+so a caller that asked for port 0 learns the port.  Logs go to stderr (or
+--log-file).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..policy import AddressRule, ConfigError, parse_hostport
+from . import config as C
+from .config import Config, SideOptions
+
+log = logging.getLogger("pepsock.relay")
+
+
+def _hostport(text: str, what: str) -> tuple[str, int]:
+    text = text.strip()
+    # Port 0 (ephemeral) is fine for listening; parse_hostport wants 1-65535.
+    if text.endswith(":0"):
+        host, _ = parse_hostport(text[:-2] + ":1", what)
+        return host, 0
+    return parse_hostport(text, what)
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower()
+    mult = 1
+    for suffix, m in (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30)):
+        if t.endswith(suffix):
+            t, mult = t[:-1], m
+            break
+    try:
+        v = int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 262144, 256k, 4m)")
+    if v < 0:
+        raise argparse.ArgumentTypeError("sizes are >= 0")
+    return v
+
+
+class _DestRule(argparse.Action):
+    """--allow-dest/--deny-dest share one ordered list: first match wins."""
+
+    def __call__(self, parser, ns, value, option_string=None):
+        allow = self.const
+        try:
+            rule = AddressRule.parse(value, option_string)
+        except ConfigError as e:
+            parser.error(str(e))
+        rules = getattr(ns, "dest_rules", None) or []
+        rules.append((allow, rule))
+        ns.dest_rules = rules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pep relay",
+        description="RFC 8803 Transport Converter: accepts 0-RTT Convert requests over TCP "
+                    "Fast Open, connects onward and splices the bytes between the two.",
+        epilog="Prints 'listening on ADDR:PORT' per listener on stdout once ready. "
+               "See docs/relay.md.")
+    g = p.add_argument_group("listening")
+    g.add_argument("--listen", action="append", metavar="ADDR:PORT", default=[],
+                   help="address to listen on, repeatable; [v6addr]:port for IPv6; port 0 "
+                        "picks one (default 127.0.0.1:1080)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes sharing the port through SO_REUSEPORT (default 1)")
+    g.add_argument("--backlog", type=int, default=C.DEFAULT_BACKLOG, help="listen() backlog")
+    g.add_argument("--tfo-queue", type=int, default=C.DEFAULT_TFO_QUEUE,
+                   help="TCP_FASTOPEN queue length (pending 0-RTT handshakes)")
+
+    g = p.add_argument_group("timeouts (seconds)")
+    g.add_argument("--header-timeout", type=float, default=C.DEFAULT_HEADER_TIMEOUT,
+                   help="time a client has to send its Convert message (default %(default)s)")
+    g.add_argument("--connect-timeout", type=float, default=C.DEFAULT_CONNECT_TIMEOUT,
+                   help="onward connect() limit, then Error 65 (default %(default)s)")
+    g.add_argument("--drain-timeout", type=float, default=C.DEFAULT_DRAIN_TIMEOUT,
+                   help="after SIGTERM/SIGINT, time tunnels get to finish (default %(default)s)")
+
+    g = p.add_argument_group("TCP tuning per side (client side = toward the RFC 8803 clients)")
+    g.add_argument("--client-cc", metavar="ALGO", help="TCP_CONGESTION toward clients "
+                   "(default: kernel default)")
+    g.add_argument("--server-cc", metavar="ALGO", help="TCP_CONGESTION toward destinations")
+    for side in ("client", "server"):
+        for kind in ("rcvbuf", "sndbuf"):
+            g.add_argument(f"--{side}-{kind}", type=_size, default=0, metavar="BYTES",
+                           help=f"SO_{kind.upper()} on the {side} side, before listen/connect "
+                                "(default 0: kernel autotuning)")
+    g.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
+                   help="TCP_NODELAY on both sides (default on)")
+    g.add_argument("--pipe-size", type=_size, default=C.DEFAULT_PIPE_SIZE,
+                   help="pipe size per busy direction, F_SETPIPE_SZ (default 1m)")
+    g.add_argument("--pipe-pool", type=int, default=C.DEFAULT_PIPE_POOL,
+                   help="idle pipes kept for reuse (default %(default)s)")
+
+    g = p.add_argument_group("access and limits")
+    g.add_argument("--allow-dest", action=_DestRule, const=True, metavar="CIDR[:PORTS]",
+                   help="allow destinations (also ones denied by default, e.g. 127.0.0.0/8); "
+                        "with --deny-dest, first match in command-line order wins")
+    g.add_argument("--deny-dest", action=_DestRule, const=False, metavar="CIDR[:PORTS]",
+                   help="deny destinations (Error 32)")
+    g.add_argument("--allow-client", action="append", default=[], metavar="CIDR",
+                   help="only these clients may use the relay (others get Error 32); "
+                        "repeatable")
+    g.add_argument("--max-tunnels", type=int, default=C.DEFAULT_MAX_TUNNELS,
+                   help="open tunnels per process, then Error 64 (default %(default)s)")
+    g.add_argument("--max-per-client", type=int, default=C.DEFAULT_MAX_PER_CLIENT,
+                   help="open tunnels per client address, 0 = unlimited, then Error 64 "
+                        "(default %(default)s)")
+
+    g = p.add_argument_group("observability")
+    g.add_argument("--stats", metavar="ADDR:PORT",
+                   help="serve Prometheus text (any HTTP GET) on this address")
+    g.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"],
+                   help="info logs one line per tunnel (default info)")
+    g.add_argument("--log-file", metavar="PATH", help="append logs here instead of stderr")
+    g.add_argument("--no-tunnel-log", action="store_true",
+                   help="no per-tunnel log lines (saves CPU at very high connection rates)")
+    return p
+
+
+def parse_config(argv) -> Config:
+    p = build_parser()
+    ns = p.parse_args(argv)
+    try:
+        listen = [_hostport(a, "--listen") for a in (ns.listen or ["127.0.0.1:1080"])]
+        stats = _hostport(ns.stats, "--stats") if ns.stats else None
+        clients = [AddressRule.parse(c, "--allow-client") for c in ns.allow_client]
+    except ConfigError as e:
+        p.error(str(e))
+    if ns.workers < 1:
+        p.error("--workers must be >= 1")
+    for name in ("header_timeout", "connect_timeout", "drain_timeout"):
+        if getattr(ns, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    if ns.max_tunnels < 1 or ns.max_per_client < 0:
+        p.error("--max-tunnels must be >= 1 and --max-per-client >= 0")
+    if ns.pipe_size < 4096:
+        p.error("--pipe-size must be at least 4096")
+    return Config(
+        listen=listen,
+        header_timeout=ns.header_timeout,
+        connect_timeout=ns.connect_timeout,
+        drain_timeout=ns.drain_timeout,
+        client=SideOptions(ns.client_cc, ns.client_rcvbuf, ns.client_sndbuf),
+        server=SideOptions(ns.server_cc, ns.server_rcvbuf, ns.server_sndbuf),
+        nodelay=ns.nodelay,
+        pipe_size=ns.pipe_size,
+        pipe_pool=ns.pipe_pool,
+        dest_rules=getattr(ns, "dest_rules", None) or [],
+        allow_clients=clients,
+        max_tunnels=ns.max_tunnels,
+        max_per_client=ns.max_per_client,
+        backlog=ns.backlog,
+        tfo_queue=ns.tfo_queue,
+        workers=ns.workers,
+        stats=stats,
+        log_tunnels=not ns.no_tunnel_log,
+        log_level=ns.log_level,
+        log_file=ns.log_file,
+    )
+
+
+def _check_cc(cfg: Config) -> None:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+            avail = f.read().split()
+    except OSError:
+        return
+    for side, opt in ((cfg.client, "--client-cc"), (cfg.server, "--server-cc")):
+        if side.cc and side.cc not in avail:
+            raise SystemExit(f"pep relay: {opt} {side.cc}: not available "
+                             f"(have: {' '.join(avail)}; try modprobe tcp_{side.cc})")
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    cfg = parse_config(argv)
+    handler = logging.FileHandler(cfg.log_file) if cfg.log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s pep-relay[%(process)d] %(levelname)s "
+                                           "%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(getattr(logging, cfg.log_level.upper()))
+    log.propagate = False
+    _check_cc(cfg)
+    from .server import run
+    try:
+        return run(cfg)
+    except OSError as e:
+        log.error("%s", e)
+        print(f"pep relay: {e}", file=sys.stderr)
+        return 1

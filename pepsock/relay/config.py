@@ -1,0 +1,70 @@
+"""The relay's settings: one dataclass, every default with the reason for it.
+
+docs/relay.md repeats the table for users; keep the two in step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..policy import AddressRule
+
+#: Seconds a client has to deliver its Convert message.  The message rides in
+#: the SYN (0-RTT), so a real client needs at most one RTT more (1-RTT
+#: fallback); 5 s covers a geostationary hop several times over while bounding
+#: what a slowloris client can pin.
+DEFAULT_HEADER_TIMEOUT = 5.0
+#: Seconds for the onward connect().  Linux's own limit is ~127 s of SYN
+#: retries; 10 s allows three SYN retransmissions (1+2+4 s) and then answers
+#: Error 65 so the client is not left hanging.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds tunnels get to finish after SIGTERM/SIGINT before they are reset.
+DEFAULT_DRAIN_TIMEOUT = 30.0
+#: One pipe per direction while bytes are in flight.  1 MiB (the default
+#: fs.pipe-max-size) lets one splice() move a whole socket buffer's worth, so
+#: the per-byte Python cost stays low; pipes go back to a pool once empty, so
+#: idle tunnels hold none.
+DEFAULT_PIPE_SIZE = 1 << 20
+#: Open tunnels per process: ~2 sockets each, pipes only while busy.
+DEFAULT_MAX_TUNNELS = 20000
+#: Tunnels per client address; 0 = unlimited.  Bounds what one host can take.
+DEFAULT_MAX_PER_CLIENT = 1024
+#: Listen backlog and TFO queue (capped by net.core.somaxconn).
+DEFAULT_BACKLOG = 4096
+DEFAULT_TFO_QUEUE = 4096
+#: Pipes kept open in the pool for reuse; beyond this an emptied pipe is closed.
+DEFAULT_PIPE_POOL = 256
+
+
+@dataclass
+class SideOptions:
+    """Per-side TCP tuning (the client side faces the long/lossy link in a PEP)."""
+
+    cc: str | None = None        # TCP_CONGESTION; None leaves the kernel default
+    rcvbuf: int = 0              # SO_RCVBUF; 0 keeps kernel autotuning
+    sndbuf: int = 0              # SO_SNDBUF; 0 keeps kernel autotuning
+
+
+@dataclass
+class Config:
+    listen: list[tuple[str, int]] = field(default_factory=list)
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    client: SideOptions = field(default_factory=SideOptions)
+    server: SideOptions = field(default_factory=SideOptions)
+    nodelay: bool = True
+    pipe_size: int = DEFAULT_PIPE_SIZE
+    pipe_pool: int = DEFAULT_PIPE_POOL
+    #: (allow?, rule) in command-line order; first match wins, then the built-in
+    #: deny list, then allow.
+    dest_rules: list[tuple[bool, AddressRule]] = field(default_factory=list)
+    allow_clients: list[AddressRule] = field(default_factory=list)
+    max_tunnels: int = DEFAULT_MAX_TUNNELS
+    max_per_client: int = DEFAULT_MAX_PER_CLIENT
+    backlog: int = DEFAULT_BACKLOG
+    tfo_queue: int = DEFAULT_TFO_QUEUE
+    workers: int = 1
+    stats: tuple[str, int] | None = None
+    log_tunnels: bool = True
+    log_level: str = "info"
+    log_file: str | None = None

@@ -1,0 +1,607 @@
+"""The relay process: epoll loop, TFO listeners, timers, signals, drain,
+the stats endpoint, and --workers N processes sharing a port (SO_REUSEPORT).
+
+One thread, one epoll set per process.  Handlers are plain callables looked up
+by fd; timers live in a heap with lazy cancellation.  Signals reach the loop
+through signal.set_wakeup_fd, so SIGTERM is seen at once, not after the next
+socket event.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import ipaddress
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+
+from ..policy import normalize_ip
+from . import stats as S
+from .admission import Admission
+from .config import Config
+from .tunnel import Tunnel, apply_side, syn_data_acked
+
+log = logging.getLogger("pepsock.relay")
+
+F_SETPIPE_SZ = 1031
+TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
+TCP_FASTOPEN_NO_COOKIE = 34
+SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+#: accept() calls per listener wakeup: bounded so one busy listener cannot
+#: starve the tunnels already open.
+ACCEPT_BATCH = 64
+#: How long an Error reply's connection may linger waiting for the client's FIN.
+LINGER_TIMEOUT = 2.0
+STATS_FLUSH = 1.0
+
+
+class Timer:
+    __slots__ = ("when", "fn", "cancelled")
+
+    def __init__(self, when, fn):
+        self.when = when
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+        self.fn = None
+
+    def __lt__(self, other):
+        return self.when < other.when
+
+
+def fmt_addr(addr) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tfo_server_enabled() -> int | None:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_fastopen") as f:
+            return int(f.read().strip(), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def raise_nofile(want: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit (and the hard one if we may) to `want`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want, want
+        except (ValueError, OSError):
+            pass
+    new = want if hard == resource.RLIM_INFINITY else min(max(soft, want), hard)
+    if new > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            return soft, hard
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def make_listener(host: str, port: int, cfg: Config, reuseport: bool, listen: bool = True):
+    """A TFO listening socket (or, with listen=False, just bound: used by the
+    master to resolve port 0 before the workers bind the same port)."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Accepted sockets inherit buffers, congestion control and TCP_NODELAY;
+        # buffers must be in place before listen() for the SYN-ACK's window scale.
+        apply_side(sock, cfg.client, cfg.nodelay)
+        sock.bind(sockaddr)
+        if listen:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, cfg.tfo_queue)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+            except OSError:
+                log.warning("kernel lacks TCP_FASTOPEN_NO_COOKIE: clients need a TFO cookie "
+                            "(their first connection is 1-RTT)")
+            sock.listen(cfg.backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class StatsServer:
+    """HTTP/1.0 on one port: any GET answers the Prometheus text."""
+
+    def __init__(self, loop, addr, render):
+        self.loop = loop
+        self.render = render
+        self.sock = make_plain_listener(*addr)
+        self.address = self.sock.getsockname()
+        loop.register(self.sock.fileno(), self.on_accept, select.EPOLLIN)
+
+    def on_accept(self, ev):
+        while True:
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            _StatsClient(self.loop, sock, self.render)
+
+    def close(self):
+        self.loop.forget(self.sock.fileno())
+        self.sock.close()
+
+
+class _StatsClient:
+    def __init__(self, loop, sock, render):
+        self.loop, self.sock, self.render = loop, sock, render
+        self.buf = b""
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        loop.register(self.fd, self.on_event, select.EPOLLIN)
+        self.timer = loop.call_later(2.0, self.close)
+
+    def on_event(self, ev):
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            return self.close()
+        self.buf += data
+        if data and b"\r\n\r\n" not in self.buf and b"\n\n" not in self.buf \
+                and len(self.buf) < 8192:
+            return
+        body = self.render().encode()
+        head = (f"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(1.0)
+            self.sock.sendall(head + body)
+        except OSError:
+            pass
+        self.close()
+
+    def close(self):
+        if self.fd >= 0:
+            self.timer.cancel()
+            self.loop.forget(self.fd)
+            self.sock.close()
+            self.fd = -1
+
+
+def make_plain_listener(host, port):
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(sockaddr)
+    sock.listen(64)
+    return sock
+
+
+class Loop:
+    """The event loop of one process."""
+
+    def __init__(self, cfg: Config, stats: S.Stats | None = None):
+        self.cfg = cfg
+        self.ep = select.epoll()
+        self.handlers: dict[int, object] = {}
+        self.timers: list[Timer] = []
+        self.soon: list = []
+        self.stats = stats or S.Stats()
+        self.pipe_size = cfg.pipe_size
+        self.pool: list[tuple[int, int]] = []
+        self.pipe_waiters: list = []
+        self.pipes_open = 0
+        self.tunnels: set[Tunnel] = set()
+        self.closers = 0
+        self.listeners: list[socket.socket] = []
+        self.linger_timeout = LINGER_TIMEOUT
+        self.stopping = False
+        self.drain_deadline = None
+        self.running = True
+        self.admission: Admission | None = None
+        self.on_signal = None
+        self._sig_r = self._sig_w = None
+
+    # -- registration ------------------------------------------------------------
+    def register(self, fd: int, handler, mask: int) -> None:
+        self.handlers[fd] = handler
+        self.ep.register(fd, mask)
+
+    def forget(self, fd: int) -> None:
+        """Drop fd's handler; the caller closes fd (which leaves the epoll set)."""
+        self.handlers.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def call_later(self, delay: float, fn) -> Timer:
+        t = Timer(time.monotonic() + delay, fn)
+        heapq.heappush(self.timers, t)
+        return t
+
+    def call_soon(self, fn) -> None:
+        self.soon.append(fn)
+
+    # -- pipes ---------------------------------------------------------------------
+    def pipe_get(self):
+        if self.pool:
+            return self.pool.pop()
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                return None
+            raise
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.pipe_size)
+        except OSError:
+            pass
+        self.pipes_open += 1
+        return r, w
+
+    def pipe_put(self, pipe) -> None:
+        if len(self.pool) < self.cfg.pipe_pool:
+            self.pool.append(pipe)
+        else:
+            self.pipe_close(pipe)
+        if self.pipe_waiters:
+            waiters, self.pipe_waiters = self.pipe_waiters, []
+            for t in waiters:
+                self.call_soon(t.pipe_ready)
+
+    def pipe_close(self, pipe) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+        self.pipes_open -= 1
+
+    def pipe_wait(self, tunnel) -> None:
+        if tunnel not in self.pipe_waiters:
+            self.pipe_waiters.append(tunnel)
+
+    # -- listeners and accept ------------------------------------------------------------
+    def add_listener(self, sock: socket.socket) -> None:
+        self.listeners.append(sock)
+        self.register(sock.fileno(), lambda ev, s=sock: self.on_accept(s), select.EPOLLIN)
+
+    def on_accept(self, lsock: socket.socket) -> None:
+        adm = self.admission
+        st = self.stats.v
+        family = lsock.family
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, addr = lsock._accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept: %s", e.strerror)
+                return
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock.setblocking(False)
+            now = time.monotonic()
+            st[S.TUNNELS_TOTAL] += 1
+            if syn_data_acked(sock):
+                st[S.SYN_DATA] += 1
+            ip = str(normalize_ip(addr[0])) if ":" in addr[0] else addr[0]
+            if not adm.client_allowed(ip):
+                self._refuse(sock, addr, 32, "client not in --allow-client")
+                continue
+            if not adm.take(ip):
+                self._refuse(sock, addr, 64, "tunnel limit reached")
+                continue
+            st[S.TUNNELS_OPEN] += 1
+            t = Tunnel.__new__(Tunnel)
+            self.tunnels.add(t)
+            t.__init__(self, sock, (ip, addr[1]), now)
+
+    def _refuse(self, sock, addr, code, why):
+        from ..protocol import error_reply
+        from .tunnel import Closer
+        self.stats.error(code)
+        Closer(self, sock, error_reply(code))
+        if self.cfg.log_tunnels:
+            log.info("tunnel client=%s dest=- up=0 down=0 duration=0.000s outcome=error %d (%s)",
+                     fmt_addr(addr), code, why)
+
+    def tunnel_done(self, t: Tunnel) -> None:
+        if t in self.tunnels:
+            self.tunnels.discard(t)
+            self.admission.release(t.client_ip)
+            self.stats.v[S.TUNNELS_OPEN] -= 1
+        if self.cfg.log_tunnels:
+            log.info("%s", t.log_line(time.monotonic()))
+
+    # -- signals and drain ------------------------------------------------------------------
+    def install_signals(self) -> None:
+        self._sig_r, self._sig_w = socket.socketpair()
+        self._sig_r.setblocking(False)
+        self._sig_w.setblocking(False)
+        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
+        self._pending_signals = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda n, f: None)
+        self.register(self._sig_r.fileno(), self._on_wakeup, select.EPOLLIN)
+
+    def _on_wakeup(self, ev) -> None:
+        try:
+            data = self._sig_r.recv(256)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if self.on_signal is not None:
+                self.on_signal(signum)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.drain()
+
+    def drain(self) -> None:
+        """Stop accepting; let open tunnels finish until --drain-timeout."""
+        if self.stopping:
+            log.warning("second signal: resetting %d tunnels now", len(self.tunnels))
+            self.abort_all()
+            return
+        self.stopping = True
+        for sock in self.listeners:
+            self.forget(sock.fileno())
+            sock.close()
+        self.listeners.clear()
+        log.info("draining %d tunnels (up to %.1fs)", len(self.tunnels), self.cfg.drain_timeout)
+        self.call_later(self.cfg.drain_timeout, self.abort_all)
+
+    def abort_all(self) -> None:
+        for t in list(self.tunnels):
+            t.abort("drain timeout")
+        self.running = False
+
+    # -- run ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        poll = self.ep.poll
+        handlers = self.handlers
+        timers = self.timers
+        monotonic = time.monotonic
+        while self.running:
+            if self.soon:
+                soon, self.soon = self.soon, []
+                for fn in soon:
+                    fn()
+            timeout = -1
+            if timers:
+                timeout = max(0.0, timers[0].when - monotonic())
+            if self.soon:
+                timeout = 0
+            if self.stopping and not self.tunnels and not self.closers:
+                break
+            try:
+                events = poll(timeout, 512)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                h = handlers.get(fd)
+                if h is not None:
+                    h(ev)
+            if timers:
+                now = monotonic()
+                while timers and timers[0].when <= now:
+                    t = heapq.heappop(timers)
+                    if t.fn is not None:
+                        fn, t.fn = t.fn, None
+                        fn()
+
+    def close(self) -> None:
+        for fd in list(self.handlers):
+            self.forget(fd)
+        for p in self.pool:
+            os.close(p[0])
+            os.close(p[1])
+        self.pool.clear()
+        self.ep.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Process level: one loop, or a master and N workers.
+
+
+def _warnings(cfg: Config, bound) -> None:
+    tfo = tfo_server_enabled()
+    if tfo is not None and not tfo & 2:
+        log.warning("net.ipv4.tcp_fastopen=%d lacks the server bit (2): clients get 1-RTT, "
+                    "not 0-RTT. Fix: sysctl -w net.ipv4.tcp_fastopen=%d", tfo, tfo | 3)
+    if not cfg.allow_clients:
+        for addr in bound:
+            ip = ipaddress.ip_address(addr[0])
+            if not ip.is_loopback:
+                log.warning("listening on %s with no --allow-client: anyone who can reach "
+                            "it may relay through this host", fmt_addr(addr))
+                break
+
+
+def _admission(cfg: Config, bound) -> Admission:
+    extra = []
+    for addr in bound:
+        ip = ipaddress.ip_address(addr[0])
+        if not ip.is_unspecified:
+            extra.append(ip)
+    return Admission(cfg.dest_rules, cfg.allow_clients, cfg.max_tunnels, cfg.max_per_client,
+                     extra_local=extra)
+
+
+def _announce(bound, stats_addr, out=None) -> None:
+    out = out or sys.stdout
+    for addr in bound:
+        out.write(f"listening on {fmt_addr(addr)}\n")
+    if stats_addr is not None:
+        out.write(f"stats on {fmt_addr(stats_addr)}\n")
+    out.flush()
+
+
+def run(cfg: Config) -> int:
+    want = cfg.max_tunnels * 2 + cfg.pipe_pool * 2 + 4096
+    soft, hard = raise_nofile(want)
+    if soft < want:
+        log.warning("RLIMIT_NOFILE is %d, below the %d that --max-tunnels %d needs",
+                    soft, want, cfg.max_tunnels)
+    if cfg.workers > 1:
+        return _run_master(cfg)
+    loop = Loop(cfg)
+    listeners = [make_listener(h, p, cfg, reuseport=False) for h, p in cfg.listen]
+    bound = [s.getsockname() for s in listeners]
+    loop.admission = _admission(cfg, bound)
+    for s in listeners:
+        loop.add_listener(s)
+    loop.install_signals()
+    stats_addr = None
+    if cfg.stats:
+        stats_addr = StatsServer(loop, cfg.stats, lambda: S.render(_live(loop))).address
+    _warnings(cfg, bound)
+    _announce(bound, stats_addr)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    log.info("stopped")
+    return 0
+
+
+def _live(loop: Loop) -> list[int]:
+    v = list(loop.stats.v)
+    v[S.PIPES] = loop.pipes_open
+    return v
+
+
+def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int) -> int:
+    loop = Loop(cfg)
+    listeners = [make_listener(a[0], a[1], cfg, reuseport=True) for a in bound]
+    loop.admission = _admission(cfg, bound)
+    for s in listeners:
+        loop.add_listener(s)
+    loop.install_signals()
+
+    def flush():
+        loop.stats.v[S.PIPES] = loop.pipes_open
+        shared.store(slot, loop.stats)
+        loop.call_later(STATS_FLUSH, flush)
+
+    flush()
+    os.write(ready_fd, b"r")
+    os.close(ready_fd)
+    try:
+        loop.run()
+    finally:
+        loop.stats.v[S.PIPES] = 0
+        shared.store(slot, loop.stats)
+        loop.close()
+    return 0
+
+
+def _run_master(cfg: Config) -> int:
+    # Resolve port 0 once: bind (no listen) with SO_REUSEPORT, keep it bound so
+    # the port stays ours, and let every worker bind+listen on the same address.
+    holders = [make_listener(h, p, cfg, reuseport=True, listen=False) for h, p in cfg.listen]
+    bound = [s.getsockname() for s in holders]
+    shared = S.SharedSlots(cfg.workers)
+    children: dict[int, int] = {}
+
+    def spawn(slot: int) -> int:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                for s in holders:
+                    s.close()
+                code = _worker(cfg, bound, slot, shared, w)
+            except BaseException:
+                log.exception("worker %d failed", slot)
+            finally:
+                os._exit(code)
+        os.close(w)
+        children[pid] = slot
+        return r
+
+    readies = [spawn(i) for i in range(cfg.workers)]
+    deadline = time.monotonic() + 10
+    for r in readies:
+        rl, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+        if not rl or not os.read(r, 1):
+            log.error("a worker failed to start")
+        os.close(r)
+
+    loop = Loop(cfg)
+    loop.admission = _admission(cfg, bound)
+    stopping = {"on": False}
+
+    def on_signal(signum):
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            again = stopping["on"]
+            stopping["on"] = True
+            for pid in children:  # a second signal makes the workers reset at once
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            if not again:
+                loop.call_later(cfg.drain_timeout + 5, kill_all)
+        elif signum == signal.SIGCHLD:
+            reap()
+
+    def kill_all():
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def reap():
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            slot = children.pop(pid, None)
+            if slot is None:
+                continue
+            if not stopping["on"]:
+                log.warning("worker %d (pid %d) exited with status %d; restarting", slot, pid,
+                            status)
+                r = spawn(slot)
+                os.close(r)
+        if stopping["on"] and not children:
+            loop.running = False
+
+    loop.on_signal = on_signal
+    loop.install_signals()
+    signal.signal(signal.SIGCHLD, lambda n, f: None)
+    stats_addr = None
+    if cfg.stats:
+        stats_addr = StatsServer(loop, cfg.stats,
+                                 lambda: S.render(shared.total(), cfg.workers)).address
+    _warnings(cfg, bound)
+    _announce(bound, stats_addr)
+    reap()
+    try:
+        loop.run()
+    finally:
+        loop.close()
+        for s in holders:
+            s.close()
+    return 0

@@ -1,0 +1,456 @@
+"""One tunnel: a client connection, its Convert header, the onward connection,
+and the splice() data path between the two.
+
+Life of a tunnel::
+
+    HEADER ---> CONNECTING ---> OPEN ---> (both directions drained, closed)
+       |             |            |
+       +--> Error TLV, clean close (Closer)      +--> reset carried across
+
+The data path (`_pump`) follows PEPsal's lesson: each direction owns a pipe
+while it has bytes in flight and counts the bytes the pipe holds (`held`).
+It reads from the source only while the pipe has room and writes to the
+destination only while the pipe holds bytes, so a full pipe or a slow
+receiver never spins the loop.  Sockets are registered once, edge-triggered;
+readiness is remembered in `End.readable`/`End.writable` and cleared only by
+EAGAIN, so the steady state makes no epoll_ctl calls.  An EAGAIN from the
+source while the pipe still holds bytes is ambiguous (the pipe may be out of
+slots), so the source stays "readable" and is tried again once the pipe
+drains.  An emptied pipe goes back to the pool: an idle tunnel holds two
+sockets and no pipe.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import time
+
+from ..protocol import (
+    ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, check_request,
+    error_for_connect_failure, error_reply, success_reply,
+)
+from . import stats as S
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
+EPOLLRDHUP = select.EPOLLRDHUP
+EPOLLET = select.EPOLLET
+#: Registration mask for tunnel sockets: everything, edge-triggered, once.
+ET_MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+_READ_EV = EPOLLIN | EPOLLRDHUP | EPOLLHUP
+
+SPLICE_F_MOVE = 1
+SPLICE_F_NONBLOCK = 2
+_SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+_splice = os.splice
+
+SUCCESS = success_reply()
+#: What an Info request is answered with: the options the onward kernel
+#: connection uses end to end (MSS, SACK-permitted, timestamps, window scale).
+INFO_REPLY = success_reply((SupportedTCPExtensions((2, 3, 4, 8)),))
+LINGER_RESET = struct.pack("ii", 1, 0)
+TCP_INFO_LEN = 104
+TCPI_OPT_SYN_DATA = 0x20
+
+HEADER, CONNECTING, OPEN, DONE = range(4)
+
+
+class End:
+    """One socket of a tunnel and its remembered readiness."""
+
+    __slots__ = ("sock", "fd", "readable", "writable")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.readable = True
+        self.writable = True
+
+
+class Direction:
+    """Bytes flowing src -> dst through a (pooled) pipe."""
+
+    __slots__ = ("src", "dst", "pr", "pw", "held", "eof", "shut", "bytes", "stat")
+
+    def __init__(self, src: End, dst: End, stat: int):
+        self.src = src
+        self.dst = dst
+        self.pr = -1
+        self.pw = -1
+        self.held = 0
+        self.eof = False
+        self.shut = False
+        self.bytes = 0
+        self.stat = stat
+
+
+def apply_side(sock: socket.socket, side, nodelay: bool) -> None:
+    """Per-side TCP tuning; buffers must be set before connect()/listen() for
+    the window scale in the SYN to match them."""
+    if side.rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, side.rcvbuf)
+    if side.sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, side.sndbuf)
+    if side.cc:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, side.cc.encode())
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _fmt(addr) -> str:
+    if addr is None:
+        return "-"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reset_close(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Closer:
+    """Send a final reply, shut down, discard what the client still sends until
+    its FIN (or a short timeout), then close: a clean close, not an RST that
+    could overtake the Error TLV."""
+
+    __slots__ = ("loop", "sock", "fd", "timer")
+
+    def __init__(self, loop, sock: socket.socket, reply: bytes):
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        try:
+            sock.send(reply)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        loop.closers += 1
+        loop.register(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
+        self.timer = loop.call_later(loop.linger_timeout, self.close)
+
+    def on_event(self, events: int) -> None:
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        self.timer.cancel()
+        self.loop.forget(self.fd)
+        self.sock.close()
+        self.loop.closers -= 1
+
+
+class Tunnel:
+    __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
+                 "dest", "t0", "timer", "outcome")
+
+    def __init__(self, loop, sock: socket.socket, addr, now: float):
+        self.loop = loop
+        self.c = End(sock)
+        self.s: End | None = None
+        self.up: Direction | None = None
+        self.down: Direction | None = None
+        self.state = HEADER
+        self.reader = MessageReader()
+        self.client_addr = addr
+        self.client_ip = addr[0]
+        self.dest = None
+        self.t0 = now
+        self.outcome = ""
+        loop.register(self.c.fd, self.on_client, ET_MASK)
+        self.timer = loop.call_later(loop.cfg.header_timeout, self._header_timeout)
+        self._read_header()
+
+    # -- events ------------------------------------------------------------------
+    def on_client(self, ev: int) -> None:
+        c = self.c
+        if ev & EPOLLERR:
+            return self._on_error(c, "client")
+        if ev & _READ_EV:
+            c.readable = True
+        if ev & EPOLLOUT:
+            c.writable = True
+        state = self.state
+        if state == OPEN:
+            self._run()
+        elif state == HEADER:
+            self._read_header()
+
+    def on_server(self, ev: int) -> None:
+        s = self.s
+        if self.state == CONNECTING:
+            return self._connected(ev)
+        if ev & EPOLLERR:
+            return self._on_error(s, "server")
+        if ev & _READ_EV:
+            s.readable = True
+        if ev & EPOLLOUT:
+            s.writable = True
+        if self.state == OPEN:
+            self._run()
+
+    # -- header --------------------------------------------------------------------
+    def _read_header(self) -> None:
+        reader = self.reader
+        recv = self.c.sock.recv
+        msg = None
+        try:
+            while msg is None:
+                # Read exactly what the message still needs: bytes after it stay
+                # in the socket and are spliced onward with the rest.
+                data = recv(reader.needed())
+                if not data:
+                    reader.eof()
+                msg = reader.feed(data)
+            req = check_request(msg)
+        except BlockingIOError:
+            self.c.readable = False
+            return
+        except ProtocolError as e:
+            return self._fail(e.code, b"", e.detail)
+        except OSError as e:
+            return self._abort(f"client error in header: {e.strerror}")
+        self.reader = None
+        self.c.readable = True
+        if isinstance(req, Info):
+            return self._reply_and_close(INFO_REPLY, "info")
+        self._connect(req.address, req.port)
+
+    def _header_timeout(self) -> None:
+        if self.state == HEADER:
+            self._fail(ErrorCode.MALFORMED_MESSAGE, b"", "header timeout")
+
+    # -- onward connect --------------------------------------------------------------
+    def _connect(self, address, port: int) -> None:
+        loop = self.loop
+        self.dest = (str(address), port)
+        ok, why = loop.admission.dest_allowed(address, port)
+        if not ok:
+            return self._fail(ErrorCode.NOT_AUTHORIZED, b"", why)
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            return self._fail(ErrorCode.RESOURCE_EXCEEDED, b"", f"socket(): {e.strerror}")
+        try:
+            apply_side(sock, loop.cfg.server, loop.cfg.nodelay)
+            err = sock.connect_ex(self.dest)
+        except OSError as e:
+            err = e.errno
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            code, value = error_for_connect_failure(err)
+            return self._fail(code, value, f"connect: {os.strerror(err)}")
+        self.s = End(sock)
+        self.state = CONNECTING
+        self.timer.cancel()
+        self.timer = loop.call_later(loop.cfg.connect_timeout, self._connect_timeout)
+        loop.register(self.s.fd, self.on_server, ET_MASK)
+
+    def _connect_timeout(self) -> None:
+        if self.state == CONNECTING:
+            self._fail(ErrorCode.NETWORK_FAILURE, b"", "connect timeout")
+
+    def _connected(self, ev: int) -> None:
+        s = self.s
+        err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            code, value = error_for_connect_failure(err)
+            return self._fail(code, value, f"connect: {os.strerror(err)}")
+        if not ev & EPOLLOUT:
+            return
+        loop = self.loop
+        self.timer.cancel()
+        self.timer = None
+        try:
+            self.c.sock.send(SUCCESS)
+        except OSError as e:
+            return self._abort(f"client gone before reply: {e.strerror}")
+        self.state = OPEN
+        st = loop.stats.v
+        st[S.ESTABLISHED] += 1
+        loop.stats.setup(time.monotonic() - self.t0)
+        s.writable = True
+        s.readable = True
+        self.up = Direction(self.c, s, S.BYTES_UP)
+        self.down = Direction(s, self.c, S.BYTES_DOWN)
+        self._run()
+
+    # -- data path ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            up, down = self.up, self.down
+            self._pump(up)
+            self._pump(down)
+            if up.shut and down.shut:
+                self._finish_clean()
+        except OSError as e:
+            self._abort(f"{e.strerror}")
+
+    def _pump(self, d: Direction) -> None:
+        src, dst = d.src, d.dst
+        if d.pr < 0:
+            if d.eof or not src.readable:
+                return
+            pipe = self.loop.pipe_get()
+            if pipe is None:
+                self.loop.pipe_wait(self)
+                return
+            d.pr, d.pw = pipe
+        pr, pw = d.pr, d.pw
+        cap = self.loop.pipe_size
+        held = d.held
+        moved = 0
+        splice = _splice
+        while True:
+            progress = False
+            if src.readable and held < cap and not d.eof:
+                try:
+                    n = splice(src.fd, pw, cap - held, None, None, _SPLICE_FLAGS)
+                except BlockingIOError:
+                    if held == 0:
+                        src.readable = False
+                else:
+                    if n:
+                        held += n
+                        progress = True
+                    else:
+                        d.eof = True
+            if held and dst.writable:
+                try:
+                    n = splice(pr, dst.fd, held, None, None, _SPLICE_FLAGS)
+                except BlockingIOError:
+                    dst.writable = False
+                except OSError:
+                    d.held = held
+                    raise
+                else:
+                    held -= n
+                    moved += n
+                    progress = True
+            if not progress:
+                break
+        d.held = held
+        if moved:
+            d.bytes += moved
+            self.loop.stats.v[d.stat] += moved
+        if held == 0:
+            self.loop.pipe_put((pr, pw))
+            d.pr = d.pw = -1
+            if d.eof and not d.shut:
+                d.shut = True
+                dst.sock.shutdown(socket.SHUT_WR)
+
+    def pipe_ready(self) -> None:
+        """The pool has a pipe again (we were waiting for one)."""
+        if self.state == OPEN:
+            self._run()
+
+    def _on_error(self, end: End, who: str) -> None:
+        err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if self.state == OPEN:
+            # Bytes the pipe holds for the healthy side are still delivered if
+            # they fit now; then the reset is carried across.
+            try:
+                for d in (self.up, self.down):
+                    if d.dst is not end and d.held and d.dst.writable:
+                        self._pump(d)
+            except OSError:
+                pass
+        self._abort(f"{who} {os.strerror(err) if err else 'error'}")
+
+    # -- endings -----------------------------------------------------------------------
+    def _fail(self, code: int, value: bytes, why: str) -> None:
+        """Answer with an Error TLV and close cleanly."""
+        self.loop.stats.error(code)
+        if self.s is not None:
+            self.loop.forget(self.s.fd)
+            self.s.sock.close()
+        self._reply_and_close(error_reply(code, value), f"error {int(code)} ({why})")
+
+    def _reply_and_close(self, reply: bytes, outcome: str) -> None:
+        self.loop.forget(self.c.fd)
+        Closer(self.loop, self.c.sock, reply)
+        self._done(outcome)
+
+    def _release_pipes(self, reset: bool) -> None:
+        for d in (self.up, self.down):
+            if d is not None and d.pr >= 0:
+                if d.held == 0:
+                    self.loop.pipe_put((d.pr, d.pw))
+                else:
+                    self.loop.pipe_close((d.pr, d.pw))
+                d.pr = d.pw = -1
+
+    def _finish_clean(self) -> None:
+        loop = self.loop
+        loop.forget(self.c.fd)
+        loop.forget(self.s.fd)
+        self.c.sock.close()
+        self.s.sock.close()
+        self._release_pipes(False)
+        self._done("ok")
+
+    def _abort(self, why: str) -> None:
+        """Reset both sides (SO_LINGER 0): a reset on one side becomes a reset on
+        the other, and a tunnel cut short is never mistaken for a finished one."""
+        if self.state == DONE:
+            return
+        loop = self.loop
+        loop.forget(self.c.fd)
+        _reset_close(self.c.sock)
+        if self.s is not None:
+            loop.forget(self.s.fd)
+            _reset_close(self.s.sock)
+        self._release_pipes(True)
+        loop.stats.v[S.RESETS] += 1
+        self._done(f"reset ({why})")
+
+    def abort(self, why: str) -> None:
+        self._abort(why)
+
+    def _done(self, outcome: str) -> None:
+        if self.state == DONE:
+            return
+        self.state = DONE
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.outcome = outcome
+        self.loop.tunnel_done(self)
+
+    def log_line(self, now: float) -> str:
+        up = self.up.bytes if self.up else 0
+        down = self.down.bytes if self.down else 0
+        return (f"tunnel client={_fmt(self.client_addr)} dest={_fmt(self.dest)} "
+                f"up={up} down={down} duration={now - self.t0:.3f}s outcome={self.outcome}")
+
+
+def syn_data_acked(sock: socket.socket) -> bool:
+    """Whether the kernel accepted data in this connection's SYN (0-RTT)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    except OSError:
+        return False
+    return len(info) > 5 and bool(info[5] & TCPI_OPT_SYN_DATA)
