@@ -1,0 +1,460 @@
+/* PEP_PROXY / PEP_NO_PROXY / PEP_LOG / PEP_DISABLE, by the rules of
+ * docs/protocol.md ("PEP selection and bypass rules"). */
+#define _GNU_SOURCE
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct pep_config pep_cfg;
+__thread int pep_busy; /* set while libpep itself calls into libc (name lookup) */
+
+static const uint8_t v4_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+/* ---- logging ------------------------------------------------------------ */
+
+static const char *level_names[] = {"off", "error", "warn", "info", "debug"};
+
+void pep_log(int level, const char *fmt, ...)
+{
+    if (level > pep_cfg.level)
+        return;
+    int saved = errno;
+    char line[512];
+    int n = snprintf(line, sizeof line, "libpep[%d] %s: ", (int)getpid(), level_names[level]);
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (m < 0)
+        m = 0;
+    size_t len = (size_t)n + (size_t)m;
+    if (len > sizeof line - 2)
+        len = sizeof line - 2;
+    line[len++] = '\n';
+    /* Raw syscalls: no hook of ours in the way, and no fd left open. */
+    long fd = 2;
+    if (pep_cfg.logpath[0])
+        fd = syscall(SYS_openat, AT_FDCWD, pep_cfg.logpath,
+                     O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+        if (syscall(SYS_write, fd, line, len) < 0) {
+            /* nothing useful to do */
+        }
+        if (fd != 2)
+            syscall(SYS_close, fd);
+    }
+    errno = saved;
+}
+
+/* ---- parsing helpers ---------------------------------------------------- */
+
+static int parse_port(const char *s, size_t n, uint16_t *port)
+{
+    unsigned long v = 0;
+    size_t i;
+
+    if (n == 0 || n > 5)
+        return -1;
+    for (i = 0; i < n; i++) {
+        if (!isdigit((unsigned char)s[i]))
+            return -1;
+        v = v * 10 + (unsigned long)(s[i] - '0');
+    }
+    if (v == 0 || v > 65535)
+        return -1;
+    *port = (uint16_t)v;
+    return 0;
+}
+
+static int valid_name(const char *s, size_t n)
+{
+    size_t i;
+    int alpha = 0;
+
+    if (n == 0 || n > 253)
+        return 0;
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (!(isalnum(c) || c == '-' || c == '.' || c == '_'))
+            return 0;
+        if (isalpha(c) || c == '-' || c == '_')
+            alpha = 1;
+    }
+    /* All digits and dots is a broken IPv4 address, not a name. */
+    return alpha;
+}
+
+/* An IP literal of n chars into 16 bytes (IPv4 mapped); 4 or 6, or 0. */
+static int parse_ip(const char *s, size_t n, uint8_t out[16])
+{
+    char tmp[64];
+    uint8_t v4[4];
+
+    if (n == 0 || n >= sizeof tmp)
+        return 0;
+    memcpy(tmp, s, n);
+    tmp[n] = 0;
+    if (inet_pton(AF_INET, tmp, v4) == 1) {
+        memcpy(out, v4_prefix, 12);
+        memcpy(out + 12, v4, 4);
+        return 4;
+    }
+    if (inet_pton(AF_INET6, tmp, out) == 1) {
+        if (memcmp(out, v4_prefix, 12) == 0)
+            return 4;
+        return 6;
+    }
+    return 0;
+}
+
+static void mask(uint8_t a[16], unsigned plen)
+{
+    unsigned i;
+    for (i = 0; i < 16; i++) {
+        unsigned bits = plen > i * 8 ? plen - i * 8 : 0;
+        if (bits >= 8)
+            continue;
+        a[i] &= (uint8_t)(0xff00u >> bits);
+    }
+}
+
+/* address or CIDR, no port */
+static int parse_net(const char *s, size_t n, struct pep_net *net)
+{
+    const char *slash = memchr(s, '/', n);
+    size_t alen = slash ? (size_t)(slash - s) : n;
+    int fam = parse_ip(s, alen, net->addr);
+    unsigned long plen;
+
+    if (!fam)
+        return -1;
+    if (!slash) {
+        net->plen = 128;
+        return fam;
+    }
+    const char *p = slash + 1;
+    size_t plen_len = n - alen - 1, i;
+    if (plen_len == 0 || plen_len > 3)
+        return -1;
+    plen = 0;
+    for (i = 0; i < plen_len; i++) {
+        if (!isdigit((unsigned char)p[i]))
+            return -1;
+        plen = plen * 10 + (unsigned long)(p[i] - '0');
+    }
+    /* an IPv4 CIDR is written over 32 bits */
+    if (fam == 4 && memchr(s, ':', alen) == NULL) {
+        if (plen > 32)
+            return -1;
+        plen += 96;
+    } else if (plen > 128) {
+        return -1;
+    }
+    net->plen = (uint8_t)plen;
+    mask(net->addr, (unsigned)plen);
+    return fam;
+}
+
+static const struct pep_net default_nets[] = {
+    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 0}, 104, 0},   /* 127.0.0.0/8 */
+    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, 128, 0},           /* ::1 */
+    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 169, 254, 0, 0}, 112, 0}, /* 169.254.0.0/16 */
+    {{0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, 10, 0},      /* fe80::/10 */
+};
+
+static int add_net(struct pep_config *cfg, const struct pep_net *net)
+{
+    if (cfg->nnets >= PEP_NOPROXY_MAX)
+        return -1;
+    cfg->nets[cfg->nnets++] = *net;
+    return 0;
+}
+
+static int parse_entry(struct pep_config *cfg, const char *s, size_t n)
+{
+    struct pep_net net;
+    uint16_t port = 0;
+    const char *host = s;
+    size_t hlen = n;
+
+    memset(&net, 0, sizeof net);
+    if (n == 1 && s[0] == '*') {
+        cfg->bypass_all = 1;
+        return 0;
+    }
+    if (s[0] == '[') {
+        const char *close = memchr(s, ']', n);
+        if (!close)
+            return -1;
+        host = s + 1;
+        hlen = (size_t)(close - host);
+        size_t rest = n - (size_t)(close - s) - 1;
+        if (rest) {
+            if (close[1] != ':' || parse_port(close + 2, rest - 1, &port))
+                return -1;
+        }
+        if (parse_net(host, hlen, &net) <= 0 || !memchr(host, ':', hlen))
+            return -1;
+    } else {
+        const char *colon = memchr(s, ':', n);
+        if (colon && memchr(colon + 1, ':', n - (size_t)(colon - s) - 1)) {
+            /* two colons or more: a bare IPv6 address or CIDR, no port */
+            if (parse_net(s, n, &net) <= 0)
+                return -1;
+        } else {
+            if (colon) {
+                hlen = (size_t)(colon - s);
+                if (parse_port(colon + 1, n - hlen - 1, &port))
+                    return -1;
+            }
+            if (hlen == 0)
+                return -1;
+            if (parse_net(host, hlen, &net) <= 0) {
+                size_t nl = hlen;
+                if (host[0] == '.') {
+                    host++;
+                    nl--;
+                }
+                if (nl && host[nl - 1] == '.')
+                    nl--;
+                if (memchr(host, '/', nl) || !valid_name(host, nl))
+                    return -1;
+                /* Names are for the Python client: libpep sees addresses,
+                 * except localhost, which is loopback by definition. */
+                if (nl == 9 && strncasecmp(host, "localhost", 9) == 0) {
+                    struct pep_net lo = default_nets[0];
+                    lo.port = port;
+                    if (add_net(cfg, &lo))
+                        return -1;
+                    lo = default_nets[1];
+                    lo.port = port;
+                    return add_net(cfg, &lo);
+                }
+                return 0;
+            }
+        }
+    }
+    net.port = port;
+    return add_net(cfg, &net);
+}
+
+static int parse_proxy(struct pep_config *cfg, const char *s)
+{
+    size_t n = strlen(s);
+    const char *host, *portp;
+    size_t hlen;
+    uint8_t a[16];
+
+    if (s[0] == '[') {
+        const char *close = strchr(s, ']');
+        if (!close || close[1] != ':')
+            return -1;
+        host = s + 1;
+        hlen = (size_t)(close - host);
+        portp = close + 2;
+        if (parse_ip(host, hlen, a) != 6 && !(parse_ip(host, hlen, a) && memchr(host, ':', hlen)))
+            return -1;
+    } else {
+        const char *colon = strrchr(s, ':');
+        if (!colon || memchr(s, ':', (size_t)(colon - s)))
+            return -1;
+        host = s;
+        hlen = (size_t)(colon - s);
+        portp = colon + 1;
+        if (!parse_ip(host, hlen, a) && !valid_name(host, hlen))
+            return -1;
+    }
+    if (parse_port(portp, n - (size_t)(portp - s), &cfg->port))
+        return -1;
+    if (hlen >= sizeof cfg->host)
+        return -1;
+    memcpy(cfg->host, host, hlen);
+    cfg->host[hlen] = 0;
+    return 0;
+}
+
+static int parse_log(struct pep_config *cfg, const char *s)
+{
+    const char *colon = strchr(s, ':');
+    size_t n = colon ? (size_t)(colon - s) : strlen(s);
+    int i;
+
+    for (i = 0; i <= PEP_LOG_DEBUG; i++) {
+        if (strlen(level_names[i]) == n && strncasecmp(s, level_names[i], n) == 0)
+            break;
+    }
+    if (i > PEP_LOG_DEBUG)
+        return -1;
+    cfg->level = i;
+    if (colon) {
+        if (!colon[1] || strlen(colon + 1) >= sizeof cfg->logpath)
+            return -1;
+        strcpy(cfg->logpath, colon + 1);
+    }
+    return 0;
+}
+
+int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *noproxy,
+                     const char *log, const char *disable, char *err, size_t errlen)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->level = PEP_LOG_ERROR;
+    err[0] = 0;
+
+    if (log && *log && parse_log(cfg, log)) {
+        cfg->level = PEP_LOG_ERROR;
+        cfg->logpath[0] = 0;
+        snprintf(err, errlen,
+                 "PEP_LOG=\"%.100s\" is not off, error, warn, info or debug (optionally "
+                 "followed by :/path/to/file)", log);
+        return -1;
+    }
+    if (disable && *disable && strcmp(disable, "0") != 0) {
+        if (strcmp(disable, "1") != 0) {
+            snprintf(err, errlen, "PEP_DISABLE=\"%.100s\" is not 0 or 1", disable);
+            return -1;
+        }
+        return 0; /* disabled on purpose */
+    }
+    if (!proxy || !*proxy)
+        return 0; /* no PEP: everything direct */
+    if (parse_proxy(cfg, proxy)) {
+        snprintf(err, errlen,
+                 "PEP_PROXY=\"%.100s\" is not host:port or [v6addr]:port", proxy);
+        return -1;
+    }
+    if (!noproxy) {
+        unsigned i;
+        for (i = 0; i < sizeof default_nets / sizeof default_nets[0]; i++)
+            add_net(cfg, &default_nets[i]);
+    } else {
+        const char *p = noproxy;
+        while (*p) {
+            const char *end = strchr(p, ',');
+            if (!end)
+                end = p + strlen(p);
+            const char *a = p, *b = end;
+            while (a < b && (*a == ' ' || *a == '\t'))
+                a++;
+            while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+                b--;
+            if (b > a && parse_entry(cfg, a, (size_t)(b - a))) {
+                snprintf(err, errlen,
+                         "PEP_NO_PROXY entry \"%.*s\" is not an address, CIDR, name or *, "
+                         "with an optional :port (or too many entries, max %d)",
+                         (int)(b - a > 100 ? 100 : b - a), a, PEP_NOPROXY_MAX);
+                return -1;
+            }
+            p = *end ? end + 1 : end;
+        }
+    }
+    cfg->enabled = 1;
+    return 0;
+}
+
+void pep_config_load(void)
+{
+    char err[300];
+    if (pep_config_parse(&pep_cfg, getenv("PEP_PROXY"), getenv("PEP_NO_PROXY"),
+                         getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err)) {
+        int level = pep_cfg.level;
+        pep_cfg.enabled = 0;
+        pep_cfg.level = PEP_LOG_ERROR; /* the one line always goes out */
+        pep_log(PEP_LOG_ERROR, "%s; running unproxied", err);
+        pep_cfg.level = level;
+        return;
+    }
+    if (pep_cfg.enabled)
+        pep_log(PEP_LOG_DEBUG, "PEP %s port %u", pep_cfg.host, pep_cfg.port);
+}
+
+/* ---- resolution --------------------------------------------------------- */
+
+static pthread_mutex_t resolve_lock = PTHREAD_MUTEX_INITIALIZER;
+static int resolved;
+static struct pep_addrs addrs;
+
+const struct pep_addrs *pep_config_resolve(void)
+{
+    if (__atomic_load_n(&resolved, __ATOMIC_ACQUIRE))
+        return addrs.ok ? &addrs : NULL;
+    pthread_mutex_lock(&resolve_lock);
+    if (!resolved) {
+        int saved = errno;
+        struct addrinfo hints, *res = NULL, *ai;
+        char port[8];
+        memset(&hints, 0, sizeof hints);
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_NUMERICSERV;
+        snprintf(port, sizeof port, "%u", pep_cfg.port);
+        pep_busy++;
+        int rc = getaddrinfo(pep_cfg.host, port, &hints, &res);
+        pep_busy--;
+        if (rc != 0) {
+            pep_log(PEP_LOG_ERROR, "PEP_PROXY host \"%s\" does not resolve (%s); running unproxied",
+                    pep_cfg.host, gai_strerror(rc));
+        } else {
+            for (ai = res; ai; ai = ai->ai_next) {
+                if (ai->ai_family == AF_INET && !addrs.have4) {
+                    memcpy(&addrs.v4, ai->ai_addr, sizeof addrs.v4);
+                    addrs.have4 = 1;
+                } else if (ai->ai_family == AF_INET6 && !addrs.have6) {
+                    memcpy(&addrs.v6, ai->ai_addr, sizeof addrs.v6);
+                    addrs.have6 = 1;
+                }
+            }
+            freeaddrinfo(res);
+            addrs.ok = addrs.have4 || addrs.have6;
+        }
+        errno = saved;
+        __atomic_store_n(&resolved, 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&resolve_lock);
+    return addrs.ok ? &addrs : NULL;
+}
+
+/* ---- matching ----------------------------------------------------------- */
+
+static int in_net(const uint8_t a[16], const struct pep_net *net)
+{
+    unsigned full = net->plen / 8, rest = net->plen % 8;
+    if (memcmp(a, net->addr, full) != 0)
+        return 0;
+    if (rest == 0)
+        return 1;
+    uint8_t m = (uint8_t)(0xff00u >> rest);
+    return (a[full] & m) == net->addr[full];
+}
+
+int pep_config_bypass(const struct pep_config *cfg, const struct pep_addrs *pa,
+                      const uint8_t addr[16], uint16_t port)
+{
+    unsigned i;
+
+    if (cfg->bypass_all)
+        return 1;
+    for (i = 0; i < cfg->nnets; i++) {
+        const struct pep_net *net = &cfg->nets[i];
+        if ((net->port == 0 || net->port == port) && in_net(addr, net))
+            return 1;
+    }
+    if (pa) {
+        if (pa->have4 && memcmp(addr, v4_prefix, 12) == 0 &&
+            memcmp(addr + 12, &pa->v4.sin_addr, 4) == 0)
+            return 1;
+        if (pa->have6 && memcmp(addr, &pa->v6.sin6_addr, 16) == 0)
+            return 1;
+    }
+    return 0;
+}

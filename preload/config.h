@@ -1,0 +1,58 @@
+/* libpep configuration: PEP_PROXY, PEP_NO_PROXY, PEP_LOG, PEP_DISABLE.
+ * Read once at load (pep_config_load); the PEP's name, if it is one, is
+ * resolved once, at the first connection that needs it. */
+#ifndef PEP_CONFIG_H
+#define PEP_CONFIG_H
+
+#include <netinet/in.h>
+#include <stdint.h>
+
+enum pep_level { PEP_LOG_OFF, PEP_LOG_ERROR, PEP_LOG_WARN, PEP_LOG_INFO, PEP_LOG_DEBUG };
+
+#define PEP_NOPROXY_MAX 64
+
+struct pep_net {
+    uint8_t addr[16]; /* IPv4 as ::ffff:a.b.c.d */
+    uint8_t plen;     /* prefix length over the 128 bits */
+    uint16_t port;    /* 0: any port */
+};
+
+struct pep_config {
+    int enabled;                 /* a valid PEP_PROXY and nothing bad */
+    int level;
+    char logpath[256];           /* "" means stderr */
+    char host[256];              /* PEP_PROXY host, as given */
+    uint16_t port;               /* PEP_PROXY port, host order */
+    int bypass_all;              /* PEP_NO_PROXY=* */
+    unsigned nnets;
+    struct pep_net nets[PEP_NOPROXY_MAX];
+};
+
+extern struct pep_config pep_cfg;
+
+/* The PEP's addresses, filled by pep_config_resolve(). */
+struct pep_addrs {
+    int ok;
+    int have4, have6;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+};
+
+/* Parse the environment into pep_cfg. A bad value prints one line on stderr
+ * and leaves pep_cfg.enabled = 0. Never exits. */
+void pep_config_load(void);
+/* Parse from explicit strings (NULL = unset); for the tests. Returns 0 if all
+ * good, -1 if a value was bad (message in err). */
+int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *noproxy,
+                     const char *log, const char *disable, char *err, size_t errlen);
+/* Resolve the PEP once; thread-safe. NULL if it cannot be resolved. */
+const struct pep_addrs *pep_config_resolve(void);
+/* Does a destination (16-byte address, IPv4 mapped; port host order) bypass
+ * the PEP? The PEP's own address counts when addrs is given. */
+int pep_config_bypass(const struct pep_config *cfg, const struct pep_addrs *addrs,
+                      const uint8_t addr[16], uint16_t port);
+
+/* Logging: one line, errno untouched, no fd kept open. */
+void pep_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#endif

@@ -1,0 +1,77 @@
+/* Per-fd state of the connections libpep put on the PEP.
+ *
+ * A fixed table, no allocation: fdmap[fd] names a slot in conns[] (0: not
+ * ours). dup'ed fds share the slot (refs). The fast path of every hook is
+ * one relaxed load of fdmap[fd]. Slow paths hold pep_lock, never across a
+ * blocking call. Fork: pthread_atfork keeps the lock consistent; the child
+ * gets a copy of the table (its fds are copies of the parent's).
+ */
+#ifndef PEP_FDSTATE_H
+#define PEP_FDSTATE_H
+
+#include <netinet/in.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "tlv.h"
+
+#define PEP_FD_MAX 65536
+#define PEP_CONN_MAX 1024
+
+enum pep_state {
+    PEP_ST_FREE = 0,
+    PEP_ST_SENDING,   /* connected or connecting, Convert header not all sent */
+    PEP_ST_AWAIT,     /* header sent, the PEP's reply not all read */
+    PEP_ST_OPEN,      /* reply stripped: plain pass-through */
+    PEP_ST_FAILED,    /* Error TLV or bad reply: every read/write fails with err */
+};
+
+struct pep_conn {
+    int state;                  /* atomic loads outside pep_lock */
+    int fd;                     /* the fd it was created on (-1 once closed) */
+    int refs;
+    int err;
+    int warned_0rtt;
+    dev_t dev;
+    ino_t ino;
+    struct sockaddr_in6 dest;   /* or a sockaddr_in */
+    socklen_t destlen;
+    struct sockaddr_in6 pep;    /* where the socket went (for a repeated connect) */
+    socklen_t peplen;
+    uint16_t hdr_len, hdr_sent;
+    uint8_t hdr[64];
+    struct pep_reader rd;
+};
+
+extern uint16_t pep_fdmap[PEP_FD_MAX];
+extern unsigned pep_nmapped;         /* fds in fdmap, for close_range */
+extern unsigned pep_nsending;        /* conns in PEP_ST_SENDING */
+extern struct pep_conn pep_conns[PEP_CONN_MAX];
+
+static inline int pep_fd_tracked(int fd)
+{
+    return (unsigned)fd < PEP_FD_MAX && __atomic_load_n(&pep_fdmap[fd], __ATOMIC_RELAXED);
+}
+
+/* The fast path: does fd need the slow path (not plain pass-through)? */
+static inline int pep_fd_busy(int fd)
+{
+    if ((unsigned)fd >= PEP_FD_MAX)
+        return 0;
+    unsigned i = __atomic_load_n(&pep_fdmap[fd], __ATOMIC_RELAXED);
+    return i && __atomic_load_n(&pep_conns[i - 1].state, __ATOMIC_ACQUIRE) != PEP_ST_OPEN;
+}
+
+void pep_lock(void);
+void pep_unlock(void);
+void pep_fdstate_atfork(void);
+
+/* All of these need pep_lock held. */
+struct pep_conn *pep_conn_get(int fd);             /* NULL if not ours */
+struct pep_conn *pep_conn_new(int fd);             /* NULL if the table is full */
+void pep_fd_forget(int fd);                        /* drop fd's reference */
+void pep_fd_dup(int oldfd, int newfd);             /* newfd shares oldfd's slot */
+void pep_fd_forget_range(unsigned first, unsigned last);
+void pep_conn_set_state(struct pep_conn *c, int state);
+
+#endif
