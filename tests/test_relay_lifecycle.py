@@ -1,0 +1,164 @@
+"""Process-level behaviour: drain on SIGTERM/SIGINT, --workers, --stats,
+python -m entry point."""
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from relay_helpers import (
+    Relay, Server, convert_open, echo, read_reply, recv_all, recv_exact,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+ALLOW_LO = ("--allow-dest", "127.0.0.0/8")
+
+
+def _echo_roundtrip(s, data: bytes, rest: bytes = b"") -> bytes:
+    s.sendall(data)
+    return recv_exact(s, len(data), rest)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_drain_lets_open_tunnels_finish_and_refuses_new_ones(sig):
+    with Server(echo) as srv:
+        r = Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--drain-timeout", "20")
+        try:
+            s = convert_open(r.addr, srv.addr)
+            _, rest = read_reply(s)
+            r.signal(sig)
+            r.wait_log("draining 1 tunnels")
+            # New clients are refused: the listener is gone.
+            with pytest.raises(OSError):
+                c = socket.create_connection(r.addr, timeout=2)
+                c.sendall(b"x")
+                if not c.recv(1):
+                    raise ConnectionResetError
+            # The open tunnel still works both ways, then ends normally.
+            assert _echo_roundtrip(s, b"still here", rest) == b"still here"
+            assert r.proc.poll() is None
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s) == b""
+            s.close()
+            assert r.proc.wait(timeout=10) == 0
+        finally:
+            r.kill()
+    assert "outcome=ok" in r.log
+
+
+def test_drain_timeout_resets_what_is_left():
+    with Server(echo) as srv:
+        r = Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--drain-timeout", "0.5")
+        try:
+            s = convert_open(r.addr, srv.addr)
+            read_reply(s)
+            t0 = time.monotonic()
+            r.signal(signal.SIGTERM)
+            s.settimeout(10)
+            with pytest.raises(ConnectionResetError):
+                s.recv(10)
+            assert 0.3 < time.monotonic() - t0 < 5
+            assert r.proc.wait(timeout=10) == 0
+        finally:
+            r.kill()
+    assert "drain timeout" in r.log
+
+
+def test_workers_share_one_port_and_stats_sum_them():
+    with Server(echo) as srv, Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--workers", "2",
+                                    "--stats", "127.0.0.1:0") as r:
+        n = 40
+        for i in range(n):
+            s = convert_open(r.addr, srv.addr, early=b"%d" % i)
+            _, rest = read_reply(s)
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s, rest) == b"%d" % i
+            s.close()
+        r.wait_log("outcome=ok")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            m = r.metrics()
+            if m["pep_relay_tunnels_established_total"] >= n:
+                break
+            time.sleep(0.2)
+        assert m["pep_relay_workers"] == 2
+        assert m["pep_relay_tunnels_established_total"] == n
+        assert m['pep_relay_bytes_total{direction="up"}'] == sum(len(b"%d" % i)
+                                                                for i in range(n))
+        pids = set(re.findall(r"pep-relay\[(\d+)\] INFO tunnel", r.log))
+        # SO_REUSEPORT spreads connections by 4-tuple hash: 40 land on both.
+        assert len(pids) == 2, pids
+        # Both workers are children of the process we started.
+        assert str(r.proc.pid) not in pids
+    assert r.proc.returncode == 0
+
+
+def test_workers_drain_on_sigterm():
+    with Server(echo) as srv:
+        r = Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--workers", "2",
+                  "--drain-timeout", "20")
+        try:
+            s = convert_open(r.addr, srv.addr)
+            _, rest = read_reply(s)
+            r.signal(signal.SIGTERM)
+            r.wait_log("draining 1 tunnels")
+            assert _echo_roundtrip(s, b"abc", rest) == b"abc"
+            s.close()
+            assert r.proc.wait(timeout=15) == 0
+        finally:
+            r.kill()
+
+
+def test_stats_endpoint_prometheus_text():
+    import urllib.request
+    with Server(echo) as srv, Relay("--listen", "127.0.0.1:0", *ALLOW_LO,
+                                    "--stats", "127.0.0.1:0") as r:
+        s = convert_open(r.addr, srv.addr, early=b"hello")
+        _, rest = read_reply(s)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s, rest) == b"hello"
+        s.close()
+        r.wait_log("outcome=ok")
+        host, port = r.stats
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            text = resp.read().decode()
+    assert "# TYPE pep_relay_tunnels_open gauge" in text
+    assert "# TYPE pep_relay_setup_seconds histogram" in text
+    m = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+         for ln in text.splitlines() if ln and not ln.startswith("#")}
+    assert m["pep_relay_tunnels_total"] == 1
+    assert m["pep_relay_tunnels_open"] == 0
+    assert m['pep_relay_bytes_total{direction="up"}'] == 5
+    assert m['pep_relay_bytes_total{direction="down"}'] == 5
+    assert m["pep_relay_setup_seconds_count"] == 1
+    assert m['pep_relay_setup_seconds_bucket{le="+Inf"}'] == 1
+    assert 0 < m["pep_relay_setup_seconds_sum"] < 5
+
+
+def test_main_function_is_importable():
+    from pepsock.relay.cli import build_parser, main, parse_config
+    assert callable(main)
+    cfg = parse_config(["--listen", "127.0.0.1:0", "--listen", "[::1]:1080",
+                        "--client-rcvbuf", "4m", "--allow-dest", "10.0.0.0/8:443",
+                        "--deny-dest", "10.1.0.0/16"])
+    assert cfg.listen == [("127.0.0.1", 0), ("::1", 1080)]
+    assert cfg.client.rcvbuf == 4 << 20
+    assert [a for a, _ in cfg.dest_rules] == [True, False]
+    assert "--drain-timeout" in build_parser().format_help()
+
+
+def test_raises_nofile_limit():
+    with Relay("--listen", "127.0.0.1:0", "--max-tunnels", "5000") as r:
+        with open(f"/proc/{r.proc.pid}/limits") as f:
+            line = [ln for ln in f if ln.startswith("Max open files")][0]
+        soft = int(line.split()[3])
+        assert soft >= min(5000 * 2, _hard_limit())
+
+
+def _hard_limit():
+    import resource
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
