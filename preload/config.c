@@ -77,10 +77,26 @@ static int parse_port(const char *s, size_t n, uint16_t *port)
     return 0;
 }
 
+/* "443" or "1000-2000" (pepsock/policy.py allows ranges too) */
+static int parse_ports(const char *s, size_t n, uint16_t *lo, uint16_t *hi)
+{
+    const char *dash = memchr(s, '-', n);
+    if (!dash) {
+        if (parse_port(s, n, lo))
+            return -1;
+        *hi = *lo;
+        return 0;
+    }
+    if (parse_port(s, (size_t)(dash - s), lo) ||
+        parse_port(dash + 1, n - (size_t)(dash - s) - 1, hi) || *lo > *hi)
+        return -1;
+    return 0;
+}
+
+/* Same rule as pepsock/policy.py: letters, digits, '-', '.', '_'. */
 static int valid_name(const char *s, size_t n)
 {
     size_t i;
-    int alpha = 0;
 
     if (n == 0 || n > 253)
         return 0;
@@ -88,11 +104,8 @@ static int valid_name(const char *s, size_t n)
         unsigned char c = (unsigned char)s[i];
         if (!(isalnum(c) || c == '-' || c == '.' || c == '_'))
             return 0;
-        if (isalpha(c) || c == '-' || c == '_')
-            alpha = 1;
     }
-    /* All digits and dots is a broken IPv4 address, not a name. */
-    return alpha;
+    return 1;
 }
 
 /* An IP literal of n chars into 16 bytes (IPv4 mapped); 4 or 6, or 0. */
@@ -139,6 +152,7 @@ static int parse_net(const char *s, size_t n, struct pep_net *net)
 
     if (!fam)
         return -1;
+    net->fam = (uint8_t)fam;
     if (!slash) {
         net->plen = 128;
         return fam;
@@ -160,6 +174,8 @@ static int parse_net(const char *s, size_t n, struct pep_net *net)
         plen += 96;
     } else if (plen > 128) {
         return -1;
+    } else if (fam == 4 && plen < 96) {
+        net->fam = 6; /* ::ffff:0:0/80 and wider are IPv6 networks */
     }
     net->plen = (uint8_t)plen;
     mask(net->addr, (unsigned)plen);
@@ -167,10 +183,10 @@ static int parse_net(const char *s, size_t n, struct pep_net *net)
 }
 
 static const struct pep_net default_nets[] = {
-    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 0}, 104, 0},   /* 127.0.0.0/8 */
-    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, 128, 0},           /* ::1 */
-    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 169, 254, 0, 0}, 112, 0}, /* 169.254.0.0/16 */
-    {{0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, 10, 0},      /* fe80::/10 */
+    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 0}, 104, 4, 0, 0},   /* 127/8 */
+    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, 128, 6, 0, 0},           /* ::1 */
+    {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 169, 254, 0, 0}, 112, 4, 0, 0}, /* 169.254/16 */
+    {{0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, 10, 6, 0, 0},      /* fe80::/10 */
 };
 
 static int add_net(struct pep_config *cfg, const struct pep_net *net)
@@ -184,9 +200,10 @@ static int add_net(struct pep_config *cfg, const struct pep_net *net)
 static int parse_entry(struct pep_config *cfg, const char *s, size_t n)
 {
     struct pep_net net;
-    uint16_t port = 0;
+    uint16_t lo = 0, hi = 0;
     const char *host = s;
     size_t hlen = n;
+    char tmp[128];
 
     memset(&net, 0, sizeof net);
     if (n == 1 && s[0] == '*') {
@@ -199,9 +216,22 @@ static int parse_entry(struct pep_config *cfg, const char *s, size_t n)
             return -1;
         host = s + 1;
         hlen = (size_t)(close - host);
-        size_t rest = n - (size_t)(close - s) - 1;
+        const char *after = close + 1;
+        size_t rest = n - (size_t)(after - s);
+        if (rest && after[0] == '/') { /* [2001:db8::]/32:443 */
+            const char *colon = memchr(after, ':', rest);
+            size_t plen = colon ? (size_t)(colon - after) : rest;
+            if (hlen + plen >= sizeof tmp)
+                return -1;
+            memcpy(tmp, host, hlen);
+            memcpy(tmp + hlen, after, plen);
+            host = tmp;
+            hlen += plen;
+            after += plen;
+            rest -= plen;
+        }
         if (rest) {
-            if (close[1] != ':' || parse_port(close + 2, rest - 1, &port))
+            if (after[0] != ':' || parse_ports(after + 1, rest - 1, &lo, &hi))
                 return -1;
         }
         if (parse_net(host, hlen, &net) <= 0 || !memchr(host, ':', hlen))
@@ -215,37 +245,40 @@ static int parse_entry(struct pep_config *cfg, const char *s, size_t n)
         } else {
             if (colon) {
                 hlen = (size_t)(colon - s);
-                if (parse_port(colon + 1, n - hlen - 1, &port))
+                if (parse_ports(colon + 1, n - hlen - 1, &lo, &hi))
                     return -1;
             }
             if (hlen == 0)
                 return -1;
             if (parse_net(host, hlen, &net) <= 0) {
                 size_t nl = hlen;
-                if (host[0] == '.') {
+                while (nl && host[0] == '.') {
                     host++;
                     nl--;
                 }
-                if (nl && host[nl - 1] == '.')
+                while (nl && host[nl - 1] == '.')
                     nl--;
                 if (memchr(host, '/', nl) || !valid_name(host, nl))
                     return -1;
                 /* Names are for the Python client: libpep sees addresses,
                  * except localhost, which is loopback by definition. */
                 if (nl == 9 && strncasecmp(host, "localhost", 9) == 0) {
-                    struct pep_net lo = default_nets[0];
-                    lo.port = port;
-                    if (add_net(cfg, &lo))
+                    struct pep_net loop = default_nets[0];
+                    loop.port_lo = lo;
+                    loop.port_hi = hi;
+                    if (add_net(cfg, &loop))
                         return -1;
-                    lo = default_nets[1];
-                    lo.port = port;
-                    return add_net(cfg, &lo);
+                    loop = default_nets[1];
+                    loop.port_lo = lo;
+                    loop.port_hi = hi;
+                    return add_net(cfg, &loop);
                 }
                 return 0;
             }
         }
     }
-    net.port = port;
+    net.port_lo = lo;
+    net.port_hi = hi;
     return add_net(cfg, &net);
 }
 
@@ -444,12 +477,15 @@ int pep_config_bypass(const struct pep_config *cfg, const struct pep_addrs *pa,
 
     if (cfg->bypass_all)
         return 1;
+    uint8_t fam = memcmp(addr, v4_prefix, 12) == 0 ? 4 : 6;
     for (i = 0; i < cfg->nnets; i++) {
         const struct pep_net *net = &cfg->nets[i];
-        if ((net->port == 0 || net->port == port) && in_net(addr, net))
+        if (net->fam == fam && (net->port_lo == 0 || (port >= net->port_lo && port <= net->port_hi)) &&
+            in_net(addr, net))
             return 1;
     }
-    if (pa) {
+    /* The PEP itself (address and port, as pepsock/client.py) goes direct. */
+    if (pa && port == cfg->port) {
         if (pa->have4 && memcmp(addr, v4_prefix, 12) == 0 &&
             memcmp(addr + 12, &pa->v4.sin_addr, 4) == 0)
             return 1;

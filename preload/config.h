@@ -14,7 +14,8 @@ enum pep_level { PEP_LOG_OFF, PEP_LOG_ERROR, PEP_LOG_WARN, PEP_LOG_INFO, PEP_LOG
 struct pep_net {
     uint8_t addr[16]; /* IPv4 as ::ffff:a.b.c.d */
     uint8_t plen;     /* prefix length over the 128 bits */
-    uint16_t port;    /* 0: any port */
+    uint8_t fam;      /* 4 or 6: an IPv4 destination only matches IPv4 nets */
+    uint16_t port_lo, port_hi; /* 0, 0: any port */
 };
 
 struct pep_config {

@@ -20,11 +20,32 @@ static void put_header(uint8_t *out, size_t total)
     out[3] = PEP_MAGIC & 0xff;
 }
 
+static int bad_address(const uint8_t a[16])
+{
+    static const uint8_t zero[16];
+
+    if (memcmp(a, v4_prefix, 12) == 0) {
+        const uint8_t *v4 = a + 12;
+        if (!v4[0] && !v4[1] && !v4[2] && !v4[3])
+            return 1; /* 0.0.0.0 */
+        if ((v4[0] & 0xf0) == 0xe0)
+            return 1; /* 224.0.0.0/4 */
+        if (v4[0] == 255 && v4[1] == 255 && v4[2] == 255 && v4[3] == 255)
+            return 1;
+        return 0;
+    }
+    if (memcmp(a, zero, 16) == 0)
+        return 1; /* :: */
+    return a[0] == 0xff; /* ff00::/8 */
+}
+
 size_t pep_encode_connect(uint8_t *out, size_t cap, const uint8_t addr[16], uint16_t port,
                           const struct pep_opt *opts, size_t nopts)
 {
     size_t body = 20, i;
 
+    if (port == 0 || bad_address(addr))
+        return 0;
     for (i = 0; i < nopts; i++) {
         if (opts[i].kind <= 1 || opts[i].len > 253)
             return 0;
@@ -85,25 +106,6 @@ static int reject(int *code, int c)
 {
     *code = c;
     return PEP_REJECT;
-}
-
-static int bad_address(const uint8_t a[16])
-{
-    static const uint8_t zero[16];
-
-    if (memcmp(a, v4_prefix, 12) == 0) {
-        const uint8_t *v4 = a + 12;
-        if (!v4[0] && !v4[1] && !v4[2] && !v4[3])
-            return 1; /* 0.0.0.0 */
-        if ((v4[0] & 0xf0) == 0xe0)
-            return 1; /* 224.0.0.0/4 */
-        if (v4[0] == 255 && v4[1] == 255 && v4[2] == 255 && v4[3] == 255)
-            return 1;
-        return 0;
-    }
-    if (memcmp(a, zero, 16) == 0)
-        return 1; /* :: */
-    return a[0] == 0xff; /* ff00::/8 */
 }
 
 static int check_connect(const uint8_t *t, size_t tlen, struct pep_msg *m)
@@ -291,7 +293,7 @@ int pep_errno_for(uint8_t code, const uint8_t *value, size_t len)
     case PEP_E_CONNECTION_RESET:
         return ECONNREFUSED;
     case PEP_E_DESTINATION_UNREACHABLE: {
-        uint8_t icmp = len ? value[0] : 0;
+        uint8_t icmp = len ? value[0] : 1; /* as pepsock.protocol */
         if (icmp == 0 || icmp == 6 || icmp == 9 || icmp == 11)
             return ENETUNREACH;
         return EHOSTUNREACH;

@@ -66,7 +66,7 @@ struct pep_msg {
 };
 
 /* Encoders: return the message length, or 0 if it does not fit in cap or
- * cannot be encoded (port 0 is allowed here; options of kind 0/1 or a value
+ * cannot be encoded (port 0, an address a PEP must refuse, options of kind 0/1 or a value
  * over 253 bytes or a message over 1020 bytes are not). */
 size_t pep_encode_connect(uint8_t *out, size_t cap, const uint8_t addr[16], uint16_t port,
                           const struct pep_opt *opts, size_t nopts);

@@ -1,0 +1,343 @@
+"""Helpers for the libpep.so tests: build the library, a small converter, servers.
+
+The converter here is test-only and independent of `pep relay`: a threaded
+RFC 8803 converter on a TFO listener (TCP_FASTOPEN + TCP_FASTOPEN_NO_COOKIE),
+parsing with pepsock.protocol, that can be told to answer with an Error TLV,
+to split its reply into segments with delays, or to send raw bytes. For each
+client connection it records the destination and whether the header came in
+the SYN (TCP_INFO tcpi_options & TCPI_OPT_SYN_DATA on the accepted socket).
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pepsock import protocol
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRELOAD = os.path.join(REPO, "preload")
+
+TCP_FASTOPEN = 23
+TCP_FASTOPEN_NO_COOKIE = 34
+TCPI_OPT_SYN_DATA = 0x20
+
+_build_lock = threading.Lock()
+
+
+def build(target: str = "libpep.so") -> str:
+    """make -C preload <target> (once per process); the absolute path of the result."""
+    with _build_lock:
+        built = build.__dict__.setdefault("done", {})
+        if target not in built:
+            proc = subprocess.run(["make", "-s", "-C", PRELOAD, target], capture_output=True,
+                                  text=True, timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"make {target} failed:\n{proc.stdout}\n{proc.stderr}")
+            built[target] = os.path.join(PRELOAD, target)
+        return built[target]
+
+
+def asan_runtime() -> str:
+    """Path of libasan for LD_PRELOAD in front of an ASan-built library."""
+    out = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                         timeout=30).stdout.strip()
+    return os.path.realpath(out)
+
+
+def preload_env(pep=None, lib: str | None = None, no_proxy: str | None = "", log: str | None = None,
+                **extra) -> dict:
+    """Environment for a program under libpep.so with PEP_PROXY=pep.
+
+    no_proxy="" (the default here) bypasses nothing, so loopback goes via the PEP.
+    """
+    env = dict(os.environ)
+    for k in ("PEP_PROXY", "PEP_NO_PROXY", "PEP_LOG", "PEP_DISABLE", "http_proxy", "https_proxy",
+              "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(k, None)
+    env["LD_PRELOAD"] = lib or build()
+    if pep is not None:
+        host, port = pep[0], pep[1]
+        env["PEP_PROXY"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if no_proxy is not None:
+        env["PEP_NO_PROXY"] = no_proxy
+    if log is not None:
+        env["PEP_LOG"] = log
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# --------------------------------------------------------------------------
+# The converter
+
+
+@dataclass
+class Seen:
+    connect: protocol.Connect | None = None
+    syn_data: bool = False
+    error: str = ""
+
+
+@dataclass
+class Converter:
+    """A threaded test converter. Create it inside the namespace it must live in."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    error: tuple[int, bytes] | None = None      # answer with this Error TLV
+    split: int = 0                              # reply in pieces of this many bytes
+    split_delay: float = 0.05
+    raw_reply: bytes | None = None              # answer with these bytes
+    reply_tlvs: tuple = ()                      # extra TLVs in a success reply
+    reset_after_error: bool = True
+    seen: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 128)
+        try:
+            self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+        except OSError:
+            pass
+        self.listener.bind((self.host, self.port))
+        self.listener.listen(128)
+        self.address = self.listener.getsockname()[:2]
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def env_value(self) -> str:
+        h, p = self.address
+        return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+
+    def close(self):
+        self._stop = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self._thread.join(2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _serve(self):
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _reply(self, client: socket.socket, data: bytes):
+        if not self.split:
+            client.sendall(data)
+            return
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(data), self.split):
+            client.sendall(data[i:i + self.split])
+            time.sleep(self.split_delay)
+
+    def _tunnel(self, client: socket.socket):
+        seen = Seen()
+        self.seen.append(seen)
+        client.settimeout(10)
+        try:
+            info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+            seen.syn_data = bool(info[5] & TCPI_OPT_SYN_DATA)
+            reader = protocol.MessageReader()
+            while not reader.done:
+                chunk = client.recv(4096)
+                if not chunk:
+                    reader.eof()
+                reader.feed(chunk)
+            target = protocol.check_request(reader.message)
+        except (protocol.ProtocolError, OSError) as exc:
+            seen.error = str(exc)
+            code = getattr(exc, "code", protocol.ErrorCode.MALFORMED_MESSAGE)
+            try:
+                client.sendall(protocol.error_reply(code))
+            except OSError:
+                pass
+            client.close()
+            return
+        if not isinstance(target, protocol.Connect):
+            client.close()
+            return
+        seen.connect = target
+        try:
+            if self.raw_reply is not None:
+                self._reply(client, self.raw_reply)
+                time.sleep(0.3)
+                return
+            if self.error is not None:
+                self._reply(client, protocol.error_reply(*self.error))
+                if self.reset_after_error:
+                    time.sleep(0.05)
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                return
+            try:
+                server = socket.create_connection((str(target.address), target.port), timeout=5)
+            except OSError as exc:
+                code, value = protocol.error_for_connect_failure(exc.errno or 0)
+                self._reply(client, protocol.error_reply(code, value))
+                return
+            with server:
+                self._reply(client, protocol.success_reply(self.reply_tlvs))
+                if reader.rest:
+                    server.sendall(reader.rest)
+                pump_both(client, server)
+        except OSError as exc:
+            seen.error = str(exc)
+        finally:
+            client.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                dst.shutdown(socket.SHUT_WR)
+                return
+            dst.sendall(data)
+    except OSError:
+        return
+
+
+def pump_both(a: socket.socket, b: socket.socket):
+    a.settimeout(30)
+    b.settimeout(30)
+    t = threading.Thread(target=_pump, args=(b, a), daemon=True)
+    t.start()
+    _pump(a, b)
+    t.join(30)
+
+
+# --------------------------------------------------------------------------
+# Servers
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+
+class _V6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+
+class _V4Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class HTTPServer:
+    """A threaded static HTTP server on (host, random port) serving `root`."""
+
+    def __init__(self, root: str, host: str = "127.0.0.1"):
+        cls = _V6Server if ":" in host else _V4Server
+        cls.request_queue_size = 256
+        handler = functools.partial(_QuietHandler, directory=root)
+        self.httpd = cls((host, 0), handler)
+        self.address = self.httpd.server_address[:2]
+        self._t = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                   daemon=True)
+        self._t.start()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{url_host(self.address[0])}:{self.address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class EchoServer:
+    """Echoes bytes; optionally writes a greeting first (server-speaks-first)."""
+
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b""):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, 0))
+        self.listener.listen(64)
+        self.address = self.listener.getsockname()[:2]
+        self.greeting = greeting
+        self.peers: list = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                return
+            self.peers.append(peer)
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        with conn:
+            conn.settimeout(20)
+            try:
+                if self.greeting:
+                    conn.sendall(self.greeting)
+                _pump(conn, conn)
+            except OSError:
+                pass
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_payload(directory: str, name: str = "1m.bin", size: int = 1 << 20) -> bytes:
+    data = os.urandom(size)
+    with open(os.path.join(directory, name), "wb") as f:
+        f.write(data)
+    return data
+
+
+def compile_c(src: str, out: str, *flags: str) -> str:
+    """Compile a small C test program; returns the binary path."""
+    c = out + ".c"
+    with open(c, "w") as f:
+        f.write(src)
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", out, c, *flags, "-lpthread"],
+                   check=True, capture_output=True, text=True, timeout=60)
+    return out
