@@ -1,0 +1,141 @@
+"""Relay tests that need their own network namespaces (root): 0-RTT proof
+with net.ipv4.tcp_fastopen=3 set inside the namespace (never on the host),
+unreachable and timed-out destinations, a default-config relay reaching a
+real remote host and refusing its own addresses.
+
+    client, relay (ns "relay", tfo=3) -- 198.51.100.0/24 -- ns "far" (server)
+    relay routes: 203.0.113.0/24 via the far host (which drops it: no forwarding),
+                  192.0.2.0/24 unreachable, no IPv6 route at all.
+"""
+import os
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from conftest import require_root
+from pepsock.protocol import ErrorCode
+from pepsock.testbed.netns import Topology
+from relay_helpers import (
+    Relay, Server, convert_open, echo, read_reply, recv_all, syn_data_acked,
+    wait_eof_or_reset,
+)
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.root]
+
+
+@pytest.fixture(scope="module")
+def net():
+    require_root()
+    topo = Topology(prefix="rl")
+    try:
+        relay = topo.host("relay", tfo=3)
+        far = topo.host("far", tfo=3)
+        topo.link(relay, ["198.51.100.1/24"], far, ["198.51.100.2/24"])
+        topo.route(relay, "203.0.113.0/24", "198.51.100.2")
+        relay.run("ip", "route", "add", "unreachable", "192.0.2.0/24")
+        yield topo
+    finally:
+        topo.cleanup()
+
+
+@pytest.fixture(scope="module")
+def relay(net):
+    host = net.hosts["relay"]
+    r = Relay("--listen", "127.0.0.1:0", "--listen", "198.51.100.1:0",
+              "--connect-timeout", "1", "--stats", "127.0.0.1:0", prefix=host.cmd())
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def far_echo(net):
+    with net.hosts["far"].enter():
+        srv = Server(echo, host="198.51.100.2")
+    yield srv
+    srv.close()
+
+
+def _metrics(net, relay):
+    with net.hosts["relay"].enter():
+        host, port = relay.stats
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=5) as resp:
+            text = resp.read().decode()
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+            for ln in text.splitlines() if ln and not ln.startswith("#")}
+
+
+def test_data_in_the_syn_is_accepted_and_200k_echoed(net, relay, far_echo):
+    data = os.urandom(200_000)
+    before = _metrics(net, relay)["pep_relay_syn_data_total"]
+    with net.hosts["relay"].enter():
+        s = convert_open(relay.addr, far_echo.addr, early=b"0rtt")
+        msg, rest = read_reply(s)
+        # The SYN-ACK acknowledged the header and the early data (0-RTT).
+        assert syn_data_acked(s)
+        assert msg.error is None
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        got = recv_all(s, rest)
+        s.close()
+    assert got == b"0rtt" + data
+    assert _metrics(net, relay)["pep_relay_syn_data_total"] == before + 1
+
+
+def test_client_in_another_namespace_gets_0rtt(net, relay, far_echo):
+    # A client on the far host, through the veth, to the relay's public address.
+    public = relay.addrs[1]
+    with net.hosts["far"].enter():
+        s = convert_open(public, far_echo.addr, early=b"x" * 1000)
+        msg, rest = read_reply(s)
+        assert syn_data_acked(s)
+        assert msg.error is None
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s, rest) == b"x" * 1000
+        s.close()
+
+
+def test_no_route_is_error_97_network(net, relay):
+    with net.hosts["relay"].enter():
+        s = convert_open(relay.addr, ("2001:db8::1", 80))
+        msg, _ = read_reply(s)
+    assert msg.error.code == ErrorCode.DESTINATION_UNREACHABLE
+    assert msg.error.value[:1] == b"\x00"     # ICMP code 0: network unreachable
+
+
+def test_unreachable_route_is_error_97_host(net, relay):
+    with net.hosts["relay"].enter():
+        s = convert_open(relay.addr, ("192.0.2.10", 443))
+        msg, _ = read_reply(s)
+    assert msg.error.code == ErrorCode.DESTINATION_UNREACHABLE
+    assert msg.error.value[:1] == b"\x01"     # host unreachable
+
+
+def test_connect_timeout_is_error_65(net, relay):
+    with net.hosts["relay"].enter():
+        t0 = time.monotonic()
+        s = convert_open(relay.addr, ("203.0.113.5", 80), early=b"lost")
+        msg, _ = read_reply(s)
+        took = time.monotonic() - t0
+        s.shutdown(socket.SHUT_WR)
+        assert wait_eof_or_reset(s) == "eof"
+        s.close()
+    assert msg.error.code == ErrorCode.NETWORK_FAILURE
+    assert 0.8 < took < 4
+
+
+def test_closed_port_on_remote_host_is_error_96(net, relay):
+    with net.hosts["relay"].enter():
+        s = convert_open(relay.addr, ("198.51.100.2", 9))
+        msg, _ = read_reply(s)
+    assert msg.error.code == ErrorCode.CONNECTION_RESET
+
+
+def test_default_relay_refuses_its_own_addresses(net, relay):
+    with net.hosts["relay"].enter():
+        for dest in (("198.51.100.1", 22), ("198.51.100.255", 22), ("127.0.0.1", 22)):
+            s = convert_open(relay.addr, dest)
+            msg, _ = read_reply(s)
+            assert msg.error.code == ErrorCode.NOT_AUTHORIZED, dest
+            s.close()
