@@ -95,7 +95,7 @@ def cmd_server(a) -> None:
 def open_flow(mode: str, server: tuple[str, int], pep: tuple[str, int] | None,
               cc: str | None, timeout: float, request: bytes) -> socket.socket:
     """A connected socket with `request` sent, by the given method."""
-    if mode == "e2e":
+    if mode in ("e2e", "direct"):
         s = socket.create_connection(server, timeout=timeout)
         set_cc(s, cc)
         s.sendall(request)
@@ -217,7 +217,7 @@ def cmd_udp_send(a) -> None:
         if t - start > a.duration:
             break
         sleep_until(t)
-        s.sendto(struct.pack("!Iq", seq, time.monotonic_ns()) + pad, dst)
+        s.sendto(struct.pack("!Iq", seq, time.time_ns()) + pad, dst)
         seq += 1
     out({"sent": seq})
 
@@ -226,21 +226,37 @@ def cmd_udp_recv(a) -> None:
     fam = socket.AF_INET6 if ":" in a.bind else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_DGRAM)
     s.bind((a.bind, a.port))
+    # Kernel receive timestamps (CLOCK_REALTIME, as the sender's stamps), so the
+    # receiver's own scheduling delay does not count as network delay.
+    SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+    s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    mono_minus_real = time.monotonic() - time.time()
+    stop = []
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     out({"ready": True})
     end = time.monotonic() + a.duration
     recs = []
-    while True:
+    while not stop:
         left = end - time.monotonic()
         if left <= 0:
             break
-        r, _, _ = select.select([s], [], [], left)
+        try:
+            r, _, _ = select.select([s], [], [], min(left, 0.2))
+        except InterruptedError:
+            continue
         if not r:
-            break
-        d = s.recv(2048)
-        now = time.monotonic_ns()
+            continue
+        d, anc, _, _ = s.recvmsg(2048, 64)
+        now = time.time()
+        for level, typ, data in anc:
+            if level == socket.SOL_SOCKET and typ == SO_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = struct.unpack("qq", data[:16])
+                now = sec + nsec / 1e9
         if len(d) >= 12:
             seq, sent = struct.unpack("!Iq", d[:12])
-            recs.append((seq, sent / 1e9, now / 1e9))
+            # reported on the monotonic time line the other agents use
+            recs.append((seq, sent / 1e9 + mono_minus_real, now + mono_minus_real))
     out({"records": recs})
 
 

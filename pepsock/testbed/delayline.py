@@ -82,6 +82,7 @@ class DelayLine:
     def stop(self) -> dict:
         """Stop it and return its counters (packets in/out, drops, worst lateness)."""
         if self.proc.poll() is None:
+            cpu = self.cpu_seconds()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 _, err = self.proc.communicate(timeout=5)
@@ -94,7 +95,17 @@ class DelayLine:
                         self.stats = json.loads(line)
                     except ValueError:
                         pass
+            self.stats["cpu_s"] = cpu
         return self.stats
+
+    def cpu_seconds(self) -> float | None:
+        """user+system CPU time the delay line process has used so far."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
 
 
 # ---------------------------------------------------------------------------

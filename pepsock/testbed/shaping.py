@@ -38,28 +38,37 @@ class Shaper:
         host.run("tc", "qdisc", "add", "dev", ifname, "parent", "1:1", "handle", "10:", "bfifo",
                  "limit", str(self.queue_bytes))
         self.rate_bps = rate
-        self._ipr = None
-        self._idx = None
+        self._local = threading.local()
+        self._all: list = []
         self._lock = threading.Lock()
         self.changes: list[tuple[float, float]] = []   # (monotonic time, rate) actually applied
 
     def _netlink(self):
-        if self._ipr is None:
+        # pyroute2 0.9 keeps per-thread state, so each thread gets its own socket;
+        # callers hold host.enter(), so it is opened in (and talks to) the router's namespace.
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
             from pyroute2 import IPRoute
-            with self.host.enter():           # the socket stays bound to this namespace
-                self._ipr = IPRoute()
-                self._idx = self._ipr.link_lookup(ifname=self.ifname)[0]
-        return self._ipr
+            ipr = self._local.ipr = IPRoute()
+            self._local.idx = ipr.link_lookup(ifname=self.ifname)[0]
+            self._all.append(ipr)
+        return ipr, self._local.idx
 
     def set_rate(self, rate_bps: float) -> None:
         rate = max(OUTAGE_BPS, int(rate_bps))
         b = _burst(rate)
-        with self._lock:
-            ipr = self._netlink()
-            ipr.tc("change-class", "htb", self._idx, handle=0x10001, parent=0x10000,
+        with self._lock, self.host.enter():
+            ipr, idx = self._netlink()
+            ipr.tc("change-class", "htb", idx, handle=0x10001, parent=0x10000,
                    rate=f"{rate}bit", ceil=f"{rate}bit", burst=b, cburst=b, quantum=1514)
             self.rate_bps = rate
             self.changes.append((time.monotonic(), float(rate_bps)))
+
+    def set_queue(self, queue_bytes: int) -> None:
+        """New bfifo limit (one `tc` call; used between runs, not on a schedule)."""
+        self.host.run("tc", "qdisc", "change", "dev", self.ifname, "parent", "1:1", "handle", "10:",
+                      "bfifo", "limit", str(int(queue_bytes)))
+        self.queue_bytes = int(queue_bytes)
 
     def stats(self) -> dict:
         """Counters of the bottleneck queue (sent bytes/packets, drops, backlog)."""
@@ -74,12 +83,12 @@ class Shaper:
 
     def close(self) -> None:
         with self._lock:
-            if self._ipr is not None:
+            for ipr in self._all:
                 try:
-                    self._ipr.close()
+                    ipr.close()
                 except Exception:
                     pass
-                self._ipr = None
+            self._all.clear()
 
 
 class ScheduleRunner:

@@ -1,0 +1,176 @@
+"""`pep eval`: reproduce the thesis's evaluation (chapter 5) in network namespaces.
+
+    pep eval [--quick] [--out DIR] [--experiments step,flows,spike,mmwave,ttfb] [--trace FILE] [--reps N]
+    python -m pepsock.testbed.eval ...
+
+Builds client -- wrouter -- pep -- drouter -- server (see topology.py), prints a
+calibration check, runs the experiments with a progress bar on stderr, writes
+DIR/report.md + CSV + PNG + results.json, and removes every namespace it made,
+also on Ctrl-C or SIGTERM.  Needs root, iproute2, a C compiler, pyroute2 and
+matplotlib (the `eval` extra); tinyproxy and microsocks for the proxy rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ALL = ["step", "flows", "spike", "mmwave", "ttfb"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pep eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and flow counts (a few minutes; CI)")
+    p.add_argument("--out", default="eval-report", help="report folder (default: ./eval-report)")
+    p.add_argument("--experiments", default=",".join(ALL),
+                   help=f"comma-separated subset of {','.join(ALL)} (default: all)")
+    p.add_argument("--trace", help="rate trace for the step experiment: a mahimahi trace (one ms "
+                                   "timestamp per 1500-byte delivery opportunity) or a schedule "
+                                   "(`<time_ms> <rate_mbit>` lines), or a shipped name: "
+                                   "step-10-75, spike-outage, mmwave-blockage")
+    p.add_argument("--reps", type=int, help="repetitions of step/spike/mmwave (default 5; quick 2)")
+    p.add_argument("--ttfb-reps", type=int, help="TTFB samples per method (default 20; quick 8)")
+    p.add_argument("--flows", help="numbers of competing flows, e.g. 1,2,4,6,8,10")
+    p.add_argument("--r1", type=float, default=10.0, help="client-PEP RTT in ms (default 10)")
+    p.add_argument("--r2", type=float, default=40.0, help="PEP-server RTT in ms (default 40)")
+    p.add_argument("--queue", type=int, default=375_000, help="bottleneck bfifo limit in bytes")
+    p.add_argument("--cc", default="cubic", help="congestion control for every host (default cubic)")
+    p.add_argument("--delay-impl", choices=["c", "py"], default="c", help="delay line implementation")
+    p.add_argument("--pep-cmd", help="relay command line, {listen} is replaced by ADDR:PORT "
+                                     "(default: python -m pepsock.cli relay --listen {listen})")
+    p.add_argument("--step-bytes", type=int, help="bytes per transfer in the step experiment (default 20 MB)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .netns import have_netns
+    ok, why = have_netns()
+    if not ok:
+        print(f"pep eval: {why}", file=sys.stderr)
+        return 2
+    exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    bad = [e for e in exps if e not in ALL]
+    if bad:
+        print(f"pep eval: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(ALL)}", file=sys.stderr)
+        return 2
+    from . import report
+    from .experiments import Plan, Progress, Runner, log, settings_dict
+    from .topology import Settings, Testbed, install_signal_handlers
+    from .traces import TraceError, load
+
+    plan = Plan.quick_plan() if args.quick else Plan()
+    plan.experiments = exps
+    if args.reps:
+        plan.reps = args.reps
+    if args.ttfb_reps:
+        plan.ttfb_reps = args.ttfb_reps
+    if args.flows:
+        plan.flows = [int(x) for x in args.flows.split(",")]
+    if args.step_bytes:
+        plan.step_bytes = args.step_bytes
+    plan.pep_cmd = args.pep_cmd
+    if args.trace:
+        try:
+            load(args.trace)
+        except (TraceError, OSError) as e:
+            print(f"pep eval: --trace: {e}", file=sys.stderr)
+            return 2
+        plan.trace = args.trace
+    settings = Settings(r1_ms=args.r1, r2_ms=args.r2, queue_bytes=args.queue, cc=args.cc,
+                        delay_impl=args.delay_impl)
+
+    install_signal_handlers()
+    t_start = time.time()
+    res: dict = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": [], "ttfb": [],
+                 "calibration": [], "notes": []}
+    tb = runner = progress = None
+    try:
+        tb = Testbed(settings)
+        runner = Runner(tb, plan)
+        runner.start()
+        log(f"pep eval: testbed {tb.topo.tag}; PEP {runner.pep_status}")
+        res["settings"] = settings_dict(tb, plan, runner)
+        res["calibration"] = runner.calibrate()
+        log("calibration (measured vs configured, must be within 10%):")
+        for r in res["calibration"]:
+            if isinstance(r["error_pct"], float):
+                log(f"  {r['metric']:<40} configured {r['configured']:>8}  measured {r['measured']:8.2f}  "
+                    f"{r['error_pct']:+6.1f}%  {'ok' if r['ok'] else 'OUT OF TOLERANCE'}")
+            else:
+                log(f"  {r['metric']:<40} {r['measured']}")
+        modes = len(runner.modes())
+        from .traces import mmwave_schedule, spike_outage_schedule
+        total = 0
+        if "step" in exps:
+            total += plan.reps * modes
+        if "flows" in exps:
+            total += plan.flows_reps * modes * len(plan.flows)
+        if "spike" in exps:
+            total += plan.reps * modes
+        if "mmwave" in exps:
+            total += plan.reps * modes
+        if "ttfb" in exps:
+            total += 6
+        progress = Progress(total)
+        if "step" in exps:
+            res["runs"] += runner.exp_transfers("step", runner.step_schedule(), plan.step_bytes, plan.reps, progress)
+        if "spike" in exps:
+            res["runs"] += runner.exp_transfers("spike", spike_outage_schedule(), plan.spike_bytes, plan.reps,
+                                                progress)
+        if "mmwave" in exps:
+            res["runs"] += runner.exp_transfers("mmwave", load("mmwave-blockage"), plan.mmwave_bytes, plan.reps,
+                                                progress)
+        if "flows" in exps:
+            res["runs"] += runner.exp_transfers("flows", runner.step_schedule(), plan.flow_bytes,
+                                                plan.flows_reps, progress, flows_list=plan.flows,
+                                                interactive=False)
+        if "ttfb" in exps:
+            res["ttfb"] = runner.exp_ttfb(progress)
+        progress.close()
+    except KeyboardInterrupt:
+        if progress:
+            progress.close()
+        log("pep eval: interrupted; tearing down")
+        res["notes"].append("interrupted before the end")
+        _teardown(tb, runner, res)
+        return 130
+    except Exception as e:
+        if progress:
+            progress.close()
+        _teardown(tb, runner, res)
+        log(f"pep eval: failed: {e!r}")
+        raise
+    _teardown(tb, runner, res)
+    res["duration_s"] = time.time() - t_start
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(res, f, default=str)
+    report.write_report(res, args.out)
+    S = report.summarize(res)
+    log(f"pep eval: report in {os.path.join(args.out, 'report.md')} ({res['duration_s']:.0f} s)")
+    for line in report.targets(S):
+        log("  " + line.strip("|").replace(" | ", ": ", 1).replace(" | ", " -> "))
+    return 0
+
+
+def _teardown(tb, runner, res) -> None:
+    if runner is not None:
+        res["notes"] += runner.notes
+        try:
+            runner.stop()
+        except Exception:
+            pass
+    if tb is not None:
+        st = tb.close()
+        for k, v in st.items():
+            if v.get("ab_drops") or v.get("ba_drops"):
+                res["notes"].append(f"{k} dropped packets: {v}")
+        res["delaylines"] = st
+
+
+if __name__ == "__main__":
+    sys.exit(main())

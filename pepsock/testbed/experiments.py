@@ -1,0 +1,349 @@
+"""The experiments of `pep eval` (issue 5), run on a `Testbed`.
+
+1. step      bulk transfer while the bottleneck steps 10 -> 75 Mbit/s, with an
+             interactive UDP flow (100 B every 50 ms) beside it; e2e vs PEP.
+2. flows     1..10 competing bulk flows on the same schedule; e2e vs PEP.
+3. spike     a 1 s spike to 75 Mbit/s and a 1 s outage on a 20 Mbit/s link;
+   mmwave    a mmWave-like trace with human-blockage outages.
+4. ttfb      time to first byte: direct, direct TFO, PEP 0-RTT, PEP without
+             TFO, HTTP CONNECT (tinyproxy), SOCKS5 (microsocks).
+
+Each returns plain dicts (rows); report.py turns them into tables and plots.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import procs
+from .shaping import ScheduleRunner
+from .topology import ADDR, Testbed
+from .traces import Schedule, load, step_schedule
+
+SERVER_PORT = 5001
+UDP_PORT = 6001
+PEP_PORT = 5124
+CONNECT_PORT = 8888
+SOCKS_PORT = 1080
+GOODPUT_FACTOR = 1448 / 1514      # TCP payload per Ethernet frame (timestamps on), what HTB counts
+
+
+@dataclass
+class Plan:
+    quick: bool = False
+    reps: int = 5
+    step_bytes: int = 20_000_000
+    flows: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 10])
+    flows_reps: int = 2
+    flow_bytes: int = 4_000_000
+    spike_bytes: int = 25_000_000
+    mmwave_bytes: int = 35_000_000
+    ttfb_reps: int = 20
+    calib_seconds: float = 3.0
+    experiments: list[str] = field(default_factory=lambda: ["step", "flows", "spike", "mmwave", "ttfb"])
+    trace: str | None = None
+    pep_cmd: str | None = None    # override the relay command line (a string, split by shlex)
+
+    @classmethod
+    def quick_plan(cls) -> "Plan":
+        return cls(quick=True, reps=2, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
+                   mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0)
+
+
+class Progress:
+    """A plain-stderr progress bar: [#####-----] 12/40  step pep rep 3  (eta 4m10s)."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = max(1, total), 0, stream
+        self.t0 = time.monotonic()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def step(self, label: str) -> None:
+        self.label = label
+        self._draw()
+
+    def advance(self) -> None:
+        self.done = min(self.total, self.done + 1)
+        self._draw()
+
+    def _draw(self) -> None:
+        frac = self.done / self.total
+        n = int(frac * 30)
+        el = time.monotonic() - self.t0
+        eta = f"eta {int(el / frac * (1 - frac)) // 60}m{int(el / frac * (1 - frac)) % 60:02d}s" if self.done else "eta ?"
+        line = f"[{'#' * n}{'-' * (30 - n)}] {self.done}/{self.total}  {getattr(self, 'label', '')}  ({eta})"
+        if self.tty:
+            self.stream.write("\r" + line[:110].ljust(110))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(("\r" if sys.stderr.isatty() else "") + msg + "\n")
+    sys.stderr.flush()
+
+
+def wait_port(host, addr: str, port: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with host.enter():
+            s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+        s.settimeout(1)
+        try:
+            s.connect((addr, port))
+            return True
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            s.close()
+    return False
+
+
+class Runner:
+    def __init__(self, tb: Testbed, plan: Plan):
+        self.tb, self.plan = tb, plan
+        self.server = None
+        self.relay = None
+        self.daemons: list[subprocess.Popen] = []
+        self.tmp = tempfile.mkdtemp(prefix="pepsock-eval-")
+        self.pep_status = "not started"
+        self.notes: list[str] = []
+
+    # -- services -----------------------------------------------------------------
+    def start(self) -> None:
+        self.server = procs.agent(self.tb.server, "server", "--port", SERVER_PORT, "--cc", self.tb.s.cc)
+        procs.wait_ready(self.server, what="bulk server")
+        self._start_relay()
+
+    def relay_argv(self) -> list[str]:
+        if self.plan.pep_cmd:
+            return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
+        return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}"]
+
+    def _start_relay(self) -> None:
+        argv = self.relay_argv()
+        try:
+            import pepsock  # noqa: F401
+            from pepsock import create_connection  # noqa: F401
+        except ImportError as e:
+            self.pep_status = f"unavailable: pepsock.create_connection does not import ({e})"
+            return
+        log_path = os.path.join(self.tmp, "relay.log")
+        self.relay_log = open(log_path, "w")
+        self.relay = self.tb.pep.popen(*argv, stdout=self.relay_log, stderr=subprocess.STDOUT,
+                                       env=procs._env())
+        if wait_port(self.tb.pep, ADDR["pep_w"], PEP_PORT, timeout=10):
+            self.pep_status = "running: " + " ".join(shlex.quote(a) for a in argv)
+        else:
+            procs.stop(self.relay)
+            self.relay_log.close()
+            tail = open(log_path).read()[-600:]
+            self.pep_status = f"unavailable: `{' '.join(argv)}` did not listen: {tail.strip()}"
+            self.relay = None
+
+    @property
+    def pep_ok(self) -> bool:
+        return self.relay is not None and self.relay.poll() is None
+
+    def _start_proxies(self) -> dict:
+        """tinyproxy (HTTP CONNECT) and microsocks (SOCKS5) in the PEP namespace."""
+        status = {}
+        if shutil.which("tinyproxy"):
+            conf = os.path.join(self.tmp, "tinyproxy.conf")
+            with open(conf, "w") as f:
+                f.write(f"Port {CONNECT_PORT}\nListen {ADDR['pep_w']}\nTimeout 60\nMaxClients 100\n"
+                        "LogLevel Error\nAllow 192.0.2.0/24\nDisableViaHeader Yes\n")
+            p = self.tb.pep.popen("tinyproxy", "-d", "-c", conf, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+            self.daemons.append(p)
+            status["connect"] = wait_port(self.tb.pep, ADDR["pep_w"], CONNECT_PORT, 5)
+        if shutil.which("microsocks"):
+            p = self.tb.pep.popen("microsocks", "-i", ADDR["pep_w"], "-p", str(SOCKS_PORT),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.daemons.append(p)
+            status["socks5"] = wait_port(self.tb.pep, ADDR["pep_w"], SOCKS_PORT, 5)
+        return status
+
+    def stop(self) -> None:
+        for p in [self.server, self.relay, *self.daemons]:
+            procs.stop(p)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- calibration ----------------------------------------------------------------
+    def ping(self, src, dst: str, count: int = 10) -> list[float]:
+        p = procs.agent(src, "ping", dst, "--count", count, "--interval", 0.05)
+        return procs.result(p, count * 2.5 + 10)["rtts_ms"]
+
+    def calibrate(self) -> list[dict]:
+        s = self.tb.s
+        rows = []
+        self.tb.reset()
+
+        def med(xs):
+            xs = sorted(xs)
+            return xs[len(xs) // 2] if xs else float("nan")
+        for name, src, dst, want in (("R1 client-PEP RTT (ms)", self.tb.client, ADDR["pep_w"], s.r1_ms),
+                                     ("R2 PEP-server RTT (ms)", self.tb.pep, ADDR["server"], s.r2_ms),
+                                     ("client-server RTT (ms)", self.tb.client, ADDR["server"],
+                                      s.r1_ms + s.r2_ms)):
+            got = med(self.ping(src, dst))
+            rows.append({"metric": name, "configured": want, "measured": got})
+        for rate in (10.0, 75.0):
+            self.tb.reset(rate)
+            secs = self.plan.calib_seconds
+            nbytes = int(rate * 1e6 / 8 * secs)
+            r = self.bulk("e2e", nbytes, 1, start_in=0.3, timeout=secs * 5 + 5)
+            f = r["flows"][0]
+            bins = [b for t, b in f["bins"]]
+            steady = bins[len(bins) // 3: -1] or bins  # skip slow start and the last partial bin
+            got = sum(steady) * 8 / (len(steady) * 0.1) / 1e6 if steady else float("nan")
+            rows.append({"metric": f"goodput at {rate:g} Mbit/s (Mbit/s)",
+                         "configured": round(rate * GOODPUT_FACTOR, 2), "measured": got})
+        st = self.tb.bottleneck.stats()
+        for r in rows:
+            r["error_pct"] = (r["measured"] - r["configured"]) / r["configured"] * 100
+            r["ok"] = abs(r["error_pct"]) <= 10
+        rows.append({"metric": "bottleneck drops during calibration (pkts)", "configured": "",
+                     "measured": st.get("dropped", ""), "error_pct": "", "ok": ""})
+        self.tb.reset()
+        return rows
+
+    # -- one transfer ---------------------------------------------------------------
+    def bulk(self, mode: str, nbytes: int, flows: int, *, start_in: float = 1.0,
+             timeout: float = 60.0, start_at: float | None = None) -> dict:
+        start = start_at or (time.monotonic() + start_in)
+        args = ["bulk", "--server", f"{ADDR['server']}:{SERVER_PORT}", "--mode", mode, "--bytes", nbytes,
+                "--flows", flows, "--start-at", repr(start), "--timeout", timeout, "--cc", self.tb.s.cc]
+        if mode.startswith("pep"):
+            args += ["--pep", f"{ADDR['pep_w']}:{PEP_PORT}"]
+        p = procs.agent(self.tb.client, *args)
+        return procs.result(p, timeout + start - time.monotonic() + 15)
+
+    def transfer(self, exp: str, mode: str, rep: int, schedule: Schedule, nbytes: int,
+                 flows: int = 1, interactive: bool = True, timeout: float = 60.0) -> dict:
+        """One run: schedule + bulk flow(s) (+ the interactive UDP flow)."""
+        tb = self.tb
+        tb.reset(schedule.rate_at(0) / 1e6)
+        start = time.monotonic() + 1.5      # time for the agents to start
+        recv = send = None
+        if interactive:
+            recv = procs.agent(tb.client, "udp-recv", "--port", UDP_PORT, "--duration", timeout + 5)
+            procs.wait_ready(recv, what="udp receiver")
+            send = procs.agent(tb.server, "udp-send", "--dst", f"{ADDR['client']}:{UDP_PORT}",
+                               "--duration", timeout, "--start-at", repr(start - 0.5))
+        runner = ScheduleRunner(tb.bottleneck, schedule, timeout).start(t0=start)
+        try:
+            res = self.bulk(mode, nbytes, flows, start_at=start, timeout=timeout)
+        finally:
+            runner.stop()
+        udp = []
+        if interactive:
+            time.sleep(0.3)       # datagrams still in flight
+            procs.stop(send)
+            procs.stop(recv)      # it prints what it has on SIGTERM
+            try:
+                udp = procs.result(recv, 5)["records"]
+            except RuntimeError as e:
+                self.notes.append(f"{exp} {mode} rep {rep}: interactive flow lost: {e}")
+        return {"experiment": exp, "mode": mode, "rep": rep, "flows_n": flows, "bytes": nbytes,
+                "start": start, "schedule": schedule.name,
+                "rate_changes": [(t - start, r) for t, r in tb.bottleneck.changes],
+                "schedule_errors": runner.errors,
+                "flows": res["flows"], "udp": [(q, s - start, r - start) for q, s, r in udp],
+                "queue": tb.bottleneck.stats()}
+
+    # -- experiments ----------------------------------------------------------------
+    def modes(self) -> list[str]:
+        return ["e2e", "pep"] if self.pep_ok else ["e2e"]
+
+    def step_schedule(self) -> Schedule:
+        return load(self.plan.trace) if self.plan.trace else step_schedule()
+
+    def exp_transfers(self, name: str, schedule: Schedule, nbytes: int, reps: int, progress,
+                      flows_list=(1,), interactive=True) -> list[dict]:
+        out = []
+        for n in flows_list:
+            for rep in range(reps):
+                for mode in self.modes():   # interleaved, so slow drifts hit both alike
+                    progress.step(f"{name} {mode} n={n} rep {rep + 1}/{reps}")
+                    try:
+                        out.append(self.transfer(name, mode, rep, schedule, nbytes, flows=n,
+                                                 interactive=interactive))
+                    except Exception as e:
+                        self.notes.append(f"{name} {mode} n={n} rep {rep}: failed: {e!r}")
+                    progress.advance()
+        return out
+
+    def exp_ttfb(self, progress) -> list[dict]:
+        tb, rows = self.tb, []
+        tb.reset(75.0)
+        proxies = self._start_proxies()
+        modes = [("direct", None), ("tfo", None)]
+        if self.pep_ok:
+            modes += [("pep", f"{ADDR['pep_w']}:{PEP_PORT}"), ("pep-notfo", f"{ADDR['pep_w']}:{PEP_PORT}")]
+        else:
+            self.notes.append("ttfb: PEP modes skipped: relay " + self.pep_status)
+        if proxies.get("connect"):
+            modes.append(("connect", f"{ADDR['pep_w']}:{CONNECT_PORT}"))
+        else:
+            self.notes.append("ttfb: HTTP CONNECT skipped (tinyproxy missing or did not start)")
+        if proxies.get("socks5"):
+            modes.append(("socks5", f"{ADDR['pep_w']}:{SOCKS_PORT}"))
+        else:
+            self.notes.append("ttfb: SOCKS5 skipped (microsocks missing or did not start)")
+        for mode, proxy in modes:
+            progress.step(f"ttfb {mode}")
+            agent_mode = "pep" if mode == "pep-notfo" else mode
+            if mode == "pep-notfo":
+                tb.client.sysctl("net.ipv4.tcp_fastopen", 0)   # the client sends a plain SYN
+            try:
+                args = ["ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}", "--mode", agent_mode,
+                        "--reps", self.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc]
+                if proxy:
+                    args += ["--proxy", proxy]
+                p = procs.agent(tb.client, *args)
+                r = procs.result(p, self.plan.ttfb_reps * 6 + 20)
+                for i, x in enumerate(r["results"]):
+                    rows.append({"mode": mode, "rep": i, "ttfb_ms": x["ttfb_ms"], "error": x.get("error", "")})
+            except Exception as e:
+                self.notes.append(f"ttfb {mode}: failed: {e!r}")
+            finally:
+                if mode == "pep-notfo":
+                    tb.client.sysctl("net.ipv4.tcp_fastopen", tb.s.tfo)
+            progress.advance()
+        return rows
+
+
+def settings_dict(tb: Testbed, plan: Plan, runner: Runner) -> dict:
+    s = asdict(tb.s)
+    s.update({
+        "kernel": os.uname().release,
+        "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}",
+        "python": sys.version.split()[0],
+        "pep": runner.pep_status,
+        "quick": plan.quick,
+        "reps": plan.reps,
+        "step_bytes": plan.step_bytes,
+        "flow_bytes": plan.flow_bytes,
+        "flows": plan.flows,
+        "flows_reps": plan.flows_reps,
+        "spike_bytes": plan.spike_bytes,
+        "mmwave_bytes": plan.mmwave_bytes,
+        "ttfb_reps": plan.ttfb_reps,
+        "trace": plan.trace or "step-10-75 (built in)",
+        "interactive": "UDP, 100-byte datagrams every 50 ms, server -> client, through the bottleneck",
+    })
+    return s

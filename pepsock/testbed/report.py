@@ -1,0 +1,564 @@
+"""Turn the results of `pep eval` into report.md, CSV files and PNG plots.
+
+    python -m pepsock.testbed.report DIR     # rebuild DIR/report.md etc. from DIR/results.json
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import sys
+from statistics import mean, median
+
+GOODPUT_FACTOR = 1448 / 1514
+# two-sided 95% Student t quantiles, df = 1..30 (then ~1.96)
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042]
+
+
+# ---------------------------------------------------------------------------
+# statistics
+
+def mean_ci(xs) -> tuple[float, float, int]:
+    """(mean, half width of the 95% confidence interval, n); half width is nan for n < 2."""
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan"), n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    t = _T95[n - 2] if n - 2 < len(_T95) else 1.96
+    return m, t * sd / math.sqrt(n), n
+
+
+def pct(xs, p: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ratio_ci(a, b, n_boot: int = 2000, seed: int = 1) -> tuple[float, float, float]:
+    """mean(a)/mean(b) with a 95% bootstrap interval (resampling runs)."""
+    a, b = [x for x in a if x == x], [x for x in b if x == x]
+    if not a or not b:
+        return float("nan"), float("nan"), float("nan")
+    r = mean(a) / mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return r, float("nan"), float("nan")
+    rng = random.Random(seed)
+    boots = sorted(mean(rng.choices(a, k=len(a))) / mean(rng.choices(b, k=len(b))) for _ in range(n_boot))
+    return r, boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
+
+
+def fmt(x, nd: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{nd}f}"
+
+
+def fmt_ci(m, h, nd: int = 2) -> str:
+    if m != m:
+        return "–"
+    return f"{m:.{nd}f} ± {h:.{nd}f}" if h == h else f"{m:.{nd}f}"
+
+
+# ---------------------------------------------------------------------------
+# per-run derived numbers
+
+def run_fct(run) -> float:
+    """Completion time of the run: from the first flow's start to the last flow's end (s)."""
+    fl = run["flows"]
+    if not fl or not all(f.get("complete") for f in fl):
+        return float("nan")
+    return max(f["t_end"] for f in fl) - min(f["t_start"] for f in fl)
+
+
+def mean_flow_fct(run) -> float:
+    fl = run["flows"]
+    if not fl or not all(f.get("complete") for f in fl):
+        return float("nan")
+    return mean(f["fct"] for f in fl)
+
+
+def jain(run) -> float:
+    xs = [f["bytes"] / f["fct"] for f in run["flows"] if f.get("complete") and f["fct"] > 0]
+    if not xs:
+        return float("nan")
+    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs))
+
+
+def goodput_series(run, bin_s: float = 0.1) -> list[tuple[float, float]]:
+    """Aggregate goodput (Mbit/s) per bin, on the run's time line (s since start)."""
+    agg: dict[int, int] = {}
+    for f in run["flows"]:
+        for b, n in f.get("bins", []):
+            agg[b] = agg.get(b, 0) + n
+    if not agg:
+        return []
+    lo, hi = min(agg), max(agg)
+    return [(b * bin_s, agg.get(b, 0) * 8 / bin_s / 1e6) for b in range(lo, hi + 1)]
+
+
+def interactive(run, interval: float = 0.05, lead: float = 0.5) -> dict:
+    """One-way delays (ms) and loss of the UDP flow while the transfer ran."""
+    fl = [f for f in run["flows"] if "t_start" in f]
+    if not fl:
+        return {"owd": [], "sent": 0, "lost": 0}
+    t0 = min(f["t_start"] for f in fl)
+    t1 = max(f.get("t_end", f["t_start"]) for f in fl)
+    got = {q: (r - s) * 1000 for q, s, r in run.get("udp", []) if t0 <= s <= t1}
+    expected = [q for q in range(0, 100000) if t0 <= -lead + q * interval <= t1]
+    lost = sum(1 for q in expected if q not in got)
+    return {"owd": list(got.values()), "sent": len(expected), "lost": lost}
+
+
+def ideal_fct(schedule_changes, nbytes_total: float, rtt_s: float) -> float:
+    """Fluid lower bound: a handshake and request (1.5 RTT... taken as 1 RTT + the first
+    byte's one-way trip), then the bottleneck's goodput integrated until nbytes arrive."""
+    t, got = 0.0, 0.0
+    ch = sorted(schedule_changes)
+    if not ch:
+        return float("nan")
+    ch = [(max(0.0, tt), r) for tt, r in ch]
+    for i, (tt, r) in enumerate(ch):
+        end = ch[i + 1][0] if i + 1 < len(ch) else float("inf")
+        rate = r * GOODPUT_FACTOR / 8
+        if rate > 0 and got + rate * (end - tt) >= nbytes_total:
+            return tt + (nbytes_total - got) / rate + 1.5 * rtt_s
+        got += rate * max(0.0, end - tt)
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------
+# CSV
+
+def write_csvs(res: dict, out: str) -> list[str]:
+    files = []
+
+    def w(name, header, rows):
+        path = os.path.join(out, name)
+        with open(path, "w", newline="") as f:
+            wr = csv.writer(f)
+            wr.writerow(header)
+            wr.writerows(rows)
+        files.append(name)
+
+    w("calibration.csv", ["metric", "configured", "measured", "error_pct", "ok"],
+      [[r["metric"], r["configured"], r["measured"], r["error_pct"], r["ok"]] for r in res.get("calibration", [])])
+    runs = res.get("runs", [])
+    w("flows.csv", ["experiment", "mode", "rep", "flows_n", "flow", "bytes", "complete", "t_start_s",
+                    "t_first_s", "t_end_s", "fct_s", "error"],
+      [[r["experiment"], r["mode"], r["rep"], r["flows_n"], i, f.get("bytes"), f.get("complete"),
+        f.get("t_start"), f.get("t_first"), f.get("t_end"), f.get("fct"), f.get("error", "")]
+       for r in runs for i, f in enumerate(r["flows"])])
+    w("goodput.csv", ["experiment", "mode", "rep", "flows_n", "t_s", "goodput_mbit"],
+      [[r["experiment"], r["mode"], r["rep"], r["flows_n"], round(t, 3), round(g, 3)]
+       for r in runs for t, g in goodput_series(r)])
+    w("interactive.csv", ["experiment", "mode", "rep", "seq", "sent_s", "received_s", "owd_ms"],
+      [[r["experiment"], r["mode"], r["rep"], q, round(s, 6), round(rv, 6), round((rv - s) * 1000, 3)]
+       for r in runs for q, s, rv in r.get("udp", [])])
+    w("rate_changes.csv", ["experiment", "mode", "rep", "t_s", "rate_mbit"],
+      [[r["experiment"], r["mode"], r["rep"], round(t, 4), rt / 1e6] for r in runs for t, rt in r["rate_changes"]])
+    w("ttfb.csv", ["mode", "rep", "ttfb_ms", "error"],
+      [[r["mode"], r["rep"], r["ttfb_ms"], r.get("error", "")] for r in res.get("ttfb", [])])
+    return files
+
+
+# ---------------------------------------------------------------------------
+# plots
+
+MODE_COLOR = {"e2e": "tab:blue", "pep": "tab:orange"}
+MODE_NAME = {"e2e": "end to end", "pep": "through the PEP"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def representative(runs):
+    """The run whose completion time is the median of its group (what a timeline shows)."""
+    ok = [r for r in runs if run_fct(r) == run_fct(r)]
+    if not ok:
+        return runs[0] if runs else None
+    ok.sort(key=run_fct)
+    return ok[(len(ok) - 1) // 2]
+
+
+def plot_timeline(res, exp: str, path: str, title: str) -> bool:
+    runs = [r for r in res.get("runs", []) if r["experiment"] == exp]
+    modes = [m for m in ("e2e", "pep") if any(r["mode"] == m for r in runs)]
+    if not modes:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(len(modes), 1, figsize=(10, 3.2 * len(modes)), sharex=True, squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        run = representative([r for r in runs if r["mode"] == mode])
+        g = goodput_series(run)
+        ax.plot([t for t, _ in g], [x for _, x in g], color=MODE_COLOR[mode], lw=1.2,
+                label="goodput (100 ms bins)")
+        # configured rate (as goodput) as a step line
+        ch = sorted(run["rate_changes"])
+        if ch:
+            t_end = max([t for t, _ in g] + [ch[-1][0] + 1])
+            xs, ys = [], []
+            for i, (t, r) in enumerate(ch):
+                nxt = ch[i + 1][0] if i + 1 < len(ch) else t_end
+                xs += [t, nxt]
+                ys += [r / 1e6 * GOODPUT_FACTOR] * 2
+            ax.plot(xs, ys, color="gray", ls="--", lw=1, label="link rate (as goodput)")
+            for t, _ in ch[1:]:
+                ax.axvline(t, color="red", lw=0.8, alpha=0.6)
+        fl = [f for f in run["flows"] if "t_start" in f]
+        if fl:
+            ax.axvline(min(f["t_start"] for f in fl), color="red", lw=1.5)
+            ends = [f["t_end"] for f in fl if "t_end" in f]
+            if ends:
+                ax.axvline(max(ends), color="red", lw=1.5)
+        ax.set_ylabel("Mbit/s")
+        ax.set_ylim(bottom=0)
+        ax2 = ax.twinx()
+        udp = run.get("udp", [])
+        ax2.scatter([s for _, s, _ in udp], [(r - s) * 1000 for _, s, r in udp], s=4, color="tab:green",
+                    label="interactive one-way delay")
+        ax2.set_ylabel("one-way delay (ms)", color="tab:green")
+        ax2.set_ylim(bottom=0)
+        fct = run_fct(run)
+        ax.set_title(f"{MODE_NAME[mode]} — rep {run['rep'] + 1}, completion {fmt(fct, 2)} s", fontsize=10)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    axes[-1, 0].set_xlabel("time since the transfer was started (s); red lines: start, rate changes, end")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_fct(res, path: str) -> bool:
+    exps = [e for e in ("step", "spike", "mmwave") if any(r["experiment"] == e for r in res.get("runs", []))]
+    if not exps:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for j, mode in enumerate(("e2e", "pep")):
+        ms, hs = [], []
+        for e in exps:
+            m, h, _ = mean_ci(run_fct(r) for r in res["runs"] if r["experiment"] == e and r["mode"] == mode)
+            ms.append(m)
+            hs.append(0 if h != h else h)
+        xs = [i + (j - 0.5) * width for i in range(len(exps))]
+        ax.bar(xs, ms, width, yerr=hs, capsize=4, color=MODE_COLOR[mode], label=MODE_NAME[mode])
+    ax.set_xticks(range(len(exps)), exps)
+    ax.set_ylabel("flow completion time (s), mean ± 95% CI")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_flows(res, path: str) -> bool:
+    runs = [r for r in res.get("runs", []) if r["experiment"] == "flows"]
+    if not runs:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ns = sorted({r["flows_n"] for r in runs})
+    for mode in ("e2e", "pep"):
+        pts = [(n, *mean_ci(run_fct(r) for r in runs if r["flows_n"] == n and r["mode"] == mode)) for n in ns]
+        pts = [p for p in pts if p[3] > 0]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if p[2] != p[2] else p[2] for p in pts],
+                        marker="o", capsize=4, color=MODE_COLOR[mode], label=MODE_NAME[mode])
+    ax.set_xlabel("competing bulk flows")
+    ax.set_ylabel("time until all flows finished (s)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+TTFB_ORDER = ["direct", "tfo", "pep", "pep-notfo", "connect", "socks5"]
+TTFB_NAME = {"direct": "direct", "tfo": "direct + TFO", "pep": "PEP 0-RTT", "pep-notfo": "PEP, no TFO",
+             "connect": "HTTP CONNECT", "socks5": "SOCKS5"}
+
+
+def ttfb_formula(mode: str, r1: float, r2: float) -> float:
+    return {"direct": 2 * r1 + 2 * r2, "tfo": r1 + r2, "pep": r1 + 2 * r2, "pep-notfo": 2 * r1 + 2 * r2,
+            "connect": 3 * r1 + 2 * r2, "socks5": 4 * r1 + 2 * r2}[mode]
+
+
+TTFB_TEXT = {"direct": "2R1+2R2", "tfo": "R1+R2", "pep": "R1+2R2", "pep-notfo": "2R1+2R2",
+             "connect": "3R1+2R2", "socks5": "4R1+2R2"}
+
+
+def plot_ttfb(res, r1, r2, path: str) -> bool:
+    rows = res.get("ttfb", [])
+    modes = [m for m in TTFB_ORDER if any(r["mode"] == m for r in rows)]
+    if not modes:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, m in enumerate(modes):
+        mm, h, _ = mean_ci(r["ttfb_ms"] for r in rows if r["mode"] == m)
+        ax.bar(i, mm, 0.6, yerr=0 if h != h else h, capsize=4,
+               color="tab:orange" if m.startswith("pep") else "tab:blue")
+        f = ttfb_formula(m, r1, r2)
+        ax.hlines(f, i - 0.35, i + 0.35, color="black", lw=2)
+        ax.text(i, f + 2, TTFB_TEXT[m], ha="center", fontsize=8)
+    ax.set_xticks(range(len(modes)), [TTFB_NAME[m] for m in modes], fontsize=8)
+    ax.set_ylabel("time to first byte (ms), mean ± 95% CI")
+    ax.set_title(f"bars: measured; black lines: formula (R1 = {r1:.1f} ms, R2 = {r2:.1f} ms, measured)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_owd_cdf(res, path: str) -> bool:
+    runs = [r for r in res.get("runs", []) if r.get("udp")]
+    if not runs:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    styles = {"step": "-", "spike": "--", "mmwave": ":", "flows": "-."}
+    for e in ("step", "spike", "mmwave"):
+        for mode in ("e2e", "pep"):
+            xs = sorted(x for r in runs if r["experiment"] == e and r["mode"] == mode for x in interactive(r)["owd"])
+            if xs:
+                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], styles[e], color=MODE_COLOR[mode],
+                        label=f"{e}, {MODE_NAME[mode]}")
+    ax.set_xlabel("interactive one-way delay (ms)")
+    ax.set_ylabel("CDF")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# report.md
+
+def summarize(res: dict) -> dict:
+    """The headline numbers (also what eval prints and the tests check)."""
+    runs = res.get("runs", [])
+    out: dict = {"transfers": {}, "flows": {}, "ttfb": {}}
+    cal = {r["metric"]: r for r in res.get("calibration", [])}
+    r1 = cal.get("R1 client-PEP RTT (ms)", {}).get("measured", res["settings"]["r1_ms"])
+    r2 = cal.get("R2 PEP-server RTT (ms)", {}).get("measured", res["settings"]["r2_ms"])
+    out["r1"], out["r2"] = r1, r2
+    for e in ("step", "spike", "mmwave"):
+        d = {}
+        for mode in ("e2e", "pep"):
+            rs = [r for r in runs if r["experiment"] == e and r["mode"] == mode]
+            if not rs:
+                continue
+            fcts = [run_fct(r) for r in rs]
+            owd = [x for r in rs for x in interactive(r)["owd"]]
+            p99s = [pct(interactive(r)["owd"], 99) for r in rs if interactive(r)["owd"]]
+            sent = sum(interactive(r)["sent"] for r in rs)
+            lost = sum(interactive(r)["lost"] for r in rs)
+            d[mode] = {"fct": mean_ci(fcts), "fcts": fcts, "incomplete": sum(1 for f in fcts if f != f),
+                       "owd_med": pct(owd, 50), "owd_p95": pct(owd, 95), "owd_p99": pct(owd, 99),
+                       "owd_p99_runs": mean_ci(p99s), "loss_pct": 100 * lost / sent if sent else float("nan"),
+                       "ideal": ideal_fct(rs[0]["rate_changes"], rs[0]["bytes"] * rs[0]["flows_n"],
+                                          (r1 + r2) / 1000)}
+        if "e2e" in d and "pep" in d:
+            d["ratio"] = ratio_ci(d["pep"]["fcts"], d["e2e"]["fcts"])
+        if d:
+            out["transfers"][e] = d
+    fr = [r for r in runs if r["experiment"] == "flows"]
+    for n in sorted({r["flows_n"] for r in fr}):
+        for mode in ("e2e", "pep"):
+            rs = [r for r in fr if r["flows_n"] == n and r["mode"] == mode]
+            if rs:
+                out["flows"][(n, mode)] = {"all": mean_ci(run_fct(r) for r in rs),
+                                           "mean": mean_ci(mean_flow_fct(r) for r in rs),
+                                           "jain": mean_ci(jain(r) for r in rs)}
+    for m in TTFB_ORDER:
+        xs = [r["ttfb_ms"] for r in res.get("ttfb", []) if r["mode"] == m and r["ttfb_ms"] is not None]
+        errs = sum(1 for r in res.get("ttfb", []) if r["mode"] == m and r["ttfb_ms"] is None)
+        if xs or errs:
+            out["ttfb"][m] = {"ci": mean_ci(xs), "median": pct(xs, 50), "formula": ttfb_formula(m, r1, r2),
+                              "errors": errs}
+    return out
+
+
+def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
+    os.makedirs(out, exist_ok=True)
+    csvs = write_csvs(res, out)
+    S = summarize(res)
+    r1, r2 = S["r1"], S["r2"]
+    pngs = []
+    for exp, title in (("step", "Step 10 -> 75 Mbit/s: bulk transfer and interactive UDP flow"),
+                       ("spike", "Spike to 75 Mbit/s and a 1 s outage on a 20 Mbit/s link"),
+                       ("mmwave", "mmWave-like trace with blockage outages")):
+        if plot_timeline(res, exp, os.path.join(out, f"timeline_{exp}.png"), title):
+            pngs.append((f"timeline_{exp}.png", title))
+    if plot_fct(res, os.path.join(out, "fct.png")):
+        pngs.append(("fct.png", "Flow completion time, mean ± 95% CI"))
+    if plot_flows(res, os.path.join(out, "flows.png")):
+        pngs.append(("flows.png", "1..10 competing flows"))
+    if plot_ttfb(res, r1, r2, os.path.join(out, "ttfb.png")):
+        pngs.append(("ttfb.png", "Time to first byte vs formula"))
+    if plot_owd_cdf(res, os.path.join(out, "interactive_cdf.png")):
+        pngs.append(("interactive_cdf.png", "Interactive one-way delay, CDF"))
+
+    s = res["settings"]
+    L = []
+    L.append("# pep eval: end to end vs through the PEP\n")
+    L.append(f"Run {res.get('started', '')}, {res.get('duration_s', 0):.0f} s of wall time, "
+             f"{'quick' if s.get('quick') else 'full'} mode.\n")
+    if narrative:
+        L.append(narrative.strip() + "\n")
+    L.append("## Targets\n")
+    L.append("| target | measured | verdict |\n|---|---|---|")
+    for line in targets(S):
+        L.append(line)
+    L.append("")
+    L.append("## Settings\n")
+    L.append("```\nclient --[wireless: R1, bottleneck]-- wrouter -- pep -- drouter --[wired: R2]-- server\n```\n")
+    L.append("| setting | value |\n|---|---|")
+    nice = {
+        "kernel": "kernel", "machine": "machine", "python": "python", "cc": "congestion control (all hosts)",
+        "r1_ms": "R1, client-PEP RTT (ms, delay line in wrouter)", "r2_ms": "R2, PEP-server RTT (ms, delay line in drouter)",
+        "wired_mbit": "wired link (Mbit/s, HTB on drouter egress)", "queue_bytes": "bottleneck queue (bfifo, bytes)",
+        "wired_queue_bytes": "wired queue (bfifo, bytes)", "tfo": "net.ipv4.tcp_fastopen (every namespace)",
+        "delay_impl": "delay line implementation", "trace": "step experiment schedule",
+        "step_bytes": "step: bytes per transfer", "spike_bytes": "spike: bytes per transfer",
+        "mmwave_bytes": "mmwave: bytes per transfer", "flow_bytes": "flows: bytes per flow",
+        "flows": "flows: numbers of competing flows", "reps": "repetitions (step, spike, mmwave)",
+        "flows_reps": "repetitions (flows)", "ttfb_reps": "repetitions (ttfb, per method)",
+        "interactive": "interactive flow", "pep": "PEP (relay)",
+    }
+    for k, name in nice.items():
+        if k in s:
+            L.append(f"| {name} | {s[k]} |")
+    L.append("| offloads | TSO, GSO, GRO off on every veth |")
+    L.append("| wireless rate | HTB class on wrouter's egress to the client, changed over netlink (pyroute2) |")
+    L.append("")
+    L.append("## Calibration\n")
+    L.append("Measured against configured (goodput expected = rate x 1448/1514: TCP payload per Ethernet frame).\n")
+    L.append("| metric | configured | measured | error | within 10% |\n|---|---|---|---|---|")
+    for r in res.get("calibration", []):
+        err = f"{r['error_pct']:+.1f}%" if isinstance(r["error_pct"], (int, float)) else ""
+        ok = {True: "yes", False: "**no**", "": ""}.get(r["ok"], str(r["ok"]))
+        meas = fmt(r["measured"], 2) if isinstance(r["measured"], float) else r["measured"]
+        L.append(f"| {r['metric']} | {r['configured']} | {meas} | {err} | {ok} |")
+    L.append("")
+    if S["transfers"]:
+        L.append("## Bulk transfer with an interactive flow (step, spike, mmwave)\n")
+        L.append("FCT: mean ± 95% CI over repetitions (s). Ideal: the fluid bound (link rate as goodput, "
+                 "plus 1.5 end-to-end RTTs). One-way delay (OWD) of the interactive flow while the transfer "
+                 f"runs, pooled over repetitions; the propagation part is (R1+R2)/2 = {(r1 + r2) / 2:.1f} ms.\n")
+        L.append("| experiment | path | runs | FCT (s) | ideal (s) | OWD median (ms) | p95 | p99 | p99 per run (mean ± CI) | loss |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for e, d in S["transfers"].items():
+            for mode in ("e2e", "pep"):
+                if mode in d:
+                    x = d[mode]
+                    inc = f" ({x['incomplete']} incomplete)" if x["incomplete"] else ""
+                    L.append(f"| {e} | {MODE_NAME[mode]} | {x['fct'][2]}{inc} | {fmt_ci(*x['fct'][:2])} | {fmt(x['ideal'], 2)} | "
+                             f"{fmt(x['owd_med'])} | {fmt(x['owd_p95'])} | {fmt(x['owd_p99'])} | "
+                             f"{fmt_ci(*x['owd_p99_runs'][:2], nd=1)} | {fmt(x['loss_pct'], 2)}% |")
+            if "ratio" in d:
+                r, lo, hi = d["ratio"]
+                L.append(f"| {e} | **PEP / e2e FCT** | | **{fmt(r, 3)}** (95% CI {fmt(lo, 3)}–{fmt(hi, 3)}) | | | | | | |")
+        L.append("")
+    if S["flows"]:
+        L.append("## Competing bulk flows (1..10), step schedule\n")
+        L.append("Time until all flows finished, mean per-flow FCT, and Jain's fairness index of the flows' "
+                 "goodputs (1 = fair); mean ± 95% CI over repetitions.\n")
+        L.append("| flows | path | all done (s) | mean flow FCT (s) | Jain |\n|---|---|---|---|---|")
+        for (n, mode), x in sorted(S["flows"].items()):
+            L.append(f"| {n} | {MODE_NAME[mode]} | {fmt_ci(*x['all'][:2])} | {fmt_ci(*x['mean'][:2])} | "
+                     f"{fmt_ci(*x['jain'][:2], nd=3)} |")
+        L.append("")
+    if S["ttfb"]:
+        L.append("## Time to first byte\n")
+        L.append(f"R1 = {r1:.2f} ms and R2 = {r2:.2f} ms as measured by the calibration pings; no other "
+                 "traffic; wireless link at 75 Mbit/s. Request: a few bytes; TTFB runs from the start of "
+                 "connecting to the first byte of the answer.\n")
+        L.append("| method | formula | formula (ms) | measured mean ± CI (ms) | median | vs formula | failures |")
+        L.append("|---|---|---|---|---|---|---|")
+        for m, x in S["ttfb"].items():
+            dev = (x["ci"][0] - x["formula"]) / x["formula"] * 100 if x["ci"][2] else float("nan")
+            L.append(f"| {TTFB_NAME[m]} | {TTFB_TEXT[m]} | {x['formula']:.1f} | {fmt_ci(*x['ci'][:2])} | "
+                     f"{fmt(x['median'], 2)} | {fmt(dev, 1)}% | {x['errors']} |")
+        L.append("")
+    if pngs:
+        L.append("## Plots\n")
+        for p, t in pngs:
+            L.append(f"### {t}\n\n![{t}]({p})\n")
+    notes = res.get("notes", [])
+    if notes:
+        L.append("## Notes from the run\n")
+        L += [f"- {n}" for n in notes]
+        L.append("")
+    L.append("## Files\n")
+    L.append("Raw data: " + ", ".join(f"[{c}]({c})" for c in csvs) + ", and `results.json` (everything, "
+             "rebuild this page with `python -m pepsock.testbed.report DIR`).\n")
+    text = "\n".join(L) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def targets(S) -> list[str]:
+    lines = []
+    st = S["transfers"].get("step", {})
+    if "ratio" in st:
+        r, lo, hi = st["ratio"]
+        ok = r <= 0.8
+        miss = "" if ok else f" (missed by {r - 0.8:+.3f}, i.e. {(r / 0.8 - 1) * 100:.0f}% over)"
+        lines.append(f"| step: FCT through the PEP ≤ 0.8 × end to end | {fmt(r, 3)} (CI {fmt(lo, 3)}–{fmt(hi, 3)}){miss} | "
+                     f"{'met' if ok else '**missed**'} |")
+    else:
+        lines.append("| step: FCT through the PEP ≤ 0.8 × end to end | not measured (no PEP runs) | **not measured** |")
+    for e in ("step", "spike", "mmwave"):
+        d = S["transfers"].get(e, {})
+        if "e2e" in d and "pep" in d:
+            a, b = d["pep"]["owd_p99"], d["e2e"]["owd_p99"]
+            ok = a <= b
+            lines.append(f"| {e}: interactive p99 OWD through the PEP ≤ end to end | {fmt(a)} ms vs {fmt(b)} ms "
+                         f"({fmt(a - b, 1)} ms) | {'met' if ok else '**missed**'} |")
+    t = S["ttfb"]
+    if "pep" in t and t["pep"]["ci"][2]:
+        m, f = t["pep"]["ci"][0], t["pep"]["formula"]
+        dev = (m - f) / f * 100
+        lines.append(f"| TTFB PEP 0-RTT within 10% of R1+2R2 | {m:.1f} ms vs {f:.1f} ms ({dev:+.1f}%) | "
+                     f"{'met' if abs(dev) <= 10 else '**missed**'} |")
+        if "direct" in t and t["direct"]["ci"][2]:
+            gain = t["direct"]["ci"][0] - m
+            lines.append(f"| TTFB PEP 0-RTT at least R1 below direct | {gain:.1f} ms below (R1 = {S['r1']:.1f} ms) | "
+                         f"{'met' if gain >= S['r1'] else '**missed**'} |")
+    else:
+        lines.append("| TTFB PEP 0-RTT within 10% of R1+2R2, ≥ R1 below direct | not measured (no PEP) | **not measured** |")
+    return lines
+
+
+if __name__ == "__main__":
+    d = sys.argv[1]
+    with open(os.path.join(d, "results.json")) as f:
+        res = json.load(f)
+    nar = None
+    if os.path.exists(os.path.join(d, "narrative.md")):
+        nar = open(os.path.join(d, "narrative.md")).read()
+    print(write_report(res, d, narrative=nar))
