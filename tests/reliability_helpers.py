@@ -80,3 +80,31 @@ def libfuzzer_stats(output: str) -> dict[str, int]:
             except ValueError:
                 pass
     return stats
+
+
+# ---------------------------------------------------------------------------
+# Relay probes (the relay runs as `ip netns exec NS python -m pepsock.relay`,
+# which execs in place: Relay.proc.pid is the relay itself)
+
+
+def relay_metrics(relay, host) -> dict[str, float]:
+    with host.enter():
+        return relay.metrics()
+
+
+def relay_fds_beyond_pool(relay, host) -> int:
+    """The relay's open fds, less the pooled/in-use pipes (2 fds each) it reports:
+    what must come back to its starting value once every tunnel is gone."""
+    m = relay_metrics(relay, host)
+    return fd_count(relay.proc.pid) - 2 * int(m.get("pep_relay_pipes", 0))
+
+
+def settle_fds(relay, host, want: int, timeout: float = 8.0) -> int:
+    """Wait until relay_fds_beyond_pool() == want (closers linger up to 2 s)."""
+    last = [None]
+
+    def ok():
+        last[0] = relay_fds_beyond_pool(relay, host)
+        return last[0] == want
+    wait_until(ok, timeout, 0.1)
+    return last[0]
