@@ -31,7 +31,7 @@ struct pep_conn {
     int fd;                     /* the fd it was created on (-1 once closed) */
     int refs;
     int err;
-    int warned_0rtt;
+    int lowat;                  /* the program's SO_RCVLOWAT, restored after the reply */
     dev_t dev;
     ino_t ino;
     struct sockaddr_in6 dest;   /* or a sockaddr_in */

@@ -222,9 +222,35 @@ static void warn_0rtt_lost(const char *why)
             "(said once)", why);
 }
 
+/*
+ * While the reply is outstanding the socket carries SO_RCVLOWAT = 5: a
+ * success reply alone (4 bytes) does not make it readable, so poll/epoll do
+ * not wake the program for bytes it will never see (wrk counts a read that
+ * finds nothing after EPOLLIN as an error). An Error reply (8 bytes), data,
+ * FIN or RST still wake it. The program's own value comes back after.
+ */
+static void lowat_hold(int fd, struct pep_conn *c)
+{
+    int v = 1, five = PEP_HDR_LEN + 1;
+    if (sockopt_int(fd, SOL_SOCKET, SO_RCVLOWAT, &v) == 0 && v < five &&
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &five, sizeof five) == 0)
+        c->lowat = v;
+    else
+        c->lowat = 0;
+}
+
+static void lowat_release(int fd, struct pep_conn *c)
+{
+    if (c->lowat) {
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &c->lowat, sizeof c->lowat);
+        c->lowat = 0;
+    }
+}
+
 /* The connection failed (Error TLV, bad reply): remember the errno and reset. */
 static void conn_fail(int fd, struct pep_conn *c, int err, const char *why)
 {
+    lowat_release(fd, c);
     pep_conn_set_state(c, PEP_ST_FAILED);
     c->err = err;
     pep_log(PEP_LOG_INFO, "fd %d: %s: %s", fd, why, strerror(err));
@@ -239,6 +265,7 @@ static void conn_fail(int fd, struct pep_conn *c, int err, const char *why)
 /* Reply fully read and fine: pass-through from now on. */
 static void conn_open(int fd, struct pep_conn *c)
 {
+    lowat_release(fd, c);
     pep_conn_set_state(c, PEP_ST_OPEN);
     if (pep_cfg.level >= PEP_LOG_WARN && !__atomic_load_n(&warned_0rtt, __ATOMIC_RELAXED)) {
         struct tcp_info ti;
@@ -252,10 +279,12 @@ static void conn_open(int fd, struct pep_conn *c)
 
 /*
  * Bring fd's connection as far as it can go before an application read
- * (for_write = 0) or write (for_write = 1). 0: the caller makes its real call;
+ * (for_write = 0) or write (for_write = 1), or only send what is left of the
+ * header (for_write = 2: SO_ERROR, waits). 0: the caller makes its real call;
  * -1: the call fails with errno. dontwait: the call must not block
  * (MSG_DONTWAIT); O_NONBLOCK is looked up only when it matters.
  */
+#define SETTLE_HEADER_ONLY 2
 static int settle(int fd, int for_write, int dontwait)
 {
     int saved = errno, checked = 0;
@@ -270,7 +299,8 @@ static int settle(int fd, int for_write, int dontwait)
                 c = NULL;
             }
         }
-        if (!c || c->state == PEP_ST_OPEN) {
+        if (!c || c->state == PEP_ST_OPEN ||
+            (for_write == SETTLE_HEADER_ONLY && c->state != PEP_ST_SENDING)) {
             pep_unlock();
             errno = saved;
             return 0;
@@ -370,7 +400,7 @@ static void flush_sending(void)
     for (i = 0; i < PEP_CONN_MAX; i++) {
         if (__atomic_load_n(&pep_conns[i].state, __ATOMIC_ACQUIRE) == PEP_ST_SENDING &&
             pep_conns[i].fd >= 0)
-            settle(pep_conns[i].fd, 1, 1);
+            settle(pep_conns[i].fd, SETTLE_HEADER_ONLY, 1);
     }
     errno = saved;
 }
@@ -464,6 +494,7 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
 
     v = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &v, sizeof v);
+    lowat_hold(fd, c);
 
     struct iovec iov[64];
     struct msghdr m;
@@ -538,6 +569,7 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
             e = errno;
             if (e != EINPROGRESS && e != EINTR) {
                 pep_lock();
+                lowat_release(fd, c);
                 pep_fd_forget(fd);
                 pep_unlock();
             }
@@ -558,6 +590,7 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
         return 0;
     }
     /* Could not reach the PEP at all: the program sees the kernel's errno. */
+    lowat_release(fd, c);
     pep_fd_forget(fd);
     pep_unlock();
     pep_log(PEP_LOG_INFO, "fd %d: connecting to the PEP: %s", fd, strerror(e));
@@ -893,15 +926,19 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
 {
     INIT();
     int r = real.getpeername(fd, sa, len);
-    if (r < 0 || !pep_fd_tracked(fd))
+    if (!pep_fd_tracked(fd) || !len || !sa)
         return r;
+    /* Connected (or connected, then reset by us for an Error TLV, which the
+     * program learns from its next read or write): the real destination. */
     int saved = errno;
     pep_lock();
     struct pep_conn *c = pep_conn_get(fd);
-    if (c && same_socket(fd, c) && c->state != PEP_ST_FAILED) {
+    if (c && (r == 0 || c->state == PEP_ST_FAILED) && same_socket(fd, c)) {
         socklen_t n = *len < c->destlen ? *len : c->destlen;
         memcpy(sa, &c->dest, n);
         *len = c->destlen;
+        r = 0;
+        saved = errno;
     }
     pep_unlock();
     errno = saved;
@@ -917,7 +954,7 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     if (UNLIKELY(level == SOL_SOCKET && name == SO_ERROR) && r == 0 && pep_fd_busy(fd) &&
         *len >= sizeof(int) && *(int *)val == 0) {
         int saved = errno;
-        settle(fd, 1, 1);
+        settle(fd, SETTLE_HEADER_ONLY, 1);
         errno = saved;
     }
     return r;

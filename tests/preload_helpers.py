@@ -85,6 +85,7 @@ def url_host(host: str) -> str:
 class Seen:
     connect: protocol.Connect | None = None
     syn_data: bool = False
+    early_data: bytes = b""     # application bytes that came with the header
     error: str = ""
 
 
@@ -168,6 +169,7 @@ class Converter:
                 if not chunk:
                     reader.eof()
                 reader.feed(chunk)
+            seen.early_data = reader.rest
             target = protocol.check_request(reader.message)
         except (protocol.ProtocolError, OSError) as exc:
             seen.error = str(exc)

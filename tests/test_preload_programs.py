@@ -1,0 +1,554 @@
+"""Real programs under libpep.so through a real RFC 8803 converter.
+
+Two settings, both in network namespaces (TFO sysctls are set there, never
+on the host):
+* "lo": one namespace, everything on its loopback (PEP_NO_PROXY="" so that
+  loopback is not bypassed);
+* "chain": client, PEP and server namespaces, IPv4 and IPv6 documentation
+  addresses; the client has no route to the server, so only the PEP can
+  reach it.
+The converter is tests/preload_helpers.Converter (test-only, not `pep
+relay`); it records whether each header came in the SYN (TCP_INFO).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import require_root, require_tool
+from pepsock.testbed.netns import Topology
+import preload_helpers as ph
+
+TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return ph.build()
+
+
+@pytest.fixture(scope="module")
+def lo(tmp_path_factory):
+    """One namespace with TFO on (3), an HTTP server on 127.0.0.1 and ::1."""
+    require_root()
+    topo = Topology(prefix="pl")
+    try:
+        host = topo.host("lo", tfo=3)
+        root = tmp_path_factory.mktemp("www")
+        payload = ph.make_payload(str(root))
+        with host.enter():
+            http4 = ph.HTTPServer(str(root), "127.0.0.1")
+            http6 = ph.HTTPServer(str(root), "::1")
+        host.root, host.payload, host.http = root, payload, {4: http4, 6: http6}
+        yield host
+        http4.close()
+        http6.close()
+    finally:
+        topo.cleanup()
+
+
+def converter(ns, **kw) -> ph.Converter:
+    with ns.enter():
+        return ph.Converter(**kw)
+
+
+def run(ns, argv, env, timeout=TIMEOUT, **kw):
+    """argv in namespace ns; the preload applies to argv only, not to `ip netns exec`."""
+    ours = {k: env[k] for k in env if k == "LD_PRELOAD" or k.startswith("PEP_")}
+    rest = {k: v for k, v in env.items() if k not in ours}
+    argv = ["env", *(f"{k}={v}" for k, v in ours.items()), *argv]
+    return ns.run(*argv, check=False, env=rest, timeout=timeout, **kw)
+
+
+def pyrun(ns, code, env, timeout=TIMEOUT):
+    return run(ns, [sys.executable, "-c", textwrap.dedent(code)], env, timeout)
+
+
+# ------------------------------------------------------------------ loopback
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_curl_fetches_1mib_with_header_in_syn(lo, lib, tmp_path, fam):
+    curl = require_tool("curl")
+    pep_host = "127.0.0.1" if fam == 4 else "::1"
+    out = tmp_path / "out.bin"
+    with converter(lo, host=pep_host) as conv:
+        http = lo.http[fam]
+        p = run(lo, [curl, "-sS", "--max-time", "20", "-o", str(out), "-w", "%{remote_port}",
+                     http.url("/1m.bin")], ph.preload_env(conv.address, lib))
+        assert p.returncode == 0, p.stderr
+        assert out.read_bytes() == lo.payload
+        assert p.stdout.strip() == str(http.address[1])  # the real destination's port
+        assert len(conv.seen) == 1
+        seen = conv.seen[0]
+        assert seen.connect.port == http.address[1]
+        assert str(seen.connect.address) == http.address[0]
+        assert seen.syn_data, "the Convert header did not ride in the SYN"
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_wget_blocking_fetch(lo, lib, tmp_path, fam):
+    wget = require_tool("wget")
+    pep_host = "127.0.0.1" if fam == 4 else "::1"
+    out = tmp_path / "w.bin"
+    with converter(lo, host=pep_host) as conv:
+        p = run(lo, [wget, "-q", "--tries=1", "--timeout=20", "--no-proxy", "-O", str(out),
+                     lo.http[fam].url("/1m.bin")], ph.preload_env(conv.address, lib))
+        assert p.returncode == 0, p.stderr
+        assert out.read_bytes() == lo.payload
+        assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_python_urllib(lo, lib):
+    with converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import hashlib, urllib.request
+            data = urllib.request.urlopen("{lo.http[4].url('/1m.bin')}", timeout=20).read()
+            print(hashlib.sha256(data).hexdigest())
+            """, ph.preload_env(conv.address, lib))
+        assert p.returncode == 0, p.stderr
+        import hashlib
+        assert p.stdout.strip() == hashlib.sha256(lo.payload).hexdigest()
+        assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_error_96_makes_curl_say_connection_refused(lo, lib):
+    curl = require_tool("curl")
+    with converter(lo, error=(96, b"")) as conv:
+        p = run(lo, [curl, "-sS", "--max-time", "10", lo.http[4].url("/1m.bin")],
+                ph.preload_env(conv.address, lib))
+        assert p.returncode != 0
+        assert "Connection refused" in p.stderr, p.stderr
+        assert len(conv.seen) == 1
+
+
+@pytest.mark.parametrize("code,value,name", [
+    (96, b"", "ConnectionRefusedError"),
+    (32, b"", "PermissionError"),
+    (97, b"\x01", "EHOSTUNREACH"),
+    (97, b"\x00", "ENETUNREACH"),
+    (65, b"", "ENETUNREACH"),
+    (1, b"", "EPROTO"),
+])
+def test_error_codes_become_errno_and_reset(lo, lib, code, value, name):
+    with converter(lo, error=(code, value)) as conv:
+        p = pyrun(lo, f"""
+            import errno, socket
+            s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
+            for attempt in (1, 2):
+                try:
+                    s.recv(100)
+                    print("no error")
+                except OSError as e:
+                    print(type(e).__name__, errno.errorcode[e.errno])
+            try:
+                s.send(b"x")
+                print("send ok")
+            except OSError as e:
+                print("send", errno.errorcode[e.errno])
+            """, ph.preload_env(conv.address, lib))
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.split("\n")
+        assert name in lines[0] and lines[0] == lines[1], p.stdout  # sticky
+        assert lines[2].startswith("send E"), p.stdout
+        assert len(conv.seen) == 1
+
+
+def test_malformed_reply_is_eproto(lo, lib):
+    with converter(lo, raw_reply=b"\x02\x01\x22\x63hello") as conv:
+        p = pyrun(lo, f"""
+            import errno, socket
+            s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
+            try:
+                print(s.recv(100))
+            except OSError as e:
+                print(errno.errorcode[e.errno])
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.strip() == "EPROTO", p.stdout + p.stderr
+        assert len(conv.seen) == 1
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_split_reply_with_extra_tlvs(lo, lib, tmp_path, split):
+    curl = require_tool("curl")
+    from pepsock import protocol
+    tlvs = (protocol.SupportedTCPExtensions((2, 3, 4)), protocol.Cookie(b"abcdefgh"))
+    out = tmp_path / "s.bin"
+    with converter(lo, split=split, split_delay=0.01, reply_tlvs=tlvs) as conv:
+        p = run(lo, [curl, "-sS", "--max-time", "20", "-o", str(out), lo.http[4].url("/1m.bin")],
+                ph.preload_env(conv.address, lib))
+        assert p.returncode == 0, p.stderr
+        assert out.read_bytes() == lo.payload
+        assert len(conv.seen) == 1
+
+
+def test_nonblocking_read_finding_only_the_header_is_eagain(lo, lib):
+    with ph.EchoServer() if False else _echo(lo) as echo, converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import select, socket, time
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", {echo.address[1]}))
+            except BlockingIOError:
+                pass
+            select.select([], [s], [], 5)
+            # The PEP's reply alone must not make the socket readable...
+            r, _, _ = select.select([s], [], [], 0.3)
+            print("readable" if r else "quiet")
+            # ...and a read then finds nothing.
+            try:
+                print("got", s.recv(100))
+            except BlockingIOError:
+                print("EAGAIN")
+            s.setblocking(True)
+            s.settimeout(5)
+            s.sendall(b"ping")
+            print(s.recv(100))
+            print(s.getpeername()[1] == {echo.address[1]})
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.split("\n")[:4] == ["quiet", "EAGAIN", "b'ping'", "True"], \
+            p.stdout + p.stderr
+
+
+def _echo(ns, **kw):
+    with ns.enter():
+        return ph.EchoServer(**kw)
+
+
+def test_sendto_msg_fastopen_carries_app_bytes_in_the_syn(lo, lib):
+    """The program's own TFO (curl --tcp-fastopen on old kernels, or sendto with
+    MSG_FASTOPEN): header and its bytes in one SYN."""
+    with _echo(lo) as echo, converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import socket
+            s = socket.socket()
+            s.settimeout(5)
+            n = s.sendto(b"hello in the syn", socket.MSG_FASTOPEN, ("127.0.0.1", {echo.address[1]}))
+            print(n)
+            print(s.recv(100))
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.split("\n")[:2] == ["16", "b'hello in the syn'"], p.stdout + p.stderr
+        assert conv.seen[0].syn_data
+        assert conv.seen[0].early_data == b"hello in the syn"
+
+
+def test_curl_tcp_fastopen_option(lo, lib, tmp_path):
+    curl = require_tool("curl")
+    out = tmp_path / "t.bin"
+    with converter(lo) as conv:
+        p = run(lo, [curl, "-sS", "--tcp-fastopen", "--max-time", "20", "-o", str(out),
+                     lo.http[4].url("/1m.bin")], ph.preload_env(conv.address, lib))
+        assert p.returncode == 0, p.stderr
+        assert out.read_bytes() == lo.payload
+        assert conv.seen and conv.seen[0].syn_data
+
+
+def test_iperf3_through_the_pep(lo, lib):
+    iperf3 = require_tool("iperf3")
+    port = 5201 + os.getpid() % 1000
+    server = lo.popen(iperf3, "-s", "-1", "-p", str(port), stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    try:
+        with converter(lo) as conv:
+            import time
+            time.sleep(0.3)
+            p = run(lo, [iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", "1", "-J"],
+                    ph.preload_env(conv.address, lib))
+            assert p.returncode == 0, p.stdout[-2000:] + p.stderr
+            result = json.loads(p.stdout)
+            assert result["end"]["sum_received"]["bytes"] > 1_000_000
+            assert len(conv.seen) >= 2  # control and data connections
+            assert all(s.connect.port == port and s.syn_data for s in conv.seen)
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+def test_wrk_epoll_many_connections(lo, lib):
+    wrk = require_tool("wrk")
+    with converter(lo) as conv:
+        p = run(lo, [wrk, "-t", "2", "-c", "24", "-d", "2s", "--timeout", "5s",
+                     lo.http[4].url("/")], ph.preload_env(conv.address, lib), timeout=40)
+        assert p.returncode == 0, p.stderr
+        m = re.search(r"(\d+) requests in", p.stdout)
+        assert m and int(m.group(1)) > 50, p.stdout
+        assert "Socket errors" not in p.stdout, p.stdout
+        assert len(conv.seen) >= 24
+        assert all(s.syn_data for s in conv.seen)
+
+
+def test_loopback_is_bypassed_by_default(lo, lib, tmp_path):
+    curl = require_tool("curl")
+    with converter(lo) as conv:
+        env = ph.preload_env(conv.address, lib, no_proxy=None)
+        p = run(lo, [curl, "-sS", "--max-time", "10", "-o", str(tmp_path / "x"),
+                     lo.http[4].url("/1m.bin")], env)
+        assert p.returncode == 0, p.stderr
+        assert conv.seen == []
+
+
+def test_no_proxy_entry_and_disable(lo, lib, tmp_path):
+    curl = require_tool("curl")
+    with converter(lo) as conv:
+        port = lo.http[4].address[1]
+        for env in (ph.preload_env(conv.address, lib, no_proxy=f"10.0.0.0/8, 127.0.0.1:{port}"),
+                    ph.preload_env(conv.address, lib, PEP_DISABLE="1")):
+            p = run(lo, [curl, "-sS", "--max-time", "10", "-o", str(tmp_path / "x"),
+                         lo.http[4].url("/1m.bin")], env)
+            assert p.returncode == 0, p.stderr
+        assert conv.seen == []
+        env = ph.preload_env(conv.address, lib, no_proxy=f"127.0.0.1:{port + 1}")
+        p = run(lo, [curl, "-sS", "--max-time", "10", "-o", str(tmp_path / "x"),
+                     lo.http[4].url("/1m.bin")], env)
+        assert p.returncode == 0 and len(conv.seen) == 1
+
+
+def test_bad_config_one_line_and_runs_unproxied(lo, lib, tmp_path):
+    curl = require_tool("curl")
+    with converter(lo) as conv:
+        for bad in ({"PEP_PROXY": "127.0.0.1"}, {"PEP_NO_PROXY": "10.0.0.0/99"},
+                    {"PEP_LOG": "loud"}):
+            env = ph.preload_env(conv.address, lib)
+            env.update(bad)
+            p = run(lo, [curl, "-sS", "--max-time", "10", "-o", str(tmp_path / "x"),
+                         lo.http[4].url("/1m.bin")], env)
+            assert p.returncode == 0, p.stderr
+            lines = [line for line in p.stderr.splitlines() if line]
+            assert len(lines) == 1 and "running unproxied" in lines[0], p.stderr
+            assert list(bad)[0] in lines[0]
+        assert conv.seen == []
+
+
+def test_ipv6_socket_reaches_ipv4_pep_v4_mapped_unless_v6only(lo, lib):
+    with _echo(lo, host="::1") as echo, converter(lo, host="127.0.0.1") as conv:
+        p = pyrun(lo, f"""
+            import errno, socket
+            s = socket.socket(socket.AF_INET6)
+            s.settimeout(5)
+            s.connect(("::1", {echo.address[1]}))
+            s.sendall(b"six")
+            print(s.recv(10), s.getpeername()[:2])
+            t = socket.socket(socket.AF_INET6)
+            t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                t.connect(("::1", {echo.address[1]}))
+                print("connected")
+            except OSError as e:
+                print(errno.errorcode[e.errno])
+            """, ph.preload_env(conv.address, lib))
+        lines = p.stdout.split("\n")
+        assert lines[0] == f"b'six' ('::1', {echo.address[1]})", p.stdout + p.stderr
+        assert lines[1] == "ENETUNREACH", p.stdout + p.stderr
+        assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_program_that_forks(lo, lib):
+    with _echo(lo) as echo, converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import os, socket
+            s = socket.create_connection(("127.0.0.1", {echo.address[1]}), timeout=5)
+            pid = os.fork()
+            if pid == 0:
+                s.sendall(b"from the child")
+                print(s.recv(100), flush=True)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            # a fresh connection from the parent after the fork
+            t = socket.create_connection(("127.0.0.1", {echo.address[1]}), timeout=5)
+            t.sendall(b"parent")
+            print(t.recv(100), status)
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.split("\n")[:2] == ["b'from the child'", "b'parent' 0"], \
+            p.stdout + p.stderr
+        assert len(conv.seen) == 2
+
+
+THREADS_C = r"""
+#include <arpa/inet.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+static int port;
+static void *worker(void *arg) {
+    long id = (long)arg;
+    for (int round = 0; round < 5; round++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in sa = {0};
+        sa.sin_family = AF_INET; sa.sin_port = htons(port);
+        inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+        if (connect(fd, (struct sockaddr *)&sa, sizeof sa)) { perror("connect"); return (void *)1; }
+        char msg[32], buf[32];
+        int n = snprintf(msg, sizeof msg, "t%ld r%d", id, round);
+        if (write(fd, msg, n) != n) return (void *)1;
+        int got = 0;
+        while (got < n) { int r = read(fd, buf + got, sizeof buf - got); if (r <= 0) { perror("read"); return (void *)1; } got += r; }
+        if (memcmp(buf, msg, n)) { fprintf(stderr, "mismatch\n"); return (void *)1; }
+        close(fd);
+    }
+    return NULL;
+}
+int main(int argc, char **argv) {
+    port = atoi(argv[1]);
+    pthread_t t[8];
+    for (long i = 0; i < 8; i++) pthread_create(&t[i], NULL, worker, (void *)i);
+    int bad = 0;
+    for (int i = 0; i < 8; i++) { void *r; pthread_join(t[i], &r); bad |= r != NULL; }
+    puts(bad ? "FAIL" : "OK");
+    return bad;
+}
+"""
+
+
+def test_program_with_threads(lo, lib, tmp_path):
+    exe = ph.compile_c(THREADS_C, str(tmp_path / "threads"))
+    with _echo(lo) as echo, converter(lo) as conv:
+        p = run(lo, [exe, str(echo.address[1])], ph.preload_env(conv.address, lib))
+        assert p.returncode == 0 and p.stdout.strip() == "OK", p.stdout + p.stderr
+        assert len(conv.seen) == 40
+
+
+def test_dup2_and_close_range_keep_state(lo, lib):
+    with _echo(lo, greeting=b"hello") as echo, converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import ctypes, os, socket
+            libc = ctypes.CDLL(None, use_errno=True)
+            s = socket.create_connection(("127.0.0.1", {echo.address[1]}), timeout=5)
+            fd = s.detach()
+            assert libc.dup2(fd, 100) == 100
+            os.close(fd)
+            d = socket.socket(fileno=100)
+            d.settimeout(5)
+            print(d.recv(5), d.getpeername()[1] == {echo.address[1]})
+            d.detach()
+            # close_range drops the state: a new direct socket on fd 100 is plain
+            assert libc.close_range(90, 110, 0) == 0
+            plain = socket.socket()
+            assert libc.dup2(plain.fileno(), 100) == 100
+            q = socket.socket(fileno=100)
+            print(q.getsockname())
+            """, ph.preload_env(conv.address, lib, PEP_LOG="error"))
+        assert p.stdout.split("\n")[0] == "b'hello' True", p.stdout + p.stderr
+        assert p.returncode == 0, p.stderr
+
+
+def test_header_after_handshake_when_client_tfo_is_off(lib, tmp_path):
+    """net.ipv4.tcp_fastopen=0 on the client: the SYN goes without data, the
+    header follows the handshake unnoticed by curl (non-blocking) and wget
+    (blocking), and PEP_LOG warns once."""
+    require_root()
+    curl, wget = require_tool("curl"), require_tool("wget")
+    root = tmp_path / "www"
+    root.mkdir()
+    payload = ph.make_payload(str(root), size=200_000)
+    with Topology(prefix="pl") as topo:
+        ns = topo.host("notfo", tfo=0)
+        with ns.enter():
+            http = ph.HTTPServer(str(root))
+            conv = ph.Converter()
+        try:
+            env = ph.preload_env(conv.address, lib, log="warn")
+            p = run(ns, [curl, "-sS", "--max-time", "10", "-o", str(tmp_path / "c"),
+                         http.url("/1m.bin")], env)
+            assert p.returncode == 0, p.stderr
+            assert (tmp_path / "c").read_bytes() == payload
+            assert p.stderr.count("0-RTT lost") == 1, p.stderr
+            p = run(ns, [wget, "-q", "--tries=1", "--timeout=10", "-O", str(tmp_path / "w"),
+                         http.url("/1m.bin")], env)
+            assert p.returncode == 0, p.stderr
+            assert (tmp_path / "w").read_bytes() == payload
+            assert len(conv.seen) == 2 and not any(s.syn_data for s in conv.seen)
+        finally:
+            conv.close()
+            http.close()
+
+
+# ------------------------------------------------------------------ three hosts
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    require_root()
+    topo = Topology(prefix="pl")
+    try:
+        client = topo.host("c", tfo=3)
+        pep = topo.host("p", tfo=3)
+        server = topo.host("s", tfo=3)
+        topo.link(client, ["192.0.2.1/24", "2001:db8:1::1/64"],
+                  pep, ["192.0.2.2/24", "2001:db8:1::2/64"])
+        topo.link(pep, ["198.51.100.2/24", "2001:db8:2::2/64"],
+                  server, ["198.51.100.3/24", "2001:db8:2::3/64"])
+        root = tmp_path_factory.mktemp("www3")
+        payload = ph.make_payload(str(root))
+        with server.enter():
+            http = {4: ph.HTTPServer(str(root), "198.51.100.3"),
+                    6: ph.HTTPServer(str(root), "2001:db8:2::3")}
+        with pep.enter():
+            conv = {4: ph.Converter(host="192.0.2.2"), 6: ph.Converter(host="2001:db8:1::2")}
+        yield client, conv, http, payload
+        for x in list(http.values()) + list(conv.values()):
+            x.close()
+    finally:
+        topo.cleanup()
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_chain_curl_and_wget(chain, lib, tmp_path, fam):
+    curl, wget = require_tool("curl"), require_tool("wget")
+    client, conv, http, payload = chain
+    before = len(conv[fam].seen)
+    env = ph.preload_env(conv[fam].address, lib, no_proxy=None)  # defaults: nothing to bypass
+    # Without the PEP the server is unreachable from the client.
+    p = run(client, [curl, "-sS", "--max-time", "3", "-o", "/dev/null", http[fam].url("/1m.bin")],
+            {k: v for k, v in env.items() if k != "LD_PRELOAD"})
+    assert p.returncode != 0
+    p = run(client, [curl, "-sS", "--max-time", "20", "-o", str(tmp_path / "c"), "-w",
+                     "%{remote_ip} %{remote_port}", http[fam].url("/1m.bin")], env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [http[fam].address[0], str(http[fam].address[1])]
+    assert (tmp_path / "c").read_bytes() == payload
+    p = run(client, [wget, "-q", "--tries=1", "--timeout=20", "-O", str(tmp_path / "w"),
+                     http[fam].url("/1m.bin")], env)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "w").read_bytes() == payload
+    new = conv[fam].seen[before:]
+    assert len(new) == 2 and all(s.syn_data for s in new)
+    assert all(str(s.connect.address) == http[fam].address[0] for s in new)
+
+
+def test_chain_ipv6_pep_and_ipv4_destination(chain, lib):
+    """An AF_INET6 socket reaches an IPv4 destination (v4-mapped) through an
+    IPv6 PEP. An AF_INET socket cannot reach an IPv6-only PEP (libpep never
+    swaps the program's socket): ENETUNREACH and one log line."""
+    client, conv, http, payload = chain
+    before = len(conv[6].seen)
+    port = http[4].address[1]
+    p = pyrun(client, f"""
+        import errno, socket
+        s = socket.socket(socket.AF_INET6)
+        s.settimeout(10)
+        s.connect(("::ffff:198.51.100.3", {port}))
+        s.sendall(b"GET /1m.bin HTTP/1.0\\r\\n\\r\\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        print(data.split(b"\\r\\n", 1)[0].decode(), len(data) > (1 << 20), s.getpeername()[:2])
+        t = socket.socket(socket.AF_INET)
+        try:
+            t.connect(("198.51.100.3", {port}))
+        except OSError as e:
+            print(errno.errorcode[e.errno])
+        """, ph.preload_env(conv[6].address, lib, no_proxy=None))
+    lines = p.stdout.split("\n")
+    assert lines[0] == f"HTTP/1.1 200 OK True ('::ffff:198.51.100.3', {port})", p.stdout + p.stderr
+    assert lines[1] == "ENETUNREACH", p.stdout + p.stderr
+    assert "no IPv4 address" in p.stderr
+    assert len(conv[6].seen) == before + 1 and conv[6].seen[before].syn_data
