@@ -69,16 +69,34 @@ def local_addresses() -> tuple[set, list]:
     return found, nets
 
 
+def _compile(rule: AddressRule):
+    """(version, network int, mask int, port ranges) for integer matching."""
+    net = rule.network
+    return net.version, int(net.network_address), int(net.netmask), rule.ports
+
+
+def _match(compiled, version: int, ip: int, port: int) -> bool:
+    v, net, mask, ports = compiled
+    if v != version or ip & mask != net:
+        return False
+    return not ports or any(a <= port <= b for a, b in ports)
+
+
+_BUILTIN = tuple((_compile(r), r) for r in BUILTIN_DENY)
+
+
 class Admission:
-    """Destination policy, client policy and tunnel limits."""
+    """Destination policy, client policy and tunnel limits.
+
+    Matching runs on integers (this is on the per-connection path)."""
 
     def __init__(self, dest_rules, allow_clients, max_tunnels: int, max_per_client: int,
                  extra_local=()):
-        self.dest_rules = list(dest_rules)
+        self.dest_rules = [(allow, _compile(rule)) for allow, rule in dest_rules]
         self.allow_clients = list(allow_clients)
         self.max_tunnels = max_tunnels
         self.max_per_client = max_per_client
-        self.extra_local = {normalize_ip(a) for a in extra_local}
+        self.extra_local = {(a.version, int(a)) for a in map(normalize_ip, extra_local)}
         self._local: set = set()
         self._local_nets: list = []
         self._local_at = -1e9
@@ -86,25 +104,31 @@ class Admission:
         self.per_client: dict[str, int] = {}
 
     # -- destinations ---------------------------------------------------------
-    def is_local(self, addr) -> bool:
+    def is_local(self, version: int, ip: int) -> bool:
         now = time.monotonic()
         if now - self._local_at > LOCAL_REFRESH:
-            found, self._local_nets = local_addresses()
-            self._local = found | self.extra_local
+            found, nets = local_addresses()
+            self._local = {(a.version, int(a)) for a in found} | self.extra_local
+            self._local_nets = [(n.version, int(n.network_address), int(n.netmask), ())
+                                for n in nets]
             self._local_at = now
-        return addr in self._local or any(
-            addr.version == n.version and addr in n for n in self._local_nets)
+        if (version, ip) in self._local:
+            return True
+        return any(_match(n, version, ip, 0) for n in self._local_nets)
 
     def dest_allowed(self, addr, port: int) -> tuple[bool, str]:
-        """(allowed, reason)."""
-        addr = normalize_ip(addr)
+        """(allowed, reason).  `addr` is an ipaddress object; IPv4-mapped IPv6
+        counts as IPv4."""
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        version, ip = addr.version, int(addr)
         for allow, rule in self.dest_rules:
-            if rule.matches(addr, port):
+            if _match(rule, version, ip, port):
                 return allow, ("allowed by --allow-dest" if allow else "denied by --deny-dest")
-        for rule in BUILTIN_DENY:
-            if rule.matches(addr, port):
+        for compiled, rule in _BUILTIN:
+            if _match(compiled, version, ip, port):
                 return False, f"{addr} is in {rule.network}, denied by default"
-        if self.is_local(addr):
+        if self.is_local(version, ip):
             return False, f"{addr} is an address of this host, denied by default"
         return True, "allowed"
 

@@ -223,12 +223,21 @@ class Loop:
         self.ep.register(fd, mask)
 
     def forget(self, fd: int) -> None:
-        """Drop fd's handler; the caller closes fd (which leaves the epoll set)."""
+        """Drop fd's handler; the caller closes fd right away, and close()
+        takes it out of the epoll set (we never dup sockets), so no syscall."""
+        self.handlers.pop(fd, None)
+
+    def unregister(self, fd: int) -> None:
         self.handlers.pop(fd, None)
         try:
             self.ep.unregister(fd)
         except (OSError, ValueError):
             pass
+
+    def rebind(self, fd: int, handler, mask: int) -> None:
+        """A registered fd changes hands (tunnel -> Closer)."""
+        self.handlers[fd] = handler
+        self.ep.modify(fd, mask)
 
     def call_later(self, delay: float, fn) -> Timer:
         t = Timer(time.monotonic() + delay, fn)
@@ -314,7 +323,7 @@ class Loop:
         from ..protocol import error_reply
         from .tunnel import Closer
         self.stats.error(code)
-        Closer(self, sock, error_reply(code))
+        Closer(self, sock, error_reply(code), registered=False)
         if self.cfg.log_tunnels:
             log.info("tunnel client=%s dest=- up=0 down=0 duration=0.000s outcome=error %d (%s)",
                      fmt_addr(addr), code, why)
@@ -404,7 +413,7 @@ class Loop:
 
     def close(self) -> None:
         for fd in list(self.handlers):
-            self.forget(fd)
+            self.unregister(fd)
         for p in self.pool:
             os.close(p[0])
             os.close(p[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from bisect import bisect_left
 
 from ..protocol import ErrorCode
 
@@ -51,10 +52,9 @@ class Stats:
         v = self.v
         v[SETUP_COUNT] += 1
         v[SETUP_SUM_US] += int(seconds * 1e6)
-        for i, le in enumerate(BUCKETS):
-            if seconds <= le:
-                v[_BUCKET0 + i] += 1
-                break
+        i = bisect_left(BUCKETS, seconds)
+        if i < len(BUCKETS):
+            v[_BUCKET0 + i] += 1
 
 
 class SharedSlots:

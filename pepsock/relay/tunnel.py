@@ -75,7 +75,7 @@ class End:
 class Direction:
     """Bytes flowing src -> dst through a (pooled) pipe."""
 
-    __slots__ = ("src", "dst", "pr", "pw", "held", "eof", "shut", "bytes", "stat")
+    __slots__ = ("src", "dst", "pr", "pw", "held", "eof", "shut", "bytes", "stat", "peer")
 
     def __init__(self, src: End, dst: End, stat: int):
         self.src = src
@@ -87,6 +87,7 @@ class Direction:
         self.shut = False
         self.bytes = 0
         self.stat = stat
+        self.peer: Direction | None = None
 
 
 def apply_side(sock: socket.socket, side, nodelay: bool) -> None:
@@ -126,7 +127,7 @@ class Closer:
 
     __slots__ = ("loop", "sock", "fd", "timer")
 
-    def __init__(self, loop, sock: socket.socket, reply: bytes):
+    def __init__(self, loop, sock: socket.socket, reply: bytes, registered: bool = True):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -134,10 +135,14 @@ class Closer:
             sock.send(reply)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
+            loop.forget(self.fd)
             sock.close()
             return
         loop.closers += 1
-        loop.register(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
+        if registered:
+            loop.rebind(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
+        else:
+            loop.register(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
         self.timer = loop.call_later(loop.linger_timeout, self.close)
 
     def on_event(self, events: int) -> None:
@@ -292,9 +297,11 @@ class Tunnel:
         st[S.ESTABLISHED] += 1
         loop.stats.setup(time.monotonic() - self.t0)
         s.writable = True
-        s.readable = True
-        self.up = Direction(self.c, s, S.BYTES_UP)
-        self.down = Direction(s, self.c, S.BYTES_DOWN)
+        # Edge-triggered: bytes the server sends after this poll raise a new edge.
+        s.readable = bool(ev & _READ_EV)
+        self.up = up = Direction(self.c, s, S.BYTES_UP)
+        self.down = down = Direction(s, self.c, S.BYTES_DOWN)
+        up.peer, down.peer = down, up
         self._run()
 
     # -- data path ---------------------------------------------------------------------
@@ -360,7 +367,11 @@ class Tunnel:
             d.pr = d.pw = -1
             if d.eof and not d.shut:
                 d.shut = True
-                dst.sock.shutdown(socket.SHUT_WR)
+                # Half-close: our EOF becomes the destination's EOF.  If the
+                # other direction is already shut, the tunnel is done and the
+                # close() that follows sends the FIN.
+                if not d.peer.shut:
+                    dst.sock.shutdown(socket.SHUT_WR)
 
     def pipe_ready(self) -> None:
         """The pool has a pipe again (we were waiting for one)."""
@@ -390,7 +401,6 @@ class Tunnel:
         self._reply_and_close(error_reply(code, value), f"error {int(code)} ({why})")
 
     def _reply_and_close(self, reply: bytes, outcome: str) -> None:
-        self.loop.forget(self.c.fd)
         Closer(self.loop, self.c.sock, reply)
         self._done(outcome)
 
