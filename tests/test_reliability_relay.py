@@ -657,3 +657,56 @@ def test_sigterm_drains_transfers_in_flight_intact(net, far_echo):
         assert r.proc.wait(timeout=10) == 0
     finally:
         r.kill()
+
+
+# ---------------------------------------------------------------------------
+# Out of file descriptors (a hard RLIMIT_NOFILE the relay cannot raise)
+
+
+def test_relay_out_of_fds_recovers_once_clients_leave(net, far_echo):
+    """Past its fd limit the relay refuses (Error 64) or queues; once the clients
+    leave it must serve again, not stay wedged with tunnels waiting for pipes."""
+    require_tool("prlimit")
+    host = net.hosts["relay"]
+    r = Relay("--listen", "127.0.0.1:0", "--header-timeout", "1", "--stats", "127.0.0.1:0",
+              prefix=["prlimit", "--nofile=64:64", *host.cmd()])
+    try:
+        with _inside(net):
+            socks = [convert_open(r.addr, far_echo.addr, timeout=2) for _ in range(40)]
+            outcomes = []
+            deadline = time.monotonic() + 2
+            for s in socks:
+                s.settimeout(max(0.05, deadline - time.monotonic()))
+                try:
+                    msg, _ = read_reply(s)
+                    outcomes.append("ok" if msg.error is None else int(msg.error.code))
+                except OSError as exc:
+                    outcomes.append(type(exc).__name__)
+            assert outcomes.count("ok") < 40, outcomes  # the limit was reached
+            for s in socks:
+                s.close()
+            served = wait_until(lambda: _try_good(r.addr, far_echo.addr), 6, 0.2)
+        assert served, f"relay still refusing 6 s after its clients left; outcomes {outcomes}"
+        assert wait_until(lambda: _open_tunnels(r, host) == 0, 5)
+    finally:
+        r.kill()
+
+
+def _try_good(relay_addr, dest) -> bool:
+    try:
+        s = convert_open(relay_addr, dest, timeout=1)
+        with s:
+            msg, rest = read_reply(s, 1)
+            if msg.error is not None:
+                return False
+            s.sendall(b"ping")
+            return recv_exact(s, 4, rest) == b"ping"
+    except OSError:
+        return False
+
+
+def _open_tunnels(relay, host):
+    try:
+        return relay_metrics(relay, host)["pep_relay_tunnels_open"]
+    except OSError:
+        return None

@@ -39,6 +39,12 @@ ACCEPT_BATCH = 64
 #: How long an Error reply's connection may linger waiting for the client's FIN.
 LINGER_TIMEOUT = 2.0
 STATS_FLUSH = 1.0
+#: Seconds between retries of tunnels waiting for a pipe (only while out of fds).
+PIPE_RETRY = 0.05
+#: fds one tunnel may hold: two sockets and, while busy, two pipes.
+FDS_PER_TUNNEL = 6
+#: fds kept for listeners, epoll, stats, signals, logs and Error replies in flight.
+FD_RESERVE = 32
 
 
 class Timer:
@@ -205,6 +211,7 @@ class Loop:
         self.pipe_size = cfg.pipe_size
         self.pool: list[tuple[int, int]] = []
         self.pipe_waiters: list = []
+        self._pipe_retry = False
         self.pipes_open = 0
         self.tunnels: set[Tunnel] = set()
         self.closers = 0
@@ -282,6 +289,18 @@ class Loop:
     def pipe_wait(self, tunnel) -> None:
         if tunnel not in self.pipe_waiters:
             self.pipe_waiters.append(tunnel)
+        # Out of fds (EMFILE) with no pipe in use anywhere, no pipe_put() would
+        # ever wake the waiters: retry on a timer too, so fds freed by closers
+        # or finished tunnels are picked up (tests/test_reliability_relay.py).
+        if not self._pipe_retry:
+            self._pipe_retry = True
+            self.call_later(PIPE_RETRY, self._retry_pipe_waiters)
+
+    def _retry_pipe_waiters(self) -> None:
+        self._pipe_retry = False
+        waiters, self.pipe_waiters = self.pipe_waiters, []
+        for t in waiters:
+            self.call_soon(t.pipe_ready)
 
     # -- listeners and accept ------------------------------------------------------------
     def add_listener(self, sock: socket.socket) -> None:
@@ -462,8 +481,14 @@ def run(cfg: Config) -> int:
     want = cfg.max_tunnels * 2 + cfg.pipe_pool * 2 + 4096
     soft, hard = raise_nofile(want)
     if soft < want:
-        log.warning("RLIMIT_NOFILE is %d, below the %d that --max-tunnels %d needs",
-                    soft, want, cfg.max_tunnels)
+        # Past its fd limit a tunnel could not get the pipes it needs to see its
+        # peers' EOF, and the relay would wedge: cap the tunnels to what fits, so
+        # the excess gets Error 64 instead (tests/test_reliability_relay.py).
+        fit = max(1, (soft - FD_RESERVE) // FDS_PER_TUNNEL)
+        log.warning("RLIMIT_NOFILE is %d, below the %d that --max-tunnels %d needs; "
+                    "serving at most %d tunnels", soft, want, cfg.max_tunnels,
+                    min(fit, cfg.max_tunnels))
+        cfg.max_tunnels = min(fit, cfg.max_tunnels)
     if cfg.workers > 1:
         return _run_master(cfg)
     loop = Loop(cfg)
