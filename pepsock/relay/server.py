@@ -41,8 +41,10 @@ LINGER_TIMEOUT = 2.0
 STATS_FLUSH = 1.0
 #: Seconds between retries of tunnels waiting for a pipe (only while out of fds).
 PIPE_RETRY = 0.05
-#: fds one tunnel may hold: two sockets and, while busy, two pipes.
-FDS_PER_TUNNEL = 6
+#: fds budgeted per tunnel when RLIMIT_NOFILE is short: two sockets, plus
+#: headroom for pipes (a busy direction holds one pipe, 2 fds, only while bytes
+#: are in flight; waiters are retried), so tunnels can always make progress.
+FDS_PER_TUNNEL = 3
 #: fds kept for listeners, epoll, stats, signals, logs and Error replies in flight.
 FD_RESERVE = 32
 
