@@ -20,6 +20,7 @@
 
 enum pep_state {
     PEP_ST_FREE = 0,
+    PEP_ST_CONNECTING, /* connect()/sendmsg(MSG_FASTOPEN) in flight: hands off */
     PEP_ST_SENDING,   /* connected or connecting, Convert header not all sent */
     PEP_ST_AWAIT,     /* header sent, the PEP's reply not all read */
     PEP_ST_OPEN,      /* reply stripped: plain pass-through */

@@ -313,7 +313,16 @@ static int settle(int fd, int for_write, int dontwait)
         }
         short wait_for;
         int e;
-        if (c->state == PEP_ST_SENDING) {
+        if (c->state == PEP_ST_CONNECTING) {
+            /* Another thread is inside connect() on this socket. */
+            pep_unlock();
+            if (for_write == SETTLE_HEADER_ONLY) {
+                errno = saved;
+                return 0;
+            }
+            e = EAGAIN;
+            wait_for = POLLOUT;
+        } else if (c->state == PEP_ST_SENDING) {
             ssize_t n = real.send(fd, c->hdr + c->hdr_sent, (size_t)(c->hdr_len - c->hdr_sent),
                                   MSG_DONTWAIT | MSG_NOSIGNAL);
             if (n > 0) {
@@ -372,6 +381,8 @@ static int settle(int fd, int for_write, int dontwait)
             return -1;
         }
         if (dontwait || is_nonblocking(fd)) {
+            pep_log(PEP_LOG_DEBUG, "fd %d: %s: nothing for the program yet (EAGAIN)", fd,
+                    wait_for == POLLIN ? "reply outstanding" : "header not sent");
             errno = EAGAIN;
             return -1;
         }
@@ -489,7 +500,7 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
     c->hdr_len = (uint16_t)pep_encode_connect(c->hdr, sizeof c->hdr, a, port, NULL, 0);
     c->hdr_sent = 0;
     pep_reader_init(&c->rd);
-    pep_conn_set_state(c, PEP_ST_SENDING);
+    pep_conn_set_state(c, PEP_ST_CONNECTING);
     pep_unlock();
 
     v = 1;
@@ -521,8 +532,7 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
     if (n >= 0) {
         size_t h = (size_t)n < c->hdr_len ? (size_t)n : c->hdr_len;
         c->hdr_sent = (uint16_t)h;
-        if (h == c->hdr_len)
-            pep_conn_set_state(c, PEP_ST_AWAIT);
+        pep_conn_set_state(c, h == c->hdr_len ? PEP_ST_AWAIT : PEP_ST_SENDING);
         pep_unlock();
         pep_log(PEP_LOG_DEBUG, "fd %d: Convert header (%zu of %u bytes) sent with MSG_FASTOPEN",
                 fd, h, c->hdr_len);
@@ -554,6 +564,7 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
     if (e == EINPROGRESS || e == EINTR) {
         /* non-blocking, and the SYN left without data (no TFO cookie, TFO
          * blackhole logic...): the header follows the handshake. */
+        pep_conn_set_state(c, PEP_ST_SENDING);
         pep_unlock();
         if (e == EINPROGRESS)
             warn_0rtt_lost("the kernel sent the SYN without data");
@@ -565,8 +576,12 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
         /* TFO off on this host (net.ipv4.tcp_fastopen & 1 == 0): plain connect. */
         pep_unlock();
         warn_0rtt_lost("TCP Fast Open is off on this host (net.ipv4.tcp_fastopen)");
-        if (real.connect(fd, (struct sockaddr *)&pep, peplen) < 0) {
-            e = errno;
+        int rc = real.connect(fd, (struct sockaddr *)&pep, peplen);
+        e = errno;
+        pep_lock();
+        pep_conn_set_state(c, PEP_ST_SENDING);
+        pep_unlock();
+        if (rc < 0) {
             if (e != EINPROGRESS && e != EINTR) {
                 pep_lock();
                 lowat_release(fd, c);
