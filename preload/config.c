@@ -64,12 +64,14 @@ static int parse_port(const char *s, size_t n, uint16_t *port)
     unsigned long v = 0;
     size_t i;
 
-    if (n == 0 || n > 5)
+    if (n == 0)
         return -1;
     for (i = 0; i < n; i++) {
         if (!isdigit((unsigned char)s[i]))
             return -1;
         v = v * 10 + (unsigned long)(s[i] - '0');
+        if (v > 65535)
+            return -1;
     }
     if (v == 0 || v > 65535)
         return -1;
@@ -77,10 +79,14 @@ static int parse_port(const char *s, size_t n, uint16_t *port)
     return 0;
 }
 
-/* "443" or "1000-2000" (pepsock/policy.py allows ranges too) */
+/* "443" or "1000-2000" (pepsock/policy.py allows ranges too); "" is any port */
 static int parse_ports(const char *s, size_t n, uint16_t *lo, uint16_t *hi)
 {
     const char *dash = memchr(s, '-', n);
+    if (n == 0) {
+        *lo = *hi = 0;
+        return 0;
+    }
     if (!dash) {
         if (parse_port(s, n, lo))
             return -1;
@@ -234,8 +240,12 @@ static int parse_entry(struct pep_config *cfg, const char *s, size_t n)
             if (after[0] != ':' || parse_ports(after + 1, rest - 1, &lo, &hi))
                 return -1;
         }
-        if (parse_net(host, hlen, &net) <= 0 || !memchr(host, ':', hlen))
-            return -1;
+        if (parse_net(host, hlen, &net) <= 0) {
+            /* pepsock/policy.py takes "[name]:port" as the name */
+            if (memchr(host, '/', hlen) || !valid_name(host, hlen))
+                return -1;
+            return 0;
+        }
     } else {
         const char *colon = memchr(s, ':', n);
         if (colon && memchr(colon + 1, ':', n - (size_t)(colon - s) - 1)) {
@@ -389,6 +399,8 @@ int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *nopr
                          (int)(b - a > 100 ? 100 : b - a), a, PEP_NOPROXY_MAX);
                 return -1;
             }
+            if (cfg->bypass_all)
+                break; /* as pepsock/policy.py: nothing after * matters */
             p = *end ? end + 1 : end;
         }
     }

@@ -1,0 +1,164 @@
+"""preload/config.c against pepsock/policy.py: the same PEP_NO_PROXY rules.
+
+cffi loads config.c alone (preload/libpepcfg.so); hypothesis builds
+PEP_NO_PROXY lists from addresses, CIDRs, names, ports and port ranges
+(brackets and blanks included) and destinations; both sides must accept or
+refuse the same lists and bypass the same destinations. One known
+difference, on purpose: libpep sees addresses only, so a name entry never
+matches, except `localhost`, which it reads as 127.0.0.0/8 and ::1.
+"""
+import ipaddress
+
+import pytest
+
+cffi = pytest.importorskip("cffi")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from pepsock import policy  # noqa: E402
+import preload_helpers  # noqa: E402
+
+ffi = cffi.FFI()
+ffi.cdef("""
+int pep_config_parse(void *cfg, const char *proxy, const char *noproxy, const char *log,
+                     const char *disable, char *err, size_t errlen);
+int pep_config_bypass(const void *cfg, const void *addrs, const uint8_t addr[16], uint16_t port);
+""")
+C = ffi.dlopen(preload_helpers.build("libpepcfg.so"))
+fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Cfg:
+    def __init__(self, proxy="192.0.2.1:3128", noproxy=None, log=None, disable=None):
+        self.buf = ffi.new("char[]", 16384)
+        self.err = ffi.new("char[]", 400)
+        enc = lambda s: ffi.NULL if s is None else s.encode()  # noqa: E731
+        self.rc = C.pep_config_parse(self.buf, enc(proxy), enc(noproxy), enc(log), enc(disable),
+                                     self.err, 400)
+        self.enabled = ffi.cast("int *", self.buf)[0]
+        self.message = ffi.string(self.err).decode()
+
+    def bypass(self, addr, port) -> bool:
+        a = ipaddress.ip_address(addr)
+        packed = (b"\0" * 10 + b"\xff\xff" + a.packed) if a.version == 4 else a.packed
+        return bool(C.pep_config_bypass(self.buf, ffi.NULL, packed, port))
+
+
+def py_bypass(text):
+    try:
+        return policy.Bypass.parse(text)
+    except ValueError:
+        return None
+
+
+v4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
+v6 = st.builds(ipaddress.IPv6Address, st.integers(0, 2**128 - 1))
+near = st.sampled_from([ipaddress.ip_address(a) for a in (
+    "192.0.2.1", "192.0.2.200", "198.51.100.7", "127.0.0.1", "127.1.2.3", "10.1.2.3",
+    "169.254.1.1", "::1", "fe80::1", "2001:db8::1", "2001:db8:ffff::1", "2001:db9::1",
+    "::ffff:192.0.2.1", "::", "0.0.0.0")])
+dests = st.one_of(v4, v6, near)
+ports = st.one_of(st.sampled_from([80, 443, 8080, 1000, 1500, 2000]), st.integers(1, 65535))
+
+
+@st.composite
+def entry(draw):
+    kind = draw(st.sampled_from(["v4", "v4cidr", "v6", "v6cidr", "mapped", "name", "star",
+                                 "garbage", "near"]))
+    if kind == "v4":
+        host = str(draw(v4))
+    elif kind == "near":
+        host = str(draw(near))
+    elif kind == "v4cidr":
+        host = f"{draw(v4)}/{draw(st.integers(0, 34))}"
+    elif kind == "v6":
+        host = str(draw(v6))
+    elif kind == "v6cidr":
+        host = f"{draw(st.sampled_from(['2001:db8::', 'fe80::', '::', '2001:db8:1::1']))}/" \
+               f"{draw(st.integers(0, 130))}"
+    elif kind == "mapped":
+        host = f"::ffff:{draw(v4)}/{draw(st.integers(90, 128))}"
+    elif kind == "name":
+        host = draw(st.sampled_from(["example.com", ".example.com", "a-b_c.d.", "1.2.3",
+                                     "bad name", "x/y", "under_score"]))
+    elif kind == "star":
+        return "*"
+    else:
+        return draw(st.text(alphabet="0123456789abcdef:./[]- *", max_size=14))
+    port = draw(st.sampled_from(["", "", ":443", ":80", ":1000-2000", ":0", ":70000",
+                                 ":2000-1000", ":", ":0443"]))
+    if ":" in host and port and draw(st.booleans()):
+        # an IPv6 address or CIDR with a port goes in brackets (both spellings)
+        if "/" in host and draw(st.booleans()):
+            addr, plen = host.split("/")
+            return f"[{addr}]/{plen}{port}"
+        return f"[{host}]{port}"
+    return host + port
+
+
+lists = st.lists(entry(), max_size=4).map(
+    lambda es: ",".join((" " if i % 2 else "") + e for i, e in enumerate(es)))
+
+
+@fast
+@given(lists, st.lists(st.tuples(dests, ports), min_size=1, max_size=6))
+def test_no_proxy_agrees_with_policy(text, probes):
+    py = py_bypass(text)
+    c = Cfg(noproxy=text)
+    assert (c.rc == 0) == (py is not None), (text, c.message)
+    if py is None:
+        assert not c.enabled and "PEP_NO_PROXY" in c.message
+        return
+    for addr, port in probes:
+        assert c.bypass(addr, port) == py.matches(address=addr, port=port), (text, addr, port)
+
+
+@pytest.mark.parametrize("addr,port,expect", [
+    ("127.0.0.1", 80, True), ("127.200.0.1", 1, True), ("::1", 443, True),
+    ("169.254.9.9", 80, True), ("fe80::5", 80, True), ("::ffff:127.0.0.1", 80, True),
+    ("192.0.2.1", 80, False), ("2001:db8::1", 80, False),
+])
+def test_default_no_proxy(addr, port, expect):
+    c = Cfg(noproxy=None)
+    assert c.rc == 0 and c.enabled
+    assert c.bypass(addr, port) == expect
+    assert py_bypass(None).matches(address=addr, port=port) == expect
+
+
+def test_empty_no_proxy_bypasses_nothing_and_star_everything():
+    assert not Cfg(noproxy="").bypass("127.0.0.1", 80)
+    assert Cfg(noproxy="*").bypass("2001:db8::1", 1)
+
+
+def test_localhost_entry_is_loopback_for_libpep():
+    c = Cfg(noproxy="localhost:8080")
+    assert c.bypass("127.0.0.1", 8080) and c.bypass("::1", 8080)
+    assert not c.bypass("127.0.0.1", 80)
+
+
+@pytest.mark.parametrize("proxy,ok", [
+    ("192.0.2.1:3128", True), ("[2001:db8::1]:3128", True), ("pep.example:1", True),
+    ("[::ffff:192.0.2.1]:80", True), ("192.0.2.1", False), ("192.0.2.1:0", False),
+    ("192.0.2.1:65536", False), ("2001:db8::1:3128", False), ("[2001:db8::1]", False),
+    ("[192.0.2.1]:80", False), (":80", False), ("host:port", False),
+])
+def test_pep_proxy_parsing_agrees(proxy, ok):
+    c = Cfg(proxy=proxy)
+    assert (c.rc == 0 and c.enabled == 1) == ok, c.message
+    try:
+        policy.parse_hostport(proxy)
+        py_ok = True
+    except ValueError:
+        py_ok = False
+    assert py_ok == ok
+    if not ok:
+        assert "PEP_PROXY" in c.message
+
+
+@pytest.mark.parametrize("env,ok,enabled", [
+    ({"log": "debug"}, True, 1), ({"log": "WARN:/tmp/x.log"}, True, 1), ({"log": "loud"}, False, 0),
+    ({"log": "info:"}, False, 0), ({"disable": "1"}, True, 0), ({"disable": "0"}, True, 1),
+    ({"disable": "yes"}, False, 0), ({"proxy": ""}, True, 0), ({"proxy": None}, True, 0),
+])
+def test_log_and_disable(env, ok, enabled):
+    c = Cfg(**env)
+    assert (c.rc == 0) == ok and c.enabled == enabled, c.message
