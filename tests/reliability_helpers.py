@@ -95,8 +95,15 @@ def relay_metrics(relay, host) -> dict[str, float]:
 def relay_fds_beyond_pool(relay, host) -> int:
     """The relay's open fds, less the pooled/in-use pipes (2 fds each) it reports:
     what must come back to its starting value once every tunnel is gone."""
-    m = relay_metrics(relay, host)
-    return fd_count(relay.proc.pid) - 2 * int(m.get("pep_relay_pipes", 0))
+    # Count first: the stats request itself holds an fd in the relay until the
+    # relay has answered it; a quiet relay's pipe count does not move meanwhile.
+    for _ in range(20):
+        before = fd_count(relay.proc.pid)
+        m = relay_metrics(relay, host)
+        time.sleep(0.02)
+        if fd_count(relay.proc.pid) == before:
+            return before - 2 * int(m.get("pep_relay_pipes", 0))
+    return before - 2 * int(m.get("pep_relay_pipes", 0))
 
 
 def settle_fds(relay, host, want: int, timeout: float = 8.0) -> int:
@@ -108,3 +115,70 @@ def settle_fds(relay, host, want: int, timeout: float = 8.0) -> int:
         return last[0] == want
     wait_until(ok, timeout, 0.1)
     return last[0]
+
+
+# ---------------------------------------------------------------------------
+# An asyncio echo server in its own process (so the load tests' destination
+# runs on another core): `python tests/reliability_helpers.py echo HOST`
+# prints "port N" once listening, then echoes every connection until EOF.
+
+
+def _echo_main(host: str) -> None:
+    import asyncio
+    import resource
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, host, 0, backlog=4096)
+        print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+class EchoProcess:
+    """The asyncio echo server above as a subprocess (argv prefix: a namespace)."""
+
+    def __init__(self, host: str = "127.0.0.1", prefix: list[str] | None = None):
+        import sys
+        self.proc = subprocess.Popen([*(prefix or []), sys.executable, __file__, "echo", host],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("port "):
+            self.proc.kill()
+            raise RuntimeError(f"echo server did not start: {line!r}")
+        self.addr = (host, int(line.split()[1]))
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["echo"]:
+        _echo_main(sys.argv[2])

@@ -592,21 +592,32 @@ def test_relay_killed_mid_transfer_client_errors_then_restart_serves_at_once(net
         srv.close()
 
 
-def test_relay_killed_curl_under_libpep_fails_fast(net, tmp_path):
+def _slow_http(conn):
+    """HTTP/1.1 200 with a 100 MB Content-Length, then 64 KiB every 20 ms:
+    the client reads as fast as it gets, so few bytes wait in buffers."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return "no request"
+        buf += chunk
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+    return _firehose(conn)
+
+
+def test_relay_killed_curl_under_libpep_fails_fast(net):
     require_tool("curl")
-    from preload_helpers import HTTPServer, make_payload, preload_env
-    make_payload(str(tmp_path), "4m.bin", 4 << 20)
-    with net.hosts["far"].enter():
-        http = HTTPServer(str(tmp_path), host=FAR_IP)
+    from preload_helpers import preload_env
+    srv = _far_server(net, _slow_http)
     r = _start_relay(net)
     try:
         env = preload_env(pep=r.addr, no_proxy="")
         proc = subprocess.Popen(
-            net.hosts["relay"].cmd("curl", "-sS", "-o", "/dev/null", "--limit-rate", "500k",
-                                   "--max-time", "30", http.url("/4m.bin")),
+            net.hosts["relay"].cmd("curl", "-sS", "-o", "/dev/null", "--max-time", "30",
+                                   f"http://{srv.addr[0]}:{srv.addr[1]}/big"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert wait_until(lambda: relay_metrics(r, net.hosts["relay"])
-                          .get("pep_relay_bytes_total{direction=\"down\"}", 0) > 200_000, 10)
+                          .get('pep_relay_bytes_total{direction="down"}', 0) > 500_000, 10)
         r.proc.kill()
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=10)
@@ -614,8 +625,10 @@ def test_relay_killed_curl_under_libpep_fails_fast(net, tmp_path):
         assert proc.returncode in (18, 56), (proc.returncode, err)  # partial / recv failure
         assert took < 3, took
     finally:
+        if proc.poll() is None:
+            proc.kill()
         r.kill()
-        http.close()
+        srv.close()
 
 
 def test_sigterm_drains_transfers_in_flight_intact(net, far_echo):
