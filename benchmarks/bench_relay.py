@@ -43,6 +43,19 @@ sys.path.insert(0, ROOT)
 from pepsock.protocol import MessageReader, connect_request  # noqa: E402
 
 LIBPEP = os.path.join(ROOT, "preload", "libpep.so")
+#: The network namespace everything runs in (None: the host).  With root the
+#: benchmark makes one with net.ipv4.tcp_fastopen=3 set inside it, so the
+#: relay serves 0-RTT as deployed; the host's sysctls are never touched.
+NS = None
+
+
+def cmd(argv: list[str]) -> list[str]:
+    return NS.cmd(*argv) if NS is not None else list(argv)
+
+
+def enter():
+    import contextlib
+    return NS.enter() if NS is not None else contextlib.nullcontext()
 MSG_FASTOPEN = getattr(socket, "MSG_FASTOPEN", 0x20000000)
 TCP_FASTOPEN_NO_COOKIE = 34
 
@@ -59,7 +72,8 @@ def wait_port(port: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            with enter():
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.05)
@@ -75,7 +89,7 @@ class Procs:
     def start(self, argv, **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.DEVNULL)
         kw.setdefault("stderr", subprocess.DEVNULL)
-        p = subprocess.Popen(argv, **kw)
+        p = subprocess.Popen(cmd(argv), **kw)
         self.procs.append(p)
         return p
 
@@ -144,8 +158,8 @@ def pep_env(relay_port: int) -> dict:
 
 def iperf(port: int, seconds: float, env=None) -> float:
     """One iperf3 run against a one-shot server; Gbit/s received."""
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                          "-J"], capture_output=True, text=True, env=env,
+    out = subprocess.run(cmd(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
+                              "-J"]), capture_output=True, text=True, env=env,
                          timeout=seconds + 30)
     try:
         data = json.loads(out.stdout)
@@ -206,8 +220,9 @@ http {{
 
 
 def wrk(port: int, seconds: float, env=None) -> tuple[float, str]:
-    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{int(seconds)}s", "-H", "Connection: close",
-                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+    out = subprocess.run(cmd(["wrk", "-t2", "-c64", f"-d{int(seconds)}s", "-H",
+                              "Connection: close", f"http://127.0.0.1:{port}/"]),
+                         capture_output=True, text=True,
                          env=env, timeout=seconds + 60)
     m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
     if not m:
@@ -357,16 +372,25 @@ def bench_idle(procs: Procs, n: int) -> dict:
             "probe_ok": probe_ok}
 
 
-def _probe(rport: int, dest: int) -> bool:
+def _probe(rport: int, dest: int) -> str:
+    """One more tunnel while the others are held: 'ok' or what went wrong."""
     try:
-        s = socket.socket()
+        with enter():
+            s = socket.socket()
+        s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
         s.settimeout(5)
         s.sendto(connect_request("127.0.0.1", dest), MSG_FASTOPEN, ("127.0.0.1", rport))
-        ok = s.recv(4) == b"\x01\x01\x22\x63"
+        reader = MessageReader()
+        while not reader.done:
+            data = s.recv(64)
+            if not data:
+                reader.eof()
+            reader.feed(data)
         s.close()
-        return ok
-    except OSError:
-        return False
+        err = reader.message.error
+        return "ok" if err is None else f"Error {err.code}"
+    except (OSError, ValueError) as e:
+        return f"failed: {e}"
 
 
 # ------------------------------------------------------------------------------------
@@ -387,6 +411,9 @@ def main(argv=None) -> int:
                     help="haproxy threads = relay workers for conn/s")
     ap.add_argument("--relay-args", default="",
                     help="extra relay options for the bulk test, e.g. '--pipe-size 256k'")
+    ap.add_argument("--no-netns", action="store_true",
+                    help="run on the host's loopback even as root (TFO server bit as the "
+                         "host has it)")
     ap.add_argument("--only", choices=["bulk", "conns", "idle"], action="append")
     args = ap.parse_args(argv)
     only = set(args.only or ["bulk", "conns", "idle"])
@@ -395,10 +422,19 @@ def main(argv=None) -> int:
             print(f"missing {tool}: apt-get install {tool}")
             return 2
     libpep = have_libpep()
+    global NS
+    topo = None
+    where = "host loopback (net.ipv4.tcp_fastopen as the host has it)"
+    if os.geteuid() == 0 and not args.no_netns and shutil.which("ip"):
+        from pepsock.testbed.netns import Topology
+        topo = Topology(prefix="rb")
+        NS = topo.host("bench", tfo=3)
+        where = f"loopback of netns {NS.name} (net.ipv4.tcp_fastopen=3 inside it)"
     procs = Procs()
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
     print(f"# bench_relay  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}  "
           f"load={os.getloadavg()[0]:.2f}  kernel={os.uname().release}")
+    print(f"# on {where}; libpep.so: {'yes' if libpep else 'MISSING'}")
     try:
         if "bulk" in only:
             if not libpep:
@@ -435,7 +471,7 @@ def main(argv=None) -> int:
             n = max(1, r["tunnels"])
             print(f"\n## idle tunnels: {r['tunnels']} open, {r['failed']} failed, "
                   f"opened in {r['seconds']:.1f}s, relay alive: {r['alive']}, "
-                  f"new tunnel while held: {'ok' if r['probe_ok'] else 'FAILED'}")
+                  f"new tunnel while held: {r['probe_ok']}")
             print(f"  relay RSS ({r['workers']} workers): {rss0 / 1024:.1f} MiB -> "
                   f"{rss1 / 1024:.1f} MiB = {(rss1 - rss0) * 1024 / n:.0f} bytes/tunnel "
                   "(user space)")
@@ -445,6 +481,8 @@ def main(argv=None) -> int:
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
+        if topo is not None:
+            topo.cleanup()
     return 0
 
 
