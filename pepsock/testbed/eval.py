@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-ALL = ["step", "flows", "spike", "mmwave", "ttfb"]
+ALL = ["step", "bigq", "flows", "spike", "mmwave", "ttfb"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flows", help="numbers of competing flows, e.g. 1,2,4,6,8,10")
     p.add_argument("--r1", type=float, default=10.0, help="client-PEP RTT in ms (default 10)")
     p.add_argument("--r2", type=float, default=40.0, help="PEP-server RTT in ms (default 40)")
-    p.add_argument("--queue", type=int, default=375_000, help="bottleneck bfifo limit in bytes")
+    p.add_argument("--queue", type=int, default=93_750,
+                   help="bottleneck bfifo limit in bytes (default 93750: 75 Mbit/s x 10 ms)")
     p.add_argument("--cc", default="cubic", help="congestion control for every host (default cubic)")
     p.add_argument("--delay-impl", choices=["c", "py"], default="c", help="delay line implementation")
     p.add_argument("--pep-cmd", help="relay command line, {listen} is replaced by ADDR:PORT "
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
             total += plan.reps * modes
         if "flows" in exps:
             total += plan.flows_reps * modes * len(plan.flows)
+        if "bigq" in exps:
+            total += plan.bigq_reps * modes
         if "spike" in exps:
             total += plan.reps * modes
         if "mmwave" in exps:
@@ -118,6 +121,9 @@ def main(argv=None) -> int:
         progress = Progress(total)
         if "step" in exps:
             res["runs"] += runner.exp_transfers("step", runner.step_schedule(), plan.step_bytes, plan.reps, progress)
+        if "bigq" in exps:
+            res["runs"] += runner.exp_transfers("bigq", runner.step_schedule(), plan.step_bytes, plan.bigq_reps,
+                                                progress, queue_bytes=settings.queue_bytes * plan.bigq_factor)
         if "spike" in exps:
             res["runs"] += runner.exp_transfers("spike", spike_outage_schedule(), plan.spike_bytes, plan.reps,
                                                 progress)

@@ -32,7 +32,7 @@ UDP_PORT = 6001
 PEP_PORT = 5124
 CONNECT_PORT = 8888
 SOCKS_PORT = 1080
-GOODPUT_FACTOR = 1448 / 1514      # TCP payload per Ethernet frame (timestamps on), what HTB counts
+GOODPUT_FACTOR = 1448 / 1514      # TCP payload per Ethernet frame (timestamps on), what TBF counts
 
 
 @dataclass
@@ -47,13 +47,15 @@ class Plan:
     mmwave_bytes: int = 35_000_000
     ttfb_reps: int = 20
     calib_seconds: float = 3.0
-    experiments: list[str] = field(default_factory=lambda: ["step", "flows", "spike", "mmwave", "ttfb"])
+    experiments: list[str] = field(default_factory=lambda: ["step", "bigq", "flows", "spike", "mmwave", "ttfb"])
+    bigq_reps: int = 3
+    bigq_factor: int = 4          # "bigq": the step case with a bottleneck queue this many times larger
     trace: str | None = None
     pep_cmd: str | None = None    # override the relay command line (a string, split by shlex)
 
     @classmethod
     def quick_plan(cls) -> "Plan":
-        return cls(quick=True, reps=2, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
+        return cls(quick=True, reps=2, bigq_reps=1, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
                    mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0)
 
 
@@ -203,9 +205,15 @@ class Runner:
             rows.append({"metric": name, "configured": want, "measured": got})
         for rate in (10.0, 75.0):
             self.tb.reset(rate)
+            # Measure the link, not TCP: with the small bottleneck queue one cubic flow cannot
+            # keep a 50 ms path full, so calibrate with a queue of 2 end-to-end BDPs.
+            self.tb.bottleneck.set_queue(max(s.queue_bytes, int(rate * 1e6 / 8 * (s.r1_ms + s.r2_ms) / 1000 * 2)))
             secs = self.plan.calib_seconds
             nbytes = int(rate * 1e6 / 8 * secs)
-            r = self.bulk("e2e", nbytes, 1, start_in=0.3, timeout=secs * 5 + 5)
+            try:
+                r = self.bulk("e2e", nbytes, 1, start_in=0.3, timeout=secs * 5 + 5)
+            finally:
+                self.tb.bottleneck.set_queue(s.queue_bytes)
             f = r["flows"][0]
             bins = [b for t, b in f["bins"]]
             steady = bins[len(bins) // 3: -1] or bins  # skip slow start and the last partial bin
@@ -263,7 +271,7 @@ class Runner:
                 "rate_changes": [(t - start, r) for t, r in tb.bottleneck.changes],
                 "schedule_errors": runner.errors,
                 "flows": res["flows"], "udp": [(q, s - start, r - start) for q, s, r in udp],
-                "queue": tb.bottleneck.stats()}
+                "queue_bytes": tb.bottleneck.queue_bytes, "queue": tb.bottleneck.stats()}
 
     # -- experiments ----------------------------------------------------------------
     def modes(self) -> list[str]:
@@ -273,8 +281,18 @@ class Runner:
         return load(self.plan.trace) if self.plan.trace else step_schedule()
 
     def exp_transfers(self, name: str, schedule: Schedule, nbytes: int, reps: int, progress,
-                      flows_list=(1,), interactive=True) -> list[dict]:
+                      flows_list=(1,), interactive=True, queue_bytes: int | None = None) -> list[dict]:
         out = []
+        if queue_bytes:
+            self.tb.bottleneck.set_queue(queue_bytes)
+        try:
+            self._transfers(out, name, schedule, nbytes, reps, progress, flows_list, interactive)
+        finally:
+            if queue_bytes:
+                self.tb.bottleneck.set_queue(self.tb.s.queue_bytes)
+        return out
+
+    def _transfers(self, out, name, schedule, nbytes, reps, progress, flows_list, interactive) -> None:
         for n in flows_list:
             for rep in range(reps):
                 for mode in self.modes():   # interleaved, so slow drifts hit both alike
@@ -285,7 +303,6 @@ class Runner:
                     except Exception as e:
                         self.notes.append(f"{name} {mode} n={n} rep {rep}: failed: {e!r}")
                     progress.advance()
-        return out
 
     def exp_ttfb(self, progress) -> list[dict]:
         tb, rows = self.tb, []

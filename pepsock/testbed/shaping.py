@@ -1,12 +1,15 @@
-"""Bandwidth: an HTB class with a bfifo leaf on a router's egress, rate changed
-over netlink (pyroute2) on a schedule, so nothing forks per change.
+"""Bandwidth: a TBF with a bfifo child on a router's egress, its rate changed over
+netlink (pyroute2) on a schedule, so nothing forks per change.
 
-    root 1: htb default 1
-      class 1:1 htb rate R ceil R          <- the rate, changed on schedule
-        qdisc 10: bfifo limit Q bytes      <- the bottleneck queue, fixed in bytes
+    root 1: tbf rate R burst B limit Q     <- the rate, changed on schedule
+      qdisc 10: bfifo limit Q bytes        <- the bottleneck queue, fixed in bytes
 
-HTB cannot do a rate of 0; an outage is `OUTAGE_BPS` (one 1514-byte frame every
-~1.5 s), which is as good as nothing for a TCP flow.
+Why TBF and not HTB: changing an HTB class's rate keeps its token deficit and its
+wake-up time, so after an outage (a very low rate) the class stays asleep for as
+long as one packet took at the low rate (1.5 s at 8 kbit/s): a testbed artefact.
+tbf_change() refills the bucket on every change, so a new rate applies at once.
+A TBF cannot do 0 bit/s; an outage is `OUTAGE_BPS`, with the bucket at one
+frame: at most one packet leaves when the outage starts, then one per ~1.5 s.
 """
 from __future__ import annotations
 
@@ -19,23 +22,19 @@ OUTAGE_BPS = 8_000
 
 
 def _burst(rate_bps: float) -> int:
-    # ~1 ms worth of bytes, at least two full frames: precise at 75 Mbit/s, no stalls at low rates.
-    return max(2 * 1600, int(rate_bps / 8 / 1000))
+    # ~1 ms worth of bytes, at least one full frame: precise at 75 Mbit/s, no stalls at low rates.
+    return max(1600, int(rate_bps / 8 / 1000))
 
 
 class Shaper:
-    """HTB + bfifo on `ifname` inside `host`'s namespace."""
+    """TBF + bfifo on `ifname` inside `host`'s namespace."""
 
     def __init__(self, host, ifname: str, rate_bps: float, queue_bytes: int):
         self.host, self.ifname, self.queue_bytes = host, ifname, int(queue_bytes)
         rate = max(OUTAGE_BPS, int(rate_bps))
-        b = _burst(rate)
-        host.run("tc", "qdisc", "replace", "dev", ifname, "root", "handle", "1:", "htb",
-                 "default", "1")
-        host.run("tc", "class", "add", "dev", ifname, "parent", "1:", "classid", "1:1", "htb",
-                 "rate", f"{rate}bit", "ceil", f"{rate}bit", "burst", str(b), "cburst", str(b),
-                 "quantum", "1514")
-        host.run("tc", "qdisc", "add", "dev", ifname, "parent", "1:1", "handle", "10:", "bfifo",
+        host.run("tc", "qdisc", "replace", "dev", ifname, "root", "handle", "1:", "tbf",
+                 "rate", f"{rate}bit", "burst", str(_burst(rate)), "limit", str(self.queue_bytes))
+        host.run("tc", "qdisc", "replace", "dev", ifname, "parent", "1:1", "handle", "10:", "bfifo",
                  "limit", str(self.queue_bytes))
         self.rate_bps = rate
         self._local = threading.local()
@@ -59,16 +58,21 @@ class Shaper:
         b = _burst(rate)
         with self._lock, self.host.enter():
             ipr, idx = self._netlink()
-            ipr.tc("change-class", "htb", idx, handle=0x10001, parent=0x10000,
-                   rate=f"{rate}bit", ceil=f"{rate}bit", burst=b, cburst=b, quantum=1514)
+            # limit = our bfifo's limit: tbf_change() passes it on to the child unchanged
+            ipr.tc("change", "tbf", idx, handle=0x10000, rate=f"{rate}bit", burst=b,
+                   limit=self.queue_bytes)
             self.rate_bps = rate
             self.changes.append((time.monotonic(), float(rate_bps)))
 
     def set_queue(self, queue_bytes: int) -> None:
         """New bfifo limit (one `tc` call; used between runs, not on a schedule)."""
-        self.host.run("tc", "qdisc", "change", "dev", self.ifname, "parent", "1:1", "handle", "10:",
-                      "bfifo", "limit", str(int(queue_bytes)))
-        self.queue_bytes = int(queue_bytes)
+        with self._lock:
+            self.queue_bytes = int(queue_bytes)
+            self.host.run("tc", "qdisc", "change", "dev", self.ifname, "root", "handle", "1:", "tbf",
+                          "rate", f"{self.rate_bps}bit", "burst", str(_burst(self.rate_bps)),
+                          "limit", str(self.queue_bytes))
+            self.host.run("tc", "qdisc", "change", "dev", self.ifname, "parent", "1:1", "handle", "10:",
+                          "bfifo", "limit", str(self.queue_bytes))
 
     def stats(self) -> dict:
         """Counters of the bottleneck queue (sent bytes/packets, drops, backlog)."""

@@ -4,9 +4,9 @@
     192.0.2.10      192.0.2.1|.129   .130|198.51.100.2   .1|203.0.113.1   203.0.113.10
 
 * wrouter: delay line (one-way D_w each way, so R1 = client-PEP RTT = 2 D_w) and
-  the bottleneck: HTB + bfifo on its egress towards the client (downlink),
+  the bottleneck: TBF + bfifo on its egress towards the client (downlink),
   rate changed on a schedule.
-* drouter: delay line (R2 = PEP-server RTT = 2 D_d) and HTB + bfifo at the wired
+* drouter: delay line (R2 = PEP-server RTT = 2 D_d) and TBF + bfifo at the wired
   rate on its egress towards the PEP.
 * every namespace: congestion control pinned, TFO on (3), no metrics cache,
   TSO/GSO/GRO off on every veth.  IPv6 (2001:db8::/32) is configured alongside.
@@ -43,7 +43,8 @@ class Settings:
     r2_ms: float = 40.0             # PEP-server RTT (wired side)
     wireless_mbit: float = 10.0     # starting rate of the bottleneck (then the schedule)
     wired_mbit: float = 100.0
-    queue_bytes: int = 375_000      # bottleneck bfifo: 40 ms at 75 Mbit/s, 300 ms at 10 Mbit/s
+    queue_bytes: int = 93_750       # bottleneck bfifo: 1 BDP of the wireless hop (75 Mbit/s x R1 10 ms);
+                                    # 10 ms at 75 Mbit/s, 75 ms at 10 Mbit/s ("small buffers")
     wired_queue_bytes: int = 1_000_000
     cc: str = "cubic"
     tfo: int = 3
@@ -52,6 +53,8 @@ class Settings:
 
 class Testbed:
     """Builds the chain; `close()` (or the context manager) removes everything."""
+
+    __test__ = False   # not a pytest class
 
     def __init__(self, settings: Settings | None = None, prefix: str = "ev"):
         self.s = settings or Settings()

@@ -7,7 +7,7 @@
   until the next line, the last one holds for ever.  `#` starts a comment.
 
 Both become a `Schedule` (piecewise-constant rate, optionally periodic), which
-`shaping.ScheduleRunner` applies to an HTB class.  A mahimahi trace is binned
+`shaping.ScheduleRunner` applies to the bottleneck TBF.  A mahimahi trace is binned
 (100 ms by default) into the rate it delivers in each bin.
 
 `python -m pepsock.testbed.traces` regenerates the shipped traces in traces/.

@@ -1,0 +1,153 @@
+"""The evaluation testbed on real namespaces: delay lines, shaping, teardown, a smoke run.
+
+Needs root (namespaces, TUN, tc).  Bounded: the whole file takes about a minute.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_root, require_tool
+
+from pepsock.testbed import procs
+from pepsock.testbed.shaping import ScheduleRunner
+from pepsock.testbed.topology import ADDR, ADDR6, Settings, Testbed, leftover_namespaces
+from pepsock.testbed.traces import Schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ping(host, dst, count=8):
+    p = procs.agent(host, "ping", dst, "--count", count, "--interval", 0.05)
+    rtts = sorted(procs.result(p, 30)["rtts_ms"])
+    assert len(rtts) >= count - 1, f"lost pings to {dst}"
+    return rtts[len(rtts) // 2]
+
+
+@pytest.fixture
+def testbed():
+    require_root()
+    require_tool("cc")
+    tb = Testbed(Settings(r1_ms=20, r2_ms=60, wireless_mbit=20), prefix="evt")
+    yield tb
+    tb.close()
+
+
+def test_delay_lines_delay_by_d(testbed):
+    """Each delay line adds its RTT (both directions), v4 and v6, within 2 ms + 5%."""
+    for src, dst, want in ((testbed.client, ADDR["pep_w"], 20), (testbed.pep, ADDR["server"], 60),
+                           (testbed.client, ADDR["server"], 80), (testbed.client, ADDR6["server"], 80)):
+        got = ping(src, dst)
+        assert want <= got <= want * 1.05 + 2, f"{src.name} -> {dst}: {got:.2f} ms, configured {want}"
+    # and a TCP handshake costs the same round trip (the delay line is not ICMP-only)
+    srv = procs.agent(testbed.server, "server", "--port", 5001)
+    procs.wait_ready(srv)
+    p = procs.agent(testbed.client, "ttfb", "--server", f"{ADDR['server']}:5001", "--mode", "direct",
+                    "--reps", 3, "--warmup", 1)
+    r = procs.result(p, 30)["results"]
+    procs.stop(srv)
+    ttfbs = sorted(x["ttfb_ms"] for x in r)
+    assert 160 <= ttfbs[1] <= 160 * 1.05 + 5, ttfbs     # handshake + request: 2 x (R1 + R2)
+
+
+def test_shaper_limits_rate_and_follows_schedule(testbed):
+    """20 Mbit/s, then 5 Mbit/s from 2.5 s on: goodput in each phase within 10% of rate x 1448/1514."""
+    srv = procs.agent(testbed.server, "server", "--port", 5001, "--cc", "cubic")
+    procs.wait_ready(srv)
+    testbed.bottleneck.set_rate(20e6)
+    start = time.monotonic() + 0.8
+    sched = Schedule([(0.0, 20e6), (2.5, 5e6)])
+    runner = ScheduleRunner(testbed.bottleneck, sched, 10).start(t0=start)
+    nbytes = int(20e6 / 8 * 2.5 + 5e6 / 8 * 1.5)
+    p = procs.agent(testbed.client, "bulk", "--server", f"{ADDR['server']}:5001", "--bytes", nbytes,
+                    "--start-at", repr(start), "--timeout", 20, "--cc", "cubic")
+    res = procs.result(p, 40)
+    runner.stop()
+    procs.stop(srv)
+    assert not runner.errors
+    f = res["flows"][0]
+    assert f["complete"], f
+    bins = dict(f["bins"])
+    before = [bins.get(b, 0) for b in range(10, 24)]          # 1.0-2.4 s: after slow start
+    after = [bins.get(b, 0) for b in range(30, int(f["t_end"] * 10) - 1)]   # once the queue drained
+    g1 = sum(before) * 8 / (len(before) * 0.1) / 1e6
+    g2 = sum(after) * 8 / (len(after) * 0.1) / 1e6
+    k = 1448 / 1514
+    assert abs(g1 - 20 * k) <= 2 * k, f"phase 1 goodput {g1:.2f} Mbit/s"
+    assert abs(g2 - 5 * k) <= 0.5 * k, f"phase 2 goodput {g2:.2f} Mbit/s"
+    # the change was applied on time (netlink, no fork)
+    applied = [t - start for t, r in testbed.bottleneck.changes if r == 5e6]
+    assert applied and 2.5 <= applied[0] <= 2.6
+
+
+def test_teardown_leaves_nothing():
+    require_root()
+    require_tool("cc")
+    allowed = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
+    with open(allowed) as f:
+        allowed_before = f.read().split()
+    tb = Testbed(prefix="evx")
+    tag = tb.topo.tag
+    assert len(leftover_namespaces(tag)) == 5
+    tb.close()
+    assert leftover_namespaces(tag) == []
+    # the host-wide allowed congestion control list is back as it was
+    with open(allowed) as f:
+        assert f.read().split() == allowed_before
+
+
+def _eval(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "pepsock.testbed.eval", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_ctrl_c_tears_down(tmp_path):
+    require_root()
+    require_tool("cc")
+    before = set(leftover_namespaces("ev"))
+    p = _eval(["--experiments", "ttfb", "--ttfb-reps", "50", "--out", str(tmp_path)])
+    deadline = time.monotonic() + 30
+    new = set()
+    while time.monotonic() < deadline and len(new) < 5:
+        time.sleep(0.2)
+        new = set(leftover_namespaces("ev")) - before
+    assert len(new) >= 5, "eval did not build its namespaces"
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err[-2000:]
+    assert not (set(leftover_namespaces("ev")) & new), "namespaces left behind after Ctrl-C"
+
+
+def test_smoke_quick_run(tmp_path):
+    """A tiny run of the main experiment and the TTFB table: the report and its files appear,
+    calibration is within tolerance, and the numbers are sane."""
+    require_root()
+    require_tool("cc")
+    from pepsock.testbed import eval as ev
+    rc = ev.main(["--quick", "--experiments", "step,ttfb", "--reps", "1", "--ttfb-reps", "3",
+                  "--step-bytes", "6000000", "--out", str(tmp_path)])
+    assert rc == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "## Calibration" in text and "## Time to first byte" in text
+    for name in ("calibration.csv", "flows.csv", "goodput.csv", "interactive.csv", "ttfb.csv",
+                 "timeline_step.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    import json
+    res = json.loads((tmp_path / "results.json").read_text())
+    for row in res["calibration"]:
+        if isinstance(row["ok"], bool):
+            assert row["ok"], row
+    runs = [r for r in res["runs"] if r["experiment"] == "step"]
+    assert runs and all(f["complete"] for r in runs for f in r["flows"])
+    e2e = [r for r in runs if r["mode"] == "e2e"][0]
+    # the step took place during the transfer (10 -> 75 Mbit/s at 4 s)
+    assert [round(r / 1e6) for _, r in e2e["rate_changes"]] == [10, 75]
+    assert e2e["udp"], "the interactive flow delivered nothing"
+    ttfb = {r["mode"]: r["ttfb_ms"] for r in res["ttfb"] if r["ttfb_ms"]}
+    assert ttfb["tfo"] < ttfb["direct"]
