@@ -340,6 +340,8 @@ def compile_c(src: str, out: str, *flags: str) -> str:
     c = out + ".c"
     with open(c, "w") as f:
         f.write(src)
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", out, c, *flags, "-lpthread"],
-                   check=True, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", out, c, *flags, "-lpthread"],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gcc failed:\n{proc.stderr}")
     return out

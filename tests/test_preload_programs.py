@@ -552,3 +552,49 @@ def test_chain_ipv6_pep_and_ipv4_destination(chain, lib):
     assert lines[1] == "ENETUNREACH", p.stdout + p.stderr
     assert "no IPv4 address" in p.stderr
     assert len(conv[6].seen) == before + 1 and conv[6].seen[before].syn_data
+
+
+# ------------------------------------------------------------------ sanitizers
+
+def test_asan_ubsan_build_under_real_programs(lo, tmp_path):
+    """libpep-asan.so (ASan + UBSan) under Python's urllib (split reply), a
+    Python client meeting Error 96, and the threaded C client: no sanitizer
+    report, same results. (curl and wget hang in setlocale() with the ASan
+    runtime preloaded, with or without libpep, so they are not used here.)"""
+    lib = ph.build("libpep-asan.so")
+    env_extra = {"ASAN_OPTIONS": "detect_leaks=0:verify_asan_link_order=0:halt_on_error=1",
+                 "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+    preload = f"{ph.asan_runtime()} {lib}"
+    exe = ph.compile_c(THREADS_C, str(tmp_path / "threads"))
+    reports = []
+    with converter(lo, split=2, split_delay=0.01) as conv:
+        env = ph.preload_env(conv.address, preload, **env_extra)
+        p = pyrun(lo, f"""
+            import hashlib, urllib.request
+            data = urllib.request.urlopen("{lo.http[4].url('/1m.bin')}", timeout=20).read()
+            print(hashlib.sha256(data).hexdigest())
+            """, env)
+        reports.append(p.stderr)
+        import hashlib
+        assert p.stdout.strip() == hashlib.sha256(lo.payload).hexdigest(), p.stderr[-3000:]
+        assert len(conv.seen) == 1
+    with converter(lo, error=(96, b"")) as conv:
+        env = ph.preload_env(conv.address, preload, **env_extra)
+        p = pyrun(lo, f"""
+            import socket
+            s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
+            try:
+                s.recv(10)
+            except ConnectionRefusedError:
+                print("refused")
+            """, env)
+        reports.append(p.stderr)
+        assert p.stdout.strip() == "refused", p.stderr[-3000:]
+    with _echo(lo) as echo, converter(lo) as conv:
+        env = ph.preload_env(conv.address, preload, **env_extra)
+        p = run(lo, [exe, str(echo.address[1])], env)
+        reports.append(p.stderr)
+        assert p.stdout.strip() == "OK", p.stderr[-3000:]
+        assert len(conv.seen) == 40
+    for text in reports:
+        assert "AddressSanitizer" not in text and "runtime error" not in text, text
