@@ -444,6 +444,8 @@ class Tunnel:
         if self.state == DONE:
             return
         self.state = DONE
+        if self.up is not None:
+            self.up.peer = self.down.peer = None   # no cycles: refcounting frees us
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
