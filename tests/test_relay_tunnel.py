@@ -237,3 +237,40 @@ def test_tunnel_log_line(echo_server):
     assert f"dest={host}:{port}" in line
     assert "up=5 down=5" in line
     assert "duration=" in line
+
+
+def test_per_side_congestion_control_and_buffers():
+    """--client-cc/--server-cc and per-side buffers land on the right sockets
+    (read back with `ss -tim` on the relay's two sockets of one tunnel)."""
+    import shutil
+    import subprocess
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2)")
+    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+        avail = f.read().split()
+    if not {"reno", "cubic"} <= set(avail):
+        pytest.skip(f"needs reno and cubic, have {avail}")
+    with Server(echo) as srv, Relay("--listen", "127.0.0.1:0", *ALLOW_LO,
+                                    "--client-cc", "reno", "--server-cc", "cubic",
+                                    "--client-rcvbuf", "256k", "--server-sndbuf", "512k") as r:
+        s = convert_open(r.addr, srv.addr)
+        read_reply(s)
+        rport, sport = r.addr[1], srv.addr[1]
+        # The relay's socket toward the client has local port rport; its socket
+        # toward the server has remote port sport (the echo server's own socket
+        # has local port sport, filtered out by dport).
+        client_side = subprocess.run(["ss", "-Htinm", "state", "established",
+                                      f"( sport = :{rport} )"],
+                                     capture_output=True, text=True, timeout=10).stdout
+        server_side = subprocess.run(["ss", "-Htinm", "state", "established",
+                                      f"( dport = :{sport} )"],
+                                     capture_output=True, text=True, timeout=10).stdout
+        s.close()
+    assert "reno" in client_side.split(), client_side
+    assert "cubic" in server_side.split(), server_side
+    # SO_RCVBUF/SO_SNDBUF are doubled by the kernel: rb / tb in skmem.
+    import re
+    rb = int(re.search(r"skmem:\(r\d+,rb(\d+)", client_side).group(1))
+    tb = int(re.search(r",tb(\d+)", server_side).group(1))
+    assert rb == 2 * 256 * 1024
+    assert tb == 2 * 512 * 1024
