@@ -317,12 +317,16 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _mem_available_kb() -> int:
+def _meminfo_kb(key: str = "MemAvailable") -> int:
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _mem_available_kb() -> int:
+    return _meminfo_kb("MemAvailable")
 
 
 def bench_idle(procs: Procs, n: int) -> dict:
@@ -342,6 +346,7 @@ def bench_idle(procs: Procs, n: int) -> dict:
     wpids = _children(relay.pid)
     rss0 = sum(_rss_kb(p) for p in [relay.pid, *wpids])
     avail0 = _mem_available_kb()
+    slab0 = _meminfo_kb("Slab")
     t0 = time.monotonic()
     clients = [procs.start([sys.executable, __file__, "_clients", str(rport), str(dest),
                             str(n // parts + (1 if i < n % parts else 0))],
@@ -358,6 +363,7 @@ def bench_idle(procs: Procs, n: int) -> dict:
     time.sleep(1.0)
     rss1 = sum(_rss_kb(p) for p in [relay.pid, *wpids])
     avail1 = _mem_available_kb()
+    slab1 = _meminfo_kb("Slab")
     alive = relay.poll() is None and all(_rss_kb(p) for p in wpids)
     # Still usable with all of them open?
     probe_ok = _probe(rport, dest)
@@ -368,7 +374,7 @@ def bench_idle(procs: Procs, n: int) -> dict:
     for h in holders:
         procs.stop(h)
     return {"tunnels": opened, "failed": failed, "seconds": took, "workers": workers,
-            "relay_rss_kb": (rss0, rss1), "avail_kb": (avail0, avail1), "alive": alive,
+            "relay_rss_kb": (rss0, rss1), "avail_kb": (avail0, avail1), "slab_kb": (slab0, slab1), "alive": alive,
             "probe_ok": probe_ok}
 
 
@@ -475,6 +481,10 @@ def main(argv=None) -> int:
             print(f"  relay RSS ({r['workers']} workers): {rss0 / 1024:.1f} MiB -> "
                   f"{rss1 / 1024:.1f} MiB = {(rss1 - rss0) * 1024 / n:.0f} bytes/tunnel "
                   "(user space)")
+            s0, s1 = r["slab_kb"]
+            print(f"  kernel Slab growth: {(s1 - s0) / 1024:.1f} MiB = {(s1 - s0) * 1024 / n:.0f} "
+                  "bytes/tunnel for the 4 sockets of a tunnel's path (client, relay x2, "
+                  "server); the relay's share is about half")
             print(f"  machine MemAvailable drop: {(a0 - a1) / 1024:.1f} MiB = "
                   f"{(a0 - a1) * 1024 / n:.0f} bytes/tunnel (upper bound: includes kernel "
                   "sockets at all 4 ends and the test client/server processes)")
