@@ -598,3 +598,86 @@ def test_asan_ubsan_build_under_real_programs(lo, tmp_path):
         assert len(conv.seen) == 40
     for text in reports:
         assert "AddressSanitizer" not in text and "runtime error" not in text, text
+
+
+# ------------------------------------------------------------------ the real relay
+
+@pytest.fixture
+def relay(lo):
+    """`pep relay` (pepsock/relay, written independently of libpep) in the lo namespace."""
+    proc = lo.popen(sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
+                    "--allow-dest", "127.0.0.0/8", stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True, cwd=ph.REPO)
+    try:
+        import select
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        line = proc.stdout.readline() if ready else ""
+        if not line.startswith("listening on "):
+            pytest.skip(f"pep relay did not start: {line!r}")
+        host, _, port = line.split()[-1].rpartition(":")
+        yield (host, int(port))
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_through_pep_relay(lo, lib, relay, tmp_path):
+    curl, wget = require_tool("curl"), require_tool("wget")
+    env = ph.preload_env(relay, lib)
+    p = run(lo, [curl, "-sS", "--max-time", "20", "-o", str(tmp_path / "c"), "-w",
+                 "%{remote_port}", lo.http[4].url("/1m.bin")], env)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "c").read_bytes() == lo.payload
+    assert p.stdout.strip() == str(lo.http[4].address[1])
+    p = run(lo, [wget, "-q", "--tries=1", "--timeout=20", "-O", str(tmp_path / "w"),
+                 lo.http[4].url("/1m.bin")], env)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "w").read_bytes() == lo.payload
+    # a closed port behind the relay: Error 96, curl says so
+    with _echo(lo) as gone:
+        port = gone.address[1]
+    p = run(lo, [curl, "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/"], env)
+    assert p.returncode != 0 and "Connection refused" in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------ reaching the PEP
+
+def test_pep_not_listening_gives_the_kernel_errno(lo, lib):
+    with _echo(lo) as gone:
+        dead = gone.address
+    p = pyrun(lo, f"""
+        import errno, socket
+        for blocking in (True, False):
+            s = socket.socket()
+            s.setblocking(blocking)
+            try:
+                s.connect(("127.0.0.1", {lo.http[4].address[1]}))
+            except BlockingIOError:
+                import select
+                select.select([], [s], [], 5)
+                print(errno.errorcode[s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)])
+            except OSError as e:
+                print(errno.errorcode[e.errno])
+        """, ph.preload_env(dead, lib))
+    assert p.stdout.split() == ["ECONNREFUSED", "ECONNREFUSED"], p.stdout + p.stderr
+
+
+def test_blocking_connect_honours_so_sndtimeo(chain, lib):
+    """A PEP that never answers (no such host on the client's link): a
+    blocking connect with SO_SNDTIMEO 0.3 s returns EINPROGRESS after about
+    0.3 s, as the kernel's own connect() does."""
+    client = chain[0]
+    p = pyrun(client, """
+        import errno, socket, struct, time
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 300000))
+        t = time.monotonic()
+        try:
+            s.connect(("198.51.100.3", 80))
+            print("connected")
+        except OSError as e:
+            print(errno.errorcode[e.errno], round(time.monotonic() - t, 1))
+        """, ph.preload_env(("192.0.2.99", 3128), lib, no_proxy=None))
+    words = p.stdout.split()
+    assert words and words[0] == "EINPROGRESS", p.stdout + p.stderr
+    assert 0.2 <= float(words[1]) <= 1.5
