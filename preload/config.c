@@ -408,9 +408,17 @@ int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *nopr
     return 0;
 }
 
+static pthread_mutex_t resolve_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void resolve_lock_child(void)
+{
+    pthread_mutex_init(&resolve_lock, NULL);
+}
+
 void pep_config_load(void)
 {
     char err[300];
+    pthread_atfork(NULL, NULL, resolve_lock_child);
     if (pep_config_parse(&pep_cfg, getenv("PEP_PROXY"), getenv("PEP_NO_PROXY"),
                          getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err)) {
         int level = pep_cfg.level;
@@ -426,7 +434,6 @@ void pep_config_load(void)
 
 /* ---- resolution --------------------------------------------------------- */
 
-static pthread_mutex_t resolve_lock = PTHREAD_MUTEX_INITIALIZER;
 static int resolved;
 static struct pep_addrs addrs;
 

@@ -77,6 +77,12 @@ static struct {
                    const sigset_t *);
     int (*epoll_wait)(int, struct epoll_event *, int, int);
     int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+    int (*epoll_pwait2)(int, struct epoll_event *, int, const struct timespec *,
+                        const sigset_t *);
+    int (*poll_chk)(struct pollfd *, nfds_t, int, size_t);
+    int (*ppoll_chk)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *, size_t);
+    int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
+    int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
 } real;
 
 static int ready;
@@ -120,6 +126,11 @@ static void init_real(void)
     BIND(pselect);
     BIND(epoll_wait);
     BIND(epoll_pwait);
+    BIND(epoll_pwait2);
+    BIND_AS(poll_chk, "__poll_chk");
+    BIND_AS(ppoll_chk, "__ppoll_chk");
+    BIND(recvmmsg);
+    BIND(sendmmsg);
     if (!real.fcntl64)
         real.fcntl64 = real.fcntl;
     pep_config_load();
@@ -846,6 +857,16 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
     return real.recvmsg(fd, msg, flags);
 }
 
+EXPORT int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, struct timespec *ts)
+{
+    BEFORE_READ(fd, flags & MSG_DONTWAIT);
+    if (!real.recvmmsg) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real.recvmmsg(fd, v, n, flags, ts);
+}
+
 /* ---- writes: header first, errors delivered ---------------------------- */
 
 #define BEFORE_WRITE(fd, dontwait)                                  \
@@ -935,6 +956,18 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     return r;
 }
 
+EXPORT int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
+{
+    BEFORE_WRITE(fd, flags & MSG_DONTWAIT);
+    if (!real.sendmmsg) {
+        errno = ENOSYS;
+        return -1;
+    }
+    int r = real.sendmmsg(fd, v, n, flags);
+    AFTER_WRITE(fd, r);
+    return r;
+}
+
 /* ---- what the program asks about the socket ---------------------------- */
 
 EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
@@ -1019,4 +1052,31 @@ EXPORT int epoll_pwait(int epfd, struct epoll_event *ev, int max, int timeout,
     INIT();
     flush_sending();
     return real.epoll_pwait(epfd, ev, max, timeout, mask);
+}
+
+EXPORT int epoll_pwait2(int epfd, struct epoll_event *ev, int max, const struct timespec *ts,
+                        const sigset_t *mask)
+{
+    INIT();
+    flush_sending();
+    if (!real.epoll_pwait2) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real.epoll_pwait2(epfd, ev, max, ts, mask);
+}
+
+EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen)
+{
+    INIT();
+    flush_sending();
+    return real.poll_chk(fds, n, timeout, fdslen);
+}
+
+EXPORT int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *ts,
+                       const sigset_t *mask, size_t fdslen)
+{
+    INIT();
+    flush_sending();
+    return real.ppoll_chk(fds, n, ts, mask, fdslen);
 }
