@@ -681,3 +681,97 @@ def test_blocking_connect_honours_so_sndtimeo(chain, lib):
     words = p.stdout.split()
     assert words and words[0] == "EINPROGRESS", p.stdout + p.stderr
     assert 0.2 <= float(words[1]) <= 1.5
+
+
+READPATHS_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+extern ssize_t __read_chk(int, void *, size_t, size_t);
+extern ssize_t __recv_chk(int, void *, size_t, size_t, int);
+extern ssize_t __recvfrom_chk(int, void *, size_t, size_t, int, struct sockaddr *, socklen_t *);
+/* Connect through the PEP to a server that greets with "hello", read the
+ * greeting with one read path, print what came. */
+int main(int argc, char **argv) {
+    const char *how = argv[2];
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(atoi(argv[1]));
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa)) { perror("connect"); return 1; }
+    if (!strcmp(how, "dupfd")) {           /* read through an F_DUPFD copy */
+        int d = fcntl(fd, F_DUPFD_CLOEXEC, 300);
+        close(fd);
+        fd = d;
+        how = "read";
+    }
+    char buf[64] = {0};
+    ssize_t n = -1;
+    struct iovec iov[2] = {{buf, 2}, {buf + 2, 30}};
+    struct msghdr mh = {0};
+    mh.msg_iov = iov;
+    mh.msg_iovlen = 2;
+    struct mmsghdr mm = {0};
+    mm.msg_hdr = mh;
+    while (n < 5) {                         /* until the whole greeting is in */
+        ssize_t r;
+        char *at = buf + (n < 0 ? 0 : n);
+        size_t room = 32 - (n < 0 ? 0 : n);
+        if (!strcmp(how, "read")) r = read(fd, at, room);
+        else if (!strcmp(how, "read_chk")) r = __read_chk(fd, at, room, room);
+        else if (!strcmp(how, "recv")) r = recv(fd, at, room, 0);
+        else if (!strcmp(how, "recv_chk")) r = __recv_chk(fd, at, room, room, 0);
+        else if (!strcmp(how, "recvfrom")) r = recvfrom(fd, at, room, 0, NULL, NULL);
+        else if (!strcmp(how, "recvfrom_chk")) r = __recvfrom_chk(fd, at, room, room, 0, NULL, NULL);
+        else if (!strcmp(how, "readv")) { iov[0].iov_base = at; iov[1].iov_base = at + 2; iov[1].iov_len = room - 2; r = readv(fd, iov, 2); }
+        else if (!strcmp(how, "recvmsg")) { iov[0].iov_base = at; iov[1].iov_base = at + 2; iov[1].iov_len = room - 2; r = recvmsg(fd, &mh, 0); }
+        else if (!strcmp(how, "recvmmsg")) { iov[0].iov_base = at; iov[1].iov_base = at + 2; iov[1].iov_len = room - 2; mm.msg_hdr = mh; r = recvmmsg(fd, &mm, 1, 0, NULL) == 1 ? (ssize_t)mm.msg_len : -1; }
+        else if (!strcmp(how, "peek")) { r = recv(fd, at, room, MSG_PEEK); if (r >= 5) { n = r; break; } }
+        else return 2;
+        if (r <= 0) { perror("read path"); return 1; }
+        n = (n < 0 ? 0 : n) + r;
+    }
+    printf("%.*s\n", (int)n, buf);
+    return 0;
+}
+"""
+
+
+def test_every_read_path_strips_the_reply(lo, lib, tmp_path):
+    exe = ph.compile_c(READPATHS_C, str(tmp_path / "readpaths"))
+    paths = ["read", "read_chk", "recv", "recv_chk", "recvfrom", "recvfrom_chk", "readv",
+             "recvmsg", "recvmmsg", "peek", "dupfd"]
+    with _echo(lo, greeting=b"hello") as echo, converter(lo, split=2, split_delay=0.005,
+                                                         reply_tlvs=_tlvs()) as conv:
+        for how in paths:
+            p = run(lo, [exe, str(echo.address[1]), how], ph.preload_env(conv.address, lib))
+            assert (p.returncode, p.stdout.strip()) == (0, "hello"), (how, p.stdout, p.stderr)
+        assert len(conv.seen) == len(paths)
+
+
+def _tlvs():
+    from pepsock import protocol
+    return (protocol.Cookie(b"12345678"),)
+
+
+def test_error_on_a_write_first(lo, lib):
+    with converter(lo, error=(32, b"")) as conv:
+        p = pyrun(lo, f"""
+            import errno, socket, time
+            s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
+            time.sleep(0.3)   # the Error TLV is in before the program writes
+            try:
+                s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+                print("sent")
+            except OSError as e:
+                print(type(e).__name__, errno.errorcode[e.errno])
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.strip() == "PermissionError EACCES", p.stdout + p.stderr
