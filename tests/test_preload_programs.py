@@ -775,3 +775,71 @@ def test_error_on_a_write_first(lo, lib):
                 print(type(e).__name__, errno.errorcode[e.errno])
             """, ph.preload_env(conv.address, lib))
         assert p.stdout.strip() == "PermissionError EACCES", p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("build", ["libpep.so", "libpep-asan.so"])
+@pytest.mark.parametrize("raw,expect", [
+    (b"\x01\xff\x22\x63" + b"\x00" * 10, "EPROTO"),            # truncated, then EOF
+    (b"\x01\x03\x22\x63\x1e\x05\x60\x00" + b"\x00" * 4, "EPROTO"),  # TLV runs past the end
+    (b"\x09\x01\x22\x63", "EPROTO"),                          # version 9
+    (b"\x01\x01\x22\x64", "EPROTO"),                          # bad magic
+    (b"\x01\x00\x22\x63", "EPROTO"),                          # Total Length 0
+    (b"\x01\x02\x22\x63\x1e\x01\xc8\x00", "EPROTO"),          # unknown error code 200
+    (b"\x01\x02\x22\x63\x1e\x01\x61\x00", "ENETUNREACH"),     # 97, ICMP net unreachable
+    (b"\x01\x03\x22\x63\x42\x02\xde\xad\xbe\xef\x00\x00", "EOF"),  # unknown TLV: accepted
+    (b"", "EPROTO"),                                          # closed without a reply
+])
+def test_hostile_replies(lo, raw, expect, build):
+    lib = ph.build(build)
+    preload = f"{ph.asan_runtime()} {lib}" if "asan" in build else lib
+    with converter(lo, raw_reply=raw) as conv:
+        p = pyrun(lo, f"""
+            import errno, socket
+            s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
+            try:
+                data = s.recv(100)
+                print("EOF" if data == b"" else data)
+            except OSError as e:
+                print(errno.errorcode[e.errno])
+            """, ph.preload_env(conv.address, preload,
+                                ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0"))
+        assert p.stdout.strip() == expect, p.stdout + p.stderr[-2000:]
+        assert "AddressSanitizer" not in p.stderr and "runtime error" not in p.stderr
+
+
+REUSE_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+/* A proxied socket closed behind libpep's back (raw syscall), its fd number
+ * reused by a pipe: reads on the pipe must be the pipe's bytes. */
+int main(int argc, char **argv) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(atoi(argv[1]));
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa)) { perror("connect"); return 1; }
+    syscall(SYS_close, fd);
+    int p[2];
+    if (pipe(p)) return 1;
+    if (p[0] != fd && dup2(p[0], fd) < 0) return 1;
+    if (write(p[1], "pipe!", 5) != 5) return 1;
+    char buf[16] = {0};
+    ssize_t n = read(fd, buf, sizeof buf);
+    printf("%zd %.*s\n", n, (int)(n > 0 ? n : 0), buf);
+    return 0;
+}
+"""
+
+
+def test_fd_closed_behind_our_back_and_reused(lo, lib, tmp_path):
+    exe = ph.compile_c(REUSE_C, str(tmp_path / "reuse"))
+    with _echo(lo) as echo, converter(lo) as conv:
+        p = run(lo, [exe, str(echo.address[1])], ph.preload_env(conv.address, lib))
+        assert p.stdout.strip() == "5 pipe!", p.stdout + p.stderr
