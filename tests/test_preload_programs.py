@@ -843,3 +843,23 @@ def test_fd_closed_behind_our_back_and_reused(lo, lib, tmp_path):
     with _echo(lo) as echo, converter(lo) as conv:
         p = run(lo, [exe, str(echo.address[1])], ph.preload_env(conv.address, lib))
         assert p.stdout.strip() == "5 pipe!", p.stdout + p.stderr
+
+
+def test_python_asyncio_epoll_client(lo, lib):
+    """asyncio (epoll, non-blocking connect, add_reader) with 20 connections at once."""
+    with _echo(lo, greeting=b"hi:") as echo, converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import asyncio
+            async def one(i):
+                r, w = await asyncio.open_connection("127.0.0.1", {echo.address[1]})
+                w.write(f"{{i}}".encode())
+                data = await r.readexactly(3 + len(str(i)))
+                w.close()
+                return data == f"hi:{{i}}".encode()
+            async def main():
+                results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(20))), 20)
+                print(sum(results))
+            asyncio.run(main())
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.strip() == "20", p.stdout + p.stderr
+        assert len(conv.seen) == 20 and all(s.syn_data for s in conv.seen)
