@@ -162,3 +162,30 @@ def test_raises_nofile_limit():
 def _hard_limit():
     import resource
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def test_out_of_fds_for_pipes_falls_back_to_copying():
+    """With no fd left for a pipe, a tunnel copies through user space instead
+    of waiting: every byte still arrives, both ways, and the half-close too."""
+    import shutil
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit (util-linux)")
+    args = ("--listen", "127.0.0.1:0", *ALLOW_LO, "--stats", "127.0.0.1:0", "--pipe-pool", "0")
+    with Relay(*args) as probe:
+        base = len(os.listdir(f"/proc/{probe.proc.pid}/fd"))
+    limit = base + 2           # room for one tunnel's two sockets, none for a pipe
+    data = os.urandom(1 << 20)
+    with Server(echo) as srv, Relay(*args, prefix=["prlimit", f"--nofile={limit}:{limit}"]) as r:
+        s = convert_open(r.addr, srv.addr, early=b"early")
+        _, rest = read_reply(s)
+        import threading
+        t = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+        t.start()
+        got = recv_all(s, rest)
+        t.join(10)
+        s.close()
+        r.wait_log("outcome=ok")
+        m = r.metrics()
+    assert got == b"early" + data
+    assert m["pep_relay_pipes"] == 0
+    assert m['pep_relay_bytes_total{direction="up"}'] == len(data) + 5

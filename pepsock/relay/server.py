@@ -40,14 +40,15 @@ ACCEPT_BATCH = 64
 #: How long an Error reply's connection may linger waiting for the client's FIN.
 LINGER_TIMEOUT = 2.0
 STATS_FLUSH = 1.0
-#: Seconds between retries of tunnels waiting for a pipe (only while out of fds).
-PIPE_RETRY = 0.05
-#: fds budgeted per tunnel when RLIMIT_NOFILE is short: two sockets, plus
-#: headroom for pipes (a busy direction holds one pipe, 2 fds, only while bytes
-#: are in flight; waiters are retried), so tunnels can always make progress.
-FDS_PER_TUNNEL = 3
-#: fds kept for listeners, epoll, stats, signals, logs and Error replies in flight.
-FD_RESERVE = 32
+#: fds one tunnel needs: its two sockets.  Pipes come on top while a direction
+#: is busy; when none can be had (EMFILE) the direction copies through user
+#: space instead (Tunnel._copy), so running out of fds never wedges a tunnel.
+FDS_PER_TUNNEL = 2
+#: fds kept for listeners, epoll, stats, signals, logs, pipes and Error
+#: replies in flight (at most a quarter of the limit).
+FD_RESERVE = 256
+#: How long a listener rests after accept() failed for lack of fds.
+ACCEPT_PAUSE = 0.1
 
 
 class Timer:
@@ -144,6 +145,7 @@ class StatsServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                self.loop.pause_listener(self.sock.fileno())
                 return
             _StatsClient(self.loop, sock, self.render)
 
@@ -213,13 +215,12 @@ class Loop:
         self.stats = stats or S.Stats()
         self.pipe_size = cfg.pipe_size
         self.pool: list[tuple[int, int]] = []
-        self.pipe_waiters: list = []
-        self._pipe_retry = False
         self.pipes_open = 0
         self.tunnels: set[Tunnel] = set()
         self.closers = 0
         self.listeners: list[socket.socket] = []
         self.linger_timeout = LINGER_TIMEOUT
+        self._accept_warned = False
         self.stopping = False
         self.drain_deadline = None
         self.running = True
@@ -279,31 +280,27 @@ class Loop:
             self.pool.append(pipe)
         else:
             self.pipe_close(pipe)
-        if self.pipe_waiters:
-            waiters, self.pipe_waiters = self.pipe_waiters, []
-            for t in waiters:
-                self.call_soon(t.pipe_ready)
 
     def pipe_close(self, pipe) -> None:
         os.close(pipe[0])
         os.close(pipe[1])
         self.pipes_open -= 1
 
-    def pipe_wait(self, tunnel) -> None:
-        if tunnel not in self.pipe_waiters:
-            self.pipe_waiters.append(tunnel)
-        # Out of fds (EMFILE) with no pipe in use anywhere, no pipe_put() would
-        # ever wake the waiters: retry on a timer too, so fds freed by closers
-        # or finished tunnels are picked up (tests/test_reliability_relay.py).
-        if not self._pipe_retry:
-            self._pipe_retry = True
-            self.call_later(PIPE_RETRY, self._retry_pipe_waiters)
+    def pause_listener(self, fd: int) -> None:
+        """accept() failed for lack of fds: the listener stays readable, so
+        stop polling it for a moment instead of spinning on EMFILE."""
+        try:
+            self.ep.modify(fd, 0)
+        except OSError:
+            return
 
-    def _retry_pipe_waiters(self) -> None:
-        self._pipe_retry = False
-        waiters, self.pipe_waiters = self.pipe_waiters, []
-        for t in waiters:
-            self.call_soon(t.pipe_ready)
+        def resume():
+            if fd in self.handlers:
+                try:
+                    self.ep.modify(fd, select.EPOLLIN)
+                except OSError:
+                    pass
+        self.call_later(ACCEPT_PAUSE, resume)
 
     # -- listeners and accept ------------------------------------------------------------
     def add_listener(self, sock: socket.socket) -> None:
@@ -321,7 +318,11 @@ class Loop:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept: %s", e.strerror)
+                    if not self._accept_warned:
+                        self._accept_warned = True
+                        log.warning("accept: %s (pausing the listener %.1fs at a time)",
+                                    e.strerror, ACCEPT_PAUSE)
+                    self.pause_listener(lsock.fileno())
                 return
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)
@@ -488,10 +489,9 @@ def run(cfg: Config) -> int:
     want = cfg.max_tunnels * 2 + cfg.pipe_pool * 2 + 4096
     soft, hard = raise_nofile(want)
     if soft < want:
-        # Past its fd limit a tunnel could not get the pipes it needs to see its
-        # peers' EOF, and the relay would wedge: cap the tunnels to what fits, so
-        # the excess gets Error 64 instead (tests/test_reliability_relay.py).
-        fit = max(1, (soft - FD_RESERVE) // FDS_PER_TUNNEL)
+        # Cap the tunnels to what the fds fit, so the excess gets Error 64
+        # instead of failing accept() or socket() (tests/test_reliability_relay.py).
+        fit = max(1, (soft - min(FD_RESERVE, soft // 4)) // FDS_PER_TUNNEL)
         log.warning("RLIMIT_NOFILE is %d, below the %d that --max-tunnels %d needs; "
                     "serving at most %d tunnels", soft, want, cfg.max_tunnels,
                     min(fit, cfg.max_tunnels))

@@ -75,7 +75,8 @@ class End:
 class Direction:
     """Bytes flowing src -> dst through a (pooled) pipe."""
 
-    __slots__ = ("src", "dst", "pr", "pw", "held", "eof", "shut", "bytes", "stat", "peer")
+    __slots__ = ("src", "dst", "pr", "pw", "held", "eof", "shut", "bytes", "stat", "peer",
+                 "buf")
 
     def __init__(self, src: End, dst: End, stat: int):
         self.src = src
@@ -88,6 +89,7 @@ class Direction:
         self.bytes = 0
         self.stat = stat
         self.peer: Direction | None = None
+        self.buf = b""      # bytes held in user space (copy fallback, no pipe)
 
 
 def apply_side(sock: socket.socket, side, nodelay: bool) -> None:
@@ -318,12 +320,13 @@ class Tunnel:
     def _pump(self, d: Direction) -> None:
         src, dst = d.src, d.dst
         if d.pr < 0:
+            if d.buf:
+                return self._copy(d)
             if d.eof or not src.readable:
                 return
             pipe = self.loop.pipe_get()
             if pipe is None:
-                self.loop.pipe_wait(self)
-                return
+                return self._copy(d)
             d.pr, d.pw = pipe
         pr, pw = d.pr, d.pw
         cap = self.loop.pipe_size
@@ -366,17 +369,53 @@ class Tunnel:
             self.loop.pipe_put((pr, pw))
             d.pr = d.pw = -1
             if d.eof and not d.shut:
-                d.shut = True
-                # Half-close: our EOF becomes the destination's EOF.  If the
-                # other direction is already shut, the tunnel is done and the
-                # close() that follows sends the FIN.
-                if not d.peer.shut:
-                    dst.sock.shutdown(socket.SHUT_WR)
+                self._shut(d)
 
-    def pipe_ready(self) -> None:
-        """The pool has a pipe again (we were waiting for one)."""
-        if self.state == OPEN:
-            self._run()
+    def _shut(self, d: Direction) -> None:
+        """Half-close: the source's EOF becomes the destination's EOF.  If the
+        other direction is already shut the tunnel is done, and the close()
+        that follows sends the FIN."""
+        d.shut = True
+        if not d.peer.shut:
+            d.dst.sock.shutdown(socket.SHUT_WR)
+
+    def _copy(self, d: Direction) -> None:
+        """The fallback when no pipe can be had (out of fds): move the bytes
+        through user space, 64 KiB at a time, until the direction is idle
+        again.  Slower, but a tunnel never waits on another one's pipe."""
+        src, dst = d.src, d.dst
+        buf = d.buf
+        moved = 0
+        while True:
+            if not buf:
+                if d.eof or not src.readable:
+                    break
+                try:
+                    buf = src.sock.recv(65536)
+                except BlockingIOError:
+                    src.readable = False
+                    break
+                if not buf:
+                    d.eof = True
+                    break
+            if not dst.writable:
+                break
+            try:
+                n = dst.sock.send(buf)
+            except BlockingIOError:
+                dst.writable = False
+                break
+            except OSError:
+                d.buf = buf
+                raise
+            buf = buf[n:]
+            moved += n
+        d.buf = buf
+        if moved:
+            d.bytes += moved
+            self.loop.stats.v[d.stat] += moved
+        if not buf and d.eof and not d.shut:
+            self._shut(d)
 
     def _on_error(self, end: End, who: str) -> None:
         err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
