@@ -189,3 +189,40 @@ def test_out_of_fds_for_pipes_falls_back_to_copying():
     assert got == b"early" + data
     assert m["pep_relay_pipes"] == 0
     assert m['pep_relay_bytes_total{direction="up"}'] == len(data) + 5
+
+
+def test_accept_out_of_fds_does_not_spin_and_recovers():
+    import shutil
+    from test_relay_tunnel import _cpu
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit (util-linux)")
+    args = ("--listen", "127.0.0.1:0", *ALLOW_LO, "--header-timeout", "1")
+    with Relay(*args) as probe:
+        base = len(os.listdir(f"/proc/{probe.proc.pid}/fd"))
+    limit = base + 2
+    with Server(echo) as srv, Relay(*args, prefix=["prlimit", f"--nofile={limit}:{limit}"]) as r:
+        # Silent clients: each holds an fd in the relay until its header timeout.
+        idle = [socket.create_connection(r.addr, timeout=5) for _ in range(8)]
+        time.sleep(0.3)
+        cpu0 = _cpu(r.proc.pid)
+        time.sleep(0.5)
+        cpu1 = _cpu(r.proc.pid)
+        assert cpu1 - cpu0 < 0.15, "relay spins on EMFILE"
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:
+            s = convert_open(r.addr, srv.addr, early=b"back", timeout=2)
+            try:
+                msg, rest = read_reply(s, 2)
+                if msg.error is None:
+                    s.shutdown(socket.SHUT_WR)
+                    assert recv_all(s, rest) == b"back"
+                    break
+            except OSError:
+                pass
+            finally:
+                s.close()
+            assert time.monotonic() < deadline, "relay never recovered"
+            time.sleep(0.2)
+        assert "pausing the listener" in r.log
