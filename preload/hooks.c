@@ -997,12 +997,26 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
     INIT();
     int r = real.getsockopt(fd, level, name, val, len);
-    /* SO_ERROR is how a non-blocking connect learns it is done: if the
-     * header could not go in the SYN, send it now. */
+    /* SO_ERROR is how a non-blocking connect learns it is done. If the
+     * header could not go in the SYN, it goes now. A PEP that sends its
+     * Error TLV and resets at once shows up here as ECONNRESET, but the
+     * connection did complete and its Error TLV is in the receive queue: the
+     * connect is reported done, and the Error, as for any PEP error, is the
+     * next read's or write's errno (curl: "Recv failure: Connection
+     * refused", not "Couldn't connect to server"). */
     if (UNLIKELY(level == SOL_SOCKET && name == SO_ERROR) && r == 0 && pep_fd_busy(fd) &&
-        *len >= sizeof(int) && *(int *)val == 0) {
-        int saved = errno;
-        settle(fd, SETTLE_HEADER_ONLY, 1);
+        val && len && *len >= sizeof(int)) {
+        int saved = errno, kerr = *(int *)val;
+        if (kerr == 0) {
+            settle(fd, SETTLE_HEADER_ONLY, 1);
+        } else if (kerr == ECONNRESET || kerr == EPIPE) {
+            settle(fd, 1, 1);
+            pep_lock();
+            struct pep_conn *c = pep_conn_get(fd);
+            if (c && c->state == PEP_ST_FAILED)
+                *(int *)val = 0;
+            pep_unlock();
+        }
         errno = saved;
     }
     return r;
@@ -1010,18 +1024,45 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 
 /* ---- waits: a header that missed the SYN goes out as soon as it can ---- */
 
+/*
+ * A PEP that resets right after its Error TLV makes the socket report
+ * POLLERR|POLLHUP, and some programs (curl) then call the connect failed
+ * without looking further ("Couldn't connect to server"). For our sockets
+ * whose reply turns out to be an Error TLV, poll reports them ready instead,
+ * so the program does its read or write and gets the mapped errno.
+ */
+static int after_poll(struct pollfd *fds, nfds_t n, int r)
+{
+    nfds_t i;
+    if (r <= 0 || !__atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED))
+        return r;
+    int saved = errno;
+    for (i = 0; i < n; i++) {
+        if (!(fds[i].revents & (POLLERR | POLLHUP)) || !pep_fd_busy(fds[i].fd))
+            continue;
+        settle(fds[i].fd, 1, 1);
+        pep_lock();
+        struct pep_conn *c = pep_conn_get(fds[i].fd);
+        if (c && c->state == PEP_ST_FAILED)
+            fds[i].revents = (short)(fds[i].events & (POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM));
+        pep_unlock();
+    }
+    errno = saved;
+    return r;
+}
+
 EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
 {
     INIT();
     flush_sending();
-    return real.poll(fds, n, timeout);
+    return after_poll(fds, n, real.poll(fds, n, timeout));
 }
 
 EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
 {
     INIT();
     flush_sending();
-    return real.ppoll(fds, n, ts, mask);
+    return after_poll(fds, n, real.ppoll(fds, n, ts, mask));
 }
 
 EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)
@@ -1070,7 +1111,7 @@ EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen)
 {
     INIT();
     flush_sending();
-    return real.poll_chk(fds, n, timeout, fdslen);
+    return after_poll(fds, n, real.poll_chk(fds, n, timeout, fdslen));
 }
 
 EXPORT int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *ts,
@@ -1078,5 +1119,5 @@ EXPORT int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *ts,
 {
     INIT();
     flush_sending();
-    return real.ppoll_chk(fds, n, ts, mask, fdslen);
+    return after_poll(fds, n, real.ppoll_chk(fds, n, ts, mask, fdslen));
 }

@@ -100,7 +100,8 @@ class Converter:
     split_delay: float = 0.05
     raw_reply: bytes | None = None              # answer with these bytes
     reply_tlvs: tuple = ()                      # extra TLVs in a success reply
-    reset_after_error: bool = True
+    reset_after_error: bool = True             # RST (SO_LINGER 0) after an Error, else FIN
+    reset_delay: float = 0.05                   # seconds between the Error TLV and the RST
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self):
@@ -192,7 +193,7 @@ class Converter:
             if self.error is not None:
                 self._reply(client, protocol.error_reply(*self.error))
                 if self.reset_after_error:
-                    time.sleep(0.05)
+                    time.sleep(self.reset_delay)
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                       b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 return

@@ -115,14 +115,24 @@ def test_python_urllib(lo, lib):
         assert len(conv.seen) == 1 and conv.seen[0].syn_data
 
 
-def test_error_96_makes_curl_say_connection_refused(lo, lib):
-    curl = require_tool("curl")
-    with converter(lo, error=(96, b"")) as conv:
-        p = run(lo, [curl, "-sS", "--max-time", "10", lo.http[4].url("/1m.bin")],
-                ph.preload_env(conv.address, lib))
+@pytest.mark.parametrize("close", ["fin", "rst-now", "rst-later"])
+def test_error_96_makes_curl_and_wget_say_connection_refused(lo, lib, close):
+    """Whatever the PEP does after its Error TLV (FIN, RST at once, RST a bit
+    later), curl and wget report "Connection refused"."""
+    curl, wget = require_tool("curl"), require_tool("wget")
+    kw = {"fin": {"reset_after_error": False}, "rst-now": {"reset_delay": 0},
+          "rst-later": {"reset_delay": 0.05}}[close]
+    with converter(lo, error=(96, b""), **kw) as conv:
+        for _ in range(3):
+            p = run(lo, [curl, "-sS", "--max-time", "10", lo.http[4].url("/1m.bin")],
+                    ph.preload_env(conv.address, lib))
+            assert p.returncode != 0
+            assert "Connection refused" in p.stderr, p.stderr
+        p = run(lo, [wget, "--tries=1", "--timeout=10", "-O", "/dev/null",
+                     lo.http[4].url("/1m.bin")], ph.preload_env(conv.address, lib))
         assert p.returncode != 0
         assert "Connection refused" in p.stderr, p.stderr
-        assert len(conv.seen) == 1
+        assert len(conv.seen) == 4
 
 
 @pytest.mark.parametrize("code,value,name", [
@@ -863,3 +873,30 @@ def test_python_asyncio_epoll_client(lo, lib):
             """, ph.preload_env(conv.address, lib))
         assert p.stdout.strip() == "20", p.stdout + p.stderr
         assert len(conv.seen) == 20 and all(s.syn_data for s in conv.seen)
+
+
+def test_poll_after_error_and_immediate_reset_reports_ready(lo, lib):
+    """Error TLV then RST, all in before the program polls its connecting
+    socket: poll() says writable (not POLLERR|POLLHUP, which curl takes for a
+    failed connect), SO_ERROR is 0, and the read gives ECONNREFUSED."""
+    with converter(lo, error=(96, b""), reset_delay=0) as conv:
+        p = pyrun(lo, f"""
+            import errno, select, socket, time
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", {lo.http[4].address[1]}))
+            except BlockingIOError:
+                pass
+            time.sleep(0.3)
+            po = select.poll()
+            po.register(s, select.POLLOUT)
+            (fd, ev), = po.poll(5000)
+            print("ERR" if ev & (select.POLLERR | select.POLLHUP) else "OUT" if ev & select.POLLOUT else ev)
+            print(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            try:
+                s.recv(10)
+            except OSError as e:
+                print(errno.errorcode[e.errno])
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.split() == ["OUT", "0", "ECONNREFUSED"], p.stdout + p.stderr
