@@ -900,3 +900,22 @@ def test_poll_after_error_and_immediate_reset_reports_ready(lo, lib):
                 print(errno.errorcode[e.errno])
             """, ph.preload_env(conv.address, lib))
         assert p.stdout.split() == ["OUT", "0", "ECONNREFUSED"], p.stdout + p.stderr
+
+
+def test_pep_run_and_pep_lib_commands(lo, lib, tmp_path):
+    """The CLI end to end: `pep lib` names the library, `pep run --pep` runs
+    curl under it (PEP_NO_PROXY="" so loopback goes via the PEP)."""
+    curl = require_tool("curl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEP_") and k != "LD_PRELOAD"}
+    env["PYTHONPATH"] = ph.REPO
+    p = subprocess.run([sys.executable, "-m", "pepsock.cli", "lib"], env=env, capture_output=True,
+                       text=True, timeout=TIMEOUT, cwd=ph.REPO)
+    assert p.returncode == 0 and os.path.isfile(p.stdout.strip()), p.stderr
+    env["PEP_NO_PROXY"] = ""
+    with converter(lo) as conv:
+        p = run(lo, [sys.executable, "-m", "pepsock.cli", "run", "--pep", conv.env_value, "--",
+                     curl, "-sS", "--max-time", "20", "-o", str(tmp_path / "c"),
+                     lo.http[4].url("/1m.bin")], env)
+        assert p.returncode == 0, p.stderr
+        assert (tmp_path / "c").read_bytes() == lo.payload
+        assert len(conv.seen) == 1 and conv.seen[0].syn_data
