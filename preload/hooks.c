@@ -520,15 +520,13 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
 
     struct iovec iov[64];
     struct msghdr m;
-    size_t niov = 1, i, appbytes = 0;
+    size_t niov = 1, i;
     memset(&m, 0, sizeof m);
     iov[0].iov_base = c->hdr;
     iov[0].iov_len = c->hdr_len;
     if (app) {
-        for (i = 0; i < app->msg_iovlen && niov < 64; i++) {
-            iov[niov++] = app->msg_iov[i];
-            appbytes += app->msg_iov[i].iov_len;
-        }
+        for (i = 0; i < app->msg_iovlen && niov < 64; i++)
+            iov[niov++] = app->msg_iov[i]; /* beyond 63: a short write, as allowed */
     }
     m.msg_name = &pep;
     m.msg_namelen = peplen;
