@@ -919,3 +919,24 @@ def test_pep_run_and_pep_lib_commands(lo, lib, tmp_path):
         assert p.returncode == 0, p.stderr
         assert (tmp_path / "c").read_bytes() == lo.payload
         assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_connection_to_the_pep_itself_goes_direct(lo, lib):
+    """A program under libpep that talks RFC 8803 to the PEP on its own (the
+    Python client, pep check...) is not wrapped a second time."""
+    with _echo(lo) as echo, converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import socket
+            from pepsock import protocol
+            s = socket.create_connection({tuple(conv.address)!r}, timeout=5)
+            s.sendall(protocol.connect_request("127.0.0.1", {echo.address[1]}) + b"ping")
+            r = protocol.MessageReader()
+            while not r.done:
+                r.feed(s.recv(100))
+            data = r.rest
+            while len(data) < 4:
+                data += s.recv(100)
+            print(data)
+            """, dict(ph.preload_env(conv.address, lib), PYTHONPATH=ph.REPO))
+        assert p.stdout.strip() == "b'ping'", p.stdout + p.stderr
+        assert len(conv.seen) == 1 and conv.seen[0].connect.port == echo.address[1]
