@@ -15,6 +15,7 @@
 #include <stdarg.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1037,6 +1038,15 @@ static int after_poll(struct pollfd *fds, nfds_t n, int r)
     int saved = errno;
     for (i = 0; i < n; i++) {
         if (!(fds[i].revents & (POLLERR | POLLHUP)) || !pep_fd_busy(fds[i].fd))
+            continue;
+        /* Nothing received (a PEP that refused or never answered the SYN):
+         * no Error TLV to find, and settle()'s recv would consume the
+         * socket's pending ECONNREFUSED/ETIMEDOUT, so SO_ERROR would then say
+         * 0 and the program would write into a dead socket (curl: "Send
+         * failure: Protocol error" instead of "Couldn't connect").
+         * tests/test_reliability_client_faults.py */
+        int avail = 0;
+        if (ioctl(fds[i].fd, FIONREAD, &avail) < 0 || avail <= 0)
             continue;
         settle(fds[i].fd, 1, 1);
         pep_lock();
