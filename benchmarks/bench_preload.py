@@ -7,11 +7,11 @@ A small C driver (compiled on the fly) times, in ns per call:
   read_eagain       read() on an empty non-blocking TCP loopback socket
   read_1byte        read() of 1 byte from a TCP loopback socket with data queued
   recv_1byte        the same with recv()
-  connect_vs_libc   the same for the bypassed connect()
-  read_vs_libc      in one process: read() (the hook when preloaded) minus
-                    libc's own read() called through dlopen("libc.so.6"),
-                    interleaved, on an empty non-blocking socket: the hook's
-                    own cost with the scheduling noise of separate runs gone
+  connect_vs_libc   in one process: the bypassed connect() (the hook when
+                    preloaded) minus libc's own connect() called through
+                    dlopen("libc.so.6"); median of 41 paired, alternating blocks
+  read_vs_libc      the same for read() on an empty non-blocking socket
+                    (without the preload both sides are libc: the method's bias)
 It runs alternately without and with LD_PRELOAD=libpep.so (PEP_PROXY set, so
 the hooks are live), several rounds, and keeps each side's best round.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,11 @@ DRIVER = r"""
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+static int cmp(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
 
 static double now(void) {
     struct timespec ts;
@@ -115,40 +121,45 @@ int main(int argc, char **argv) {
         done += block;
         while (read(b, buf, sizeof buf) > 0) {}
     }
-    /* the hook against libc's read, same process, interleaved blocks */
+    /* The hook against libc's own symbol in the same process: blocks of
+     * calls alternate (order flipped every round) and the median of the
+     * paired differences is kept, so drift and noise cancel out. */
+    void *libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
     ssize_t (*libc_read)(int, void *, size_t) =
-        (ssize_t (*)(int, void *, size_t))dlsym(dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD), "read");
-    double hook_best = 1e18, libc_best = 1e18;
-    for (int r = 0; r < 20; r++) {
-        long m = n / 20;
-        t0 = now();
-        for (long i = 0; i < m; i++) read(b, buf, 1);
-        t1 = now();
-        if ((t1 - t0) / m < hook_best) hook_best = (t1 - t0) / m;
-        t0 = now();
-        for (long i = 0; i < m; i++) libc_read(b, buf, 1);
-        t1 = now();
-        if ((t1 - t0) / m < libc_best) libc_best = (t1 - t0) / m;
-    }
+        (ssize_t (*)(int, void *, size_t))dlsym(libc, "read");
     int (*libc_connect)(int, const struct sockaddr *, socklen_t) =
-        (int (*)(int, const struct sockaddr *, socklen_t))dlsym(
-            dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD), "connect");
-    double hc_best = 1e18, lc_best = 1e18;
-    for (int r = 0; r < 20; r++) {
-        long m = n / 20;
-        t0 = now();
-        for (long i = 0; i < m; i++) connect(u, (struct sockaddr *)&lo, sizeof lo);
-        t1 = now();
-        if ((t1 - t0) / m < hc_best) hc_best = (t1 - t0) / m;
-        t0 = now();
-        for (long i = 0; i < m; i++) libc_connect(u, (struct sockaddr *)&lo, sizeof lo);
-        t1 = now();
-        if ((t1 - t0) / m < lc_best) lc_best = (t1 - t0) / m;
+        (int (*)(int, const struct sockaddr *, socklen_t))dlsym(libc, "connect");
+    enum { ROUNDS = 41 };
+    double dread[ROUNDS], dconn[ROUNDS];
+    long m = n / 20 > 1000 ? n / 20 : 1000;
+    for (int r = 0; r < ROUNDS; r++) {
+        double h = 0, l = 0;
+        for (int k = 0; k < 2; k++) {
+            int hook_first = (r + k) % 2;
+            t0 = now();
+            if (hook_first) for (long i = 0; i < m; i++) read(b, buf, 1);
+            else for (long i = 0; i < m; i++) libc_read(b, buf, 1);
+            t1 = now();
+            if (hook_first) h = (t1 - t0) / m; else l = (t1 - t0) / m;
+        }
+        dread[r] = h - l;
+        for (int k = 0; k < 2; k++) {
+            int hook_first = (r + k) % 2;
+            t0 = now();
+            if (hook_first) for (long i = 0; i < m; i++) connect(u, (struct sockaddr *)&lo, sizeof lo);
+            else for (long i = 0; i < m; i++) libc_connect(u, (struct sockaddr *)&lo, sizeof lo);
+            t1 = now();
+            if (hook_first) h = (t1 - t0) / m; else l = (t1 - t0) / m;
+        }
+        dconn[r] = h - l;
     }
-    printf("{\"connect_vs_libc\": %.1f, ", hc_best - lc_best);
+    qsort(dread, ROUNDS, sizeof(double), cmp);
+    qsort(dconn, ROUNDS, sizeof(double), cmp);
+    double read_diff = dread[ROUNDS / 2], conn_diff = dconn[ROUNDS / 2];
+    printf("{\"connect_vs_libc\": %.1f, ", conn_diff);
     printf("\"connect_bypassed\": %.1f, \"read_eagain\": %.1f, \"read_1byte\": %.1f, "
            "\"recv_1byte\": %.1f, \"read_vs_libc\": %.1f}\n", connect_ns, eagain_ns,
-           read_total / (n / 2.0), recv_total / (n - n / 2.0), hook_best - libc_best);
+           read_total / (n / 2.0), recv_total / (n - n / 2.0), read_diff);
     return 0;
 }
 """
@@ -175,15 +186,19 @@ def main() -> int:
         base = {k: v for k, v in os.environ.items()
                 if k not in ("LD_PRELOAD", "PEP_PROXY", "PEP_NO_PROXY", "PEP_DISABLE", "PEP_LOG")}
         hooked = dict(base, LD_PRELOAD=lib, PEP_PROXY="192.0.2.1:3128")
-        best = {"without": {}, "with": {}}
+        samples = {"without": {}, "with": {}}
         for _ in range(args.rounds):
             for label, env in (("without", base), ("with", hooked)):
                 out = subprocess.run([exe, str(args.iterations)], env=env, capture_output=True,
                                      text=True, check=True, timeout=120)
                 for key, ns in json.loads(out.stdout).items():
-                    best[label][key] = min(ns, best[label].get(key, float("inf")))
+                    samples[label].setdefault(key, []).append(ns)
+        # Costs: the best round (least disturbed). Paired differences: the median.
+        best = {label: {key: (statistics.median(v) if key.endswith("_vs_libc") else min(v))
+                        for key, v in per.items()} for label, per in samples.items()}
 
-    print(f"libpep.so hook overhead, best of {args.rounds} rounds x {args.iterations} calls")
+    print(f"libpep.so hook overhead, {args.rounds} rounds x {args.iterations} calls "
+          f"(costs: best round; *_vs_libc: median)")
     print(f"{'call':18} {'no preload':>12} {'libpep.so':>12} {'difference':>12}")
     worst = 0.0
     for key in best["without"]:
