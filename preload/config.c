@@ -421,11 +421,16 @@ void pep_config_load(void)
     pthread_atfork(NULL, NULL, resolve_lock_child);
     if (pep_config_parse(&pep_cfg, getenv("PEP_PROXY"), getenv("PEP_NO_PROXY"),
                          getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err)) {
+        /* The one line always goes out, and to stderr. */
         int level = pep_cfg.level;
+        char path[sizeof pep_cfg.logpath];
+        memcpy(path, pep_cfg.logpath, sizeof path);
         pep_cfg.enabled = 0;
-        pep_cfg.level = PEP_LOG_ERROR; /* the one line always goes out */
+        pep_cfg.level = PEP_LOG_ERROR;
+        pep_cfg.logpath[0] = 0;
         pep_log(PEP_LOG_ERROR, "%s; running unproxied", err);
         pep_cfg.level = level;
+        memcpy(pep_cfg.logpath, path, sizeof path);
         return;
     }
     if (pep_cfg.enabled)

@@ -321,7 +321,8 @@ def test_bad_config_one_line_and_runs_unproxied(lo, lib, tmp_path):
     curl = require_tool("curl")
     with converter(lo) as conv:
         for bad in ({"PEP_PROXY": "127.0.0.1"}, {"PEP_NO_PROXY": "10.0.0.0/99"},
-                    {"PEP_LOG": "loud"}):
+                    {"PEP_LOG": "loud"}, {"PEP_DISABLE": "yes"},
+                    {"PEP_PROXY": "[::1]", "PEP_LOG": f"off:{tmp_path / 'never.log'}"}):
             env = ph.preload_env(conv.address, lib)
             env.update(bad)
             p = run(lo, [curl, "-sS", "--max-time", "10", "-o", str(tmp_path / "x"),
@@ -331,6 +332,7 @@ def test_bad_config_one_line_and_runs_unproxied(lo, lib, tmp_path):
             assert len(lines) == 1 and "running unproxied" in lines[0], p.stderr
             assert list(bad)[0] in lines[0]
         assert conv.seen == []
+        assert not (tmp_path / "never.log").exists()
 
 
 def test_ipv6_socket_reaches_ipv4_pep_v4_mapped_unless_v6only(lo, lib):
@@ -940,3 +942,27 @@ def test_connection_to_the_pep_itself_goes_direct(lo, lib):
             """, dict(ph.preload_env(conv.address, lib), PYTHONPATH=ph.REPO))
         assert p.stdout.strip() == "b'ping'", p.stdout + p.stderr
         assert len(conv.seen) == 1 and conv.seen[0].connect.port == echo.address[1]
+
+
+def test_pep_by_name_and_log_file_keeps_no_fd(lo, lib, tmp_path):
+    """PEP_PROXY=localhost:PORT (resolved once, through libc, while libpep's own
+    hooks stay out of the way); PEP_LOG to a file: lines land there and the
+    program's fd table holds nothing of libpep's."""
+    log = tmp_path / "pep.log"
+    with _echo(lo) as echo, converter(lo) as conv:
+        code = f"""
+            import os, socket
+            before = sorted(os.listdir("/proc/self/fd"))
+            s = socket.create_connection(("127.0.0.1", {echo.address[1]}), timeout=5)
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+            s.close()
+            print(sorted(os.listdir("/proc/self/fd")) == before)
+            """
+        env = ph.preload_env(None, lib, log=f"debug:{log}", PEP_PROXY=f"localhost:{conv.address[1]}")
+        p = pyrun(lo, code, env)
+        assert p.stdout.strip() == "True", p.stdout + p.stderr
+        assert p.stderr == ""
+        assert len(conv.seen) == 1 and conv.seen[0].connect.port == echo.address[1]
+        text = log.read_text()
+        assert "PEP localhost port" in text and "reply stripped" in text, text
