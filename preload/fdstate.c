@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "fdstate.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <string.h>
 
@@ -24,7 +25,16 @@ void pep_unlock(void)
 
 static void child_after_fork(void)
 {
+    unsigned i;
     pthread_mutex_init(&lock, NULL);
+    /* A connect() that was in flight on another thread of the parent never
+     * finishes here: that socket is the parent's to set up. */
+    for (i = 0; i < PEP_CONN_MAX; i++) {
+        if (conns[i].refs && conns[i].state == PEP_ST_CONNECTING) {
+            conns[i].err = ECONNABORTED;
+            pep_conn_set_state(&conns[i], PEP_ST_FAILED);
+        }
+    }
 }
 
 void pep_fdstate_atfork(void)
