@@ -86,6 +86,7 @@ class Seen:
     connect: protocol.Connect | None = None
     syn_data: bool = False
     early_data: bytes = b""     # application bytes that came with the header
+    peer: tuple = ()            # the client's address as the converter saw it
     error: str = ""
 
 
@@ -162,6 +163,7 @@ class Converter:
         self.seen.append(seen)
         client.settimeout(10)
         try:
+            seen.peer = client.getpeername()[:2]
             info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
             seen.syn_data = bool(info[5] & TCPI_OPT_SYN_DATA)
             reader = protocol.MessageReader()

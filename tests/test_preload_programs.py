@@ -966,3 +966,42 @@ def test_pep_by_name_and_log_file_keeps_no_fd(lo, lib, tmp_path):
         assert len(conv.seen) == 1 and conv.seen[0].connect.port == echo.address[1]
         text = log.read_text()
         assert "PEP localhost port" in text and "reply stripped" in text, text
+
+
+def test_the_programs_own_socket_survives(lo, lib):
+    """bind(), socket options, fd flags and an epoll registration made before
+    connect() are all still there after it: libpep never swaps the socket."""
+    with _echo(lo, greeting=b"hey") as echo, converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import fcntl, os, select, socket
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            bound = s.getsockname()
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            s.setblocking(False)
+            flags = fcntl.fcntl(s, fcntl.F_GETFL) | os.O_CLOEXEC
+            ep = select.epoll()
+            ep.register(s.fileno(), select.EPOLLOUT | select.EPOLLIN | select.EPOLLET)
+            fd = s.fileno()
+            try:
+                s.connect(("127.0.0.1", {echo.address[1]}))
+            except BlockingIOError:
+                pass
+            events = ep.poll(5)
+            data = b""
+            while len(data) < 3:
+                ep.poll(5)
+                try:
+                    data += s.recv(10)
+                except BlockingIOError:
+                    pass
+            print(s.fileno() == fd, s.getsockname() == bound,
+                  s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1,
+                  s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1,
+                  fcntl.fcntl(s, fcntl.F_GETFL) & os.O_NONBLOCK != 0,
+                  bool(events), data, bound[1])
+            """, ph.preload_env(conv.address, lib))
+        words = p.stdout.split()
+        assert words[:7] == ["True"] * 6 + ["b'hey'"], p.stdout + p.stderr
+        assert conv.seen[0].peer == ("127.0.0.1", int(words[7]))
