@@ -156,6 +156,13 @@ def pep_env(relay_port: int) -> dict:
 # 1. bulk
 
 
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def iperf(port: int, seconds: float, env=None) -> float:
     """One iperf3 run against a one-shot server; Gbit/s received."""
     out = subprocess.run(cmd(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
@@ -175,12 +182,19 @@ def bench_bulk(procs: Procs, tmp: str, seconds: float, rounds: int, relay_args=(
     time.sleep(0.3)
     haproxy, hport = start_haproxy(procs, tmp, iperf_port, threads=1)
     relay, rport = start_relay(procs, *relay_args)
-    results = {"direct": [], "haproxy": [], "relay": []}
+    results = {"direct": [], "haproxy": [], "relay": [], "cpu_per_gb": {"haproxy": [],
+                                                                      "relay": []}}
     try:
         for _ in range(rounds):
             results["direct"].append(iperf(iperf_port, seconds))
+            c0 = _cpu_seconds(haproxy.pid)
             results["haproxy"].append(iperf(hport, seconds))
+            results["cpu_per_gb"]["haproxy"].append(
+                (_cpu_seconds(haproxy.pid) - c0) / (results["haproxy"][-1] * seconds / 8))
+            c0 = _cpu_seconds(relay.pid)
             results["relay"].append(iperf(iperf_port, seconds, env=pep_env(rport)))
+            results["cpu_per_gb"]["relay"].append(
+                (_cpu_seconds(relay.pid) - c0) / (results["relay"][-1] * seconds / 8))
     finally:
         procs.stop(relay)
         procs.stop(haproxy)
@@ -447,6 +461,7 @@ def main(argv=None) -> int:
                 print("bulk: SKIPPED, preload/libpep.so missing (make -C preload failed)")
             else:
                 r = bench_bulk(procs, tmp, args.duration, args.rounds, args.relay_args.split())
+                cpu = r.pop("cpu_per_gb")
                 best = {k: max(v) for k, v in r.items()}
                 print("\n## bulk: one iperf3 flow on loopback, Gbit/s (best of "
                       f"{args.rounds} interleaved rounds of {args.duration:g}s)")
@@ -457,6 +472,9 @@ def main(argv=None) -> int:
                 print(f"  relay/haproxy = {best['relay'] / best['haproxy']:.2f}  (target >= 1.0)")
                 per_round = [a / b for a, b in zip(r["relay"], r["haproxy"])]
                 print("  relay/haproxy per round: " + " ".join(f"{x:.2f}" for x in per_round))
+                print("  proxy CPU per GB moved (s/GB, lower is better; independent of how "
+                      "busy the machine is): haproxy " + " ".join(f"{x:.3f}" for x in cpu["haproxy"])
+                      + "  relay " + " ".join(f"{x:.3f}" for x in cpu["relay"]))
         if "conns" in only:
             if not libpep:
                 print("conns: SKIPPED, preload/libpep.so missing")

@@ -190,7 +190,9 @@ def test_allow_dest_with_ports_and_first_match_order():
             s = convert_open(r.addr, b.addr)
             assert _error_then_clean_close(s) == ErrorCode.NOT_AUTHORIZED
             # Outside the range: back to the default deny of loopback.
-            s = convert_open(r.addr, ("127.0.0.1", free_port()))
+            hi = max(port_a, port_b)
+            outside = hi + 1 if hi < 65535 else min(port_a, port_b) - 1
+            s = convert_open(r.addr, ("127.0.0.1", outside))
             assert _error_then_clean_close(s) == ErrorCode.NOT_AUTHORIZED
 
 

@@ -274,3 +274,34 @@ def test_per_side_congestion_control_and_buffers():
     tb = int(re.search(r",tb(\d+)", server_side).group(1))
     assert rb == 2 * 256 * 1024
     assert tb == 2 * 512 * 1024
+
+
+@pytest.mark.parametrize("pipe_size", ["4096", "64k", "64m"])
+def test_pipe_sizes_small_and_refused(echo_server, pipe_size):
+    """Tiny pipes (many short splices) and a size the kernel refuses (above
+    fs.pipe-max-size without CAP_SYS_RESOURCE: the real capacity is read back)
+    both deliver every byte."""
+    data = os.urandom(3 << 20)
+    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--pipe-size", pipe_size) as r:
+        s = convert_open(r.addr, echo_server.addr)
+        _, rest = read_reply(s)
+        t = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+        t.start()
+        got = recv_all(s, rest)
+        t.join(10)
+        s.close()
+        log = r.log
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    if pipe_size == "64m":
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            if int(f.read()) < 64 << 20 and "F_SETPIPE_SZ" not in log:
+                # Allowed only with CAP_SYS_RESOURCE.
+                assert _has_cap_sys_resource()
+
+
+def _has_cap_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 24))
+    return False

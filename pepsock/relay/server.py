@@ -31,6 +31,7 @@ from .tunnel import Tunnel, apply_side, syn_data_acked
 log = logging.getLogger("pepsock.relay")
 
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
 TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
 TCP_FASTOPEN_NO_COOKIE = 34
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
@@ -221,6 +222,7 @@ class Loop:
         self.listeners: list[socket.socket] = []
         self.linger_timeout = LINGER_TIMEOUT
         self._accept_warned = False
+        self._pipe_warned = False
         self.stopping = False
         self.drain_deadline = None
         self.running = True
@@ -260,6 +262,10 @@ class Loop:
 
     # -- pipes ---------------------------------------------------------------------
     def pipe_get(self):
+        """(read fd, write fd, capacity): from the pool, or a new pipe sized
+        with F_SETPIPE_SZ.  The capacity is read back, not assumed: the kernel
+        may refuse the size (fs.pipe-max-size, per-user pipe limits), and the
+        byte count a direction keeps is only right against the real one."""
         if self.pool:
             return self.pool.pop()
         try:
@@ -269,11 +275,15 @@ class Loop:
                 return None
             raise
         try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, self.pipe_size)
+            cap = fcntl.fcntl(w, F_SETPIPE_SZ, self.pipe_size)
         except OSError:
-            pass
+            cap = fcntl.fcntl(w, F_GETPIPE_SZ)
+            if not self._pipe_warned:
+                self._pipe_warned = True
+                log.warning("F_SETPIPE_SZ %d refused, pipes are %d bytes (fs.pipe-max-size, "
+                            "fs.pipe-user-pages-soft)", self.pipe_size, cap)
         self.pipes_open += 1
-        return r, w
+        return r, w, cap
 
     def pipe_put(self, pipe) -> None:
         if len(self.pool) < self.cfg.pipe_pool:

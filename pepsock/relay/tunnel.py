@@ -22,6 +22,7 @@ sockets and no pipe.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
 import socket
@@ -75,14 +76,12 @@ class End:
 class Direction:
     """Bytes flowing src -> dst through a (pooled) pipe."""
 
-    __slots__ = ("src", "dst", "pr", "pw", "held", "eof", "shut", "bytes", "stat", "peer",
-                 "buf")
+    __slots__ = ("src", "dst", "pipe", "held", "eof", "shut", "bytes", "stat", "peer", "buf")
 
     def __init__(self, src: End, dst: End, stat: int):
         self.src = src
         self.dst = dst
-        self.pr = -1
-        self.pw = -1
+        self.pipe = None    # (read fd, write fd, capacity) while bytes are in flight
         self.held = 0
         self.eof = False
         self.shut = False
@@ -92,13 +91,36 @@ class Direction:
         self.buf = b""      # bytes held in user space (copy fallback, no pipe)
 
 
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+_buf_warned: set = set()
+
+
+def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
+    """SO_RCVBUF/SO_SNDBUF are capped by net.core.rmem_max/wmem_max; with
+    CAP_NET_ADMIN the FORCE variants set the size asked for."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+        return
+    except PermissionError:
+        pass
+    sock.setsockopt(socket.SOL_SOCKET, opt, size)
+    got = sock.getsockopt(socket.SOL_SOCKET, opt) // 2     # the kernel doubles it
+    if got < size and opt not in _buf_warned:
+        _buf_warned.add(opt)
+        name = "rmem_max" if opt == socket.SO_RCVBUF else "wmem_max"
+        logging.getLogger("pepsock.relay").warning(
+            "asked for a %d-byte socket buffer, got %d: capped by net.core.%s "
+            "(raise it, or run with CAP_NET_ADMIN)", size, got, name)
+
+
 def apply_side(sock: socket.socket, side, nodelay: bool) -> None:
     """Per-side TCP tuning; buffers must be set before connect()/listen() for
     the window scale in the SYN to match them."""
     if side.rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, side.rcvbuf)
+        _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, side.rcvbuf)
     if side.sndbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, side.sndbuf)
+        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, side.sndbuf)
     if side.cc:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, side.cc.encode())
     if nodelay:
@@ -319,7 +341,8 @@ class Tunnel:
 
     def _pump(self, d: Direction) -> None:
         src, dst = d.src, d.dst
-        if d.pr < 0:
+        pipe = d.pipe
+        if pipe is None:
             if d.buf:
                 return self._copy(d)
             if d.eof or not src.readable:
@@ -327,9 +350,8 @@ class Tunnel:
             pipe = self.loop.pipe_get()
             if pipe is None:
                 return self._copy(d)
-            d.pr, d.pw = pipe
-        pr, pw = d.pr, d.pw
-        cap = self.loop.pipe_size
+            d.pipe = pipe
+        pr, pw, cap = pipe
         held = d.held
         moved = 0
         splice = _splice
@@ -366,8 +388,8 @@ class Tunnel:
             d.bytes += moved
             self.loop.stats.v[d.stat] += moved
         if held == 0:
-            self.loop.pipe_put((pr, pw))
-            d.pr = d.pw = -1
+            self.loop.pipe_put(pipe)
+            d.pipe = None
             if d.eof and not d.shut:
                 self._shut(d)
 
@@ -445,12 +467,12 @@ class Tunnel:
 
     def _release_pipes(self, reset: bool) -> None:
         for d in (self.up, self.down):
-            if d is not None and d.pr >= 0:
+            if d is not None and d.pipe is not None:
                 if d.held == 0:
-                    self.loop.pipe_put((d.pr, d.pw))
+                    self.loop.pipe_put(d.pipe)
                 else:
-                    self.loop.pipe_close((d.pr, d.pw))
-                d.pr = d.pw = -1
+                    self.loop.pipe_close(d.pipe)
+                d.pipe = None
 
     def _finish_clean(self) -> None:
         loop = self.loop
