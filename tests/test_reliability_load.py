@@ -138,6 +138,9 @@ def test_1000_concurrent_tunnels_python_and_libpep_nothing_lost_nothing_leaked(e
     m0 = relay_metrics(relay, host)
 
     def probe():
+        # Clients hold their tunnels until this returns; the relay may still be
+        # accepting the last ones (0-RTT connects finish before accept()).
+        wait_until(lambda: relay_metrics(relay, host)["pep_relay_tunnels_open"] >= N, 10, 0.1)
         m = relay_metrics(relay, host)
         peak.update(open=m["pep_relay_tunnels_open"], fds=fd_count(pid), rss=rss_kib(pid))
         return peak
@@ -196,3 +199,17 @@ def test_soak_growing_connection_count(env):
     assert rss_end <= rss_warm + 2 * RSS_SLACK_KIB, history
     tail = [rss for _, rss in history[len(history) * 2 // 3:]]
     assert max(tail) - min(tail) <= RSS_SLACK_KIB, history  # flat, not creeping
+
+
+def test_libpep_connection_table_full_fails_closed(env, tmp_path):
+    """libpep.so tracks at most 1024 PEP connections per process: the next
+    connect() fails with ENOBUFS (a clear error), it never goes around the PEP."""
+    host, relay, echo = env
+    m0 = relay_metrics(relay, host)
+    proc, _ = _libpep_round(host, relay, echo, 1100, tmp_path)
+    assert proc.returncode == 1
+    assert "fail connect" in proc.stdout and "No buffer space" in proc.stdout, proc.stdout
+    failed_at = int(proc.stdout.split()[2].rstrip(":"))
+    assert 1000 <= failed_at <= 1024, proc.stdout
+    m1 = relay_metrics(relay, host)
+    assert m1["pep_relay_tunnels_total"] - m0["pep_relay_tunnels_total"] <= failed_at
