@@ -335,6 +335,21 @@ static int settle(int fd, int for_write, int dontwait)
             e = EAGAIN;
             wait_for = POLLOUT;
         } else if (c->state == PEP_ST_SENDING) {
+            if (for_write == SETTLE_HEADER_ONLY) {
+                /* Not on the program's behalf: never take a pending socket
+                 * error (send() would) that its SO_ERROR or read must see. */
+                struct tcp_info ti;
+                int st = tcp_state(fd, &ti);
+                if (st != TCP_ESTABLISHED && st != TCP_CLOSE_WAIT) {
+                    if (st != TCP_SYN_SENT) { /* failed: the kernel's story now */
+                        lowat_release(fd, c);
+                        pep_conn_set_state(c, PEP_ST_OPEN);
+                    }
+                    pep_unlock();
+                    errno = saved;
+                    return 0;
+                }
+            }
             ssize_t n = real.send(fd, c->hdr + c->hdr_sent, (size_t)(c->hdr_len - c->hdr_sent),
                                   MSG_DONTWAIT | MSG_NOSIGNAL);
             if (n > 0) {
@@ -347,6 +362,12 @@ static int settle(int fd, int for_write, int dontwait)
                 continue;
             }
             e = errno;
+            if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR) {
+                /* the connection to the PEP failed: this call reports it,
+                 * then plain pass-through */
+                lowat_release(fd, c);
+                pep_conn_set_state(c, PEP_ST_OPEN);
+            }
             pep_unlock();
             wait_for = POLLOUT;
         } else { /* PEP_ST_AWAIT */
@@ -1059,17 +1080,64 @@ static int after_poll(struct pollfd *fds, nfds_t n, int r)
     return r;
 }
 
+/*
+ * While a header waits for its handshake (TFO off), a program may block in a
+ * wait for EPOLLIN/POLLIN only (a server-speaks-first protocol): nobody
+ * would send the header and both ends would wait. So while any header is
+ * pending, waits run in slices of PEP_SLICE_MS with a flush in between.
+ * Costs nothing otherwise (one load of a counter).
+ */
+#define PEP_SLICE_MS 10
+
+static int pending_headers(void)
+{
+    return __atomic_load_n(&pep_nsending, __ATOMIC_RELAXED) != 0;
+}
+
+/* The next slice of a wait of `left` ms (-1: forever). */
+static int slice_of(int left)
+{
+    return left < 0 || left > PEP_SLICE_MS ? PEP_SLICE_MS : left;
+}
+
 EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
 {
     INIT();
     flush_sending();
-    return after_poll(fds, n, real.poll(fds, n, timeout));
+    int left = timeout, r;
+    while (UNLIKELY(pending_headers()) && left != 0) {
+        int slice = slice_of(left);
+        r = real.poll(fds, n, slice);
+        if (r != 0)
+            return after_poll(fds, n, r);
+        flush_sending();
+        if (left > 0)
+            left -= slice;
+    }
+    return after_poll(fds, n, real.poll(fds, n, left));
 }
 
 EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
 {
     INIT();
     flush_sending();
+    if (UNLIKELY(pending_headers())) {
+        long long left = ts ? ts->tv_sec * 1000LL + ts->tv_nsec / 1000000 : -1;
+        while (pending_headers() && left != 0) {
+            int slice = left < 0 || left > PEP_SLICE_MS ? PEP_SLICE_MS : (int)left;
+            struct timespec st = {0, slice * 1000000L};
+            int r = real.ppoll(fds, n, &st, mask);
+            if (r != 0)
+                return after_poll(fds, n, r);
+            flush_sending();
+            if (left > 0)
+                left -= slice;
+        }
+        if (left >= 0) {
+            struct timespec st = {left / 1000, (left % 1000) * 1000000L};
+            return after_poll(fds, n, real.ppoll(fds, n, &st, mask));
+        }
+    }
     return after_poll(fds, n, real.ppoll(fds, n, ts, mask));
 }
 
@@ -1092,7 +1160,17 @@ EXPORT int epoll_wait(int epfd, struct epoll_event *ev, int max, int timeout)
 {
     INIT();
     flush_sending();
-    return real.epoll_wait(epfd, ev, max, timeout);
+    int left = timeout, r;
+    while (UNLIKELY(pending_headers()) && left != 0) {
+        int slice = slice_of(left);
+        r = real.epoll_wait(epfd, ev, max, slice);
+        if (r != 0)
+            return r;
+        flush_sending();
+        if (left > 0)
+            left -= slice;
+    }
+    return real.epoll_wait(epfd, ev, max, left);
 }
 
 EXPORT int epoll_pwait(int epfd, struct epoll_event *ev, int max, int timeout,
@@ -1100,7 +1178,17 @@ EXPORT int epoll_pwait(int epfd, struct epoll_event *ev, int max, int timeout,
 {
     INIT();
     flush_sending();
-    return real.epoll_pwait(epfd, ev, max, timeout, mask);
+    int left = timeout, r;
+    while (UNLIKELY(pending_headers()) && left != 0) {
+        int slice = slice_of(left);
+        r = real.epoll_pwait(epfd, ev, max, slice, mask);
+        if (r != 0)
+            return r;
+        flush_sending();
+        if (left > 0)
+            left -= slice;
+    }
+    return real.epoll_pwait(epfd, ev, max, left, mask);
 }
 
 EXPORT int epoll_pwait2(int epfd, struct epoll_event *ev, int max, const struct timespec *ts,

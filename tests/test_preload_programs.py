@@ -1005,3 +1005,63 @@ def test_the_programs_own_socket_survives(lo, lib):
         words = p.stdout.split()
         assert words[:7] == ["True"] * 6 + ["b'hey'"], p.stdout + p.stderr
         assert conv.seen[0].peer == ("127.0.0.1", int(words[7]))
+
+
+@pytest.fixture
+def notfo(tmp_path):
+    """A namespace with TFO off on the client side (net.ipv4.tcp_fastopen=0)."""
+    require_root()
+    with Topology(prefix="pl") as topo:
+        yield topo.host("nt", tfo=0)
+
+
+def test_header_goes_out_while_the_program_waits_for_epollin_only(notfo, lib):
+    """TFO off, the first SYN to the PEP dropped (iptables), so the handshake
+    completes a second later while the program is already blocked in
+    epoll_wait for EPOLLIN only (the server speaks first): the header still
+    goes out, the greeting comes back."""
+    iptables = require_tool("iptables")
+    with _echo(notfo, greeting=b"220 hello") as echo, converter(notfo) as conv:
+        notfo.run(iptables, "-A", "INPUT", "-p", "tcp", "--syn", "--dport", str(conv.address[1]),
+                  "-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0", "-j", "DROP")
+        p = pyrun(notfo, f"""
+            import select, socket, time
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", {echo.address[1]}))
+            except BlockingIOError:
+                pass
+            ep = select.epoll()
+            ep.register(s.fileno(), select.EPOLLIN)
+            t = time.monotonic()
+            events = ep.poll(8)
+            data = s.recv(100) if events else b""
+            print(data, round(time.monotonic() - t, 1))
+            """, ph.preload_env(conv.address, lib))
+        words = p.stdout.split(" ")
+        assert words[0] + " " + words[1] == "b'220 hello'", p.stdout + p.stderr
+        assert 0.5 < float(words[2]) < 4
+        assert len(conv.seen) == 1 and not conv.seen[0].syn_data
+
+
+def test_pending_header_flush_never_eats_the_connect_error(notfo, lib):
+    """TFO off and the PEP not listening: the program's own SO_ERROR still
+    says ECONNREFUSED after libpep's flush attempts in poll()."""
+    with _echo(notfo) as gone:
+        dead = gone.address
+    p = pyrun(notfo, f"""
+        import errno, select, socket
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", 9))
+        except BlockingIOError:
+            pass
+        po = select.poll()
+        po.register(s, select.POLLOUT)
+        po.poll(2000)
+        po.poll(100)
+        print(errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"))
+        """, ph.preload_env(dead, lib))
+    assert p.stdout.strip() == "ECONNREFUSED", p.stdout + p.stderr
