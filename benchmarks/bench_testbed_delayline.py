@@ -18,7 +18,8 @@ from pepsock.testbed.topology import ADDR, Settings, Testbed
 
 
 def run(impl: str, seconds: float) -> dict:
-    with Testbed(Settings(delay_impl=impl, wireless_mbit=75)) as tb:
+    # a queue of 2 end-to-end BDPs, so one cubic flow can keep the link full: this measures the line
+    with Testbed(Settings(delay_impl=impl, wireless_mbit=75, queue_bytes=940_000)) as tb:
         p = procs.agent(tb.client, "ping", ADDR["server"], "--count", 5)
         rtt = sorted(procs.result(p, 20)["rtts_ms"])
         srv = procs.agent(tb.server, "server", "--port", 5001, "--cc", "cubic")

@@ -19,6 +19,8 @@ from pepsock.testbed.topology import ADDR, ADDR6, Settings, Testbed, leftover_na
 from pepsock.testbed.traces import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("pyroute2", reason="the eval extra (pip install pepsock[eval]) is not installed")
+pytest.importorskip("matplotlib", reason="the eval extra (pip install pepsock[eval]) is not installed")
 
 
 def ping(host, dst, count=8):

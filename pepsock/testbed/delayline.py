@@ -125,6 +125,10 @@ def _py_main(argv: list[str]) -> int:
     a, b, d_ab, d_ba = argv[0], argv[1], int(argv[2]) / 1e6, int(argv[3]) / 1e6
     slots = int(argv[4]) if len(argv) > 4 else 16384
     fa, fb = _tun_open(a), _tun_open(b)
+    try:  # as the C version: real-time priority so a busy machine does not stall the line
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(20))
+    except (OSError, AttributeError):
+        pass
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))

@@ -220,12 +220,18 @@ class Runner:
             got = sum(steady) * 8 / (len(steady) * 0.1) / 1e6 if steady else float("nan")
             rows.append({"metric": f"goodput at {rate:g} Mbit/s (Mbit/s)",
                          "configured": round(rate * GOODPUT_FACTOR, 2), "measured": got})
-        st = self.tb.bottleneck.stats()
         for r in rows:
             r["error_pct"] = (r["measured"] - r["configured"]) / r["configured"] * 100
             r["ok"] = abs(r["error_pct"]) <= 10
+        st = self.tb.bottleneck.stats()
         rows.append({"metric": "bottleneck drops during calibration (pkts)", "configured": "",
                      "measured": st.get("dropped", ""), "error_pct": "", "ok": ""})
+        offl = self.tb.wrouter.run("ethtool", "-k", self.tb.if_wr_c, check=False).stdout if shutil.which("ethtool") else ""
+        on = [k for k in ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload")
+              if f"{k}: on" in offl]
+        rows.append({"metric": "TSO/GSO/GRO on the bottleneck veth", "configured": "off",
+                     "measured": ("on: " + ", ".join(on)) if on else ("off" if offl else "unknown (no ethtool)"),
+                     "error_pct": "", "ok": ""})
         self.tb.reset()
         return rows
 
@@ -269,7 +275,7 @@ class Runner:
         return {"experiment": exp, "mode": mode, "rep": rep, "flows_n": flows, "bytes": nbytes,
                 "start": start, "schedule": schedule.name,
                 "rate_changes": [(t - start, r) for t, r in tb.bottleneck.changes],
-                "schedule_errors": runner.errors,
+                "schedule_errors": runner.errors, "schedule_lag_max_ms": max(runner.lags, default=0) * 1000,
                 "flows": res["flows"], "udp": [(q, s - start, r - start) for q, s, r in udp],
                 "queue_bytes": tb.bottleneck.queue_bytes, "queue": tb.bottleneck.stats()}
 

@@ -465,6 +465,24 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         meas = fmt(r["measured"], 2) if isinstance(r["measured"], float) else r["measured"]
         L.append(f"| {r['metric']} | {r['configured']} | {meas} | {err} | {ok} |")
     L.append("")
+    dls = res.get("delaylines") or {}
+    if dls:
+        names = {"delayline0": "wireless (wrouter)", "delayline1": "wired (drouter)"}
+        L.append("Delay lines over the whole run (a = towards the server, b = towards the client): packets, "
+                 "drops, the worst lateness of a release behind its due time, and CPU time used.\n")
+        L.append("| delay line | packets a / b | drops | worst lateness a / b (ms) | CPU (s) |\n|---|---|---|---|---|")
+        for k, v in dls.items():
+            if not v:
+                continue
+            L.append(f"| {names.get(k, k)} | {v.get('ab_in')} / {v.get('ba_in')} | "
+                     f"{(v.get('ab_drops') or 0) + (v.get('ba_drops') or 0)} | "
+                     f"{v.get('ab_late_max_us', 0) / 1000:.1f} / {v.get('ba_late_max_us', 0) / 1000:.1f} | "
+                     f"{v.get('cpu_s')} |")
+        L.append("")
+    lags = [r.get("schedule_lag_max_ms") for r in res.get("runs", []) if r.get("schedule_lag_max_ms") is not None]
+    if lags:
+        L.append(f"Rate changes (netlink) were applied at most {max(lags):.1f} ms after their planned time "
+                 f"(median of the per-run worst: {pct(lags, 50):.1f} ms).\n")
     if S["transfers"]:
         L.append("## Bulk transfer with an interactive flow (step, bigq, spike, mmwave)\n")
         L.append("FCT: mean ± 95% CI over repetitions (s). Ideal: the fluid bound (link rate as goodput, "

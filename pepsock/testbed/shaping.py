@@ -104,6 +104,7 @@ class ScheduleRunner:
         self._thread = threading.Thread(target=self._run, daemon=True, name="schedule")
         self.t0: float | None = None
         self.errors: list[str] = []
+        self.lags: list[float] = []      # applied minus planned time of each change (s)
 
     def start(self, t0: float | None = None) -> "ScheduleRunner":
         self.t0 = time.monotonic() if t0 is None else t0
@@ -119,6 +120,7 @@ class ScheduleRunner:
                 return
             try:
                 self.shaper.set_rate(rate)
+                self.lags.append(self.shaper.changes[-1][0] - (self.t0 + t))
             except Exception as e:  # keep going; the report lists it
                 self.errors.append(repr(e))
 
