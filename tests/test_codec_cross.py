@@ -15,6 +15,7 @@ import sys
 import pytest
 
 cffi = pytest.importorskip("cffi")
+pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
 from pepsock import protocol  # noqa: E402

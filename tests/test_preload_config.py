@@ -12,6 +12,7 @@ import ipaddress
 import pytest
 
 cffi = pytest.importorskip("cffi")
+pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from pepsock import policy  # noqa: E402
