@@ -212,7 +212,7 @@ static int wait_fd(int fd, short events)
     if (real.getsockopt(fd, SOL_SOCKET, events == POLLIN ? SO_RCVTIMEO : SO_SNDTIMEO, &tv,
                         &l) == 0 &&
         (tv.tv_sec || tv.tv_usec))
-        ms = (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
+        ms = tv.tv_sec > 86400 * 20 ? -1 : (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
     struct pollfd p = {fd, events, 0};
     int n = real.poll(&p, 1, ms);
     if (n < 0)
