@@ -645,6 +645,8 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
     return 0;
 }
 
+static void forget(int fd);
+
 /* connect() again on one of ours (EALREADY / EISCONN polling, or a retry). */
 static int connect_again(int fd, const struct sockaddr *sa, socklen_t len, int *again)
 {
@@ -684,6 +686,10 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
     if (!pep_cfg.enabled)
         return real.connect(fd, sa, len);
     if (UNLIKELY(pep_fd_tracked(fd))) {
+        if (sa && len >= sizeof(sa_family_t) && sa->sa_family == AF_UNSPEC) {
+            forget(fd); /* the program disconnects the socket to reuse it */
+            return real.connect(fd, sa, len);
+        }
         int again;
         int r = connect_again(fd, sa, len, &again);
         if (!again)

@@ -1065,3 +1065,21 @@ def test_pending_header_flush_never_eats_the_connect_error(notfo, lib):
         print(errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"))
         """, ph.preload_env(dead, lib))
     assert p.stdout.strip() == "ECONNREFUSED", p.stdout + p.stderr
+
+
+def test_disconnect_with_af_unspec_and_reconnect_the_same_socket(lo, lib):
+    with _echo(lo, greeting=b"hi") as echo, converter(lo) as conv:
+        p = pyrun(lo, f"""
+            import ctypes, socket
+            libc = ctypes.CDLL(None, use_errno=True)
+            s = socket.socket()
+            s.settimeout(5)
+            s.connect(("127.0.0.1", {echo.address[1]}))
+            first = s.recv(2)
+            unspec = (ctypes.c_ubyte * 16)()   # sa_family 0 = AF_UNSPEC
+            print(first, libc.connect(s.fileno(), unspec, 16))
+            s.connect(("127.0.0.1", {echo.address[1]}))
+            print(s.recv(2), s.getpeername()[1] == {echo.address[1]})
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.split("\n")[:2] == ["b'hi' 0", "b'hi' True"], p.stdout + p.stderr
+        assert len(conv.seen) == 2
