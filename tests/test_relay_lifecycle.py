@@ -226,3 +226,39 @@ def test_accept_out_of_fds_does_not_spin_and_recovers():
             assert time.monotonic() < deadline, "relay never recovered"
             time.sleep(0.2)
         assert "pausing the listener" in r.log
+
+
+def test_loop_skips_stale_events_of_a_reused_fd():
+    """An fd closed while handling one event of a batch can be reused at once
+    (accept(), socket()); the batch's event for the old socket must not reach
+    the new owner (it once turned a fresh tunnel's connect into a reset)."""
+    import select
+    from pepsock.relay.config import Config
+    from pepsock.relay.server import Loop
+    loop = Loop(Config())
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    calls = []
+    kept = []
+
+    def on_c(ev):
+        calls.append("c")
+        c.recv(1)
+        fd = a.fileno()
+        loop.forget(fd)
+        a.close()
+        new, other = socket.socketpair()   # quiet: no events of its own
+        kept.extend((new, other))
+        assert new.fileno() == fd          # lowest free number: reused
+        loop.register(fd, lambda ev: calls.append("new"), select.EPOLLIN)
+
+    loop.register(c.fileno(), on_c, select.EPOLLIN)
+    loop.register(a.fileno(), lambda ev: calls.append("a"), select.EPOLLIN)
+    d.send(b"x")        # c ready first, then a: one batch, in that order
+    b.send(b"x")
+    loop.call_later(0.2, lambda: setattr(loop, "running", False))
+    loop.run()
+    loop.close()
+    for s in (b, c, d, *kept):
+        s.close()
+    assert calls == ["c"]

@@ -211,6 +211,7 @@ class Loop:
         self.cfg = cfg
         self.ep = select.epoll()
         self.handlers: dict[int, object] = {}
+        self.closed: set[int] = set()     # fds closed during the current batch
         self.timers: list[Timer] = []
         self.soon: list = []
         self.stats = stats or S.Stats()
@@ -237,11 +238,17 @@ class Loop:
 
     def forget(self, fd: int) -> None:
         """Drop fd's handler; the caller closes fd right away, and close()
-        takes it out of the epoll set (we never dup sockets), so no syscall."""
+        takes it out of the epoll set (we never dup sockets), so no syscall.
+
+        The fd number may be reused at once (the next accept() or socket() in
+        the same batch of events), so events already fetched for it belong to
+        the old socket: `closed` makes run() skip them."""
         self.handlers.pop(fd, None)
+        self.closed.add(fd)
 
     def unregister(self, fd: int) -> None:
         self.handlers.pop(fd, None)
+        self.closed.add(fd)
         try:
             self.ep.unregister(fd)
         except (OSError, ValueError):
@@ -418,6 +425,7 @@ class Loop:
         gc.set_threshold(100_000, 50, 50)
         poll = self.ep.poll
         handlers = self.handlers
+        closed = self.closed
         timers = self.timers
         monotonic = time.monotonic
         while self.running:
@@ -432,11 +440,14 @@ class Loop:
                 timeout = 0
             if self.stopping and not self.tunnels and not self.closers:
                 break
+            closed.clear()
             try:
                 events = poll(timeout, 512)
             except InterruptedError:
                 continue
             for fd, ev in events:
+                if closed and fd in closed:
+                    continue        # stale: that fd was closed (maybe reused) in this batch
                 h = handlers.get(fd)
                 if h is not None:
                     h(ev)
