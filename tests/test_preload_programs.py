@@ -1083,3 +1083,31 @@ def test_disconnect_with_af_unspec_and_reconnect_the_same_socket(lo, lib):
             """, ph.preload_env(conv.address, lib))
         assert p.stdout.split("\n")[:2] == ["b'hi' 0", "b'hi' True"], p.stdout + p.stderr
         assert len(conv.seen) == 2
+
+
+def test_blocking_read_waits_for_the_reply_and_honours_so_rcvtimeo(lo, lib):
+    """A slow reply (1 byte every 0.4 s): a blocking recv with SO_RCVTIMEO
+    0.2 s gives EAGAIN after about 0.2 s; without a timeout it waits, strips
+    the reply and returns the server's bytes."""
+    with _echo(lo, greeting=b"slow") as echo, converter(lo, split=1, split_delay=0.4) as conv:
+        p = pyrun(lo, f"""
+            import errno, socket, struct, time
+            s = socket.socket()
+            s.connect(("127.0.0.1", {echo.address[1]}))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 200000))
+            t = time.monotonic()
+            try:
+                s.recv(10)
+                print("data")
+            except OSError as e:
+                print(errno.errorcode[e.errno], round(time.monotonic() - t, 1))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+            data = b""
+            while len(data) < 4:
+                data += s.recv(10)
+            print(data)
+            """, ph.preload_env(conv.address, lib))
+        lines = p.stdout.split("\n")
+        assert lines[0].split()[0] == "EAGAIN", p.stdout + p.stderr
+        assert 0.1 <= float(lines[0].split()[1]) <= 0.6
+        assert lines[1] == "b'slow'", p.stdout + p.stderr
