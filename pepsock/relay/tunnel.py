@@ -125,6 +125,11 @@ def apply_side(sock: socket.socket, side, nodelay: bool) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, side.cc.encode())
     if nodelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A peer that vanishes without FIN or RST (a client out of coverage) must
+    # not hold an idle tunnel forever: TCP keepalive, timed by the kernel's
+    # net.ipv4.tcp_keepalive_* (accepted sockets inherit it from the listener).
+    # tests/test_reliability_vanish.py
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 def _fmt(addr) -> str:
