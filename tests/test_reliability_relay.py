@@ -723,3 +723,53 @@ def _open_tunnels(relay, host):
         return relay_metrics(relay, host)["pep_relay_tunnels_open"]
     except OSError:
         return None
+
+
+def test_worker_killed_mid_transfer_others_unharmed_and_replaced(net, far_echo):
+    """--workers 2: SIGKILL one worker mid-transfer. Its clients get an error at
+    once, the other worker's tunnels go on intact, new tunnels are served, and
+    the master starts a new worker."""
+    host = net.hosts["relay"]
+    srv = _far_server(net, _firehose)
+    r = _start_relay(net, "--workers", "2")
+
+    def workers():
+        with open(f"/proc/{r.proc.pid}/task/{r.proc.pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    try:
+        assert wait_until(lambda: len(workers()) == 2, 5)
+        first = workers()
+        with _inside(net):
+            socks = []
+            for _ in range(16):  # SO_REUSEPORT spreads them over both workers
+                s = convert_open(r.addr, srv.addr, timeout=10)
+                read_reply(s)
+                recv_exact(s, 65536)
+                socks.append(s)
+            victim = first[0]
+            victim_fds = fd_count(victim)
+            os.kill(victim, signal.SIGKILL)
+            t0 = time.monotonic()
+            broken, alive = 0, 0
+            for s in socks:
+                s.settimeout(3)
+                try:
+                    got = 0
+                    while got < 300_000:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            raise ConnectionResetError("eof")
+                        got += len(chunk)
+                    alive += 1
+                except (ConnectionResetError, socket.timeout) as exc:
+                    assert not isinstance(exc, socket.timeout), "a client hung"
+                    broken += 1
+                s.close()
+            assert time.monotonic() - t0 < 10
+            assert broken >= 1 and alive >= 1, (broken, alive, victim_fds)
+            assert wait_until(lambda: len(workers()) == 2 and victim not in workers(), 5)
+            for _ in range(6):
+                assert _good_roundtrip(r.addr, far_echo.addr) < 1.0
+    finally:
+        r.stop()
+        srv.close()
