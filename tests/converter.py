@@ -1,54 +1,73 @@
-"""A small RFC 8803 converter for the tests: threads, a TFO listener, knobs.
+"""Test-only RFC 8803 converter and servers, shared by every suite.
 
-Not the product (that is `pep relay`): this one is deliberately simple and can
-misbehave on request (answer with an error, split its reply, send garbage), so
-client tests do not depend on the relay being right.
+Not the product (that is `pep relay`): a deliberately simple threaded
+converter on a TFO listener (TCP_FASTOPEN + TCP_FASTOPEN_NO_COOKIE), parsing
+with pepsock.protocol, that can misbehave on request (answer with an Error
+TLV, split its reply into delayed segments, send raw bytes, reset), so client
+tests do not depend on the relay being right. For each client connection it
+records the destination and whether the header came in the SYN (TCP_INFO
+tcpi_options & TCPI_OPT_SYN_DATA on the accepted socket).
 """
 from __future__ import annotations
 
+import functools
+import http.server
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
-from pepsock import protocol, tfo
+from pepsock import protocol
+from pepsock.tfo import TCP_FASTOPEN, TCP_FASTOPEN_NO_COOKIE, TCPI_OPT_SYN_DATA
 
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 @dataclass
 class Seen:
-    """What the converter observed of one client connection."""
-
     connect: protocol.Connect | None = None
-    syn_data: bool = False  # the header arrived in the SYN
-    early_data: bytes = b""  # bytes that came behind the header in the first read
+    syn_data: bool = False
+    early_data: bytes = b""     # application bytes that came with the header
+    peer: tuple = ()            # the client's address as the converter saw it
+    error: str = ""
 
 
 @dataclass
 class Converter:
+    """A threaded test converter. Create it inside the namespace it must live in."""
+
     host: str = "127.0.0.1"
-    #: Reply with this Error TLV (code, value) instead of connecting onward.
-    error: tuple[int, bytes] | None = None
-    #: Send the reply in pieces of this many bytes, `split_delay` apart.
-    split: int = 0
-    split_delay: float = 0.02
-    #: Extra TLVs in a success reply (to test parsers skipping them).
-    reply_tlvs: tuple = ()
-    #: Raw bytes to answer with instead of a valid reply.
-    raw_reply: bytes | None = None
+    port: int = 0
+    error: tuple[int, bytes] | None = None      # answer with this Error TLV
+    split: int = 0                              # reply in pieces of this many bytes
+    split_delay: float = 0.05
+    raw_reply: bytes | None = None              # answer with these bytes
+    reply_tlvs: tuple = ()                      # extra TLVs in a success reply
+    reset_after_error: bool = True             # RST (SO_LINGER 0) after an Error, else FIN
+    reset_delay: float = 0.05                   # seconds between the Error TLV and the RST
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN, 64)
-        tfo.allow_data_without_cookie(self.listener)
-        self.listener.bind((self.host, 0))
-        self.listener.listen(64)
+        self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 128)
+        try:
+            self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+        except OSError:
+            pass
+        self.listener.bind((self.host, self.port))
+        self.listener.listen(128)
         self.address = self.listener.getsockname()[:2]
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    @property
+    def env_value(self) -> str:
+        h, p = self.address
+        return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
 
     def close(self):
         self._stop = True
@@ -73,55 +92,75 @@ class Converter:
                 return
             threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
 
-    def _send_reply(self, client: socket.socket, reply: bytes):
+    def _reply(self, client: socket.socket, data: bytes):
         if not self.split:
-            client.sendall(reply)
+            client.sendall(data)
             return
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(0, len(reply), self.split):
-            client.sendall(reply[i:i + self.split])
+        for i in range(0, len(data), self.split):
+            client.sendall(data[i:i + self.split])
             time.sleep(self.split_delay)
 
     def _tunnel(self, client: socket.socket):
         seen = Seen()
         self.seen.append(seen)
         client.settimeout(10)
-        with client:
+        try:
+            seen.peer = client.getpeername()[:2]
+            info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+            seen.syn_data = bool(info[5] & TCPI_OPT_SYN_DATA)
             reader = protocol.MessageReader()
+            while not reader.done:
+                chunk = client.recv(4096)
+                if not chunk:
+                    reader.eof()
+                reader.feed(chunk)
+            seen.early_data = reader.rest
+            target = protocol.check_request(reader.message)
+        except (protocol.ProtocolError, OSError) as exc:
+            seen.error = str(exc)
+            code = getattr(exc, "code", protocol.ErrorCode.MALFORMED_MESSAGE)
             try:
-                while not reader.done:
-                    chunk = client.recv(2048)
-                    if not chunk:
-                        return
-                    reader.feed(chunk)
-                seen.syn_data = tfo.syn_data_acked(client)
-                seen.early_data = reader.rest
-                target = protocol.check_request(reader.message)
-            except protocol.ProtocolError as exc:
-                client.sendall(protocol.error_reply(exc.code))
-                return
-            if isinstance(target, protocol.Info):
+                client.sendall(protocol.error_reply(code))
+            except OSError:
+                pass
+            client.close()
+            return
+        if isinstance(target, protocol.Info):
+            try:
                 client.sendall(protocol.success_reply((protocol.SupportedTCPExtensions((2, 3, 4)),)))
-                return
-            seen.connect = target
+            except OSError:
+                pass
+            client.close()
+            return
+        seen.connect = target
+        try:
             if self.raw_reply is not None:
-                self._send_reply(client, self.raw_reply)
-                time.sleep(0.2)
+                self._reply(client, self.raw_reply)
+                time.sleep(0.3)
                 return
             if self.error is not None:
-                self._send_reply(client, protocol.error_reply(*self.error))
+                self._reply(client, protocol.error_reply(*self.error))
+                if self.reset_after_error:
+                    time.sleep(self.reset_delay)
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 return
             try:
                 server = socket.create_connection((str(target.address), target.port), timeout=5)
             except OSError as exc:
                 code, value = protocol.error_for_connect_failure(exc.errno or 0)
-                client.sendall(protocol.error_reply(code, value))
+                self._reply(client, protocol.error_reply(code, value))
                 return
             with server:
-                self._send_reply(client, protocol.success_reply(self.reply_tlvs))
+                self._reply(client, protocol.success_reply(self.reply_tlvs))
                 if reader.rest:
                     server.sendall(reader.rest)
-                _pump_both(client, server)
+                pump_both(client, server)
+        except OSError as exc:
+            seen.error = str(exc)
+        finally:
+            client.close()
 
 
 def _pump(src: socket.socket, dst: socket.socket):
@@ -136,7 +175,7 @@ def _pump(src: socket.socket, dst: socket.socket):
         return
 
 
-def _pump_both(a: socket.socket, b: socket.socket):
+def pump_both(a: socket.socket, b: socket.socket):
     a.settimeout(30)
     b.settimeout(30)
     t = threading.Thread(target=_pump, args=(b, a), daemon=True)
@@ -145,24 +184,85 @@ def _pump_both(a: socket.socket, b: socket.socket):
     t.join(30)
 
 
-class EchoServer:
-    """Echoes every byte back; half-closes when the client does."""
+# --------------------------------------------------------------------------
+# Servers
 
-    def __init__(self, host: str = "127.0.0.1"):
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+
+class _V6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+
+class _V4Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class HTTPServer:
+    """A threaded static HTTP server on (host, random port) serving `root`."""
+
+    def __init__(self, root: str, host: str = "127.0.0.1"):
+        cls = _V6Server if ":" in host else _V4Server
+        cls.request_queue_size = 256
+        handler = functools.partial(_QuietHandler, directory=root)
+        self.httpd = cls((host, 0), handler)
+        self.address = self.httpd.server_address[:2]
+        self._t = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                   daemon=True)
+        self._t.start()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{url_host(self.address[0])}:{self.address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class EchoServer:
+    """Echoes bytes; optionally writes a greeting first (server-speaks-first)."""
+
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b""):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind((host, 0))
         self.listener.listen(64)
         self.address = self.listener.getsockname()[:2]
+        self.greeting = greeting
+        self.peers: list = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
         while True:
             try:
-                conn, _ = self.listener.accept()
+                conn, peer = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=_pump, args=(conn, conn), daemon=True).start()
+            self.peers.append(peer)
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        with conn:
+            conn.settimeout(20)
+            try:
+                if self.greeting:
+                    conn.sendall(self.greeting)
+                _pump(conn, conn)
+            except OSError:
+                pass
 
     def close(self):
         try:
@@ -176,3 +276,5 @@ class EchoServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
