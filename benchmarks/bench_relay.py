@@ -434,6 +434,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-netns", action="store_true",
                     help="run on the host's loopback even as root (TFO server bit as the "
                          "host has it)")
+    ap.add_argument("--cc", default="cubic",
+                    help="congestion control for everything inside the benchmark's netns "
+                         "(default cubic: bbr without an fq qdisc paces in TCP itself, which "
+                         "costs a relay path of two connections far more than a direct flow; "
+                         "'' keeps the kernel's default)")
     ap.add_argument("--only", choices=["bulk", "conns", "idle"], action="append")
     args = ap.parse_args(argv)
     only = set(args.only or ["bulk", "conns", "idle"])
@@ -449,7 +454,11 @@ def main(argv=None) -> int:
         from pepsock.testbed.netns import Topology
         topo = Topology(prefix="rb")
         NS = topo.host("bench", tfo=3)
-        where = f"loopback of netns {NS.name} (net.ipv4.tcp_fastopen=3 inside it)"
+        if args.cc:
+            NS.sysctl("net.ipv4.tcp_congestion_control", args.cc)
+        cc = NS.run("sysctl", "-n", "net.ipv4.tcp_congestion_control").stdout.strip()
+        where = (f"loopback of netns {NS.name} (inside it: net.ipv4.tcp_fastopen=3, "
+                 f"tcp_congestion_control={cc} for every program)")
     procs = Procs()
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
     print(f"# bench_relay  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}  "
