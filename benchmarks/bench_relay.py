@@ -118,7 +118,20 @@ def start_relay(procs: Procs, *args: str) -> tuple[subprocess.Popen, int]:
     m = re.match(r"listening on 127\.0\.0\.1:(\d+)", line)
     if not m:
         raise RuntimeError(f"relay said {line!r}")
+    if "--stats" in args:
+        sm = re.match(r"stats on 127\.0\.0\.1:(\d+)", p.stdout.readline().decode())
+        p.stats_port = int(sm.group(1))
     return p, int(m.group(1))
+
+
+def relay_bytes_up(p: subprocess.Popen) -> float:
+    """The relay's own count of client->server bytes (proof the flow went through it)."""
+    import urllib.request
+    with enter():
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.stats_port}/", timeout=5) as r:
+            text = r.read().decode()
+    m = re.search(r'pep_relay_bytes_total\{direction="up"\} (\S+)', text)
+    return float(m.group(1))
 
 
 def start_haproxy(procs: Procs, tmp: str, backend_port: int, threads: int,
@@ -181,9 +194,10 @@ def bench_bulk(procs: Procs, tmp: str, seconds: float, rounds: int, relay_args=(
     wait_port(iperf_port)
     time.sleep(0.3)
     haproxy, hport = start_haproxy(procs, tmp, iperf_port, threads=1)
-    relay, rport = start_relay(procs, *relay_args)
+    relay, rport = start_relay(procs, "--stats", "127.0.0.1:0", *relay_args)
     results = {"direct": [], "haproxy": [], "relay": [], "cpu_per_gb": {"haproxy": [],
-                                                                      "relay": []}}
+                                                                      "relay": []},
+               "relayed_fraction": []}
     try:
         for _ in range(rounds):
             results["direct"].append(iperf(iperf_port, seconds))
@@ -192,7 +206,10 @@ def bench_bulk(procs: Procs, tmp: str, seconds: float, rounds: int, relay_args=(
             results["cpu_per_gb"]["haproxy"].append(
                 (_cpu_seconds(haproxy.pid) - c0) / (results["haproxy"][-1] * seconds / 8))
             c0 = _cpu_seconds(relay.pid)
+            b0 = relay_bytes_up(relay)
             results["relay"].append(iperf(iperf_port, seconds, env=pep_env(rport)))
+            results["relayed_fraction"].append(
+                (relay_bytes_up(relay) - b0) / (results["relay"][-1] * 1e9 * seconds / 8))
             results["cpu_per_gb"]["relay"].append(
                 (_cpu_seconds(relay.pid) - c0) / (results["relay"][-1] * seconds / 8))
     finally:
@@ -471,6 +488,7 @@ def main(argv=None) -> int:
             else:
                 r = bench_bulk(procs, tmp, args.duration, args.rounds, args.relay_args.split())
                 cpu = r.pop("cpu_per_gb")
+                relayed = r.pop("relayed_fraction")
                 best = {k: max(v) for k, v in r.items()}
                 print("\n## bulk: one iperf3 flow on loopback, Gbit/s (best of "
                       f"{args.rounds} interleaved rounds of {args.duration:g}s)")
@@ -481,6 +499,9 @@ def main(argv=None) -> int:
                 print(f"  relay/haproxy = {best['relay'] / best['haproxy']:.2f}  (target >= 1.0)")
                 per_round = [a / b for a, b in zip(r["relay"], r["haproxy"])]
                 print("  relay/haproxy per round: " + " ".join(f"{x:.2f}" for x in per_round))
+                print("  bytes the relay counted / bytes iperf3 reported, per round: "
+                      + " ".join(f"{x:.2f}" for x in relayed) + "  (1.00: the flow went "
+                      "through the relay)")
                 print("  proxy CPU per GB moved (s/GB, lower is better; independent of how "
                       "busy the machine is): haproxy " + " ".join(f"{x:.3f}" for x in cpu["haproxy"])
                       + "  relay " + " ".join(f"{x:.3f}" for x in cpu["relay"]))
