@@ -559,7 +559,13 @@ def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int)
         loop.call_later(STATS_FLUSH, flush)
 
     flush()
-    os.write(ready_fd, b"r")
+    try:
+        os.write(ready_fd, b"r")
+    except BrokenPipeError:
+        # A worker restarted after a crash: the master closed its end of the
+        # pipe at once (nobody waits). Dying here made every restart fail and
+        # restart again, forever (tests/test_reliability_relay.py).
+        pass
     os.close(ready_fd)
     try:
         loop.run()
