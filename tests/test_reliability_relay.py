@@ -779,3 +779,45 @@ def test_worker_killed_mid_transfer_others_unharmed_and_replaced(net, far_echo):
     finally:
         r.stop()
         srv.close()
+
+
+@pytest.mark.xfail(strict=True, reason="relay workers outlive a SIGKILLed master (no "
+                   "PR_SET_PDEATHSIG / parent check) and keep serving the port; reported to "
+                   "the lead, pepsock/relay/server.py was being edited by its owner")
+def test_master_killed_workers_follow_and_restart_owns_the_port(net, far_echo):
+    """kill -9 of the --workers master must not leave orphan workers serving the
+    port (with the old configuration) beside a restarted relay."""
+    host = net.hosts["relay"]
+    r = _start_relay(net, "--workers", "2")
+    port = r.addrs[0][1]
+    with open(f"/proc/{r.proc.pid}/task/{r.proc.pid}/children") as f:
+        kids = [int(p) for p in f.read().split()]
+    assert len(kids) == 2
+
+    def alive():
+        out = []
+        for k in kids:
+            try:
+                with open(f"/proc/{k}/stat") as f:
+                    if f.read().split()[2] != "Z":
+                        out.append(k)
+            except FileNotFoundError:
+                pass
+        return out
+    r2 = None
+    try:
+        r.proc.kill()
+        r.proc.wait(timeout=5)
+        gone = wait_until(lambda: not alive(), 3)
+        assert gone, f"workers {alive()} still running 3 s after their master died"
+        r2 = Relay("--listen", f"127.0.0.1:{port}", "--stats", "127.0.0.1:0",
+                   prefix=host.cmd())
+        with _inside(net):
+            for _ in range(10):
+                _good_roundtrip(r2.addr, far_echo.addr, 1000)
+        assert relay_metrics(r2, host)["pep_relay_tunnels_total"] == 10
+    finally:
+        for k in alive():
+            os.kill(k, signal.SIGKILL)
+        if r2 is not None:
+            r2.kill()
