@@ -30,13 +30,13 @@ class Relay:
     """A relay subprocess; `addr` is its first listening address."""
 
     def __init__(self, *args: str, prefix: list[str] | None = None, timeout: float = 10,
-                 env: dict | None = None):
+                 env: dict | None = None, new_session: bool = False):
         argv = [*(prefix or []), sys.executable, "-m", "pepsock.relay", *args]
         e = dict(os.environ)
         e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
         e.update(env or {})
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=e, cwd=ROOT)
+                                     env=e, cwd=ROOT, start_new_session=new_session)
         self.addrs: list[tuple[str, int]] = []
         self.stats: tuple[str, int] | None = None
         self.stderr = b""

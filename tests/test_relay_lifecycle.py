@@ -262,3 +262,23 @@ def test_loop_skips_stale_events_of_a_reused_fd():
     for s in (b, c, d, *kept):
         s.close()
     assert calls == ["c"]
+
+
+def test_workers_ctrl_c_to_the_process_group_drains():
+    """Ctrl-C hits master and workers at once: still one graceful drain."""
+    with Server(echo) as srv:
+        r = Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--workers", "2",
+                  "--drain-timeout", "20", new_session=True)
+        try:
+            s = convert_open(r.addr, srv.addr)
+            _, rest = read_reply(s)
+            os.killpg(r.proc.pid, signal.SIGINT)
+            r.wait_log("draining 1 tunnels")
+            time.sleep(0.3)
+            assert _echo_roundtrip(s, b"after ^C", rest) == b"after ^C"
+            s.close()
+            assert r.proc.wait(timeout=15) == 0
+        finally:
+            r.kill()
+    assert "second signal" not in r.log
+    assert "outcome=ok" in r.log

@@ -377,13 +377,12 @@ class Loop:
             log.info("%s", t.log_line(time.monotonic()))
 
     # -- signals and drain ------------------------------------------------------------------
-    def install_signals(self) -> None:
+    def install_signals(self, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
         signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
-        self._pending_signals = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             signal.signal(sig, lambda n, f: None)
         self.register(self._sig_r.fileno(), self._on_wakeup, select.EPOLLIN)
 
@@ -551,7 +550,11 @@ def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int)
     loop.admission = _admission(cfg, bound)
     for s in listeners:
         loop.add_listener(s)
-    loop.install_signals()
+    # Ctrl-C reaches the whole process group; the master turns it into one
+    # SIGTERM per worker, so a worker ignores SIGINT (else one Ctrl-C would
+    # count as two signals and reset every tunnel instead of draining).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop.install_signals((signal.SIGTERM,))
 
     def flush():
         loop.stats.v[S.PIPES] = loop.pipes_open
