@@ -282,3 +282,36 @@ def test_workers_ctrl_c_to_the_process_group_drains():
             r.kill()
     assert "second signal" not in r.log
     assert "outcome=ok" in r.log
+
+
+def test_workers_exit_when_the_master_is_killed():
+    with Server(echo) as srv:
+        r = Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--workers", "2")
+        try:
+            with open(f"/proc/{r.proc.pid}/task/{r.proc.pid}/children") as f:
+                kids = [int(p) for p in f.read().split()]
+            assert len(kids) == 2
+            r.proc.kill()
+            r.proc.wait(timeout=5)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(_running(k) for k in kids):
+                time.sleep(0.05)
+            assert not any(_running(k) for k in kids), "workers outlived their master"
+            # The port is free for a new relay.
+            with Relay("--listen", f"127.0.0.1:{r.addr[1]}", *ALLOW_LO) as r2:
+                s = convert_open(r2.addr, srv.addr)
+                assert read_reply(s)[0].error is None
+                s.close()
+        finally:
+            r.kill()
+            for k in kids:
+                if _running(k):
+                    os.kill(k, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

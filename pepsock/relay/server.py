@@ -579,6 +579,20 @@ def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int)
     return 0
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("prctl(PR_SET_PDEATHSIG) unavailable: workers may outlive a killed master")
+    if os.getppid() != parent:      # the master died before prctl took effect
+        os._exit(0)
+
+
 def _run_master(cfg: Config) -> int:
     # Resolve port 0 once: bind (no listen) with SO_REUSEPORT, keep it bound so
     # the port stays ours, and let every worker bind+listen on the same address.
@@ -586,6 +600,8 @@ def _run_master(cfg: Config) -> int:
     bound = [s.getsockname() for s in holders]
     shared = S.SharedSlots(cfg.workers)
     children: dict[int, int] = {}
+
+    master = os.getpid()
 
     def spawn(slot: int) -> int:
         r, w = os.pipe()
@@ -596,6 +612,10 @@ def _run_master(cfg: Config) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                # A worker must not outlive its master (kill -9): it would keep
+                # serving the port beside a restarted relay.  SIGTERM on the
+                # master's death makes it drain and exit like a normal stop.
+                _die_with_parent(master)
                 for s in holders:
                     s.close()
                 code = _worker(cfg, bound, slot, shared, w)
