@@ -781,9 +781,6 @@ def test_worker_killed_mid_transfer_others_unharmed_and_replaced(net, far_echo):
         srv.close()
 
 
-@pytest.mark.xfail(strict=True, reason="relay workers outlive a SIGKILLed master (no "
-                   "PR_SET_PDEATHSIG / parent check) and keep serving the port; reported to "
-                   "the lead, pepsock/relay/server.py was being edited by its owner")
 def test_master_killed_workers_follow_and_restart_owns_the_port(net, far_echo):
     """kill -9 of the --workers master must not leave orphan workers serving the
     port (with the old configuration) beside a restarted relay."""
