@@ -226,3 +226,25 @@ def test_syn_data_dropped_curl_under_libpep_falls_back(net, rules):
     assert net.conv.seen[before].connect is not None
     assert not net.conv.seen[before].syn_data
     assert took < 10
+
+
+def test_syn_data_dropped_through_the_relay_curl_falls_back(net, rules):
+    """The same middlebox in front of the real relay: the header arrives after
+    the handshake, the relay still serves, curl fetches 1 MiB intact."""
+    from relay_helpers import Relay
+    build()
+    relay = Relay("--listen", f"{PEP_IP}:0", "--allow-client", "192.0.2.0/24",
+                  "--allow-dest", f"{PEP_IP}/32", "--stats", "127.0.0.1:0",
+                  prefix=net.hosts["pep"].cmd())
+    try:
+        rules(*SYN_DATA_RULE, "-d", PEP_IP, "-j", "DROP")
+        proc, took = _curl(net, net.http.url("/1m.bin"), relay.addr, "--max-time", "15")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == f"200 {1 << 20}"
+        assert _drops(net) >= 1
+        with net.hosts["pep"].enter():
+            m = relay.metrics()
+        assert m["pep_relay_tunnels_total"] == 1 and m["pep_relay_syn_data_total"] == 0
+        assert took < 10
+    finally:
+        relay.stop()
