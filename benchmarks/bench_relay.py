@@ -470,9 +470,17 @@ def main(argv=None) -> int:
     if os.geteuid() == 0 and not args.no_netns and shutil.which("ip"):
         from pepsock.testbed.netns import Topology
         topo = Topology(prefix="rb")
-        NS = topo.host("bench", tfo=3)
+        try:
+            NS = topo.host("bench", tfo=3)
+        except BaseException:
+            topo.cleanup()
+            raise
         if args.cc:
-            NS.sysctl("net.ipv4.tcp_congestion_control", args.cc)
+            # A netns may only pick from the host's tcp_allowed_congestion_control.
+            if NS.run("sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={args.cc}",
+                      check=False).returncode != 0:
+                print(f"# note: could not set {args.cc} in the netns (not in the host's "
+                      "net.ipv4.tcp_allowed_congestion_control); keeping the default")
         cc = NS.run("sysctl", "-n", "net.ipv4.tcp_congestion_control").stdout.strip()
         where = (f"loopback of netns {NS.name} (inside it: net.ipv4.tcp_fastopen=3, "
                  f"tcp_congestion_control={cc} for every program)")

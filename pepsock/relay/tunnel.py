@@ -30,7 +30,7 @@ import struct
 import time
 
 from ..protocol import (
-    ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, check_request,
+    MAX_MESSAGE_SIZE, ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, check_request,
     error_for_connect_failure, error_reply, success_reply,
 )
 from . import stats as S
@@ -197,7 +197,7 @@ class Closer:
 
 class Tunnel:
     __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
-                 "dest", "t0", "timer", "outcome")
+                 "dest", "t0", "timer", "outcome", "early")
 
     def __init__(self, loop, sock: socket.socket, addr, now: float):
         self.loop = loop
@@ -212,6 +212,7 @@ class Tunnel:
         self.dest = None
         self.t0 = now
         self.outcome = ""
+        self.early = b""
         loop.register(self.c.fd, self.on_client, ET_MASK)
         self.timer = loop.call_later(loop.cfg.header_timeout, self._header_timeout)
         self._read_header()
@@ -251,9 +252,10 @@ class Tunnel:
         msg = None
         try:
             while msg is None:
-                # Read exactly what the message still needs: bytes after it stay
-                # in the socket and are spliced onward with the rest.
-                data = recv(reader.needed())
+                # One recv() takes the header (at most 1020 bytes) and usually
+                # the early data behind it; those bytes are sent onward first,
+                # before anything is spliced (`early`, then Direction.buf).
+                data = recv(MAX_MESSAGE_SIZE)
                 if not data:
                     reader.eof()
                 msg = reader.feed(data)
@@ -266,6 +268,8 @@ class Tunnel:
         except OSError as e:
             return self._abort(f"client error in header: {e.strerror}")
         self.reader = None
+        self.early = reader.rest
+        # A FIN may already sit behind the bytes read: keep trying to read.
         self.c.readable = True
         if isinstance(req, Info):
             return self._reply_and_close(INFO_REPLY, "info")
@@ -331,6 +335,7 @@ class Tunnel:
         self.up = up = Direction(self.c, s, S.BYTES_UP)
         self.down = down = Direction(s, self.c, S.BYTES_DOWN)
         up.peer, down.peer = down, up
+        up.buf, self.early = self.early, b""
         self._run()
 
     # -- data path ---------------------------------------------------------------------
@@ -349,7 +354,11 @@ class Tunnel:
         pipe = d.pipe
         if pipe is None:
             if d.buf:
-                return self._copy(d)
+                # Bytes in user space (early data read with the header, or a
+                # copy-mode leftover) go first; then back to splicing.
+                self._copy(d, more=False)
+                if d.buf:
+                    return
             if d.eof or not src.readable:
                 return
             pipe = self.loop.pipe_get()
@@ -406,16 +415,17 @@ class Tunnel:
         if not d.peer.shut:
             d.dst.sock.shutdown(socket.SHUT_WR)
 
-    def _copy(self, d: Direction) -> None:
-        """The fallback when no pipe can be had (out of fds): move the bytes
-        through user space, 64 KiB at a time, until the direction is idle
-        again.  Slower, but a tunnel never waits on another one's pipe."""
+    def _copy(self, d: Direction, more: bool = True) -> None:
+        """Send what `d.buf` holds; with `more`, keep moving bytes through user
+        space, 64 KiB at a time, until the direction is idle again.  That is
+        the fallback when no pipe can be had (out of fds): slower, but a
+        tunnel never waits on another one's pipe."""
         src, dst = d.src, d.dst
         buf = d.buf
         moved = 0
         while True:
             if not buf:
-                if d.eof or not src.readable:
+                if not more or d.eof or not src.readable:
                     break
                 try:
                     buf = src.sock.recv(65536)
