@@ -215,9 +215,15 @@ class Runner:
             finally:
                 self.tb.bottleneck.set_queue(s.queue_bytes)
             f = r["flows"][0]
-            bins = [b for t, b in f["bins"]]
-            steady = bins[len(bins) // 3: -1] or bins  # skip slow start and the last partial bin
-            got = sum(steady) * 8 / (len(steady) * 0.1) / 1e6 if steady else float("nan")
+            # goodput over whole bins from a third of the way in (past slow start) to the last,
+            # partial bin (excluded); bins with no data count as zero, not as missing
+            bins = dict(f["bins"])
+            got = float("nan")
+            if bins:
+                first, last = min(bins), max(bins)
+                i0 = first + (last - first) // 3
+                if last > i0:
+                    got = sum(bins.get(i, 0) for i in range(i0, last)) * 8 / ((last - i0) * 0.1) / 1e6
             rows.append({"metric": f"goodput at {rate:g} Mbit/s (Mbit/s)",
                          "configured": round(rate * GOODPUT_FACTOR, 2), "measured": got})
         for r in rows:

@@ -218,8 +218,11 @@ def plot_timeline(res, exp: str, path: str, title: str) -> bool:
                 xs += [t, nxt]
                 ys += [r / 1e6 * GOODPUT_FACTOR] * 2
             ax.plot(xs, ys, color="gray", ls="--", lw=1, label="link rate (as goodput)")
-            for t, _ in ch[1:]:
-                ax.axvline(t, color="red", lw=0.8, alpha=0.6)
+            # mark the rate changes; on a busy trace only the large ones (>= 15 Mbit/s, outages)
+            big = len(ch) > 12
+            for (t0, r0), (t, r) in zip(ch, ch[1:]):
+                if not big or abs(r - r0) >= 15e6 or (r == 0) != (r0 == 0):
+                    ax.axvline(t, color="red", lw=0.8, alpha=0.6)
         fl = [f for f in run["flows"] if "t_start" in f]
         if fl:
             ax.axvline(min(f["t_start"] for f in fl), color="red", lw=1.5)
@@ -239,7 +242,7 @@ def plot_timeline(res, exp: str, path: str, title: str) -> bool:
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
-    axes[-1, 0].set_xlabel("time since the transfer was started (s); red lines: start, rate changes, end")
+    axes[-1, 0].set_xlabel("time since the transfer was started (s); thick red: start and end; thin red: rate changes")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -13,6 +13,7 @@ frame: at most one packet leaves when the outage starts, then one per ~1.5 s.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -52,6 +53,10 @@ class Shaper:
             self._local.idx = ipr.link_lookup(ifname=self.ifname)[0]
             self._all.append(ipr)
         return ipr, self._local.idx
+
+    def warm(self) -> None:
+        with self._lock, self.host.enter():
+            self._netlink()
 
     def set_rate(self, rate_bps: float) -> None:
         rate = max(OUTAGE_BPS, int(rate_bps))
@@ -112,6 +117,14 @@ class ScheduleRunner:
         return self
 
     def _run(self) -> None:
+        try:  # this thread only: a busy machine should not make rate changes late
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        except (OSError, AttributeError):
+            pass
+        try:
+            self.shaper.warm()       # open this thread's netlink socket before the first change
+        except Exception as e:
+            self.errors.append(repr(e))
         for t, rate in self.schedule.changes(self.duration):
             wait = self.t0 + t - time.monotonic()
             if wait > 0 and self._stop.wait(wait):
