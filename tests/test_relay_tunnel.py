@@ -6,6 +6,7 @@ Loopback destinations are refused by default, so these relays run with
 test_relay_policy.py).
 """
 import hashlib
+import re
 import os
 import socket
 import threading
@@ -305,3 +306,25 @@ def _has_cap_sys_resource() -> bool:
             if line.startswith("CapEff:"):
                 return bool(int(line.split()[1], 16) & (1 << 24))
     return False
+
+
+def test_keepalive_on_both_sides():
+    import shutil
+    import subprocess
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2)")
+    with Server(echo) as srv, Relay("--listen", "127.0.0.1:0", *ALLOW_LO,
+                                    "--keepalive", "30") as r:
+        s = convert_open(r.addr, srv.addr)
+        read_reply(s)
+        out = {}
+        for side, flt in (("client", f"( sport = :{r.addr[1]} )"),
+                          ("server", f"( dport = :{srv.addr[1]} )")):
+            out[side] = subprocess.run(["ss", "-Htno", "state", "established", flt],
+                                       capture_output=True, text=True, timeout=10).stdout
+        s.close()
+    for side, text in out.items():
+        m = re.search(r"timer:\(keepalive,(\d+(?:\.\d+)?)(min|sec)", text)
+        assert m, (side, text)
+        secs = float(m.group(1)) * (60 if m.group(2) == "min" else 1)
+        assert 20 < secs <= 30, (side, text)

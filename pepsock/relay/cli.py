@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default 0: kernel autotuning)")
     g.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
                    help="TCP_NODELAY on both sides (default on)")
+    g.add_argument("--keepalive", type=int, default=0, metavar="SECONDS",
+                   help="TCP keepalive probes after this many idle seconds (then every S/3, "
+                        "3 unanswered end the tunnel); 0 = the kernel's "
+                        "net.ipv4.tcp_keepalive_* (default)")
     g.add_argument("--pipe-size", type=_size, default=C.DEFAULT_PIPE_SIZE,
                    help="pipe size per busy direction, F_SETPIPE_SZ (default 1m)")
     g.add_argument("--pipe-pool", type=int, default=C.DEFAULT_PIPE_POOL,
@@ -145,6 +149,8 @@ def parse_config(argv) -> Config:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if ns.max_tunnels < 1 or ns.max_per_client < 0:
         p.error("--max-tunnels must be >= 1 and --max-per-client >= 0")
+    if ns.keepalive < 0:
+        p.error("--keepalive must be >= 0")
     if ns.pipe_size < 4096:
         p.error("--pipe-size must be at least 4096")
     return Config(
@@ -155,6 +161,7 @@ def parse_config(argv) -> Config:
         client=SideOptions(ns.client_cc, ns.client_rcvbuf, ns.client_sndbuf),
         server=SideOptions(ns.server_cc, ns.server_rcvbuf, ns.server_sndbuf),
         nodelay=ns.nodelay,
+        keepalive=ns.keepalive,
         pipe_size=ns.pipe_size,
         pipe_pool=ns.pipe_pool,
         dest_rules=getattr(ns, "dest_rules", None) or [],

@@ -53,6 +53,9 @@ class Config:
     client: SideOptions = field(default_factory=SideOptions)
     server: SideOptions = field(default_factory=SideOptions)
     nodelay: bool = True
+    #: TCP keepalive idle seconds on both sides; 0 keeps the kernel's
+    #: net.ipv4.tcp_keepalive_* (2 h by default).  Keepalive is always on.
+    keepalive: int = 0
     pipe_size: int = DEFAULT_PIPE_SIZE
     pipe_pool: int = DEFAULT_PIPE_POOL
     #: (allow?, rule) in command-line order; first match wins, then the built-in

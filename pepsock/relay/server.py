@@ -113,7 +113,7 @@ def make_listener(host: str, port: int, cfg: Config, reuseport: bool, listen: bo
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         # Accepted sockets inherit buffers, congestion control and TCP_NODELAY;
         # buffers must be in place before listen() for the SYN-ACK's window scale.
-        apply_side(sock, cfg.client, cfg.nodelay)
+        apply_side(sock, cfg.client, cfg.nodelay, cfg.keepalive)
         sock.bind(sockaddr)
         if listen:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, cfg.tfo_queue)

@@ -114,7 +114,7 @@ def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
             "(raise it, or run with CAP_NET_ADMIN)", size, got, name)
 
 
-def apply_side(sock: socket.socket, side, nodelay: bool) -> None:
+def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0) -> None:
     """Per-side TCP tuning; buffers must be set before connect()/listen() for
     the window scale in the SYN to match them."""
     if side.rcvbuf:
@@ -130,6 +130,12 @@ def apply_side(sock: socket.socket, side, nodelay: bool) -> None:
     # net.ipv4.tcp_keepalive_* (accepted sockets inherit it from the listener).
     # tests/test_reliability_vanish.py
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if keepalive:
+        # --keepalive S: first probe after S idle seconds, then every S/3
+        # (at least 1 s), 3 unanswered probes end the tunnel with a reset.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, keepalive // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def _fmt(addr) -> str:
@@ -292,7 +298,7 @@ class Tunnel:
         except OSError as e:
             return self._fail(ErrorCode.RESOURCE_EXCEEDED, b"", f"socket(): {e.strerror}")
         try:
-            apply_side(sock, loop.cfg.server, loop.cfg.nodelay)
+            apply_side(sock, loop.cfg.server, loop.cfg.nodelay, loop.cfg.keepalive)
             err = sock.connect_ex(self.dest)
         except OSError as e:
             err = e.errno
