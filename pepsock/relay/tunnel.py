@@ -59,6 +59,8 @@ TCP_INFO_LEN = 104
 TCPI_OPT_SYN_DATA = 0x20
 
 HEADER, CONNECTING, OPEN, DONE = range(4)
+#: Error replies lingering for the client's FIN at once; beyond, close at once.
+MAX_CLOSERS = 1024
 
 
 class End:
@@ -170,6 +172,13 @@ class Closer:
             sock.send(reply)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
+            loop.forget(self.fd)
+            sock.close()
+            return
+        if loop.closers >= MAX_CLOSERS:
+            # A flood of refused clients must not pin fds for the linger time:
+            # past this many, close at once (a reset if the client's bytes are
+            # unread, but the reply has been sent).
             loop.forget(self.fd)
             sock.close()
             return
