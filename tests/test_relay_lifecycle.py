@@ -315,3 +315,27 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_log_file_and_levels(tmp_path):
+    logf = tmp_path / "relay.log"
+    with Server(echo) as srv:
+        with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--log-file", str(logf)) as r:
+            s = convert_open(r.addr, srv.addr, early=b"x")
+            _, rest = read_reply(s)
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s, rest) == b"x"
+            s.close()
+            deadline = time.monotonic() + 5
+            while "outcome=ok" not in logf.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "outcome=ok" in logf.read_text()
+        assert "outcome=ok" not in r.log          # not on stderr
+        with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--log-level", "warning") as r:
+            s = convert_open(r.addr, srv.addr, early=b"y")
+            _, rest = read_reply(s)
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s, rest) == b"y"
+            s.close()
+            time.sleep(0.3)
+        assert "INFO tunnel" not in r.log
