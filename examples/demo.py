@@ -52,7 +52,10 @@ def main() -> int:
                               f"192.0.2.1:{PEP_PORT}", "--allow-client", "192.0.2.0/24",
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             procs.append(relay)
-            print("relay:", relay.stdout.readline().strip())
+            for line in relay.stdout:  # log lines may come before it
+                print("relay:", line.strip())
+                if line.startswith("listening on"):
+                    break
             time.sleep(0.5)  # let http.server bind
             url = "http://198.51.100.2:8080/file.bin"
             for label, prefix in (("direct     ", []),

@@ -276,12 +276,15 @@ def _normalize(addr: IPAddress) -> IPAddress:
     return addr
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def _address_problem(addr: IPAddress) -> str | None:
     if addr.is_unspecified:
         return "unspecified address"
     if addr.is_multicast:
         return "multicast address"
-    if addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+    if addr == _BROADCAST:
         return "broadcast address"
     return None
 

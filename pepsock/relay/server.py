@@ -25,7 +25,7 @@ import time
 from ..policy import normalize_ip
 from . import stats as S
 from .admission import Admission
-from .config import Config
+from .config import DEFAULT_MAX_TUNNELS, Config
 from .tunnel import Tunnel, apply_side, syn_data_acked
 
 log = logging.getLogger("pepsock.relay")
@@ -512,7 +512,9 @@ def run(cfg: Config) -> int:
         # Cap the tunnels to what the fds fit, so the excess gets Error 64
         # instead of failing accept() or socket() (tests/test_reliability_relay.py).
         fit = max(1, (soft - min(FD_RESERVE, soft // 4)) // FDS_PER_TUNNEL)
-        log.warning("RLIMIT_NOFILE is %d, below the %d that --max-tunnels %d needs; "
+        # Only a limit the user asked for deserves a warning; the default just adapts.
+        level = logging.INFO if cfg.max_tunnels == DEFAULT_MAX_TUNNELS else logging.WARNING
+        log.log(level, "RLIMIT_NOFILE is %d, below the %d that --max-tunnels %d needs; "
                     "serving at most %d tunnels", soft, want, cfg.max_tunnels,
                     min(fit, cfg.max_tunnels))
         cfg.max_tunnels = min(fit, cfg.max_tunnels)
