@@ -340,17 +340,22 @@ def plot_owd_cdf(res, path: str) -> bool:
     if not runs:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    styles = {"step": "-", "bigq": "-.", "spike": "--", "mmwave": ":"}
-    for e in TRANSFER_EXPS:
-        for mode in ("e2e", "pep"):
-            xs = sorted(x for r in runs if r["experiment"] == e and r["mode"] == mode for x in interactive(r)["owd"])
-            if xs:
-                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], styles[e], color=MODE_COLOR[mode],
-                        label=f"{e}, {MODE_NAME[mode]}")
-    ax.set_xlabel("interactive one-way delay (ms)")
-    ax.set_ylabel("CDF")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"step": "-", "bigq": "--", "spike": "-", "mmwave": "--"}
+    for ax, group, title in ((axes[0], ("step", "bigq"), "step: 1-BDP queue (solid), 4x queue (dashed)"),
+                             (axes[1], ("spike", "mmwave"), "spike+outage (solid), mmWave trace (dashed)")):
+        for e in group:
+            for mode in ("e2e", "pep"):
+                xs = sorted(x for r in runs if r["experiment"] == e and r["mode"] == mode
+                            for x in interactive(r)["owd"])
+                if xs:
+                    ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], styles[e], color=MODE_COLOR[mode],
+                            label=f"{e}, {MODE_NAME[mode]}")
+        ax.set_xlabel("interactive one-way delay (ms)")
+        ax.set_ylabel("CDF")
+        ax.set_title(title, fontsize=9)
+        if ax.lines:
+            ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
