@@ -559,7 +559,8 @@ def targets(S) -> list[str]:
         lines.append(f"| step: FCT through the PEP ≤ 0.8 × end to end | {fmt(r, 3)} (CI {fmt(lo, 3)}–{fmt(hi, 3)}){miss} | "
                      f"{'met' if ok else '**missed**'} |")
     else:
-        lines.append("| step: FCT through the PEP ≤ 0.8 × end to end | not measured (no PEP runs) | **not measured** |")
+        why = "the step experiment was not run" if not st else "no PEP runs"
+        lines.append(f"| step: FCT through the PEP ≤ 0.8 × end to end | not measured ({why}) | **not measured** |")
     for e in TRANSFER_EXPS:
         d = S["transfers"].get(e, {})
         if "e2e" in d and "pep" in d:
@@ -581,7 +582,8 @@ def targets(S) -> list[str]:
             lines.append(f"| TTFB PEP 0-RTT at least R1 below direct | {gain:.1f} ms below (R1 = {S['r1']:.1f} ms) | "
                          f"{'met' if gain >= S['r1'] else '**missed**'} |")
     else:
-        lines.append("| TTFB PEP 0-RTT within 10% of R1+2R2, ≥ R1 below direct | not measured (no PEP) | **not measured** |")
+        why = "the ttfb experiment was not run" if not t else "no PEP"
+        lines.append(f"| TTFB PEP 0-RTT within 10% of R1+2R2, ≥ R1 below direct | not measured ({why}) | **not measured** |")
     return lines
 
 
