@@ -58,9 +58,8 @@ def main(argv=None) -> int:
     if bad:
         print(f"pep eval: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(ALL)}", file=sys.stderr)
         return 2
-    from . import report
-    from .experiments import Plan, Progress, Runner, log, settings_dict
-    from .topology import Settings, Testbed, install_signal_handlers
+    from .experiments import Plan
+    from .topology import Settings, install_signal_handlers, restore_signal_handlers
     from .traces import TraceError, load
 
     plan = Plan.quick_plan() if args.quick else Plan()
@@ -84,7 +83,18 @@ def main(argv=None) -> int:
     settings = Settings(r1_ms=args.r1, r2_ms=args.r2, queue_bytes=args.queue, cc=args.cc,
                         delay_impl=args.delay_impl)
 
-    install_signal_handlers()
+    old_handlers = install_signal_handlers()
+    try:
+        return _run(args, plan, settings, exps)
+    finally:
+        restore_signal_handlers(old_handlers)
+
+
+def _run(args, plan, settings, exps) -> int:
+    from . import report
+    from .experiments import Runner, Progress, log, settings_dict
+    from .topology import Testbed
+    from .traces import load
     t_start = time.time()
     res: dict = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": [], "ttfb": [],
                  "calibration": [], "notes": []}
@@ -104,7 +114,7 @@ def main(argv=None) -> int:
             else:
                 log(f"  {r['metric']:<40} {r['measured']}")
         modes = len(runner.modes())
-        from .traces import mmwave_schedule, spike_outage_schedule
+        from .traces import spike_outage_schedule
         total = 0
         if "step" in exps:
             total += plan.reps * modes

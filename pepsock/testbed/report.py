@@ -10,7 +10,7 @@ import math
 import os
 import random
 import sys
-from statistics import mean, median
+from statistics import mean
 
 GOODPUT_FACTOR = 1448 / 1514
 TRANSFER_EXPS = ("step", "bigq", "spike", "mmwave")
@@ -121,20 +121,22 @@ def interactive(run, interval: float = 0.05, lead: float = 0.5) -> dict:
     return {"owd": list(got.values()), "sent": len(expected), "lost": lost}
 
 
-def ideal_fct(schedule_changes, nbytes_total: float, rtt_s: float) -> float:
-    """Fluid lower bound: a handshake and request (1.5 RTT... taken as 1 RTT + the first
-    byte's one-way trip), then the bottleneck's goodput integrated until nbytes arrive."""
-    t, got = 0.0, 0.0
-    ch = sorted(schedule_changes)
+def ideal_fct(schedule_changes, nbytes_total: float, t_first: float) -> float:
+    """Fluid lower bound: nothing arrives before `t_first` (the 0-RTT time to first byte,
+    R1 + 2 R2), then the link delivers at its scheduled rate (as goodput) until nbytes are in."""
+    ch = sorted((max(0.0, tt), r) for tt, r in schedule_changes)
     if not ch:
         return float("nan")
-    ch = [(max(0.0, tt), r) for tt, r in ch]
+    got = 0.0
     for i, (tt, r) in enumerate(ch):
+        lo = max(tt, t_first)
         end = ch[i + 1][0] if i + 1 < len(ch) else float("inf")
+        if end <= lo:
+            continue
         rate = r * GOODPUT_FACTOR / 8
-        if rate > 0 and got + rate * (end - tt) >= nbytes_total:
-            return tt + (nbytes_total - got) / rate + 1.5 * rtt_s
-        got += rate * max(0.0, end - tt)
+        if rate > 0 and got + rate * (end - lo) >= nbytes_total:
+            return lo + (nbytes_total - got) / rate
+        got += rate * (end - lo)
     return float("nan")
 
 
@@ -388,7 +390,7 @@ def summarize(res: dict) -> dict:
                        "owd_med": pct(owd, 50), "owd_p95": pct(owd, 95), "owd_p99": pct(owd, 99),
                        "owd_p99_runs": mean_ci(p99s), "queue_bytes": rs[0].get("queue_bytes"), "loss_pct": 100 * lost / sent if sent else float("nan"),
                        "ideal": ideal_fct(rs[0]["rate_changes"], rs[0]["bytes"] * rs[0]["flows_n"],
-                                          (r1 + r2) / 1000)}
+                                          (r1 + 2 * r2) / 1000)}
         if "e2e" in d and "pep" in d:
             d["ratio"] = ratio_ci(d["pep"]["fcts"], d["e2e"]["fcts"])
         if d:
@@ -493,8 +495,8 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
                  f"(median of the per-run worst: {pct(lags, 50):.1f} ms).\n")
     if S["transfers"]:
         L.append("## Bulk transfer with an interactive flow (step, bigq, spike, mmwave)\n")
-        L.append("FCT: mean ± 95% CI over repetitions (s). Ideal: the fluid bound (link rate as goodput, "
-                 "plus 1.5 end-to-end RTTs). One-way delay (OWD) of the interactive flow while the transfer "
+        L.append("FCT: mean ± 95% CI over repetitions (s). Ideal: the fluid bound (nothing before the 0-RTT "
+                 "first byte at R1+2R2, then the link's scheduled rate as goodput). One-way delay (OWD) of the interactive flow while the transfer "
                  f"runs, pooled over repetitions; the propagation part is (R1+R2)/2 = {(r1 + r2) / 2:.1f} ms.\n")
         L.append("| experiment | path | runs | queue (B) | FCT (s) | ideal (s) | OWD median (ms) | p95 | p99 | p99 per run (mean ± CI) | loss |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|")

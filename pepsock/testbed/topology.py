@@ -193,14 +193,25 @@ class Testbed:
         self.close()
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM/SIGHUP behave like Ctrl-C (KeyboardInterrupt), so `finally` blocks tear down."""
+def install_signal_handlers() -> dict:
+    """SIGTERM/SIGHUP behave like Ctrl-C (KeyboardInterrupt), so `finally` blocks tear down.
+    Returns the previous handlers, for `restore_signal_handlers`."""
     def raise_kbi(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
+    old = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
-            signal.signal(sig, raise_kbi)
+            old[sig] = signal.signal(sig, raise_kbi)
         except (ValueError, OSError):
+            pass
+    return old
+
+
+def restore_signal_handlers(old: dict) -> None:
+    for sig, h in old.items():
+        try:
+            signal.signal(sig, h)
+        except (ValueError, OSError, TypeError):
             pass
 
 
