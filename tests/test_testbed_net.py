@@ -153,3 +153,29 @@ def test_smoke_quick_run(tmp_path):
     assert e2e["udp"], "the interactive flow delivered nothing"
     ttfb = {r["mode"]: r["ttfb_ms"] for r in res["ttfb"] if r["ttfb_ms"]}
     assert ttfb["tfo"] < ttfb["direct"]
+
+
+def test_cleanup_after_sigkill(tmp_path):
+    """SIGKILL cannot be caught: the delay lines stop with their parent (PDEATHSIG) and
+    `pep eval --cleanup` removes the namespaces the dead run left."""
+    require_root()
+    require_tool("cc")
+    from pepsock.testbed.topology import stale_testbeds
+    before = set(leftover_namespaces("ev"))
+    p = _eval(["--experiments", "ttfb", "--ttfb-reps", "50", "--out", str(tmp_path)])
+    deadline = time.monotonic() + 30
+    new = set()
+    while time.monotonic() < deadline and len(new) < 5:
+        time.sleep(0.2)
+        new = set(leftover_namespaces("ev")) - before
+    assert len(new) >= 5, "eval did not build its namespaces"
+    time.sleep(1)
+    p.kill()
+    p.communicate(timeout=10)
+    tag = next(iter(new)).rsplit("-", 1)[0]
+    assert tag in stale_testbeds()
+    c = _eval(["--cleanup"])
+    out, err = c.communicate(timeout=60)
+    assert c.returncode == 0 and tag in out, err
+    assert not (set(leftover_namespaces("ev")) & new)
+    assert tag not in stale_testbeds()

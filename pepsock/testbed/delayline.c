@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -109,6 +110,7 @@ int main(int argc, char **argv)
     uint64_t d_ab = strtoull(argv[3], NULL, 10) * 1000ull;
     uint64_t d_ba = strtoull(argv[4], NULL, 10) * 1000ull;
     size_t slots = argc > 5 ? strtoul(argv[5], NULL, 10) : 16384;
+    prctl(PR_SET_PDEATHSIG, SIGTERM); /* the eval process died (even by SIGKILL): stop too */
     int fa = tun_open(argv[1]), fb = tun_open(argv[2]);
     struct fifo ab, ba;
     fifo_init(&ab, slots);

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-impl", choices=["c", "py"], default="c", help="delay line implementation")
     p.add_argument("--pep-cmd", help="relay command line, {listen} is replaced by ADDR:PORT "
                                      "(default: python -m pepsock.cli relay --listen {listen})")
+    p.add_argument("--cleanup", action="store_true",
+                   help="only remove testbeds left behind by a run that was killed with SIGKILL, then exit")
     p.add_argument("--step-bytes", type=int, help="bytes per transfer in the step experiment (default 20 MB)")
     return p
 
@@ -53,6 +55,11 @@ def main(argv=None) -> int:
     if not ok:
         print(f"pep eval: {why}", file=sys.stderr)
         return 2
+    if args.cleanup:
+        from .topology import remove_stale
+        gone = remove_stale()
+        print(f"pep eval: removed {len(gone)} stale testbed(s){': ' if gone else ''}{', '.join(gone)}")
+        return 0
     exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
     bad = [e for e in exps if e not in ALL]
     if bad:

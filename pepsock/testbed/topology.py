@@ -18,6 +18,7 @@ TUN "dlb" after D, and the kernel forwards it on from there (and back).
 from __future__ import annotations
 
 import atexit
+import os
 import signal
 import subprocess
 import time
@@ -63,6 +64,7 @@ class Testbed:
         self.shapers: list[Shaper] = []
         self._closed = False
         atexit.register(self.close)
+        self._mark()
         try:
             self._build()
         except BaseException:
@@ -130,8 +132,27 @@ class Testbed:
             allowed = f.read().split()
         if cc not in allowed:
             self._allowed_before = " ".join(allowed)
+            self._mark()     # so a cleanup after SIGKILL can put the list back
             with open(self._ALLOWED, "w") as f:
                 f.write(" ".join(allowed + [cc]))
+
+    RUN_DIR = "/run/pepsock-testbed"
+
+    def _mark(self) -> None:
+        """Note which process owns this tag, so `stale_testbeds()` can tell leftovers
+        (owner killed with SIGKILL) from testbeds in use."""
+        try:
+            os.makedirs(self.RUN_DIR, exist_ok=True)
+            with open(os.path.join(self.RUN_DIR, self.topo.tag), "w") as f:
+                f.write(f"{os.getpid()}\n{getattr(self, '_allowed_before', None) or ''}\n")
+        except OSError:
+            pass
+
+    def _unmark(self) -> None:
+        try:
+            os.unlink(os.path.join(self.RUN_DIR, self.topo.tag))
+        except OSError:
+            pass
 
     def _restore_cc(self) -> None:
         if getattr(self, "_allowed_before", None) is not None:
@@ -180,6 +201,7 @@ class Testbed:
                 pass
         self.topo.cleanup()
         self._restore_cc()
+        self._unmark()
         try:
             atexit.unregister(self.close)
         except Exception:
@@ -213,6 +235,63 @@ def restore_signal_handlers(old: dict) -> None:
             signal.signal(sig, h)
         except (ValueError, OSError, TypeError):
             pass
+
+
+def _owners() -> dict[str, tuple[int, str]]:
+    """tag -> (owner pid, the allowed-CC list it replaced or '') for every marked testbed."""
+    out = {}
+    try:
+        names = os.listdir(Testbed.RUN_DIR)
+    except OSError:
+        return out
+    for tag in names:
+        try:
+            with open(os.path.join(Testbed.RUN_DIR, tag)) as f:
+                lines = f.read().split("\n")
+            out[tag] = (int(lines[0]), lines[1].strip() if len(lines) > 1 else "")
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+
+
+def stale_testbeds() -> list[str]:
+    """Tags of testbeds whose owning process is gone (it was killed with SIGKILL)."""
+    return [tag for tag, (pid, _) in _owners().items() if not _alive(pid)]
+
+
+def remove_stale() -> list[str]:
+    """Tear down every stale testbed: kill what runs inside, delete its namespaces, and put
+    the host's allowed congestion-control list back if no live testbed still needs it."""
+    owners = _owners()
+    removed, restore = [], ""
+    for tag in stale_testbeds():
+        topo = Topology.__new__(Topology)
+        topo.tag = tag
+        topo.hosts = {n.split("-", 1)[1]: Host(n) for n in leftover_namespaces(tag + "-")}
+        topo.cleanup()
+        restore = restore or owners[tag][1]
+        try:
+            os.unlink(os.path.join(Testbed.RUN_DIR, tag))
+        except OSError:
+            pass
+        removed.append(tag)
+    if restore and not any(_alive(pid) for pid, _ in _owners().values()):
+        try:
+            with open(Testbed._ALLOWED, "w") as f:
+                f.write(restore)
+        except OSError:
+            pass
+    return removed
 
 
 def leftover_namespaces(prefix: str = "ev") -> list[str]:
