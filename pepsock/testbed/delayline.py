@@ -35,6 +35,8 @@ SOURCE = Path(__file__).with_name("delayline.c")
 
 def build(cc: str | None = None) -> str:
     """Compile delayline.c (once per source version) and return the binary's path."""
+    if not SOURCE.exists():
+        raise RuntimeError(f"{SOURCE} is missing (an installed wheel needs 'testbed/*.c' in package-data)")
     src = SOURCE.read_bytes()
     tag = hashlib.sha256(src).hexdigest()[:12]
     out = Path(tempfile.gettempdir()) / f"pepsock-delayline-{tag}"

@@ -112,6 +112,9 @@ def _run(args, plan, settings, exps) -> int:
         runner.start()
         log(f"pep eval: testbed {tb.topo.tag}; PEP {runner.pep_status}")
         res["settings"] = settings_dict(tb, plan, runner)
+        res["notes"] += tb.notes
+        for n in tb.notes:
+            log("pep eval: " + n)
         res["calibration"] = runner.calibrate()
         log("calibration (measured vs configured, must be within 10%):")
         for r in res["calibration"]:

@@ -74,6 +74,14 @@ class Testbed:
     # -- construction -------------------------------------------------------------
     def _build(self) -> None:
         s, t = self.s, self.topo
+        self.notes: list[str] = []
+        if s.delay_impl == "c":
+            from .delayline import build
+            try:
+                build()
+            except Exception as e:   # no compiler, or the source was not installed
+                self.notes.append(f"C delay line unavailable ({e}); using the Python one")
+                s.delay_impl = "py"
         self._allow_cc(s.cc)
         self.client = t.host("client", tfo=s.tfo)
         self.wrouter = t.host("wrouter", forwarding=True, tfo=s.tfo)
