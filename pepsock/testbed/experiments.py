@@ -366,6 +366,7 @@ def settings_dict(tb: Testbed, plan: Plan, runner: Runner) -> dict:
         "quick": plan.quick,
         "reps": plan.reps,
         "step_bytes": plan.step_bytes,
+        "bigq": f"{plan.bigq_reps} repetitions, queue x{plan.bigq_factor}",
         "flow_bytes": plan.flow_bytes,
         "flows": plan.flows,
         "flows_reps": plan.flows_reps,

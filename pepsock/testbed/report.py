@@ -454,7 +454,7 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         "wired_mbit": "wired link (Mbit/s, TBF on drouter egress)", "queue_bytes": "bottleneck queue (bfifo, bytes)",
         "wired_queue_bytes": "wired queue (bfifo, bytes)", "tfo": "net.ipv4.tcp_fastopen (every namespace)",
         "delay_impl": "delay line implementation", "trace": "step experiment schedule",
-        "step_bytes": "step: bytes per transfer", "spike_bytes": "spike: bytes per transfer",
+        "step_bytes": "step: bytes per transfer", "bigq": "bigq (the step case, larger queue)", "spike_bytes": "spike: bytes per transfer",
         "mmwave_bytes": "mmwave: bytes per transfer", "flow_bytes": "flows: bytes per flow",
         "flows": "flows: numbers of competing flows", "reps": "repetitions (step, spike, mmwave)",
         "flows_reps": "repetitions (flows)", "ttfb_reps": "repetitions (ttfb, per method)",
