@@ -133,7 +133,8 @@ class Runner:
     def relay_argv(self) -> list[str]:
         if self.plan.pep_cmd:
             return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
-        return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}"]
+        return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
+                "--client-cc", self.tb.s.cc, "--server-cc", self.tb.s.cc]
 
     def _start_relay(self) -> None:
         argv = self.relay_argv()

@@ -82,14 +82,15 @@ class Testbed:
             except Exception as e:   # no compiler, or the source was not installed
                 self.notes.append(f"C delay line unavailable ({e}); using the Python one")
                 s.delay_impl = "py"
-        self._allow_cc(s.cc)
+        cc_as_default = self._check_cc(s.cc)
         self.client = t.host("client", tfo=s.tfo)
         self.wrouter = t.host("wrouter", forwarding=True, tfo=s.tfo)
         self.pep = t.host("pep", forwarding=True, tfo=s.tfo)
         self.drouter = t.host("drouter", forwarding=True, tfo=s.tfo)
         self.server = t.host("server", tfo=s.tfo)
         for h in self.hosts():
-            h.sysctl("net.ipv4.tcp_congestion_control", s.cc)
+            if cc_as_default:
+                h.sysctl("net.ipv4.tcp_congestion_control", s.cc)
             h.sysctl("net.ipv4.tcp_no_metrics_save", 1)
             h.sysctl("net.ipv4.conf.all.rp_filter", 0)
             h.sysctl("net.ipv4.conf.default.rp_filter", 0)
@@ -129,20 +130,24 @@ class Testbed:
 
     _ALLOWED = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
 
-    def _allow_cc(self, cc: str) -> None:
-        """A namespace may only default to an algorithm in the host-wide allowed list
-        (reno and bbr here); add ours to it for the run and put the list back on close."""
-        self._allowed_before = None
+    def _check_cc(self, cc: str) -> bool:
+        """Whether `cc` can be every namespace's default.
+
+        A namespace may only default to an algorithm in the host-wide allowed
+        list (reno and bbr here), and the host is not ours to change. Where it
+        is not allowed, the namespaces keep their default and every experiment
+        socket pins `cc` itself with TCP_CONGESTION (agents, and the relay's
+        --client-cc/--server-cc), which root may do for any available one.
+        """
         with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
             if cc not in f.read().split():
                 raise RuntimeError(f"congestion control {cc} is not available in this kernel")
         with open(self._ALLOWED) as f:
-            allowed = f.read().split()
-        if cc not in allowed:
-            self._allowed_before = " ".join(allowed)
-            self._mark()     # so a cleanup after SIGKILL can put the list back
-            with open(self._ALLOWED, "w") as f:
-                f.write(" ".join(allowed + [cc]))
+            if cc in f.read().split():
+                return True
+        self.notes.append(f"{cc} is not in the host's allowed list: namespaces keep their "
+                          f"default and each experiment socket sets {cc} with TCP_CONGESTION")
+        return False
 
     RUN_DIR = "/run/pepsock-testbed"
 
@@ -152,7 +157,7 @@ class Testbed:
         try:
             os.makedirs(self.RUN_DIR, exist_ok=True)
             with open(os.path.join(self.RUN_DIR, self.topo.tag), "w") as f:
-                f.write(f"{os.getpid()}\n{getattr(self, '_allowed_before', None) or ''}\n")
+                f.write(f"{os.getpid()}\n")
         except OSError:
             pass
 
@@ -161,15 +166,6 @@ class Testbed:
             os.unlink(os.path.join(self.RUN_DIR, self.topo.tag))
         except OSError:
             pass
-
-    def _restore_cc(self) -> None:
-        if getattr(self, "_allowed_before", None) is not None:
-            try:
-                with open(self._ALLOWED, "w") as f:
-                    f.write(self._allowed_before)
-            except OSError:
-                pass
-            self._allowed_before = None
 
     def _delay(self, router: Host, left_if: str, right_if: str, rtt_ms: float) -> None:
         one_way_us = int(rtt_ms * 1000 / 2)
@@ -208,7 +204,6 @@ class Testbed:
             except Exception:
                 pass
         self.topo.cleanup()
-        self._restore_cc()
         self._unmark()
         try:
             atexit.unregister(self.close)
@@ -246,7 +241,7 @@ def restore_signal_handlers(old: dict) -> None:
 
 
 def _owners() -> dict[str, tuple[int, str]]:
-    """tag -> (owner pid, the allowed-CC list it replaced or '') for every marked testbed."""
+    """tag -> (owner pid, '') for every marked testbed."""
     out = {}
     try:
         names = os.listdir(Testbed.RUN_DIR)
@@ -278,27 +273,18 @@ def stale_testbeds() -> list[str]:
 
 
 def remove_stale() -> list[str]:
-    """Tear down every stale testbed: kill what runs inside, delete its namespaces, and put
-    the host's allowed congestion-control list back if no live testbed still needs it."""
-    owners = _owners()
-    removed, restore = [], ""
+    """Tear down every stale testbed: kill what runs inside, delete its namespaces."""
+    removed = []
     for tag in stale_testbeds():
         topo = Topology.__new__(Topology)
         topo.tag = tag
         topo.hosts = {n.split("-", 1)[1]: Host(n) for n in leftover_namespaces(tag + "-")}
         topo.cleanup()
-        restore = restore or owners[tag][1]
         try:
             os.unlink(os.path.join(Testbed.RUN_DIR, tag))
         except OSError:
             pass
         removed.append(tag)
-    if restore and not any(_alive(pid) for pid, _ in _owners().values()):
-        try:
-            with open(Testbed._ALLOWED, "w") as f:
-                f.write(restore)
-        except OSError:
-            pass
     return removed
 
 
