@@ -449,7 +449,7 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
     L.append("```\nclient --[wireless: R1, bottleneck]-- wrouter -- pep -- drouter --[wired: R2]-- server\n```\n")
     L.append("| setting | value |\n|---|---|")
     nice = {
-        "kernel": "kernel", "machine": "machine", "python": "python", "cc": "congestion control (all hosts)",
+        "kernel": "kernel", "machine": "machine", "python": "python", "cc": "congestion control (TCP_CONGESTION on agent and relay sockets)",
         "r1_ms": "R1, client-PEP RTT (ms, delay line in wrouter)", "r2_ms": "R2, PEP-server RTT (ms, delay line in drouter)",
         "wired_mbit": "wired link (Mbit/s, TBF on drouter egress)", "queue_bytes": "bottleneck queue (bfifo, bytes)",
         "wired_queue_bytes": "wired queue (bfifo, bytes)", "tfo": "net.ipv4.tcp_fastopen (every namespace)",
