@@ -47,6 +47,9 @@ LIBPEP = os.path.join(ROOT, "preload", "libpep.so")
 #: benchmark makes one with net.ipv4.tcp_fastopen=3 set inside it, so the
 #: relay serves 0-RTT as deployed; the host's sysctls are never touched.
 NS = None
+#: Congestion control pinned per socket (TCP_CONGESTION) on iperf3 and the relay;
+#: a namespace's default can only be what the host allows, and the host is not ours.
+CC: str | None = None
 
 
 def cmd(argv: list[str]) -> list[str]:
@@ -108,8 +111,9 @@ class Procs:
 
 
 def start_relay(procs: Procs, *args: str) -> tuple[subprocess.Popen, int]:
+    cc = ["--client-cc", CC, "--server-cc", CC] if CC else []
     p = procs.start([sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                     "--allow-dest", "127.0.0.0/8", "--log-level", "warning", *args],
+                     "--allow-dest", "127.0.0.0/8", "--log-level", "warning", *cc, *args],
                     stdout=subprocess.PIPE, cwd=ROOT)
     r, _, _ = select.select([p.stdout], [], [], 15)
     if not r:
@@ -178,8 +182,9 @@ def _cpu_seconds(pid: int) -> float:
 
 def iperf(port: int, seconds: float, env=None) -> float:
     """One iperf3 run against a one-shot server; Gbit/s received."""
+    cc = ["-C", CC] if CC else []  # iperf3 pins it on both ends of its data connection
     out = subprocess.run(cmd(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                              "-J"]), capture_output=True, text=True, env=env,
+                              "-J", *cc]), capture_output=True, text=True, env=env,
                          timeout=seconds + 30)
     try:
         data = json.loads(out.stdout)
@@ -464,7 +469,7 @@ def main(argv=None) -> int:
             print(f"missing {tool}: apt-get install {tool}")
             return 2
     libpep = have_libpep()
-    global NS
+    global NS, CC
     topo = None
     where = "host loopback (net.ipv4.tcp_fastopen as the host has it)"
     if os.geteuid() == 0 and not args.no_netns and shutil.which("ip"):
@@ -479,11 +484,15 @@ def main(argv=None) -> int:
             # A netns may only pick from the host's tcp_allowed_congestion_control.
             if NS.run("sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={args.cc}",
                       check=False).returncode != 0:
-                print(f"# note: could not set {args.cc} in the netns (not in the host's "
-                      "net.ipv4.tcp_allowed_congestion_control); keeping the default")
+                CC = args.cc
+                print(f"# note: {args.cc} is not in the host's tcp_allowed_congestion_control, so "
+                      f"it cannot be the netns default: iperf3 (-C) and the relay (--client-cc/"
+                      f"--server-cc) pin it per socket; haproxy's and wrk's sockets keep the "
+                      f"default")
         cc = NS.run("sysctl", "-n", "net.ipv4.tcp_congestion_control").stdout.strip()
+        pinned = f"; {CC} pinned on iperf3's and the relay's sockets" if CC else " for every program"
         where = (f"loopback of netns {NS.name} (inside it: net.ipv4.tcp_fastopen=3, "
-                 f"tcp_congestion_control={cc} for every program)")
+                 f"tcp_congestion_control={cc}{pinned})")
     procs = Procs()
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
     print(f"# bench_relay  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}  "
