@@ -12,8 +12,8 @@ import socket
 import ssl as _ssl
 
 from . import protocol, tfo
-from .client import _resolve, pep_for
-from .policy import ProxyConfig, normalize_ip
+from .client import _resolve, choose_pep
+from .policy import normalize_ip
 
 _DEFAULT_LIMIT = 2 ** 16
 
@@ -99,12 +99,12 @@ async def open_connection(host: str, port: int, *, pep=None, limit: int = _DEFAU
     reply is awaited before the TLS handshake starts (TLS reads the socket
     itself).  `timeout` bounds reaching the PEP, as connect would.
     """
-    chosen = pep_for(host, port, pep)
+    chosen, bypass = choose_pep(host, port, pep)
     if chosen is not None:
         loop = asyncio.get_running_loop()
         dest = await loop.run_in_executor(None, _resolve, host, port, "destination")
         dest_ip = dest[0][4][0]
-        if pep is None and ProxyConfig.from_env().bypass.matches(address=dest_ip, port=port):
+        if bypass is not None and bypass.matches(address=dest_ip, port=port):
             chosen = None
     if chosen is None:
         return await asyncio.wait_for(asyncio.open_connection(

@@ -207,18 +207,19 @@ def _resolve(host: str, port: int, what: str):
         raise socket.gaierror(exc.errno, f"cannot resolve {what} {host!r}: {exc.strerror}") from None
 
 
-def pep_for(host: str, port: int, pep=None, env=None):
-    """(pep_host, pep_port) to use for host:port, or None for a direct connection."""
+def choose_pep(host: str, port: int, pep=None, env=None):
+    """(pep, bypass): the PEP for host:port, None to go direct, and the bypass
+    rules still to apply to the resolved address (None when pep= was given)."""
     if pep is not None:
         if isinstance(pep, str):
             pep = parse_hostport(pep, "pep")
-        return tuple(pep)
+        return tuple(pep), None
     config = ProxyConfig.from_env(env)
     try:
         address = normalize_ip(host)
     except ValueError:
         address = None
-    return config.pep_for(None if address else host, address, port)
+    return config.pep_for(None if address else host, address, port), config.bypass
 
 
 def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *, pep=None):
@@ -230,11 +231,11 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     and each of the PEP's addresses is tried in turn until one answers.
     """
     host, port = address[0], int(address[1])
-    chosen = pep_for(host, port, pep)
+    chosen, bypass = choose_pep(host, port, pep)
     if chosen is None:
         return socket.create_connection((host, port), timeout, source_address)
     dest_ip = _resolve(host, port, "destination")[0][4][0]
-    if pep is None and ProxyConfig.from_env().bypass.matches(address=dest_ip, port=port):
+    if bypass is not None and bypass.matches(address=dest_ip, port=port):
         return socket.create_connection((dest_ip, port), timeout, source_address)
     errors = []
     for info in _resolve(chosen[0], chosen[1], "PEP"):
