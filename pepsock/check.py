@@ -9,7 +9,7 @@ import socket
 import time
 
 from . import protocol, tfo
-from .client import _resolve
+from .client import _resolve, _send_rest, _wait_connected
 from .policy import ConfigError, ProxyConfig
 
 
@@ -60,10 +60,15 @@ def check_pep(pep, say, timeout: float = 5.0) -> bool:
         return False
     started = time.monotonic()
     with socket.socket(info[0], socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
         tfo.allow_data_without_cookie(sock)
         try:
-            sock.sendto(protocol.info_request(), tfo.MSG_FASTOPEN, info[4])
+            # The same path as a client's connection: request in the SYN where TFO allows.
+            sock.setblocking(False)
+            request = protocol.info_request()
+            taken = tfo.send_in_syn(sock, request, info[4])
+            _wait_connected(sock, started + timeout, info[4][:2])
+            _send_rest(sock, request[taken:], started + timeout)
+            sock.settimeout(timeout)
             reader = protocol.MessageReader()
             while not reader.done:
                 chunk = sock.recv(1024)

@@ -53,3 +53,14 @@ def test_bad_pep_proxy_env_is_reported():
 def test_run_needs_a_command():
     out = pep("run", "--")
     assert out.returncode == 2 and "give a command" in out.stderr
+
+
+def test_check_pep_without_tfo_still_reaches_it(topology):
+    host = topology.host("chk2", tfo=0)
+    with host.enter():
+        with Converter() as conv:
+            out = subprocess.run(host.cmd(sys.executable, "-m", "pepsock.cli", "check", "--pep",
+                                          f"{conv.address[0]}:{conv.address[1]}"),
+                                 capture_output=True, text=True, timeout=30)
+    assert "answers RFC 8803" in out.stdout, out.stdout + out.stderr
+    assert "did not ride in the SYN" in out.stdout
