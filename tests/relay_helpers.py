@@ -19,11 +19,9 @@ import time
 import urllib.request
 
 from pepsock.protocol import MessageReader, connect_request
+from pepsock.tfo import MSG_FASTOPEN, TCP_FASTOPEN_NO_COOKIE, syn_data_acked  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TCP_FASTOPEN_NO_COOKIE = 34
-MSG_FASTOPEN = getattr(socket, "MSG_FASTOPEN", 0x20000000)
-TCPI_OPT_SYN_DATA = 0x20
 
 
 class Relay:
@@ -180,11 +178,6 @@ def read_reply(s: socket.socket, timeout: float = 5.0):
 def error_code(s: socket.socket, timeout: float = 5.0) -> int | None:
     msg, _ = read_reply(s, timeout)
     return None if msg.error is None else msg.error.code
-
-
-def syn_data_acked(s: socket.socket) -> bool:
-    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return bool(info[5] & TCPI_OPT_SYN_DATA)
 
 
 def recv_exact(s: socket.socket, n: int, prefix: bytes = b"") -> bytes:

@@ -22,18 +22,17 @@ import socket
 import sys
 import time
 
+from .. import tfo
 from ..policy import normalize_ip
 from . import stats as S
 from .admission import Admission
 from .config import DEFAULT_MAX_TUNNELS, Config
-from .tunnel import Tunnel, apply_side, syn_data_acked
+from .tunnel import Tunnel, apply_side, fmt_addr
 
 log = logging.getLogger("pepsock.relay")
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
-TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
-TCP_FASTOPEN_NO_COOKIE = 34
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 #: accept() calls per listener wakeup: bounded so one busy listener cannot
 #: starve the tunnels already open.
@@ -66,19 +65,6 @@ class Timer:
 
     def __lt__(self, other):
         return self.when < other.when
-
-
-def fmt_addr(addr) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def tfo_server_enabled() -> int | None:
-    try:
-        with open("/proc/sys/net/ipv4/tcp_fastopen") as f:
-            return int(f.read().strip(), 0)
-    except (OSError, ValueError):
-        return None
 
 
 def raise_nofile(want: int) -> tuple[int, int]:
@@ -116,9 +102,9 @@ def make_listener(host: str, port: int, cfg: Config, reuseport: bool, listen: bo
         apply_side(sock, cfg.client, cfg.nodelay, cfg.keepalive)
         sock.bind(sockaddr)
         if listen:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, cfg.tfo_queue)
+            sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN, cfg.tfo_queue)
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 1)
             except OSError:
                 log.warning("kernel lacks TCP_FASTOPEN_NO_COOKIE: clients need a TFO cookie "
                             "(their first connection is 1-RTT)")
@@ -345,8 +331,11 @@ class Loop:
             sock.setblocking(False)
             now = time.monotonic()
             st[S.TUNNELS_TOTAL] += 1
-            if syn_data_acked(sock):
-                st[S.SYN_DATA] += 1
+            try:
+                if tfo.syn_data_acked(sock):
+                    st[S.SYN_DATA] += 1
+            except OSError:
+                pass
             ip = str(normalize_ip(addr[0])) if ":" in addr[0] else addr[0]
             if not adm.client_allowed(ip):
                 self._refuse(sock, addr, 32, "client not in --allow-client")
@@ -473,10 +462,10 @@ class Loop:
 
 
 def _warnings(cfg: Config, bound) -> None:
-    tfo = tfo_server_enabled()
-    if tfo is not None and not tfo & 2:
+    tfo_sysctl = tfo.sysctl_value()
+    if tfo_sysctl is not None and not tfo_sysctl & tfo.SERVER_ENABLE:
         log.warning("net.ipv4.tcp_fastopen=%d lacks the server bit (2): clients get 1-RTT, "
-                    "not 0-RTT. Fix: sysctl -w net.ipv4.tcp_fastopen=%d", tfo, tfo | 3)
+                    "not 0-RTT. Fix: sysctl -w net.ipv4.tcp_fastopen=%d", tfo_sysctl, tfo_sysctl | 3)
     if not cfg.allow_clients:
         for addr in bound:
             ip = ipaddress.ip_address(addr[0])

@@ -55,8 +55,6 @@ SUCCESS = success_reply()
 #: connection uses end to end (MSS, SACK-permitted, timestamps, window scale).
 INFO_REPLY = success_reply((SupportedTCPExtensions((2, 3, 4, 8)),))
 LINGER_RESET = struct.pack("ii", 1, 0)
-TCP_INFO_LEN = 104
-TCPI_OPT_SYN_DATA = 0x20
 
 HEADER, CONNECTING, OPEN, DONE = range(4)
 #: Error replies lingering for the client's FIN at once; beyond, close at once.
@@ -140,7 +138,7 @@ def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0) -> 
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
-def _fmt(addr) -> str:
+def fmt_addr(addr) -> str:
     if addr is None:
         return "-"
     host, port = addr[0], addr[1]
@@ -546,14 +544,6 @@ class Tunnel:
     def log_line(self, now: float) -> str:
         up = self.up.bytes if self.up else 0
         down = self.down.bytes if self.down else 0
-        return (f"tunnel client={_fmt(self.client_addr)} dest={_fmt(self.dest)} "
+        return (f"tunnel client={fmt_addr(self.client_addr)} dest={fmt_addr(self.dest)} "
                 f"up={up} down={down} duration={now - self.t0:.3f}s outcome={self.outcome}")
 
-
-def syn_data_acked(sock: socket.socket) -> bool:
-    """Whether the kernel accepted data in this connection's SYN (0-RTT)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-    except OSError:
-        return False
-    return len(info) > 5 and bool(info[5] & TCPI_OPT_SYN_DATA)
