@@ -326,12 +326,9 @@ static int settle(int fd, int for_write, int dontwait)
         short wait_for;
         int e;
         if (c->state == PEP_ST_CONNECTING) {
-            /* Another thread is inside connect() on this socket. */
+            /* Another thread is inside connect() on this socket (a header-only
+             * flush never gets here: it returned above). */
             pep_unlock();
-            if (for_write == SETTLE_HEADER_ONLY) {
-                errno = saved;
-                return 0;
-            }
             e = EAGAIN;
             wait_for = POLLOUT;
         } else if (c->state == PEP_ST_SENDING) {
@@ -424,11 +421,12 @@ static int settle(int fd, int for_write, int dontwait)
     }
 }
 
-/* An application write failed with EPIPE/ECONNRESET while the reply was
- * still outstanding: the PEP may have said why. Returns the errno to use. */
+/* An application write on one of ours (AFTER_WRITE checked) failed with
+ * EPIPE/ECONNRESET while the reply was still outstanding: the PEP may have
+ * said why. Returns the errno to use. */
 static int failed_write_errno(int fd, int e)
 {
-    if ((e == EPIPE || e == ECONNRESET) && pep_fd_tracked(fd) && settle(fd, 0, 1) < 0 &&
+    if ((e == EPIPE || e == ECONNRESET) && settle(fd, 0, 1) < 0 &&
         errno != EAGAIN)
         return errno;
     return e;
@@ -648,7 +646,7 @@ static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
 static void forget(int fd);
 
 /* connect() again on one of ours (EALREADY / EISCONN polling, or a retry). */
-static int connect_again(int fd, const struct sockaddr *sa, socklen_t len, int *again)
+static int connect_again(int fd, int *again)
 {
     struct tcp_info ti;
     int saved = errno;
@@ -670,8 +668,6 @@ static int connect_again(int fd, const struct sockaddr *sa, socklen_t len, int *
     struct sockaddr_in6 pep = c->pep;
     socklen_t peplen = c->peplen;
     pep_unlock();
-    (void)sa;
-    (void)len;
     return real.connect(fd, (struct sockaddr *)&pep, peplen);
 }
 
@@ -691,7 +687,7 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
             return real.connect(fd, sa, len);
         }
         int again;
-        int r = connect_again(fd, sa, len, &again);
+        int r = connect_again(fd, &again);
         if (!again)
             return r;
     }
