@@ -260,16 +260,23 @@ class Runner:
         tb.reset(schedule.rate_at(0) / 1e6)
         start = time.monotonic() + 1.5      # time for the agents to start
         recv = send = None
-        if interactive:
-            recv = procs.agent(tb.client, "udp-recv", "--port", UDP_PORT, "--duration", timeout + 5)
-            procs.wait_ready(recv, what="udp receiver")
-            send = procs.agent(tb.server, "udp-send", "--dst", f"{ADDR['client']}:{UDP_PORT}",
-                               "--duration", timeout, "--start-at", repr(start - 0.5))
-        runner = ScheduleRunner(tb.bottleneck, schedule, timeout).start(t0=start)
         try:
-            res = self.bulk(mode, nbytes, flows, start_at=start, timeout=timeout)
-        finally:
-            runner.stop()
+            if interactive:
+                recv = procs.agent(tb.client, "udp-recv", "--port", UDP_PORT, "--duration", timeout + 5)
+                procs.wait_ready(recv, what="udp receiver")
+                send = procs.agent(tb.server, "udp-send", "--dst", f"{ADDR['client']}:{UDP_PORT}",
+                                   "--duration", timeout, "--start-at", repr(start - 0.5))
+            runner = ScheduleRunner(tb.bottleneck, schedule, timeout).start(t0=start)
+            try:
+                res = self.bulk(mode, nbytes, flows, start_at=start, timeout=timeout)
+            finally:
+                runner.stop()
+        except BaseException:
+            # a failed run must not leave the UDP agents running: the receiver would hold
+            # UDP_PORT for a minute and make the next runs fail too
+            procs.stop(send)
+            procs.stop(recv)
+            raise
         udp = []
         if interactive:
             time.sleep(0.3)       # datagrams still in flight
