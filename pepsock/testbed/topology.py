@@ -128,8 +128,6 @@ class Testbed:
         self.wired = Shaper(self.drouter, self.if_dr_p, s.wired_mbit * 1e6, s.wired_queue_bytes)
         self.shapers = [self.bottleneck, self.wired]
 
-    _ALLOWED = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
-
     def _check_cc(self, cc: str) -> bool:
         """Whether `cc` can be every namespace's default.
 
@@ -142,7 +140,7 @@ class Testbed:
         with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
             if cc not in f.read().split():
                 raise RuntimeError(f"congestion control {cc} is not available in this kernel")
-        with open(self._ALLOWED) as f:
+        with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
             if cc in f.read().split():
                 return True
         self.notes.append(f"{cc} is not in the host's allowed list: namespaces keep their "
@@ -240,8 +238,8 @@ def restore_signal_handlers(old: dict) -> None:
             pass
 
 
-def _owners() -> dict[str, tuple[int, str]]:
-    """tag -> (owner pid, '') for every marked testbed."""
+def _owners() -> dict[str, int]:
+    """tag -> owner pid for every marked testbed."""
     out = {}
     try:
         names = os.listdir(Testbed.RUN_DIR)
@@ -250,8 +248,7 @@ def _owners() -> dict[str, tuple[int, str]]:
     for tag in names:
         try:
             with open(os.path.join(Testbed.RUN_DIR, tag)) as f:
-                lines = f.read().split("\n")
-            out[tag] = (int(lines[0]), lines[1].strip() if len(lines) > 1 else "")
+                out[tag] = int(f.readline())
         except (OSError, ValueError):
             continue
     return out
@@ -269,7 +266,7 @@ def _alive(pid: int) -> bool:
 
 def stale_testbeds() -> list[str]:
     """Tags of testbeds whose owning process is gone (it was killed with SIGKILL)."""
-    return [tag for tag, (pid, _) in _owners().items() if not _alive(pid)]
+    return [tag for tag, pid in _owners().items() if not _alive(pid)]
 
 
 def remove_stale() -> list[str]:
