@@ -226,8 +226,10 @@ class Tunnel:
         self.t0 = now
         self.outcome = ""
         self.early = b""
+        self.timer = None
         loop.register(self.c.fd, self.on_client, ET_MASK)
-        self.timer = loop.call_later(loop.cfg.header_timeout, self._header_timeout)
+        # The header usually came in the SYN and is read right here; the
+        # header timer is only armed when it has not (see _read_header).
         self._read_header()
 
     # -- events ------------------------------------------------------------------
@@ -275,6 +277,9 @@ class Tunnel:
             req = check_request(msg)
         except BlockingIOError:
             self.c.readable = False
+            if self.timer is None:
+                self.timer = self.loop.call_later(self.loop.cfg.header_timeout,
+                                                  self._header_timeout)
             return
         except ProtocolError as e:
             return self._fail(e.code, b"", e.detail)
@@ -315,7 +320,8 @@ class Tunnel:
             return self._fail(code, value, f"connect: {os.strerror(err)}")
         self.s = End(sock)
         self.state = CONNECTING
-        self.timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         self.timer = loop.call_later(loop.cfg.connect_timeout, self._connect_timeout)
         loop.register(self.s.fd, self.on_server, ET_MASK)
 
@@ -325,12 +331,15 @@ class Tunnel:
 
     def _connected(self, ev: int) -> None:
         s = self.s
-        err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            code, value = error_for_connect_failure(err)
-            return self._fail(code, value, f"connect: {os.strerror(err)}")
-        if not ev & EPOLLOUT:
-            return
+        # A clean EPOLLOUT is a completed connect(); SO_ERROR is only worth a
+        # syscall when the kernel flagged an error or this is no EPOLLOUT.
+        if ev & (EPOLLERR | EPOLLHUP) or not ev & EPOLLOUT:
+            err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                code, value = error_for_connect_failure(err)
+                return self._fail(code, value, f"connect: {os.strerror(err)}")
+            if not ev & EPOLLOUT:
+                return
         loop = self.loop
         self.timer.cancel()
         self.timer = None
