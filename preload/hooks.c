@@ -432,6 +432,19 @@ static int failed_write_errno(int fd, int e)
     return e;
 }
 
+/* Take what the PEP sent (without blocking): did it refuse the connection
+ * (Error TLV or a bad reply)? For waits and SO_ERROR, which then report the
+ * socket ready so the program's read or write gets the mapped errno. */
+static int failed_by_pep(int fd)
+{
+    settle(fd, 1, 1);
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    int failed = c && c->state == PEP_ST_FAILED;
+    pep_unlock();
+    return failed;
+}
+
 /* Header-pending connections are flushed whenever the program waits. */
 static void flush_sending(void)
 {
@@ -1031,13 +1044,8 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
         int saved = errno, kerr = *(int *)val;
         if (kerr == 0) {
             settle(fd, SETTLE_HEADER_ONLY, 1);
-        } else if (kerr == ECONNRESET || kerr == EPIPE) {
-            settle(fd, 1, 1);
-            pep_lock();
-            struct pep_conn *c = pep_conn_get(fd);
-            if (c && c->state == PEP_ST_FAILED)
-                *(int *)val = 0;
-            pep_unlock();
+        } else if ((kerr == ECONNRESET || kerr == EPIPE) && failed_by_pep(fd)) {
+            *(int *)val = 0;
         }
         errno = saved;
     }
@@ -1071,12 +1079,8 @@ static int after_poll(struct pollfd *fds, nfds_t n, int r)
         int avail = 0;
         if (ioctl(fds[i].fd, FIONREAD, &avail) < 0 || avail <= 0)
             continue;
-        settle(fds[i].fd, 1, 1);
-        pep_lock();
-        struct pep_conn *c = pep_conn_get(fds[i].fd);
-        if (c && c->state == PEP_ST_FAILED)
+        if (failed_by_pep(fds[i].fd))
             fds[i].revents = (short)(fds[i].events & (POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM));
-        pep_unlock();
     }
     errno = saved;
     return r;
