@@ -20,8 +20,9 @@ import sys
 import threading
 import time
 
-MSG_FASTOPEN = getattr(socket, "MSG_FASTOPEN", 0x20000000)
-TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
+from pepsock.policy import parse_hostport
+from pepsock.tfo import MSG_FASTOPEN, TCP_FASTOPEN
+
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
 BIN = 0.1          # goodput bins (s)
 CHUNK = 1 << 20
@@ -41,11 +42,6 @@ def sleep_until(t: float) -> None:
 def set_cc(sock: socket.socket, cc: str | None) -> None:
     if cc:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, cc.encode())
-
-
-def parse_hostport(s: str) -> tuple[str, int]:
-    host, _, port = s.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 # ---------------------------------------------------------------------------
@@ -159,8 +155,8 @@ def _recvn(s: socket.socket, n: int) -> bytes:
 
 
 def cmd_bulk(a) -> None:
-    server = parse_hostport(a.server)
-    pep = parse_hostport(a.pep) if a.pep else None
+    server = parse_hostport(a.server, "--server")
+    pep = parse_hostport(a.pep, "--pep") if a.pep else None
     start = a.start_at or time.monotonic()
     deadline = start + a.timeout
     results: list[dict] = [{} for _ in range(a.flows)]
@@ -207,7 +203,7 @@ def cmd_bulk(a) -> None:
 # Interactive flow: 100-byte UDP datagrams every 50 ms carrying seq + send time.
 
 def cmd_udp_send(a) -> None:
-    dst = parse_hostport(a.dst)
+    dst = parse_hostport(a.dst, "--dst")
     s = socket.socket(socket.AF_INET6 if ":" in dst[0] else socket.AF_INET, socket.SOCK_DGRAM)
     start = a.start_at or time.monotonic()
     pad = b"\0" * max(0, a.size - 12)
@@ -264,8 +260,8 @@ def cmd_udp_recv(a) -> None:
 # Time to first byte: connect, ask for a few bytes, time the first one.
 
 def cmd_ttfb(a) -> None:
-    server = parse_hostport(a.server)
-    proxy = parse_hostport(a.proxy) if a.proxy else None
+    server = parse_hostport(a.server, "--server")
+    proxy = parse_hostport(a.proxy, "--proxy") if a.proxy else None
     res = []
     for _ in range(a.warmup):      # TFO cookies, ARP/ND, page cache
         try:
