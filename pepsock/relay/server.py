@@ -199,7 +199,6 @@ class Loop:
         self.handlers: dict[int, object] = {}
         self.closed: set[int] = set()     # fds closed during the current batch
         self.timers: list[Timer] = []
-        self.soon: list = []
         self.stats = stats or S.Stats()
         self.pipe_size = cfg.pipe_size
         self.pool: list[tuple[int, int]] = []
@@ -249,9 +248,6 @@ class Loop:
         t = Timer(time.monotonic() + delay, fn)
         heapq.heappush(self.timers, t)
         return t
-
-    def call_soon(self, fn) -> None:
-        self.soon.append(fn)
 
     # -- pipes ---------------------------------------------------------------------
     def pipe_get(self):
@@ -417,15 +413,9 @@ class Loop:
         timers = self.timers
         monotonic = time.monotonic
         while self.running:
-            if self.soon:
-                soon, self.soon = self.soon, []
-                for fn in soon:
-                    fn()
             timeout = -1
             if timers:
                 timeout = max(0.0, timers[0].when - monotonic())
-            if self.soon:
-                timeout = 0
             if self.stopping and not self.tunnels and not self.closers:
                 break
             closed.clear()

@@ -284,7 +284,7 @@ class Tunnel:
         except ProtocolError as e:
             return self._fail(e.code, b"", e.detail)
         except OSError as e:
-            return self._abort(f"client error in header: {e.strerror}")
+            return self.abort(f"client error in header: {e.strerror}")
         self.reader = None
         self.early = reader.rest
         # A FIN may already sit behind the bytes read: keep trying to read.
@@ -346,7 +346,7 @@ class Tunnel:
         try:
             self.c.sock.send(SUCCESS)
         except OSError as e:
-            return self._abort(f"client gone before reply: {e.strerror}")
+            return self.abort(f"client gone before reply: {e.strerror}")
         self.state = OPEN
         st = loop.stats.v
         st[S.ESTABLISHED] += 1
@@ -369,7 +369,7 @@ class Tunnel:
             if up.shut and down.shut:
                 self._finish_clean()
         except OSError as e:
-            self._abort(f"{e.strerror}")
+            self.abort(f"{e.strerror}")
 
     def _pump(self, d: Direction) -> None:
         src, dst = d.src, d.dst
@@ -487,7 +487,7 @@ class Tunnel:
                         self._pump(d)
             except OSError:
                 pass
-        self._abort(f"{who} {os.strerror(err) if err else 'error'}")
+        self.abort(f"{who} {os.strerror(err) if err else 'error'}")
 
     # -- endings -----------------------------------------------------------------------
     def _fail(self, code: int, value: bytes, why: str) -> None:
@@ -502,7 +502,7 @@ class Tunnel:
         Closer(self.loop, self.c.sock, reply)
         self._done(outcome)
 
-    def _release_pipes(self, reset: bool) -> None:
+    def _release_pipes(self) -> None:
         for d in (self.up, self.down):
             if d is not None and d.pipe is not None:
                 if d.held == 0:
@@ -517,10 +517,10 @@ class Tunnel:
         loop.forget(self.s.fd)
         self.c.sock.close()
         self.s.sock.close()
-        self._release_pipes(False)
+        self._release_pipes()
         self._done("ok")
 
-    def _abort(self, why: str) -> None:
+    def abort(self, why: str) -> None:
         """Reset both sides (SO_LINGER 0): a reset on one side becomes a reset on
         the other, and a tunnel cut short is never mistaken for a finished one."""
         if self.state == DONE:
@@ -531,12 +531,9 @@ class Tunnel:
         if self.s is not None:
             loop.forget(self.s.fd)
             _reset_close(self.s.sock)
-        self._release_pipes(True)
+        self._release_pipes()
         loop.stats.v[S.RESETS] += 1
         self._done(f"reset ({why})")
-
-    def abort(self, why: str) -> None:
-        self._abort(why)
 
     def _done(self, outcome: str) -> None:
         if self.state == DONE:
