@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import procs
+from .report import GOODPUT_FACTOR
 from .shaping import ScheduleRunner
 from .topology import ADDR, Testbed
 from .traces import Schedule, load, step_schedule
@@ -32,7 +33,6 @@ UDP_PORT = 6001
 PEP_PORT = 5124
 CONNECT_PORT = 8888
 SOCKS_PORT = 1080
-GOODPUT_FACTOR = 1448 / 1514      # TCP payload per Ethernet frame (timestamps on), what TBF counts
 
 
 @dataclass

@@ -12,7 +12,7 @@ import random
 import sys
 from statistics import mean
 
-GOODPUT_FACTOR = 1448 / 1514
+GOODPUT_FACTOR = 1448 / 1514      # TCP payload per Ethernet frame (timestamps on), what TBF counts
 TRANSFER_EXPS = ("step", "bigq", "spike", "mmwave")
 # two-sided 95% Student t quantiles, df = 1..30 (then ~1.96)
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
