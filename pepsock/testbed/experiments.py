@@ -145,15 +145,15 @@ class Runner:
             self.pep_status = f"unavailable: pepsock.create_connection does not import ({e})"
             return
         log_path = os.path.join(self.tmp, "relay.log")
-        self.relay_log = open(log_path, "w")
-        self.relay = self.tb.pep.popen(*argv, stdout=self.relay_log, stderr=subprocess.STDOUT,
-                                       env=procs._env())
+        with open(log_path, "w") as relay_log:   # the relay keeps its own descriptor
+            self.relay = self.tb.pep.popen(*argv, stdout=relay_log, stderr=subprocess.STDOUT,
+                                           env=procs._env())
         if wait_port(self.tb.pep, ADDR["pep_w"], PEP_PORT, timeout=10):
             self.pep_status = "running: " + " ".join(shlex.quote(a) for a in argv)
         else:
             procs.stop(self.relay)
-            self.relay_log.close()
-            tail = open(log_path).read()[-600:]
+            with open(log_path) as f:
+                tail = f.read()[-600:]
             self.pep_status = f"unavailable: `{' '.join(argv)}` did not listen: {tail.strip()}"
             self.relay = None
 
