@@ -465,18 +465,21 @@ static void flush_sending(void)
 #define PASS 1
 
 /*
- * fd is about to connect to (a, port) — or, from sendto/sendmsg with
+ * fd is about to connect to dest — or, from sendto/sendmsg with
  * MSG_FASTOPEN, to send app bytes there. PASS: not for us, make the real
  * call. Otherwise *ret is the result (connect: 0/-1; send: app bytes or -1).
  */
-static int via_pep(int fd, int family, const uint8_t a[16], uint16_t port,
-                   const struct sockaddr *dest, socklen_t destlen, const struct msghdr *app,
-                   int appflags, ssize_t *ret)
+static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
+                   const struct msghdr *app, int appflags, ssize_t *ret)
 {
-    int saved = errno, v;
+    int saved = errno, v, family;
     struct tcp_info ti;
+    uint8_t a[16];
+    uint16_t port;
 
-    if (pep_busy)
+    /* Not IP, or bypassed: decided before anything else (no resolution). */
+    family = dest_of(dest, destlen, a, &port);
+    if (!family || pep_config_bypass(&pep_cfg, NULL, a, port) || pep_busy)
         return PASS;
     /* Only IPv4/IPv6 TCP stream sockets, not yet connected. */
     if (sockopt_int(fd, SOL_SOCKET, SO_DOMAIN, &v) < 0 || v != family ||
@@ -686,9 +689,6 @@ static int connect_again(int fd, int *again)
 
 EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
 {
-    uint8_t a[16];
-    uint16_t port;
-    int family;
     ssize_t ret;
 
     INIT();
@@ -704,10 +704,7 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
         if (!again)
             return r;
     }
-    family = dest_of(sa, len, a, &port);
-    if (!family || pep_config_bypass(&pep_cfg, NULL, a, port))
-        return real.connect(fd, sa, len);
-    if (via_pep(fd, family, a, port, sa, len, NULL, 0, &ret) == PASS)
+    if (via_pep(fd, sa, len, NULL, 0, &ret) == PASS)
         return real.connect(fd, sa, len);
     return (int)ret;
 }
@@ -941,21 +938,15 @@ EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
     return r;
 }
 
-/* sendto/sendmsg with MSG_FASTOPEN and an address on a fresh socket: the
- * program's own TFO connect; the header goes in front of its bytes. */
+/* sendto/sendmsg with MSG_FASTOPEN and an address (the callers check both)
+ * on a fresh socket: the program's own TFO connect; the header goes in
+ * front of its bytes. */
 static int fastopen_send(int fd, const struct sockaddr *sa, socklen_t len,
                          const struct msghdr *app, int flags, ssize_t *ret)
 {
-    uint8_t a[16];
-    uint16_t port;
-    int family;
-
-    if (!pep_cfg.enabled || !(flags & MSG_FASTOPEN) || !sa || pep_fd_tracked(fd))
+    if (!pep_cfg.enabled || pep_fd_tracked(fd))
         return PASS;
-    family = dest_of(sa, len, a, &port);
-    if (!family || pep_config_bypass(&pep_cfg, NULL, a, port))
-        return PASS;
-    return via_pep(fd, family, a, port, sa, len, app, flags, ret);
+    return via_pep(fd, sa, len, app, flags, ret);
 }
 
 EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *sa,
