@@ -412,7 +412,12 @@ class Loop:
         closed = self.closed
         timers = self.timers
         monotonic = time.monotonic
+        heappop = heapq.heappop
         while self.running:
+            # Cancelled timers stay in the heap (lazy cancellation); one at the
+            # head would only wake epoll_wait up for nothing: drop it first.
+            while timers and timers[0].fn is None:
+                heappop(timers)
             timeout = -1
             if timers:
                 timeout = max(0.0, timers[0].when - monotonic())
@@ -432,7 +437,7 @@ class Loop:
             if timers:
                 now = monotonic()
                 while timers and timers[0].when <= now:
-                    t = heapq.heappop(timers)
+                    t = heappop(timers)
                     if t.fn is not None:
                         fn, t.fn = t.fn, None
                         fn()
