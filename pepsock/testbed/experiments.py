@@ -138,12 +138,6 @@ class Runner:
 
     def _start_relay(self) -> None:
         argv = self.relay_argv()
-        try:
-            import pepsock  # noqa: F401
-            from pepsock import create_connection  # noqa: F401
-        except ImportError as e:
-            self.pep_status = f"unavailable: pepsock.create_connection does not import ({e})"
-            return
         log_path = os.path.join(self.tmp, "relay.log")
         with open(log_path, "w") as relay_log:   # the relay keeps its own descriptor
             self.relay = self.tb.pep.popen(*argv, stdout=relay_log, stderr=subprocess.STDOUT,
