@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pepsock.protocol import MessageReader, connect_request  # noqa: E402
+from pepsock.tfo import MSG_FASTOPEN, TCP_FASTOPEN_NO_COOKIE  # noqa: E402
 
 LIBPEP = os.path.join(ROOT, "preload", "libpep.so")
 #: The network namespace everything runs in (None: the host).  With root the
@@ -59,8 +60,6 @@ def cmd(argv: list[str]) -> list[str]:
 def enter():
     import contextlib
     return NS.enter() if NS is not None else contextlib.nullcontext()
-MSG_FASTOPEN = getattr(socket, "MSG_FASTOPEN", 0x20000000)
-TCP_FASTOPEN_NO_COOKIE = 34
 
 
 def free_port() -> int:
@@ -307,6 +306,19 @@ def _hold_server(port: int) -> None:
         held.append(c)
 
 
+def _tunnel(s: socket.socket, relay_port: int, header: bytes):
+    """Send the Convert header in the SYN of `s`; the relay's reply Message."""
+    s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+    s.sendto(header, MSG_FASTOPEN, ("127.0.0.1", relay_port))
+    reader = MessageReader()
+    while not reader.done:
+        data = s.recv(64)
+        if not data:
+            reader.eof()
+        reader.feed(data)
+    return reader.message
+
+
 def _clients(relay_port: int, dest_port: int, n: int) -> None:
     """Open n tunnels through the relay and hold them until stdin closes."""
     socks = []
@@ -314,17 +326,9 @@ def _clients(relay_port: int, dest_port: int, n: int) -> None:
     failed = 0
     for _ in range(n):
         s = socket.socket()
-        s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
         s.settimeout(10)
         try:
-            s.sendto(header, MSG_FASTOPEN, ("127.0.0.1", relay_port))
-            reader = MessageReader()
-            while not reader.done:
-                data = s.recv(64)
-                if not data:
-                    reader.eof()
-                reader.feed(data)
-            if reader.message.error is not None:
+            if _tunnel(s, relay_port, header).error is not None:
                 failed += 1
                 s.close()
                 continue
@@ -419,17 +423,9 @@ def _probe(rport: int, dest: int) -> str:
     try:
         with enter():
             s = socket.socket()
-        s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
         s.settimeout(5)
-        s.sendto(connect_request("127.0.0.1", dest), MSG_FASTOPEN, ("127.0.0.1", rport))
-        reader = MessageReader()
-        while not reader.done:
-            data = s.recv(64)
-            if not data:
-                reader.eof()
-            reader.feed(data)
+        err = _tunnel(s, rport, connect_request("127.0.0.1", dest)).error
         s.close()
-        err = reader.message.error
         return "ok" if err is None else f"Error {err.code}"
     except (OSError, ValueError) as e:
         return f"failed: {e}"
