@@ -1097,9 +1097,8 @@ static int slice_of(int left)
     return left < 0 || left > PEP_SLICE_MS ? PEP_SLICE_MS : left;
 }
 
-EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
+static int sliced_poll(struct pollfd *fds, nfds_t n, int timeout)
 {
-    INIT();
     flush_sending();
     int left = timeout, r;
     while (UNLIKELY(pending_headers()) && left != 0) {
@@ -1114,12 +1113,19 @@ EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
     return after_poll(fds, n, real.poll(fds, n, left));
 }
 
-EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
+EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
 {
     INIT();
+    return sliced_poll(fds, n, timeout);
+}
+
+static int sliced_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts,
+                        const sigset_t *mask)
+{
     flush_sending();
     if (UNLIKELY(pending_headers())) {
-        long long left = ts ? ts->tv_sec * 1000LL + ts->tv_nsec / 1000000 : -1;
+        /* rounded up: a sub-millisecond timeout is not cut to 0 */
+        long long left = ts ? ts->tv_sec * 1000LL + (ts->tv_nsec + 999999) / 1000000 : -1;
         while (pending_headers() && left != 0) {
             int slice = left < 0 || left > PEP_SLICE_MS ? PEP_SLICE_MS : (int)left;
             struct timespec st = {0, slice * 1000000L};
@@ -1136,6 +1142,12 @@ EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const 
         }
     }
     return after_poll(fds, n, real.ppoll(fds, n, ts, mask));
+}
+
+EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
+{
+    INIT();
+    return sliced_ppoll(fds, n, ts, mask);
 }
 
 EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)
@@ -1200,17 +1212,22 @@ EXPORT int epoll_pwait2(int epfd, struct epoll_event *ev, int max, const struct 
     return real.epoll_pwait2(epfd, ev, max, ts, mask);
 }
 
+/* _FORTIFY_SOURCE's poll/ppoll: glibc's check, then the same wait as
+ * poll/ppoll (sliced while a header is pending, Error TLVs reported ready).
+ * A failed check goes to glibc's own symbol, which aborts. */
 EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen)
 {
     INIT();
-    flush_sending();
-    return after_poll(fds, n, real.poll_chk(fds, n, timeout, fdslen));
+    if (fdslen / sizeof *fds < n)
+        return real.poll_chk(fds, n, timeout, fdslen);
+    return sliced_poll(fds, n, timeout);
 }
 
 EXPORT int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *ts,
                        const sigset_t *mask, size_t fdslen)
 {
     INIT();
-    flush_sending();
-    return after_poll(fds, n, real.ppoll_chk(fds, n, ts, mask, fdslen));
+    if (fdslen / sizeof *fds < n)
+        return real.ppoll_chk(fds, n, ts, mask, fdslen);
+    return sliced_ppoll(fds, n, ts, mask);
 }
