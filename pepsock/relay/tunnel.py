@@ -244,7 +244,9 @@ class Tunnel:
         state = self.state
         if state == OPEN:
             self._run()
-        elif state == HEADER:
+        elif state == HEADER and c.readable:
+            # Not on a bare EPOLLOUT: the client's first event after a 1-RTT
+            # handshake is usually just that, and recv() would only EAGAIN.
             self._read_header()
 
     def on_server(self, ev: int) -> None:
