@@ -508,13 +508,16 @@ int pep_config_bypass(const struct pep_config *cfg, const struct pep_addrs *pa,
             in_net(addr, net))
             return 1;
     }
-    /* The PEP itself (address and port, as pepsock/client.py) goes direct. */
-    if (pa && port == cfg->port) {
-        if (pa->have4 && memcmp(addr, v4_prefix, 12) == 0 &&
-            memcmp(addr + 12, &pa->v4.sin_addr, 4) == 0)
-            return 1;
-        if (pa->have6 && memcmp(addr, &pa->v6.sin6_addr, 16) == 0)
-            return 1;
-    }
-    return 0;
+    return pa && pep_config_is_pep(cfg, pa, addr, port);
+}
+
+int pep_config_is_pep(const struct pep_config *cfg, const struct pep_addrs *pa,
+                      const uint8_t addr[16], uint16_t port)
+{
+    if (port != cfg->port)
+        return 0;
+    if (pa->have4 && memcmp(addr, v4_prefix, 12) == 0 &&
+        memcmp(addr + 12, &pa->v4.sin_addr, 4) == 0)
+        return 1;
+    return pa->have6 && memcmp(addr, &pa->v6.sin6_addr, 16) == 0;
 }

@@ -52,6 +52,10 @@ const struct pep_addrs *pep_config_resolve(void);
  * the PEP? The PEP's own address counts when addrs is given. */
 int pep_config_bypass(const struct pep_config *cfg, const struct pep_addrs *addrs,
                       const uint8_t addr[16], uint16_t port);
+/* Is it the PEP itself (its address and port, as pepsock/client.py)? That
+ * goes direct: the part of pep_config_bypass() that needs addrs. */
+int pep_config_is_pep(const struct pep_config *cfg, const struct pep_addrs *addrs,
+                      const uint8_t addr[16], uint16_t port);
 
 /* Logging: one line, errno untouched, no fd kept open. */
 void pep_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -490,7 +490,7 @@ static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
         return PASS;
     }
     const struct pep_addrs *pa = pep_config_resolve();
-    if (!pa || pep_config_bypass(&pep_cfg, pa, a, port)) {
+    if (!pa || pep_config_is_pep(&pep_cfg, pa, a, port)) { /* PEP_NO_PROXY: checked above */
         errno = saved;
         return PASS;
     }
