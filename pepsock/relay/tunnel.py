@@ -479,16 +479,11 @@ class Tunnel:
             self._shut(d)
 
     def _on_error(self, end: End, who: str) -> None:
+        # No last delivery of what a pipe still holds for the healthy side:
+        # _pump only stops with bytes held once the destination hit EAGAIN,
+        # and writable is set again only right before the next _pump, so
+        # such bytes never "fit now". The reset is carried across at once.
         err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if self.state == OPEN:
-            # Bytes the pipe holds for the healthy side are still delivered if
-            # they fit now; then the reset is carried across.
-            try:
-                for d in (self.up, self.down):
-                    if d.dst is not end and d.held and d.dst.writable:
-                        self._pump(d)
-            except OSError:
-                pass
         self.abort(f"{who} {os.strerror(err) if err else 'error'}")
 
     # -- endings -----------------------------------------------------------------------
