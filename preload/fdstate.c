@@ -28,11 +28,13 @@ static void child_after_fork(void)
     unsigned i;
     pthread_mutex_init(&lock, NULL);
     /* A connect() that was in flight on another thread of the parent never
-     * finishes here: that socket is the parent's to set up. */
+     * finishes here: that socket is the parent's to set up, and the
+     * reference that setup held (hooks.c, via_pep) has no owner here. */
     for (i = 0; i < PEP_CONN_MAX; i++) {
         if (conns[i].refs && conns[i].state == PEP_ST_CONNECTING) {
             conns[i].err = ECONNABORTED;
             pep_conn_set_state(&conns[i], PEP_ST_FAILED);
+            pep_conn_put(&conns[i]);
         }
     }
 }
@@ -86,6 +88,11 @@ void pep_fd_forget(int fd)
     set_map(fd, 0);
     if (c->fd == fd)
         c->fd = -1;
+    pep_conn_put(c);
+}
+
+void pep_conn_put(struct pep_conn *c)
+{
     if (--c->refs == 0)
         pep_conn_set_state(c, PEP_ST_FREE);
 }

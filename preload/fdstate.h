@@ -71,6 +71,7 @@ void pep_fdstate_atfork(void);
 struct pep_conn *pep_conn_get(int fd);             /* NULL if not ours */
 struct pep_conn *pep_conn_new(int fd);             /* NULL if the table is full */
 void pep_fd_forget(int fd);                        /* drop fd's reference */
+void pep_conn_put(struct pep_conn *c);             /* drop a reference */
 void pep_fd_dup(int oldfd, int newfd);             /* newfd shares oldfd's slot */
 void pep_fd_forget_range(unsigned first, unsigned last);
 void pep_conn_set_state(struct pep_conn *c, int state);

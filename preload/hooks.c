@@ -462,6 +462,24 @@ static void flush_sending(void)
 
 /* ---- connect: put the socket on the PEP -------------------------------- */
 
+/*
+ * via_pep() holds a reference of its own on the slot from PEP_ST_CONNECTING
+ * until the setup is done, so a close() of fd on another thread while the
+ * lock is dropped (sendmsg, connect) cannot free the slot and hand it, and
+ * the header being sent, to another connection. Back under pep_lock: is fd
+ * still this connection's? If not, the setup is abandoned: its reference
+ * goes, and any dup left fails with ECONNABORTED (as in a forked child).
+ */
+static int setup_kept(int fd, struct pep_conn *c)
+{
+    if (pep_conn_get(fd) == c)
+        return 1;
+    c->err = ECONNABORTED;
+    pep_conn_set_state(c, PEP_ST_FAILED);
+    pep_conn_put(c);
+    return 0;
+}
+
 #define PASS 1
 
 /*
@@ -548,6 +566,8 @@ static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
     c->hdr_sent = 0;
     pep_reader_init(&c->rd);
     pep_conn_set_state(c, PEP_ST_CONNECTING);
+    c->refs++; /* the setup's own, while the lock is dropped: see setup_kept() */
+    size_t hlen = c->hdr_len;
     pep_unlock();
 
     v = 1;
@@ -574,13 +594,16 @@ static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
     int nonblock = (appflags & MSG_DONTWAIT) || is_nonblocking(fd);
 
     pep_lock();
+    if (!setup_kept(fd, c))
+        goto aborted;
     if (n >= 0) {
-        size_t h = (size_t)n < c->hdr_len ? (size_t)n : c->hdr_len;
+        size_t h = (size_t)n < hlen ? (size_t)n : hlen;
         c->hdr_sent = (uint16_t)h;
-        pep_conn_set_state(c, h == c->hdr_len ? PEP_ST_AWAIT : PEP_ST_SENDING);
+        pep_conn_set_state(c, h == hlen ? PEP_ST_AWAIT : PEP_ST_SENDING);
+        pep_conn_put(c);
         pep_unlock();
-        pep_log(PEP_LOG_DEBUG, "fd %d: Convert header (%zu of %u bytes) sent with MSG_FASTOPEN",
-                fd, h, c->hdr_len);
+        pep_log(PEP_LOG_DEBUG, "fd %d: Convert header (%zu of %zu bytes) sent with MSG_FASTOPEN",
+                fd, h, hlen);
         if (app && (size_t)n > h) {
             *ret = n - (ssize_t)h;
             errno = saved;
@@ -610,6 +633,7 @@ static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
         /* non-blocking, and the SYN left without data (no TFO cookie, TFO
          * blackhole logic...): the header follows the handshake. */
         pep_conn_set_state(c, PEP_ST_SENDING);
+        pep_conn_put(c);
         pep_unlock();
         if (e == EINPROGRESS)
             warn_0rtt_lost("the kernel sent the SYN without data");
@@ -624,15 +648,16 @@ static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
         int rc = real.connect(fd, (struct sockaddr *)&pep, peplen);
         e = errno;
         pep_lock();
+        if (!setup_kept(fd, c))
+            goto aborted;
         pep_conn_set_state(c, PEP_ST_SENDING);
+        if (rc < 0 && e != EINPROGRESS && e != EINTR) {
+            lowat_release(fd, c);
+            pep_fd_forget(fd);
+        }
+        pep_conn_put(c);
         pep_unlock();
         if (rc < 0) {
-            if (e != EINPROGRESS && e != EINTR) {
-                pep_lock();
-                lowat_release(fd, c);
-                pep_fd_forget(fd);
-                pep_unlock();
-            }
             *ret = -1;
             errno = e;
             return 0;
@@ -652,10 +677,18 @@ static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
     /* Could not reach the PEP at all: the program sees the kernel's errno. */
     lowat_release(fd, c);
     pep_fd_forget(fd);
+    pep_conn_put(c);
     pep_unlock();
     pep_log(PEP_LOG_INFO, "fd %d: connecting to the PEP: %s", fd, strerror(e));
     *ret = -1;
     errno = e;
+    return 0;
+
+aborted:
+    pep_unlock();
+    pep_log(PEP_LOG_INFO, "fd %d: closed on another thread during its connect", fd);
+    *ret = -1;
+    errno = ECONNABORTED;
     return 0;
 }
 
