@@ -24,10 +24,11 @@ import time
 
 from .. import tfo
 from ..policy import normalize_ip
+from ..protocol import error_reply
 from . import stats as S
 from .admission import Admission
 from .config import DEFAULT_MAX_TUNNELS, Config
-from .tunnel import Tunnel, apply_side, fmt_addr
+from .tunnel import Closer, Tunnel, apply_side, fmt_addr
 
 log = logging.getLogger("pepsock.relay")
 
@@ -345,8 +346,6 @@ class Loop:
             t.__init__(self, sock, (ip, addr[1]), now)
 
     def _refuse(self, sock, addr, code, why):
-        from ..protocol import error_reply
-        from .tunnel import Closer
         self.stats.error(code)
         Closer(self, sock, error_reply(code), registered=False)
         if self.cfg.log_tunnels:
