@@ -190,7 +190,10 @@ class Connect:
     type = TLVType.CONNECT
 
     def __post_init__(self):
-        object.__setattr__(self, "address", _normalize(ipaddress.ip_address(self.address)))
+        addr = self.address
+        if not isinstance(addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            addr = ipaddress.ip_address(addr)
+        object.__setattr__(self, "address", _normalize(addr))
         object.__setattr__(self, "options", tuple(self.options))
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} out of range 1-65535")
