@@ -196,7 +196,7 @@ def test_split_reply_with_extra_tlvs(lo, lib, tmp_path, split):
 
 
 def test_nonblocking_read_finding_only_the_header_is_eagain(lo, lib):
-    with ph.EchoServer() if False else _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter(lo) as conv:
         p = pyrun(lo, f"""
             import select, socket, time
             s = socket.socket()
