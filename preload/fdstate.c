@@ -80,14 +80,30 @@ struct pep_conn *pep_conn_new(int fd)
     return NULL;
 }
 
+/* Another fd naming slot v, or -1: a scan of the table, only when the fd a
+ * connection is known by goes while dups of it stay. */
+static int other_fd(uint16_t v)
+{
+    unsigned fd;
+    for (fd = 0; fd < PEP_FD_MAX; fd++) {
+        if (pep_fdmap[fd] == v)
+            return (int)fd;
+    }
+    return -1;
+}
+
 void pep_fd_forget(int fd)
 {
     struct pep_conn *c = pep_conn_get(fd);
     if (!c)
         return;
+    uint16_t v = pep_fdmap[fd];
     set_map(fd, 0);
+    /* c->fd is how flush_sending() (hooks.c) finds the connection: after
+     * dup2(s, 1); close(s) it must name the dup, or a header that missed
+     * the SYN would never go out from a wait (and every wait stays sliced). */
     if (c->fd == fd)
-        c->fd = -1;
+        c->fd = c->refs > 1 ? other_fd(v) : -1;
     pep_conn_put(c);
 }
 

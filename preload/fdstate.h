@@ -29,7 +29,7 @@ enum pep_state {
 
 struct pep_conn {
     int state;                  /* atomic loads outside pep_lock */
-    int fd;                     /* the fd it was created on (-1 once closed) */
+    int fd;                     /* one of its fds (-1 once all are closed) */
     int refs;
     int err;
     int lowat;                  /* the program's SO_RCVLOWAT, restored after the reply */
