@@ -34,8 +34,8 @@ def normalize_ip(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return addr
 
 
-def parse_hostport(text: str, what: str = "PEP_PROXY") -> tuple[str, int]:
-    """'host:port' or '[v6addr]:port' -> (host, port)."""
+def parse_hostport(text: str, what: str = "PEP_PROXY", *, listening: bool = False) -> tuple[str, int]:
+    """'host:port' or '[v6addr]:port' -> (host, port); port 0 only when `listening`."""
     text = text.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
@@ -51,12 +51,12 @@ def parse_hostport(text: str, what: str = "PEP_PROXY") -> tuple[str, int]:
             raise ConfigError(f"{what}={text!r}: expected host:port or [IPv6-address]:port")
         if ":" in host:
             raise ConfigError(f"{what}={text!r}: write an IPv6 address in brackets, [addr]:port")
-    return host, _port(port, what, text)
+    return host, _port(port, what, text, lowest=0 if listening else 1)
 
 
-def _port(port: str, what: str, text: str) -> int:
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what}={text!r}: port must be 1-65535, not {port!r}")
+def _port(port: str, what: str, text: str, lowest: int = 1) -> int:
+    if not port.isdigit() or not lowest <= int(port) < 65536:
+        raise ConfigError(f"{what}={text!r}: port must be {lowest}-65535, not {port!r}")
     return int(port)
 
 

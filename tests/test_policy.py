@@ -119,3 +119,10 @@ def test_an_address_matches_its_own_network(addr, prefix, port):
         return  # a v6 network wider than the mapped range: v4-mapped addresses match as v4
     assert bypass.matches(address=addr, port=port)
     assert not bypass.matches(address=addr, port=port % 65535 + 1)
+
+
+def test_port_zero_only_for_listening():
+    assert parse_hostport("127.0.0.1:0", "--listen", listening=True) == ("127.0.0.1", 0)
+    assert parse_hostport("[::1]:0", "--listen", listening=True) == ("::1", 0)
+    with pytest.raises(ConfigError, match="port must be 1-65535"):
+        parse_hostport("127.0.0.1:0")

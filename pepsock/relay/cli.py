@@ -23,12 +23,7 @@ log = logging.getLogger("pepsock.relay")
 
 
 def _hostport(text: str, what: str) -> tuple[str, int]:
-    text = text.strip()
-    # Port 0 (ephemeral) is fine for listening; parse_hostport wants 1-65535.
-    if text.endswith(":0"):
-        host, _ = parse_hostport(text[:-2] + ":1", what)
-        return host, 0
-    return parse_hostport(text, what)
+    return parse_hostport(text, what, listening=True)  # port 0: an ephemeral port
 
 
 def _size(text: str) -> int:
