@@ -499,6 +499,13 @@ static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
     family = dest_of(dest, destlen, a, &port);
     if (!family || pep_config_bypass(&pep_cfg, NULL, a, port) || pep_busy)
         return PASS;
+    /* A destination no Connect TLV may carry (port 0, 0.0.0.0 or ::,
+     * multicast, broadcast: a PEP must refuse it) is the kernel's to answer,
+     * as without libpep; an empty header would leave the PEP waiting. */
+    uint8_t hdr[sizeof ((struct pep_conn *)0)->hdr];
+    size_t hlen = pep_encode_connect(hdr, sizeof hdr, a, port, NULL, 0);
+    if (!hlen)
+        return PASS;
     /* Only IPv4/IPv6 TCP stream sockets, not yet connected. */
     if (sockopt_int(fd, SOL_SOCKET, SO_DOMAIN, &v) < 0 || v != family ||
         sockopt_int(fd, SOL_SOCKET, SO_TYPE, &v) < 0 || v != SOCK_STREAM ||
@@ -562,12 +569,12 @@ static int via_pep(int fd, const struct sockaddr *dest, socklen_t destlen,
     c->destlen = family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
     c->pep = pep;
     c->peplen = peplen;
-    c->hdr_len = (uint16_t)pep_encode_connect(c->hdr, sizeof c->hdr, a, port, NULL, 0);
+    memcpy(c->hdr, hdr, hlen);
+    c->hdr_len = (uint16_t)hlen;
     c->hdr_sent = 0;
     pep_reader_init(&c->rd);
     pep_conn_set_state(c, PEP_ST_CONNECTING);
     c->refs++; /* the setup's own, while the lock is dropped: see setup_kept() */
-    size_t hlen = c->hdr_len;
     pep_unlock();
 
     v = 1;

@@ -130,3 +130,19 @@ def test_loaded_into_python_changes_nothing_without_pep():
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=20)
     assert p.stdout.strip() == "ok" and p.stderr == ""
+
+
+def test_destination_no_connect_tlv_can_carry_goes_to_the_kernel():
+    """0.0.0.0 (and port 0, multicast, broadcast) cannot be put in a Connect
+    TLV: libpep leaves such a connect to the kernel, which for 0.0.0.0 means
+    this host, instead of sending the PEP an empty header. Nothing is bypassed
+    here, and the PEP's port is closed: going to it would be refused."""
+    code = (
+        "import socket\n"
+        "srv = socket.socket(); srv.bind(('0.0.0.0', 0)); srv.listen()\n"
+        "c = socket.socket(); c.connect(('0.0.0.0', srv.getsockname()[1]))\n"
+        "s, _ = srv.accept(); c.sendall(b'hi'); print(s.recv(2).decode())\n")
+    env = ph.preload_env(("127.0.0.1", 9), no_proxy="")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=20)
+    assert p.stdout.strip() == "hi", p.stderr
