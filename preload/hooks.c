@@ -1132,9 +1132,9 @@ static int pending_headers(void)
 }
 
 /* The next slice of a wait of `left` ms (-1: forever). */
-static int slice_of(int left)
+static int slice_of(long long left)
 {
-    return left < 0 || left > PEP_SLICE_MS ? PEP_SLICE_MS : left;
+    return left < 0 || left > PEP_SLICE_MS ? PEP_SLICE_MS : (int)left;
 }
 
 static int sliced_poll(struct pollfd *fds, nfds_t n, int timeout)
@@ -1167,7 +1167,7 @@ static int sliced_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts,
         /* rounded up: a sub-millisecond timeout is not cut to 0 */
         long long left = ts ? ts->tv_sec * 1000LL + (ts->tv_nsec + 999999) / 1000000 : -1;
         while (pending_headers() && left != 0) {
-            int slice = left < 0 || left > PEP_SLICE_MS ? PEP_SLICE_MS : (int)left;
+            int slice = slice_of(left);
             struct timespec st = {0, slice * 1000000L};
             int r = real.ppoll(fds, n, &st, mask);
             if (r != 0)
