@@ -122,17 +122,30 @@ def parse_mahimahi(text: str, bin_ms: int = 100, name: str = "trace") -> Schedul
         raise TraceError("trace needs at least one delivery opportunity after 0 ms")
     period_ms = times[-1]
     nbins = max(1, math.ceil(period_ms / bin_ms))
-    counts = [0] * nbins
+    # Only the bins that hold opportunities are stored: a long period with few of them
+    # (a 70-year trace is one line) must not allocate a list of every bin.
+    counts: dict[int, int] = {}
     for t in times:
         # mahimahi: opportunity at t ms delivers in (t-1, t]; t == period wraps to the next cycle's end
-        counts[min((t - 1) // bin_ms if t > 0 else 0, nbins - 1)] += 1
+        i = min((t - 1) // bin_ms if t > 0 else 0, nbins - 1)
+        counts[i] = counts.get(i, 0) + 1
     last_bin = period_ms - (nbins - 1) * bin_ms
-    steps = []
-    for i, c in enumerate(counts):
+    steps: list[tuple[float, float]] = []
+
+    def add(i: int, c: int) -> None:
         width = (last_bin if i == nbins - 1 else bin_ms) / 1000.0
         rate = c * PACKET_BYTES * 8 / width
         if not steps or steps[-1][1] != rate:
             steps.append((i * bin_ms / 1000.0, rate))
+
+    nxt = 0                       # first bin not yet covered
+    for i in sorted(counts):
+        if i > nxt:
+            add(nxt, 0)           # the empty bins before bin i: rate 0
+        add(i, counts[i])
+        nxt = i + 1
+    if nxt < nbins:
+        add(nxt, 0)
     return Schedule(steps, period=period_ms / 1000.0, name=name,
                     meta={"format": "mahimahi", "opportunities": len(times), "bin_ms": bin_ms})
 
