@@ -76,12 +76,17 @@ class _Entered:
         self.name = name
 
     def __enter__(self):
-        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
-            _setns(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+            try:
+                _setns(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            os.close(home)   # __exit__ will not run: do not leak the descriptor
+            raise
+        self._home = home
         return self
 
     def __exit__(self, *exc):
