@@ -189,9 +189,10 @@ class Testbed:
             h.run("ip", "tcp_metrics", "flush", "all", check=False)
 
     def close(self) -> dict:
+        # _closed is set only once everything is gone: if a second Ctrl-C or a SIGTERM
+        # interrupts this, the atexit call runs it again (every step is idempotent)
         if self._closed:
             return {}
-        self._closed = True
         stats = {}
         for sh in self.shapers:
             sh.close()
@@ -202,6 +203,7 @@ class Testbed:
                 pass
         self.topo.cleanup()
         self._unmark()
+        self._closed = True
         try:
             atexit.unregister(self.close)
         except Exception:
