@@ -108,9 +108,8 @@ def _eval(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_ctrl_c_tears_down(tmp_path):
-    require_root()
-    require_tool("cc")
+def _eval_with_testbed(tmp_path):
+    """Start a long ttfb-only eval; return it and its namespaces once all five exist."""
     before = set(leftover_namespaces("ev"))
     p = _eval(["--experiments", "ttfb", "--ttfb-reps", "50", "--out", str(tmp_path)])
     deadline = time.monotonic() + 30
@@ -118,7 +117,17 @@ def test_ctrl_c_tears_down(tmp_path):
     while time.monotonic() < deadline and len(new) < 5:
         time.sleep(0.2)
         new = set(leftover_namespaces("ev")) - before
+    if len(new) < 5:
+        p.terminate()          # SIGTERM: it tears down what it built
+        p.communicate(timeout=30)
     assert len(new) >= 5, "eval did not build its namespaces"
+    return p, new
+
+
+def test_ctrl_c_tears_down(tmp_path):
+    require_root()
+    require_tool("cc")
+    p, new = _eval_with_testbed(tmp_path)
     time.sleep(2)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
@@ -161,14 +170,7 @@ def test_cleanup_after_sigkill(tmp_path):
     require_root()
     require_tool("cc")
     from pepsock.testbed.topology import stale_testbeds
-    before = set(leftover_namespaces("ev"))
-    p = _eval(["--experiments", "ttfb", "--ttfb-reps", "50", "--out", str(tmp_path)])
-    deadline = time.monotonic() + 30
-    new = set()
-    while time.monotonic() < deadline and len(new) < 5:
-        time.sleep(0.2)
-        new = set(leftover_namespaces("ev")) - before
-    assert len(new) >= 5, "eval did not build its namespaces"
+    p, new = _eval_with_testbed(tmp_path)
     time.sleep(1)
     p.kill()
     p.communicate(timeout=10)
