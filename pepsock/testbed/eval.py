@@ -123,37 +123,28 @@ def _run(args, plan, settings, exps) -> int:
                     f"{r['error_pct']:+6.1f}%  {'ok' if r['ok'] else 'OUT OF TOLERANCE'}")
             else:
                 log(f"  {r['metric']:<40} {r['measured']}")
-        modes = len(runner.modes())
         from .traces import spike_outage_schedule
-        total = 0
+        # (name, schedule, bytes, repetitions, options), in the order they run
+        transfers = []
         if "step" in exps:
-            total += plan.reps * modes
-        if "flows" in exps:
-            total += plan.flows_reps * modes * len(plan.flows)
+            transfers.append(("step", runner.step_schedule(), plan.step_bytes, plan.reps, {}))
         if "bigq" in exps:
-            total += plan.bigq_reps * modes
+            transfers.append(("bigq", runner.step_schedule(), plan.step_bytes, plan.bigq_reps,
+                              {"queue_bytes": settings.queue_bytes * plan.bigq_factor}))
         if "spike" in exps:
-            total += plan.reps * modes
+            transfers.append(("spike", spike_outage_schedule(), plan.spike_bytes, plan.reps, {}))
         if "mmwave" in exps:
-            total += plan.reps * modes
+            transfers.append(("mmwave", load("mmwave-blockage"), plan.mmwave_bytes, plan.reps, {}))
+        if "flows" in exps:
+            transfers.append(("flows", runner.step_schedule(), plan.flow_bytes, plan.flows_reps,
+                              {"flows_list": plan.flows, "interactive": False}))
+        modes = len(runner.modes())
+        total = sum(reps * modes * len(opts.get("flows_list", (1,))) for _, _, _, reps, opts in transfers)
         if "ttfb" in exps:
             total += 6
         progress = Progress(total)
-        if "step" in exps:
-            res["runs"] += runner.exp_transfers("step", runner.step_schedule(), plan.step_bytes, plan.reps, progress)
-        if "bigq" in exps:
-            res["runs"] += runner.exp_transfers("bigq", runner.step_schedule(), plan.step_bytes, plan.bigq_reps,
-                                                progress, queue_bytes=settings.queue_bytes * plan.bigq_factor)
-        if "spike" in exps:
-            res["runs"] += runner.exp_transfers("spike", spike_outage_schedule(), plan.spike_bytes, plan.reps,
-                                                progress)
-        if "mmwave" in exps:
-            res["runs"] += runner.exp_transfers("mmwave", load("mmwave-blockage"), plan.mmwave_bytes, plan.reps,
-                                                progress)
-        if "flows" in exps:
-            res["runs"] += runner.exp_transfers("flows", runner.step_schedule(), plan.flow_bytes,
-                                                plan.flows_reps, progress, flows_list=plan.flows,
-                                                interactive=False)
+        for name, schedule, nbytes, reps, opts in transfers:
+            res["runs"] += runner.exp_transfers(name, schedule, nbytes, reps, progress, **opts)
         if "ttfb" in exps:
             res["ttfb"] = runner.exp_ttfb(progress)
         progress.close()
