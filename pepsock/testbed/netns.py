@@ -28,6 +28,17 @@ def _run(argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProce
     return subprocess.run(argv, check=check, capture_output=True, text=True, **kw)
 
 
+def delete_namespace(name: str) -> None:
+    """Kill whatever still runs inside a namespace, then drop it (and its veths)."""
+    pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+    _run(["ip", "netns", "del", name], check=False)
+
+
 @dataclass
 class Host:
     """One network namespace."""
@@ -148,14 +159,7 @@ class Topology:
 
     def cleanup(self) -> None:
         for h in self.hosts.values():
-            # Kill whatever still runs inside, then drop the namespace (and its veths).
-            pids = _run(["ip", "netns", "pids", h.name], check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _run(["ip", "netns", "del", h.name], check=False)
+            delete_namespace(h.name)
         self.hosts.clear()
 
     def __enter__(self):

@@ -24,7 +24,7 @@ import subprocess
 from dataclasses import dataclass
 
 from .delayline import DelayLine
-from .netns import Host, Topology
+from .netns import Host, Topology, delete_namespace
 from .shaping import Shaper
 
 ADDR = {
@@ -274,10 +274,8 @@ def remove_stale() -> list[str]:
     """Tear down every stale testbed: kill what runs inside, delete its namespaces."""
     removed = []
     for tag in stale_testbeds():
-        topo = Topology.__new__(Topology)
-        topo.tag = tag
-        topo.hosts = {n.split("-", 1)[1]: Host(n) for n in leftover_namespaces(tag + "-")}
-        topo.cleanup()
+        for name in leftover_namespaces(tag + "-"):
+            delete_namespace(name)
         try:
             os.unlink(os.path.join(Testbed.RUN_DIR, tag))
         except OSError:
