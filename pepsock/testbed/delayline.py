@@ -22,6 +22,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def build(cc: str | None = None) -> str:
     src = SOURCE.read_bytes()
     tag = hashlib.sha256(src).hexdigest()[:12]
     out = Path(tempfile.gettempdir()) / f"pepsock-delayline-{tag}"
-    if out.exists():
+    if _ours(out):
         return str(out)
     cc = cc or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -56,6 +57,18 @@ def build(cc: str | None = None) -> str:
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return str(out)
+
+
+def _ours(path: Path) -> bool:
+    """A cached binary we may run (as root): a regular file of ours that nobody else can
+    write. The temp directory is shared: another user's file under this predictable name
+    is not run but rebuilt over (os.replace, as root in a sticky directory)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 class DelayLine:
