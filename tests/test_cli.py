@@ -7,18 +7,23 @@ import pytest
 from converter import Converter
 
 
-def pep(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "pepsock.cli", *args], capture_output=True,
-                          text=True, timeout=30, **kw)
+def pep(*args, host=None, **kw):
+    """Run the pep command, inside `host`'s namespace when given."""
+    argv = [sys.executable, "-m", "pepsock.cli", *args]
+    return subprocess.run(host.cmd(*argv) if host else argv, capture_output=True, text=True,
+                          timeout=30, **kw)
+
+
+def check_against_converter(topology, name: str, tfo: int):
+    """`pep check --pep` against a test converter in a fresh namespace."""
+    host = topology.host(name, tfo=tfo)
+    with host.enter():
+        with Converter() as conv:
+            return pep("check", "--pep", f"{conv.address[0]}:{conv.address[1]}", host=host)
 
 
 def test_check_reports_the_machine_and_a_working_pep(topology):
-    host = topology.host("chk", tfo=3)
-    with host.enter():
-        with Converter() as conv:
-            out = subprocess.run(host.cmd(sys.executable, "-m", "pepsock.cli", "check", "--pep",
-                                          f"{conv.address[0]}:{conv.address[1]}"),
-                                 capture_output=True, text=True, timeout=30)
+    out = check_against_converter(topology, "chk", tfo=3)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "net.ipv4.tcp_fastopen=0x3" in out.stdout
     assert "answers RFC 8803" in out.stdout and "SupportedTCPExtensions" in out.stdout
@@ -27,16 +32,14 @@ def test_check_reports_the_machine_and_a_working_pep(topology):
 
 def test_check_without_client_bit_says_how_to_fix(topology):
     host = topology.host("chk0", tfo=0)
-    out = subprocess.run(host.cmd(sys.executable, "-m", "pepsock.cli", "check"),
-                         capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    out = pep("check", host=host, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 1
     assert "sysctl -w net.ipv4.tcp_fastopen=1" in out.stdout
 
 
 def test_check_unreachable_pep_fails(topology):
     host = topology.host("chk1", tfo=3)
-    out = subprocess.run(host.cmd(sys.executable, "-m", "pepsock.cli", "check", "--pep",
-                                  "127.0.0.1:9"), capture_output=True, text=True, timeout=30)
+    out = pep("check", "--pep", "127.0.0.1:9", host=host)
     assert out.returncode == 1 and "cannot reach the PEP at 127.0.0.1:9" in out.stdout
 
 
@@ -56,11 +59,6 @@ def test_run_needs_a_command():
 
 
 def test_check_pep_without_tfo_still_reaches_it(topology):
-    host = topology.host("chk2", tfo=0)
-    with host.enter():
-        with Converter() as conv:
-            out = subprocess.run(host.cmd(sys.executable, "-m", "pepsock.cli", "check", "--pep",
-                                          f"{conv.address[0]}:{conv.address[1]}"),
-                                 capture_output=True, text=True, timeout=30)
+    out = check_against_converter(topology, "chk2", tfo=0)
     assert "answers RFC 8803" in out.stdout, out.stdout + out.stderr
     assert "did not ride in the SYN" in out.stdout
