@@ -22,10 +22,6 @@ class ConfigError(ValueError):
     """A PEP_PROXY / PEP_NO_PROXY / option value that does not parse."""
 
 
-def _ip(text: str):
-    return ipaddress.ip_address(text)
-
-
 def normalize_ip(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """IPv4-mapped IPv6 addresses count as the IPv4 address they carry."""
     addr = ipaddress.ip_address(addr)

@@ -1,5 +1,4 @@
 """Shared fixtures: root/namespace gating and the --run-slow switch."""
-import os
 import shutil
 
 import pytest

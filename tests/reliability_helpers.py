@@ -126,7 +126,6 @@ def settle_fds(relay, host, want: int, timeout: float = 8.0) -> int:
 def _echo_main(host: str) -> None:
     import asyncio
     import resource
-    import sys
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -16,7 +16,7 @@ import pytest
 
 cffi = pytest.importorskip("cffi")
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from pepsock import protocol  # noqa: E402
 import preload_helpers  # noqa: E402

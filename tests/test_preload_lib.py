@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 
 import preload_helpers as ph
 from pepsock import preload

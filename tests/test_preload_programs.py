@@ -1050,7 +1050,7 @@ def test_pending_header_flush_never_eats_the_connect_error(notfo, lib):
     says ECONNREFUSED after libpep's flush attempts in poll()."""
     with _echo(notfo) as gone:
         dead = gone.address
-    p = pyrun(notfo, f"""
+    p = pyrun(notfo, """
         import errno, select, socket
         s = socket.socket()
         s.setblocking(False)

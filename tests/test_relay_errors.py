@@ -11,7 +11,7 @@ from pepsock.protocol import (
     connect_request, error_reply,
 )
 from relay_helpers import (
-    Relay, Server, convert_open, echo, error_code, free_port, read_reply, recv_all,
+    Relay, Server, convert_open, echo, free_port, read_reply, recv_all,
     wait_eof_or_reset,
 )
 

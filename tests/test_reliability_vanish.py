@@ -6,7 +6,6 @@ namespace only, to 1 s / 1 s / 2 probes) bound how long a dead peer is kept.
 """
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
