@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
 from .policy import ConfigError, parse_hostport
 
 
@@ -42,6 +43,7 @@ def cmd_run(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pep", description="Reach TCP services through an RFC 8803 (0-RTT) PEP.")
+    parser.add_argument("--version", action="version", version=f"pep {__version__}")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     p = sub.add_parser("check", help="can this machine do 0-RTT; does the PEP answer?")
@@ -70,6 +72,11 @@ def main(argv=None) -> int:
         from .relay.cli import main as relay_main
         return relay_main(argv[1:])
     if argv[:1] == ["eval"]:
+        from .extras import missing_extra
+        problem = missing_extra("eval", argv[1:])
+        if problem:
+            print(f"pep eval: {problem}", file=sys.stderr)
+            return 2
         from .testbed.eval import main as eval_main
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)

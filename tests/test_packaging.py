@@ -1,0 +1,150 @@
+"""The project in a user's hands: README's first command from a clean clone with the
+system interpreter, and one-line messages for a missing pip extra."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_root
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM_PYTHON = "/usr/bin/python3"
+# A fresh machine's PATH: no pyenv, no venv, no ~/.local
+PLAIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def clean_env(**extra) -> dict:
+    """The environment of a new root shell: nothing from our venv or PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYENV_VERSION")
+           and not k.startswith("PEP_")}
+    env["PATH"] = PLAIN_PATH
+    env.update(extra)
+    return env
+
+
+def clean_clone(dest: Path) -> Path:
+    """The files a `git clone` of this tree would have (tracked and new, not ignored),
+    from the working tree: no build/, no libpep.so, no venv."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = ROOT / os.fsdecode(name)
+        if not src.is_file():      # deleted but not yet committed
+            continue
+        target = dest / os.fsdecode(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    return dest
+
+
+def require_system_python():
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs the system interpreter {SYSTEM_PYTHON}")
+    out = subprocess.run([SYSTEM_PYTHON, "-c", "import ensurepip, venv"], capture_output=True)
+    if out.returncode:
+        pytest.skip("the system Python lacks venv/ensurepip (apt-get install python3-venv)")
+
+
+# ---------------------------------------------------------------------------
+# README's first command
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="long (pip install + the demo, ~1 min): "
+                    "runs where CI is set (.ci/run sets it)")
+@pytest.mark.timeout(600)
+def test_quickstart_from_a_clean_clone_with_the_system_python(tmp_path):
+    require_root()
+    require_system_python()
+    clone = clean_clone(tmp_path / "pepsock")
+    venv = tmp_path / "venv"
+    t0 = time.monotonic()
+    out = subprocess.run(["bash", "examples/quickstart.sh"], cwd=clone, capture_output=True,
+                         text=True, timeout=540, env=clean_env(PEPSOCK_VENV=str(venv)))
+    took = time.monotonic() - t0
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    # the venv is the system interpreter's, not the one running this test
+    cfg = (venv / "pyvenv.cfg").read_text()
+    assert "home = /usr/bin\n" in cfg, cfg
+    import pepsock
+    assert f"pep {pepsock.__version__}" in out.stdout
+    # libpep.so was built into the install
+    lib = subprocess.run([str(venv / "bin" / "pep"), "lib"], capture_output=True, text=True,
+                         env=clean_env())
+    assert lib.returncode == 0 and lib.stdout.strip().startswith(str(venv)), lib
+    # the demo's table, with the formulas
+    for want in ("time to first byte (ms)", "2R1+2R2 = ", "R1+2R2 = ", "MB transfer (s)",
+                 "fluid bound", "through the PEP: first byte"):
+        assert want in out.stdout, out.stdout[-3000:]
+    assert "Traceback" not in text
+    print(f"quickstart from a clean clone: {took:.0f} s")
+
+
+# ---------------------------------------------------------------------------
+# A missing extra is one line naming it
+
+BLOCK = ("import sys\n"
+         "for name in {names!r}:\n"
+         "    sys.modules[name] = None   # what `import name` sees where it is not installed\n")
+
+
+def env_without(tmp_path, *modules) -> dict:
+    """PYTHONPATH with a sitecustomize that makes `modules` unimportable, as in an
+    install without the extra (checked: it does make them unimportable)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCK.format(names=list(modules)))
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
+    probe = subprocess.run([sys.executable, "-c", f"import {modules[0]}"], env=env,
+                           capture_output=True, text=True)
+    assert "ModuleNotFoundError" in probe.stderr, probe.stderr
+    return env
+
+
+@pytest.mark.parametrize("blocked,missing", [
+    (("pyroute2", "matplotlib"), "pyroute2, matplotlib"),
+    (("pyroute2",), "pyroute2"),
+    (("matplotlib",), "matplotlib"),
+])
+def test_pep_eval_names_the_missing_extra(tmp_path, blocked, missing):
+    out = subprocess.run([sys.executable, "-m", "pepsock.cli", "eval", "--quick",
+                          "--out", str(tmp_path / "report")],
+                         env=env_without(tmp_path, *blocked), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert out.stderr == (f"pep eval: needs {missing} (the 'eval' extra): "
+                          f"pip install 'pepsock[eval]'\n")
+    assert out.stdout == ""
+    assert not (tmp_path / "report").exists()
+
+
+def test_pep_eval_help_and_cleanup_need_no_extra(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pepsock.cli", "eval", "--help"],
+                         env=env_without(tmp_path, "pyroute2", "matplotlib"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--quick" in out.stdout, out.stderr
+
+
+def test_relay_with_stats_runs_without_any_extra(tmp_path):
+    """`pep relay --stats` needs nothing beyond the standard library."""
+    env = env_without(tmp_path, "pyroute2", "matplotlib", "cffi", "hypothesis")
+    relay = subprocess.Popen([sys.executable, "-m", "pepsock.cli", "relay", "--listen", "127.0.0.1:0",
+                              "--stats", "127.0.0.1:0"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [relay.stdout.readline(), relay.stdout.readline()]
+        assert lines[0].startswith("listening on 127.0.0.1:"), lines
+        assert lines[1].startswith("stats on 127.0.0.1:"), lines
+        port = int(lines[1].rsplit(":", 1)[1])
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        _, err = relay.communicate(timeout=40)
+    assert "Traceback" not in err, err
