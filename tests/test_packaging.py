@@ -1,6 +1,7 @@
 """The project in a user's hands: README's first command from a clean clone with the
 system interpreter, and one-line messages for a missing pip extra."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -148,3 +149,88 @@ def test_relay_with_stats_runs_without_any_extra(tmp_path):
         relay.send_signal(signal.SIGTERM)
         _, err = relay.communicate(timeout=40)
     assert "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------
+# Wheels tell the truth: a platform tag, libpep.so for that platform, no compiler to install
+
+def elf_machine(path) -> int:
+    """e_machine of an ELF file (62 x86-64, 183 aarch64, ...)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    assert head[:4] == b"\x7fELF", path
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """An sdist of this tree, then a wheel built from that sdist (so from source)."""
+    pytest.importorskip("build", reason="needs `build` (the test extra)")
+    out = tmp_path_factory.mktemp("dist")
+    clone = clean_clone(tmp_path_factory.mktemp("src") / "pepsock")
+    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(out), str(clone)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    sdist, = out.glob("pepsock-*.tar.gz")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
+                        str(sdist)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    wheel, = out.glob("pepsock-*.whl")
+    return sdist, wheel
+
+
+def test_sdist_carries_the_c_sources_and_no_binaries(built):
+    import tarfile
+    sdist, _ = built
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for src in ("preload/Makefile", "preload/hooks.c", "preload/tlv.c", "preload/tlv.h",
+                "pepsock/testbed/delayline.c", "setup.py", "pyproject.toml"):
+        assert src in names, src
+    assert not [n for n in names if n.endswith((".so", ".o"))]
+
+
+def test_wheel_is_tagged_for_the_platform_libpep_is_built_for(built, tmp_path):
+    import platform
+    import zipfile
+    _, wheel = built
+    name, version, py, abi, plat = wheel.name[:-len(".whl")].split("-")
+    assert (py, abi) == ("py3", "none")
+    arch = platform.machine()
+    m = re.fullmatch(rf"manylinux_(\d+)_(\d+)_{arch}", plat)
+    assert m, plat
+    glibc = tuple(map(int, os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2]))
+    assert (int(m[1]), int(m[2])) <= glibc      # installable here, i.e. not claimed too new
+    with zipfile.ZipFile(wheel) as z:
+        assert "Root-Is-Purelib: false" in z.read(f"pepsock-{version}.dist-info/WHEEL").decode()
+        lib = tmp_path / "libpep.so"
+        lib.write_bytes(z.read("pepsock/libpep.so"))
+    assert elf_machine(lib) == elf_machine(os.path.realpath(sys.executable))
+    print(f"wheel: {wheel.name}")
+
+
+def test_wheel_installs_and_runs_without_a_compiler(built, tmp_path):
+    require_system_python()
+    _, wheel = built
+    venv = tmp_path / "venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
+    bin_ = venv / "bin"
+    env = clean_env(PATH=str(bin_))             # no cc, no make, no gcc on PATH
+    for tool in ("cc", "gcc", "make"):
+        assert shutil.which(tool, path=env["PATH"]) is None
+    r = subprocess.run([str(bin_ / "pip"), "install", "-q", "--no-index", "--no-deps", str(wheel)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lib = subprocess.run([str(bin_ / "pep"), "lib"], capture_output=True, text=True, env=env)
+    assert lib.returncode == 0, lib.stderr
+    path = lib.stdout.strip()
+    assert path.startswith(str(venv)) and os.path.isfile(path), path
+    # the dynamic loader takes it (right machine, libraries it needs are there)
+    loaded = subprocess.run(["/bin/true"], env=dict(env, LD_PRELOAD=path, PEP_LOG="error"),
+                            capture_output=True, text=True)
+    assert loaded.returncode == 0 and "cannot be preloaded" not in loaded.stderr, loaded.stderr
+    # an install without the eval extra: pep eval says so in one line
+    ev = subprocess.run([str(bin_ / "pep"), "eval", "--quick"], capture_output=True, text=True,
+                        env=env, timeout=60)
+    assert ev.returncode == 2
+    assert ev.stderr.strip().endswith("pip install 'pepsock[eval]'"), ev.stderr
+    assert "Traceback" not in ev.stderr
