@@ -1,4 +1,4 @@
-"""The `pep` command: check, relay, run, lib, eval.
+"""The `pep` command: check, relay, run, lib, dissector, eval.
 
 Each subcommand's work lives in its own module; this file only parses the
 command line and hands over.
@@ -30,6 +30,12 @@ def cmd_lib(args) -> int:
     return 0
 
 
+def cmd_dissector(args) -> int:
+    from . import dissector
+    print(dissector.path())
+    return 0
+
+
 def cmd_run(args) -> int:
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
@@ -53,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lib", help="print the absolute path of libpep.so")
     p.set_defaults(func=cmd_lib)
+
+    p = sub.add_parser("dissector", help="print the path of the RFC 8803 Wireshark/tshark dissector")
+    p.set_defaults(func=cmd_dissector)
 
     p = sub.add_parser("run", help="run a command with libpep.so preloaded")
     p.add_argument("--pep", type=_pep_arg, metavar="HOST:PORT",
