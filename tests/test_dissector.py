@@ -365,3 +365,104 @@ def test_application_bytes_go_to_the_destination_ports_dissector(capture):
     assert r == [["GET"]]
     answers = tshark(cap, "http.response.code == 200", "tcp.stream")
     assert len(answers) >= 5
+
+
+# ---------------------------------------------------------------------------
+# Property: every message the codec can encode is decoded to the same fields
+
+def pcap_of(payloads) -> bytes:
+    """A pcap with one IPv4/TCP segment per payload, each in its own connection
+    (source port 40000 + i to 192.0.2.1:5124)."""
+    import struct
+
+    def csum(b):
+        s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+        s = (s >> 16) + (s & 0xFFFF)
+        return ~(s + (s >> 16)) & 0xFFFF
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]
+    for i, data in enumerate(payloads):
+        tcp = struct.pack("!HHIIBBHHH", 40000 + i, PEP_PORT, 1000, 1, 5 << 4, 0x18, 65535, 0, 0)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(data), i, 0x4000, 64, 6, 0,
+                         socket.inet_aton("192.0.2.2"), socket.inet_aton(PEP4))
+        ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+        frame = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02\x08\x00" + ip + tcp + data
+        out.append(struct.pack("<IIII", i, 0, len(frame), len(frame)) + frame)
+    return b"".join(out)
+
+
+def expected_fields(msg: protocol.Message) -> dict:
+    tlvs = msg.tlvs
+    want = {"types": [f"0x{int(t.type):02x}" for t in tlvs], "port": [], "address": [],
+            "cookies": [], "codes": [], "kinds": [], "noptions": []}
+    for t in tlvs:
+        if isinstance(t, protocol.Connect):
+            want["port"] = [str(t.port)]
+            addr = t.address
+            want["address"] = [f"::ffff:{addr}" if addr.version == 4 else addr.compressed]
+            want["noptions"] = [str(len(t.options))]
+        elif isinstance(t, protocol.Cookie) and t.data:
+            pad = -(4 + len(t.data)) % 4
+            want["cookies"].append((t.data + bytes(pad)).hex())
+        elif isinstance(t, protocol.Error):
+            want["codes"] = [str(t.code)]
+            if t.code == 3 and len(t.value) > 1:
+                pad = -(3 + len(t.value)) % 4
+                want["cookies"].append((t.value[1:] + bytes(pad)).hex())
+        elif isinstance(t, protocol.SupportedTCPExtensions):
+            want["kinds"] = [str(k) for k in t.kinds]
+    return want
+
+
+def test_property_codec_messages_decode_to_the_same_fields(tmp_path):
+    if shutil.which("tshark") is None:
+        pytest.skip("needs `tshark` (apt-get install tshark; .ci/run does)")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from test_protocol import messages
+
+    @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                      HealthCheck.function_scoped_fixture])
+    @given(st.lists(messages.filter(lambda m: m.tlvs), min_size=1, max_size=30), st.binary(max_size=40))
+    def check(msgs, app_bytes):
+        cap = tmp_path / "prop.pcap"
+        cap.write_bytes(pcap_of([m.encode() + app_bytes for m in msgs]))
+        rows = tshark(str(cap), "tcp", "convert.tlv.type", "convert.connect.port",
+                      "convert.connect.address", "convert.cookie", "convert.error.code",
+                      "convert.supported.kind", "convert.connect.options", "_ws.expert.group",
+                      "convert.message_bytes", "_ws.lua.text")
+        assert len(rows) == len(msgs)
+        for msg, row in zip(msgs, rows):
+            want = expected_fields(msg)
+            types, port, addr, cookies, codes, kinds, nopts, groups, nbytes, lua = row
+            assert types == want["types"]
+            assert port == want["port"] and addr == want["address"]
+            assert cookies == want["cookies"] and codes == want["codes"]
+            assert kinds == want["kinds"] and nopts == want["noptions"]
+            assert nbytes == [str(len(msg.encode()))]
+            assert "0x07000000" not in groups, (msg, groups)     # nothing called malformed
+            assert lua == []
+    check()
+
+
+def test_property_garbage_after_a_header_never_breaks_the_dissector(tmp_path):
+    if shutil.which("tshark") is None:
+        pytest.skip("needs `tshark` (apt-get install tshark; .ci/run does)")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=80)), min_size=1, max_size=40))
+    def check(cases):
+        payloads = [bytes((1, words)) + b"\x22\x63" + body for words, body in cases]
+        cap = tmp_path / "garbage.pcap"
+        cap.write_bytes(pcap_of(payloads))
+        # without reassembly, so a message longer than its segment is shown (cut short)
+        out = subprocess.run(["tshark", "-n", "-r", str(cap), "-X", f"lua_script:{LUA}", "-V",
+                              "-o", "tcp.desegment_tcp_streams:FALSE"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "Lua Error" not in out.stdout and "Lua Error" not in out.stderr
+        assert out.stdout.count("0-RTT TCP Convert Protocol (RFC 8803)") == len(payloads)
+        cut = sum(1 for p in payloads if p[1] * 4 > len(p))
+        assert out.stdout.count("Convert message cut short") + out.stdout.count(
+            "Total Length says") >= cut
+    check()

@@ -142,8 +142,11 @@ local ef = {
                             expert.group.RESPONSE_CODE, expert.severity.WARN),
     truncated = ProtoExpert.new("convert.truncated", "Convert message cut short",
                                 expert.group.MALFORMED, expert.severity.ERROR),
+    options = ProtoExpert.new("convert.option.unparsed", "Returned TCP header does not parse as options",
+                              expert.group.PROTOCOL, expert.severity.WARN),
 }
-convert.experts = { ef.malformed, ef.version, ef.unknown_tlv, ef.nonzero, ef.error, ef.truncated }
+convert.experts = { ef.malformed, ef.version, ef.unknown_tlv, ef.nonzero, ef.error, ef.truncated,
+                    ef.options }
 
 local tcp_seq = Field.new("tcp.seq")
 
@@ -155,6 +158,8 @@ end
 -- allows kind 0 only as the start of the zero padding.
 local function dissect_options(buf, off, stop, tree, strict)
     local count = 0
+    -- what a Connect breaks is malformed; an odd Extended TCP Header is only reported
+    local bad = strict and ef.malformed or ef.options
     while off < stop do
         local kind = buf(off, 1):uint()
         if kind == 0 then
@@ -179,13 +184,13 @@ local function dissect_options(buf, off, stop, tree, strict)
             off = off + 1
         else
             if off + 2 > stop then
-                tree:add_proto_expert_info(ef.malformed, "TCP option without its Length")
+                tree:add_proto_expert_info(bad, "TCP option without its Length")
                 return count
             end
             local len = buf(off + 1, 1):uint()
             if len < 2 or off + len > stop then
                 local item = tree:add(f.option, buf(off, stop - off))
-                item:add_proto_expert_info(ef.malformed,
+                item:add_proto_expert_info(bad,
                     string.format("TCP option kind %d: Length %d %s", kind, len,
                                   len < 2 and "is below 2" or "runs past the TLV"))
                 return count
@@ -382,8 +387,10 @@ local function dissect_tlv(buf, off, stop, tree, summary, ctx)
     return ttype
 end
 
--- Does a Convert message start here? Returns the message's byte length, or
--- nil; 0 means "could be, need more bytes" (only at a stream's start).
+-- Does a Convert message start here? Returns the byte length its header
+-- declares (0 for a malformed Total Length of 0), NEED_MORE if the segment
+-- holds too little of a header to tell (only at a stream's start), or nil.
+local NEED_MORE = -1
 local function message_length(buf)
     local have = buf:len()
     local at_start = true
@@ -394,7 +401,7 @@ local function message_length(buf)
         if not at_start or have < 1 or buf(0, 1):uint() ~= SUPPORTED_VERSION then return nil end
         if have >= 3 and buf(2, 1):uint() ~= 0x22 then return nil end
         if have >= 2 and buf(1, 1):uint() == 0 then return nil end
-        return 0
+        return NEED_MORE
     end
     if buf(2, 2):uint() ~= MAGIC then return nil end
     return buf(1, 1):uint() * 4
@@ -432,7 +439,7 @@ local function dissect(buf, pinfo, tree)
     local have = buf:len()
     local total = message_length(buf)
     if total == nil then return 0 end
-    if total == 0 then
+    if total == NEED_MORE then
         pinfo.desegment_offset = 0
         pinfo.desegment_len = DESEGMENT_ONE_MORE_SEGMENT
         return have
