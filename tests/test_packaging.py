@@ -234,3 +234,51 @@ def test_wheel_installs_and_runs_without_a_compiler(built, tmp_path):
     assert ev.returncode == 2
     assert ev.stderr.strip().endswith("pip install 'pepsock[eval]'"), ev.stderr
     assert "Traceback" not in ev.stderr
+
+
+# ---------------------------------------------------------------------------
+# The hardened systemd unit for pep relay
+
+UNIT = ROOT / "examples" / "pep-relay.service"
+
+
+def unit_lines():
+    return [l.strip() for l in UNIT.read_text().splitlines() if l.strip() and not l.startswith("#")]
+
+
+def test_unit_runs_the_relay_with_options_it_accepts():
+    import shlex
+    from pepsock.relay.cli import parse_config
+    exec_start, = [l.split("=", 1)[1] for l in unit_lines() if l.startswith("ExecStart=")]
+    argv = shlex.split(exec_start)
+    assert argv[0].endswith("/bin/pep") and argv[1] == "relay"
+    cfg = parse_config(argv[2:])       # the relay's own parser: exits on an unknown option
+    assert cfg.stats is not None and len(cfg.listen) == 2
+    settings = dict(l.split("=", 1) for l in unit_lines() if "=" in l)
+    assert settings["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert settings["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
+    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "DynamicUser"):
+        assert settings[key] == "yes", key
+    assert settings["ProtectSystem"] == "strict"
+
+
+def test_unit_passes_systemd_analyze(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("needs systemd-analyze (apt-get install systemd; .ci/run does)")
+    # verify wants ExecStart's program to exist: point it at this environment's pep
+    pep = shutil.which("pep", path=os.path.dirname(sys.executable)) or shutil.which("pep")
+    if pep is None:
+        pytest.skip("no `pep` command installed next to this Python (pip install .)")
+    unit = tmp_path / "pep-relay.service"
+    unit.write_text(UNIT.read_text().replace("/opt/pepsock/bin/pep", pep))
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    ours = [l for l in (out.stdout + out.stderr).splitlines() if "pep-relay" in l]
+    assert out.returncode == 0 and not ours, out.stdout + out.stderr
+    sec = subprocess.run([analyze, "security", "--offline=yes", str(unit)], capture_output=True,
+                         text=True, timeout=60)
+    m = re.search(r"Overall exposure level for pep-relay\.service: (\d+\.\d+)", sec.stdout)
+    if m is None and "--offline" in sec.stderr:
+        pytest.skip("this systemd-analyze has no --offline security check")
+    assert m, sec.stdout[-2000:] + sec.stderr
+    assert float(m[1]) <= 2.0, sec.stdout          # systemd calls < 2 "OK"; 1.7 here
