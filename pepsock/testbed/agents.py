@@ -46,6 +46,8 @@ def set_cc(sock: socket.socket, cc: str | None) -> None:
 
 # ---------------------------------------------------------------------------
 # Server: "<n>\n" asks for n bytes; the server sends them and closes.
+# "U<n>\n" announces an upload of n bytes: the server reads them and answers one JSON
+# line: when (CLOCK_MONOTONIC) the first and last bytes came and bytes per 100 ms bin.
 
 def cmd_server(a) -> None:
     fam = socket.AF_INET6 if ":" in a.bind else socket.AF_INET
@@ -67,7 +69,11 @@ def cmd_server(a) -> None:
                 if not d:
                     return
                 buf += d
-            n = int(buf.split(b"\n", 1)[0])
+            head, rest = buf.split(b"\n", 1)
+            if head.startswith(b"U"):
+                _receive_upload(c, int(head[1:]), rest)
+                return
+            n = int(head)
             while n > 0:
                 k = c.send(payload[:min(n, CHUNK)])
                 n -= k
@@ -83,6 +89,28 @@ def cmd_server(a) -> None:
     while True:
         c, _ = ls.accept()
         threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+def _receive_upload(c: socket.socket, n: int, got_already: bytes) -> None:
+    bins: dict[int, int] = {}
+    first = last = time.monotonic()
+    got = len(got_already)
+    if got:
+        bins[int(first / BIN)] = got
+    buf = bytearray(CHUNK)
+    while got < n:
+        k = c.recv_into(buf)
+        if not k:
+            break
+        last = time.monotonic()
+        if got == 0:
+            first = last
+        got += k
+        b = int(last / BIN)
+        bins[b] = bins.get(b, 0) + k
+    c.sendall((json.dumps({"bytes": got, "first": first, "last": last,
+                           "bins": sorted(bins.items())}) + "\n").encode())
+    c.shutdown(socket.SHUT_WR)
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +197,9 @@ def cmd_bulk(a) -> None:
         r["t_start"] = t0 - start
         got = 0
         try:
+            if a.upload:
+                _upload(a, server, pep, start, deadline, r, bins)
+                return
             s = open_flow(a.mode, server, pep, a.cc, a.timeout, f"{a.bytes}\n".encode())
             buf = bytearray(CHUNK)
             while got < a.bytes:
@@ -186,6 +217,39 @@ def cmd_bulk(a) -> None:
             s.close()
         except Exception as e:  # reported, not raised: the run records the failure
             r["error"] = repr(e)
+        r["bytes"] = got
+        r["complete"] = got >= a.bytes
+        r["fct"] = r.get("t_end", float("nan")) - r["t_start"]
+        r["bins"] = sorted(bins.items())
+
+    def _upload(a, server, pep, start, deadline, r, bins) -> None:
+        """Send a.bytes; the server's answer says when they arrived (its bins, its clock,
+        which all namespaces share)."""
+        try:
+            s = open_flow(a.mode, server, pep, a.cc, a.timeout, f"U{a.bytes}\n".encode())
+            payload = memoryview(b"x" * CHUNK)
+            left = a.bytes
+            while left > 0:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                left -= s.send(payload[:min(left, CHUNK)])
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            answer = b""
+            while not answer.endswith(b"\n"):
+                d = s.recv(65536)
+                if not d:
+                    break
+                answer += d
+            s.close()
+            rep = json.loads(answer)
+            for b, n in rep["bins"]:
+                rb = int((b * BIN - start) / BIN)
+                bins[rb] = bins.get(rb, 0) + n
+            r["t_first"] = rep["first"] - start
+            r["t_end"] = rep["last"] - start
+            got = rep["bytes"]
+        except Exception as e:
+            r["error"] = repr(e)
+            got = 0
         r["bytes"] = got
         r["complete"] = got >= a.bytes
         r["fct"] = r.get("t_end", float("nan")) - r["t_start"]
@@ -265,7 +329,7 @@ def cmd_ttfb(a) -> None:
     res = []
     for _ in range(a.warmup):      # TFO cookies, ARP/ND, page cache
         try:
-            s = open_flow(a.mode, server, proxy, a.cc, 5, b"1\n")
+            s = open_flow(a.mode, server, proxy, a.cc, a.timeout, b"1\n")
             s.recv(16)
             s.close()
         except Exception:
@@ -274,7 +338,7 @@ def cmd_ttfb(a) -> None:
     for _ in range(a.reps):
         t0 = time.monotonic()
         try:
-            s = open_flow(a.mode, server, proxy, a.cc, 5, f"{a.size}\n".encode())
+            s = open_flow(a.mode, server, proxy, a.cc, a.timeout, f"{a.size}\n".encode())
             d = s.recv(16)
             t1 = time.monotonic()
             s.close()
@@ -349,6 +413,7 @@ def main(argv=None) -> None:
     sp.add_argument("--bytes", type=int, required=True)
     sp.add_argument("--flows", type=int, default=1)
     sp.add_argument("--stagger", type=float, default=0.0)
+    sp.add_argument("--upload", action="store_true", help="the client sends the bytes")
     sp.add_argument("--start-at", type=float)
     sp.add_argument("--timeout", type=float, default=60)
     sp.add_argument("--cc")
@@ -374,6 +439,7 @@ def main(argv=None) -> None:
     sp.add_argument("--gap", type=float, default=0.05)
     sp.add_argument("--size", type=int, default=100)
     sp.add_argument("--cc")
+    sp.add_argument("--timeout", type=float, default=5.0)
     sp.set_defaults(fn=cmd_ttfb)
     sp = sub.add_parser("ping")
     sp.add_argument("dst")

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import procs
 from .report import GOODPUT_FACTOR
-from .shaping import ScheduleRunner
+from .shaping import start_schedule
 from .topology import ADDR, Testbed
 from .traces import Schedule, load, step_schedule
 
@@ -52,11 +52,24 @@ class Plan:
     bigq_factor: int = 4          # "bigq": the step case with a bottleneck queue this many times larger
     trace: str | None = None
     pep_cmd: str | None = None    # override the relay command line (a string, split by shlex)
+    qdiscs: list[str] = field(default_factory=lambda: ["fifo", "fq_codel"])   # bottleneck queues compared
+    validate_reps: int = 3        # "validate": the step case on the kernel TBF+bfifo and the user-space FIFO
+    upload_bytes: int = 20_000_000
+    # the GEO satellite case: the satellite hop is the client-PEP hop
+    sat_sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000, 10_000_000])
+    sat_reps: int = 3
+    sat_ttfb_reps: int = 6
+    sat_r2_ms: float = 30.0
+    sat_down_mbit: float = 50.0
+    sat_up_mbit: float = 8.0
+    sat_queue_bytes: int = 625_000        # 100 ms at 50 Mbit/s
+    sat_timeout: float = 90.0
 
     @classmethod
     def quick_plan(cls) -> "Plan":
         return cls(quick=True, reps=2, bigq_reps=1, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
-                   mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0)
+                   mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0, validate_reps=1,
+                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=3)
 
 
 class Progress:
@@ -133,8 +146,9 @@ class Runner:
     def relay_argv(self) -> list[str]:
         if self.plan.pep_cmd:
             return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
+        s = self.tb.s
         return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
-                "--client-cc", self.tb.s.cc, "--server-cc", self.tb.s.cc]
+                "--client-cc", s.pep_client_cc or s.cc, "--server-cc", s.pep_server_cc or s.cc]
 
     def _start_relay(self) -> None:
         argv = self.relay_argv()
@@ -238,20 +252,32 @@ class Runner:
 
     # -- one transfer ---------------------------------------------------------------
     def bulk(self, mode: str, nbytes: int, flows: int, *, start_in: float = 1.0,
-             timeout: float = 60.0, start_at: float | None = None) -> dict:
+             timeout: float = 60.0, start_at: float | None = None, upload: bool = False) -> dict:
         start = start_at or (time.monotonic() + start_in)
         args = ["bulk", "--server", f"{ADDR['server']}:{SERVER_PORT}", "--mode", mode, "--bytes", nbytes,
                 "--flows", flows, "--start-at", repr(start), "--timeout", timeout, "--cc", self.tb.s.cc]
+        if upload:
+            args.append("--upload")
         if mode.startswith("pep"):
             args += ["--pep", f"{ADDR['pep_w']}:{PEP_PORT}"]
         p = procs.agent(self.tb.client, *args)
         return procs.result(p, timeout + start - time.monotonic() + 15)
 
     def transfer(self, exp: str, mode: str, rep: int, schedule: Schedule, nbytes: int,
-                 flows: int = 1, interactive: bool = True, timeout: float = 60.0) -> dict:
-        """One run: schedule + bulk flow(s) (+ the interactive UDP flow)."""
+                 flows: int = 1, interactive: bool = True, timeout: float = 60.0,
+                 upload: bool = False) -> dict:
+        """One run: schedule + bulk flow(s) (+ the interactive UDP flow).  `upload`: the
+        client sends, and the schedule drives the uplink instead of the downlink."""
         tb = self.tb
         tb.reset(schedule.rate_at(0) / 1e6)
+        link = tb.bottleneck
+        if upload:
+            if tb.uplink is None:
+                raise RuntimeError("the upload case needs a shaped uplink (--uplink)")
+            link = tb.uplink
+            base_up = link.rate_bps
+            link.set_rate(schedule.rate_at(0))
+            link.changes.clear()
         start = time.monotonic() + 1.5      # time for the agents to start
         recv = send = None
         try:
@@ -260,11 +286,14 @@ class Runner:
                 procs.wait_ready(recv, what="udp receiver")
                 send = procs.agent(tb.server, "udp-send", "--dst", f"{ADDR['client']}:{UDP_PORT}",
                                    "--duration", timeout, "--start-at", repr(start - 0.5))
-            runner = ScheduleRunner(tb.bottleneck, schedule, timeout).start(t0=start)
+            runner = start_schedule(link, schedule, timeout, start)
             try:
-                res = self.bulk(mode, nbytes, flows, start_at=start, timeout=timeout)
+                res = self.bulk(mode, nbytes, flows, start_at=start, timeout=timeout, upload=upload)
             finally:
                 runner.stop()
+                if upload:
+                    changes = list(link.changes)
+                    link.set_rate(base_up)
         except BaseException:
             # a failed run must not leave the UDP agents running: the receiver would hold
             # UDP_PORT for a minute and make the next runs fail too
@@ -280,9 +309,12 @@ class Runner:
                 udp = procs.result(recv, 5)["records"]
             except RuntimeError as e:
                 self.notes.append(f"{exp} {mode} rep {rep}: interactive flow lost: {e}")
+        if not upload:
+            changes = list(link.changes)
         return {"experiment": exp, "mode": mode, "rep": rep, "flows_n": flows, "bytes": nbytes,
-                "start": start, "schedule": schedule.name,
-                "rate_changes": [(t - start, r) for t, r in tb.bottleneck.changes],
+                "start": start, "schedule": schedule.name, "qdisc": tb.qdisc,
+                "direction": "up" if upload else "down",
+                "rate_changes": [(t - start, r) for t, r in changes],
                 "schedule_errors": runner.errors, "schedule_lag_max_ms": max(runner.lags, default=0) * 1000,
                 "flows": res["flows"], "udp": [(q, s - start, r - start) for q, s, r in udp],
                 "queue_bytes": tb.bottleneck.queue_bytes, "queue": tb.bottleneck.stats()}
@@ -295,32 +327,40 @@ class Runner:
         return load(self.plan.trace) if self.plan.trace else step_schedule()
 
     def exp_transfers(self, name: str, schedule: Schedule, nbytes: int, reps: int, progress,
-                      flows_list=(1,), interactive=True, queue_bytes: int | None = None) -> list[dict]:
+                      flows_list=(1,), interactive=True, queue_bytes: int | None = None,
+                      qdiscs=None, upload: bool = False, timeout: float = 60.0) -> list[dict]:
         out = []
-        if queue_bytes:
-            self.tb.bottleneck.set_queue(queue_bytes)
         try:
-            self._transfers(out, name, schedule, nbytes, reps, progress, flows_list, interactive)
+            self._transfers(out, name, schedule, nbytes, reps, progress, flows_list, interactive,
+                            qdiscs or self.plan.qdiscs, queue_bytes, upload, timeout)
         finally:
-            if queue_bytes:
-                self.tb.bottleneck.set_queue(self.tb.s.queue_bytes)
+            self.tb.bottleneck.set_queue(self.tb.s.queue_bytes)
+            if self.tb.uplink is not None:
+                self.tb.uplink.set_queue(self.tb.s.uplink_queue_bytes or self.tb.s.queue_bytes)
         return out
 
-    def _transfers(self, out, name, schedule, nbytes, reps, progress, flows_list, interactive) -> None:
+    def _transfers(self, out, name, schedule, nbytes, reps, progress, flows_list, interactive, qdiscs,
+                   queue_bytes, upload, timeout) -> None:
         for n in flows_list:
             for rep in range(reps):
-                for mode in self.modes():   # interleaved, so slow drifts hit both alike
-                    progress.step(f"{name} {mode} n={n} rep {rep + 1}/{reps}")
-                    try:
-                        out.append(self.transfer(name, mode, rep, schedule, nbytes, flows=n,
-                                                 interactive=interactive))
-                    except Exception as e:
-                        self.notes.append(f"{name} {mode} n={n} rep {rep}: failed: {e!r}")
-                    progress.advance()
+                for qd in qdiscs:           # interleaved, so slow drifts hit all alike
+                    self.tb.use_qdisc(qd)
+                    link = self.tb.uplink if upload else self.tb.bottleneck
+                    if link is not None:
+                        link.set_queue(queue_bytes or self.tb.s.queue_bytes)
+                    for mode in self.modes():
+                        progress.step(f"{name} {qd} {mode} n={n} rep {rep + 1}/{reps}")
+                        try:
+                            out.append(self.transfer(name, mode, rep, schedule, nbytes, flows=n,
+                                                     interactive=interactive, upload=upload,
+                                                     timeout=timeout))
+                        except Exception as e:
+                            self.notes.append(f"{name} {qd} {mode} n={n} rep {rep}: failed: {e!r}")
+                        progress.advance()
 
-    def exp_ttfb(self, progress) -> list[dict]:
+    def exp_ttfb(self, progress, rate_mbit: float = 75.0, timeout: float = 5.0) -> list[dict]:
         tb, rows = self.tb, []
-        tb.reset(75.0)
+        tb.reset(rate_mbit)
         proxies = self._start_proxies()
         modes = [("direct", None), ("tfo", None)]
         if self.pep_ok:
@@ -342,11 +382,12 @@ class Runner:
                 tb.client.sysctl("net.ipv4.tcp_fastopen", 0)   # the client sends a plain SYN
             try:
                 args = ["ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}", "--mode", agent_mode,
-                        "--reps", self.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc]
+                        "--reps", self.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc,
+                        "--timeout", timeout]
                 if proxy:
                     args += ["--proxy", proxy]
                 p = procs.agent(tb.client, *args)
-                r = procs.result(p, self.plan.ttfb_reps * 6 + 20)
+                r = procs.result(p, (self.plan.ttfb_reps + 2) * (timeout + 1) + 20)
                 for i, x in enumerate(r["results"]):
                     rows.append({"mode": mode, "rep": i, "ttfb_ms": x["ttfb_ms"], "error": x.get("error", "")})
             except Exception as e:
@@ -376,6 +417,7 @@ def settings_dict(tb: Testbed, plan: Plan, runner: Runner) -> dict:
         "mmwave_bytes": plan.mmwave_bytes,
         "ttfb_reps": plan.ttfb_reps,
         "trace": plan.trace or "step-10-75 (built in)",
+        "qdiscs": plan.qdiscs,
         "interactive": "UDP, 100-byte datagrams every 50 ms, server -> client, through the bottleneck",
     })
     return s
