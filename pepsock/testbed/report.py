@@ -400,8 +400,8 @@ def summarize(res: dict) -> dict:
             fcts = [run_fct(r) for r in rs]
             owd = [x for r in rs for x in interactive(r)["owd"]]
             p99s = [pct(interactive(r)["owd"], 99) for r in rs if interactive(r)["owd"]]
-            sent = sum(interactive(r)["sent"] for r in rs)
-            lost = sum(interactive(r)["lost"] for r in rs)
+            sent = sum(interactive(r)["sent"] for r in rs if r.get("udp"))
+            lost = sum(interactive(r)["lost"] for r in rs if r.get("udp"))
             d[mode] = {"fct": mean_ci(fcts), "fcts": fcts, "goodput": mean_ci(
                            r["bytes"] * r["flows_n"] * 8 / f / 1e6 for r, f in zip(rs, fcts) if f == f), "incomplete": sum(1 for f in fcts if f != f),
                        "owd_med": pct(owd, 50), "owd_p95": pct(owd, 95), "owd_p99": pct(owd, 99),
@@ -420,13 +420,68 @@ def summarize(res: dict) -> dict:
                 out["flows"][(n, mode)] = {"all": mean_ci(run_fct(r) for r in rs),
                                            "mean": mean_ci(mean_flow_fct(r) for r in rs),
                                            "jain": mean_ci(jain(r) for r in rs)}
-    for m in TTFB_ORDER:
-        xs = [r["ttfb_ms"] for r in res.get("ttfb", []) if r["mode"] == m and r["ttfb_ms"] is not None]
-        errs = sum(1 for r in res.get("ttfb", []) if r["mode"] == m and r["ttfb_ms"] is None)
-        if xs or errs:
-            out["ttfb"][m] = {"ci": mean_ci(xs), "median": pct(xs, 50), "formula": ttfb_formula(m, r1, r2),
-                              "errors": errs}
+    out["ttfb"] = summarize_ttfb(res.get("ttfb", []), r1, r2)
+    sat = res.get("satellite")
+    if sat:
+        scal = {r["metric"]: r for r in sat.get("calibration", [])}
+        sr1 = scal.get("R1 client-PEP RTT (ms)", {}).get("measured", sat["settings"]["r1_ms"])
+        sr2 = scal.get("R2 PEP-server RTT (ms)", {}).get("measured", sat["settings"]["r2_ms"])
+        fct = {}
+        for size in sorted({r["bytes"] for r in sat.get("runs", [])}):
+            d = {}
+            for mode in ("e2e", "pep"):
+                fcts = [run_fct(r) for r in sat["runs"] if r["bytes"] == size and r["mode"] == mode]
+                if fcts:
+                    d[mode] = {"fct": mean_ci(fcts), "fcts": fcts, "incomplete": sum(1 for f in fcts if f != f)}
+            if "e2e" in d and "pep" in d:
+                d["ratio"] = ratio_ci(d["pep"]["fcts"], d["e2e"]["fcts"])
+            fct[size] = d
+        out["satellite"] = {"r1": sr1, "r2": sr2, "fct": fct, "ttfb": summarize_ttfb(sat.get("ttfb", []), sr1, sr2)}
     return out
+
+
+def summarize_ttfb(rows, r1: float, r2: float) -> dict:
+    out = {}
+    for m in TTFB_ORDER:
+        xs = [r["ttfb_ms"] for r in rows if r["mode"] == m and r["ttfb_ms"] is not None]
+        errs = sum(1 for r in rows if r["mode"] == m and r["ttfb_ms"] is None)
+        if xs or errs:
+            out[m] = {"ci": mean_ci(xs), "median": pct(xs, 50), "formula": ttfb_formula(m, r1, r2),
+                      "errors": errs}
+    return out
+
+
+def _ttfb_table(L: list, ttfb: dict) -> None:
+    L.append("| method | formula | formula (ms) | measured mean ± CI (ms) | median | vs formula | failures |")
+    L.append("|---|---|---|---|---|---|---|")
+    for m, x in ttfb.items():
+        dev = (x["ci"][0] - x["formula"]) / x["formula"] * 100 if x["ci"][2] else float("nan")
+        L.append(f"| {TTFB_NAME[m]} | {TTFB_TEXT[m]} | {x['formula']:.1f} | {fmt_ci(*x['ci'][:2])} | "
+                 f"{fmt(x['median'], 2)} | {fmt(dev, 1)}% | {x['errors']} |")
+    L.append("")
+
+
+def plot_sat_fct(S, path: str) -> bool:
+    fct = S.get("satellite", {}).get("fct", {})
+    sizes = [n for n in fct if fct[n]]
+    if not sizes:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for j, mode in enumerate(("e2e", "pep")):
+        ms = [fct[n].get(mode, {}).get("fct", (float("nan"), 0, 0))[0] for n in sizes]
+        hs = [fct[n].get(mode, {}).get("fct", (0, 0, 0))[1] for n in sizes]
+        ax.bar([i + (j - 0.5) * width for i in range(len(sizes))], ms, width,
+               yerr=[0 if h != h else h for h in hs], capsize=4, color=MODE_COLOR[mode], label=MODE_NAME[mode])
+    ax.set_xticks(range(len(sizes)), [f"{n / 1e6:g} MB" for n in sizes])
+    ax.set_ylabel("flow completion time (s), mean ± 95% CI")
+    ax.set_title("GEO satellite hop: FCT per transfer size", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
@@ -551,13 +606,33 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         L.append(f"R1 = {r1:.2f} ms and R2 = {r2:.2f} ms as measured by the calibration pings; no other "
                  "traffic; wireless link at 75 Mbit/s. Request: a few bytes; TTFB runs from the start of "
                  "connecting to the first byte of the answer.\n")
-        L.append("| method | formula | formula (ms) | measured mean ± CI (ms) | median | vs formula | failures |")
-        L.append("|---|---|---|---|---|---|---|")
-        for m, x in S["ttfb"].items():
-            dev = (x["ci"][0] - x["formula"]) / x["formula"] * 100 if x["ci"][2] else float("nan")
-            L.append(f"| {TTFB_NAME[m]} | {TTFB_TEXT[m]} | {x['formula']:.1f} | {fmt_ci(*x['ci'][:2])} | "
-                     f"{fmt(x['median'], 2)} | {fmt(dev, 1)}% | {x['errors']} |")
+        _ttfb_table(L, S["ttfb"])
+    sat = S.get("satellite")
+    if sat:
+        ss = res["satellite"]["settings"]
+        L.append("## GEO satellite\n")
+        L.append(f"The satellite hop is the client-PEP hop: R1 = {sat['r1']:.1f} ms measured ({ss['r1_ms']:g} "
+                 f"configured), {ss['wireless_mbit']:g} Mbit/s down and {ss['uplink_mbit']:g} up, FIFO of "
+                 f"{ss['queue_bytes']} bytes each way, random loss {ss['loss_down']:g} each way (seeded); the "
+                 f"ground side R2 = {sat['r2']:.1f} ms at {ss['wired_mbit']:g} Mbit/s. Congestion control: "
+                 f"the endpoints {ss['cc']}, the PEP {ss['pep_client_cc']} towards the satellite and "
+                 f"{ss['pep_server_cc']} towards the server. Socket buffers up to {ss['tcp_buf_max'] >> 20} MB.\n")
+        L.append("| size | end to end FCT (s) | through the PEP FCT (s) | PEP / e2e |\n|---|---|---|---|")
+        for n, d in sat["fct"].items():
+            e, p = d.get("e2e"), d.get("pep")
+            r = d.get("ratio", (float("nan"),) * 3)
+            inc = lambda x: f" ({x['incomplete']} incomplete)" if x and x["incomplete"] else ""  # noqa: E731
+            L.append(f"| {n / 1e6:g} MB | {fmt_ci(*e['fct'][:2]) if e else '–'}{inc(e)} | "
+                     f"{fmt_ci(*p['fct'][:2]) if p else '–'}{inc(p)} | {fmt(r[0], 3)} |")
         L.append("")
+        if sat["ttfb"]:
+            L.append("Time to first byte over the satellite hop (link idle):\n")
+            _ttfb_table(L, sat["ttfb"])
+        if plot_sat_fct(S, os.path.join(out, "sat_fct.png")):
+            pngs.append(("sat_fct.png", "GEO satellite: FCT per size"))
+        if plot_ttfb({"ttfb": res["satellite"].get("ttfb", [])}, sat["r1"], sat["r2"],
+                     os.path.join(out, "sat_ttfb.png")):
+            pngs.append(("sat_ttfb.png", "GEO satellite: time to first byte vs formula"))
     if pngs:
         L.append("## Plots\n")
         for p, t in pngs:

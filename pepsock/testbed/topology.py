@@ -143,9 +143,9 @@ class Testbed:
             raise ValueError(f"qdisc {s.qdisc!r}: choose from {', '.join(QDISCS)}")
         if s.delay_impl != "c" and (s.qdisc != "kernel" or s.uplink_mbit or s.loss_down or s.loss_up):
             raise RuntimeError("a user-space bottleneck, uplink shaping and loss need the C delay line")
-        self.wline = self.delaylines[0]
+        self.wline, self.dline = self.delaylines[0], self.delaylines[1]
         self.qdisc = None
-        self.bottleneck = None
+        self.bottleneck = self.wired = None
         self.uplink = None
         if s.loss_down and s.qdisc == "kernel":      # the loss lives in the line, the queue in tc
             LineShaper(self.wline, "ba", float("inf"), 0, "fifo", s.loss_down, s.seed)
@@ -154,7 +154,6 @@ class Testbed:
             self.uplink = LineShaper(self.wline, "ab", (s.uplink_mbit or float("inf")) * 1e6,
                                      s.uplink_queue_bytes or s.queue_bytes,
                                      "fifo" if s.qdisc == "kernel" else s.qdisc, s.loss_up, s.seed + 1)
-        self.wired = Shaper(self.drouter, self.if_dr_p, s.wired_mbit * 1e6, s.wired_queue_bytes)
         self.shapers = [self.bottleneck, self.wired]
 
     def use_qdisc(self, kind: str, rate_bps: float | None = None) -> None:
@@ -165,8 +164,24 @@ class Testbed:
             return
         rate = rate_bps or self.bottleneck.rate_bps
         s = self.s
+        # The wired downlink (server -> PEP) gets the same kind of queue: through the PEP it
+        # carries the server leg's bursts, and a 1 MB FIFO there would add its delay to the
+        # interactive flow, whatever the bottleneck does (the thesis ran FQ-CoDel everywhere).
         if kind == "kernel":
-            self.wline.set("ba", rate="inf", qdisc="fifo", limit=0)
+            if self.s.delay_impl == "c":
+                self.dline.set("ba", rate="inf", qdisc="fifo", limit=0)
+            self.wired = Shaper(self.drouter, self.if_dr_p, s.wired_mbit * 1e6, s.wired_queue_bytes)
+        else:
+            if isinstance(self.wired, Shaper):
+                self.wired.close()
+                self.drouter.run("tc", "qdisc", "del", "dev", self.if_dr_p, "root", check=False)
+            if isinstance(self.wired, LineShaper):
+                self.wired.set_qdisc(kind)
+            else:
+                self.wired = LineShaper(self.dline, "ba", s.wired_mbit * 1e6, s.wired_queue_bytes, kind)
+        if kind == "kernel":
+            if self.s.delay_impl == "c":
+                self.wline.set("ba", rate="inf", qdisc="fifo", limit=0)
             self.bottleneck = Shaper(self.wrouter, self.if_wr_c, rate, s.queue_bytes)
         else:
             if isinstance(self.bottleneck, Shaper):
@@ -180,7 +195,7 @@ class Testbed:
             self.uplink.set_qdisc("fifo" if kind == "kernel" else kind)
         self.qdisc = kind
         if getattr(self, "shapers", None):
-            self.shapers[0] = self.bottleneck
+            self.shapers[:] = [self.bottleneck, self.wired]
 
     def _check_cc(self, cc: str) -> bool:
         """Whether `cc` can be every namespace's default.
