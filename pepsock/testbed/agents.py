@@ -395,6 +395,9 @@ def _ttfb_tls_once(a, server, proxy, ctx) -> float:
         return asyncio.run(once())
     t0 = time.monotonic()
     s = open_flow(a.mode, server, proxy, a.cc, a.timeout, b"")
+    # as curl and asyncio do: without it, Nagle holds the request behind the unacked
+    # client Finished, one more round trip
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     t = ctx.wrap_socket(s, server_hostname="server")
     t.sendall(req)
     d = t.recv(16)

@@ -20,8 +20,8 @@ import time
 
 from .topology import ADDR, Settings  # noqa: E402  (pure Python, no root needed to import)
 
-ALL = ["validate", "step", "bigq", "flows", "spike", "mmwave", "upload", "ttfb", "satellite"]
-QUICK = ["validate", "step", "spike", "upload", "ttfb", "satellite"]
+ALL = ["validate", "step", "bigq", "flows", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
+QUICK = ["validate", "step", "spike", "upload", "ipv6", "ttfb", "tls", "satellite"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,11 +175,15 @@ def _run(args, plan, settings, exps) -> int:
             else:
                 transfers.append(("upload", runner.step_schedule(), plan.upload_bytes, plan.reps,
                                   {"upload": True, "interactive": False}))
+        if "ipv6" in exps:
+            transfers.append(("ipv6", runner.step_schedule(), plan.step_bytes, plan.ipv6_reps, {"v6": True}))
         modes = len(runner.modes())
         total = sum(reps * modes * len(opts.get("flows_list", (1,))) * len(opts.get("qdiscs", plan.qdiscs))
                     for _, _, _, reps, opts in transfers)
         if "ttfb" in exps:
             total += 6
+        if "tls" in exps:
+            total += 7
         if "satellite" in exps:
             total += len(plan.sat_sizes) * plan.sat_reps * modes + 6
         progress = Progress(total)
@@ -187,6 +191,9 @@ def _run(args, plan, settings, exps) -> int:
             res["runs"] += runner.exp_transfers(name, schedule, nbytes, reps, progress, **opts)
         if "ttfb" in exps:
             res["ttfb"] = runner.exp_ttfb(progress)
+        if "tls" in exps:
+            from .experiments import exp_tls
+            res["tls"] = exp_tls(runner, progress)
         if "satellite" in exps:
             # one testbed at a time: the terrestrial one goes before the satellite one is built
             _teardown(tb, runner, res)

@@ -13,7 +13,7 @@ import sys
 from statistics import mean
 
 GOODPUT_FACTOR = 1448 / 1514      # TCP payload per Ethernet frame (timestamps on), what TBF counts
-TRANSFER_EXPS = ("validate", "step", "bigq", "spike", "mmwave", "upload")
+TRANSFER_EXPS = ("validate", "step", "bigq", "spike", "mmwave", "upload", "ipv6")
 QDISC_ORDER = ("kernel", "fifo", "codel", "fq_codel")
 QDISC_NAME = {"kernel": "kernel TBF+bfifo", "fifo": "FIFO", "codel": "CoDel", "fq_codel": "FQ-CoDel"}
 
@@ -326,6 +326,16 @@ def ttfb_formula(mode: str, r1: float, r2: float) -> float:
             "connect": 3 * r1 + 2 * r2, "socks5": 4 * r1 + 2 * r2}[mode]
 
 
+# HTTPS (TLS 1.3): TCP handshake, TLS handshake (1 RTT), request -> first byte; (R1, R2) multiples.
+# The PEP methods wait for the PEP's reply before TLS starts (pepsock's current API), so the
+# Convert saves nothing yet; with the ClientHello in the SYN they would be 2R1+3R2.
+TLS_ORDER = ["direct", "curl", "pep", "aio", "curl-libpep", "connect", "socks5"]
+TLS_NAME = {"direct": "direct (Python ssl)", "curl": "direct (curl)", "pep": "pepsock sync + ssl",
+            "aio": "pepsock asyncio (ssl=)", "curl-libpep": "curl + libpep.so", "connect": "HTTP CONNECT + TLS",
+            "socks5": "SOCKS5 + TLS"}
+TLS_FORMULA = {"direct": (3, 3), "curl": (3, 3), "pep": (3, 3), "aio": (3, 3), "curl-libpep": (2, 3),
+               "connect": (4, 3), "socks5": (5, 3)}
+
 TTFB_TEXT = {"direct": "2R1+2R2", "tfo": "R1+R2", "pep": "R1+2R2", "pep-notfo": "2R1+2R2",
              "connect": "3R1+2R2", "socks5": "4R1+2R2"}
 
@@ -421,6 +431,7 @@ def summarize(res: dict) -> dict:
                                            "mean": mean_ci(mean_flow_fct(r) for r in rs),
                                            "jain": mean_ci(jain(r) for r in rs)}
     out["ttfb"] = summarize_ttfb(res.get("ttfb", []), r1, r2)
+    out["tls"] = summarize_tls(res.get("tls", []), r1, r2)
     sat = res.get("satellite")
     if sat:
         scal = {r["metric"]: r for r in sat.get("calibration", [])}
@@ -451,12 +462,24 @@ def summarize_ttfb(rows, r1: float, r2: float) -> dict:
     return out
 
 
+def summarize_tls(rows, r1: float, r2: float) -> dict:
+    out = {}
+    for m in TLS_ORDER:
+        xs = [r["ttfb_ms"] for r in rows if r["mode"] == m and r["ttfb_ms"] is not None]
+        errs = sum(1 for r in rows if r["mode"] == m and r["ttfb_ms"] is None)
+        if xs or errs:
+            a, b = TLS_FORMULA[m]
+            out[m] = {"ci": mean_ci(xs), "median": pct(xs, 50), "formula": a * r1 + b * r2,
+                      "text": f"{a}R1+{b}R2", "errors": errs}
+    return out
+
+
 def _ttfb_table(L: list, ttfb: dict) -> None:
     L.append("| method | formula | formula (ms) | measured mean ± CI (ms) | median | vs formula | failures |")
     L.append("|---|---|---|---|---|---|---|")
     for m, x in ttfb.items():
         dev = (x["ci"][0] - x["formula"]) / x["formula"] * 100 if x["ci"][2] else float("nan")
-        L.append(f"| {TTFB_NAME[m]} | {TTFB_TEXT[m]} | {x['formula']:.1f} | {fmt_ci(*x['ci'][:2])} | "
+        L.append(f"| {TTFB_NAME.get(m) or TLS_NAME[m]} | {x.get('text') or TTFB_TEXT[m]} | {x['formula']:.1f} | {fmt_ci(*x['ci'][:2])} | "
                  f"{fmt(x['median'], 2)} | {fmt(dev, 1)}% | {x['errors']} |")
     L.append("")
 
@@ -496,7 +519,8 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
                        ("bigq", "The step case with a 4x larger bottleneck queue"),
                        ("spike", "Spike to 75 Mbit/s and a 1 s outage on a 20 Mbit/s link"),
                        ("mmwave", "mmWave-like trace with blockage outages"),
-                       ("upload", "Upload (client -> server), the uplink stepping 10 -> 75 Mbit/s")):
+                       ("upload", "Upload (client -> server), the uplink stepping 10 -> 75 Mbit/s"),
+                       ("ipv6", "The step case over IPv6")):
         qs = [q for q in QDISC_ORDER if any(r["experiment"] == exp and qd(r) == q for r in runs)]
         name = f"timeline_{exp}.png" if exp == "validate" or qs in ([], ["kernel"]) else \
             f"timeline_{exp}_{'_vs_'.join(qs)}.png"
@@ -607,6 +631,15 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
                  "traffic; wireless link at 75 Mbit/s. Request: a few bytes; TTFB runs from the start of "
                  "connecting to the first byte of the answer.\n")
         _ttfb_table(L, S["ttfb"])
+    if S["tls"]:
+        L.append("## HTTPS time to first byte\n")
+        L.append("A TLS 1.3 handshake (self-signed certificate, not verified), then the request; TTFB from "
+                 "the start of connecting to the first byte of the answer; the link idle at 75 Mbit/s. "
+                 "curl's number is its time_starttransfer. Formula: TCP handshake + one TLS round trip + the "
+                 "request. pepsock's sync and asyncio calls wait for the PEP's reply before TLS starts, "
+                 "so today they cost as much as direct (3R1+3R2); with the ClientHello in the SYN they "
+                 "would be 2R1+3R2, which is the formula given for curl + libpep.so.\n")
+        _ttfb_table(L, S["tls"])
     sat = S.get("satellite")
     if sat:
         ss = res["satellite"]["settings"]
