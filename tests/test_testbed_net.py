@@ -14,7 +14,7 @@ import pytest
 from conftest import require_root, require_tool
 
 from pepsock.testbed import procs
-from pepsock.testbed.shaping import ScheduleRunner
+from pepsock.testbed.shaping import start_schedule
 from pepsock.testbed.topology import ADDR, ADDR6, Settings, Testbed, leftover_namespaces
 from pepsock.testbed.traces import Schedule
 
@@ -30,11 +30,12 @@ def ping(host, dst, count=8):
     return rtts[len(rtts) // 2]
 
 
-@pytest.fixture
-def testbed():
+@pytest.fixture(params=["kernel", "fifo"])
+def testbed(request):
+    """The chain with the bottleneck in the kernel (TBF+bfifo) or in the user-space link."""
     require_root()
     require_tool("cc")
-    tb = Testbed(Settings(r1_ms=20, r2_ms=60, wireless_mbit=20), prefix="evt")
+    tb = Testbed(Settings(r1_ms=20, r2_ms=60, wireless_mbit=20, qdisc=request.param), prefix="evt")
     yield tb
     tb.close()
 
@@ -63,7 +64,7 @@ def test_shaper_limits_rate_and_follows_schedule(testbed):
     testbed.bottleneck.set_rate(20e6)
     start = time.monotonic() + 0.8
     sched = Schedule([(0.0, 20e6), (2.5, 5e6)])
-    runner = ScheduleRunner(testbed.bottleneck, sched, 10).start(t0=start)
+    runner = start_schedule(testbed.bottleneck, sched, 10, start)
     nbytes = int(20e6 / 8 * 2.5 + 5e6 / 8 * 1.5)
     p = procs.agent(testbed.client, "bulk", "--server", f"{ADDR['server']}:5001", "--bytes", nbytes,
                     "--start-at", repr(start), "--timeout", 20, "--cc", "cubic")
@@ -84,6 +85,37 @@ def test_shaper_limits_rate_and_follows_schedule(testbed):
     # the change was applied on time (netlink, no fork)
     applied = [t - start for t, r in testbed.bottleneck.changes if r == 5e6]
     assert applied and 2.5 <= applied[0] <= 2.6
+
+
+def test_user_space_link_loss_uplink_and_upload():
+    """The C line's extras on real namespaces: seeded random loss on the downlink loses about
+    its share of pings; the uplink shaped to 5 Mbit/s carries an upload at that rate; FQ-CoDel
+    can be switched in between runs and the counters say what the queue did."""
+    require_root()
+    require_tool("cc")
+    tb = Testbed(Settings(r1_ms=10, r2_ms=20, wireless_mbit=50, uplink_mbit=5, qdisc="fifo",
+                          loss_down=0.3, seed=3), prefix="evt")
+    try:
+        p = procs.agent(tb.client, "ping", ADDR["pep_w"], "--count", 40, "--interval", 0.02, "--wait", 0.3)
+        got = len(procs.result(p, 60)["rtts_ms"])
+        assert 16 <= got <= 40 - 4, f"{got}/40 pings answered with 30% loss on the way back"
+        tb.bottleneck.line.set("ba", loss="0")
+        srv = procs.agent(tb.server, "server", "--port", 5001, "--cc", "cubic")
+        procs.wait_ready(srv)
+        tb.use_qdisc("fq_codel")
+        assert tb.bottleneck.stats()["qdisc"] == "fq_codel" and tb.uplink.qdisc == "fq_codel"
+        nbytes = 2_500_000
+        p = procs.agent(tb.client, "bulk", "--server", f"{ADDR['server']}:5001", "--bytes", nbytes,
+                        "--upload", "--timeout", 30, "--cc", "cubic")
+        f = procs.result(p, 45)["flows"][0]
+        procs.stop(srv)
+        assert f["complete"], f
+        goodput = nbytes * 8 / (f["t_end"] - f["t_first"]) / 1e6
+        assert 5 * 1448 / 1514 * 0.85 <= goodput <= 5 * 1.02, goodput
+        c = tb.dline.counters()
+        assert c["ab_in"] > 0 and c["ba_drops"] == 0
+    finally:
+        tb.close()
 
 
 def test_teardown_leaves_nothing():

@@ -46,28 +46,58 @@ def set_cc(sock: socket.socket, cc: str | None) -> None:
 
 # ---------------------------------------------------------------------------
 # Server: "<n>\n" asks for n bytes; the server sends them and closes.
+# "U<n>\n" announces an upload of n bytes: the server reads them and answers one JSON
+# line: when (CLOCK_MONOTONIC) the first and last bytes came and bytes per 100 ms bin.
 
-def cmd_server(a) -> None:
-    fam = socket.AF_INET6 if ":" in a.bind else socket.AF_INET
+def _listener(bind: str, port: int, cc: str | None) -> socket.socket:
+    """A TFO listener; "::" takes IPv4 too (dual stack)."""
+    fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
     ls = socket.socket(fam, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    set_cc(ls, a.cc)
+    if fam == socket.AF_INET6:
+        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    set_cc(ls, cc)
     ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 256)
-    ls.bind((a.bind, a.port))
+    ls.bind((bind, port))
     ls.listen(512)
+    return ls
+
+
+def cmd_server(a) -> None:
+    ls = _listener(a.bind, a.port, a.cc)
+    tls = None
+    if a.tls_port:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(a.cert, a.key)
+        tls = (_listener(a.bind, a.tls_port, a.cc), ctx)
     payload = memoryview(b"x" * CHUNK)
     out({"ready": True})
 
-    def serve(c: socket.socket) -> None:
+    def serve(c: socket.socket, ctx=None) -> None:
         try:
             c.settimeout(60)
+            if ctx is not None:
+                c = ctx.wrap_socket(c, server_side=True)
             buf = b""
             while b"\n" not in buf:
-                d = c.recv(64)
+                d = c.recv(4096)
                 if not d:
                     return
                 buf += d
-            n = int(buf.split(b"\n", 1)[0])
+            head, rest = buf.split(b"\n", 1)
+            if head.startswith(b"GET "):      # curl: a minimal HTTP/1.1 answer, 100 bytes
+                while b"\r\n\r\n" not in buf:
+                    d = c.recv(4096)
+                    if not d:
+                        return
+                    buf += d
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n" + b"x" * 100)
+                return
+            if head.startswith(b"U"):
+                _receive_upload(c, int(head[1:]), rest)
+                return
+            n = int(head)
             while n > 0:
                 k = c.send(payload[:min(n, CHUNK)])
                 n -= k
@@ -80,9 +110,36 @@ def cmd_server(a) -> None:
         finally:
             c.close()
 
-    while True:
-        c, _ = ls.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
+    def accept_loop(lsock, ctx=None) -> None:
+        while True:
+            c, _ = lsock.accept()
+            threading.Thread(target=serve, args=(c, ctx), daemon=True).start()
+
+    if tls is not None:
+        threading.Thread(target=accept_loop, args=tls, daemon=True).start()
+    accept_loop(ls)
+
+
+def _receive_upload(c: socket.socket, n: int, got_already: bytes) -> None:
+    bins: dict[int, int] = {}
+    first = last = time.monotonic()
+    got = len(got_already)
+    if got:
+        bins[int(first / BIN)] = got
+    buf = bytearray(CHUNK)
+    while got < n:
+        k = c.recv_into(buf)
+        if not k:
+            break
+        last = time.monotonic()
+        if got == 0:
+            first = last
+        got += k
+        b = int(last / BIN)
+        bins[b] = bins.get(b, 0) + k
+    c.sendall((json.dumps({"bytes": got, "first": first, "last": last,
+                           "bins": sorted(bins.items())}) + "\n").encode())
+    c.shutdown(socket.SHUT_WR)
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +226,9 @@ def cmd_bulk(a) -> None:
         r["t_start"] = t0 - start
         got = 0
         try:
+            if a.upload:
+                _upload(a, server, pep, start, deadline, r, bins)
+                return
             s = open_flow(a.mode, server, pep, a.cc, a.timeout, f"{a.bytes}\n".encode())
             buf = bytearray(CHUNK)
             while got < a.bytes:
@@ -186,6 +246,39 @@ def cmd_bulk(a) -> None:
             s.close()
         except Exception as e:  # reported, not raised: the run records the failure
             r["error"] = repr(e)
+        r["bytes"] = got
+        r["complete"] = got >= a.bytes
+        r["fct"] = r.get("t_end", float("nan")) - r["t_start"]
+        r["bins"] = sorted(bins.items())
+
+    def _upload(a, server, pep, start, deadline, r, bins) -> None:
+        """Send a.bytes; the server's answer says when they arrived (its bins, its clock,
+        which all namespaces share)."""
+        try:
+            s = open_flow(a.mode, server, pep, a.cc, a.timeout, f"U{a.bytes}\n".encode())
+            payload = memoryview(b"x" * CHUNK)
+            left = a.bytes
+            while left > 0:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                left -= s.send(payload[:min(left, CHUNK)])
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            answer = b""
+            while not answer.endswith(b"\n"):
+                d = s.recv(65536)
+                if not d:
+                    break
+                answer += d
+            s.close()
+            rep = json.loads(answer)
+            for b, n in rep["bins"]:
+                rb = int((b * BIN - start) / BIN)
+                bins[rb] = bins.get(rb, 0) + n
+            r["t_first"] = rep["first"] - start
+            r["t_end"] = rep["last"] - start
+            got = rep["bytes"]
+        except Exception as e:
+            r["error"] = repr(e)
+            got = 0
         r["bytes"] = got
         r["complete"] = got >= a.bytes
         r["fct"] = r.get("t_end", float("nan")) - r["t_start"]
@@ -259,13 +352,81 @@ def cmd_udp_recv(a) -> None:
 # ---------------------------------------------------------------------------
 # Time to first byte: connect, ask for a few bytes, time the first one.
 
+def _tls_context():
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE          # a self-signed test certificate
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def _ttfb_tls_once(a, server, proxy, ctx) -> float:
+    """One HTTPS-like exchange (TLS 1.3 handshake, then "<size>\\n"), by a.mode:
+    direct, pep (pepsock sync: ssl wraps the PepSocket), connect, socks5 (TLS inside the
+    tunnel), aio (pepsock.open_connection(ssl=...)), curl / curl-libpep (curl, the latter
+    with LD_PRELOAD=libpep.so)."""
+    req = f"{a.size}\n".encode()
+    if a.mode.startswith("curl"):
+        import subprocess
+        env = dict(os.environ)
+        host = f"[{server[0]}]" if ":" in server[0] else server[0]
+        if a.mode == "curl-libpep":
+            env.update(LD_PRELOAD=a.libpep, PEP_PROXY=a.proxy)
+        p = subprocess.run(["curl", "-sk", "--tlsv1.3", "-o", "/dev/null", "-w", "%{time_starttransfer}",
+                            "--max-time", str(a.timeout), f"https://{host}:{server[1]}/"],
+                           capture_output=True, text=True, env=env, timeout=a.timeout + 5)
+        if p.returncode != 0:
+            raise RuntimeError(f"curl rc {p.returncode}: {p.stderr[-300:]}")
+        return float(p.stdout) * 1000
+    if a.mode == "aio":
+        import asyncio
+        import pepsock
+
+        async def once():
+            t0 = time.monotonic()
+            r, w = await pepsock.open_connection(server[0], server[1], pep=proxy, ssl=ctx,
+                                                 server_hostname="server", timeout=a.timeout)
+            w.write(req)
+            d = await asyncio.wait_for(r.read(16), a.timeout)
+            t1 = time.monotonic()
+            w.close()
+            return (t1 - t0) * 1000 if d else None
+        return asyncio.run(once())
+    t0 = time.monotonic()
+    s = open_flow(a.mode, server, proxy, a.cc, a.timeout, b"")
+    # as curl and asyncio do: without it, Nagle holds the request behind the unacked
+    # client Finished, one more round trip
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t = ctx.wrap_socket(s, server_hostname="server")
+    t.sendall(req)
+    d = t.recv(16)
+    t1 = time.monotonic()
+    t.close()
+    return (t1 - t0) * 1000 if d else None
+
+
 def cmd_ttfb(a) -> None:
     server = parse_hostport(a.server, "--server")
     proxy = parse_hostport(a.proxy, "--proxy") if a.proxy else None
+    if a.tls:
+        ctx = _tls_context()
+        res = []
+        for i in range(a.warmup + a.reps):
+            try:
+                x = _ttfb_tls_once(a, server, proxy, ctx)
+                if i >= a.warmup:
+                    res.append({"ttfb_ms": x})
+            except Exception as e:
+                if i >= a.warmup:
+                    res.append({"ttfb_ms": None, "error": repr(e)})
+            time.sleep(a.gap)
+        out({"mode": a.mode, "results": res})
+        return
     res = []
     for _ in range(a.warmup):      # TFO cookies, ARP/ND, page cache
         try:
-            s = open_flow(a.mode, server, proxy, a.cc, 5, b"1\n")
+            s = open_flow(a.mode, server, proxy, a.cc, a.timeout, b"1\n")
             s.recv(16)
             s.close()
         except Exception:
@@ -274,7 +435,7 @@ def cmd_ttfb(a) -> None:
     for _ in range(a.reps):
         t0 = time.monotonic()
         try:
-            s = open_flow(a.mode, server, proxy, a.cc, 5, f"{a.size}\n".encode())
+            s = open_flow(a.mode, server, proxy, a.cc, a.timeout, f"{a.size}\n".encode())
             d = s.recv(16)
             t1 = time.monotonic()
             s.close()
@@ -338,8 +499,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="pepsock.testbed.agents")
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("server")
-    sp.add_argument("--bind", default="0.0.0.0")
+    sp.add_argument("--bind", default="::")
     sp.add_argument("--port", type=int, required=True)
+    sp.add_argument("--tls-port", type=int, help="also serve TLS here (--cert, --key)")
+    sp.add_argument("--cert")
+    sp.add_argument("--key")
     sp.add_argument("--cc")
     sp.set_defaults(fn=cmd_server)
     sp = sub.add_parser("bulk")
@@ -349,6 +513,7 @@ def main(argv=None) -> None:
     sp.add_argument("--bytes", type=int, required=True)
     sp.add_argument("--flows", type=int, default=1)
     sp.add_argument("--stagger", type=float, default=0.0)
+    sp.add_argument("--upload", action="store_true", help="the client sends the bytes")
     sp.add_argument("--start-at", type=float)
     sp.add_argument("--timeout", type=float, default=60)
     sp.add_argument("--cc")
@@ -374,6 +539,9 @@ def main(argv=None) -> None:
     sp.add_argument("--gap", type=float, default=0.05)
     sp.add_argument("--size", type=int, default=100)
     sp.add_argument("--cc")
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.add_argument("--tls", action="store_true", help="a TLS 1.3 handshake before the request")
+    sp.add_argument("--libpep", help="path of libpep.so (mode curl-libpep)")
     sp.set_defaults(fn=cmd_ttfb)
     sp = sub.add_parser("ping")
     sp.add_argument("dst")

@@ -1,13 +1,24 @@
-/* A delay line between two TUN devices: every packet read from one device is
- * written to the other at (arrival + D), in arrival order -- mahimahi's delay
- * queue idea (a FIFO of packets stamped with their release time), our code.
+/* A link emulator between two TUN devices: every packet read from one device
+ * goes through that direction's emulated link (linkq.c: random loss, a queue,
+ * a rate that follows a schedule, the propagation delay) and is written to the
+ * other device when it is due -- mahimahi's link and delay shells in one
+ * process, our code.
  *
  *   delayline TUN_A TUN_B DELAY_A_TO_B_US DELAY_B_TO_A_US [SLOTS]
  *
  * Creates both devices (IFF_TUN | IFF_NO_PI; they vanish when we exit), prints
- * "ready" on stdout, then runs until SIGTERM/SIGINT and prints one line of
- * counters on stderr: per direction packets in/out, drops (queue full or write
- * error) and the largest lateness of a release in microseconds.
+ * "ready" on stdout.  Both directions start with no rate limit and a FIFO
+ * without a limit: a pure delay line.  Then it reads commands on stdin, one a
+ * line, and answers each with one line on stdout ("ok", "err <why>" or JSON):
+ *
+ *   set ab|ba key=value...    rate=<bit/s>|inf  qdisc=fifo|codel|fq_codel
+ *                             limit=<bytes (fifo) | packets>  delay_us=  loss=<0..1>
+ *                             seed=  target_us=  interval_us=  quantum=
+ *   sched ab|ba T0_NS PERIOD_NS AT_NS:RATE...   a rate schedule from T0 (CLOCK_MONOTONIC)
+ *   stats                      the counters of both directions, as JSON
+ *
+ * It runs until SIGTERM/SIGINT (or EOF on stdin is ignored: stdin may be
+ * /dev/null) and prints the counters on stderr.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -27,14 +38,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SLOT 2048 /* bytes per packet slot; the links run at MTU 1500 */
+#include "linkq.h"
 
-struct fifo {
-    uint8_t *buf;
-    uint16_t *len;
-    uint64_t *due;
-    size_t cap, head, n;
-    uint64_t in, out, drops, late_max_ns;
+struct dir {
+    const char *name;
+    struct lq *q;
+    int in_fd, out_fd;
+    uint64_t write_errors, late_max_ns;
 };
 
 static volatile sig_atomic_t stop;
@@ -59,46 +69,174 @@ static int tun_open(const char *name)
     return fd;
 }
 
-static void fifo_init(struct fifo *q, size_t cap)
+/* Read everything waiting on the direction's input (bounded per call so the other side is served). */
+static void take(struct dir *d)
 {
-    memset(q, 0, sizeof *q);
-    q->cap = cap;
-    q->buf = malloc(cap * SLOT);
-    q->len = malloc(cap * sizeof *q->len);
-    q->due = malloc(cap * sizeof *q->due);
-    if (!q->buf || !q->len || !q->due) { perror("malloc"); exit(1); }
-    memset(q->buf, 0, cap * SLOT); /* fault the pages in now, not mid-run */
-}
-
-/* Read everything waiting on fd (bounded per call so the other side is served). */
-static void take(struct fifo *q, int fd, uint64_t delay_ns)
-{
+    uint8_t buf[LQ_SLOT];
     for (int i = 0; i < 256; i++) {
-        uint8_t scratch[SLOT];
-        size_t tail = (q->head + q->n) % q->cap;
-        uint8_t *dst = q->n < q->cap ? q->buf + tail * SLOT : scratch;
-        ssize_t r = read(fd, dst, SLOT);
-        if (r <= 0) return; /* EAGAIN (or error): nothing more now */
-        uint64_t t = now_ns();
-        q->in++;
-        if (q->n == q->cap) { q->drops++; continue; }
-        q->len[tail] = (uint16_t)r;
-        q->due[tail] = t + delay_ns;
-        q->n++;
+        ssize_t r = read(d->in_fd, buf, sizeof buf);
+        if (r <= 0) return;            /* EAGAIN (or error): nothing more now */
+        lq_push(d->q, now_ns(), buf, (size_t)r);
     }
 }
 
 /* Write every packet whose time has come. */
-static void release(struct fifo *q, int fd, uint64_t now)
+static void release(struct dir *d, uint64_t now)
 {
-    while (q->n && q->due[q->head] <= now) {
-        uint64_t late = now - q->due[q->head];
-        if (late > q->late_max_ns) q->late_max_ns = late;
-        if (write(fd, q->buf + q->head * SLOT, q->len[q->head]) < 0) q->drops++;
-        else q->out++;
-        q->head = (q->head + 1) % q->cap;
-        q->n--;
+    const uint8_t *data;
+    size_t len;
+    uint64_t t_in, due;
+    while (lq_pop(d->q, now, &data, &len, &t_in, &due)) {
+        uint64_t late = now - due;
+        if (late > d->late_max_ns) d->late_max_ns = late;
+        if (write(d->out_fd, data, len) < 0) d->write_errors++;
     }
+}
+
+static int stats_json(char *out, size_t cap, struct dir *dirs, int rt)
+{
+    size_t n = 0;
+    n += (size_t)snprintf(out + n, cap - n, "{");
+    for (int k = 0; k < 2; k++) {
+        struct lq_stats s;
+        lq_get_stats(dirs[k].q, &s);
+        const char *p = dirs[k].name;
+        n += (size_t)snprintf(out + n, cap - n,
+            "\"%s_in\": %llu, \"%s_out\": %llu, \"%s_out_bytes\": %llu, \"%s_drops\": %llu, "
+            "\"%s_drop_overflow\": %llu, \"%s_drop_codel\": %llu, \"%s_drop_loss\": %llu, "
+            "\"%s_drop_nobuf\": %llu, \"%s_backlog_max_bytes\": %llu, \"%s_late_max_us\": %llu, ",
+            p, (unsigned long long)s.in, p, (unsigned long long)s.out, p, (unsigned long long)s.out_bytes,
+            /* "drops": what the line lost by itself (no room, write errors), as before queues existed */
+            p, (unsigned long long)(s.drop_nobuf + dirs[k].write_errors),
+            p, (unsigned long long)s.drop_overflow, p, (unsigned long long)s.drop_codel,
+            p, (unsigned long long)s.drop_loss, p, (unsigned long long)s.drop_nobuf,
+            p, (unsigned long long)s.backlog_max_bytes, p, (unsigned long long)(dirs[k].late_max_ns / 1000));
+    }
+    n += (size_t)snprintf(out + n, cap - n, "\"realtime\": %d}", rt);
+    return (int)n;
+}
+
+static int parse_u64(const char *s, uint64_t *v)
+{
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(s, &end, 10);
+    if (errno || end == s || *end) return -1;
+    *v = x;
+    return 0;
+}
+
+/* One command line; the answer goes to `reply`. */
+static void command(char *line, struct dir *dirs, int rt, char *reply, size_t cap)
+{
+    char *save, *tok = strtok_r(line, " \t", &save);
+    if (!tok) { snprintf(reply, cap, "err empty"); return; }
+    if (!strcmp(tok, "stats")) { stats_json(reply, cap, dirs, rt); return; }
+    int is_set = !strcmp(tok, "set"), is_sched = !strcmp(tok, "sched");
+    if (!is_set && !is_sched) { snprintf(reply, cap, "err unknown command %s", tok); return; }
+    char *dn = strtok_r(NULL, " \t", &save);
+    struct dir *d = dn && !strcmp(dn, "ab") ? &dirs[0] : dn && !strcmp(dn, "ba") ? &dirs[1] : NULL;
+    if (!d) { snprintf(reply, cap, "err direction must be ab or ba"); return; }
+    uint64_t now = now_ns();
+    if (is_sched) {
+        uint64_t t0, period;
+        char *a = strtok_r(NULL, " \t", &save), *b = strtok_r(NULL, " \t", &save);
+        if (!a || !b || parse_u64(a, &t0) || parse_u64(b, &period)) {
+            snprintf(reply, cap, "err sched T0_NS PERIOD_NS AT:RATE...");
+            return;
+        }
+        size_t n = 0, cap_n = 64;
+        uint64_t *at = malloc(cap_n * sizeof *at), *rate = malloc(cap_n * sizeof *rate);
+        char *step;
+        int bad = !at || !rate;
+        while (!bad && (step = strtok_r(NULL, " \t", &save))) {
+            char *colon = strchr(step, ':');
+            if (!colon) { bad = 1; break; }
+            *colon = 0;
+            if (n == cap_n) {
+                cap_n *= 2;
+                uint64_t *a2 = realloc(at, cap_n * sizeof *at);
+                if (a2) at = a2;
+                uint64_t *r2 = realloc(rate, cap_n * sizeof *rate);
+                if (r2) rate = r2;
+                if (!a2 || !r2) { bad = 1; break; }
+            }
+            if (parse_u64(step, &at[n])) { bad = 1; break; }
+            if (!strcmp(colon + 1, "inf")) rate[n] = LQ_RATE_INF;
+            else if (parse_u64(colon + 1, &rate[n])) { bad = 1; break; }
+            n++;
+        }
+        if (bad || lq_set_schedule(d->q, now, t0, period, n, at, rate))
+            snprintf(reply, cap, "err bad schedule");
+        else
+            snprintf(reply, cap, "ok");
+        free(at);
+        free(rate);
+        return;
+    }
+    /* set: collect first, so the qdisc and its limit change together */
+    const char *qdisc = NULL;
+    uint64_t limit = 0, v, seed = 1;
+    int have_limit = 0, have_loss = 0;
+    double loss = 0;
+    char *kv;
+    while ((kv = strtok_r(NULL, " \t", &save))) {
+        char *eq = strchr(kv, '=');
+        if (!eq) { snprintf(reply, cap, "err want key=value: %s", kv); return; }
+        *eq = 0;
+        const char *k = kv, *val = eq + 1;
+        if (!strcmp(k, "qdisc")) { qdisc = val; continue; }
+        if (!strcmp(k, "loss")) {
+            char *end;
+            loss = strtod(val, &end);
+            if (end == val || *end || !(loss >= 0 && loss <= 1)) { snprintf(reply, cap, "err loss"); return; }
+            have_loss = 1;
+            continue;
+        }
+        if (!strcmp(k, "rate") && !strcmp(val, "inf")) { lq_set_rate(d->q, now, LQ_RATE_INF); continue; }
+        if (parse_u64(val, &v)) { snprintf(reply, cap, "err %s: not a number", k); return; }
+        if (!strcmp(k, "rate")) lq_set_rate(d->q, now, v);
+        else if (!strcmp(k, "limit")) { limit = v; have_limit = 1; }
+        else if (!strcmp(k, "delay_us")) lq_set_delay(d->q, v * 1000);
+        else if (!strcmp(k, "seed")) seed = v;
+        else if (!strcmp(k, "target_us")) lq_set_codel(d->q, v * 1000, 0);
+        else if (!strcmp(k, "interval_us")) lq_set_codel(d->q, 0, v * 1000);
+        else if (!strcmp(k, "quantum")) lq_set_quantum(d->q, (uint32_t)v);
+        else { snprintf(reply, cap, "err unknown key %s", k); return; }
+    }
+    if (have_loss) lq_set_loss(d->q, loss, seed);   /* the seed goes with a loss rate */
+    if (qdisc || have_limit) {
+        if (lq_set_qdisc(d->q, qdisc ? qdisc : lq_qdisc_name(d->q), limit)) {
+            snprintf(reply, cap, "err unknown qdisc %s", qdisc);
+            return;
+        }
+    }
+    snprintf(reply, cap, "ok");
+}
+
+/* Complete lines from stdin; a partial line waits for the rest. */
+static void control(int fd, struct dir *dirs, int rt, int *open_)
+{
+    static char buf[1 << 16];
+    static size_t have;
+    ssize_t r = read(fd, buf + have, sizeof buf - 1 - have);
+    if (r <= 0) {
+        if (r == 0 || (errno != EAGAIN && errno != EINTR)) *open_ = 0;
+        return;
+    }
+    have += (size_t)r;
+    char *start = buf, *nl;
+    while ((nl = memchr(start, '\n', have - (size_t)(start - buf)))) {
+        *nl = 0;
+        char reply[4096];
+        command(start, dirs, rt, reply, sizeof reply);
+        printf("%s\n", reply);
+        fflush(stdout);
+        start = nl + 1;
+    }
+    have -= (size_t)(start - buf);
+    memmove(buf, start, have);
+    if (have == sizeof buf - 1) have = 0;   /* a line longer than the buffer: drop it */
 }
 
 int main(int argc, char **argv)
@@ -112,9 +250,14 @@ int main(int argc, char **argv)
     size_t slots = argc > 5 ? strtoul(argv[5], NULL, 10) : 16384;
     prctl(PR_SET_PDEATHSIG, SIGTERM); /* the eval process died (even by SIGKILL): stop too */
     int fa = tun_open(argv[1]), fb = tun_open(argv[2]);
-    struct fifo ab, ba;
-    fifo_init(&ab, slots);
-    fifo_init(&ba, slots);
+    struct dir dirs[2] = {{.name = "ab", .in_fd = fa, .out_fd = fb},
+                          {.name = "ba", .in_fd = fb, .out_fd = fa}};
+    for (int k = 0; k < 2; k++) {
+        dirs[k].q = lq_new(slots);
+        if (!dirs[k].q) { perror("lq_new"); return 1; }
+    }
+    lq_set_delay(dirs[0].q, d_ab);
+    lq_set_delay(dirs[1].q, d_ba);
     /* On a busy machine a normal-priority process can be descheduled for tens of
      * milliseconds, which would show up as delay spikes.  The loop sleeps in ppoll
      * between packets, so a real-time priority costs nothing when idle (and the
@@ -129,17 +272,19 @@ int main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
+    fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
     printf("ready\n");
     fflush(stdout);
 
-    struct pollfd pfd[2] = {{.fd = fa, .events = POLLIN}, {.fd = fb, .events = POLLIN}};
+    int ctl_open = 1;
+    struct pollfd pfd[3] = {{.fd = fa, .events = POLLIN}, {.fd = fb, .events = POLLIN},
+                            {.fd = 0, .events = POLLIN}};
     while (!stop) {
         uint64_t now = now_ns();
-        release(&ab, fb, now);
-        release(&ba, fa, now);
-        uint64_t next = UINT64_MAX;
-        if (ab.n) next = ab.due[ab.head];
-        if (ba.n && ba.due[ba.head] < next) next = ba.due[ba.head];
+        release(&dirs[0], now);
+        release(&dirs[1], now);
+        uint64_t next = lq_next_event(dirs[0].q, now), nb = lq_next_event(dirs[1].q, now);
+        if (nb < next) next = nb;
         struct timespec ts, *tsp = NULL;
         if (next != UINT64_MAX) {
             uint64_t wait = next > now ? next - now : 0;
@@ -147,22 +292,19 @@ int main(int argc, char **argv)
             ts.tv_nsec = (long)(wait % 1000000000ull);
             tsp = &ts;
         }
-        int r = ppoll(pfd, 2, tsp, NULL);
+        pfd[2].fd = ctl_open ? 0 : -1;
+        int r = ppoll(pfd, 3, tsp, NULL);
         if (r < 0) {
             if (errno == EINTR) continue;
             perror("ppoll");
             break;
         }
-        if (pfd[0].revents & POLLIN) take(&ab, fa, d_ab);
-        if (pfd[1].revents & POLLIN) take(&ba, fb, d_ba);
+        if (pfd[0].revents & POLLIN) take(&dirs[0]);
+        if (pfd[1].revents & POLLIN) take(&dirs[1]);
+        if (pfd[2].revents & (POLLIN | POLLHUP | POLLERR)) control(0, dirs, rt, &ctl_open);
     }
-    fprintf(stderr,
-            "{\"ab_in\": %llu, \"ab_out\": %llu, \"ab_drops\": %llu, \"ab_late_max_us\": %llu, "
-            "\"ba_in\": %llu, \"ba_out\": %llu, \"ba_drops\": %llu, \"ba_late_max_us\": %llu, "
-            "\"realtime\": %d}\n",
-            (unsigned long long)ab.in, (unsigned long long)ab.out, (unsigned long long)ab.drops,
-            (unsigned long long)(ab.late_max_ns / 1000), (unsigned long long)ba.in,
-            (unsigned long long)ba.out, (unsigned long long)ba.drops,
-            (unsigned long long)(ba.late_max_ns / 1000), rt);
+    char out[4096];
+    stats_json(out, sizeof out, dirs, rt);
+    fprintf(stderr, "%s\n", out);
     return 0;
 }

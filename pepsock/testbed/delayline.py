@@ -27,20 +27,29 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("delayline.c")
+LINKQ = [Path(__file__).with_name("linkq.c"), Path(__file__).with_name("linkq.h")]
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 
 
-def build(cc: str | None = None) -> str:
-    """Compile delayline.c (once per source version) and return the binary's path."""
-    if not SOURCE.exists():
-        raise RuntimeError(f"{SOURCE} is missing (an installed wheel needs 'testbed/*.c' in package-data)")
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src).hexdigest()[:12]
-    out = Path(tempfile.gettempdir()) / f"pepsock-delayline-{tag}"
+def _compile(name: str, extra: list[str], cc: str | None) -> str:
+    """Compile delayline.c + linkq.c (or linkq.c alone for a library) once per source
+    version into the temp directory and return the output's path."""
+    sources = ([SOURCE] if name == "delayline" else []) + LINKQ
+    for p in sources:
+        if not p.exists():
+            raise RuntimeError(f"{p} is missing (an installed wheel needs 'testbed/*.c' and "
+                               "'testbed/*.h' in package-data)")
+    digest = hashlib.sha256()
+    for p in sources:
+        digest.update(p.read_bytes())
+    digest.update(" ".join(extra).encode())
+    out = Path(tempfile.gettempdir()) / f"pepsock-{name}-{digest.hexdigest()[:12]}"
     if _ours(out):
         return str(out)
     cc = cc or shutil.which("cc") or shutil.which("gcc")
@@ -48,15 +57,30 @@ def build(cc: str | None = None) -> str:
         raise RuntimeError("needs a C compiler (cc) to build the delay line")
     tmpdir = tempfile.mkdtemp(prefix="pepsock-dl-")
     try:
-        c = Path(tmpdir) / "delayline.c"
-        c.write_bytes(src)
-        binary = Path(tmpdir) / "delayline"
-        subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(c)], check=True,
+        for p in sources:
+            shutil.copy(p, tmpdir)
+        binary = Path(tmpdir) / name
+        cfiles = [str(Path(tmpdir) / p.name) for p in sources if p.suffix == ".c"]
+        subprocess.run([cc, *CFLAGS, *extra, "-o", str(binary), *cfiles, "-lm"], check=True,
                        capture_output=True, text=True, timeout=60)
         os.replace(binary, out)  # atomic: concurrent builders are fine
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return str(out)
+
+
+def build(cc: str | None = None) -> str:
+    """The delay line binary (delayline.c + linkq.c)."""
+    return _compile("delayline", [], cc)
+
+
+def build_linkq_lib(sanitize: bool = False, cc: str | None = None) -> str:
+    """linkq.c alone as a shared library, for the tests that drive it through cffi
+    (with UBSan when `sanitize`)."""
+    extra = ["-fPIC", "-shared"]
+    if sanitize:
+        extra += ["-fsanitize=undefined", "-fno-sanitize-recover=undefined", "-g"]
+    return _compile("liblinkq-ubsan.so" if sanitize else "liblinkq.so", extra, cc)
 
 
 def _ours(path: Path) -> bool:
@@ -72,11 +96,15 @@ def _ours(path: Path) -> bool:
 
 
 class DelayLine:
-    """One running delay line inside a namespace (a child process)."""
+    """One running delay line inside a namespace (a child process).
+
+    The C line also emulates each direction's bottleneck (see linkq.h): `set()`
+    and `schedule()` talk to it over its stdin. The Python line only delays."""
 
     def __init__(self, host, tun_a: str, tun_b: str, delay_ab_us: int, delay_ba_us: int,
                  *, impl: str = "c", slots: int = 16384):
         self.host = host
+        self._lock = threading.Lock()
         self.tun_a, self.tun_b = tun_a, tun_b
         self.delay_ab_us, self.delay_ba_us = int(delay_ab_us), int(delay_ba_us)
         self.impl = impl
@@ -85,7 +113,8 @@ class DelayLine:
         else:
             argv = [sys.executable, "-m", "pepsock.testbed.delayline", tun_a, tun_b,
                     str(self.delay_ab_us), str(self.delay_ba_us), str(slots)]
-        self.proc = host.popen(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = host.popen(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], 10)
         line = self.proc.stdout.readline() if ready else ""
         if line.strip() != "ready":
@@ -93,6 +122,34 @@ class DelayLine:
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise RuntimeError(f"delay line did not start in {host.name}: {line!r} {err}")
         self.stats: dict = {}
+
+    def command(self, line: str, timeout: float = 5.0) -> str:
+        """Send one control line to the C line and return its answer ("err ..." raises)."""
+        if self.impl != "c":
+            raise RuntimeError("the Python delay line has no control channel (use --delay-impl c)")
+        with self._lock:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            answer = self.proc.stdout.readline().strip() if ready else ""
+        if not answer:
+            raise RuntimeError(f"delay line in {self.host.name} did not answer {line[:60]!r}")
+        if answer.startswith("err"):
+            raise ValueError(f"delay line: {answer} (for {line[:80]!r})")
+        return answer
+
+    def set(self, direction: str, **kv) -> None:
+        """set ab|ba rate=... qdisc=... limit=... loss=... seed=... (see delayline.c)."""
+        self.command(f"set {direction} " + " ".join(f"{k}={v}" for k, v in kv.items()))
+
+    def schedule(self, direction: str, t0: float, steps: list[tuple[float, float]],
+                 period: float | None = None) -> None:
+        """A rate schedule starting at monotonic time t0 (seconds): steps are (start s, bit/s)."""
+        parts = " ".join(f"{int(round(t * 1e9))}:{int(r)}" for t, r in steps)
+        self.command(f"sched {direction} {int(t0 * 1e9)} {int((period or 0) * 1e9)} {parts}")
+
+    def counters(self) -> dict:
+        return json.loads(self.command("stats"))
 
     def stop(self) -> dict:
         """Stop it and return its counters (packets in/out, drops, worst lateness)."""

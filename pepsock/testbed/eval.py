@@ -1,6 +1,7 @@
 """`pep eval`: reproduce the thesis's evaluation (chapter 5) in network namespaces.
 
-    pep eval [--quick] [--out DIR] [--experiments step,flows,spike,mmwave,ttfb] [--trace FILE] [--reps N]
+    pep eval [--quick] [--out DIR] [--experiments step,flows,spike,mmwave,ttfb,...] [--qdisc fifo,fq_codel]
+             [--trace FILE] [--reps N]
     python -m pepsock.testbed.eval ...
 
 Builds client -- wrouter -- pep -- drouter -- server (see topology.py), prints a
@@ -17,7 +18,10 @@ import os
 import sys
 import time
 
-ALL = ["step", "bigq", "flows", "spike", "mmwave", "ttfb"]
+from .topology import ADDR, Settings  # noqa: E402  (pure Python, no root needed to import)
+
+ALL = ["validate", "step", "bigq", "flows", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
+QUICK = ["validate", "step", "spike", "upload", "ipv6", "ttfb", "tls", "satellite"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repetitions and flow counts (a few minutes; CI)")
     p.add_argument("--out", default="eval-report", help="report folder (default: ./eval-report)")
-    p.add_argument("--experiments", default=",".join(ALL),
-                   help=f"comma-separated subset of {','.join(ALL)} (default: all)")
+    p.add_argument("--experiments",
+                   help=f"comma-separated subset of {','.join(ALL)} (default: all; --quick: {','.join(QUICK)})")
+    p.add_argument("--qdisc", default="fifo,fq_codel",
+                   help="bottleneck queues to compare, comma-separated: fifo (drop-tail, --queue bytes), "
+                        "codel, fq_codel (RFC 8290) in the user-space link, or kernel (TBF + bfifo) "
+                        "(default fifo,fq_codel; `validate` always runs kernel and fifo)")
+    p.add_argument("--uplink", type=float, default=10.0,
+                   help="uplink (client -> PEP) rate in Mbit/s, shaped in the user-space link with the "
+                        "same queue; 0 leaves it unshaped (default 10; the upload case steps it 10 -> 75)")
     p.add_argument("--trace", help="rate trace for the step experiment: a mahimahi trace (one ms "
                                    "timestamp per 1500-byte delivery opportunity) or a schedule "
                                    "(`<time_ms> <rate_mbit>` lines), or a shipped name: "
@@ -45,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cleanup", action="store_true",
                    help="only remove testbeds left behind by a run that was killed with SIGKILL, then exit")
     p.add_argument("--step-bytes", type=int, help="bytes per transfer in the step experiment (default 20 MB)")
+    p.add_argument("--sat-rtt", type=float, default=550.0, help="satellite: client-PEP RTT in ms (default 550)")
+    p.add_argument("--sat-loss", type=float, default=0.001,
+                   help="satellite: random loss on the satellite hop, each direction (default 0.001)")
+    p.add_argument("--sat-cc", default="bbr",
+                   help="satellite: the PEP's congestion control on the satellite side (default bbr; "
+                        "the endpoints and the PEP's ground side use --cc)")
     return p
 
 
@@ -60,13 +77,14 @@ def main(argv=None) -> int:
         gone = remove_stale()
         print(f"pep eval: removed {len(gone)} stale testbed(s){': ' if gone else ''}{', '.join(gone)}")
         return 0
-    exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    exps = [e.strip() for e in (args.experiments or ",".join(QUICK if args.quick else ALL)).split(",")
+            if e.strip()]
     bad = [e for e in exps if e not in ALL]
     if bad:
         print(f"pep eval: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(ALL)}", file=sys.stderr)
         return 2
     from .experiments import Plan
-    from .topology import Settings, install_signal_handlers, restore_signal_handlers
+    from .topology import install_signal_handlers, restore_signal_handlers
     from .traces import TraceError, load
 
     plan = Plan.quick_plan() if args.quick else Plan()
@@ -80,6 +98,15 @@ def main(argv=None) -> int:
     if args.step_bytes:
         plan.step_bytes = args.step_bytes
     plan.pep_cmd = args.pep_cmd
+    from .shaping import QDISCS
+    plan.qdiscs = [q.strip() for q in args.qdisc.split(",") if q.strip()]
+    if not plan.qdiscs or any(q not in QDISCS for q in plan.qdiscs):
+        print(f"pep eval: --qdisc: choose from {', '.join(QDISCS)}", file=sys.stderr)
+        return 2
+    if args.delay_impl != "c" and plan.qdiscs != ["kernel"]:
+        print("pep eval: the user-space queues need the C delay line: --delay-impl py needs --qdisc kernel",
+              file=sys.stderr)
+        return 2
     if args.trace:
         try:
             load(args.trace)
@@ -88,7 +115,8 @@ def main(argv=None) -> int:
             return 2
         plan.trace = args.trace
     settings = Settings(r1_ms=args.r1, r2_ms=args.r2, queue_bytes=args.queue, cc=args.cc,
-                        delay_impl=args.delay_impl)
+                        delay_impl=args.delay_impl, qdisc=plan.qdiscs[0],
+                        uplink_mbit=(args.uplink or None) if args.delay_impl == "c" else None)
 
     old_handlers = install_signal_handlers()
     try:
@@ -126,6 +154,9 @@ def _run(args, plan, settings, exps) -> int:
         from .traces import spike_outage_schedule
         # (name, schedule, bytes, repetitions, options), in the order they run
         transfers = []
+        if "validate" in exps:
+            transfers.append(("validate", runner.step_schedule(), plan.step_bytes, plan.validate_reps,
+                              {"qdiscs": ["kernel", "fifo"]}))
         if "step" in exps:
             transfers.append(("step", runner.step_schedule(), plan.step_bytes, plan.reps, {}))
         if "bigq" in exps:
@@ -138,15 +169,37 @@ def _run(args, plan, settings, exps) -> int:
         if "flows" in exps:
             transfers.append(("flows", runner.step_schedule(), plan.flow_bytes, plan.flows_reps,
                               {"flows_list": plan.flows, "interactive": False}))
+        if "upload" in exps:
+            if tb.uplink is None:
+                res["notes"].append("upload skipped: the uplink is not shaped (--uplink 0)")
+            else:
+                transfers.append(("upload", runner.step_schedule(), plan.upload_bytes, plan.reps,
+                                  {"upload": True, "interactive": False}))
+        if "ipv6" in exps:
+            transfers.append(("ipv6", runner.step_schedule(), plan.step_bytes, plan.ipv6_reps, {"v6": True}))
         modes = len(runner.modes())
-        total = sum(reps * modes * len(opts.get("flows_list", (1,))) for _, _, _, reps, opts in transfers)
+        total = sum(reps * modes * len(opts.get("flows_list", (1,))) * len(opts.get("qdiscs", plan.qdiscs))
+                    for _, _, _, reps, opts in transfers)
         if "ttfb" in exps:
             total += 6
+        if "tls" in exps:
+            total += 7
+        if "satellite" in exps:
+            total += len(plan.sat_sizes) * plan.sat_reps * modes + 6
         progress = Progress(total)
         for name, schedule, nbytes, reps, opts in transfers:
             res["runs"] += runner.exp_transfers(name, schedule, nbytes, reps, progress, **opts)
         if "ttfb" in exps:
             res["ttfb"] = runner.exp_ttfb(progress)
+        if "tls" in exps:
+            from .experiments import exp_tls
+            res["tls"] = exp_tls(runner, progress)
+        if "satellite" in exps:
+            # one testbed at a time: the terrestrial one goes before the satellite one is built
+            _teardown(tb, runner, res)
+            tb = runner = None
+            res["satellite"] = {}
+            tb, runner = _satellite(args, plan, settings, progress, res["satellite"])
         progress.close()
     except KeyboardInterrupt:
         if progress:
@@ -174,6 +227,47 @@ def _run(args, plan, settings, exps) -> int:
     return 0
 
 
+def _satellite(args, plan, ground, progress, out: dict):
+    """A GEO satellite hop between client and PEP, the ground side behind it: FCT for a few
+    sizes, end to end and through the PEP, and TTFB per method.  Returns (testbed, runner)
+    for the caller to tear down."""
+    from dataclasses import asdict
+    from .experiments import Runner, log
+    from .topology import Testbed
+    from .traces import Schedule
+    sat = Settings(r1_ms=args.sat_rtt, r2_ms=plan.sat_r2_ms, wireless_mbit=plan.sat_down_mbit,
+                   uplink_mbit=plan.sat_up_mbit, queue_bytes=plan.sat_queue_bytes, cc=ground.cc,
+                   qdisc="fifo", loss_down=args.sat_loss, loss_up=args.sat_loss, seed=7,
+                   pep_client_cc=args.sat_cc, pep_server_cc=ground.cc, tcp_buf_max=32 << 20,
+                   delay_impl=ground.delay_impl)
+    tb = Testbed(sat, prefix="evs")
+    runner = Runner(tb, plan)
+    runner.start()
+    out["settings"] = asdict(sat)
+    out["notes"] = list(tb.notes)
+    log(f"pep eval: satellite testbed {tb.topo.tag}; PEP {runner.pep_status}")
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")   # noqa: E731
+    out["calibration"] = [
+        {"metric": "R1 client-PEP RTT (ms)", "configured": sat.r1_ms,
+         "measured": med(runner.ping(tb.client, ADDR["pep_w"], 3))},
+        {"metric": "R2 PEP-server RTT (ms)", "configured": sat.r2_ms,
+         "measured": med(runner.ping(tb.pep, ADDR["server"], 5))}]
+    flat = Schedule([(0.0, sat.wireless_mbit * 1e6)], name=f"constant {sat.wireless_mbit:g} Mbit/s")
+    out["runs"] = []
+    for size in plan.sat_sizes:
+        out["runs"] += runner.exp_transfers("satellite", flat, size, plan.sat_reps, progress,
+                                            qdiscs=["fifo"], interactive=False, timeout=plan.sat_timeout)
+    saved = plan.ttfb_reps
+    plan.ttfb_reps = plan.sat_ttfb_reps
+    try:
+        out["ttfb"] = runner.exp_ttfb(progress, rate_mbit=sat.wireless_mbit, timeout=10)
+    finally:
+        plan.ttfb_reps = saved
+    out["notes"] += runner.notes
+    runner.notes.clear()
+    return tb, runner
+
+
 def _teardown(tb, runner, res) -> None:
     if runner is not None:
         res["notes"] += runner.notes
@@ -186,7 +280,7 @@ def _teardown(tb, runner, res) -> None:
         for k, v in st.items():
             if v.get("ab_drops") or v.get("ba_drops"):
                 res["notes"].append(f"{k} dropped packets: {v}")
-        res["delaylines"] = st
+        res["satellite_delaylines" if "delaylines" in res else "delaylines"] = st
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import procs
 from .report import GOODPUT_FACTOR
-from .shaping import ScheduleRunner
-from .topology import ADDR, Testbed
+from .shaping import start_schedule
+from .topology import ADDR, ADDR6, Testbed
 from .traces import Schedule, load, step_schedule
 
 SERVER_PORT = 5001
@@ -52,11 +52,25 @@ class Plan:
     bigq_factor: int = 4          # "bigq": the step case with a bottleneck queue this many times larger
     trace: str | None = None
     pep_cmd: str | None = None    # override the relay command line (a string, split by shlex)
+    qdiscs: list[str] = field(default_factory=lambda: ["fifo", "fq_codel"])   # bottleneck queues compared
+    validate_reps: int = 3        # "validate": the step case on the kernel TBF+bfifo and the user-space FIFO
+    upload_bytes: int = 20_000_000
+    ipv6_reps: int = 2            # "ipv6": the step case over IPv6
+    # the GEO satellite case: the satellite hop is the client-PEP hop
+    sat_sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000, 10_000_000])
+    sat_reps: int = 3
+    sat_ttfb_reps: int = 6
+    sat_r2_ms: float = 30.0
+    sat_down_mbit: float = 50.0
+    sat_up_mbit: float = 8.0
+    sat_queue_bytes: int = 625_000        # 100 ms at 50 Mbit/s
+    sat_timeout: float = 90.0
 
     @classmethod
     def quick_plan(cls) -> "Plan":
         return cls(quick=True, reps=2, bigq_reps=1, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
-                   mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0)
+                   mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0, validate_reps=1,
+                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=3, ipv6_reps=1)
 
 
 class Progress:
@@ -120,6 +134,7 @@ class Runner:
         self.server = None
         self.relay = None
         self.daemons: list[subprocess.Popen] = []
+        self._proxies: dict | None = None
         self.tmp = tempfile.mkdtemp(prefix="pepsock-eval-")
         self.pep_status = "not started"
         self.notes: list[str] = []
@@ -133,8 +148,9 @@ class Runner:
     def relay_argv(self) -> list[str]:
         if self.plan.pep_cmd:
             return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
+        s = self.tb.s
         return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
-                "--client-cc", self.tb.s.cc, "--server-cc", self.tb.s.cc]
+                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--client-cc", s.pep_client_cc or s.cc, "--server-cc", s.pep_server_cc or s.cc]
 
     def _start_relay(self) -> None:
         argv = self.relay_argv()
@@ -156,8 +172,10 @@ class Runner:
         return self.relay is not None and self.relay.poll() is None
 
     def _start_proxies(self) -> dict:
-        """tinyproxy (HTTP CONNECT) and microsocks (SOCKS5) in the PEP namespace."""
-        status = {}
+        """tinyproxy (HTTP CONNECT) and microsocks (SOCKS5) in the PEP namespace (once)."""
+        if self._proxies is not None:
+            return self._proxies
+        status = self._proxies = {}
         if shutil.which("tinyproxy"):
             conf = os.path.join(self.tmp, "tinyproxy.conf")
             with open(conf, "w") as f:
@@ -238,33 +256,53 @@ class Runner:
 
     # -- one transfer ---------------------------------------------------------------
     def bulk(self, mode: str, nbytes: int, flows: int, *, start_in: float = 1.0,
-             timeout: float = 60.0, start_at: float | None = None) -> dict:
+             timeout: float = 60.0, start_at: float | None = None, upload: bool = False,
+             v6: bool = False) -> dict:
         start = start_at or (time.monotonic() + start_in)
-        args = ["bulk", "--server", f"{ADDR['server']}:{SERVER_PORT}", "--mode", mode, "--bytes", nbytes,
+        A = ADDR6 if v6 else ADDR
+        server = f"[{A['server']}]" if v6 else A["server"]
+        args = ["bulk", "--server", f"{server}:{SERVER_PORT}", "--mode", mode, "--bytes", nbytes,
                 "--flows", flows, "--start-at", repr(start), "--timeout", timeout, "--cc", self.tb.s.cc]
+        if upload:
+            args.append("--upload")
         if mode.startswith("pep"):
-            args += ["--pep", f"{ADDR['pep_w']}:{PEP_PORT}"]
+            args += ["--pep", f"[{A['pep_w']}]:{PEP_PORT}" if v6 else f"{A['pep_w']}:{PEP_PORT}"]
         p = procs.agent(self.tb.client, *args)
         return procs.result(p, timeout + start - time.monotonic() + 15)
 
     def transfer(self, exp: str, mode: str, rep: int, schedule: Schedule, nbytes: int,
-                 flows: int = 1, interactive: bool = True, timeout: float = 60.0) -> dict:
-        """One run: schedule + bulk flow(s) (+ the interactive UDP flow)."""
+                 flows: int = 1, interactive: bool = True, timeout: float = 60.0,
+                 upload: bool = False, v6: bool = False) -> dict:
+        """One run: schedule + bulk flow(s) (+ the interactive UDP flow).  `upload`: the
+        client sends, and the schedule drives the uplink instead of the downlink."""
         tb = self.tb
         tb.reset(schedule.rate_at(0) / 1e6)
+        link = tb.bottleneck
+        if upload:
+            if tb.uplink is None:
+                raise RuntimeError("the upload case needs a shaped uplink (--uplink)")
+            link = tb.uplink
+            base_up = link.rate_bps
+            link.set_rate(schedule.rate_at(0))
+            link.changes.clear()
         start = time.monotonic() + 1.5      # time for the agents to start
         recv = send = None
         try:
             if interactive:
-                recv = procs.agent(tb.client, "udp-recv", "--port", UDP_PORT, "--duration", timeout + 5)
+                recv = procs.agent(tb.client, "udp-recv", "--port", UDP_PORT, "--duration", timeout + 5,
+                                   "--bind", "::" if v6 else "0.0.0.0")
                 procs.wait_ready(recv, what="udp receiver")
-                send = procs.agent(tb.server, "udp-send", "--dst", f"{ADDR['client']}:{UDP_PORT}",
+                send = procs.agent(tb.server, "udp-send", "--dst",
+                                   f"[{ADDR6['client']}]:{UDP_PORT}" if v6 else f"{ADDR['client']}:{UDP_PORT}",
                                    "--duration", timeout, "--start-at", repr(start - 0.5))
-            runner = ScheduleRunner(tb.bottleneck, schedule, timeout).start(t0=start)
+            runner = start_schedule(link, schedule, timeout, start)
             try:
-                res = self.bulk(mode, nbytes, flows, start_at=start, timeout=timeout)
+                res = self.bulk(mode, nbytes, flows, start_at=start, timeout=timeout, upload=upload, v6=v6)
             finally:
                 runner.stop()
+                if upload:
+                    changes = list(link.changes)
+                    link.set_rate(base_up)
         except BaseException:
             # a failed run must not leave the UDP agents running: the receiver would hold
             # UDP_PORT for a minute and make the next runs fail too
@@ -280,9 +318,12 @@ class Runner:
                 udp = procs.result(recv, 5)["records"]
             except RuntimeError as e:
                 self.notes.append(f"{exp} {mode} rep {rep}: interactive flow lost: {e}")
+        if not upload:
+            changes = list(link.changes)
         return {"experiment": exp, "mode": mode, "rep": rep, "flows_n": flows, "bytes": nbytes,
-                "start": start, "schedule": schedule.name,
-                "rate_changes": [(t - start, r) for t, r in tb.bottleneck.changes],
+                "start": start, "schedule": schedule.name, "qdisc": tb.qdisc,
+                "direction": "up" if upload else "down", "family": 6 if v6 else 4,
+                "rate_changes": [(t - start, r) for t, r in changes],
                 "schedule_errors": runner.errors, "schedule_lag_max_ms": max(runner.lags, default=0) * 1000,
                 "flows": res["flows"], "udp": [(q, s - start, r - start) for q, s, r in udp],
                 "queue_bytes": tb.bottleneck.queue_bytes, "queue": tb.bottleneck.stats()}
@@ -295,32 +336,40 @@ class Runner:
         return load(self.plan.trace) if self.plan.trace else step_schedule()
 
     def exp_transfers(self, name: str, schedule: Schedule, nbytes: int, reps: int, progress,
-                      flows_list=(1,), interactive=True, queue_bytes: int | None = None) -> list[dict]:
+                      flows_list=(1,), interactive=True, queue_bytes: int | None = None,
+                      qdiscs=None, upload: bool = False, timeout: float = 60.0, v6: bool = False) -> list[dict]:
         out = []
-        if queue_bytes:
-            self.tb.bottleneck.set_queue(queue_bytes)
         try:
-            self._transfers(out, name, schedule, nbytes, reps, progress, flows_list, interactive)
+            self._transfers(out, name, schedule, nbytes, reps, progress, flows_list, interactive,
+                            qdiscs or self.plan.qdiscs, queue_bytes, upload, timeout, v6)
         finally:
-            if queue_bytes:
-                self.tb.bottleneck.set_queue(self.tb.s.queue_bytes)
+            self.tb.bottleneck.set_queue(self.tb.s.queue_bytes)
+            if self.tb.uplink is not None:
+                self.tb.uplink.set_queue(self.tb.s.uplink_queue_bytes or self.tb.s.queue_bytes)
         return out
 
-    def _transfers(self, out, name, schedule, nbytes, reps, progress, flows_list, interactive) -> None:
+    def _transfers(self, out, name, schedule, nbytes, reps, progress, flows_list, interactive, qdiscs,
+                   queue_bytes, upload, timeout, v6=False) -> None:
         for n in flows_list:
             for rep in range(reps):
-                for mode in self.modes():   # interleaved, so slow drifts hit both alike
-                    progress.step(f"{name} {mode} n={n} rep {rep + 1}/{reps}")
-                    try:
-                        out.append(self.transfer(name, mode, rep, schedule, nbytes, flows=n,
-                                                 interactive=interactive))
-                    except Exception as e:
-                        self.notes.append(f"{name} {mode} n={n} rep {rep}: failed: {e!r}")
-                    progress.advance()
+                for qd in qdiscs:           # interleaved, so slow drifts hit all alike
+                    self.tb.use_qdisc(qd)
+                    link = self.tb.uplink if upload else self.tb.bottleneck
+                    if link is not None:
+                        link.set_queue(queue_bytes or self.tb.s.queue_bytes)
+                    for mode in self.modes():
+                        progress.step(f"{name} {qd} {mode} n={n} rep {rep + 1}/{reps}")
+                        try:
+                            out.append(self.transfer(name, mode, rep, schedule, nbytes, flows=n,
+                                                     interactive=interactive, upload=upload,
+                                                     timeout=timeout, v6=v6))
+                        except Exception as e:
+                            self.notes.append(f"{name} {qd} {mode} n={n} rep {rep}: failed: {e!r}")
+                        progress.advance()
 
-    def exp_ttfb(self, progress) -> list[dict]:
+    def exp_ttfb(self, progress, rate_mbit: float = 75.0, timeout: float = 5.0) -> list[dict]:
         tb, rows = self.tb, []
-        tb.reset(75.0)
+        tb.reset(rate_mbit)
         proxies = self._start_proxies()
         modes = [("direct", None), ("tfo", None)]
         if self.pep_ok:
@@ -342,11 +391,12 @@ class Runner:
                 tb.client.sysctl("net.ipv4.tcp_fastopen", 0)   # the client sends a plain SYN
             try:
                 args = ["ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}", "--mode", agent_mode,
-                        "--reps", self.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc]
+                        "--reps", self.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc,
+                        "--timeout", timeout]
                 if proxy:
                     args += ["--proxy", proxy]
                 p = procs.agent(tb.client, *args)
-                r = procs.result(p, self.plan.ttfb_reps * 6 + 20)
+                r = procs.result(p, (self.plan.ttfb_reps + 2) * (timeout + 1) + 20)
                 for i, x in enumerate(r["results"]):
                     rows.append({"mode": mode, "rep": i, "ttfb_ms": x["ttfb_ms"], "error": x.get("error", "")})
             except Exception as e:
@@ -356,6 +406,68 @@ class Runner:
                     tb.client.sysctl("net.ipv4.tcp_fastopen", tb.s.tfo)
             progress.advance()
         return rows
+
+
+TLS_PORT = 5443
+TLS_SERVER_PORT = 5002
+
+
+def _libpep() -> str | None:
+    """preload/libpep.so of this checkout, built if missing (None: cannot)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lib = os.path.join(root, "preload", "libpep.so")
+    if not os.path.exists(lib) and os.path.exists(os.path.join(root, "preload", "Makefile")):
+        subprocess.run(["make", "-C", os.path.join(root, "preload"), "libpep.so"], capture_output=True,
+                       timeout=300)
+    return lib if os.path.exists(lib) else None
+
+
+def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0) -> list[dict]:
+    """HTTPS time to first byte: a TLS 1.3 handshake, then a request, by each method."""
+    tb, rows = runner.tb, []
+    tb.reset(rate_mbit)
+    cert, key = os.path.join(runner.tmp, "cert.pem"), os.path.join(runner.tmp, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=server"],
+                   check=True, capture_output=True, timeout=30)
+    srv = procs.agent(tb.server, "server", "--port", TLS_SERVER_PORT, "--tls-port", TLS_PORT, "--cert", cert,
+                      "--key", key, "--cc", tb.s.cc)
+    procs.wait_ready(srv, what="TLS server")
+    runner.daemons.append(srv)
+    proxies = runner._start_proxies()
+    pep = f"{ADDR['pep_w']}:{PEP_PORT}"
+    modes = [("direct", None), ("curl", None)]
+    if runner.pep_ok:
+        modes += [("pep", pep), ("aio", pep)]
+        lib = _libpep()
+        if lib:
+            modes.append(("curl-libpep", pep))
+        else:
+            runner.notes.append("tls: curl-libpep skipped: preload/libpep.so could not be built")
+    if proxies.get("connect"):
+        modes.append(("connect", f"{ADDR['pep_w']}:{CONNECT_PORT}"))
+    if proxies.get("socks5"):
+        modes.append(("socks5", f"{ADDR['pep_w']}:{SOCKS_PORT}"))
+    state = tempfile.mkdtemp(prefix="pepstate-", dir=runner.tmp)
+    for mode, proxy in modes:
+        progress.step(f"tls {mode}")
+        try:
+            args = ["ttfb", "--tls", "--server", f"{ADDR['server']}:{TLS_PORT}", "--mode", mode,
+                    "--reps", runner.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc]
+            if proxy:
+                args += ["--proxy", proxy]
+            if mode == "curl-libpep":
+                args += ["--libpep", _libpep()]
+            p = tb.client.popen(sys.executable, "-m", "pepsock.testbed.agents", *map(str, args),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(procs._env(), PEP_STATE_DIR=state))
+            r = procs.result(p, (runner.plan.ttfb_reps + 2) * 6 + 20)
+            for i, x in enumerate(r["results"]):
+                rows.append({"mode": mode, "rep": i, "ttfb_ms": x["ttfb_ms"], "error": x.get("error", "")})
+        except Exception as e:
+            runner.notes.append(f"tls {mode}: failed: {e!r}")
+        progress.advance()
+    return rows
 
 
 def settings_dict(tb: Testbed, plan: Plan, runner: Runner) -> dict:
@@ -376,6 +488,7 @@ def settings_dict(tb: Testbed, plan: Plan, runner: Runner) -> dict:
         "mmwave_bytes": plan.mmwave_bytes,
         "ttfb_reps": plan.ttfb_reps,
         "trace": plan.trace or "step-10-75 (built in)",
+        "qdiscs": plan.qdiscs,
         "interactive": "UDP, 100-byte datagrams every 50 ms, server -> client, through the bottleneck",
     })
     return s

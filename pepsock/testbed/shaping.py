@@ -140,3 +140,81 @@ class ScheduleRunner:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+QDISCS = ("kernel", "fifo", "codel", "fq_codel")
+
+
+class LineShaper:
+    """The bottleneck in user space: one direction of a C delay line (linkq.c) with a
+    rate, a queue discipline and optional random loss.  Same interface as `Shaper`, plus
+    `start_schedule`, which hands the whole schedule to the line (applied there to the
+    nanosecond, no thread).  FIFO's limit is in bytes (`queue_bytes`); CoDel and FQ-CoDel
+    keep Linux's default limit of 10240 packets, as their queues stay short by design."""
+
+    def __init__(self, line, direction: str, rate_bps: float, queue_bytes: int, qdisc: str = "fifo",
+                 loss: float = 0.0, seed: int = 1):
+        self.line, self.direction = line, direction
+        self.queue_bytes, self.qdisc = int(queue_bytes), qdisc
+        self.rate_bps = rate_bps
+        self.changes: list[tuple[float, float]] = []
+        self._configure(loss, seed)
+        self.set_rate(rate_bps)
+        self.changes.clear()
+
+    def _configure(self, loss: float, seed: int) -> None:
+        limit = self.queue_bytes if self.qdisc == "fifo" else 0
+        self.line.set(self.direction, qdisc=self.qdisc, limit=limit, loss=repr(float(loss)), seed=seed)
+
+    def set_qdisc(self, qdisc: str) -> None:
+        self.qdisc = qdisc
+        limit = self.queue_bytes if qdisc == "fifo" else 0
+        self.line.set(self.direction, qdisc=qdisc, limit=limit)
+
+    def warm(self) -> None:
+        pass
+
+    def set_rate(self, rate_bps: float) -> None:
+        self.line.set(self.direction, rate="inf" if rate_bps == float("inf") else int(rate_bps))
+        self.rate_bps = rate_bps
+        self.changes.append((time.monotonic(), float(rate_bps)))
+
+    def set_queue(self, queue_bytes: int) -> None:
+        self.queue_bytes = int(queue_bytes)
+        if self.qdisc == "fifo":
+            self.line.set(self.direction, limit=self.queue_bytes)
+
+    def start_schedule(self, schedule: Schedule, duration: float, t0: float) -> "LineSchedule":
+        self.line.schedule(self.direction, t0, schedule.steps, schedule.period)
+        return LineSchedule(self, schedule, duration, t0)
+
+    def stats(self) -> dict:
+        c = self.line.counters()
+        d = self.direction
+        return {"sent_bytes": c[f"{d}_out_bytes"], "sent_pkts": c[f"{d}_out"],
+                "dropped": c[f"{d}_drop_overflow"] + c[f"{d}_drop_codel"],
+                "dropped_codel": c[f"{d}_drop_codel"], "dropped_loss": c[f"{d}_drop_loss"],
+                "backlog_max_bytes": c[f"{d}_backlog_max_bytes"], "qdisc": self.qdisc}
+
+    def close(self) -> None:
+        pass
+
+
+class LineSchedule:
+    """A schedule running inside the delay line; `stop()` records the changes that took place."""
+
+    def __init__(self, shaper: LineShaper, schedule: Schedule, duration: float, t0: float):
+        self.shaper, self.schedule, self.duration, self.t0 = shaper, schedule, duration, t0
+        self.errors: list[str] = []
+        self.lags: list[float] = []      # none: the line applies each change at its time
+
+    def stop(self) -> None:
+        until = min(self.duration, time.monotonic() - self.t0)
+        self.shaper.changes += [(self.t0 + t, r) for t, r in self.schedule.changes(until)]
+
+
+def start_schedule(shaper, schedule: Schedule, duration: float, t0: float):
+    """Run `schedule` on a bottleneck from t0: inside the delay line, or by the netlink thread."""
+    if hasattr(shaper, "start_schedule"):
+        return shaper.start_schedule(schedule, duration, t0)
+    return ScheduleRunner(shaper, schedule, duration).start(t0=t0)

@@ -4,8 +4,11 @@
     192.0.2.10      192.0.2.1|.129   .130|198.51.100.2   .1|203.0.113.1   203.0.113.10
 
 * wrouter: delay line (one-way D_w each way, so R1 = client-PEP RTT = 2 D_w) and
-  the bottleneck: TBF + bfifo on its egress towards the client (downlink),
-  rate changed on a schedule.
+  the bottleneck towards the client (downlink), its rate changed on a schedule:
+  either in user space, inside the delay line (`qdisc` fifo, codel or fq_codel:
+  see linkq.c), or the kernel's TBF + bfifo on wrouter's egress (`qdisc`
+  "kernel", the reference).  Optionally the uplink too (`uplink_mbit`), and
+  random loss in either direction (`loss_down`, `loss_up`, seeded).
 * drouter: delay line (R2 = PEP-server RTT = 2 D_d) and TBF + bfifo at the wired
   rate on its egress towards the PEP.
 * every namespace: congestion control pinned, TFO on (3), no metrics cache,
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from .delayline import DelayLine
 from .netns import Host, Topology, delete_namespace
-from .shaping import Shaper
+from .shaping import QDISCS, LineShaper, Shaper
 
 ADDR = {
     "client": "192.0.2.10", "wr_c": "192.0.2.1", "wr_p": "192.0.2.129", "pep_w": "192.0.2.130",
@@ -49,6 +52,16 @@ class Settings:
     cc: str = "cubic"
     tfo: int = 3
     delay_impl: str = "c"           # "c" or "py"
+    qdisc: str = "kernel"           # bottleneck: "kernel" (TBF + bfifo) or in the delay line:
+                                    # "fifo" (drop-tail, queue_bytes), "codel", "fq_codel"
+    uplink_mbit: float | None = None   # shape the uplink (client -> PEP) too, same qdisc
+    uplink_queue_bytes: int | None = None  # its FIFO limit (default: queue_bytes)
+    loss_down: float = 0.0          # random loss on the wireless hop, PEP -> client (0..1)
+    loss_up: float = 0.0            # and client -> PEP
+    seed: int = 1                   # of the loss
+    pep_client_cc: str | None = None   # the relay's congestion control towards the client
+    pep_server_cc: str | None = None   # and towards the server (default: cc for both)
+    tcp_buf_max: int | None = None  # raise net.ipv4.tcp_rmem/wmem max in every namespace (long paths)
 
 
 class Testbed:
@@ -91,6 +104,9 @@ class Testbed:
             if cc_as_default:
                 h.sysctl("net.ipv4.tcp_congestion_control", s.cc)
             h.sysctl("net.ipv4.tcp_no_metrics_save", 1)
+            if s.tcp_buf_max:
+                h.sysctl("net.ipv4.tcp_rmem", f"4096 131072 {s.tcp_buf_max}")
+                h.sysctl("net.ipv4.tcp_wmem", f"4096 16384 {s.tcp_buf_max}")
             h.sysctl("net.ipv4.conf.all.rp_filter", 0)
             h.sysctl("net.ipv4.conf.default.rp_filter", 0)
             h.sysctl("net.ipv6.conf.all.accept_dad", 0)
@@ -122,10 +138,64 @@ class Testbed:
         self._delay(self.wrouter, self.if_wr_c, self.if_wr_p, s.r1_ms)
         self._delay(self.drouter, self.if_dr_p, self.if_dr_s, s.r2_ms)
 
-        # Shaping: the wireless downlink (bottleneck) and the wired downlink.
-        self.bottleneck = Shaper(self.wrouter, self.if_wr_c, s.wireless_mbit * 1e6, s.queue_bytes)
-        self.wired = Shaper(self.drouter, self.if_dr_p, s.wired_mbit * 1e6, s.wired_queue_bytes)
+        # Shaping: the wireless downlink (bottleneck), maybe its uplink, and the wired downlink.
+        if s.qdisc not in QDISCS:
+            raise ValueError(f"qdisc {s.qdisc!r}: choose from {', '.join(QDISCS)}")
+        if s.delay_impl != "c" and (s.qdisc != "kernel" or s.uplink_mbit or s.loss_down or s.loss_up):
+            raise RuntimeError("a user-space bottleneck, uplink shaping and loss need the C delay line")
+        self.wline, self.dline = self.delaylines[0], self.delaylines[1]
+        self.qdisc = None
+        self.bottleneck = self.wired = None
+        self.uplink = None
+        if s.loss_down and s.qdisc == "kernel":      # the loss lives in the line, the queue in tc
+            LineShaper(self.wline, "ba", float("inf"), 0, "fifo", s.loss_down, s.seed)
+        self.use_qdisc(s.qdisc, s.wireless_mbit * 1e6)
+        if s.uplink_mbit or s.loss_up:
+            self.uplink = LineShaper(self.wline, "ab", (s.uplink_mbit or float("inf")) * 1e6,
+                                     s.uplink_queue_bytes or s.queue_bytes,
+                                     "fifo" if s.qdisc == "kernel" else s.qdisc, s.loss_up, s.seed + 1)
         self.shapers = [self.bottleneck, self.wired]
+
+    def use_qdisc(self, kind: str, rate_bps: float | None = None) -> None:
+        """Switch the downlink bottleneck to `kind` (between runs; what is queued is dropped)."""
+        if kind not in QDISCS:
+            raise ValueError(f"qdisc {kind!r}: choose from {', '.join(QDISCS)}")
+        if kind == self.qdisc:
+            return
+        rate = rate_bps or self.bottleneck.rate_bps
+        s = self.s
+        # The wired downlink (server -> PEP) gets the same kind of queue: through the PEP it
+        # carries the server leg's bursts, and a 1 MB FIFO there would add its delay to the
+        # interactive flow, whatever the bottleneck does (the thesis ran FQ-CoDel everywhere).
+        if kind == "kernel":
+            if self.s.delay_impl == "c":
+                self.dline.set("ba", rate="inf", qdisc="fifo", limit=0)
+            self.wired = Shaper(self.drouter, self.if_dr_p, s.wired_mbit * 1e6, s.wired_queue_bytes)
+        else:
+            if isinstance(self.wired, Shaper):
+                self.wired.close()
+                self.drouter.run("tc", "qdisc", "del", "dev", self.if_dr_p, "root", check=False)
+            if isinstance(self.wired, LineShaper):
+                self.wired.set_qdisc(kind)
+            else:
+                self.wired = LineShaper(self.dline, "ba", s.wired_mbit * 1e6, s.wired_queue_bytes, kind)
+        if kind == "kernel":
+            if self.s.delay_impl == "c":
+                self.wline.set("ba", rate="inf", qdisc="fifo", limit=0)
+            self.bottleneck = Shaper(self.wrouter, self.if_wr_c, rate, s.queue_bytes)
+        else:
+            if isinstance(self.bottleneck, Shaper):
+                self.bottleneck.close()
+                self.wrouter.run("tc", "qdisc", "del", "dev", self.if_wr_c, "root", check=False)
+            if isinstance(self.bottleneck, LineShaper):
+                self.bottleneck.set_qdisc(kind)
+            else:
+                self.bottleneck = LineShaper(self.wline, "ba", rate, s.queue_bytes, kind, s.loss_down, s.seed)
+        if self.uplink is not None:
+            self.uplink.set_qdisc("fifo" if kind == "kernel" else kind)
+        self.qdisc = kind
+        if getattr(self, "shapers", None):
+            self.shapers[:] = [self.bottleneck, self.wired]
 
     def _check_cc(self, cc: str) -> bool:
         """Whether `cc` can be every namespace's default.
