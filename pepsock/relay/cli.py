@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipe-pool", type=int, default=C.DEFAULT_PIPE_POOL,
                    help="idle pipes kept for reuse (default %(default)s)")
 
+    g = p.add_argument_group("proof of the client's address (docs/relay.md, threat model)")
+    g.add_argument("--no-cookie", action="store_true",
+                   help="accept data in a client's first SYN without a TFO cookie (0-RTT from "
+                        "the first connection); only where ingress filtering stops forged "
+                        "source addresses. Even then no client byte reaches a destination "
+                        "before the client's handshake completes.")
+
     g = p.add_argument_group("access and limits")
     g.add_argument("--allow-dest", action=_DestRule, const=True, metavar="CIDR[:PORTS]",
                    help="allow destinations (also ones denied by default, e.g. 127.0.0.0/8); "
@@ -170,6 +177,7 @@ def parse_config(argv) -> Config:
         log_tunnels=not ns.no_tunnel_log,
         log_level=ns.log_level,
         log_file=ns.log_file,
+        no_cookie=ns.no_cookie,
     )
 
 

@@ -71,3 +71,6 @@ class Config:
     log_tunnels: bool = True
     log_level: str = "info"
     log_file: str | None = None
+    #: Listener with TCP_FASTOPEN_NO_COOKIE: 0-RTT from a client's first SYN,
+    #: but a forged source reaches accept() (pepsock/relay/routability.py).
+    no_cookie: bool = False
