@@ -104,9 +104,9 @@ def cookieless_reasons() -> list[str]:
     reasons = []
     value = tfo.sysctl_value()
     if value is not None and value & TFO_SERVER_COOKIE_NOT_REQD:
-        reasons.append(f"net.ipv4.tcp_fastopen={value:#x} has the 0x200 bit (accept SYN data "
-                       f"without a cookie). Fix: sysctl -w net.ipv4.tcp_fastopen="
-                       f"{value & ~TFO_SERVER_COOKIE_NOT_REQD | 3:#x}")
+        reasons.append(f"net.ipv4.tcp_fastopen={value} ({value:#x}) has the 0x200 bit (accept "
+                       f"SYN data without a cookie). Fix: sysctl -w net.ipv4.tcp_fastopen="
+                       f"{value & ~TFO_SERVER_COOKIE_NOT_REQD | 3}")
     for route in _routes_without_cookie():
         reasons.append(f"route '{route}' has fastopen_no_cookie 1. Fix: ip route change "
                        f"{route.replace('fastopen_no_cookie 1', '').strip()}")
@@ -118,8 +118,8 @@ def startup_warnings(no_cookie: bool) -> tuple[list[str], bool]:
     warnings = []
     value = tfo.sysctl_value()
     if value is not None and not value & TFO_SERVER_ENABLE:
-        warnings.append(f"net.ipv4.tcp_fastopen={value:#x} lacks the server bit (2): clients "
-                        f"get 1-RTT, not 0-RTT. Fix: sysctl -w net.ipv4.tcp_fastopen={value | 3:#x}")
+        warnings.append(f"net.ipv4.tcp_fastopen={value} lacks the server bit (2): clients "
+                        f"get 1-RTT, not 0-RTT. Fix: sysctl -w net.ipv4.tcp_fastopen={value | 3}")
     if no_cookie:
         warnings.append("--no-cookie: the kernel accepts data in a SYN from any source address, "
                         "so a forged SYN costs this relay a pending tunnel and one onward SYN "
