@@ -18,6 +18,7 @@ import sys
 from ..policy import AddressRule, ConfigError, parse_hostport
 from . import config as C
 from .config import Config, SideOptions
+from .cookies import SecretError, load_secrets
 
 log = logging.getLogger("pepsock.relay")
 
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first connection); only where ingress filtering stops forged "
                         "source addresses. Even then no client byte reaches a destination "
                         "before the client's handshake completes.")
+    g.add_argument("--cookie-secret", action="append", default=[], metavar="FILE",
+                   help="require an RFC 8803 Cookie TLV in every Connect: none gets Error 3 "
+                        "with a cookie bound to the client's address, a wrong one Error 32. "
+                        "FILE holds one secret a line (>= 16 bytes); repeat the option (or add "
+                        "lines) to accept retiring secrets; new cookies come from the first.")
 
     g = p.add_argument_group("access and limits")
     g.add_argument("--allow-dest", action=_DestRule, const=True, metavar="CIDR[:PORTS]",
@@ -155,6 +161,10 @@ def parse_config(argv) -> Config:
         p.error("--keepalive must be >= 0")
     if ns.pipe_size < 4096:
         p.error("--pipe-size must be at least 4096")
+    try:
+        secrets = load_secrets(ns.cookie_secret)
+    except SecretError as e:
+        p.error(f"--cookie-secret {e}")
     return Config(
         listen=listen,
         header_timeout=ns.header_timeout,
@@ -178,6 +188,7 @@ def parse_config(argv) -> Config:
         log_level=ns.log_level,
         log_file=ns.log_file,
         no_cookie=ns.no_cookie,
+        cookie_secrets=secrets,
     )
 
 

@@ -74,3 +74,8 @@ class Config:
     #: Listener with TCP_FASTOPEN_NO_COOKIE: 0-RTT from a client's first SYN,
     #: but a forged source reaches accept() (pepsock/relay/routability.py).
     no_cookie: bool = False
+    #: --cookie-secret: every secret, the current one first (cookies.py); empty:
+    #: no Cookie TLV required.
+    cookie_secrets: list[bytes] = field(default_factory=list)
+    #: --tfo-key: 16 bytes (primary) or 32 (primary + backup) for TCP_FASTOPEN_KEY.
+    tfo_key: bytes | None = None

@@ -28,6 +28,7 @@ from ..protocol import error_reply
 from . import routability
 from . import stats as S
 from .admission import Admission
+from .cookies import Cookies
 from .config import DEFAULT_MAX_TUNNELS, Config
 from .tunnel import Closer, Tunnel, apply_side, fmt_addr
 
@@ -223,6 +224,8 @@ class Loop:
         #: May accepted clients be unverified (--no-cookie, or a host that
         #: waives TFO cookies)?  Then each tunnel checks (routability.py).
         self.clients_unverified = False
+        #: --cookie-secret: the Cookie TLV policy (cookies.py), else None.
+        self.cookies = Cookies(cfg.cookie_secrets) if cfg.cookie_secrets else None
         self.on_signal = None
         self._sig_r = self._sig_w = None
 

@@ -36,11 +36,12 @@ import struct
 import time
 
 from ..protocol import (
-    MAX_MESSAGE_SIZE, ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, check_request,
-    error_for_connect_failure, error_reply, success_reply,
+    MAX_MESSAGE_SIZE, ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, TLVType,
+    check_request, error_for_connect_failure, error_reply, success_reply,
 )
 from . import routability
 from . import stats as S
+from .cookies import Verdict
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -316,6 +317,8 @@ class Tunnel:
         self.c.readable = True
         if isinstance(req, Info):
             return self._reply_and_close(INFO_REPLY, "info")
+        if self.loop.cookies is not None and not self._cookie_accepted(msg):
+            return
         # Unverified, everything read so far came in the client's SYN: the
         # onward SYN may not be larger (RFC 8803 section 9.3).
         if self.unverified and not routability.onward_syn_fits(
@@ -323,6 +326,28 @@ class Tunnel:
                 else socket.AF_INET6, got):
             return self._hold(lambda: self._connect(req.address, req.port))
         self._connect(req.address, req.port)
+
+    def _cookie_accepted(self, msg) -> bool:
+        """--cookie-secret: a Connect needs a valid Cookie TLV (cookies.py).
+        Without one: Error 3 carrying this address's cookie; a wrong one,
+        or an expired token: Error 32."""
+        cookies = self.loop.cookies
+        tlv = msg.get(TLVType.COOKIE)
+        verdict, who = cookies.check(None if tlv is None else tlv.data, self.client_ip)
+        if verdict is Verdict.OK:
+            return True
+        st = self.loop.stats.v
+        if verdict is Verdict.MISSING:
+            st[S.COOKIE_MISSING] += 1
+            self._fail(ErrorCode.MISSING_COOKIE, b"\x00" + cookies.cookie_for(self.client_ip),
+                       "no Cookie TLV")
+        elif verdict is Verdict.EXPIRED:
+            st[S.TOKEN_EXPIRED] += 1
+            self._fail(ErrorCode.NOT_AUTHORIZED, b"", f"{who} expired")
+        else:
+            st[S.COOKIE_BAD] += 1
+            self._fail(ErrorCode.NOT_AUTHORIZED, b"", "Cookie TLV not valid for this client")
+        return False
 
     def _header_timeout(self) -> None:
         if self.state == HEADER:
