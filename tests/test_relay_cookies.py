@@ -240,3 +240,15 @@ def test_pep_cookie_cli_errors(secrets, tmp_path):
     p = _pep_cookie("--secret", str(secrets[0]), "--id", "forever")
     token = bytes.fromhex(p.stdout.strip())
     assert C.parse_token(token)[:2] == ("forever", 0)
+
+
+def test_tfo_key_files(tmp_path):
+    f = tmp_path / "k"
+    f.write_text("00112233-44556677-8899aabb-ccddeeff\n")
+    assert C.load_tfo_key(f) == bytes.fromhex("00112233445566778899aabbccddeeff")
+    f.write_text("00" * 16 + ",\n" + "11" * 16)
+    assert C.load_tfo_key(f) == b"\x00" * 16 + b"\x11" * 16
+    for text, why in (("00" * 15, "15 bytes"), ("zz" * 16, "not hex"), ("00" * 48, "48 bytes")):
+        f.write_text(text)
+        with pytest.raises(C.SecretError, match=why):
+            C.load_tfo_key(f)

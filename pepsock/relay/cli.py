@@ -18,7 +18,7 @@ import sys
 from ..policy import AddressRule, ConfigError, parse_hostport
 from . import config as C
 from .config import Config, SideOptions
-from .cookies import SecretError, load_secrets
+from .cookies import SecretError, load_secrets, load_tfo_key
 
 log = logging.getLogger("pepsock.relay")
 
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a cookie bound to the client's address, a wrong one Error 32. "
                         "FILE holds one secret a line (>= 16 bytes); repeat the option (or add "
                         "lines) to accept retiring secrets; new cookies come from the first.")
+    g.add_argument("--tfo-key", metavar="FILE",
+                   help="TCP Fast Open key for the listeners (TCP_FASTOPEN_KEY): 32 hex digits, "
+                        "or 64 for a primary and a backup key. Relays behind one address "
+                        "(ECMP, anycast) that share it accept each other's TFO cookies.")
 
     g = p.add_argument_group("access and limits")
     g.add_argument("--allow-dest", action=_DestRule, const=True, metavar="CIDR[:PORTS]",
@@ -165,6 +169,10 @@ def parse_config(argv) -> Config:
         secrets = load_secrets(ns.cookie_secret)
     except SecretError as e:
         p.error(f"--cookie-secret {e}")
+    try:
+        tfo_key = load_tfo_key(ns.tfo_key) if ns.tfo_key else None
+    except SecretError as e:
+        p.error(f"--tfo-key {e}")
     return Config(
         listen=listen,
         header_timeout=ns.header_timeout,
@@ -189,6 +197,7 @@ def parse_config(argv) -> Config:
         log_file=ns.log_file,
         no_cookie=ns.no_cookie,
         cookie_secrets=secrets,
+        tfo_key=tfo_key,
     )
 
 

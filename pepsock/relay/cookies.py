@@ -192,3 +192,29 @@ class Cookies:
             return Verdict.EXPIRED, f"token {ident}"
         return Verdict.OK, f"token {ident}"
 
+
+#: TCP_FASTOPEN_KEY (include/uapi/linux/tcp.h): 16 bytes set the primary key,
+#: 32 the primary and a backup that is still accepted (Linux >= 5.3).
+TCP_FASTOPEN_KEY = 33
+TFO_KEY_SIZE = 16
+
+
+def load_tfo_key(path) -> bytes:
+    """--tfo-key FILE: 32 hex digits (primary key) or 64 (primary, then backup),
+    the raw key bytes in order; whitespace, '-' and ',' between them are ignored.
+    (Not the word format of the net.ipv4.tcp_fastopen_key sysctl, whose words
+    are byte-swapped on little-endian hosts.)"""
+    try:
+        with open(path) as f:
+            text = f.read(4096)
+    except OSError as e:
+        raise SecretError(f"{path}: {e.strerror}") from None
+    digits = re.sub(r"[\s,-]", "", text)
+    try:
+        key = bytes.fromhex(digits)
+    except ValueError:
+        raise SecretError(f"{path}: not hex digits") from None
+    if len(key) not in (TFO_KEY_SIZE, 2 * TFO_KEY_SIZE):
+        raise SecretError(f"{path}: {len(key)} bytes; want 16 (primary) or 32 (primary + "
+                          f"backup): head -c 32 /dev/urandom | xxd -p -c 64 > {path}")
+    return key

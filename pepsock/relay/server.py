@@ -28,7 +28,7 @@ from ..protocol import error_reply
 from . import routability
 from . import stats as S
 from .admission import Admission
-from .cookies import Cookies
+from .cookies import TCP_FASTOPEN_KEY, Cookies
 from .config import DEFAULT_MAX_TUNNELS, Config
 from .tunnel import Closer, Tunnel, apply_side, fmt_addr
 
@@ -106,6 +106,10 @@ def make_listener(host: str, port: int, cfg: Config, reuseport: bool, listen: bo
         sock.bind(sockaddr)
         if listen:
             sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN, cfg.tfo_queue)
+            if cfg.tfo_key:
+                # Its own key instead of the namespace's random one: relays that
+                # share it accept each other's TFO cookies (behind ECMP).
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_KEY, cfg.tfo_key)
             # By default the kernel takes SYN data only with a TFO cookie it gave
             # that address: return routability before any onward action
             # (routability.py).  --no-cookie waives it; the tunnel then waits
