@@ -1,4 +1,4 @@
-"""The `pep` command: check, relay, run, lib, dissector, eval.
+"""The `pep` command: check, relay, run, lib, dissector, cookie, eval.
 
 Each subcommand's work lives in its own module; this file only parses the
 command line and hands over.
@@ -46,6 +46,28 @@ def cmd_run(args) -> int:
     return run.main(argv, pep=args.pep, mode=args.mode, allow_direct=args.allow_direct)
 
 
+def cmd_cookie(args) -> int:
+    import time
+
+    from .relay.cookies import SecretError, load_secrets, make_token
+    try:
+        secret = load_secrets([args.secret])[0]
+    except SecretError as exc:
+        print(f"pep cookie: --secret {exc}", file=sys.stderr)
+        return 2
+    if args.expires is not None and not 0 < args.expires <= 36500:
+        print("pep cookie: --expires takes 0 < DAYS <= 36500", file=sys.stderr)
+        return 2
+    expires = 0 if args.expires is None else int(time.time() + args.expires * 86400)
+    try:
+        token = make_token(secret, args.id, expires)
+    except ValueError as exc:
+        print(f"pep cookie: {exc}", file=sys.stderr)
+        return 2
+    print(token.hex())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pep", description="Reach TCP services through an RFC 8803 (0-RTT) PEP.")
@@ -73,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a program neither path can serve unproxied instead of refusing")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "cookie", help="print a Cookie TLV token that `pep relay --cookie-secret` accepts "
+                       "from any address (clients: PEP_COOKIE=<hex>)")
+    p.add_argument("--secret", required=True, metavar="FILE",
+                   help="the relays' --cookie-secret file (its first secret signs)")
+    p.add_argument("--id", required=True, metavar="NAME",
+                   help="who holds it (1-32 of A-Z a-z 0-9 . _ @ + -), shown in the relay's log")
+    p.add_argument("--expires", type=float, metavar="DAYS",
+                   help="valid for this many days (default: until the secret is retired)")
+    p.set_defaults(func=cmd_cookie)
 
     # relay and eval have their own option parsers; everything after the word is theirs.
     sub.add_parser("relay", help="run the splice-based RFC 8803 relay (the PEP)", add_help=False)

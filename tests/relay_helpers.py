@@ -156,11 +156,21 @@ def convert_open(relay: tuple[str, int], dest: tuple[str, int], early: bytes = b
         except OSError:
             pass
     msg = connect_request(dest[0], dest[1]) if header is None else header
-    payload = msg + early
-    sent = s.sendto(payload, MSG_FASTOPEN, relay)
+    tfo_send(s, msg + early, relay, timeout)
+    return s
+
+
+def tfo_send(s: socket.socket, payload: bytes, addr, timeout: float = 5.0) -> None:
+    """sendto(MSG_FASTOPEN), then the rest.  Without a cookie for `addr` (and
+    without TCP_FASTOPEN_NO_COOKIE) the kernel sends a bare SYN asking for one
+    and a socket with a timeout says EINPROGRESS: the bytes follow the handshake."""
+    try:
+        sent = s.sendto(payload, MSG_FASTOPEN, addr)
+    except BlockingIOError:
+        select.select([], [s], [], timeout)
+        sent = 0
     if sent < len(payload):
         s.sendall(payload[sent:])
-    return s
 
 
 def read_reply(s: socket.socket, timeout: float = 5.0):

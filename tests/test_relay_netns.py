@@ -66,11 +66,23 @@ def _metrics(net, relay):
             for ln in text.splitlines() if ln and not ln.startswith("#")}
 
 
+def _get_tfo_cookie(relay_addr, dest):
+    """One connection with standard TFO: the SYN asks for the relay's TFO
+    cookie (its data follows the handshake), the kernel caches it, and the
+    next SYNs to that address carry it and their data (0-RTT)."""
+    s = convert_open(relay_addr, dest, no_cookie=False)
+    msg, _ = read_reply(s)
+    assert msg.error is None and not syn_data_acked(s)
+    s.close()
+
+
 def test_data_in_the_syn_is_accepted_and_200k_echoed(net, relay, far_echo):
     data = os.urandom(200_000)
+    with net.hosts["relay"].enter():
+        _get_tfo_cookie(relay.addr, far_echo.addr)
     before = _metrics(net, relay)["pep_relay_syn_data_total"]
     with net.hosts["relay"].enter():
-        s = convert_open(relay.addr, far_echo.addr, early=b"0rtt")
+        s = convert_open(relay.addr, far_echo.addr, early=b"0rtt", no_cookie=False)
         msg, rest = read_reply(s)
         # The SYN-ACK acknowledged the header and the early data (0-RTT).
         assert syn_data_acked(s)
@@ -87,7 +99,8 @@ def test_client_in_another_namespace_gets_0rtt(net, relay, far_echo):
     # A client on the far host, through the veth, to the relay's public address.
     public = relay.addrs[1]
     with net.hosts["far"].enter():
-        s = convert_open(public, far_echo.addr, early=b"x" * 1000)
+        _get_tfo_cookie(public, far_echo.addr)
+        s = convert_open(public, far_echo.addr, early=b"x" * 1000, no_cookie=False)
         msg, rest = read_reply(s)
         assert syn_data_acked(s)
         assert msg.error is None

@@ -233,7 +233,8 @@ def test_syn_data_dropped_through_the_relay_curl_falls_back(net, rules):
     the handshake, the relay still serves, curl fetches 1 MiB intact."""
     from relay_helpers import Relay
     build()
-    relay = Relay("--listen", f"{PEP_IP}:0", "--allow-client", "192.0.2.0/24",
+    # --no-cookie: the relay would take the SYN's data; only the middlebox stops it.
+    relay = Relay("--listen", f"{PEP_IP}:0", "--allow-client", "192.0.2.0/24", "--no-cookie",
                   "--allow-dest", f"{PEP_IP}/32", "--stats", "127.0.0.1:0",
                   prefix=net.hosts["pep"].cmd())
     try:

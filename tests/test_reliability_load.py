@@ -48,7 +48,9 @@ def env():
     try:
         host = topo.host("load", tfo=3)
         echo = EchoProcess("127.0.0.1", prefix=host.cmd())
-        relay = Relay("--listen", "127.0.0.1:0", "--allow-dest", "127.0.0.0/8",
+        # --no-cookie: the clients send their headers in the SYN without a TFO
+        # cookie, which is what the syn_data count below checks.
+        relay = Relay("--listen", "127.0.0.1:0", "--allow-dest", "127.0.0.0/8", "--no-cookie",
                       "--max-per-client", "0", "--stats", "127.0.0.1:0",
                       "--log-level", "warning", prefix=host.cmd())
         yield host, relay, echo

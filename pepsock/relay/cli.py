@@ -18,6 +18,7 @@ import sys
 from ..policy import AddressRule, ConfigError, parse_hostport
 from . import config as C
 from .config import Config, SideOptions
+from .cookies import SecretError, load_secrets, load_tfo_key
 
 log = logging.getLogger("pepsock.relay")
 
@@ -101,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipe-pool", type=int, default=C.DEFAULT_PIPE_POOL,
                    help="idle pipes kept for reuse (default %(default)s)")
 
+    g = p.add_argument_group("proof of the client's address (docs/relay.md, threat model)")
+    g.add_argument("--no-cookie", action="store_true",
+                   help="accept data in a client's first SYN without a TFO cookie (0-RTT from "
+                        "the first connection); only where ingress filtering stops forged "
+                        "source addresses. Even then no client byte reaches a destination "
+                        "before the client's handshake completes.")
+    g.add_argument("--cookie-secret", action="append", default=[], metavar="FILE",
+                   help="require an RFC 8803 Cookie TLV in every Connect: none gets Error 3 "
+                        "with a cookie bound to the client's address, a wrong one Error 32. "
+                        "FILE holds one secret a line (>= 16 bytes); repeat the option (or add "
+                        "lines) to accept retiring secrets; new cookies come from the first.")
+    g.add_argument("--tfo-key", metavar="FILE",
+                   help="TCP Fast Open key for the listeners (TCP_FASTOPEN_KEY): 32 hex digits, "
+                        "or 64 for a primary and a backup key. Relays behind one address "
+                        "(ECMP, anycast) that share it accept each other's TFO cookies.")
+
     g = p.add_argument_group("access and limits")
     g.add_argument("--allow-dest", action=_DestRule, const=True, metavar="CIDR[:PORTS]",
                    help="allow destinations (also ones denied by default, e.g. 127.0.0.0/8); "
@@ -148,6 +165,14 @@ def parse_config(argv) -> Config:
         p.error("--keepalive must be >= 0")
     if ns.pipe_size < 4096:
         p.error("--pipe-size must be at least 4096")
+    try:
+        secrets = load_secrets(ns.cookie_secret)
+    except SecretError as e:
+        p.error(f"--cookie-secret {e}")
+    try:
+        tfo_key = load_tfo_key(ns.tfo_key) if ns.tfo_key else None
+    except SecretError as e:
+        p.error(f"--tfo-key {e}")
     return Config(
         listen=listen,
         header_timeout=ns.header_timeout,
@@ -170,6 +195,9 @@ def parse_config(argv) -> Config:
         log_tunnels=not ns.no_tunnel_log,
         log_level=ns.log_level,
         log_file=ns.log_file,
+        no_cookie=ns.no_cookie,
+        cookie_secrets=secrets,
+        tfo_key=tfo_key,
     )
 
 

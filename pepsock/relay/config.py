@@ -71,3 +71,11 @@ class Config:
     log_tunnels: bool = True
     log_level: str = "info"
     log_file: str | None = None
+    #: Listener with TCP_FASTOPEN_NO_COOKIE: 0-RTT from a client's first SYN,
+    #: but a forged source reaches accept() (pepsock/relay/routability.py).
+    no_cookie: bool = False
+    #: --cookie-secret: every secret, the current one first (cookies.py); empty:
+    #: no Cookie TLV required.
+    cookie_secrets: list[bytes] = field(default_factory=list)
+    #: --tfo-key: 16 bytes (primary) or 32 (primary + backup) for TCP_FASTOPEN_KEY.
+    tfo_key: bytes | None = None

@@ -25,8 +25,10 @@ import time
 from .. import tfo
 from ..policy import normalize_ip
 from ..protocol import error_reply
+from . import routability
 from . import stats as S
 from .admission import Admission
+from .cookies import TCP_FASTOPEN_KEY, Cookies
 from .config import DEFAULT_MAX_TUNNELS, Config
 from .tunnel import Closer, Tunnel, apply_side, fmt_addr
 
@@ -104,11 +106,20 @@ def make_listener(host: str, port: int, cfg: Config, reuseport: bool, listen: bo
         sock.bind(sockaddr)
         if listen:
             sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN, cfg.tfo_queue)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 1)
-            except OSError:
-                log.warning("kernel lacks TCP_FASTOPEN_NO_COOKIE: clients need a TFO cookie "
-                            "(their first connection is 1-RTT)")
+            if cfg.tfo_key:
+                # Its own key instead of the namespace's random one: relays that
+                # share it accept each other's TFO cookies (behind ECMP).
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_KEY, cfg.tfo_key)
+            # By default the kernel takes SYN data only with a TFO cookie it gave
+            # that address: return routability before any onward action
+            # (routability.py).  --no-cookie waives it; the tunnel then waits
+            # for the client's handshake instead.
+            if cfg.no_cookie:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 1)
+                except OSError:
+                    log.warning("kernel lacks TCP_FASTOPEN_NO_COOKIE: --no-cookie has no "
+                                "effect, clients need a TFO cookie")
             sock.listen(cfg.backlog)
     except BaseException:
         sock.close()
@@ -214,6 +225,11 @@ class Loop:
         self.drain_deadline = None
         self.running = True
         self.admission: Admission | None = None
+        #: May accepted clients be unverified (--no-cookie, or a host that
+        #: waives TFO cookies)?  Then each tunnel checks (routability.py).
+        self.clients_unverified = False
+        #: --cookie-secret: the Cookie TLV policy (cookies.py), else None.
+        self.cookies = Cookies(cfg.cookie_secrets) if cfg.cookie_secrets else None
         self.on_signal = None
         self._sig_r = self._sig_w = None
 
@@ -455,11 +471,9 @@ class Loop:
 # Process level: one loop, or a master and N workers.
 
 
-def _warnings(cfg: Config, bound) -> None:
-    tfo_sysctl = tfo.sysctl_value()
-    if tfo_sysctl is not None and not tfo_sysctl & tfo.SERVER_ENABLE:
-        log.warning("net.ipv4.tcp_fastopen=%d lacks the server bit (2): clients get 1-RTT, "
-                    "not 0-RTT. Fix: sysctl -w net.ipv4.tcp_fastopen=%d", tfo_sysctl, tfo_sysctl | 3)
+def _warnings(cfg: Config, bound, warnings) -> None:
+    for text in warnings:
+        log.warning("%s", text)
     if not cfg.allow_clients:
         for addr in bound:
             ip = ipaddress.ip_address(addr[0])
@@ -503,7 +517,9 @@ def run(cfg: Config) -> int:
         cfg.max_tunnels = min(fit, cfg.max_tunnels)
     if cfg.workers > 1:
         return _run_master(cfg)
+    warnings, unverified = routability.startup_warnings(cfg.no_cookie)
     loop = Loop(cfg)
+    loop.clients_unverified = unverified
     listeners = [make_listener(h, p, cfg, reuseport=False) for h, p in cfg.listen]
     bound = [s.getsockname() for s in listeners]
     loop.admission = _admission(cfg, bound)
@@ -513,7 +529,7 @@ def run(cfg: Config) -> int:
     stats_addr = None
     if cfg.stats:
         stats_addr = StatsServer(loop, cfg.stats, lambda: S.render(_live(loop))).address
-    _warnings(cfg, bound)
+    _warnings(cfg, bound, warnings)
     _announce(bound, stats_addr)
     try:
         loop.run()
@@ -529,8 +545,10 @@ def _live(loop: Loop) -> list[int]:
     return v
 
 
-def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int) -> int:
+def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int,
+            unverified: bool) -> int:
     loop = Loop(cfg)
+    loop.clients_unverified = unverified
     listeners = [make_listener(a[0], a[1], cfg, reuseport=True) for a in bound]
     loop.admission = _admission(cfg, bound)
     for s in listeners:
@@ -581,6 +599,7 @@ def _die_with_parent(parent: int) -> None:
 def _run_master(cfg: Config) -> int:
     # Resolve port 0 once: bind (no listen) with SO_REUSEPORT, keep it bound so
     # the port stays ours, and let every worker bind+listen on the same address.
+    warnings, unverified = routability.startup_warnings(cfg.no_cookie)
     holders = [make_listener(h, p, cfg, reuseport=True, listen=False) for h, p in cfg.listen]
     bound = [s.getsockname() for s in holders]
     shared = S.SharedSlots(cfg.workers)
@@ -603,7 +622,7 @@ def _run_master(cfg: Config) -> int:
                 _die_with_parent(master)
                 for s in holders:
                     s.close()
-                code = _worker(cfg, bound, slot, shared, w)
+                code = _worker(cfg, bound, slot, shared, w, unverified)
             except BaseException:
                 log.exception("worker %d failed", slot)
             finally:
@@ -671,7 +690,7 @@ def _run_master(cfg: Config) -> int:
     if cfg.stats:
         stats_addr = StatsServer(loop, cfg.stats,
                                  lambda: S.render(shared.total(), cfg.workers)).address
-    _warnings(cfg, bound)
+    _warnings(cfg, bound, warnings)
     _announce(bound, stats_addr)
     reap()
     try:

@@ -34,7 +34,14 @@ ERR_OTHER = _BASE + len(ERROR_CODES)
 #: Setup latency buckets (seconds): accept to reply sent.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BUCKET0 = ERR_OTHER + 1
-NVALUES = _BUCKET0 + len(BUCKETS)
+
+# Proof of the client's address (routability.py, cookies.py)
+UNVERIFIED = _BUCKET0 + len(BUCKETS)  # accepted before the client's handshake completed
+UNVERIFIED_EXPIRED = UNVERIFIED + 1   # ... and reset: the handshake never completed
+COOKIE_MISSING = UNVERIFIED + 2       # Connect without the Cookie TLV: Error 3 with a cookie
+COOKIE_BAD = UNVERIFIED + 3           # Cookie TLV not ours or not for this address: Error 32
+TOKEN_EXPIRED = UNVERIFIED + 4        # a `pep cookie` token past its expiry: Error 32
+NVALUES = UNVERIFIED + 5
 
 _SLOT = struct.Struct(f"={NVALUES}Q")
 
@@ -102,6 +109,16 @@ def render(v: list[int], workers: int = 1) -> str:
            [("", v[SYN_DATA])])
     metric("pep_relay_resets_total", "counter", "Tunnels ended by a reset.", [("", v[RESETS])])
     metric("pep_relay_pipes", "gauge", "Pipes held (in use or pooled).", [("", v[PIPES])])
+    metric("pep_relay_unverified_total", "counter",
+           "Clients accepted before their handshake completed (--no-cookie).",
+           [("", v[UNVERIFIED])])
+    metric("pep_relay_unverified_expired_total", "counter",
+           "Unverified clients reset because their handshake never completed "
+           "(forged source addresses).", [("", v[UNVERIFIED_EXPIRED])])
+    metric("pep_relay_cookie_refusals_total", "counter",
+           "Connect requests refused for their Cookie TLV (--cookie-secret).",
+           [('{reason="missing"}', v[COOKIE_MISSING]), ('{reason="bad"}', v[COOKIE_BAD]),
+            ('{reason="expired"}', v[TOKEN_EXPIRED])])
     cum, samples = 0, []
     for i, le in enumerate(BUCKETS):
         cum += v[_BUCKET0 + i]

@@ -7,6 +7,11 @@ Life of a tunnel::
        |             |            |
        +--> Error TLV, clean close (Closer)      +--> reset carried across
 
+A client accepted before its handshake completed (--no-cookie) is
+*unverified* (routability.py): whatever would send it a byte, or send one of
+its bytes onward, waits in HELD (`pending`) until its ACK arrives, and the
+tunnel is reset if that does not happen within --header-timeout.
+
 The data path (`_pump`) follows PEPsal's lesson: each direction owns a pipe
 while it has bytes in flight and counts the bytes the pipe holds (`held`).
 It reads from the source only while the pipe has room and writes to the
@@ -22,6 +27,7 @@ sockets and no pipe.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -30,10 +36,12 @@ import struct
 import time
 
 from ..protocol import (
-    MAX_MESSAGE_SIZE, ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, check_request,
-    error_for_connect_failure, error_reply, success_reply,
+    MAX_MESSAGE_SIZE, ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, TLVType,
+    check_request, error_for_connect_failure, error_reply, success_reply,
 )
+from . import routability
 from . import stats as S
+from .cookies import Verdict
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -56,7 +64,7 @@ SUCCESS = success_reply()
 INFO_REPLY = success_reply((SupportedTCPExtensions((2, 3, 4, 8)),))
 LINGER_RESET = struct.pack("ii", 1, 0)
 
-HEADER, CONNECTING, OPEN, DONE = range(4)
+HEADER, CONNECTING, OPEN, DONE, HELD = range(5)
 #: Error replies lingering for the client's FIN at once; beyond, close at once.
 MAX_CLOSERS = 1024
 
@@ -210,7 +218,7 @@ class Closer:
 
 class Tunnel:
     __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
-                 "dest", "t0", "timer", "outcome", "early")
+                 "dest", "t0", "timer", "outcome", "early", "unverified", "pending", "vtimer")
 
     def __init__(self, loop, sock: socket.socket, addr, now: float):
         self.loop = loop
@@ -227,6 +235,17 @@ class Tunnel:
         self.outcome = ""
         self.early = b""
         self.timer = None
+        self.pending = None     # what waits for the client's handshake (HELD)
+        self.vtimer = None
+        self.unverified = False
+        if loop.clients_unverified:
+            try:
+                self.unverified = routability.in_syn_recv(sock)
+            except OSError:
+                pass            # a dead socket: the header read reports it
+            if self.unverified:
+                loop.stats.v[S.UNVERIFIED] += 1
+                self.vtimer = loop.call_later(loop.cfg.header_timeout, self._unverified_timeout)
         loop.register(self.c.fd, self.on_client, ET_MASK)
         # The header usually came in the SYN and is read right here; the
         # header timer is only armed when it has not (see _read_header).
@@ -241,6 +260,9 @@ class Tunnel:
             c.readable = True
         if ev & EPOLLOUT:
             c.writable = True
+        # The client's ACK raises an edge (EPOLLOUT at least): the moment to look.
+        if self.unverified and (not self._verified_now() or self.state != HEADER):
+            return
         state = self.state
         if state == OPEN:
             self._run()
@@ -267,6 +289,7 @@ class Tunnel:
         reader = self.reader
         recv = self.c.sock.recv
         msg = None
+        got = 0
         try:
             while msg is None:
                 # One recv() takes the header (at most 1020 bytes) and usually
@@ -275,6 +298,7 @@ class Tunnel:
                 data = recv(MAX_MESSAGE_SIZE)
                 if not data:
                     reader.eof()
+                got += len(data)
                 msg = reader.feed(data)
             req = check_request(msg)
         except BlockingIOError:
@@ -293,7 +317,37 @@ class Tunnel:
         self.c.readable = True
         if isinstance(req, Info):
             return self._reply_and_close(INFO_REPLY, "info")
+        if self.loop.cookies is not None and not self._cookie_accepted(msg):
+            return
+        # Unverified, everything read so far came in the client's SYN: the
+        # onward SYN may not be larger (RFC 8803 section 9.3).
+        if self.unverified and not routability.onward_syn_fits(
+                self.c.sock.family, socket.AF_INET if req.address.version == 4
+                else socket.AF_INET6, got):
+            return self._hold(lambda: self._connect(req.address, req.port))
         self._connect(req.address, req.port)
+
+    def _cookie_accepted(self, msg) -> bool:
+        """--cookie-secret: a Connect needs a valid Cookie TLV (cookies.py).
+        Without one: Error 3 carrying this address's cookie; a wrong one,
+        or an expired token: Error 32."""
+        cookies = self.loop.cookies
+        tlv = msg.get(TLVType.COOKIE)
+        verdict, who = cookies.check(None if tlv is None else tlv.data, self.client_ip)
+        if verdict is Verdict.OK:
+            return True
+        st = self.loop.stats.v
+        if verdict is Verdict.MISSING:
+            st[S.COOKIE_MISSING] += 1
+            self._fail(ErrorCode.MISSING_COOKIE, b"\x00" + cookies.cookie_for(self.client_ip),
+                       "no Cookie TLV")
+        elif verdict is Verdict.EXPIRED:
+            st[S.TOKEN_EXPIRED] += 1
+            self._fail(ErrorCode.NOT_AUTHORIZED, b"", f"{who} expired")
+        else:
+            st[S.COOKIE_BAD] += 1
+            self._fail(ErrorCode.NOT_AUTHORIZED, b"", "Cookie TLV not valid for this client")
+        return False
 
     def _header_timeout(self) -> None:
         if self.state == HEADER:
@@ -313,6 +367,8 @@ class Tunnel:
             return self._fail(ErrorCode.RESOURCE_EXCEEDED, b"", f"socket(): {e.strerror}")
         try:
             apply_side(sock, loop.cfg.server, loop.cfg.nodelay, loop.cfg.keepalive)
+            if self.unverified:
+                routability.set_unverified(sock, True)
             err = sock.connect_ex(self.dest)
         except OSError as e:
             err = e.errno
@@ -324,11 +380,16 @@ class Tunnel:
         self.state = CONNECTING
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = loop.call_later(loop.cfg.connect_timeout, self._connect_timeout)
+        # Unverified, the onward SYN gets no retransmission: the attempt is
+        # dropped just before the kernel's first one (routability.py).
+        self.timer = loop.call_later(routability.UNVERIFIED_SYN_WINDOW if self.unverified
+                                     else loop.cfg.connect_timeout, self._connect_timeout)
         loop.register(self.s.fd, self.on_server, ET_MASK)
 
     def _connect_timeout(self) -> None:
         if self.state == CONNECTING:
+            if self.unverified:
+                return self._retry_when_verified()
             self._fail(ErrorCode.NETWORK_FAILURE, b"", "connect timeout")
 
     def _connected(self, ev: int) -> None:
@@ -337,14 +398,25 @@ class Tunnel:
         # syscall when the kernel flagged an error or this is no EPOLLOUT.
         if ev & (EPOLLERR | EPOLLHUP) or not ev & EPOLLOUT:
             err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == errno.ETIMEDOUT and self.unverified:
+                return self._retry_when_verified()
             if err:
                 code, value = error_for_connect_failure(err)
                 return self._fail(code, value, f"connect: {os.strerror(err)}")
             if not ev & EPOLLOUT:
                 return
-        loop = self.loop
         self.timer.cancel()
         self.timer = None
+        # Edge-triggered: bytes the server sends after this poll raise a new edge.
+        s.readable = bool(ev & _READ_EV)
+        if self.unverified:
+            return self._hold(self._open)
+        self._open()
+
+    def _open(self) -> None:
+        """Onward connection up, client verified: reply and start the data path."""
+        loop = self.loop
+        s = self.s
         try:
             self.c.sock.send(SUCCESS)
         except OSError as e:
@@ -354,13 +426,56 @@ class Tunnel:
         st[S.ESTABLISHED] += 1
         loop.stats.setup(time.monotonic() - self.t0)
         s.writable = True
-        # Edge-triggered: bytes the server sends after this poll raise a new edge.
-        s.readable = bool(ev & _READ_EV)
         self.up = up = Direction(self.c, s, S.BYTES_UP)
         self.down = down = Direction(s, self.c, S.BYTES_DOWN)
         up.peer, down.peer = down, up
         up.buf, self.early = self.early, b""
         self._run()
+
+    # -- unverified clients (routability.py) ------------------------------------------
+    def _hold(self, action) -> None:
+        """Park `action` until the client's handshake completes."""
+        self.state = HELD
+        self.pending = action
+
+    def _verified_now(self) -> bool:
+        """Has the client's ACK arrived?  Then run what was held."""
+        try:
+            if routability.in_syn_recv(self.c.sock):
+                return False
+            if self.s is not None:
+                routability.set_unverified(self.s.sock, False)
+                if self.state == CONNECTING:    # from now on the normal connect limit
+                    self.timer.cancel()
+                    self.timer = self.loop.call_later(self.loop.cfg.connect_timeout,
+                                                      self._connect_timeout)
+        except OSError as e:
+            self.abort(f"client error before its handshake completed: {e.strerror}")
+            return False
+        self.unverified = False
+        self.vtimer.cancel()
+        self.vtimer = None
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending()
+        return True
+
+    def _retry_when_verified(self) -> None:
+        """The onward SYN went unanswered and may not be retransmitted (the
+        client is unverified): connect again once the client is."""
+        self.loop.forget(self.s.fd)
+        self.s.sock.close()
+        self.s = None
+        self.timer.cancel()
+        self.timer = None
+        address = ipaddress.ip_address(self.dest[0])
+        self._hold(lambda: self._connect(address, self.dest[1]))
+
+    def _unverified_timeout(self) -> None:
+        self.vtimer = None
+        if self.unverified and self.state != DONE:
+            self.loop.stats.v[S.UNVERIFIED_EXPIRED] += 1
+            self.abort("client never completed its handshake")
 
     # -- data path ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -493,9 +608,12 @@ class Tunnel:
         if self.s is not None:
             self.loop.forget(self.s.fd)
             self.s.sock.close()
+            self.s = None
         self._reply_and_close(error_reply(code, value), f"error {int(code)} ({why})")
 
     def _reply_and_close(self, reply: bytes, outcome: str) -> None:
+        if self.unverified:     # not a byte to an address that has not proved itself
+            return self._hold(lambda: self._reply_and_close(reply, outcome))
         Closer(self.loop, self.c.sock, reply)
         self._done(outcome)
 
@@ -541,6 +659,10 @@ class Tunnel:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.vtimer is not None:
+            self.vtimer.cancel()
+            self.vtimer = None
+        self.pending = None
         self.outcome = outcome
         self.loop.tunnel_done(self)
 

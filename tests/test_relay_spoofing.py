@@ -1,0 +1,248 @@
+"""Forged source addresses against the relay (issue 9): what one raw SYN with
+a made-up source, a Convert header, a Connect TLV and a payload achieves.
+
+    client ns 192.0.2.2 -- relay ns 192.0.2.1 | 198.51.100.1 -- server ns 198.51.100.2
+                                                 203.0.113.0/24 routed to the server ns,
+                                                 which drops it (no forwarding): a
+                                                 destination that never answers
+
+The forged SYNs leave the client namespace through a raw socket (IP_HDRINCL)
+with source 192.0.2.77 (nobody's): the relay's SYN-ACK goes nowhere.  What
+the destination saw is counted on its interface with an AF_PACKET socket.
+"""
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import require_root
+from pepsock.protocol import connect_request
+from pepsock.tfo import MSG_FASTOPEN
+from pepsock.testbed.netns import Topology
+from rawsyn import PacketCounter, send_ipv4, syn_packet
+from relay_helpers import Relay, read_reply, recv_all, syn_data_acked, tfo_send
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.root]
+
+FORGED = "192.0.2.77"
+DEST = ("198.51.100.2", 8080)
+SILENT = ("203.0.113.5", 80)          # routed to the server ns, which drops it
+REQUEST = b"GET /spoofed HTTP/1.0\r\n\r\n"
+
+
+@pytest.fixture
+def net():
+    require_root()
+    topo = Topology(prefix="rs")
+    try:
+        client = topo.host("client", tfo=3)
+        relay = topo.host("relay", tfo=3)
+        server = topo.host("server", tfo=3)
+        for h in (client, relay, server):
+            h.sysctl("net.ipv4.conf.all.rp_filter", 0)
+            h.sysctl("net.ipv4.conf.default.rp_filter", 0)
+        topo.link(client, ["192.0.2.2/24"], relay, ["192.0.2.1/24"])
+        _, topo.server_if = topo.link(relay, ["198.51.100.1/24"], server, ["198.51.100.2/24"])
+        topo.route(relay, "203.0.113.0/24", "198.51.100.2")
+        topo.route(client, "198.51.100.0/24", "192.0.2.1")
+        yield topo
+    finally:
+        topo.cleanup()
+
+
+class Destination:
+    """A listener at DEST in the server ns that records what it accepted and
+    received, and packet counters for DEST's and SILENT's ports."""
+
+    def __init__(self, net):
+        self.host = net.hosts["server"]
+        self.conns: list[bytes] = []
+        with self.host.enter():
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(DEST)
+            self.sock.listen(64)
+            self.sock.settimeout(0.1)
+            self.packets = PacketCounter(net.server_if, DEST[1])
+            self.silent = PacketCounter(net.server_if, SILENT[1])
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            conn.settimeout(0.5)
+            data = b""
+            try:
+                while chunk := conn.recv(4096):
+                    data += chunk
+            except OSError:
+                pass
+            self.conns.append(data)
+            conn.close()
+
+    def close(self):
+        self._stop = True
+        self._t.join(timeout=2)
+        self.sock.close()
+        self.packets.close()
+        self.silent.close()
+
+
+@pytest.fixture
+def dest(net):
+    d = Destination(net)
+    yield d
+    d.close()
+
+
+def start_relay(net, *args):
+    return Relay("--listen", "192.0.2.1:0", "--stats", "127.0.0.1:0", *args,
+                 prefix=net.hosts["relay"].cmd())
+
+
+def metrics(net, relay):
+    with net.hosts["relay"].enter():
+        return relay.metrics()
+
+
+def forge(net, relay, dest, payload=REQUEST, source=FORGED, sport=40000, options=b""):
+    pkt = syn_packet(source, relay.addr[0], sport, relay.addr[1],
+                     connect_request(*dest) + payload, options=options)
+    with net.hosts["client"].enter():
+        send_ipv4(pkt)
+
+
+def tfo_client(net, relay, dest, early, no_cookie=False):
+    """A real client in the client ns: header + early data through TFO (standard
+    cookie TFO unless no_cookie), returns (SYN data acked?, reply, bytes after)."""
+    with net.hosts["client"].enter():
+        s = socket.socket()
+        s.settimeout(5)
+        if no_cookie:
+            s.setsockopt(socket.IPPROTO_TCP, 34, 1)
+        tfo_send(s, connect_request(*dest) + early, relay.addr)
+        msg, rest = read_reply(s)
+        acked = syn_data_acked(s)
+        s.shutdown(socket.SHUT_WR)
+        rest = recv_all(s, rest)
+        s.close()
+    return acked, msg, rest
+
+
+def test_forged_syn_against_default_relay_reaches_nobody(net, dest):
+    with start_relay(net) as relay:
+        assert "TFO cookies cannot protect" not in relay.log
+        for i in range(6):
+            # Half of them present a made-up TFO cookie (option 34, 8 bytes).
+            junk = struct.pack("!BBH", 2, 4, 1460) + bytes((34, 10)) + os.urandom(8)
+            forge(net, relay, DEST, sport=40000 + i, options=junk if i % 2 else b"")
+        time.sleep(1.5)
+        m = metrics(net, relay)
+    assert dest.conns == []
+    assert dest.packets.poll().syns == 0 and dest.packets.payload == 0
+    # The kernel never handed the relay a connection: no cookie, no accept().
+    assert m["pep_relay_tunnels_total"] == 0
+
+
+def test_real_client_gets_0rtt_once_it_holds_a_cookie(net, dest):
+    with start_relay(net) as relay:
+        first = tfo_client(net, relay, DEST, b"one")
+        second = tfo_client(net, relay, DEST, b"two")
+        third = tfo_client(net, relay, DEST, b"three")
+        m = metrics(net, relay)
+    # Connection 1 asked for the cookie (1-RTT), 2 and 3 carried it (0-RTT).
+    assert [first[0], second[0], third[0]] == [False, True, True]
+    assert all(r[1].error is None for r in (first, second, third))
+    assert sorted(dest.conns) == [b"one", b"three", b"two"]
+    assert m["pep_relay_syn_data_total"] == 2
+
+
+def test_forged_syn_against_no_cookie_relay_delivers_no_byte(net, dest):
+    with start_relay(net, "--no-cookie", "--header-timeout", "2") as relay:
+        assert "--no-cookie: the kernel accepts data in a SYN from any source" in relay.log
+        for i in range(5):
+            forge(net, relay, DEST, sport=40000 + i, source=f"192.0.2.{77 + i}")
+        time.sleep(3)
+        m = metrics(net, relay)
+        log = relay.log
+    # The relay did get the forged SYNs' data (that is what --no-cookie means)...
+    assert m["pep_relay_unverified_total"] == 5
+    # ...but no handshake ever completed: each tunnel was reset, and the
+    # destination saw at most one SYN per forged SYN and not one byte.
+    assert m["pep_relay_unverified_expired_total"] == 5
+    assert log.count("client never completed its handshake") == 5
+    assert dest.packets.poll().syns <= 5
+    assert dest.packets.payload == 0
+    assert all(data == b"" for data in dest.conns)
+    # A real client still gets 0-RTT without a cookie, and its bytes arrive.
+    with start_relay(net, "--no-cookie") as relay:
+        acked, msg, _ = tfo_client(net, relay, DEST, b"real", no_cookie=True)
+    assert acked and msg.error is None
+    assert b"real" in dest.conns
+
+
+def test_no_cookie_relay_never_retransmits_a_forged_clients_onward_syn(net, dest):
+    with start_relay(net, "--no-cookie", "--header-timeout", "4") as relay:
+        forge(net, relay, SILENT)
+        time.sleep(4.5)
+        forged_syns = dest.silent.poll().syns
+        # Control: the same destination for a verified client gets the
+        # kernel's retransmissions (at 1 s and 3 s), so the count can see them.
+        with net.hosts["client"].enter():
+            s = socket.socket()
+            s.setsockopt(socket.IPPROTO_TCP, 34, 1)
+            s.sendto(connect_request(*SILENT), MSG_FASTOPEN, relay.addr)
+            time.sleep(3.5)
+            s.close()
+        real_syns = dest.silent.poll().syns - forged_syns
+    assert forged_syns == 1
+    assert real_syns >= 2
+
+
+@pytest.mark.parametrize("sysctl", [0x203, 0x603])
+def test_host_that_waives_cookies_is_named_and_still_guarded(net, dest, sysctl):
+    net.hosts["relay"].sysctl("net.ipv4.tcp_fastopen", sysctl)
+    with start_relay(net, "--header-timeout", "1") as relay:
+        assert "has the 0x200 bit" in relay.log
+        assert f"sysctl -w net.ipv4.tcp_fastopen={sysctl & ~0x200}" in relay.log
+        forge(net, relay, DEST)
+        time.sleep(2)
+        m = metrics(net, relay)
+    # The kernel handed the forged SYN over; the relay's handshake guard held it.
+    assert m["pep_relay_unverified_total"] == 1
+    assert dest.packets.poll().payload == 0
+    assert all(data == b"" for data in dest.conns)
+
+
+def test_tfo_on_all_listeners_bit_does_not_waive_cookies(net, dest):
+    # 0x400 (TFO_SERVER_WO_SOCKOPT1) enables TFO on every listener; measured
+    # here: it does not make the kernel accept cookie-less SYN data, so the
+    # relay does not warn about it.
+    net.hosts["relay"].sysctl("net.ipv4.tcp_fastopen", 0x403)
+    with start_relay(net) as relay:
+        assert "TFO cookies cannot protect" not in relay.log
+        forge(net, relay, DEST)
+        time.sleep(1.5)
+        m = metrics(net, relay)
+    assert m["pep_relay_tunnels_total"] == 0
+    assert dest.packets.poll().syns == 0
+
+
+def test_route_without_cookie_is_named(net):
+    relay_ns = net.hosts["relay"]
+    relay_ns.run("ip", "route", "change", "192.0.2.0/24", "dev",
+                 relay_ns.run("ip", "-o", "route", "get", "192.0.2.2").stdout.split("dev ")[1]
+                 .split()[0], "fastopen_no_cookie", "1", check=False)
+    out = relay_ns.run("ip", "route", "show").stdout
+    if "fastopen_no_cookie" not in out:
+        pytest.skip("this iproute2 cannot set fastopen_no_cookie")
+    with start_relay(net) as relay:
+        assert "fastopen_no_cookie 1" in relay.log and "ip route change" in relay.log
