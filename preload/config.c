@@ -17,7 +17,7 @@
 #include <unistd.h>
 
 struct pep_config pep_cfg;
-__thread int pep_busy; /* set while libpep itself calls into libc (name lookup) */
+__thread int pep_resolving;
 
 static const uint8_t v4_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
@@ -455,9 +455,9 @@ const struct pep_addrs *pep_config_resolve(void)
         hints.ai_socktype = SOCK_STREAM;
         hints.ai_flags = AI_NUMERICSERV;
         snprintf(port, sizeof port, "%u", pep_cfg.port);
-        pep_busy++;
+        pep_resolving++;
         int rc = getaddrinfo(pep_cfg.host, port, &hints, &res);
-        pep_busy--;
+        pep_resolving--;
         if (rc != 0) {
             pep_log(PEP_LOG_ERROR, "PEP_PROXY host \"%s\" does not resolve (%s); running unproxied",
                     pep_cfg.host, gai_strerror(rc));

@@ -46,6 +46,11 @@ void pep_config_load(void);
  * good, -1 if a value was bad (message in err). */
 int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *noproxy,
                      const char *log, const char *disable, char *err, size_t errlen);
+/* Nonzero while this thread is inside libpep's own name lookup of the PEP
+ * (getaddrinfo): the connects the resolver makes go straight to the kernel,
+ * never to the PEP being resolved. */
+extern __thread int pep_resolving;
+
 /* Resolve the PEP once; thread-safe. NULL if it cannot be resolved. */
 const struct pep_addrs *pep_config_resolve(void);
 /* Does a destination (16-byte address, IPv4 mapped; port host order) bypass

@@ -29,7 +29,7 @@ static void child_after_fork(void)
     pthread_mutex_init(&lock, NULL);
     /* A connect() that was in flight on another thread of the parent never
      * finishes here: that socket is the parent's to set up, and the
-     * reference that setup held (hooks.c, via_pep) has no owner here. */
+     * reference that setup held (connect.c, register_conn) has no owner here. */
     for (i = 0; i < PEP_CONN_MAX; i++) {
         if (conns[i].refs && conns[i].state == PEP_ST_CONNECTING) {
             conns[i].err = ECONNABORTED;
@@ -99,7 +99,7 @@ void pep_fd_forget(int fd)
         return;
     uint16_t v = pep_fdmap[fd];
     set_map(fd, 0);
-    /* c->fd is how flush_sending() (hooks.c) finds the connection: after
+    /* c->fd is how pep_flush_sending() (conn.c) finds the connection: after
      * dup2(s, 1); close(s) it must name the dup, or a header that missed
      * the SYN would never go out from a wait (and every wait stays sliced). */
     if (c->fd == fd)
@@ -143,4 +143,10 @@ void pep_fd_forget_range(unsigned first, unsigned last)
         last = PEP_FD_MAX - 1;
     for (fd = first; fd <= last && pep_nmapped; fd++)
         pep_fd_forget((int)fd);
+}
+
+struct pep_conn *pep_conn_next(struct pep_conn *prev)
+{
+    unsigned i = prev ? (unsigned)(prev - conns) + 1 : 0;
+    return i < PEP_CONN_MAX ? &conns[i] : NULL;
 }

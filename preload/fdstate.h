@@ -76,4 +76,9 @@ void pep_fd_dup(int oldfd, int newfd);             /* newfd shares oldfd's slot 
 void pep_fd_forget_range(unsigned first, unsigned last);
 void pep_conn_set_state(struct pep_conn *c, int state);
 
+/* Every connection slot in use or once used, without the lock: start with
+ * NULL; NULL at the end. A slot may change under the caller: read its state
+ * and fd atomically, and act on it only through the fd (which rechecks). */
+struct pep_conn *pep_conn_next(struct pep_conn *prev);
+
 #endif
