@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 struct pep_config pep_cfg;
@@ -25,9 +26,33 @@ static const uint8_t v4_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
 static const char *level_names[] = {"off", "error", "warn", "info", "debug"};
 
-void pep_log(int level, const char *fmt, ...)
+/* May this call site print now? How many lines it dropped before, in *dropped.
+ * Races between threads only blur the count. */
+static int log_allowed(struct pep_log_limit *lim, int level, unsigned *dropped)
 {
-    if (level > pep_cfg.level)
+    *dropped = 0;
+    if (level >= PEP_LOG_DEBUG)
+        return 1;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    long long now = t.tv_sec;
+    if (now - __atomic_load_n(&lim->window, __ATOMIC_RELAXED) >= PEP_LOG_WINDOW_S ||
+        !__atomic_load_n(&lim->lines, __ATOMIC_RELAXED)) {
+        __atomic_store_n(&lim->window, now, __ATOMIC_RELAXED);
+        __atomic_store_n(&lim->lines, 0, __ATOMIC_RELAXED);
+    }
+    if (__atomic_add_fetch(&lim->lines, 1, __ATOMIC_RELAXED) > PEP_LOG_BURST) {
+        __atomic_add_fetch(&lim->dropped, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    *dropped = __atomic_exchange_n(&lim->dropped, 0, __ATOMIC_RELAXED);
+    return 1;
+}
+
+void pep_log_at(struct pep_log_limit *lim, int level, const char *fmt, ...)
+{
+    unsigned dropped;
+    if (level > pep_cfg.level || !log_allowed(lim, level, &dropped))
         return;
     int saved = errno;
     char line[512];
@@ -39,6 +64,14 @@ void pep_log(int level, const char *fmt, ...)
     if (m < 0)
         m = 0;
     size_t len = (size_t)n + (size_t)m;
+    if (len > sizeof line - 2)
+        len = sizeof line - 2;
+    if (dropped) {
+        int k = snprintf(line + len, sizeof line - len - 1, " (%u similar lines suppressed)",
+                         dropped);
+        if (k > 0)
+            len += (size_t)k;
+    }
     if (len > sizeof line - 2)
         len = sizeof line - 2;
     line[len++] = '\n';

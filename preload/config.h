@@ -62,7 +62,24 @@ int pep_config_bypass(const struct pep_config *cfg, const struct pep_addrs *addr
 int pep_config_is_pep(const struct pep_config *cfg, const struct pep_addrs *addrs,
                       const uint8_t addr[16], uint16_t port);
 
-/* Logging: one line, errno untouched, no fd kept open. */
-void pep_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Logging: one line, errno untouched, no fd kept open.
+ *
+ * Every call site is rate-limited on its own: at most PEP_LOG_BURST lines
+ * per PEP_LOG_WINDOW_S seconds; the first line of a later window says how
+ * many were suppressed. Debug lines (PEP_LOG=debug) are not limited. */
+#define PEP_LOG_BURST 5
+#define PEP_LOG_WINDOW_S 10
+struct pep_log_limit {
+    long long window;   /* CLOCK_MONOTONIC second the current window started */
+    unsigned lines;     /* printed in this window */
+    unsigned dropped;   /* suppressed since the last printed line */
+};
+void pep_log_at(struct pep_log_limit *lim, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+#define pep_log(level, ...)                                 \
+    do {                                                    \
+        static struct pep_log_limit pep_log_limit_;         \
+        pep_log_at(&pep_log_limit_, (level), __VA_ARGS__);  \
+    } while (0)
 
 #endif

@@ -331,8 +331,7 @@ enum pep_taken pep_connect_via_pep(int fd, const struct sockaddr *sa, socklen_t 
 
     struct pep_conn *c = register_conn(fd, &st, sa, salen, d.family, &r);
     if (!c) {
-        pep_log(PEP_LOG_ERROR, "fd %d: connection table full (%d) or fd too high", fd,
-                PEP_CONN_MAX);
+        pep_log(PEP_LOG_ERROR, "fd %d: out of memory for libpep's connection state", fd);
         *ret = -1;
         errno = ENOBUFS;
         return PEP_TAKEN;
