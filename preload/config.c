@@ -441,6 +441,29 @@ int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *nopr
     return 0;
 }
 
+/* Seconds as a float > 0 and < 1 day, into nanoseconds; -1 if not. */
+static long long parse_seconds(const char *s)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v > 0) || v > 86400)
+        return -1;
+    return (long long)(v * 1e9);
+}
+
+int pep_config_parse_timeouts(struct pep_config *cfg, const char *reply, char *err,
+                              size_t errlen)
+{
+    cfg->reply_timeout_ns = PEP_REPLY_TIMEOUT_DEFAULT_S * 1000000000LL;
+    if (reply && *reply && (cfg->reply_timeout_ns = parse_seconds(reply)) < 0) {
+        snprintf(err, errlen, "PEP_REPLY_TIMEOUT=\"%.100s\" is not a number of seconds "
+                 "(more than 0, at most 86400)", reply);
+        return -1;
+    }
+    return 0;
+}
+
 static pthread_mutex_t resolve_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void resolve_lock_child(void)
@@ -453,7 +476,8 @@ void pep_config_load(void)
     char err[300];
     pthread_atfork(NULL, NULL, resolve_lock_child);
     if (pep_config_parse(&pep_cfg, getenv("PEP_PROXY"), getenv("PEP_NO_PROXY"),
-                         getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err)) {
+                         getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err) ||
+        pep_config_parse_timeouts(&pep_cfg, getenv("PEP_REPLY_TIMEOUT"), err, sizeof err)) {
         /* The one line always goes out, and to stderr. */
         int level = pep_cfg.level;
         char path[sizeof pep_cfg.logpath];

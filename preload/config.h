@@ -27,7 +27,11 @@ struct pep_config {
     int bypass_all;              /* PEP_NO_PROXY=* */
     unsigned nnets;
     struct pep_net nets[PEP_NOPROXY_MAX];
+    /* Read by pep_config_load() (pep_config_parse_timeouts) */
+    long long reply_timeout_ns;  /* PEP_REPLY_TIMEOUT: handshake done to reply complete */
 };
+
+#define PEP_REPLY_TIMEOUT_DEFAULT_S 10
 
 extern struct pep_config pep_cfg;
 
@@ -50,6 +54,10 @@ int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *nopr
  * (getaddrinfo): the connects the resolver makes go straight to the kernel,
  * never to the PEP being resolved. */
 extern __thread int pep_resolving;
+
+/* PEP_REPLY_TIMEOUT (NULL = unset): seconds, a float > 0. 0 or -1 (err). */
+int pep_config_parse_timeouts(struct pep_config *cfg, const char *reply, char *err,
+                              size_t errlen);
 
 /* Resolve the PEP once; thread-safe. NULL if it cannot be resolved. */
 const struct pep_addrs *pep_config_resolve(void);

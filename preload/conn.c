@@ -8,6 +8,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <time.h>
 
 #include "config.h"
 #include "real.h"
@@ -55,22 +58,59 @@ void pep_forget(int fd)
     }
 }
 
-/* Wait for fd to be ready, honouring SO_RCVTIMEO / SO_SNDTIMEO. -1 + errno
- * (EAGAIN on timeout, EINTR) or 0. */
-static int wait_fd(int fd, short events)
+long long pep_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+void pep_peer_text(const struct sockaddr_in6 *sa, char *out, size_t cap)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+    if (sa->sin6_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof ip);
+        snprintf(out, cap, "%s:%u", ip, ntohs(s4->sin_port));
+    } else if (IN6_IS_ADDR_V4MAPPED(&sa->sin6_addr)) {
+        inet_ntop(AF_INET, sa->sin6_addr.s6_addr + 12, ip, sizeof ip);
+        snprintf(out, cap, "%s:%u", ip, ntohs(sa->sin6_port));
+    } else {
+        inet_ntop(AF_INET6, &sa->sin6_addr, ip, sizeof ip);
+        snprintf(out, cap, "[%s]:%u", ip, ntohs(sa->sin6_port));
+    }
+}
+
+/* Wait for fd to be ready, honouring SO_RCVTIMEO / SO_SNDTIMEO, but no
+ * longer than until `until` (CLOCK_MONOTONIC ns; 0: no limit of ours).
+ * 0: ready; 1: `until` came first; -1 + errno (EAGAIN: the program's own
+ * timeout, EINTR). */
+static int wait_fd(int fd, short events, long long until)
 {
     struct timeval tv = {0, 0};
     socklen_t l = sizeof tv;
-    int ms = -1;
+    long long ms = -1;
     if (pep_real.getsockopt(fd, SOL_SOCKET, events == POLLIN ? SO_RCVTIMEO : SO_SNDTIMEO, &tv,
                             &l) == 0 &&
         (tv.tv_sec || tv.tv_usec))
-        ms = tv.tv_sec > 86400 * 20 ? -1 : (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
+        ms = tv.tv_sec > 86400 * 20 ? -1 : tv.tv_sec * 1000LL + (tv.tv_usec + 999) / 1000;
+    int ours = 0;
+    if (until) {
+        long long left = (until - pep_now_ns() + 999999) / 1000000;
+        if (left < 0)
+            left = 0;
+        if (ms < 0 || left < ms) {
+            ms = left;
+            ours = 1;
+        }
+    }
     struct pollfd p = {fd, events, 0};
-    int n = pep_real.poll(&p, 1, ms);
+    int n = pep_real.poll(&p, 1, (int)ms);
     if (n < 0)
         return -1;
     if (n == 0) {
+        if (ours)
+            return 1;
         errno = EAGAIN;
         return -1;
     }
@@ -140,6 +180,37 @@ static void conn_open(int fd, struct pep_conn *c)
     pep_log(PEP_LOG_DEBUG, "fd %d: PEP reply stripped", fd);
 }
 
+/* ---- the bounded wait for the reply ------------------------------------- */
+
+/* When c's reply must be complete (CLOCK_MONOTONIC ns): PEP_REPLY_TIMEOUT
+ * after the handshake with the PEP was first seen done; 0 while it is not
+ * (the handshake has its own bound). Under the lock. */
+static long long reply_deadline(int fd, struct pep_conn *c)
+{
+    if (!c->reply_deadline) {
+        struct tcp_info ti;
+        int st = pep_tcp_state(fd, &ti);
+        if (st == TCP_ESTABLISHED || st == TCP_CLOSE_WAIT)
+            c->reply_deadline = pep_now_ns() + pep_cfg.reply_timeout_ns;
+    }
+    return c->reply_deadline;
+}
+
+/* Past its deadline: the connection fails with ETIMEDOUT (said at the
+ * default log level, naming the PEP). Under the lock. 1 if it expired. */
+static int reply_expired(int fd, struct pep_conn *c, long long now)
+{
+    long long d = reply_deadline(fd, c);
+    if (!d || now < d)
+        return 0;
+    char peer[80];
+    pep_peer_text(&c->pep, peer, sizeof peer);
+    pep_log(PEP_LOG_ERROR, "PEP %s did not answer within %.1f s (PEP_REPLY_TIMEOUT); "
+            "connection timed out", peer, pep_cfg.reply_timeout_ns / 1e9);
+    conn_fail(fd, c, ETIMEDOUT, "no reply from the PEP");
+    return 1;
+}
+
 /* ---- one step of the connection, under the lock ------------------------- */
 
 /* What one step found: go on stepping, stop with a result, or wait. */
@@ -190,7 +261,7 @@ static enum step step_send_header(int fd, struct pep_conn *c, enum pep_settle_fo
 
 /* Read what is there of the PEP's reply, never a byte past it. */
 static enum step step_read_reply(int fd, struct pep_conn *c, enum pep_settle_for why,
-                                 int *err, short *wait_for)
+                                 int *err, short *wait_for, long long *until)
 {
     uint8_t tmp[PEP_MSG_MAX];
     size_t want = pep_reader_want(&c->rd), used;
@@ -217,9 +288,12 @@ static enum step step_read_reply(int fd, struct pep_conn *c, enum pep_settle_for
         return STEP_AGAIN;
     }
     *err = errno;
+    if ((*err == EAGAIN || *err == EWOULDBLOCK) && reply_expired(fd, c, pep_now_ns()))
+        return STEP_AGAIN;
     if (why != PEP_FOR_READ && (*err == EAGAIN || *err == EWOULDBLOCK))
         return STEP_GO; /* a write may go before the reply is in */
     *wait_for = POLLIN;
+    *until = c->reply_deadline;
     return STEP_WAIT;
 }
 
@@ -230,6 +304,7 @@ enum pep_settled pep_settle(int fd, enum pep_settle_for why, int dontwait)
     for (;;) {
         int e = 0;
         short wait_for = POLLIN;
+        long long until = 0;
         enum step s;
 
         pep_lock();
@@ -256,7 +331,7 @@ enum pep_settled pep_settle(int fd, enum pep_settle_for why, int dontwait)
         } else if (c->state == PEP_ST_SENDING) {
             s = step_send_header(fd, c, why, &e, &wait_for);
         } else { /* PEP_ST_AWAIT */
-            s = step_read_reply(fd, c, why, &e, &wait_for);
+            s = step_read_reply(fd, c, why, &e, &wait_for, &until);
         }
         pep_unlock();
 
@@ -284,7 +359,8 @@ enum pep_settled pep_settle(int fd, enum pep_settle_for why, int dontwait)
             errno = EAGAIN;
             return PEP_SETTLED_FAIL;
         }
-        if (wait_fd(fd, wait_for) < 0)
+        int w = wait_fd(fd, wait_for, until);
+        if (w < 0)
             return PEP_SETTLED_FAIL;
     }
 }
@@ -305,6 +381,50 @@ int pep_failed_by_pep(int fd)
     int failed = c && c->state == PEP_ST_FAILED;
     pep_unlock();
     return failed;
+}
+
+/* Every connection in PEP_ST_AWAIT: expire replies past their deadline;
+ * the nearest deadline left (0: none), or now + PEP_SLICE_NS if a handshake
+ * is still to be seen done. */
+static long long expire_replies(void)
+{
+    long long now = pep_now_ns(), next = 0;
+    struct pep_conn *c;
+    for (c = pep_conn_next(NULL); c; c = pep_conn_next(c)) {
+        int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
+        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_AWAIT || fd < 0)
+            continue;
+        pep_lock();
+        if (pep_conn_get(fd) == c && c->state == PEP_ST_AWAIT && !reply_expired(fd, c, now)) {
+            long long d = c->reply_deadline ? c->reply_deadline : now + PEP_SLICE_NS;
+            if (!next || d < next)
+                next = d;
+        }
+        pep_unlock();
+    }
+    return next;
+}
+
+long long pep_wait_work(void)
+{
+    if (PEP_LIKELY(!__atomic_load_n(&pep_nsending, __ATOMIC_RELAXED) &&
+                   !__atomic_load_n(&pep_nawait, __ATOMIC_RELAXED)))
+        return -1;
+    int saved = errno;
+    pep_flush_sending();
+    long long slice = pep_headers_pending() ? PEP_SLICE_NS : -1;
+    if (__atomic_load_n(&pep_nawait, __ATOMIC_RELAXED)) {
+        long long next = expire_replies();
+        if (next) {
+            long long left = next - pep_now_ns();
+            if (left < 0)
+                left = 0;
+            if (slice < 0 || left < slice)
+                slice = left;
+        }
+    }
+    errno = saved;
+    return slice;
 }
 
 void pep_flush_sending(void)

@@ -45,17 +45,17 @@ static inline int pep_headers_pending(void)
     return __atomic_load_n(&pep_nsending, __ATOMIC_RELAXED) != 0;
 }
 
-/* The waits (wait.c): libpep's work while the program sleeps, and how long
- * a wait may run before there is more of it (ns; -1: none to come). */
+/* The waits (wait.c): libpep's work while the program sleeps (headers
+ * that missed their SYN, replies past PEP_REPLY_TIMEOUT). Returns how long
+ * the wait may run before there is more to do (ns; -1: nothing to come);
+ * costs two relaxed loads when libpep has nothing in flight. */
 #define PEP_SLICE_NS 10000000LL /* a header waiting for its handshake: 10 ms */
-static inline long long pep_wait_slice_ns(void)
-{
-    return pep_headers_pending() ? PEP_SLICE_NS : -1;
-}
-static inline void pep_wait_work(void)
-{
-    pep_flush_sending();
-}
+long long pep_wait_work(void);
+
+/* CLOCK_MONOTONIC in ns. */
+long long pep_now_ns(void);
+/* "198.51.100.1:5124" or "[2001:db8::1]:5124" (v4-mapped written as IPv4). */
+void pep_peer_text(const struct sockaddr_in6 *sa, char *out, size_t cap);
 
 /* SO_RCVLOWAT 5 while the reply is outstanding (conn.c says why). */
 void pep_lowat_hold(int fd, struct pep_conn *c);

@@ -10,6 +10,7 @@
 struct pep_conn **pep_fd_chunks[PEP_FD_CHUNKS];
 unsigned pep_nmapped;
 unsigned pep_nsending;
+unsigned pep_nawait;
 static struct pep_conn *all;   /* every connection ever allocated, newest first */
 static struct pep_conn *unused; /* refs == 0, ready for reuse */
 static unsigned chunks_used;    /* highest fd chunk index allocated + 1 */
@@ -152,10 +153,16 @@ void pep_conn_put(struct pep_conn *c)
 
 void pep_conn_set_state(struct pep_conn *c, int state)
 {
-    if (c->state == PEP_ST_SENDING && state != PEP_ST_SENDING)
+    if (c->state == state)
+        return;
+    if (c->state == PEP_ST_SENDING)
         __atomic_sub_fetch(&pep_nsending, 1, __ATOMIC_RELAXED);
-    else if (c->state != PEP_ST_SENDING && state == PEP_ST_SENDING)
+    else if (c->state == PEP_ST_AWAIT)
+        __atomic_sub_fetch(&pep_nawait, 1, __ATOMIC_RELAXED);
+    if (state == PEP_ST_SENDING)
         __atomic_add_fetch(&pep_nsending, 1, __ATOMIC_RELAXED);
+    else if (state == PEP_ST_AWAIT)
+        __atomic_add_fetch(&pep_nawait, 1, __ATOMIC_RELAXED);
     __atomic_store_n(&c->state, state, __ATOMIC_RELEASE);
 }
 

@@ -48,6 +48,7 @@ struct pep_conn {
     uint16_t hdr_len, hdr_sent;
     uint8_t hdr[64];
     struct pep_reader rd;
+    long long reply_deadline;   /* CLOCK_MONOTONIC ns; 0: handshake not seen done yet */
     struct pep_conn *all_next;  /* every connection ever allocated (pep_conn_next) */
     struct pep_conn *free_next; /* free list */
 };
@@ -55,6 +56,7 @@ struct pep_conn {
 extern struct pep_conn **pep_fd_chunks[PEP_FD_CHUNKS];
 extern unsigned pep_nmapped;         /* fds in the table, for close_range */
 extern unsigned pep_nsending;        /* conns in PEP_ST_SENDING */
+extern unsigned pep_nawait;          /* conns in PEP_ST_AWAIT */
 
 /* fd's connection without the lock (it may change right after). */
 static inline struct pep_conn *pep_fd_peek(int fd)

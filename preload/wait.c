@@ -1,11 +1,13 @@
 /* The wait hooks: poll, ppoll, select, pselect, epoll_wait, epoll_pwait,
  * epoll_pwait2, and glibc's fortified __poll_chk/__ppoll_chk.
  *
- * One rule for all of them (pep_sliced_wait): libpep may have work to do
- * while the program sleeps (today: a Convert header that missed its SYN
- * goes out once the handshake is done, see docs/preload.md). Before the
- * wait, libpep does its work. While it has more to come
- * (pep_wait_slice_ns() >= 0), the wait runs in slices no longer than that,
+ * One rule for all of them (sliced_wait): libpep may have work to do
+ * while the program sleeps (a Convert header that missed its SYN goes out
+ * once the handshake is done; a reply past PEP_REPLY_TIMEOUT fails the
+ * connection; see docs/preload.md). Before the wait, libpep does its work
+ * (pep_wait_work). While it has more to come, the wait runs in slices no
+ * longer than the time to it (10 ms while a header is pending; the nearest
+ * reply deadline otherwise),
  * doing the work in between; the first slice that reports anything (events,
  * an error, EINTR) ends the wait; the program's timeout is kept on
  * CLOCK_MONOTONIC across slices. Once there is nothing more to come, the rest
@@ -39,8 +41,7 @@ static long long now_ns(void)
  * read (an invalid value: the real call says so). */
 static int sliced_wait(wait_once_fn once, void *call, long long timeout_ns)
 {
-    pep_wait_work();
-    long long slice = pep_wait_slice_ns();
+    long long slice = pep_wait_work();
     if (PEP_LIKELY(slice < 0) || timeout_ns == 0 || timeout_ns == AS_ASKED)
         return once(call, AS_ASKED);
     long long deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
@@ -49,8 +50,7 @@ static int sliced_wait(wait_once_fn once, void *call, long long timeout_ns)
         int r = once(call, left < 0 || left > slice ? slice : left);
         if (r != 0)
             return r;
-        pep_wait_work();
-        slice = pep_wait_slice_ns();
+        slice = pep_wait_work();
         if (deadline >= 0) {
             left = deadline - now_ns();
             if (left < 0)
