@@ -14,10 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 struct pep_config pep_cfg;
-__thread int pep_busy; /* set while libpep itself calls into libc (name lookup) */
+__thread int pep_resolving;
 
 static const uint8_t v4_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
@@ -25,9 +26,33 @@ static const uint8_t v4_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
 static const char *level_names[] = {"off", "error", "warn", "info", "debug"};
 
-void pep_log(int level, const char *fmt, ...)
+/* May this call site print now? How many lines it dropped before, in *dropped.
+ * Races between threads only blur the count. */
+static int log_allowed(struct pep_log_limit *lim, int level, unsigned *dropped)
 {
-    if (level > pep_cfg.level)
+    *dropped = 0;
+    if (level >= PEP_LOG_DEBUG)
+        return 1;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    long long now = t.tv_sec;
+    if (now - __atomic_load_n(&lim->window, __ATOMIC_RELAXED) >= PEP_LOG_WINDOW_S ||
+        !__atomic_load_n(&lim->lines, __ATOMIC_RELAXED)) {
+        __atomic_store_n(&lim->window, now, __ATOMIC_RELAXED);
+        __atomic_store_n(&lim->lines, 0, __ATOMIC_RELAXED);
+    }
+    if (__atomic_add_fetch(&lim->lines, 1, __ATOMIC_RELAXED) > PEP_LOG_BURST) {
+        __atomic_add_fetch(&lim->dropped, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    *dropped = __atomic_exchange_n(&lim->dropped, 0, __ATOMIC_RELAXED);
+    return 1;
+}
+
+void pep_log_at(struct pep_log_limit *lim, int level, const char *fmt, ...)
+{
+    unsigned dropped;
+    if (level > pep_cfg.level || !log_allowed(lim, level, &dropped))
         return;
     int saved = errno;
     char line[512];
@@ -39,6 +64,14 @@ void pep_log(int level, const char *fmt, ...)
     if (m < 0)
         m = 0;
     size_t len = (size_t)n + (size_t)m;
+    if (len > sizeof line - 2)
+        len = sizeof line - 2;
+    if (dropped) {
+        int k = snprintf(line + len, sizeof line - len - 1, " (%u similar lines suppressed)",
+                         dropped);
+        if (k > 0)
+            len += (size_t)k;
+    }
     if (len > sizeof line - 2)
         len = sizeof line - 2;
     line[len++] = '\n';
@@ -408,6 +441,29 @@ int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *nopr
     return 0;
 }
 
+/* Seconds as a float > 0 and < 1 day, into nanoseconds; -1 if not. */
+static long long parse_seconds(const char *s)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v > 0) || v > 86400)
+        return -1;
+    return (long long)(v * 1e9);
+}
+
+int pep_config_parse_timeouts(struct pep_config *cfg, const char *reply, char *err,
+                              size_t errlen)
+{
+    cfg->reply_timeout_ns = PEP_REPLY_TIMEOUT_DEFAULT_S * 1000000000LL;
+    if (reply && *reply && (cfg->reply_timeout_ns = parse_seconds(reply)) < 0) {
+        snprintf(err, errlen, "PEP_REPLY_TIMEOUT=\"%.100s\" is not a number of seconds "
+                 "(more than 0, at most 86400)", reply);
+        return -1;
+    }
+    return 0;
+}
+
 static pthread_mutex_t resolve_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void resolve_lock_child(void)
@@ -420,7 +476,8 @@ void pep_config_load(void)
     char err[300];
     pthread_atfork(NULL, NULL, resolve_lock_child);
     if (pep_config_parse(&pep_cfg, getenv("PEP_PROXY"), getenv("PEP_NO_PROXY"),
-                         getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err)) {
+                         getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err) ||
+        pep_config_parse_timeouts(&pep_cfg, getenv("PEP_REPLY_TIMEOUT"), err, sizeof err)) {
         /* The one line always goes out, and to stderr. */
         int level = pep_cfg.level;
         char path[sizeof pep_cfg.logpath];
@@ -455,9 +512,9 @@ const struct pep_addrs *pep_config_resolve(void)
         hints.ai_socktype = SOCK_STREAM;
         hints.ai_flags = AI_NUMERICSERV;
         snprintf(port, sizeof port, "%u", pep_cfg.port);
-        pep_busy++;
+        pep_resolving++;
         int rc = getaddrinfo(pep_cfg.host, port, &hints, &res);
-        pep_busy--;
+        pep_resolving--;
         if (rc != 0) {
             pep_log(PEP_LOG_ERROR, "PEP_PROXY host \"%s\" does not resolve (%s); running unproxied",
                     pep_cfg.host, gai_strerror(rc));

@@ -27,7 +27,11 @@ struct pep_config {
     int bypass_all;              /* PEP_NO_PROXY=* */
     unsigned nnets;
     struct pep_net nets[PEP_NOPROXY_MAX];
+    /* Read by pep_config_load() (pep_config_parse_timeouts) */
+    long long reply_timeout_ns;  /* PEP_REPLY_TIMEOUT: handshake done to reply complete */
 };
+
+#define PEP_REPLY_TIMEOUT_DEFAULT_S 10
 
 extern struct pep_config pep_cfg;
 
@@ -46,6 +50,15 @@ void pep_config_load(void);
  * good, -1 if a value was bad (message in err). */
 int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *noproxy,
                      const char *log, const char *disable, char *err, size_t errlen);
+/* Nonzero while this thread is inside libpep's own name lookup of the PEP
+ * (getaddrinfo): the connects the resolver makes go straight to the kernel,
+ * never to the PEP being resolved. */
+extern __thread int pep_resolving;
+
+/* PEP_REPLY_TIMEOUT (NULL = unset): seconds, a float > 0. 0 or -1 (err). */
+int pep_config_parse_timeouts(struct pep_config *cfg, const char *reply, char *err,
+                              size_t errlen);
+
 /* Resolve the PEP once; thread-safe. NULL if it cannot be resolved. */
 const struct pep_addrs *pep_config_resolve(void);
 /* Does a destination (16-byte address, IPv4 mapped; port host order) bypass
@@ -57,7 +70,24 @@ int pep_config_bypass(const struct pep_config *cfg, const struct pep_addrs *addr
 int pep_config_is_pep(const struct pep_config *cfg, const struct pep_addrs *addrs,
                       const uint8_t addr[16], uint16_t port);
 
-/* Logging: one line, errno untouched, no fd kept open. */
-void pep_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Logging: one line, errno untouched, no fd kept open.
+ *
+ * Every call site is rate-limited on its own: at most PEP_LOG_BURST lines
+ * per PEP_LOG_WINDOW_S seconds; the first line of a later window says how
+ * many were suppressed. Debug lines (PEP_LOG=debug) are not limited. */
+#define PEP_LOG_BURST 5
+#define PEP_LOG_WINDOW_S 10
+struct pep_log_limit {
+    long long window;   /* CLOCK_MONOTONIC second the current window started */
+    unsigned lines;     /* printed in this window */
+    unsigned dropped;   /* suppressed since the last printed line */
+};
+void pep_log_at(struct pep_log_limit *lim, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+#define pep_log(level, ...)                                 \
+    do {                                                    \
+        static struct pep_log_limit pep_log_limit_;         \
+        pep_log_at(&pep_log_limit_, (level), __VA_ARGS__);  \
+    } while (0)
 
 #endif

@@ -1,10 +1,14 @@
 /* Per-fd state of the connections libpep put on the PEP.
  *
- * A fixed table, no allocation: fdmap[fd] names a slot in conns[] (0: not
- * ours). dup'ed fds share the slot (refs). The fast path of every hook is
- * one relaxed load of fdmap[fd]. Slow paths hold pep_lock, never across a
- * blocking call. Fork: pthread_atfork keeps the lock consistent; the child
- * gets a copy of the table (its fds are copies of the parent's).
+ * No fixed cap: a two-level table fd -> connection grows with the process's
+ * fds (chunks of 4096 fds, allocated on first use, never freed; any fd below
+ * 2^30, far past RLIMIT_NOFILE's usual ceiling of fs.nr_open). Connections are
+ * allocated as needed and recycled, never freed, so a lock-free reader never
+ * touches freed memory. dup'ed fds share a connection (refs). The fast path
+ * of every hook is two dependent relaxed loads. Slow paths hold pep_lock,
+ * never across a blocking call. Fork: pthread_atfork keeps the lock
+ * consistent; the child gets a copy of the table (its fds are copies of the
+ * parent's).
  */
 #ifndef PEP_FDSTATE_H
 #define PEP_FDSTATE_H
@@ -15,8 +19,10 @@
 
 #include "tlv.h"
 
-#define PEP_FD_MAX 65536
-#define PEP_CONN_MAX 1024
+#define PEP_FD_CHUNK_BITS 12
+#define PEP_FD_CHUNK (1u << PEP_FD_CHUNK_BITS)
+#define PEP_FD_CHUNKS (1u << 18)
+#define PEP_FD_LIMIT (PEP_FD_CHUNKS * PEP_FD_CHUNK) /* 2^30 */
 
 enum pep_state {
     PEP_ST_FREE = 0,
@@ -42,25 +48,37 @@ struct pep_conn {
     uint16_t hdr_len, hdr_sent;
     uint8_t hdr[64];
     struct pep_reader rd;
+    long long reply_deadline;   /* CLOCK_MONOTONIC ns; 0: handshake not seen done yet */
+    struct pep_conn *all_next;  /* every connection ever allocated (pep_conn_next) */
+    struct pep_conn *free_next; /* free list */
 };
 
-extern uint16_t pep_fdmap[PEP_FD_MAX];
-extern unsigned pep_nmapped;         /* fds in fdmap, for close_range */
+extern struct pep_conn **pep_fd_chunks[PEP_FD_CHUNKS];
+extern unsigned pep_nmapped;         /* fds in the table, for close_range */
 extern unsigned pep_nsending;        /* conns in PEP_ST_SENDING */
-extern struct pep_conn pep_conns[PEP_CONN_MAX];
+extern unsigned pep_nawait;          /* conns in PEP_ST_AWAIT */
+
+/* fd's connection without the lock (it may change right after). */
+static inline struct pep_conn *pep_fd_peek(int fd)
+{
+    if ((unsigned)fd >= PEP_FD_LIMIT)
+        return 0;
+    struct pep_conn **chunk =
+        __atomic_load_n(&pep_fd_chunks[(unsigned)fd >> PEP_FD_CHUNK_BITS], __ATOMIC_ACQUIRE);
+    return chunk ? __atomic_load_n(&chunk[(unsigned)fd & (PEP_FD_CHUNK - 1)], __ATOMIC_ACQUIRE)
+                 : 0;
+}
 
 static inline int pep_fd_tracked(int fd)
 {
-    return (unsigned)fd < PEP_FD_MAX && __atomic_load_n(&pep_fdmap[fd], __ATOMIC_RELAXED);
+    return pep_fd_peek(fd) != 0;
 }
 
 /* The fast path: does fd need the slow path (not plain pass-through)? */
 static inline int pep_fd_busy(int fd)
 {
-    if ((unsigned)fd >= PEP_FD_MAX)
-        return 0;
-    unsigned i = __atomic_load_n(&pep_fdmap[fd], __ATOMIC_RELAXED);
-    return i && __atomic_load_n(&pep_conns[i - 1].state, __ATOMIC_ACQUIRE) != PEP_ST_OPEN;
+    struct pep_conn *c = pep_fd_peek(fd);
+    return c && __atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_OPEN;
 }
 
 void pep_lock(void);
@@ -69,11 +87,16 @@ void pep_fdstate_atfork(void);
 
 /* All of these need pep_lock held. */
 struct pep_conn *pep_conn_get(int fd);             /* NULL if not ours */
-struct pep_conn *pep_conn_new(int fd);             /* NULL if the table is full */
+struct pep_conn *pep_conn_new(int fd);             /* NULL: out of memory */
 void pep_fd_forget(int fd);                        /* drop fd's reference */
 void pep_conn_put(struct pep_conn *c);             /* drop a reference */
 void pep_fd_dup(int oldfd, int newfd);             /* newfd shares oldfd's slot */
 void pep_fd_forget_range(unsigned first, unsigned last);
 void pep_conn_set_state(struct pep_conn *c, int state);
+
+/* Every connection slot in use or once used, without the lock: start with
+ * NULL; NULL at the end. A slot may change under the caller: read its state
+ * and fd atomically, and act on it only through the fd (which rechecks). */
+struct pep_conn *pep_conn_next(struct pep_conn *prev);
 
 #endif

@@ -47,6 +47,8 @@ class Converter:
     reset_after_error: bool = True             # RST (SO_LINGER 0) after an Error, else FIN
     reset_delay: float = 0.05                   # seconds between the Error TLV and the RST
     seen: list[Seen] = field(default_factory=list)
+    silent: bool = False                        # read the request, never answer (for `hold` s)
+    hold: float = 0.3                           # seconds a raw_reply/silent connection stays open
 
     def __post_init__(self):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -135,9 +137,12 @@ class Converter:
             return
         seen.connect = target
         try:
+            if self.silent:
+                time.sleep(self.hold)
+                return
             if self.raw_reply is not None:
                 self._reply(client, self.raw_reply)
-                time.sleep(0.3)
+                time.sleep(self.hold)
                 return
             if self.error is not None:
                 self._reply(client, protocol.error_reply(*self.error))

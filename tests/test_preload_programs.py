@@ -1015,11 +1015,20 @@ def notfo(tmp_path):
         yield topo.host("nt", tfo=0)
 
 
-def test_header_goes_out_while_the_program_waits_for_epollin_only(notfo, lib):
+_WAIT_FOR_READ = {  # Python's select module: epoll_wait(), select(), poll()
+    "epoll": "ep = select.epoll(); ep.register(s.fileno(), select.EPOLLIN); "
+             "events = ep.poll(8)",
+    "select": "events = select.select([s], [], [], 8)[0]",
+    "poll": "po = select.poll(); po.register(s, select.POLLIN); events = po.poll(8000)",
+}
+
+
+@pytest.mark.parametrize("wait", sorted(_WAIT_FOR_READ))
+def test_header_goes_out_while_the_program_waits_for_epollin_only(notfo, lib, wait):
     """TFO off, the first SYN to the PEP dropped (iptables), so the handshake
     completes a second later while the program is already blocked in
-    epoll_wait for EPOLLIN only (the server speaks first): the header still
-    goes out, the greeting comes back."""
+    epoll_wait (select, poll) for reading only (the server speaks first): the
+    header still goes out, the greeting comes back (every wait is sliced)."""
     iptables = require_tool("iptables")
     with _echo(notfo, greeting=b"220 hello") as echo, converter(notfo) as conv:
         notfo.run(iptables, "-A", "INPUT", "-p", "tcp", "--syn", "--dport", str(conv.address[1]),
@@ -1032,10 +1041,8 @@ def test_header_goes_out_while_the_program_waits_for_epollin_only(notfo, lib):
                 s.connect(("127.0.0.1", {echo.address[1]}))
             except BlockingIOError:
                 pass
-            ep = select.epoll()
-            ep.register(s.fileno(), select.EPOLLIN)
             t = time.monotonic()
-            events = ep.poll(8)
+            {_WAIT_FOR_READ[wait]}
             data = s.recv(100) if events else b""
             print(data, round(time.monotonic() - t, 1))
             """, ph.preload_env(conv.address, lib))
@@ -1111,3 +1118,152 @@ def test_blocking_read_waits_for_the_reply_and_honours_so_rcvtimeo(lo, lib):
         assert lines[0].split()[0] == "EAGAIN", p.stdout + p.stderr
         assert 0.1 <= float(lines[0].split()[1]) <= 0.6
         assert lines[1] == "b'slow'", p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------ no fixed caps
+
+MANY_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+/* N proxied connections open at once in one process, each to a listener of
+ * our own (its accept()ed ends are plain sockets): every one carries a
+ * distinct line both ways. Prints OK, the highest fd, the seconds taken. */
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    struct rlimit rl = {4 * n + 64, 4 * n + 64};
+    if (setrlimit(RLIMIT_NOFILE, &rl)) { perror("setrlimit"); return 1; }
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    inet_pton(AF_INET, "127.0.0.2", &a.sin_addr);
+    if (bind(l, (void *)&a, sizeof a) || listen(l, 4096)) { perror("listen"); return 1; }
+    socklen_t al = sizeof a;
+    getsockname(l, (void *)&a, &al);
+    int *c = calloc(n, sizeof *c), *s = calloc(n, sizeof *s), maxfd = 0, i;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (i = 0; i < n; i++) {
+        c[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        if (connect(c[i], (void *)&a, sizeof a) && errno != EINPROGRESS) {
+            printf("connect %d: %s\n", i, strerror(errno)); return 1;
+        }
+        if (c[i] > maxfd) maxfd = c[i];
+        if (i % 64 == 63 || i == n - 1) {   /* accept what is there, keep the backlogs short */
+            int k;
+            for (k = i - (i % 64); k <= i; k++) {
+                s[k] = accept(l, NULL, NULL);
+                if (s[k] < 0) { perror("accept"); return 1; }
+                if (s[k] > maxfd) maxfd = s[k];
+            }
+        }
+    }
+    /* every connection is still open: a line each way on each */
+    for (i = 0; i < n; i++) {
+        char msg[32];
+        int len = snprintf(msg, sizeof msg, "c%06d\n", i);
+        struct pollfd p = {c[i], POLLOUT, 0};
+        poll(&p, 1, 10000);
+        if (send(c[i], msg, len, 0) != len) { printf("send %d: %s\n", i, strerror(errno)); return 1; }
+    }
+    for (i = 0; i < n; i++) {
+        char buf[32];
+        /* an echo on each accepted end, whichever client it belongs to */
+        int got = 0, len = 8;
+        while (got < len) {
+            int r = read(s[i], buf + got, len - got);
+            if (r <= 0) { printf("server read %d\n", i); return 1; }
+            got += r;
+        }
+        if (write(s[i], buf, len) != len) return 1;
+    }
+    for (i = 0; i < n; i++) {
+        char buf[32], want[32];
+        snprintf(want, sizeof want, "c%06d\n", i);
+        int got = 0;
+        while (got < 8) {
+            struct pollfd p = {c[i], POLLIN, 0};
+            poll(&p, 1, 10000);
+            int r = recv(c[i], buf + got, 8 - got, 0);
+            if (r < 0 && errno == EAGAIN) continue;
+            if (r <= 0) { printf("client read %d: %s\n", i, r ? strerror(errno) : "EOF"); return 1; }
+            got += r;
+        }
+        if (memcmp(buf, want, 8)) { printf("mixed up at %d: %.8s\n", i, buf); return 1; }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    printf("OK %d %.2f\n", maxfd, (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
+    return 0;
+}
+"""
+
+
+@pytest.fixture
+def big_relay(lo):
+    """`pep relay` allowed enough tunnels for the many-connections test."""
+    proc = lo.popen(sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
+                    "--allow-dest", "127.0.0.0/8", "--max-tunnels", "8000",
+                    "--max-per-client", "0", stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True, cwd=ph.REPO)
+    try:
+        import select
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        line = proc.stdout.readline() if ready else ""
+        if not line.startswith("listening on "):
+            pytest.skip(f"pep relay did not start: {line!r}")
+        host, _, port = line.split()[-1].rpartition(":")
+        yield (host, int(port))
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.mark.parametrize("build", ["libpep.so", "libpep-asan.so"])
+def test_3000_concurrent_proxied_connections_in_one_process(lo, big_relay, tmp_path, build):
+    """No fixed cap (issue 10): 3,000 proxied connections open at once in one
+    process, fds far past 1,024 (its accepted ends too), every one carrying
+    its own line both ways through the real relay; nothing logged. Also
+    under ASan/UBSan."""
+    exe = ph.compile_c(MANY_C, str(tmp_path / "many"))
+    preload, extra = ph.build(build), {}
+    if "asan" in build:
+        preload = f"{ph.asan_runtime()} {preload}"
+        extra = {"ASAN_OPTIONS": "detect_leaks=0:verify_asan_link_order=0:halt_on_error=1",
+                 "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+    p = run(lo, [exe, "3000"], ph.preload_env(big_relay, preload, log="warn", **extra),
+            timeout=120)
+    words = p.stdout.split()
+    assert p.returncode == 0 and words[0] == "OK", p.stdout + p.stderr[-2000:]
+    assert int(words[1]) > 6000
+    assert p.stderr == ""
+    print(f"3000 proxied connections, highest fd {words[1]}: {words[2]} s")
+
+
+def test_repeated_log_lines_are_rate_limited(lo, lib):
+    """200 connections to a PEP that is not listening, at PEP_LOG=info: the
+    per-connection line comes at most PEP_LOG_BURST (5) times per 10 s."""
+    with _echo(lo) as gone:
+        dead = gone.address
+    p = pyrun(lo, """
+        import socket
+        for i in range(200):
+            s = socket.socket()
+            try:
+                s.connect(("127.0.0.1", 9))
+            except ConnectionRefusedError:
+                pass
+            s.close()
+        print("done")
+        """, ph.preload_env(dead, lib, log="info"))
+    assert p.stdout.strip() == "done", p.stderr
+    lines = [x for x in p.stderr.splitlines() if "connecting to the PEP" in x]
+    assert 1 <= len(lines) <= 5, p.stderr

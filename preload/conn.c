@@ -1,0 +1,442 @@
+/* A proxied connection after its connect(): see conn.h. */
+#define _GNU_SOURCE
+#include "conn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <time.h>
+
+#include "config.h"
+#include "real.h"
+#include "tlv.h"
+
+#ifndef TCPI_OPT_SYN_DATA
+#define TCPI_OPT_SYN_DATA 32
+#endif
+
+/* ---- small socket helpers ----------------------------------------------- */
+
+int pep_sockopt_int(int fd, int level, int name, int *v)
+{
+    socklen_t l = sizeof *v;
+    return pep_real.getsockopt(fd, level, name, v, &l);
+}
+
+int pep_tcp_state(int fd, struct tcp_info *ti)
+{
+    socklen_t l = sizeof *ti;
+    memset(ti, 0, sizeof *ti);
+    if (pep_real.getsockopt(fd, IPPROTO_TCP, TCP_INFO, ti, &l) < 0)
+        return -1;
+    return ti->tcpi_state;
+}
+
+int pep_is_nonblocking(int fd)
+{
+    int fl = pep_real.fcntl(fd, F_GETFL);
+    return fl >= 0 && (fl & O_NONBLOCK);
+}
+
+int pep_same_socket(int fd, const struct pep_conn *c)
+{
+    struct stat st;
+    return fstat(fd, &st) == 0 && st.st_dev == c->dev && st.st_ino == c->ino;
+}
+
+void pep_forget(int fd)
+{
+    if (PEP_UNLIKELY(pep_fd_tracked(fd))) {
+        pep_lock();
+        pep_fd_forget(fd);
+        pep_unlock();
+    }
+}
+
+long long pep_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+void pep_peer_text(const struct sockaddr_in6 *sa, char *out, size_t cap)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+    if (sa->sin6_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof ip);
+        snprintf(out, cap, "%s:%u", ip, ntohs(s4->sin_port));
+    } else if (IN6_IS_ADDR_V4MAPPED(&sa->sin6_addr)) {
+        inet_ntop(AF_INET, sa->sin6_addr.s6_addr + 12, ip, sizeof ip);
+        snprintf(out, cap, "%s:%u", ip, ntohs(sa->sin6_port));
+    } else {
+        inet_ntop(AF_INET6, &sa->sin6_addr, ip, sizeof ip);
+        snprintf(out, cap, "[%s]:%u", ip, ntohs(sa->sin6_port));
+    }
+}
+
+/* Wait for fd to be ready, honouring SO_RCVTIMEO / SO_SNDTIMEO, but no
+ * longer than until `until` (CLOCK_MONOTONIC ns; 0: no limit of ours).
+ * 0: ready; 1: `until` came first; -1 + errno (EAGAIN: the program's own
+ * timeout, EINTR). */
+static int wait_fd(int fd, short events, long long until)
+{
+    struct timeval tv = {0, 0};
+    socklen_t l = sizeof tv;
+    long long ms = -1;
+    if (pep_real.getsockopt(fd, SOL_SOCKET, events == POLLIN ? SO_RCVTIMEO : SO_SNDTIMEO, &tv,
+                            &l) == 0 &&
+        (tv.tv_sec || tv.tv_usec))
+        ms = tv.tv_sec > 86400 * 20 ? -1 : tv.tv_sec * 1000LL + (tv.tv_usec + 999) / 1000;
+    int ours = 0;
+    if (until) {
+        long long left = (until - pep_now_ns() + 999999) / 1000000;
+        if (left < 0)
+            left = 0;
+        if (ms < 0 || left < ms) {
+            ms = left;
+            ours = 1;
+        }
+    }
+    struct pollfd p = {fd, events, 0};
+    int n = pep_real.poll(&p, 1, (int)ms);
+    if (n < 0)
+        return -1;
+    if (n == 0) {
+        if (ours)
+            return 1;
+        errno = EAGAIN;
+        return -1;
+    }
+    return 0;
+}
+
+static int warned_0rtt;
+
+void pep_warn_0rtt_lost(const char *why)
+{
+    if (__atomic_exchange_n(&warned_0rtt, 1, __ATOMIC_RELAXED))
+        return;
+    pep_log(PEP_LOG_WARN, "0-RTT lost: %s; the Convert header went after the handshake "
+            "(said once)", why);
+}
+
+/*
+ * While the reply is outstanding the socket carries SO_RCVLOWAT = 5: a
+ * success reply alone (4 bytes) does not make it readable, so poll/epoll do
+ * not wake the program for bytes it will never see (wrk counts a read that
+ * finds nothing after EPOLLIN as an error). An Error reply (8 bytes), data,
+ * FIN or RST still wake it. The program's own value comes back after.
+ */
+void pep_lowat_hold(int fd, struct pep_conn *c)
+{
+    int v = 1, five = PEP_HDR_LEN + 1;
+    if (pep_sockopt_int(fd, SOL_SOCKET, SO_RCVLOWAT, &v) == 0 && v < five &&
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &five, sizeof five) == 0)
+        c->lowat = v;
+    else
+        c->lowat = 0;
+}
+
+void pep_lowat_release(int fd, struct pep_conn *c)
+{
+    if (c->lowat) {
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &c->lowat, sizeof c->lowat);
+        c->lowat = 0;
+    }
+}
+
+/* The connection failed (Error TLV, bad reply): remember the errno and reset. */
+static void conn_fail(int fd, struct pep_conn *c, int err, const char *why)
+{
+    pep_lowat_release(fd, c);
+    pep_conn_set_state(c, PEP_ST_FAILED);
+    c->err = err;
+    pep_log(PEP_LOG_INFO, "fd %d: %s: %s", fd, why, strerror(err));
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    struct sockaddr unspec;
+    memset(&unspec, 0, sizeof unspec);
+    unspec.sa_family = AF_UNSPEC;
+    pep_real.connect(fd, &unspec, sizeof unspec); /* TCP: disconnect with a RST */
+}
+
+/* Reply fully read and fine: pass-through from now on. */
+static void conn_open(int fd, struct pep_conn *c)
+{
+    pep_lowat_release(fd, c);
+    pep_conn_set_state(c, PEP_ST_OPEN);
+    if (pep_cfg.level >= PEP_LOG_WARN && !__atomic_load_n(&warned_0rtt, __ATOMIC_RELAXED)) {
+        struct tcp_info ti;
+        if (pep_tcp_state(fd, &ti) >= 0 && !(ti.tcpi_options & TCPI_OPT_SYN_DATA))
+            pep_warn_0rtt_lost("the PEP did not take data in the SYN (TFO off on its side?)");
+    }
+    pep_log(PEP_LOG_DEBUG, "fd %d: PEP reply stripped", fd);
+}
+
+/* ---- the bounded wait for the reply ------------------------------------- */
+
+/* When c's reply must be complete (CLOCK_MONOTONIC ns): PEP_REPLY_TIMEOUT
+ * after the handshake with the PEP was first seen done; 0 while it is not
+ * (the handshake has its own bound). Under the lock. */
+static long long reply_deadline(int fd, struct pep_conn *c)
+{
+    if (!c->reply_deadline) {
+        struct tcp_info ti;
+        int st = pep_tcp_state(fd, &ti);
+        if (st == TCP_ESTABLISHED || st == TCP_CLOSE_WAIT)
+            c->reply_deadline = pep_now_ns() + pep_cfg.reply_timeout_ns;
+    }
+    return c->reply_deadline;
+}
+
+/* Past its deadline: the connection fails with ETIMEDOUT (said at the
+ * default log level, naming the PEP). Under the lock. 1 if it expired. */
+static int reply_expired(int fd, struct pep_conn *c, long long now)
+{
+    long long d = reply_deadline(fd, c);
+    if (!d || now < d)
+        return 0;
+    char peer[80];
+    pep_peer_text(&c->pep, peer, sizeof peer);
+    pep_log(PEP_LOG_ERROR, "PEP %s did not answer within %.1f s (PEP_REPLY_TIMEOUT); "
+            "connection timed out", peer, pep_cfg.reply_timeout_ns / 1e9);
+    conn_fail(fd, c, ETIMEDOUT, "no reply from the PEP");
+    return 1;
+}
+
+/* ---- one step of the connection, under the lock ------------------------- */
+
+/* What one step found: go on stepping, stop with a result, or wait. */
+enum step {
+    STEP_AGAIN,     /* state changed: step again */
+    STEP_GO,        /* the caller makes its real call */
+    STEP_FAIL,      /* the call fails with *err */
+    STEP_WAIT,      /* nothing to do until fd is ready for *wait_for (*err: EAGAIN/EINTR) */
+};
+
+/* Send what is left of the header. */
+static enum step step_send_header(int fd, struct pep_conn *c, enum pep_settle_for why,
+                                  int *err, short *wait_for)
+{
+    if (why == PEP_FOR_HEADER_ONLY) {
+        /* Not on the program's behalf: never take a pending socket error
+         * (send() would) that its SO_ERROR or read must see. */
+        struct tcp_info ti;
+        int st = pep_tcp_state(fd, &ti);
+        if (st != TCP_ESTABLISHED && st != TCP_CLOSE_WAIT) {
+            if (st != TCP_SYN_SENT) { /* failed: the kernel's story now */
+                pep_lowat_release(fd, c);
+                pep_conn_set_state(c, PEP_ST_OPEN);
+            }
+            return STEP_GO;
+        }
+    }
+    ssize_t n = pep_real.send(fd, c->hdr + c->hdr_sent, (size_t)(c->hdr_len - c->hdr_sent),
+                              MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+        c->hdr_sent = (uint16_t)(c->hdr_sent + n);
+        if (c->hdr_sent == c->hdr_len) {
+            pep_conn_set_state(c, PEP_ST_AWAIT);
+            pep_log(PEP_LOG_DEBUG, "fd %d: header sent after the handshake", fd);
+        }
+        return STEP_AGAIN;
+    }
+    *err = errno;
+    if (*err != EAGAIN && *err != EWOULDBLOCK && *err != EINTR) {
+        /* the connection to the PEP failed: this call reports it, then plain
+         * pass-through */
+        pep_lowat_release(fd, c);
+        pep_conn_set_state(c, PEP_ST_OPEN);
+    }
+    *wait_for = POLLOUT;
+    return STEP_WAIT;
+}
+
+/* Read what is there of the PEP's reply, never a byte past it. */
+static enum step step_read_reply(int fd, struct pep_conn *c, enum pep_settle_for why,
+                                 int *err, short *wait_for, long long *until)
+{
+    uint8_t tmp[PEP_MSG_MAX];
+    size_t want = pep_reader_want(&c->rd), used;
+    ssize_t n = pep_real.recv(fd, tmp, want, MSG_DONTWAIT);
+    if (n > 0) {
+        struct pep_msg m;
+        int code;
+        int rc = pep_reader_feed(&c->rd, tmp, (size_t)n, &used, &m, &code);
+        if (rc == PEP_OK && m.has_error) {
+            int e = pep_errno_for(m.error_code, m.error_value, m.error_len);
+            pep_log(PEP_LOG_INFO, "fd %d: PEP Error TLV code %u", fd, m.error_code);
+            conn_fail(fd, c, e, "PEP refused the connection");
+        } else if (rc == PEP_OK) {
+            conn_open(fd, c);
+        } else if (rc == PEP_REJECT) {
+            pep_log(PEP_LOG_ERROR, "fd %d: bad reply from the PEP (error code %d)", fd, code);
+            conn_fail(fd, c, EPROTO, "bad PEP reply");
+        }
+        return STEP_AGAIN;
+    }
+    if (n == 0) {
+        pep_log(PEP_LOG_ERROR, "fd %d: the PEP closed before its reply was complete", fd);
+        conn_fail(fd, c, ECONNRESET, "PEP closed before its reply");
+        return STEP_AGAIN;
+    }
+    *err = errno;
+    if ((*err == EAGAIN || *err == EWOULDBLOCK) && reply_expired(fd, c, pep_now_ns()))
+        return STEP_AGAIN;
+    if (why != PEP_FOR_READ && (*err == EAGAIN || *err == EWOULDBLOCK))
+        return STEP_GO; /* a write may go before the reply is in */
+    *wait_for = POLLIN;
+    *until = c->reply_deadline;
+    return STEP_WAIT;
+}
+
+enum pep_settled pep_settle(int fd, enum pep_settle_for why, int dontwait)
+{
+    int saved = errno, checked = 0;
+
+    for (;;) {
+        int e = 0;
+        short wait_for = POLLIN;
+        long long until = 0;
+        enum step s;
+
+        pep_lock();
+        struct pep_conn *c = pep_conn_get(fd);
+        if (c && !checked) {
+            checked = 1;
+            if (!pep_same_socket(fd, c)) { /* closed behind our back, fd reused */
+                pep_fd_forget(fd);
+                c = NULL;
+            }
+        }
+        if (!c || c->state == PEP_ST_OPEN ||
+            (why == PEP_FOR_HEADER_ONLY && c->state != PEP_ST_SENDING)) {
+            s = STEP_GO;
+        } else if (c->state == PEP_ST_FAILED) {
+            e = c->err;
+            s = STEP_FAIL;
+        } else if (c->state == PEP_ST_CONNECTING) {
+            /* Another thread is inside connect() on this socket (a header-only
+             * flush never gets here: it returned above). */
+            e = EAGAIN;
+            wait_for = POLLOUT;
+            s = STEP_WAIT;
+        } else if (c->state == PEP_ST_SENDING) {
+            s = step_send_header(fd, c, why, &e, &wait_for);
+        } else { /* PEP_ST_AWAIT */
+            s = step_read_reply(fd, c, why, &e, &wait_for, &until);
+        }
+        pep_unlock();
+
+        switch (s) {
+        case STEP_AGAIN:
+            continue;
+        case STEP_GO:
+            errno = saved;
+            return PEP_SETTLED_GO;
+        case STEP_FAIL:
+            errno = e;
+            return PEP_SETTLED_FAIL;
+        case STEP_WAIT:
+            break;
+        }
+        if (e == EINTR)
+            continue;
+        if (e != EAGAIN && e != EWOULDBLOCK) {
+            errno = e;
+            return PEP_SETTLED_FAIL;
+        }
+        if (dontwait || pep_is_nonblocking(fd)) {
+            pep_log(PEP_LOG_DEBUG, "fd %d: %s: nothing for the program yet (EAGAIN)", fd,
+                    wait_for == POLLIN ? "reply outstanding" : "header not sent");
+            errno = EAGAIN;
+            return PEP_SETTLED_FAIL;
+        }
+        int w = wait_fd(fd, wait_for, until);
+        if (w < 0)
+            return PEP_SETTLED_FAIL;
+    }
+}
+
+int pep_failed_write_errno(int fd, int e)
+{
+    if ((e == EPIPE || e == ECONNRESET) && pep_settle(fd, PEP_FOR_READ, 1) < 0 &&
+        errno != EAGAIN)
+        return errno;
+    return e;
+}
+
+int pep_failed_by_pep(int fd)
+{
+    pep_settle(fd, PEP_FOR_WRITE, 1);
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    int failed = c && c->state == PEP_ST_FAILED;
+    pep_unlock();
+    return failed;
+}
+
+/* Every connection in PEP_ST_AWAIT: expire replies past their deadline;
+ * the nearest deadline left (0: none), or now + PEP_SLICE_NS if a handshake
+ * is still to be seen done. */
+static long long expire_replies(void)
+{
+    long long now = pep_now_ns(), next = 0;
+    struct pep_conn *c;
+    for (c = pep_conn_next(NULL); c; c = pep_conn_next(c)) {
+        int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
+        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_AWAIT || fd < 0)
+            continue;
+        pep_lock();
+        if (pep_conn_get(fd) == c && c->state == PEP_ST_AWAIT && !reply_expired(fd, c, now)) {
+            long long d = c->reply_deadline ? c->reply_deadline : now + PEP_SLICE_NS;
+            if (!next || d < next)
+                next = d;
+        }
+        pep_unlock();
+    }
+    return next;
+}
+
+long long pep_wait_work(void)
+{
+    if (PEP_LIKELY(!__atomic_load_n(&pep_nsending, __ATOMIC_RELAXED) &&
+                   !__atomic_load_n(&pep_nawait, __ATOMIC_RELAXED)))
+        return -1;
+    int saved = errno;
+    pep_flush_sending();
+    long long slice = pep_headers_pending() ? PEP_SLICE_NS : -1;
+    if (__atomic_load_n(&pep_nawait, __ATOMIC_RELAXED)) {
+        long long next = expire_replies();
+        if (next) {
+            long long left = next - pep_now_ns();
+            if (left < 0)
+                left = 0;
+            if (slice < 0 || left < slice)
+                slice = left;
+        }
+    }
+    errno = saved;
+    return slice;
+}
+
+void pep_flush_sending(void)
+{
+    if (!pep_headers_pending())
+        return;
+    int saved = errno;
+    struct pep_conn *c;
+    for (c = pep_conn_next(NULL); c; c = pep_conn_next(c)) {
+        int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
+        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) == PEP_ST_SENDING && fd >= 0)
+            pep_settle(fd, PEP_FOR_HEADER_ONLY, 1);
+    }
+    errno = saved;
+}

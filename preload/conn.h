@@ -1,0 +1,76 @@
+/* One proxied connection after its connect(): the Convert header still to
+ * send, the PEP's reply to strip, an Error to deliver. Used by the I/O
+ * hooks (hooks.c), the waits (wait.c) and connect (connect.c).
+ */
+#ifndef PEP_CONN_H
+#define PEP_CONN_H
+
+#include <netinet/tcp.h>
+
+#include "fdstate.h"
+
+/* What the caller of pep_settle() is about to do. */
+enum pep_settle_for {
+    PEP_FOR_READ,        /* an application read: the reply must be gone first */
+    PEP_FOR_WRITE,       /* an application write: the header must be out; the
+                          * reply may still be outstanding */
+    PEP_FOR_HEADER_ONLY, /* not for the program (waits, SO_ERROR): send what is
+                          * left of the header, never take a socket error */
+};
+
+/* What pep_settle() tells its caller. */
+enum pep_settled {
+    PEP_SETTLED_GO = 0,    /* make the real call */
+    PEP_SETTLED_FAIL = -1, /* the call fails with errno */
+};
+
+/* Bring fd's connection as far as it can go before `why`. dontwait: the
+ * call must not block (MSG_DONTWAIT); O_NONBLOCK is looked up only when it
+ * matters. */
+enum pep_settled pep_settle(int fd, enum pep_settle_for why, int dontwait);
+
+/* An application write on one of ours failed with EPIPE/ECONNRESET while the
+ * reply was outstanding: the PEP may have said why. The errno to use. */
+int pep_failed_write_errno(int fd, int e);
+
+/* Take what the PEP sent without blocking: did it refuse the connection
+ * (Error TLV or a bad reply)? */
+int pep_failed_by_pep(int fd);
+
+/* Send every header that missed its SYN, where the handshake is done. */
+void pep_flush_sending(void);
+/* Is any header waiting for its handshake? (one relaxed load) */
+static inline int pep_headers_pending(void)
+{
+    return __atomic_load_n(&pep_nsending, __ATOMIC_RELAXED) != 0;
+}
+
+/* The waits (wait.c): libpep's work while the program sleeps (headers
+ * that missed their SYN, replies past PEP_REPLY_TIMEOUT). Returns how long
+ * the wait may run before there is more to do (ns; -1: nothing to come);
+ * costs two relaxed loads when libpep has nothing in flight. */
+#define PEP_SLICE_NS 10000000LL /* a header waiting for its handshake: 10 ms */
+long long pep_wait_work(void);
+
+/* CLOCK_MONOTONIC in ns. */
+long long pep_now_ns(void);
+/* "198.51.100.1:5124" or "[2001:db8::1]:5124" (v4-mapped written as IPv4). */
+void pep_peer_text(const struct sockaddr_in6 *sa, char *out, size_t cap);
+
+/* SO_RCVLOWAT 5 while the reply is outstanding (conn.c says why). */
+void pep_lowat_hold(int fd, struct pep_conn *c);
+void pep_lowat_release(int fd, struct pep_conn *c);
+
+/* Said once per process, at PEP_LOG=warn. */
+void pep_warn_0rtt_lost(const char *why);
+
+/* Drop fd's state, if any (takes the lock). */
+void pep_forget(int fd);
+
+/* Small socket helpers (the real getsockopt/fcntl). */
+int pep_sockopt_int(int fd, int level, int name, int *v);
+int pep_tcp_state(int fd, struct tcp_info *ti); /* TCP_* state or -1 */
+int pep_is_nonblocking(int fd);
+int pep_same_socket(int fd, const struct pep_conn *c); /* not closed and reused */
+
+#endif

@@ -1,0 +1,335 @@
+/* The wait hooks: poll, ppoll, select, pselect, epoll_wait, epoll_pwait,
+ * epoll_pwait2, and glibc's fortified __poll_chk/__ppoll_chk.
+ *
+ * One rule for all of them (sliced_wait): libpep may have work to do
+ * while the program sleeps (a Convert header that missed its SYN goes out
+ * once the handshake is done; a reply past PEP_REPLY_TIMEOUT fails the
+ * connection; see docs/preload.md). Before the wait, libpep does its work
+ * (pep_wait_work). While it has more to come, the wait runs in slices no
+ * longer than the time to it (10 ms while a header is pending; the nearest
+ * reply deadline otherwise),
+ * doing the work in between; the first slice that reports anything (events,
+ * an error, EINTR) ends the wait; the program's timeout is kept on
+ * CLOCK_MONOTONIC across slices. Once there is nothing more to come, the rest
+ * of the wait is one real call. With nothing to do, the hook is the real
+ * call with the program's own arguments (one relaxed load more).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+
+#include "conn.h"
+#include "fdstate.h"
+#include "real.h"
+
+/* One real wait: at most ns nanoseconds (-1: no limit), or AS_ASKED: the
+ * program's own timeout argument, untouched. */
+#define AS_ASKED (-2LL)
+typedef int (*wait_once_fn)(void *call, long long ns);
+
+static long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* timeout_ns: the program's timeout (-1: none); AS_ASKED when it cannot be
+ * read (an invalid value: the real call says so). */
+static int sliced_wait(wait_once_fn once, void *call, long long timeout_ns)
+{
+    long long slice = pep_wait_work();
+    if (PEP_LIKELY(slice < 0) || timeout_ns == 0 || timeout_ns == AS_ASKED)
+        return once(call, AS_ASKED);
+    long long deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+    long long left = timeout_ns;
+    while (slice >= 0 && left != 0) {
+        int r = once(call, left < 0 || left > slice ? slice : left);
+        if (r != 0)
+            return r;
+        slice = pep_wait_work();
+        if (deadline >= 0) {
+            left = deadline - now_ns();
+            if (left < 0)
+                left = 0;
+        }
+    }
+    return once(call, left);
+}
+
+static long long ms_to_ns(int ms)
+{
+    return ms < 0 ? -1 : ms * 1000000LL;
+}
+
+static int ns_to_ms(long long ns)
+{
+    if (ns < 0)
+        return -1;
+    long long ms = (ns + 999999) / 1000000; /* rounded up: never cut to 0 */
+    return ms > INT_MAX ? INT_MAX : (int)ms;
+}
+
+static long long ts_to_ns(const struct timespec *ts)
+{
+    if (!ts)
+        return -1;
+    if (ts->tv_sec < 0 || ts->tv_nsec < 0 || ts->tv_nsec >= 1000000000L ||
+        ts->tv_sec > LLONG_MAX / 1000000000LL - 1)
+        return AS_ASKED;
+    return ts->tv_sec * 1000000000LL + ts->tv_nsec;
+}
+
+static struct timespec ns_to_ts(long long ns)
+{
+    struct timespec t = {ns / 1000000000LL, ns % 1000000000LL};
+    return t;
+}
+
+/* ---- poll, ppoll ---------------------------------------------------------- */
+
+/*
+ * A PEP that resets right after its Error TLV makes the socket report
+ * POLLERR|POLLHUP, and some programs (curl) then call the connect failed
+ * without looking further ("Couldn't connect to server"). For our sockets
+ * whose reply turns out to be an Error TLV, poll reports them ready instead,
+ * so the program does its read or write and gets the mapped errno.
+ */
+static int after_poll(struct pollfd *fds, nfds_t n, int r)
+{
+    nfds_t i;
+    if (r <= 0 || !__atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED))
+        return r;
+    int saved = errno;
+    for (i = 0; i < n; i++) {
+        if (!(fds[i].revents & (POLLERR | POLLHUP)) || !pep_fd_busy(fds[i].fd))
+            continue;
+        /* Nothing received (a PEP that refused or never answered the SYN):
+         * no Error TLV to find, and settle()'s recv would consume the
+         * socket's pending ECONNREFUSED/ETIMEDOUT, so SO_ERROR would then say
+         * 0 and the program would write into a dead socket (curl: "Send
+         * failure: Protocol error" instead of "Couldn't connect").
+         * tests/test_reliability_client_faults.py */
+        int avail = 0;
+        if (ioctl(fds[i].fd, FIONREAD, &avail) < 0 || avail <= 0)
+            continue;
+        if (pep_failed_by_pep(fds[i].fd))
+            fds[i].revents = (short)(fds[i].events & (POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM));
+    }
+    errno = saved;
+    return r;
+}
+
+struct poll_call {
+    struct pollfd *fds;
+    nfds_t n;
+    int timeout;                /* poll */
+    const struct timespec *ts;  /* ppoll */
+    const sigset_t *mask;
+};
+
+static int poll_once(void *call, long long ns)
+{
+    struct poll_call *p = call;
+    return pep_real.poll(p->fds, p->n, ns == AS_ASKED ? p->timeout : ns_to_ms(ns));
+}
+
+static int ppoll_once(void *call, long long ns)
+{
+    struct poll_call *p = call;
+    if (ns == AS_ASKED)
+        return pep_real.ppoll(p->fds, p->n, p->ts, p->mask);
+    struct timespec t = ns_to_ts(ns);
+    return pep_real.ppoll(p->fds, p->n, ns < 0 ? NULL : &t, p->mask);
+}
+
+static int hooked_poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+    struct poll_call p = {fds, n, timeout, NULL, NULL};
+    return after_poll(fds, n, sliced_wait(poll_once, &p, ms_to_ns(timeout)));
+}
+
+static int hooked_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts,
+                        const sigset_t *mask)
+{
+    struct poll_call p = {fds, n, 0, ts, mask};
+    return after_poll(fds, n, sliced_wait(ppoll_once, &p, ts_to_ns(ts)));
+}
+
+PEP_EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+    PEP_INIT();
+    return hooked_poll(fds, n, timeout);
+}
+
+PEP_EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts,
+                     const sigset_t *mask)
+{
+    PEP_INIT();
+    return hooked_ppoll(fds, n, ts, mask);
+}
+
+/* _FORTIFY_SOURCE's poll/ppoll: glibc's check, then the same wait as
+ * poll/ppoll. A failed check goes to glibc's own symbol, which aborts. */
+PEP_EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen)
+{
+    PEP_INIT();
+    if (fdslen / sizeof *fds < n)
+        return pep_real.poll_chk(fds, n, timeout, fdslen);
+    return hooked_poll(fds, n, timeout);
+}
+
+PEP_EXPORT int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *ts,
+                           const sigset_t *mask, size_t fdslen)
+{
+    PEP_INIT();
+    if (fdslen / sizeof *fds < n)
+        return pep_real.ppoll_chk(fds, n, ts, mask, fdslen);
+    return hooked_ppoll(fds, n, ts, mask);
+}
+
+/* ---- select, pselect ------------------------------------------------------ */
+
+/* select() rewrites its sets: each slice starts from the program's. Sets
+ * larger than FD_SETSIZE (a program's own allocation) are not sliced. */
+struct select_call {
+    int n;
+    fd_set *sets[3], saved[3];
+    struct timeval *tv;         /* select */
+    const struct timespec *ts;  /* pselect */
+    const sigset_t *mask;
+    int sliced;                 /* the sets were saved */
+    long long start;            /* CLOCK_MONOTONIC at the first slice */
+};
+
+static void select_restore(struct select_call *s)
+{
+    int i;
+    for (i = 0; i < 3; i++) {
+        if (s->sets[i])
+            memcpy(s->sets[i], &s->saved[i], sizeof(fd_set));
+    }
+}
+
+static void select_save(struct select_call *s)
+{
+    int i;
+    for (i = 0; i < 3; i++) {
+        if (s->sets[i])
+            memcpy(&s->saved[i], s->sets[i], sizeof(fd_set));
+    }
+}
+
+static int select_once(void *call, long long ns)
+{
+    struct select_call *s = call;
+    if (ns == AS_ASKED) {
+        if (s->sliced)
+            select_restore(s);
+        return s->ts || s->mask ? pep_real.pselect(s->n, s->sets[0], s->sets[1], s->sets[2],
+                                                   s->ts, s->mask)
+                                : pep_real.select(s->n, s->sets[0], s->sets[1], s->sets[2], s->tv);
+    }
+    if (s->sliced) {
+        select_restore(s);
+    } else {
+        select_save(s);
+        s->start = now_ns();
+        s->sliced = 1;
+    }
+    struct timespec t = ns_to_ts(ns < 0 ? 0 : ns);
+    return pep_real.pselect(s->n, s->sets[0], s->sets[1], s->sets[2], ns < 0 ? NULL : &t,
+                            s->mask);
+}
+
+static long long tv_to_ns(const struct timeval *tv)
+{
+    if (!tv)
+        return -1;
+    if (tv->tv_sec < 0 || tv->tv_usec < 0 || tv->tv_usec >= 1000000 ||
+        tv->tv_sec > LLONG_MAX / 1000000000LL - 1)
+        return AS_ASKED;
+    return tv->tv_sec * 1000000000LL + tv->tv_usec * 1000LL;
+}
+
+PEP_EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)
+{
+    PEP_INIT();
+    struct select_call s = {n, {r, w, e}, {{{0}}}, tv, NULL, NULL, 0, 0};
+    long long timeout = n > FD_SETSIZE ? AS_ASKED : tv_to_ns(tv);
+    int rc = sliced_wait(select_once, &s, timeout);
+    if (s.sliced && tv) { /* Linux's select says how much time was left */
+        long long left = timeout - (now_ns() - s.start);
+        if (left < 0)
+            left = 0;
+        tv->tv_sec = left / 1000000000LL;
+        tv->tv_usec = (left % 1000000000LL) / 1000;
+    }
+    return rc;
+}
+
+PEP_EXPORT int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *ts,
+                       const sigset_t *mask)
+{
+    PEP_INIT();
+    struct select_call s = {n, {r, w, e}, {{{0}}}, NULL, ts, mask, 0, 0};
+    /* pselect with no timeout and no mask is select with no timeout: the
+     * same call either way. */
+    return sliced_wait(select_once, &s, n > FD_SETSIZE ? AS_ASKED : ts_to_ns(ts));
+}
+
+/* ---- epoll ---------------------------------------------------------------- */
+
+struct epoll_call {
+    int epfd;
+    struct epoll_event *ev;
+    int max;
+    int timeout;                /* epoll_wait, epoll_pwait */
+    const struct timespec *ts;  /* epoll_pwait2 */
+    const sigset_t *mask;
+    int kind;                   /* 0 epoll_wait, 1 epoll_pwait, 2 epoll_pwait2 */
+};
+
+static int epoll_once(void *call, long long ns)
+{
+    struct epoll_call *c = call;
+    if (c->kind == 2) {
+        struct timespec t = ns_to_ts(ns < 0 ? 0 : ns);
+        const struct timespec *tp = ns == AS_ASKED ? c->ts : ns < 0 ? NULL : &t;
+        return pep_real.epoll_pwait2(c->epfd, c->ev, c->max, tp, c->mask);
+    }
+    int ms = ns == AS_ASKED ? c->timeout : ns_to_ms(ns);
+    if (c->kind == 1)
+        return pep_real.epoll_pwait(c->epfd, c->ev, c->max, ms, c->mask);
+    return pep_real.epoll_wait(c->epfd, c->ev, c->max, ms);
+}
+
+PEP_EXPORT int epoll_wait(int epfd, struct epoll_event *ev, int max, int timeout)
+{
+    PEP_INIT();
+    struct epoll_call c = {epfd, ev, max, timeout, NULL, NULL, 0};
+    return sliced_wait(epoll_once, &c, ms_to_ns(timeout));
+}
+
+PEP_EXPORT int epoll_pwait(int epfd, struct epoll_event *ev, int max, int timeout,
+                           const sigset_t *mask)
+{
+    PEP_INIT();
+    struct epoll_call c = {epfd, ev, max, timeout, NULL, mask, 1};
+    return sliced_wait(epoll_once, &c, ms_to_ns(timeout));
+}
+
+PEP_EXPORT int epoll_pwait2(int epfd, struct epoll_event *ev, int max,
+                            const struct timespec *ts, const sigset_t *mask)
+{
+    PEP_INIT();
+    if (!pep_real.epoll_pwait2) {
+        errno = ENOSYS;
+        return -1;
+    }
+    struct epoll_call c = {epfd, ev, max, 0, ts, mask, 2};
+    return sliced_wait(epoll_once, &c, ts_to_ns(ts));
+}
