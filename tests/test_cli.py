@@ -1,15 +1,20 @@
 """The `pep` command line: check, run/lib argument handling."""
+import os
 import subprocess
 import sys
+import tempfile
 
 from converter import Converter
 
 
-def pep(*args, host=None, **kw):
-    """Run the pep command, inside `host`'s namespace when given."""
+def pep(*args, host=None, env=None, **kw):
+    """Run the pep command, inside `host`'s namespace when given, with a shared-state
+    directory of its own (PEP_STATE_DIR) unless `env` names one."""
     argv = [sys.executable, "-m", "pepsock.cli", *args]
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PEP_STATE_DIR", tempfile.mkdtemp(prefix="pep-cli-state-"))
     return subprocess.run(host.cmd(*argv) if host else argv, capture_output=True, text=True,
-                          timeout=30, **kw)
+                          timeout=30, env=env, **kw)
 
 
 def check_against_converter(topology, name: str, tfo: int):
