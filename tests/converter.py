@@ -31,6 +31,7 @@ class Seen:
     early_data: bytes = b""     # application bytes that came with the header
     peer: tuple = ()            # the client's address as the converter saw it
     error: str = ""
+    cookie: bytes | None = None  # added: the request's Cookie TLV value, if it had one
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Converter:
     reset_after_error: bool = True             # RST (SO_LINGER 0) after an Error, else FIN
     reset_delay: float = 0.05                   # seconds between the Error TLV and the RST
     seen: list[Seen] = field(default_factory=list)
+    # Added for the failover/cookie tests (RFC 8803 6.2.7, 6.2.8):
+    cookie: bytes | None = None                 # require this Cookie TLV: none -> Error 3
+                                                # carrying it (value 0 + cookie), wrong -> 32
+    reply_delay: float = 0.0                    # hold the reply this long (inf: never reply)
+    listener_no_cookie: bool = True             # False: the kernel wants TFO cookies
 
     def __post_init__(self):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -54,7 +60,8 @@ class Converter:
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 128)
         try:
-            self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+            if self.listener_no_cookie:
+                self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
         except OSError:
             pass
         self.listener.bind((self.host, self.port))
@@ -101,6 +108,11 @@ class Converter:
             client.sendall(data[i:i + self.split])
             time.sleep(self.split_delay)
 
+    def _hold_reply(self):
+        end = time.monotonic() + self.reply_delay
+        while not self._stop and time.monotonic() < end:
+            time.sleep(min(0.05, end - time.monotonic()))
+
     def _tunnel(self, client: socket.socket):
         seen = Seen()
         self.seen.append(seen)
@@ -134,7 +146,14 @@ class Converter:
             client.close()
             return
         seen.connect = target
+        cookie_tlv = reader.message.get(protocol.TLVType.COOKIE)
+        seen.cookie = None if cookie_tlv is None else cookie_tlv.data
         try:
+            if self.cookie is not None and seen.cookie != self.cookie:
+                code = 3 if seen.cookie is None else 32
+                client.sendall(protocol.error_reply(code, b"\x00" + self.cookie if code == 3 else b""))
+                time.sleep(self.reset_delay)
+                return
             if self.raw_reply is not None:
                 self._reply(client, self.raw_reply)
                 time.sleep(0.3)
@@ -153,9 +172,10 @@ class Converter:
                 self._reply(client, protocol.error_reply(code, value))
                 return
             with server:
-                self._reply(client, protocol.success_reply(self.reply_tlvs))
                 if reader.rest:
                     server.sendall(reader.rest)
+                self._hold_reply()
+                self._reply(client, protocol.success_reply(self.reply_tlvs))
                 pump_both(client, server)
         except OSError as exc:
             seen.error = str(exc)
