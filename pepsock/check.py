@@ -124,6 +124,7 @@ def probe(pep: _route.Pep, conf: _route.Settings, say, fields: dict, timeout: fl
             say(f"FAIL  cannot reach the PEP at {pep}: {exc}")
             return False
     elapsed = (time.monotonic() - started) * 1000
+    _say_tfo(pep, say, in_syn, no_cookie, client_tfo)
     if msg.error is not None:
         code = msg.error.code
         try:
@@ -136,21 +137,31 @@ def probe(pep: _route.Pep, conf: _route.Settings, say, fields: dict, timeout: fl
             value = msg.error.value
             if len(value) > 1 and value[0] == 0:
                 pepstate.update(conf.state_dir, pep.state_name, cookie=value[1:].hex())
-                say(f"note  stored the cookie it sent ({len(value) - 1} bytes): this client's "
-                    f"next connections carry it")
+                say(f"note  Cookie TLV mode: stored the cookie it sent ({len(value) - 1} bytes); "
+                    f"this client's next connections carry it")
         return False
     say(f"ok    the PEP at {pep} answers RFC 8803 in {elapsed:.1f} ms: "
         f"{', '.join(map(repr, msg.tlvs)) or 'empty reply'}")
-    if in_syn:
-        say("ok    the header rode in the SYN and the PEP accepted it (0-RTT)")
-    elif no_cookie and client_tfo:
-        say("warn  the header did not ride in the SYN: the PEP requires TFO cookies (or a "
-            "middlebox strips SYN data); clients now ask for a cookie and are 0-RTT from "
-            "the connection after next")
-    else:
-        say("warn  the header did not ride in the SYN (no TFO cookie yet, no TFO on the PEP, or "
-            "a middlebox strips SYN data): connections work but cost one more round trip")
+    if cookie is not None:
+        say("ok    Cookie TLV: the PEP accepted the cookie this client sent")
     return True
+
+
+def _say_tfo(pep, say, in_syn: bool, no_cookie: bool, client_tfo: bool) -> None:
+    if in_syn and no_cookie:
+        say(f"ok    {pep} is a cookie-less TFO PEP: the header rode in the SYN (0-RTT from the "
+            f"first connection)")
+    elif in_syn:
+        say(f"ok    {pep} wants TFO cookies and this client holds one: the header rode in the "
+            f"SYN (0-RTT)")
+    elif no_cookie and client_tfo:
+        say(f"warn  {pep}: the header did not ride in the SYN: the PEP requires TFO cookies (or "
+            f"a middlebox strips SYN data); clients now ask for a cookie and are 0-RTT from the "
+            f"connection after next")
+    else:
+        say(f"warn  {pep}: the header did not ride in the SYN (no TFO cookie yet, no TFO on the "
+            f"PEP or here, or a middlebox strips SYN data): connections work but cost one more "
+            f"round trip")
 
 
 def check_peps(peps, conf: _route.Settings, say) -> bool:

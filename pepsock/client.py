@@ -108,7 +108,7 @@ class PepSocket(socket.socket):
         """Fail the connection (ETIMEDOUT) if the reply is late; for event loops, whose
         transport then reads the error.  A no-op once the reply is in."""
         link = self._link
-        if link is None or link.session.done or link.session.error is not None:
+        if link is None or self._closed or link.session.done or link.session.error is not None:
             return
         if time.monotonic() >= link.reply_deadline:
             self._failed(link, link.session.reply_timed_out(link.reply_timeout))

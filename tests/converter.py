@@ -138,16 +138,24 @@ class Converter:
                 pass
             client.close()
             return
+        # A cookie requirement and a forced Error apply to Info requests too (the
+        # RFC's Missing Cookie and Resource Exceeded are about any Convert message).
+        cookie_tlv = reader.message.get(protocol.TLVType.COOKIE)
+        seen.cookie = None if cookie_tlv is None else cookie_tlv.data
         if isinstance(target, protocol.Info):
             try:
-                client.sendall(protocol.success_reply((protocol.SupportedTCPExtensions((2, 3, 4)),)))
+                if self.cookie is not None and seen.cookie != self.cookie:
+                    code = 3 if seen.cookie is None else 32
+                    client.sendall(protocol.error_reply(code, b"\x00" + self.cookie if code == 3 else b""))
+                elif self.error is not None:
+                    client.sendall(protocol.error_reply(*self.error))
+                else:
+                    client.sendall(protocol.success_reply((protocol.SupportedTCPExtensions((2, 3, 4)),)))
             except OSError:
                 pass
             client.close()
             return
         seen.connect = target
-        cookie_tlv = reader.message.get(protocol.TLVType.COOKIE)
-        seen.cookie = None if cookie_tlv is None else cookie_tlv.data
         try:
             if self.cookie is not None and seen.cookie != self.cookie:
                 code = 3 if seen.cookie is None else 32
