@@ -11,11 +11,15 @@ success reply and closes. In one client process, alternating blocks time:
   pepsock  pepsock.create_connection(dest, pep=listener): planner, state,
            header in the SYN, PepSocket
 
-Each connection is closed with SO_LINGER 0 (no TIME_WAIT pile-up). Prints the
-median microseconds per connection of each variant and the differences
-pepsock - socket and pepsock - rawtfo. Needs root (namespaces).
+  base     with --baseline REV: pepsock.create_connection of git revision REV
+           (its pepsock/ extracted to a temp dir, imported as another package)
 
-    python3 benchmarks/bench_client.py [--rounds 7] [--block 300]
+Each connection is closed with SO_LINGER 0 (no TIME_WAIT pile-up). Prints the
+median microseconds per connection of each variant and the median over rounds
+of the paired differences against rawtfo (the machine is shared: the rounds
+of one variant vary; the differences within a round vary less). Needs root.
+
+    python3 benchmarks/bench_client.py [--rounds 9] [--block 300] [--baseline aeea6fc]
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import select
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,15 +84,33 @@ def run_rawtfo(addr, n, header):
         close_now(s)
 
 
-def run_pepsock(addr, n, dest):
-    import pepsock
+def run_pepsock(addr, n, dest, module=None):
+    if module is None:
+        import pepsock as module
+    connect = module.create_connection
     for _ in range(n):
-        close_now(pepsock.create_connection(dest, 5, pep=addr))
+        close_now(connect(dest, 5, pep=addr))
+
+
+def load_revision(rev: str):
+    """pepsock as of git revision `rev`, imported as the package pepsock_base."""
+    import importlib.util
+    tmp = tempfile.mkdtemp(prefix="bench-client-base-")
+    subprocess.run(f"git -C {REPO} archive {rev} pepsock | tar -x -C {tmp}", shell=True,
+                   check=True)
+    init = os.path.join(tmp, "pepsock", "__init__.py")
+    spec = importlib.util.spec_from_file_location("pepsock_base", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pepsock_base"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--baseline", metavar="REV", help="also time pepsock as of this git revision")
     ap.add_argument("--block", type=int, default=300)
     ap.add_argument("--profile", action="store_true", help="cProfile the pepsock variant instead")
     args = ap.parse_args()
@@ -112,6 +135,9 @@ def main() -> int:
                     "rawtfo": lambda n: run_rawtfo(addr, n, header),
                     "pepsock": lambda n: run_pepsock(addr, n, dest),
                 }
+                if args.baseline:
+                    base = load_revision(args.baseline)
+                    variants["base"] = lambda n: run_pepsock(addr, n, dest, base)
                 for run in variants.values():  # warm up
                     run(50)
                 if args.profile:
@@ -133,10 +159,12 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, us in med.items():
         print(f"{name:8s} {us:8.1f} us/connection  (rounds: {', '.join(f'{t:.0f}' for t in times[name])})")
-    print(f"pepsock - socket  {med['pepsock'] - med['socket']:+8.1f} us  "
-          f"(ratio {med['pepsock'] / med['socket']:.2f})")
-    print(f"pepsock - rawtfo  {med['pepsock'] - med['rawtfo']:+8.1f} us  "
-          f"(ratio {med['pepsock'] / med['rawtfo']:.2f})")
+    for name in [k for k in ("pepsock", "base") if k in times]:
+        for ref in ("socket", "rawtfo"):
+            diffs = [a - b for a, b in zip(times[name], times[ref])]
+            ratios = [a / b for a, b in zip(times[name], times[ref])]
+            print(f"{name} - {ref:7s} {statistics.median(diffs):+8.1f} us  "
+                  f"(median ratio {statistics.median(ratios):.2f})")
     return 0
 
 

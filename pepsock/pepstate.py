@@ -32,7 +32,11 @@ MAX_FILE = 4096
 DEFAULT_HOLD_DOWN = 30
 
 _dir_checked: dict[str, str | None] = {}
-_cache: dict[str, tuple[tuple, dict[str, str]]] = {}
+#: path -> (when last stat()ed, (inode, mtime, size), fields)
+_cache: dict[str, tuple[float, tuple, dict[str, str]]] = {}
+#: A file stat()ed this recently is not stat()ed again: another process's news
+#: reaches this one at most this late (ours at once: update() refreshes the cache).
+RECHECK = 0.05
 
 
 def state_dir(env=None) -> str | None:
@@ -87,16 +91,20 @@ def load(directory: str | None, name: str) -> dict[str, str]:
     """The fields recorded for one PEP ({} when none, or the file is not to be trusted)."""
     if directory is None:
         return {}
-    path = os.path.join(directory, name)
+    path = directory + "/" + name
+    hit = _cache.get(path)
+    now = time.monotonic()
+    if hit is not None and now - hit[0] < RECHECK:
+        return hit[2]
     try:
         st = os.stat(path)
     except OSError:
-        _cache.pop(path, None)
+        _cache[path] = (now, (), {})
         return {}
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
-    hit = _cache.get(path)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if hit is not None and hit[1] == key:
+        _cache[path] = (now, key, hit[2])
+        return hit[2]
     fields: dict[str, str] = {}
     if st.st_size <= MAX_FILE and st.st_uid == os.getuid() and stat.S_ISREG(st.st_mode):
         try:
@@ -104,7 +112,7 @@ def load(directory: str | None, name: str) -> dict[str, str]:
                 fields = parse(f.read(MAX_FILE + 1).decode("ascii")) or {}
         except (OSError, UnicodeDecodeError):
             fields = {}
-    _cache[path] = (key, fields)
+    _cache[path] = (now, key, fields)
     return fields
 
 
@@ -112,13 +120,14 @@ def update(directory: str | None, name: str, **changes) -> None:
     """Set (str/int) or remove (None) fields of one PEP's record, atomically."""
     if directory is None:
         return
+    path = directory + "/" + name
+    _cache.pop(path, None)          # read-modify-write from the file, not the cache
     fields = dict(load(directory, name))
     for key, value in changes.items():
         if value is None:
             fields.pop(key, None)
         else:
             fields[key] = str(value)
-    path = os.path.join(directory, name)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -127,6 +136,7 @@ def update(directory: str | None, name: str, **changes) -> None:
         finally:
             os.close(fd)
         os.rename(tmp, path)
+        _cache.pop(path, None)      # our own news is read back at once
     except OSError as exc:
         log.debug("pepsock: cannot record PEP state in %s: %s", path, exc)
         try:

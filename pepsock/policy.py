@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 def normalize_ip(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """IPv4-mapped IPv6 addresses count as the IPv4 address they carry."""
-    addr = ipaddress.ip_address(addr)
+    if not isinstance(addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        addr = ipaddress.ip_address(addr)
     if addr.version == 6 and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr

@@ -80,7 +80,7 @@ def connect_timeout_for(conf: Settings, fields: dict) -> float:
     return min(max(4 * rtt, CONNECT_TIMEOUT_MIN), CONNECT_TIMEOUT_MAX)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Dial:
     """One attempt: connect to `sockaddr` with `payload` first on the stream."""
 
@@ -97,11 +97,20 @@ class Dial:
         return self.pep is not None
 
 
+#: Per process: when this process last wrote a PEP's RTT (an RTT is a hint for the
+#: connect timeout; rewriting the file for every wobble of it costs more than a connect).
+_rtt_written: dict[str, float] = {}
+RTT_REWRITE_INTERVAL = 10.0
+
+
 def learn(conf: Settings, dial: Dial, syn_data_attempted: bool, syn_data_acked: bool,
-          handshake_seconds: float) -> None:
+          handshake_seconds: float, fields: dict | None = None) -> None:
     """Record what a handshake with dial.pep showed: its TFO mode (PEP_TFO_MODE=auto: SYN
-    data sent without a cookie and not acked means the PEP wants TFO cookies) and RTT."""
-    fields = pepstate.load(conf.state_dir, dial.pep.state_name)
+    data sent without a cookie and not acked means the PEP wants TFO cookies) and RTT
+    (when unknown, or off by more than 2x and not rewritten by us in the last 10 s)."""
+    name = dial.pep.state_name
+    if fields is None:
+        fields = pepstate.load(conf.state_dir, name)
     changes = {}
     if conf.tfo_mode == "auto" and syn_data_attempted and dial.no_cookie:
         learned = "nocookie" if syn_data_acked else "cookie"
@@ -112,10 +121,13 @@ def learn(conf: Settings, dial: Dial, syn_data_attempted: bool, syn_data_acked: 
         known = int(fields["rtt_us"])
     except (KeyError, ValueError):
         known = 0
-    if not known or abs(rtt_us - known) * 4 > known:   # a change of over 25 %
+    now = time.monotonic()
+    if not known or (not known / 2 <= rtt_us <= known * 2
+                     and now - _rtt_written.get(name, -1e9) > RTT_REWRITE_INTERVAL):
         changes["rtt_us"] = rtt_us
+        _rtt_written[name] = now
     if changes:
-        pepstate.update(conf.state_dir, dial.pep.state_name, **changes)
+        pepstate.update(conf.state_dir, name, **changes)
 
 
 class ReplyParser:
@@ -165,6 +177,7 @@ class ClientSession:
         self._reader = ReplyParser()
         self._unsent: bytearray | None = bytearray()  # app bytes before the reply (replay)
         self.dial: Dial | None = None
+        self._fields: dict = {}              # the shared state of dial.pep when dialled
         self.message: protocol.Message | None = None
         self.error: OSError | None = None
 
@@ -192,6 +205,7 @@ class ClientSession:
         return self._fallback()
 
     def _dial_pep(self, pep: Pep, fields: dict) -> Dial:
+        self._fields = fields
         cookie_hex = fields.get("cookie")
         cookie = self.conf.cookie
         if cookie_hex:
@@ -253,7 +267,8 @@ class ClientSession:
                   handshake_seconds: float) -> None:
         """Learn from a completed handshake: TFO cookie mode and RTT (shared state)."""
         if dial.pep is not None:
-            learn(self.conf, dial, syn_data_attempted, syn_data_acked, handshake_seconds)
+            learn(self.conf, dial, syn_data_attempted, syn_data_acked, handshake_seconds,
+                  self._fields if dial is self.dial else None)
 
     # -- bytes -------------------------------------------------------------------------
 
