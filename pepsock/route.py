@@ -240,6 +240,7 @@ class Route:
     direct: tuple | None = None
     destination: Destination | None = None
     peps: tuple[Pep, ...] = ()
+    forced: bool = False  # pep= given: no hold-down skipping, no fallback
 
 
 def pep_from_addrinfo(host: str, port: int, info) -> Pep:
@@ -298,7 +299,7 @@ def plan(host: str, port: int, conf: Settings, pep=None) -> Generator[Resolve, l
             candidates.append(candidate)
     if not candidates and failures:
         raise failures[0]
-    return Route(destination=dest, peps=tuple(candidates))
+    return Route(destination=dest, peps=tuple(candidates), forced=pep is not None)
 
 
 def resolve_sync(request: Resolve) -> list:

@@ -172,6 +172,8 @@ class ClientSession:
         self.destination = route.destination
         self.conf = conf
         self._queue = list(route.peps)
+        self.forced = route.forced          # pep=: that PEP's errors are the connection's
+        self._last_error: OSError | None = None
         self._skipped: list[str] = []       # why PEPs were not used, for messages
         self._cookie_retried: set = set()
         self._reader = ReplyParser()
@@ -197,7 +199,7 @@ class ClientSession:
             pep = self._queue.pop(0)
             fields = pepstate.load(directory, pep.state_name)
             until = pepstate.down_until(fields)
-            if until is not None:
+            if until is not None and not self.forced:
                 self._skipped.append(f"{pep} held down until {time.strftime('%H:%M:%S', time.localtime(until))}"
                                      f" ({fields.get('reason', '?')})")
                 continue
@@ -225,6 +227,8 @@ class ClientSession:
 
     def _fallback(self) -> Dial:
         why = "; ".join(self._skipped) or "no PEP"
+        if self.forced and self._last_error is not None:
+            raise self.fail(self._last_error)
         if self.conf.fallback == "fail":
             raise self.fail(ConnectionRefusedError(
                 errno.ECONNREFUSED, f"no usable PEP for {self.destination} ({why}); "
@@ -255,6 +259,7 @@ class ClientSession:
         pep = self.dial.pep if self.dial else None
         if pep is None or not (timed_out or exc.errno in PEP_UNREACHABLE):
             raise self.fail(exc)
+        self._last_error = exc
         if timed_out:
             self._hold(pep, pepstate.DEFAULT_HOLD_DOWN, "timeout",
                        f"did not answer within {self.dial.connect_timeout:g} s")
@@ -321,6 +326,7 @@ class ClientSession:
             return self._dial_pep(pep, fields)
         reason = HOLD_DOWN_CODES.get(err.code)
         if reason is not None:
+            self._last_error = protocol.convert_error(err.code, err.value)
             name = protocol.ErrorCode(err.code).name.replace("_", " ").title()
             self._hold(pep, hold_down_seconds(err.value), reason,
                        f"answered Error {err.code} ({name})")

@@ -114,6 +114,8 @@ def test_split_reply_is_stripped(echo, split):
     (97, b"\x01", OSError, errno.EHOSTUNREACH),
     (97, b"\x00", OSError, errno.ENETUNREACH),
     (32, b"", PermissionError, errno.EACCES),
+    (64, b"", OSError, errno.ENOBUFS),    # pep= forces the PEP: no fallback
+    (65, b"", OSError, errno.ENETUNREACH),
     (1, b"", OSError, errno.EPROTO),
     (3, b"", OSError, errno.EPROTO),      # Missing Cookie without a cookie: nothing to retry with
 ])

@@ -148,6 +148,14 @@ def test_fallback_direct_and_fail(echo, ns, monkeypatch):
     assert "held down" in str(info.value) and "PEP_FALLBACK=fail" in str(info.value)
 
 
+def test_forced_pep_neither_skips_nor_falls_back(echo, ns, clean_env):
+    dead = dead_port()
+    for _ in range(2):      # held down after the first, still tried: pep= forces it
+        with pytest.raises(ConnectionRefusedError):
+            pepsock.create_connection(echo.address, timeout=5, pep=("127.0.0.1", dead))
+    assert state_of(clean_env, dead)["reason"] == "refused"
+
+
 def test_destination_errors_never_fall_back(ns, monkeypatch):
     with Converter() as conv:
         monkeypatch.setenv("PEP_PROXY", conv.env_value)

@@ -83,13 +83,14 @@ def test_settings_parse_and_reject():
 def test_pep_log_routes_the_python_client_through_logging(tmp_path):
     """PEP_LOG=info:/file: the hold-down line lands in the file (a refused PEP)."""
     log = tmp_path / "pep.log"
-    code = ("import socket, pepsock\n"
+    code = ("import os, socket, pepsock\n"
             "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+            "os.environ['PEP_PROXY'] = f'127.0.0.1:{port}'\n"
             "l = socket.create_server(('127.0.0.1', 0))\n"
-            "c = pepsock.create_connection(l.getsockname(), timeout=5, pep=('127.0.0.1', port))\n"
+            "c = pepsock.create_connection(l.getsockname(), timeout=5)\n"
             "print(type(c).__name__)\n")
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO, "PEP_LOG": f"info:{log}",
-           "PEP_STATE_DIR": str(tmp_path / "state")}
+           "PEP_STATE_DIR": str(tmp_path / "state"), "PEP_NO_PROXY": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0, out.stderr
