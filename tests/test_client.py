@@ -313,3 +313,34 @@ def test_asyncio_direct_when_bypassed(echo, monkeypatch):
         writer.close()
         return got
     assert asyncio.run(main()) == b"d"
+
+
+def test_connection_to_the_pep_itself_goes_direct_sync_and_asyncio(ns, monkeypatch):
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", conv.env_value)
+        monkeypatch.setenv("PEP_NO_PROXY", "")
+        s = pepsock.create_connection(conv.address, timeout=5)
+        assert not isinstance(s, pepsock.PepSocket)
+        s.close()
+
+        async def main():
+            reader, writer = await pepsock.open_connection(*conv.address)
+            sock = writer.get_extra_info("socket")
+            writer.close()
+            return sock
+        assert not isinstance(asyncio.run(main()), pepsock.PepSocket)
+        time.sleep(0.1)
+        assert all(seen.connect is None for seen in conv.seen)   # no Convert header sent
+
+
+def test_asyncio_peername_is_the_destination_ipv6(ns):
+    async def main():
+        with EchoServer("::1") as echo6, Converter() as conv:
+            reader, writer = await pepsock.open_connection(*echo6.address, pep=conv.address)
+            peer = writer.get_extra_info("peername")
+            writer.write(b"v6")
+            got = await asyncio.wait_for(reader.readexactly(2), 5)
+            writer.close()
+            return peer, echo6.address, got
+    peer, address, got = asyncio.run(main())
+    assert peer == (address[0], address[1], 0, 0) and got == b"v6"

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import pepsock
-from pepsock import pepstate, tfo
+from pepsock import pepstate
 from converter import Converter, EchoServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
