@@ -175,6 +175,7 @@ class ClientSession:
         self.forced = route.forced          # pep=: that PEP's errors are the connection's
         self._last_error: OSError | None = None
         self._skipped: list[str] = []       # why PEPs were not used, for messages
+        self._downs: list[tuple[str, int]] = []   # (PEP, down_until): one fallback line each
         self._cookie_retried: set = set()
         self._reader = ReplyParser()
         self._unsent: bytearray | None = bytearray()  # app bytes before the reply (replay)
@@ -200,6 +201,7 @@ class ClientSession:
             fields = pepstate.load(directory, pep.state_name)
             until = pepstate.down_until(fields)
             if until is not None and not self.forced:
+                self._downs.append((pep.state_name, until))
                 self._skipped.append(f"{pep} held down until {time.strftime('%H:%M:%S', time.localtime(until))}"
                                      f" ({fields.get('reason', '?')})")
                 continue
@@ -233,7 +235,7 @@ class ClientSession:
             raise self.fail(ConnectionRefusedError(
                 errno.ECONNREFUSED, f"no usable PEP for {self.destination} ({why}); "
                                     f"PEP_FALLBACK=fail"))
-        key = why
+        key = tuple(sorted(self._downs))
         if key not in _fallback_said:
             _fallback_said.add(key)
             log.warning("pepsock: no usable PEP (%s); connecting directly to %s",
@@ -249,6 +251,7 @@ class ClientSession:
     def _hold(self, pep: Pep, seconds: int, reason: str, what: str) -> None:
         until = int(time.time()) + seconds
         pepstate.update(self.conf.state_dir, pep.state_name, down_until=until, reason=reason)
+        self._downs.append((pep.state_name, until))
         self._skipped.append(f"{pep} {what}")
         log.warning("pepsock: PEP %s %s; held down for %d s", pep, what, seconds)
 

@@ -182,9 +182,22 @@ class Converter:
             with server:
                 if reader.rest:
                     server.sendall(reader.rest)
+                if not self.reply_delay:
+                    self._reply(client, protocol.success_reply(self.reply_tlvs))
+                    pump_both(client, server)
+                    return
+                # A late reply: the client's bytes go on to the server meanwhile, the
+                # server's wait behind the reply.
+                client.settimeout(30)
+                server.settimeout(30)
+                upstream = threading.Thread(target=_pump, args=(client, server), daemon=True)
+                upstream.start()
                 self._hold_reply()
+                if self._stop:
+                    return
                 self._reply(client, protocol.success_reply(self.reply_tlvs))
-                pump_both(client, server)
+                _pump(server, client)
+                upstream.join(30)
         except OSError as exc:
             seen.error = str(exc)
         finally:

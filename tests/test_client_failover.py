@@ -372,3 +372,30 @@ def test_dup_and_fromfd(echo):
         assert f.reply_received and f.getpeername() == echo.address
         f.settimeout(5)     # the dup'd fd is non-blocking, as with socket.fromfd
         round_trip(f, b"fromfd")
+
+
+def test_fallback_is_said_once_per_hold_down(echo, ns, monkeypatch, caplog):
+    monkeypatch.setenv("PEP_PROXY", proxy_list(dead_port()))
+    for _ in range(3):
+        pepsock.create_connection(echo.address, timeout=5).close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pepsock"]
+    assert sum("held down for 30 s" in m for m in lines) == 1
+    assert sum("connecting directly" in m for m in lines) == 1
+
+
+def test_asyncio_confirm_and_a_delayed_reply_forwarding_bytes(ns, monkeypatch):
+    monkeypatch.setenv("PEP_CONFIRM", "1")
+
+    async def main():
+        with Converter(reply_delay=0.3) as conv, EchoServer() as echo:
+            monkeypatch.setenv("PEP_PROXY", conv.env_value)
+            with pytest.raises(ConnectionRefusedError):
+                await pepsock.open_connection("127.0.0.1", dead_port())
+            monkeypatch.setenv("PEP_CONFIRM", "0")
+            started = time.monotonic()
+            reader, writer = await pepsock.open_connection(*echo.address)
+            opened = time.monotonic() - started
+            got = await _aio_round_trip(reader, writer)
+            return opened, got
+    opened, got = asyncio.run(main())
+    assert opened < 0.25 and got == b"ping"     # 0-RTT: open_connection did not wait
