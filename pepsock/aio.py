@@ -1,8 +1,17 @@
 """open_connection(): asyncio streams through an RFC 8803 PEP in 0-RTT.
 
-Same behaviour as the sync client: the header rides in the SYN, the PEP's
-reply is removed before the first byte reaches the StreamReader, and an Error
-TLV becomes the reader's exception (a ConvertError) with the connection reset.
+The asyncio mirror of client.create_connection: the same route.plan() and
+session.ClientSession decide, and the connection is the same PepSocket,
+handed to the loop's own socket transport.  The transport reads through
+PepSocket.recv, so the PEP's reply never reaches a protocol (StreamReader,
+or TLS after start_tls), an Error TLV becomes the reader's exception (a
+ConvertError) with the connection reset, and get_extra_info("peername") is
+the destination.  A reply later than PEP_REPLY_TIMEOUT (or the `timeout`
+given) fails the connection with ETIMEDOUT.
+
+A retry that happens after open_connection returned (Error 3 or 64/65 in the
+reply) reconnects on the same socket and waits for that handshake in the
+loop's thread (at most the PEP connect timeout; rare: a cookie is learnt once).
 """
 from __future__ import annotations
 
@@ -10,83 +19,54 @@ import asyncio
 import errno
 import socket
 import ssl as _ssl
+import time
 
-from . import protocol, tfo
-from .client import _resolve, choose_pep
-from .policy import normalize_ip
+from . import route as _route
+from .client import PepSocket, connected, handshake_error, start_dial
+from .session import ClientSession, Dial
 
 _DEFAULT_LIMIT = 2 ** 16
 
 
-class _ReplyStrippingProtocol(asyncio.StreamReaderProtocol):
-    """Feeds the PEP's reply to the codec; application bytes go on to the reader."""
-
-    def __init__(self, reader: asyncio.StreamReader, loop):
-        super().__init__(reader, loop=loop)
-        self._convert = protocol.MessageReader()
-        self.reply = loop.create_future()
-
-    def data_received(self, data: bytes) -> None:
-        if self._convert.done:
-            return super().data_received(data)
-        try:
-            msg = self._convert.feed(data)
-            if msg is None:
-                return
-            protocol.check_reply(msg)
-        except protocol.ProtocolError as exc:
-            return self._fail(OSError(errno.EPROTO, f"bad reply from the PEP: {exc}"))
-        except protocol.ConvertError as exc:
-            return self._fail(exc)
-        self.reply.set_result(msg)
-        if self._convert.rest:
-            super().data_received(self._convert.rest)
-            self._convert.rest = b""
-
-    def _fail(self, exc: OSError) -> None:
-        if not self.reply.done():
-            self.reply.set_exception(exc)
-            self.reply.exception()  # retrieved: the reader carries it to the app
-        self._stream_reader.set_exception(exc)
-        transport = self._transport
-        if transport is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                tfo.reset(sock)
-            transport.abort()
-
-    def eof_received(self):
-        if not self._convert.done:
-            self._fail(ConnectionResetError(
-                errno.ECONNRESET, "the PEP closed the connection before its RFC 8803 reply"))
-            return False
-        return super().eof_received()
-
-    def connection_lost(self, exc):
-        if not self.reply.done():
-            self.reply.set_exception(exc or ConnectionResetError(
-                errno.ECONNRESET, "connection to the PEP lost before its reply"))
-            self.reply.exception()
-        super().connection_lost(exc)
-
-
-async def _connect_socket(sock: socket.socket, header: bytes, address) -> None:
-    loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    tfo.allow_data_without_cookie(sock)
-    taken = tfo.send_in_syn(sock, header, address)
+async def _writable(loop, sock: socket.socket) -> None:
     done = loop.create_future()
     loop.add_writer(sock.fileno(), lambda: done.done() or done.set_result(None))
     try:
         await done
     finally:
         loop.remove_writer(sock.fileno())
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, f"connecting to the PEP at {address[0]}:{address[1]}: "
-                           f"{errno.errorcode.get(err, err)}")
-    if taken < len(header):
-        await loop.sock_sendall(sock, header[taken:])
+
+
+async def _connect(loop, session: ClientSession, dial: Dial, deadline: float | None):
+    """Dial PEPs until one completes the handshake: (sock, None), or (None, direct Dial)."""
+    while dial.pep is not None:
+        sock = PepSocket(dial.family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            started = time.monotonic()
+            taken = start_dial(sock, dial)
+            limit = dial.connect_timeout
+            caller_first = deadline is not None and (limit is None or deadline <= started + limit)
+            wait = deadline - started if caller_first else limit
+            try:
+                await asyncio.wait_for(_writable(loop, sock), wait)
+                err = handshake_error(sock, dial)
+            except asyncio.TimeoutError:
+                if caller_first:
+                    raise TimeoutError(errno.ETIMEDOUT, f"timed out connecting to {dial.pep}") \
+                        from None
+                err = TimeoutError(errno.ETIMEDOUT, f"the PEP at {dial.pep} did not answer")
+            if err is None:
+                connected(sock, session, dial, taken, started)
+                if taken < len(dial.payload):
+                    await loop.sock_sendall(sock, dial.payload[taken:])
+                return sock, None
+        except BaseException:
+            sock.close()
+            raise
+        sock.close()
+        dial = session.connect_failed(err, timed_out=isinstance(err, TimeoutError))
+    return None, dial
 
 
 async def open_connection(host: str, port: int, *, pep=None, limit: int = _DEFAULT_LIMIT,
@@ -96,49 +76,55 @@ async def open_connection(host: str, port: int, *, pep=None, limit: int = _DEFAU
 
     pep=(host, port) forces that PEP; otherwise PEP_PROXY/PEP_NO_PROXY decide
     and no PEP means a plain asyncio.open_connection.  With ssl, the PEP's
-    reply is awaited before the TLS handshake starts (TLS reads the socket
-    itself).  `timeout` bounds reaching the PEP, as connect would.
+    reply is awaited before the TLS handshake starts.  `timeout` bounds
+    reaching the PEP and counts until its reply, as for create_connection.
     """
-    chosen, bypass = choose_pep(host, port, pep)
-    if chosen is not None:
-        loop = asyncio.get_running_loop()
-        dest = await loop.run_in_executor(None, _resolve, host, port, "destination")
-        dest_ip = dest[0][4][0]
-        if bypass is not None and bypass.matches(address=dest_ip, port=port):
-            chosen = None
-    if chosen is None:
-        return await asyncio.wait_for(asyncio.open_connection(
-            host, port, limit=limit, ssl=ssl, server_hostname=server_hostname, **kwargs), timeout)
-    return await asyncio.wait_for(
-        _open_via_pep(dest_ip, port, chosen, limit, ssl, server_hostname or (host if ssl else None)),
-        timeout)
-
-
-async def _open_via_pep(dest_ip, port, chosen, limit, ssl, server_hostname):
     loop = asyncio.get_running_loop()
-    header = protocol.connect_request(dest_ip, port)
-    errors = []
-    infos = await loop.run_in_executor(None, _resolve, chosen[0], chosen[1], "PEP")
-    for family, _, proto, _, address in infos:
-        sock = socket.socket(family, socket.SOCK_STREAM, proto)
-        try:
-            await _connect_socket(sock, header, address)
-        except OSError as exc:
-            sock.close()
-            errors.append(exc)
-            continue
-        except BaseException:
-            sock.close()
-            raise
+    deadline = None if timeout is None else time.monotonic() + timeout
+    conf = _route.settings()
+    route = await asyncio.wait_for(_route.plan_async(host, port, conf, pep), timeout)
+    direct = route.direct
+    if direct is None:
+        session = ClientSession(route, conf)
+        sock, fallback = await _connect(loop, session, session.first_dial(), deadline)
+        if sock is not None:
+            return await _streams(loop, sock, session, conf, deadline, limit, ssl,
+                                  server_hostname or (host if ssl else None))
+        direct = fallback.sockaddr[:2]
+        server_hostname = server_hostname or (host if ssl else None)
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    return await asyncio.wait_for(asyncio.open_connection(
+        *direct, limit=limit, ssl=ssl, server_hostname=server_hostname, **kwargs), left)
+
+
+async def _streams(loop, sock: PepSocket, session: ClientSession, conf, deadline, limit, ssl,
+                   server_hostname):
+    reply_deadline = time.monotonic() + conf.reply_timeout
+    if deadline is not None:
+        reply_deadline = min(reply_deadline, deadline)
+    sock.attach(session, conf.reply_timeout, reply_deadline)
+    reply = loop.create_future()
+    sock.add_reply_callback(lambda exc: reply.done() or (
+        reply.set_result(None) if exc is None else reply.set_exception(exc)))
+    timer = loop.call_at(loop.time() + max(0.0, reply_deadline - time.monotonic()),
+                         sock.check_reply_deadline)
+    reply.add_done_callback(lambda f: (timer.cancel(), f.cancelled() or f.exception()))
+    try:
         reader = asyncio.StreamReader(limit=limit, loop=loop)
-        stripper = _ReplyStrippingProtocol(reader, loop)
-        transport, _ = await loop.create_connection(lambda: stripper, sock=sock)
-        writer = asyncio.StreamWriter(transport, stripper, reader, loop)
-        if ssl:
-            await stripper.reply  # TLS reads the socket itself: the reply must be gone
-            context = _ssl.create_default_context() if ssl is True else ssl
-            await writer.start_tls(context, server_hostname=server_hostname)
-        ip = normalize_ip(dest_ip)
-        writer.destination = (str(ip), port)
-        return reader, writer
-    raise errors[0]
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
+    except BaseException:
+        timer.cancel()
+        sock.close()
+        raise
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    if ssl or conf.confirms(session.destination):
+        try:
+            await reply   # PEP_CONFIRM; TLS: the handshake starts after the reply
+        except BaseException:
+            writer.close()
+            raise
+    if ssl:
+        context = _ssl.create_default_context() if ssl is True else ssl
+        await writer.start_tls(context, server_hostname=server_hostname)
+    return reader, writer

@@ -2,9 +2,14 @@
 
 The Convert header + Connect TLV ride in the SYN (TCP Fast Open), so reaching
 the PEP costs no round trip more than reaching the server would.  The socket
-returned is a real `socket.socket` whose reads drop the PEP's reply before the
-application's first byte; an Error TLV in that reply surfaces as an OSError
-(ConvertError) on the first read, and on every read or write after it.
+returned is a real `socket.socket` (PepSocket) whose reads drop the PEP's
+reply before the application's first byte; an Error TLV in that reply
+surfaces as an OSError (ConvertError) on the first read, and on every read or
+write after it.
+
+This module is the blocking shell: the decisions are route.plan() (where to)
+and session.ClientSession (what to send, what a reply means, what to try
+next); asyncio (aio.py) drives the same two and the same PepSocket.
 """
 from __future__ import annotations
 
@@ -14,10 +19,25 @@ import select
 import socket
 import time
 
-from . import protocol, tfo
-from .policy import ProxyConfig, normalize_ip, parse_hostport
+from . import route as _route
+from . import tfo
+from .session import ClientSession, Dial
 
 _GLOBAL_DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # the stdlib's sentinel
+
+
+class _Link:
+    """Per-connection state of a PepSocket, shared by its dup()s."""
+
+    __slots__ = ("session", "pending", "plain", "reply_deadline", "reply_timeout", "callbacks")
+
+    def __init__(self, session: ClientSession, reply_timeout: float, reply_deadline: float):
+        self.session = session
+        self.pending = b""           # application bytes that came in with the reply
+        self.plain = False           # reply consumed and nothing pending: pass-through
+        self.reply_timeout = reply_timeout
+        self.reply_deadline = reply_deadline
+        self.callbacks: list = []
 
 
 class PepSocket(socket.socket):
@@ -26,72 +46,161 @@ class PepSocket(socket.socket):
     Reads (recv, recv_into, recvfrom, recvfrom_into, recvmsg and makefile())
     first consume the PEP's Convert reply; writes fail once that reply said
     Error.  `destination` and `pep` hold the two ends; getpeername() returns
-    the destination, as the application asked for it.
+    the destination, as the application asked for it.  A PepSocket made by
+    the socket constructor (fromfd, accept, a dup of a plain socket) is a
+    plain socket; dup() of a connected one shares its reply state.
     """
 
-    def _pep_init(self, destination, pep) -> None:
-        self.destination = destination
-        self.pep = pep
-        self._reply = protocol.MessageReader()
-        self._pending = b""  # application bytes that came in with the reply
-        self._error: OSError | None = None
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        super().__init__(family, type, proto, fileno)
+        self._link: _Link | None = None
 
-    # -- the reply ------------------------------------------------------------
+    @classmethod
+    def fromfd(cls, fd: int, family, type, proto=0) -> "PepSocket":
+        """Like socket.fromfd (a dup of fd), as a (plain) PepSocket."""
+        return cls(family, type, proto, os.dup(fd))
+
+    def dup(self) -> "PepSocket":
+        new = super().dup()
+        new._link = self._link
+        return new
+
+    # -- the two ends ------------------------------------------------------------------
+
+    @property
+    def destination(self):
+        link = self._link
+        return link.session.destination.sockaddr if link else None
+
+    @property
+    def pep(self):
+        link = self._link
+        if link is None or link.session.dial is None or link.session.dial.pep is None:
+            return None
+        return link.session.dial.sockaddr[:2]
+
+    def getpeername(self):
+        link = self._link
+        if link is None:
+            return super().getpeername()
+        return link.session.destination.sockaddr
 
     @property
     def reply_received(self) -> bool:
-        return self._reply.done
+        return self._link is None or self._link.session.done
 
-    def _fail(self, exc: OSError) -> OSError:
-        self._error = exc
-        tfo.reset(self)
+    def attach(self, session: ClientSession, reply_timeout: float, reply_deadline: float) -> None:
+        """Make this connected socket the application's end of `session`: reads strip
+        the reply, which must be complete by `reply_deadline` (time.monotonic())."""
+        self._link = _Link(session, reply_timeout, reply_deadline)
+
+    def add_reply_callback(self, callback) -> None:
+        """callback(exc) once the reply is in (exc None) or has failed (exc the error)."""
+        link = self._link
+        if link is None or link.session.done:
+            callback(None)
+        elif link.session.error is not None:
+            callback(link.session.error)
+        else:
+            link.callbacks.append(callback)
+
+    def check_reply_deadline(self) -> None:
+        """Fail the connection (ETIMEDOUT) if the reply is late; for event loops, whose
+        transport then reads the error.  A no-op once the reply is in."""
+        link = self._link
+        if link is None or self._closed or link.session.done or link.session.error is not None:
+            return
+        if time.monotonic() >= link.reply_deadline:
+            self._failed(link, link.session.reply_timed_out(link.reply_timeout))
+
+    # -- the reply ---------------------------------------------------------------------
+
+    def _failed(self, link: _Link, exc: OSError) -> OSError:
+        if exc is link.session.error and link.callbacks is not None:
+            tfo.reset(self)
+            callbacks, link.callbacks = link.callbacks, None
+            for cb in callbacks:
+                cb(exc)
         return exc
 
     def _consume_reply(self) -> None:
         """Read until the PEP's reply is complete; raise if it is an error.
 
-        Honours the socket's timeout; on a non-blocking socket a missing
-        reply raises BlockingIOError with what was read kept for later.
+        Honours the socket's timeout and the reply deadline; on a non-blocking
+        socket a missing reply raises BlockingIOError with what was read kept.
         """
-        if self._error is not None:
-            raise self._error
-        while not self._reply.done:
-            chunk = super().recv(max(self._reply.needed(), 4))
-            if not chunk:
-                raise self._fail(ConnectionResetError(
-                    errno.ECONNRESET, "the PEP closed the connection before its RFC 8803 reply"))
-            try:
-                msg = self._reply.feed(chunk)
-                if msg is not None:
-                    protocol.check_reply(msg)
-            except protocol.ProtocolError as exc:
-                raise self._fail(OSError(errno.EPROTO, f"bad reply from the PEP: {exc}")) from None
-            except protocol.ConvertError as exc:
-                raise self._fail(exc) from None
-        self._pending = self._reply.rest
-        self._reply.rest = b""
+        link = self._link
+        session = link.session
+        try:
+            while not session.done:
+                if session.error is not None:
+                    raise session.error
+                chunk = self._recv_reply_bytes(link, session.needed())
+                if not chunk:
+                    session.eof()
+                out = session.receive(chunk)
+                if isinstance(out, Dial):
+                    redial(self, session, out, None)
+                    link.reply_deadline = time.monotonic() + link.reply_timeout
+                elif out:
+                    link.pending += out
+        except OSError as exc:
+            if exc is session.error:
+                raise self._failed(link, exc) from None
+            raise
+        callbacks, link.callbacks = link.callbacks, []
+        for cb in callbacks or ():
+            cb(None)
 
-    def _take_pending(self, n: int, flags: int) -> bytes:
-        data = self._pending[:n] if n else self._pending
+    def _recv_reply_bytes(self, link: _Link, n: int) -> bytes:
+        timeout = self.gettimeout()
+        left = link.reply_deadline - time.monotonic()
+        if timeout == 0.0:
+            try:
+                return super().recv(n)
+            except BlockingIOError:
+                if left <= 0:
+                    raise link.session.reply_timed_out(link.reply_timeout) from None
+                raise
+        if timeout is not None and timeout < left:
+            if not _wait(self, select.POLLIN, timeout):
+                raise TimeoutError("timed out")
+        elif not _wait(self, select.POLLIN, max(left, 0.0)):
+            raise link.session.reply_timed_out(link.reply_timeout)
+        return super().recv(n)
+
+    def _app_bytes(self, n: int, flags: int) -> bytes | None:
+        """Pending application bytes after the reply (None: read the socket)."""
+        link = self._link
+        if not link.session.done:
+            self._consume_reply()
+        pending = link.pending
+        if not pending:
+            link.plain = True
+            return None
+        data = pending[:n] if n else pending
         if not flags & socket.MSG_PEEK:
-            self._pending = self._pending[len(data):]
+            link.pending = pending[len(data):]
         return data
 
-    # -- reads ----------------------------------------------------------------
+    # -- reads -------------------------------------------------------------------------
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        self._consume_reply()
-        if self._pending:
-            return self._take_pending(bufsize, flags)
+        link = self._link
+        if link is not None and not link.plain:
+            data = self._app_bytes(bufsize, flags)
+            if data is not None:
+                return data
         return super().recv(bufsize, flags)
 
     def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
-        self._consume_reply()
-        if self._pending:
+        link = self._link
+        if link is not None and not link.plain:
             view = memoryview(buffer).cast("B")
-            data = self._take_pending(nbytes or len(view), flags)
-            view[:len(data)] = data
-            return len(data)
+            data = self._app_bytes(nbytes or len(view), flags)
+            if data is not None:
+                view[:len(data)] = data
+                return len(data)
         return super().recv_into(buffer, nbytes, flags)
 
     def recvfrom(self, bufsize: int, flags: int = 0):
@@ -101,32 +210,59 @@ class PepSocket(socket.socket):
         return self.recv_into(buffer, nbytes, flags), None
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0):
-        self._consume_reply()
-        if self._pending:
-            return self._take_pending(bufsize, flags), [], 0, None
+        link = self._link
+        if link is not None and not link.plain:
+            data = self._app_bytes(bufsize, flags)
+            if data is not None:
+                return data, [], 0, None
         return super().recvmsg(bufsize, ancbufsize, flags)
 
-    # -- writes: pass through, unless the PEP already said no ----------------------
+    # -- writes: pass through, kept for a replay until the reply, refused after an Error --
 
     def send(self, data, flags: int = 0) -> int:
-        if self._error is not None:
-            raise self._error
-        return super().send(data, flags)
+        link = self._link
+        if link is None or link.plain:
+            return super().send(data, flags)
+        session = link.session
+        if session.error is not None:
+            raise session.error
+        n = super().send(data, flags)
+        if not session.done:
+            session.sent(memoryview(data).cast("B")[:n])
+        return n
 
     def sendall(self, data, flags: int = 0) -> None:
-        if self._error is not None:
-            raise self._error
-        return super().sendall(data, flags)
+        link = self._link
+        if link is None or link.plain:
+            return super().sendall(data, flags)
+        if link.session.error is not None:
+            raise link.session.error
+        if link.session.done:
+            return super().sendall(data, flags)
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self.send(view, flags):]
 
     def sendmsg(self, buffers, ancdata=(), flags: int = 0, address=None):
-        if self._error is not None:
-            raise self._error
-        return super().sendmsg(buffers, ancdata, flags, *(() if address is None else (address,)))
+        link = self._link
+        extra = () if address is None else (address,)
+        if link is None or link.plain:
+            return super().sendmsg(buffers, ancdata, flags, *extra)
+        if link.session.error is not None:
+            raise link.session.error
+        data = b"".join(buffers)
+        n = super().sendmsg([data], ancdata, flags, *extra)
+        if not link.session.done:
+            link.session.sent(data[:n])
+        return n
 
-    # -- identity -------------------------------------------------------------
+    def sendfile(self, file, offset=0, count=None):
+        link = self._link
+        if link is not None and not link.session.done:
+            return self._sendfile_use_send(file, offset, count)  # kept for a replay
+        return super().sendfile(file, offset, count)
 
-    def getpeername(self):
-        return self.destination
+    # -- handing over ------------------------------------------------------------------
 
     def detach(self) -> int:
         """Hand the fd over (ssl.wrap_socket does this): the reply must be gone first.
@@ -134,92 +270,117 @@ class PepSocket(socket.socket):
         TLS then reads the fd itself, so the reply is consumed here, waiting
         for it within the socket's timeout.
         """
-        if not self._closed:
+        if not self._closed and self._link is not None:
             self._consume_reply()
-            if self._pending:
+            if self._link.pending:
                 raise OSError(errno.EPROTO, "cannot hand over a PEP socket holding unread "
                                             "data; read it before wrapping")
         return super().detach()
 
     def __repr__(self) -> str:
-        return f"<PepSocket fd={self.fileno()} destination={self.destination} pep={self.pep}>"
+        if self._link is None:
+            return super().__repr__().replace("<socket.socket", "<PepSocket", 1)
+        return (f"<PepSocket fd={self.fileno()} destination={self._link.session.destination} "
+                f"pep={self.pep}>")
+
+
+# ----------------------------------------------------------------------------------
+# Dialling: shared by the first connect and by a retry on the application's fd
+
+
+def _wait(sock: socket.socket, events: int, seconds: float | None) -> bool:
+    poller = select.poll()
+    poller.register(sock, events)
+    return bool(poller.poll(None if seconds is None else seconds * 1000))
+
+
+def start_dial(sock: socket.socket, dial: Dial) -> int:
+    """Start connecting a non-blocking socket for `dial`: how many payload bytes the
+    kernel took with the SYN (0: send them after the handshake)."""
+    if dial.pep is None:
+        err = sock.connect_ex(dial.sockaddr)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+        return 0
+    if dial.no_cookie:
+        tfo.allow_data_without_cookie(sock)
+    return tfo.send_in_syn(sock, dial.payload, dial.sockaddr)
+
+
+def handshake_error(sock: socket.socket, dial: Dial) -> OSError | None:
+    """The connect's outcome once the socket is writable (None: connected)."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if not err:
+        return None
+    where = f"the PEP at {dial.pep}" if dial.pep else "the destination"
+    return OSError(err, f"{errno.errorcode.get(err, err)} connecting to {where}: "
+                        f"{os.strerror(err)}")
+
+
+def connected(sock: socket.socket, session: ClientSession, dial: Dial, taken: int,
+              started: float) -> None:
+    attempted = taken > 0
+    session.connected(dial, attempted, attempted and tfo.syn_data_acked(sock),
+                      time.monotonic() - started)
+
+
+def connect_blocking(sock: socket.socket, dial: Dial, deadline: float | None,
+                     session: ClientSession | None = None) -> OSError | None:
+    """Connect the non-blocking `sock` per `dial` and send the payload; None, or the
+    error that session.connect_failed() is to judge (TimeoutError: the PEP's own
+    connect timeout). The caller's `deadline` (time.monotonic()) raises TimeoutError."""
+    started = time.monotonic()
+    taken = start_dial(sock, dial)
+    limit = started + dial.connect_timeout if dial.connect_timeout else None
+    caller_first = deadline is not None and (limit is None or deadline <= limit)
+    until = deadline if caller_first else limit
+    if not _wait(sock, select.POLLOUT, None if until is None else max(0.0, until - time.monotonic())):
+        if caller_first:
+            raise TimeoutError(errno.ETIMEDOUT, f"timed out connecting to "
+                                                f"{dial.pep or dial.sockaddr[0]}")
+        return TimeoutError(errno.ETIMEDOUT, f"the PEP at {dial.pep} did not answer")
+    err = handshake_error(sock, dial)
+    if err is not None:
+        return err
+    if session is not None:
+        connected(sock, session, dial, taken, started)
+    rest = memoryview(dial.payload)[taken:]
+    while rest:
+        try:
+            rest = rest[socket.socket.send(sock, rest):]
+        except BlockingIOError:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not _wait(sock, select.POLLOUT, left):
+                raise TimeoutError(errno.ETIMEDOUT, "timed out sending the Convert header") \
+                    from None
+    return None
+
+
+def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float | None) -> None:
+    """Retry on the application's own fd (Error 3, Error 64/65, the fallback): dissolve
+    the association, connect again per `dial` (replaying the early bytes), blocking
+    for the handshake even on a non-blocking socket."""
+    timeout = sock.gettimeout()
+    try:
+        while True:
+            tfo.reset(sock)
+            if dial.family != sock.family:
+                raise session.fail(OSError(errno.EAFNOSUPPORT, f"cannot retry {dial.pep or 'direct'}"
+                                                                f" on this socket's address family"))
+            socket.socket.setblocking(sock, False)
+            if dial.pep is not None and not dial.no_cookie:
+                sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 0)
+            err = connect_blocking(sock, dial, deadline, session)
+            if err is None:
+                return
+            dial = session.connect_failed(err, timed_out=err.errno == errno.ETIMEDOUT
+                                          and isinstance(err, TimeoutError))
+    finally:
+        socket.socket.settimeout(sock, timeout)
 
 
 def _deadline(timeout) -> float | None:
-    if timeout is None or timeout is _GLOBAL_DEFAULT_TIMEOUT:
-        timeout = socket.getdefaulttimeout()
     return None if timeout is None else time.monotonic() + timeout
-
-
-def _wait_connected(sock: socket.socket, deadline: float | None, where) -> None:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if poller.poll(None if left is None else left * 1000):
-            break
-        if left == 0:
-            raise TimeoutError(errno.ETIMEDOUT, f"timed out connecting to the PEP at {where}")
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, f"{errno.errorcode.get(err, err)} connecting to the PEP at {where}: "
-                           f"{os.strerror(err)}")
-
-
-def _send_rest(sock: socket.socket, data: bytes, deadline: float | None) -> None:
-    while data:
-        try:
-            data = data[sock.send(data):]
-        except BlockingIOError:
-            _wait_connected(sock, deadline, sock.getpeername())
-
-
-def connect_via_pep(dest_ip: str, dest_port: int, pep_addrinfo, timeout=_GLOBAL_DEFAULT_TIMEOUT,
-                    source_address=None) -> PepSocket:
-    """Connect to one PEP address (a getaddrinfo 5-tuple) for dest_ip:dest_port."""
-    family, type_, proto, _, pep_sockaddr = pep_addrinfo
-    header = protocol.connect_request(dest_ip, dest_port)
-    deadline = _deadline(timeout)
-    ip = normalize_ip(dest_ip)
-    sock = PepSocket(family, socket.SOCK_STREAM, proto)
-    sock._pep_init((str(ip), dest_port) if ip.version == 4 else (str(ip), dest_port, 0, 0),
-                   pep_sockaddr[:2])
-    try:
-        if source_address:
-            sock.bind(source_address)
-        tfo.allow_data_without_cookie(sock)
-        sock.setblocking(False)
-        taken = tfo.send_in_syn(sock, header, pep_sockaddr)
-        _wait_connected(sock, deadline, pep_sockaddr[:2])
-        _send_rest(sock, header[taken:], deadline)
-        sock.settimeout(socket.getdefaulttimeout() if timeout is _GLOBAL_DEFAULT_TIMEOUT
-                        else timeout)
-        return sock
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _resolve(host: str, port: int, what: str):
-    try:
-        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise socket.gaierror(exc.errno, f"cannot resolve {what} {host!r}: {exc.strerror}") from None
-
-
-def choose_pep(host: str, port: int, pep=None, env=None):
-    """(pep, bypass): the PEP for host:port, None to go direct, and the bypass
-    rules still to apply to the resolved address (None when pep= was given)."""
-    if pep is not None:
-        if isinstance(pep, str):
-            pep = parse_hostport(pep, "pep")
-        return tuple(pep), None
-    config = ProxyConfig.from_env(env)
-    try:
-        address = normalize_ip(host)
-    except ValueError:
-        address = None
-    return config.pep_for(None if address else host, address, port), config.bypass
 
 
 def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *, pep=None):
@@ -227,23 +388,46 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
 
     pep=(host, port) forces that PEP; otherwise PEP_PROXY and PEP_NO_PROXY
     decide (docs/protocol.md), and no PEP means socket.create_connection.
-    The destination name is resolved here; its first address goes to the PEP,
-    and each of the PEP's addresses is tried in turn until one answers.
+    The destination name is resolved here; its first address goes to the PEP.
+    The PEPs (every address of each) are tried in order, skipping those held
+    down; none left means PEP_FALLBACK.  `timeout` counts until the PEP's
+    reply (a late reply fails the first read with ETIMEDOUT).
     """
     host, port = address[0], int(address[1])
-    chosen, bypass = choose_pep(host, port, pep)
-    if chosen is None:
-        return socket.create_connection((host, port), timeout, source_address)
-    dest_ip = _resolve(host, port, "destination")[0][4][0]
-    if bypass is not None and bypass.matches(address=dest_ip, port=port):
-        return socket.create_connection((dest_ip, port), timeout, source_address)
-    errors = []
-    for info in _resolve(chosen[0], chosen[1], "PEP"):
-        if normalize_ip(info[4][0]) == normalize_ip(dest_ip) and info[4][1] == port:
-            # Never wrap a connection to the PEP itself.
-            return socket.create_connection((dest_ip, port), timeout, source_address)
+    conf = _route.settings()
+    route = _route.plan_sync(host, port, conf, pep)
+    if route.direct is not None:
+        return socket.create_connection(route.direct, timeout, source_address)
+    if timeout is _GLOBAL_DEFAULT_TIMEOUT:
+        timeout = socket.getdefaulttimeout()
+    deadline = _deadline(timeout)
+    session = ClientSession(route, conf)
+    dial = session.first_dial()
+    while dial.pep is not None:
+        sock = PepSocket(dial.family, socket.SOCK_STREAM)
         try:
-            return connect_via_pep(dest_ip, port, info, timeout, source_address)
-        except OSError as exc:
-            errors.append(exc)
-    raise errors[0]  # as socket.create_connection does
+            if source_address:
+                sock.bind(source_address)
+            sock.setblocking(False)
+            err = connect_blocking(sock, dial, deadline, session)
+        except BaseException:
+            sock.close()
+            raise
+        if err is None:
+            break
+        sock.close()
+        dial = session.connect_failed(err, timed_out=isinstance(err, TimeoutError))
+    else:  # no usable PEP left, PEP_FALLBACK=direct
+        return socket.create_connection(dial.sockaddr, timeout, source_address)
+    reply_deadline = time.monotonic() + conf.reply_timeout
+    if deadline is not None:
+        reply_deadline = min(reply_deadline, deadline)
+    sock.attach(session, conf.reply_timeout, reply_deadline)
+    sock.settimeout(timeout)
+    if conf.confirms(session.destination):
+        try:
+            sock._consume_reply()       # PEP_CONFIRM: the verdict before connect returns
+        except BaseException:
+            sock.close()
+            raise
+    return sock

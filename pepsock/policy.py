@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 def normalize_ip(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """IPv4-mapped IPv6 addresses count as the IPv4 address they carry."""
-    addr = ipaddress.ip_address(addr)
+    if not isinstance(addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        addr = ipaddress.ip_address(addr)
     if addr.version == 6 and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
@@ -175,19 +176,30 @@ def _looks_like_address(host: str) -> bool:
         return False
 
 
+def parse_proxy_list(text: str) -> tuple[tuple[str, int], ...]:
+    """PEP_PROXY: comma-separated host:port / [v6]:port entries, tried in order."""
+    entries = [e for e in (part.strip() for part in text.split(",")) if e]
+    if text.strip() and not entries:
+        raise ConfigError(f"PEP_PROXY={text!r}: expected host:port[,host:port...]")
+    return tuple(parse_hostport(e) for e in entries)
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """PEP selection read from the environment (or given explicitly)."""
 
-    pep: tuple[str, int] | None
+    peps: tuple[tuple[str, int], ...]
     bypass: Bypass
+
+    @property
+    def pep(self) -> tuple[str, int] | None:
+        """The first PEP of the list (None: no PEP)."""
+        return self.peps[0] if self.peps else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ProxyConfig":
         env = os.environ if env is None else env
-        proxy = env.get("PEP_PROXY", "").strip()
-        pep = parse_hostport(proxy) if proxy else None
-        return cls(pep, Bypass.parse(env.get("PEP_NO_PROXY")))
+        return cls(parse_proxy_list(env.get("PEP_PROXY", "")), Bypass.parse(env.get("PEP_NO_PROXY")))
 
     def pep_for(self, name: str | None, address=None, port: int | None = None):
         """The PEP to use for this destination, or None to go direct."""

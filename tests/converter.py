@@ -31,6 +31,7 @@ class Seen:
     early_data: bytes = b""     # application bytes that came with the header
     peer: tuple = ()            # the client's address as the converter saw it
     error: str = ""
+    cookie: bytes | None = None  # added: the request's Cookie TLV value, if it had one
 
 
 @dataclass
@@ -49,6 +50,11 @@ class Converter:
     seen: list[Seen] = field(default_factory=list)
     silent: bool = False                        # read the request, never answer (for `hold` s)
     hold: float = 0.3                           # seconds a raw_reply/silent connection stays open
+    # Added for the failover/cookie tests (RFC 8803 6.2.7, 6.2.8):
+    cookie: bytes | None = None                 # require this Cookie TLV: none -> Error 3
+                                                # carrying it (value 0 + cookie), wrong -> 32
+    reply_delay: float = 0.0                    # hold the reply this long (inf: never reply)
+    listener_no_cookie: bool = True             # False: the kernel wants TFO cookies
 
     def __post_init__(self):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -56,7 +62,8 @@ class Converter:
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 128)
         try:
-            self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+            if self.listener_no_cookie:
+                self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
         except OSError:
             pass
         self.listener.bind((self.host, self.port))
@@ -103,6 +110,11 @@ class Converter:
             client.sendall(data[i:i + self.split])
             time.sleep(self.split_delay)
 
+    def _hold_reply(self):
+        end = time.monotonic() + self.reply_delay
+        while not self._stop and time.monotonic() < end:
+            time.sleep(min(0.05, end - time.monotonic()))
+
     def _tunnel(self, client: socket.socket):
         seen = Seen()
         self.seen.append(seen)
@@ -128,9 +140,19 @@ class Converter:
                 pass
             client.close()
             return
+        # A cookie requirement and a forced Error apply to Info requests too (the
+        # RFC's Missing Cookie and Resource Exceeded are about any Convert message).
+        cookie_tlv = reader.message.get(protocol.TLVType.COOKIE)
+        seen.cookie = None if cookie_tlv is None else cookie_tlv.data
         if isinstance(target, protocol.Info):
             try:
-                client.sendall(protocol.success_reply((protocol.SupportedTCPExtensions((2, 3, 4)),)))
+                if self.cookie is not None and seen.cookie != self.cookie:
+                    code = 3 if seen.cookie is None else 32
+                    client.sendall(protocol.error_reply(code, b"\x00" + self.cookie if code == 3 else b""))
+                elif self.error is not None:
+                    client.sendall(protocol.error_reply(*self.error))
+                else:
+                    client.sendall(protocol.success_reply((protocol.SupportedTCPExtensions((2, 3, 4)),)))
             except OSError:
                 pass
             client.close()
@@ -139,6 +161,11 @@ class Converter:
         try:
             if self.silent:
                 time.sleep(self.hold)
+                return
+            if self.cookie is not None and seen.cookie != self.cookie:
+                code = 3 if seen.cookie is None else 32
+                client.sendall(protocol.error_reply(code, b"\x00" + self.cookie if code == 3 else b""))
+                time.sleep(self.reset_delay)
                 return
             if self.raw_reply is not None:
                 self._reply(client, self.raw_reply)
@@ -158,10 +185,24 @@ class Converter:
                 self._reply(client, protocol.error_reply(code, value))
                 return
             with server:
-                self._reply(client, protocol.success_reply(self.reply_tlvs))
                 if reader.rest:
                     server.sendall(reader.rest)
-                pump_both(client, server)
+                if not self.reply_delay:
+                    self._reply(client, protocol.success_reply(self.reply_tlvs))
+                    pump_both(client, server)
+                    return
+                # A late reply: the client's bytes go on to the server meanwhile, the
+                # server's wait behind the reply.
+                client.settimeout(30)
+                server.settimeout(30)
+                upstream = threading.Thread(target=_pump, args=(client, server), daemon=True)
+                upstream.start()
+                self._hold_reply()
+                if self._stop:
+                    return
+                self._reply(client, protocol.success_reply(self.reply_tlvs))
+                _pump(server, client)
+                upstream.join(30)
         except OSError as exc:
             seen.error = str(exc)
         finally:

@@ -19,6 +19,15 @@ from pepsock import protocol, tfo
 from converter import Converter, EchoServer
 
 
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path, monkeypatch):
+    """Each test: its own shared-state directory, no PEP_* settings from outside."""
+    for key in list(os.environ):
+        if key.startswith("PEP_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PEP_STATE_DIR", str(tmp_path / "pepstate"))
+
+
 @pytest.fixture
 def ns(topology):
     """Run the test inside a namespace with TFO fully on."""
@@ -105,9 +114,10 @@ def test_split_reply_is_stripped(echo, split):
     (97, b"\x01", OSError, errno.EHOSTUNREACH),
     (97, b"\x00", OSError, errno.ENETUNREACH),
     (32, b"", PermissionError, errno.EACCES),
-    (64, b"", OSError, errno.ENOBUFS),
+    (64, b"", OSError, errno.ENOBUFS),    # pep= forces the PEP: no fallback
     (65, b"", OSError, errno.ENETUNREACH),
     (1, b"", OSError, errno.EPROTO),
+    (3, b"", OSError, errno.EPROTO),      # Missing Cookie without a cookie: nothing to retry with
 ])
 def test_error_reply_raises_on_first_read_and_resets(echo, code, value, exc_type, err):
     with Converter(error=(code, value)) as conv:
@@ -303,3 +313,34 @@ def test_asyncio_direct_when_bypassed(echo, monkeypatch):
         writer.close()
         return got
     assert asyncio.run(main()) == b"d"
+
+
+def test_connection_to_the_pep_itself_goes_direct_sync_and_asyncio(ns, monkeypatch):
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", conv.env_value)
+        monkeypatch.setenv("PEP_NO_PROXY", "")
+        s = pepsock.create_connection(conv.address, timeout=5)
+        assert not isinstance(s, pepsock.PepSocket)
+        s.close()
+
+        async def main():
+            reader, writer = await pepsock.open_connection(*conv.address)
+            sock = writer.get_extra_info("socket")
+            writer.close()
+            return sock
+        assert not isinstance(asyncio.run(main()), pepsock.PepSocket)
+        time.sleep(0.1)
+        assert all(seen.connect is None for seen in conv.seen)   # no Convert header sent
+
+
+def test_asyncio_peername_is_the_destination_ipv6(ns):
+    async def main():
+        with EchoServer("::1") as echo6, Converter() as conv:
+            reader, writer = await pepsock.open_connection(*echo6.address, pep=conv.address)
+            peer = writer.get_extra_info("peername")
+            writer.write(b"v6")
+            got = await asyncio.wait_for(reader.readexactly(2), 5)
+            writer.close()
+            return peer, echo6.address, got
+    peer, address, got = asyncio.run(main())
+    assert peer == (address[0], address[1], 0, 0) and got == b"v6"

@@ -1,0 +1,101 @@
+"""pepsock.pepstate (the shared PEP state files), route.settings and PEP_LOG; no network."""
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, strategies as st
+
+from pepsock import pepstate, route
+from pepsock.policy import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+keys = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+values = st.text("abcdefghijklmnopqrstuvwxyz0123456789.:-", max_size=20)
+
+
+@given(st.dictionaries(keys, values, max_size=8))
+def test_format_and_parse_round_trip(fields):
+    assert pepstate.parse(pepstate.format_fields(fields)) == fields
+
+
+@given(st.text(max_size=80))
+def test_parse_never_raises(text):
+    result = pepstate.parse(text)
+    assert result is None or isinstance(result, dict)
+
+
+def test_file_names_are_canonical():
+    assert pepstate.file_name("::ffff:192.0.2.1", 5124) == "pep-192.0.2.1-5124"
+    assert pepstate.file_name("2001:DB8:0:0::1", 80) == "pep-2001:db8::1-80"
+
+
+def test_update_keeps_unknown_keys_and_removes_fields(tmp_path):
+    d = str(tmp_path)
+    (tmp_path / "pep-192.0.2.1-5124").write_text("future=thing tfo=cookie\n")
+    pepstate.update(d, "pep-192.0.2.1-5124", down_until=123, tfo=None)
+    assert (tmp_path / "pep-192.0.2.1-5124").read_text() == "future=thing down_until=123\n"
+    assert not [p for p in os.listdir(d) if p.endswith(".tmp")]
+
+
+def test_untrusted_files_are_ignored(tmp_path):
+    d = str(tmp_path)
+    (tmp_path / "pep-big").write_text("cookie=" + "a" * 5000)
+    (tmp_path / "pep-junk").write_text("no equals sign here")
+    assert pepstate.load(d, "pep-big") == {} and pepstate.load(d, "pep-junk") == {}
+
+
+def test_down_until():
+    assert pepstate.down_until({"down_until": "100"}, now=50) == 100
+    assert pepstate.down_until({"down_until": "100"}, now=150) is None
+    assert pepstate.down_until({"down_until": "x"}) is None
+
+
+def test_state_directory_rules(tmp_path):
+    mine = tmp_path / "mine"
+    assert pepstate.state_dir({"PEP_STATE_DIR": str(mine)}) == str(mine)
+    assert (mine.stat().st_mode & 0o777) == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    os.chmod(loose, 0o777)
+    assert pepstate.state_dir({"PEP_STATE_DIR": str(loose)}) is None
+    assert pepstate.state_dir({"XDG_RUNTIME_DIR": str(tmp_path)}) == str(tmp_path / "pepsock")
+
+
+def test_settings_parse_and_reject():
+    conf = route.parse_settings({"PEP_PROXY": "192.0.2.1:5124, [2001:db8::1]:5124",
+                                 "PEP_FALLBACK": "fail", "PEP_CONNECT_TIMEOUT": "0.6",
+                                 "PEP_REPLY_TIMEOUT": "2", "PEP_CONFIRM": "192.0.2.0/24:443",
+                                 "PEP_COOKIE": "00ff", "PEP_TFO_MODE": "cookie",
+                                 "PEP_STATE_DIR": "/nonexistent/x/y"})
+    assert conf.peps == (("192.0.2.1", 5124), ("2001:db8::1", 5124))
+    assert (conf.fallback, conf.connect_timeout, conf.reply_timeout) == ("fail", 0.6, 2.0)
+    assert conf.cookie == b"\x00\xff" and conf.tfo_mode == "cookie"
+    for key, bad in (("PEP_FALLBACK", "maybe"), ("PEP_CONNECT_TIMEOUT", "-1"),
+                     ("PEP_REPLY_TIMEOUT", "nan"), ("PEP_COOKIE", "xyz"),
+                     ("PEP_TFO_MODE", "always"), ("PEP_PROXY", "192.0.2.1:5124,oops"),
+                     ("PEP_CONFIRM", "not a rule!")):
+        with pytest.raises(ConfigError, match=key):
+            route.parse_settings({key: bad})
+
+
+def test_pep_log_routes_the_python_client_through_logging(tmp_path):
+    """PEP_LOG=info:/file: the hold-down line lands in the file (a refused PEP)."""
+    log = tmp_path / "pep.log"
+    code = ("import os, socket, pepsock\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+            "os.environ['PEP_PROXY'] = f'127.0.0.1:{port}'\n"
+            "l = socket.create_server(('127.0.0.1', 0))\n"
+            "c = pepsock.create_connection(l.getsockname(), timeout=5)\n"
+            "print(type(c).__name__)\n")
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO, "PEP_LOG": f"info:{log}",
+           "PEP_STATE_DIR": str(tmp_path / "state"), "PEP_NO_PROXY": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "socket"          # fell back to a direct connection
+    text = log.read_text()
+    assert "refused (ECONNREFUSED); held down for 30 s" in text
+    assert "no usable PEP" in text and "connecting directly" in text
+    assert out.stderr == ""                        # to the file, not stderr
