@@ -224,6 +224,10 @@ def test_wheel_installs_and_runs_without_a_compiler(built, tmp_path):
     assert lib.returncode == 0, lib.stderr
     path = lib.stdout.strip()
     assert path.startswith(str(venv)) and os.path.isfile(path), path
+    # the dissector ships as package data
+    lua = subprocess.run([str(bin_ / "pep"), "dissector"], capture_output=True, text=True, env=env)
+    assert lua.returncode == 0 and lua.stdout.strip().startswith(str(venv)), lua
+    assert Path(lua.stdout.strip()).read_text().startswith("-- RFC 8803")
     # the dynamic loader takes it (right machine, libraries it needs are there)
     loaded = subprocess.run(["/bin/true"], env=dict(env, LD_PRELOAD=path, PEP_LOG="error"),
                             capture_output=True, text=True)
