@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 
@@ -119,6 +120,10 @@ def main() -> int:
           flush=True)
     try:
         m = measure(args.bytes, args.ttfb_reps)
+    except subprocess.CalledProcessError as exc:   # ip, tc, sysctl inside the namespaces
+        print(f"demo: `{' '.join(map(str, exc.cmd))}` failed: {(exc.stderr or '').strip()}",
+              file=sys.stderr)
+        return 1
     except (RuntimeError, OSError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 
-PACKAGES="build-essential python3-venv iproute2 procps ca-certificates"
+PACKAGES="build-essential python3 python3-venv iproute2 procps ca-certificates"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -142,7 +142,7 @@ def capture(tmp_path_factory):
             h.sysctl("net.ipv6.conf.all.accept_dad", 0)
             h.sysctl("net.ipv6.conf.default.accept_dad", 0)
         pep.sysctl("net.ipv6.conf.all.forwarding", 1)
-        c_if, _ = topo.link(client, [f"192.0.2.2/24", "2001:db8:1::2/64"], pep, [f"{PEP4}/24", f"{PEP6}/64"])
+        c_if, _ = topo.link(client, ["192.0.2.2/24", "2001:db8:1::2/64"], pep, [f"{PEP4}/24", f"{PEP6}/64"])
         topo.link(pep, ["198.51.100.1/24", "2001:db8:2::1/64"], server, [f"{SERVER4}/24", f"{SERVER6}/64"])
         for h, v4, v6 in ((client, PEP4, PEP6), (server, "198.51.100.1", "2001:db8:2::1")):
             h.run("ip", "route", "add", "default", "via", v4)
@@ -297,7 +297,7 @@ def test_info_and_supported_tcp_extensions(capture):
     req = one(tshark(cap, f"convert.tlv.type == 0x01 && tcp.dstport == {PEP_PORT}", "convert.kind",
                      "convert.unassigned"))
     assert req == [["request"], ["0x0000"]]
-    rep = one(tshark(cap, f"convert.tlv.type == 0x15", "convert.supported.kind", "convert.kind"))
+    rep = one(tshark(cap, "convert.tlv.type == 0x15", "convert.supported.kind", "convert.kind"))
     assert rep[0] == ["2", "3", "4", "8"] and rep[1] == ["reply"]
 
 

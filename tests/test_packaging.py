@@ -29,11 +29,21 @@ def clean_env(**extra) -> dict:
     return env
 
 
+# what a checkout never has: build products, venvs, caches
+NOT_IN_A_CLONE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "*.so", "*.o",
+                                        "__pycache__", ".pytest_cache", ".hypothesis", "report")
+
+
 def clean_clone(dest: Path) -> Path:
     """The files a `git clone` of this tree would have (tracked and new, not ignored),
-    from the working tree: no build/, no libpep.so, no venv."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    from the working tree: no build/, no libpep.so, no venv. Outside a git checkout
+    (a tarball), the tree without build products."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        shutil.copytree(ROOT, dest, ignore=NOT_IN_A_CLONE)
+        return dest
+    files = listed.stdout.split(b"\0")
     for name in filter(None, files):
         src = ROOT / os.fsdecode(name)
         if not src.is_file():      # deleted but not yet committed
@@ -224,6 +234,10 @@ def test_wheel_installs_and_runs_without_a_compiler(built, tmp_path):
     assert lib.returncode == 0, lib.stderr
     path = lib.stdout.strip()
     assert path.startswith(str(venv)) and os.path.isfile(path), path
+    # the dissector ships as package data
+    lua = subprocess.run([str(bin_ / "pep"), "dissector"], capture_output=True, text=True, env=env)
+    assert lua.returncode == 0 and lua.stdout.strip().startswith(str(venv)), lua
+    assert Path(lua.stdout.strip()).read_text().startswith("-- RFC 8803")
     # the dynamic loader takes it (right machine, libraries it needs are there)
     loaded = subprocess.run(["/bin/true"], env=dict(env, LD_PRELOAD=path, PEP_LOG="error"),
                             capture_output=True, text=True)
