@@ -21,7 +21,7 @@ import time
 from .topology import ADDR, Settings  # noqa: E402  (pure Python, no root needed to import)
 
 ALL = ["validate", "step", "bigq", "flows", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
-QUICK = ["validate", "step", "spike", "upload", "ipv6", "ttfb", "tls", "satellite"]
+QUICK = ["validate", "step", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +173,7 @@ def _run(args, plan, settings, exps) -> int:
             if tb.uplink is None:
                 res["notes"].append("upload skipped: the uplink is not shaped (--uplink 0)")
             else:
-                transfers.append(("upload", runner.step_schedule(), plan.upload_bytes, plan.reps,
+                transfers.append(("upload", runner.step_schedule(), plan.upload_bytes, plan.upload_reps,
                                   {"upload": True, "interactive": False}))
         if "ipv6" in exps:
             transfers.append(("ipv6", runner.step_schedule(), plan.step_bytes, plan.ipv6_reps, {"v6": True}))

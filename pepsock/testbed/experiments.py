@@ -56,6 +56,7 @@ class Plan:
     validate_reps: int = 3        # "validate": the step case on the kernel TBF+bfifo and the user-space FIFO
     upload_bytes: int = 20_000_000
     ipv6_reps: int = 2            # "ipv6": the step case over IPv6
+    upload_reps: int = 3
     # the GEO satellite case: the satellite hop is the client-PEP hop
     sat_sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000, 10_000_000])
     sat_reps: int = 3
@@ -70,7 +71,7 @@ class Plan:
     def quick_plan(cls) -> "Plan":
         return cls(quick=True, reps=2, bigq_reps=1, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
                    mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0, validate_reps=1,
-                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=3, ipv6_reps=1)
+                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=3, ipv6_reps=1, upload_reps=1)
 
 
 class Progress:

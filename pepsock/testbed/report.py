@@ -745,6 +745,23 @@ def targets(S) -> list[str]:
     else:
         why = "the ttfb experiment was not run" if not t else "no PEP"
         lines.append(f"| TTFB PEP 0-RTT within 10% of R1+2R2, ≥ R1 below direct | not measured ({why}) | **not measured** |")
+    sat = S.get("satellite")
+    if sat:
+        t = sat["ttfb"]
+        if "pep" in t and t["pep"]["ci"][2]:
+            m, f = t["pep"]["ci"][0], t["pep"]["formula"]
+            dev = (m - f) / f * 100
+            lines.append(f"| satellite: TTFB PEP 0-RTT within 10% of R1+2R2 | {m:.0f} ms vs {f:.0f} ms ({dev:+.1f}%) | "
+                         f"{'met' if abs(dev) <= 10 else '**missed**'} |")
+            if "direct" in t and t["direct"]["ci"][2]:
+                gain = t["direct"]["ci"][0] - m
+                lines.append(f"| satellite: TTFB PEP 0-RTT about R1 below direct (≥ 0.9 R1) | {gain:.0f} ms below "
+                             f"(R1 = {sat['r1']:.0f} ms) | {'met' if gain >= 0.9 * sat['r1'] else '**missed**'} |")
+        for n, d in sat["fct"].items():
+            if "ratio" in d:
+                r = d["ratio"][0]
+                lines.append(f"| satellite {n / 1e6:g} MB: FCT through the PEP below end to end | {fmt(r, 3)}× | "
+                             f"{'met' if r < 1 else '**missed**'} |")
     return lines
 
 
