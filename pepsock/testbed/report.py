@@ -561,15 +561,22 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         "flows": "flows: numbers of competing flows", "reps": "repetitions (step, spike, mmwave)",
         "flows_reps": "repetitions (flows)", "ttfb_reps": "repetitions (ttfb, per method)",
         "interactive": "interactive flow", "pep": "PEP (relay)",
+        "qdiscs": "bottleneck queues compared (validate: kernel TBF+bfifo and FIFO)",
+        "uplink_mbit": "uplink, client -> PEP (Mbit/s, user-space link, same queue kind)",
     }
     for k, name in nice.items():
         if k in s:
             L.append(f"| {name} | {s[k]} |")
     L.append("| offloads | TSO, GSO, GRO off on every veth |")
-    L.append("| wireless rate | TBF (+ bfifo child) on wrouter's egress to the client, changed over netlink (pyroute2); an outage is 8 kbit/s |")
+    L.append("| wireless rate | user-space link (FIFO, CoDel, FQ-CoDel): the delay line in wrouter serializes at the "
+             "scheduled rate (changes applied in the line at their time; an outage is 0 bit/s) and the wired "
+             "side gets the same queue kind; kernel: TBF (+ bfifo child) on wrouter's egress, changed over "
+             "netlink (pyroute2), an outage is 8 kbit/s |")
+    L.append("| FQ-CoDel | RFC 8290: 1024 queues by 5-tuple hash, DRR quantum 1514 B, new/old flow lists, CoDel "
+             "target 5 ms / interval 100 ms per queue, 10240-packet limit, overflow drops from the fattest queue |")
     L.append("")
     L.append("## Calibration\n")
-    L.append("Measured against configured: idle ping RTTs; the goodput of one cubic flow with the bottleneck queue raised to 2 end-to-end BDPs for the measurement (so it measures the link, not TCP), expected = rate x 1448/1514 (TCP payload per Ethernet frame).\n")
+    L.append(f"Measured against configured, on the {QDISC_NAME.get(s.get('qdisc'), 'first')} bottleneck: idle ping RTTs; the goodput of one cubic flow with the bottleneck queue raised to 2 end-to-end BDPs for the measurement (so it measures the link, not TCP), expected = rate x 1448/1514 (TCP payload per Ethernet frame: both TBF and the user-space link count the 14-byte Ethernet header).\n")
     L.append("| metric | configured | measured | error | within 10% |\n|---|---|---|---|---|")
     for r in res.get("calibration", []):
         err = f"{r['error_pct']:+.1f}%" if isinstance(r["error_pct"], (int, float)) else ""
