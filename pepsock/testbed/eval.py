@@ -79,6 +79,7 @@ def main(argv=None) -> int:
         return 0
     exps = [e.strip() for e in (args.experiments or ",".join(QUICK if args.quick else ALL)).split(",")
             if e.strip()]
+    args.experiments_list = exps
     bad = [e for e in exps if e not in ALL]
     if bad:
         print(f"pep eval: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(ALL)}", file=sys.stderr)
@@ -185,7 +186,7 @@ def _run(args, plan, settings, exps) -> int:
         if "tls" in exps:
             total += 7
         if "satellite" in exps:
-            total += len(plan.sat_sizes) * plan.sat_reps * modes + 6
+            total += len(plan.sat_sizes) * plan.sat_reps * modes + 6 + (7 if "tls" in exps else 0)
         progress = Progress(total)
         for name, schedule, nbytes, reps, opts in transfers:
             res["runs"] += runner.exp_transfers(name, schedule, nbytes, reps, progress, **opts)
@@ -261,6 +262,9 @@ def _satellite(args, plan, ground, progress, out: dict):
     plan.ttfb_reps = plan.sat_ttfb_reps
     try:
         out["ttfb"] = runner.exp_ttfb(progress, rate_mbit=sat.wireless_mbit, timeout=10)
+        if "tls" in args.experiments_list:
+            from .experiments import exp_tls
+            out["tls"] = exp_tls(runner, progress, rate_mbit=sat.wireless_mbit, timeout=10)
     finally:
         plan.ttfb_reps = saved
     out["notes"] += runner.notes

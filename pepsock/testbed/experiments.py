@@ -423,7 +423,7 @@ def _libpep() -> str | None:
     return lib if os.path.exists(lib) else None
 
 
-def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0) -> list[dict]:
+def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0, timeout: float = 5.0) -> list[dict]:
     """HTTPS time to first byte: a TLS 1.3 handshake, then a request, by each method."""
     tb, rows = runner.tb, []
     tb.reset(rate_mbit)
@@ -454,7 +454,7 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0) -> list[dict]:
         progress.step(f"tls {mode}")
         try:
             args = ["ttfb", "--tls", "--server", f"{ADDR['server']}:{TLS_PORT}", "--mode", mode,
-                    "--reps", runner.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc]
+                    "--reps", runner.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc, "--timeout", timeout]
             if proxy:
                 args += ["--proxy", proxy]
             if mode == "curl-libpep":
@@ -462,7 +462,7 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0) -> list[dict]:
             p = tb.client.popen(sys.executable, "-m", "pepsock.testbed.agents", *map(str, args),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=dict(procs._env(), PEP_STATE_DIR=state))
-            r = procs.result(p, (runner.plan.ttfb_reps + 2) * 6 + 20)
+            r = procs.result(p, (runner.plan.ttfb_reps + 2) * (timeout + 1) + 20)
             for i, x in enumerate(r["results"]):
                 rows.append({"mode": mode, "rep": i, "ttfb_ms": x["ttfb_ms"], "error": x.get("error", "")})
         except Exception as e:

@@ -220,8 +220,9 @@ def plot_timeline(res, exp: str, path: str, title: str, qdiscs=None) -> bool:
         return False
     plt = _plt()
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.9 * len(panels)), sharex=True, squeeze=False)
-    for ax, (mode, q) in zip(axes[:, 0], panels):
-        run = representative([r for r in runs if r["mode"] == mode and qd(r) == q])
+    shown = [representative([r for r in runs if r["mode"] == m and qd(r) == q]) for m, q in panels]
+    owd_top = max([(r - s) * 1000 for run in shown for _, s, r in run.get("udp", [])] + [1.0]) * 1.05
+    for ax, (mode, q), run in zip(axes[:, 0], panels, shown):
         g = goodput_series(run)
         ax.plot([t for t, _ in g], [x for _, x in g], color=MODE_COLOR[mode], lw=1.2,
                 label="goodput (100 ms bins)")
@@ -253,7 +254,7 @@ def plot_timeline(res, exp: str, path: str, title: str, qdiscs=None) -> bool:
         ax2.scatter([s for _, s, _ in udp], [(r - s) * 1000 for _, s, r in udp], s=4, color="tab:green",
                     label="interactive one-way delay")
         ax2.set_ylabel("one-way delay (ms)", color="tab:green")
-        ax2.set_ylim(bottom=0)
+        ax2.set_ylim(0, owd_top)          # one scale for every panel, so they compare
         fct = run_fct(run)
         ax.set_title(f"{MODE_NAME[mode]} over {QDISC_NAME[q]} — rep {run['rep'] + 1}, completion {fmt(fct, 2)} s",
                      fontsize=10)
@@ -447,7 +448,8 @@ def summarize(res: dict) -> dict:
             if "e2e" in d and "pep" in d:
                 d["ratio"] = ratio_ci(d["pep"]["fcts"], d["e2e"]["fcts"])
             fct[size] = d
-        out["satellite"] = {"r1": sr1, "r2": sr2, "fct": fct, "ttfb": summarize_ttfb(sat.get("ttfb", []), sr1, sr2)}
+        out["satellite"] = {"r1": sr1, "r2": sr2, "fct": fct, "ttfb": summarize_ttfb(sat.get("ttfb", []), sr1, sr2),
+                            "tls": summarize_tls(sat.get("tls", []), sr1, sr2)}
     return out
 
 
@@ -668,6 +670,9 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         if sat["ttfb"]:
             L.append("Time to first byte over the satellite hop (link idle):\n")
             _ttfb_table(L, sat["ttfb"])
+        if sat.get("tls"):
+            L.append("HTTPS time to first byte over the satellite hop (as in the HTTPS section above):\n")
+            _ttfb_table(L, sat["tls"])
         if plot_sat_fct(S, os.path.join(out, "sat_fct.png")):
             pngs.append(("sat_fct.png", "GEO satellite: FCT per size"))
         if plot_ttfb({"ttfb": res["satellite"].get("ttfb", [])}, sat["r1"], sat["r2"],
