@@ -28,6 +28,7 @@ const char *lq_qdisc_name(const struct lq *q);
 void lq_set_codel(struct lq *q, uint64_t target_ns, uint64_t interval_ns);
 void lq_set_quantum(struct lq *q, uint32_t quantum);
 void lq_set_delay(struct lq *q, uint64_t delay_ns);
+void lq_set_overhead(struct lq *q, uint32_t bytes);
 void lq_set_loss(struct lq *q, double p, uint64_t seed);
 void lq_set_rate(struct lq *q, uint64_t now, uint64_t rate_bps);
 int lq_set_schedule(struct lq *q, uint64_t now, uint64_t t0, uint64_t period_ns, size_t n,
@@ -144,6 +145,12 @@ def test_rate_delay_and_serialization_are_exact():
     dues = [td for _, _, td, _ in L.out]
     assert all(b - a == 1_200_000 for a, b in zip(dues, dues[1:]))
     assert abs(L.bytes_of(1, 10 * MS, S + 10 * MS) - 1_250_000) <= 1500
+    # with an Ethernet header counted, as the delay line does: 1514 B = 1.2112 ms
+    L = Link(rate=10_000_000, delay=0)
+    C.lq_set_overhead(L.q, 14)
+    L.run(cbr(1, 20_000_000, 0, 100 * MS), S)
+    dues = [td for _, _, td, _ in L.out]
+    assert all(b - a == 1_211_200 for a, b in zip(dues, dues[1:]))
 
 
 def test_schedule_steps_and_outage():

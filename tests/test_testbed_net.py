@@ -179,7 +179,7 @@ def test_smoke_quick_run(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "## Calibration" in text and "## Time to first byte" in text
     for name in ("calibration.csv", "flows.csv", "goodput.csv", "interactive.csv", "ttfb.csv",
-                 "timeline_step.png", "results.json"):
+                 "timeline_step_fifo_vs_fq_codel.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     import json
     res = json.loads((tmp_path / "results.json").read_text())
@@ -188,6 +188,12 @@ def test_smoke_quick_run(tmp_path):
             assert row["ok"], row
     runs = [r for r in res["runs"] if r["experiment"] == "step"]
     assert runs and all(f["complete"] for r in runs for f in r["flows"])
+    assert {(r["qdisc"], r["mode"]) for r in runs} == {(q, m) for q in ("fifo", "fq_codel") for m in ("e2e", "pep")}
+    # FQ-CoDel keeps the interactive flow out of the bulk flow's queue: its worst delay stays
+    # within 15 ms of the FIFO-free propagation delay (R1+R2)/2, while FIFO's exceeds that
+    from pepsock.testbed.report import interactive
+    worst = {(r["qdisc"], r["mode"]): max(interactive(r)["owd"]) for r in runs}
+    assert worst[("fq_codel", "pep")] < 25 + 15 < worst[("fifo", "pep")], worst
     e2e = [r for r in runs if r["mode"] == "e2e"][0]
     # the step took place during the transfer (10 -> 75 Mbit/s at 4 s)
     assert [round(r / 1e6) for _, r in e2e["rate_changes"]] == [10, 75]

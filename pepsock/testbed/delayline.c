@@ -13,7 +13,7 @@
  *
  *   set ab|ba key=value...    rate=<bit/s>|inf  qdisc=fifo|codel|fq_codel
  *                             limit=<bytes (fifo) | packets>  delay_us=  loss=<0..1>
- *                             seed=  target_us=  interval_us=  quantum=
+ *                             seed=  target_us=  interval_us=  quantum=  overhead=<bytes>
  *   sched ab|ba T0_NS PERIOD_NS AT_NS:RATE...   a rate schedule from T0 (CLOCK_MONOTONIC)
  *   stats                      the counters of both directions, as JSON
  *
@@ -202,6 +202,7 @@ static void command(char *line, struct dir *dirs, int rt, char *reply, size_t ca
         else if (!strcmp(k, "target_us")) lq_set_codel(d->q, v * 1000, 0);
         else if (!strcmp(k, "interval_us")) lq_set_codel(d->q, 0, v * 1000);
         else if (!strcmp(k, "quantum")) lq_set_quantum(d->q, (uint32_t)v);
+        else if (!strcmp(k, "overhead")) lq_set_overhead(d->q, (uint32_t)v);
         else { snprintf(reply, cap, "err unknown key %s", k); return; }
     }
     if (have_loss) lq_set_loss(d->q, loss, seed);   /* the seed goes with a loss rate */
@@ -258,6 +259,10 @@ int main(int argc, char **argv)
     }
     lq_set_delay(dirs[0].q, d_ab);
     lq_set_delay(dirs[1].q, d_ba);
+    /* TUN carries IP packets; the emulated links are Ethernet, and the kernel's TBF on a
+     * veth counts the 14-byte header too: so does the line, for rates that compare */
+    lq_set_overhead(dirs[0].q, 14);
+    lq_set_overhead(dirs[1].q, 14);
     /* On a busy machine a normal-priority process can be descheduled for tens of
      * milliseconds, which would show up as delay spikes.  The loop sleeps in ppoll
      * between packets, so a real-time priority costs nothing when idle (and the

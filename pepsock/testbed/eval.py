@@ -21,7 +21,7 @@ import time
 from .topology import ADDR, Settings  # noqa: E402  (pure Python, no root needed to import)
 
 ALL = ["validate", "step", "bigq", "flows", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
-QUICK = ["validate", "step", "spike", "upload", "ipv6", "ttfb", "tls", "satellite"]
+QUICK = ["validate", "step", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
         return 0
     exps = [e.strip() for e in (args.experiments or ",".join(QUICK if args.quick else ALL)).split(",")
             if e.strip()]
+    args.experiments_list = exps
     bad = [e for e in exps if e not in ALL]
     if bad:
         print(f"pep eval: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(ALL)}", file=sys.stderr)
@@ -173,7 +174,7 @@ def _run(args, plan, settings, exps) -> int:
             if tb.uplink is None:
                 res["notes"].append("upload skipped: the uplink is not shaped (--uplink 0)")
             else:
-                transfers.append(("upload", runner.step_schedule(), plan.upload_bytes, plan.reps,
+                transfers.append(("upload", runner.step_schedule(), plan.upload_bytes, plan.upload_reps,
                                   {"upload": True, "interactive": False}))
         if "ipv6" in exps:
             transfers.append(("ipv6", runner.step_schedule(), plan.step_bytes, plan.ipv6_reps, {"v6": True}))
@@ -185,7 +186,7 @@ def _run(args, plan, settings, exps) -> int:
         if "tls" in exps:
             total += 7
         if "satellite" in exps:
-            total += len(plan.sat_sizes) * plan.sat_reps * modes + 6
+            total += len(plan.sat_sizes) * plan.sat_reps * modes + 6 + (7 if "tls" in exps else 0)
         progress = Progress(total)
         for name, schedule, nbytes, reps, opts in transfers:
             res["runs"] += runner.exp_transfers(name, schedule, nbytes, reps, progress, **opts)
@@ -261,6 +262,9 @@ def _satellite(args, plan, ground, progress, out: dict):
     plan.ttfb_reps = plan.sat_ttfb_reps
     try:
         out["ttfb"] = runner.exp_ttfb(progress, rate_mbit=sat.wireless_mbit, timeout=10)
+        if "tls" in args.experiments_list:
+            from .experiments import exp_tls
+            out["tls"] = exp_tls(runner, progress, rate_mbit=sat.wireless_mbit, timeout=10)
     finally:
         plan.ttfb_reps = saved
     out["notes"] += runner.notes

@@ -56,6 +56,7 @@ class Plan:
     validate_reps: int = 3        # "validate": the step case on the kernel TBF+bfifo and the user-space FIFO
     upload_bytes: int = 20_000_000
     ipv6_reps: int = 2            # "ipv6": the step case over IPv6
+    upload_reps: int = 3
     # the GEO satellite case: the satellite hop is the client-PEP hop
     sat_sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000, 10_000_000])
     sat_reps: int = 3
@@ -70,7 +71,7 @@ class Plan:
     def quick_plan(cls) -> "Plan":
         return cls(quick=True, reps=2, bigq_reps=1, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
                    mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0, validate_reps=1,
-                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=3, ipv6_reps=1)
+                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=3, ipv6_reps=1, upload_reps=1)
 
 
 class Progress:
@@ -422,7 +423,7 @@ def _libpep() -> str | None:
     return lib if os.path.exists(lib) else None
 
 
-def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0) -> list[dict]:
+def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0, timeout: float = 5.0) -> list[dict]:
     """HTTPS time to first byte: a TLS 1.3 handshake, then a request, by each method."""
     tb, rows = runner.tb, []
     tb.reset(rate_mbit)
@@ -453,7 +454,7 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0) -> list[dict]:
         progress.step(f"tls {mode}")
         try:
             args = ["ttfb", "--tls", "--server", f"{ADDR['server']}:{TLS_PORT}", "--mode", mode,
-                    "--reps", runner.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc]
+                    "--reps", runner.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc, "--timeout", timeout]
             if proxy:
                 args += ["--proxy", proxy]
             if mode == "curl-libpep":
@@ -461,7 +462,7 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0) -> list[dict]:
             p = tb.client.popen(sys.executable, "-m", "pepsock.testbed.agents", *map(str, args),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=dict(procs._env(), PEP_STATE_DIR=state))
-            r = procs.result(p, (runner.plan.ttfb_reps + 2) * 6 + 20)
+            r = procs.result(p, (runner.plan.ttfb_reps + 2) * (timeout + 1) + 20)
             for i, x in enumerate(r["results"]):
                 rows.append({"mode": mode, "rep": i, "ttfb_ms": x["ttfb_ms"], "error": x.get("error", "")})
         except Exception as e:

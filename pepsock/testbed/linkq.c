@@ -51,7 +51,7 @@ struct lq {
     enum lq_kind kind;
     uint64_t limit;                  /* FIFO: bytes; CoDel, FQ-CoDel: packets */
     uint64_t target, interval;
-    uint32_t quantum, maxpacket;
+    uint32_t quantum, maxpacket, overhead;
     struct pq fifo;                  /* FIFO and CoDel */
     struct codel cv;
     struct flow *flows;              /* FQ-CoDel */
@@ -488,6 +488,8 @@ void lq_set_quantum(struct lq *q, uint32_t quantum)
 
 void lq_set_delay(struct lq *q, uint64_t delay_ns) { q->delay = delay_ns; }
 
+void lq_set_overhead(struct lq *q, uint32_t bytes) { q->overhead = bytes; }
+
 void lq_set_loss(struct lq *q, double p, uint64_t seed)
 {
     q->loss = p < 0 ? 0 : p > 1 ? 1 : p;
@@ -512,7 +514,7 @@ static void advance(struct lq *q, uint64_t now)
                 if (q->lt < now) q->lt = now;
                 return;
             }
-            q->cur_left = q->len[q->cur];
+            q->cur_left = (double)q->len[q->cur] + q->overhead;
         }
         uint64_t end, rate = segment(q, q->lt, &end);
         if (rate == LQ_RATE_INF) {

@@ -41,6 +41,8 @@ const char *lq_qdisc_name(const struct lq *q);
 void lq_set_codel(struct lq *q, uint64_t target_ns, uint64_t interval_ns);
 void lq_set_quantum(struct lq *q, uint32_t quantum);
 void lq_set_delay(struct lq *q, uint64_t delay_ns);
+/* Bytes the serializer adds to each packet (14: an Ethernet header, as TBF on a veth counts). */
+void lq_set_overhead(struct lq *q, uint32_t bytes);
 /* Random loss at the ingress with probability p (0..1), from a seeded PRNG. */
 void lq_set_loss(struct lq *q, double p, uint64_t seed);
 /* A constant rate (bit/s; 0 = outage, LQ_RATE_INF = unlimited) from `now` on;

@@ -220,8 +220,9 @@ def plot_timeline(res, exp: str, path: str, title: str, qdiscs=None) -> bool:
         return False
     plt = _plt()
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.9 * len(panels)), sharex=True, squeeze=False)
-    for ax, (mode, q) in zip(axes[:, 0], panels):
-        run = representative([r for r in runs if r["mode"] == mode and qd(r) == q])
+    shown = [representative([r for r in runs if r["mode"] == m and qd(r) == q]) for m, q in panels]
+    owd_top = max([(r - s) * 1000 for run in shown for _, s, r in run.get("udp", [])] + [1.0]) * 1.05
+    for ax, (mode, q), run in zip(axes[:, 0], panels, shown):
         g = goodput_series(run)
         ax.plot([t for t, _ in g], [x for _, x in g], color=MODE_COLOR[mode], lw=1.2,
                 label="goodput (100 ms bins)")
@@ -253,7 +254,7 @@ def plot_timeline(res, exp: str, path: str, title: str, qdiscs=None) -> bool:
         ax2.scatter([s for _, s, _ in udp], [(r - s) * 1000 for _, s, r in udp], s=4, color="tab:green",
                     label="interactive one-way delay")
         ax2.set_ylabel("one-way delay (ms)", color="tab:green")
-        ax2.set_ylim(bottom=0)
+        ax2.set_ylim(0, owd_top)          # one scale for every panel, so they compare
         fct = run_fct(run)
         ax.set_title(f"{MODE_NAME[mode]} over {QDISC_NAME[q]} — rep {run['rep'] + 1}, completion {fmt(fct, 2)} s",
                      fontsize=10)
@@ -447,7 +448,8 @@ def summarize(res: dict) -> dict:
             if "e2e" in d and "pep" in d:
                 d["ratio"] = ratio_ci(d["pep"]["fcts"], d["e2e"]["fcts"])
             fct[size] = d
-        out["satellite"] = {"r1": sr1, "r2": sr2, "fct": fct, "ttfb": summarize_ttfb(sat.get("ttfb", []), sr1, sr2)}
+        out["satellite"] = {"r1": sr1, "r2": sr2, "fct": fct, "ttfb": summarize_ttfb(sat.get("ttfb", []), sr1, sr2),
+                            "tls": summarize_tls(sat.get("tls", []), sr1, sr2)}
     return out
 
 
@@ -561,15 +563,22 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         "flows": "flows: numbers of competing flows", "reps": "repetitions (step, spike, mmwave)",
         "flows_reps": "repetitions (flows)", "ttfb_reps": "repetitions (ttfb, per method)",
         "interactive": "interactive flow", "pep": "PEP (relay)",
+        "qdiscs": "bottleneck queues compared (validate: kernel TBF+bfifo and FIFO)",
+        "uplink_mbit": "uplink, client -> PEP (Mbit/s, user-space link, same queue kind)",
     }
     for k, name in nice.items():
         if k in s:
             L.append(f"| {name} | {s[k]} |")
     L.append("| offloads | TSO, GSO, GRO off on every veth |")
-    L.append("| wireless rate | TBF (+ bfifo child) on wrouter's egress to the client, changed over netlink (pyroute2); an outage is 8 kbit/s |")
+    L.append("| wireless rate | user-space link (FIFO, CoDel, FQ-CoDel): the delay line in wrouter serializes at the "
+             "scheduled rate (changes applied in the line at their time; an outage is 0 bit/s) and the wired "
+             "side gets the same queue kind; kernel: TBF (+ bfifo child) on wrouter's egress, changed over "
+             "netlink (pyroute2), an outage is 8 kbit/s |")
+    L.append("| FQ-CoDel | RFC 8290: 1024 queues by 5-tuple hash, DRR quantum 1514 B, new/old flow lists, CoDel "
+             "target 5 ms / interval 100 ms per queue, 10240-packet limit, overflow drops from the fattest queue |")
     L.append("")
     L.append("## Calibration\n")
-    L.append("Measured against configured: idle ping RTTs; the goodput of one cubic flow with the bottleneck queue raised to 2 end-to-end BDPs for the measurement (so it measures the link, not TCP), expected = rate x 1448/1514 (TCP payload per Ethernet frame).\n")
+    L.append(f"Measured against configured, on the {QDISC_NAME.get(s.get('qdisc'), 'first')} bottleneck: idle ping RTTs; the goodput of one cubic flow with the bottleneck queue raised to 2 end-to-end BDPs for the measurement (so it measures the link, not TCP), expected = rate x 1448/1514 (TCP payload per Ethernet frame: both TBF and the user-space link count the 14-byte Ethernet header).\n")
     L.append("| metric | configured | measured | error | within 10% |\n|---|---|---|---|---|")
     for r in res.get("calibration", []):
         err = f"{r['error_pct']:+.1f}%" if isinstance(r["error_pct"], (int, float)) else ""
@@ -661,6 +670,9 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         if sat["ttfb"]:
             L.append("Time to first byte over the satellite hop (link idle):\n")
             _ttfb_table(L, sat["ttfb"])
+        if sat.get("tls"):
+            L.append("HTTPS time to first byte over the satellite hop (as in the HTTPS section above):\n")
+            _ttfb_table(L, sat["tls"])
         if plot_sat_fct(S, os.path.join(out, "sat_fct.png")):
             pngs.append(("sat_fct.png", "GEO satellite: FCT per size"))
         if plot_ttfb({"ttfb": res["satellite"].get("ttfb", [])}, sat["r1"], sat["r2"],
@@ -745,6 +757,23 @@ def targets(S) -> list[str]:
     else:
         why = "the ttfb experiment was not run" if not t else "no PEP"
         lines.append(f"| TTFB PEP 0-RTT within 10% of R1+2R2, ≥ R1 below direct | not measured ({why}) | **not measured** |")
+    sat = S.get("satellite")
+    if sat:
+        t = sat["ttfb"]
+        if "pep" in t and t["pep"]["ci"][2]:
+            m, f = t["pep"]["ci"][0], t["pep"]["formula"]
+            dev = (m - f) / f * 100
+            lines.append(f"| satellite: TTFB PEP 0-RTT within 10% of R1+2R2 | {m:.0f} ms vs {f:.0f} ms ({dev:+.1f}%) | "
+                         f"{'met' if abs(dev) <= 10 else '**missed**'} |")
+            if "direct" in t and t["direct"]["ci"][2]:
+                gain = t["direct"]["ci"][0] - m
+                lines.append(f"| satellite: TTFB PEP 0-RTT about R1 below direct (≥ 0.9 R1) | {gain:.0f} ms below "
+                             f"(R1 = {sat['r1']:.0f} ms) | {'met' if gain >= 0.9 * sat['r1'] else '**missed**'} |")
+        for n, d in sat["fct"].items():
+            if "ratio" in d:
+                r = d["ratio"][0]
+                lines.append(f"| satellite {n / 1e6:g} MB: FCT through the PEP below end to end | {fmt(r, 3)}× | "
+                             f"{'met' if r < 1 else '**missed**'} |")
     return lines
 
 
