@@ -10,6 +10,12 @@ Which path serves a program (docs/run.md):
 * **none**: nothing can (a foreign-architecture program, no seccomp user
   notification...): say so in one line and refuse, unless --allow-direct.
 
+The choice looks at the program pep run starts, and at the words of its
+command line: a wrapper naming a static or Go program (`timeout 60 rclone
+...`, `sh -c 'rclone ...'`) gets both, the supervisor for the whole tree and
+libpep.so for its dynamic members.  A script that starts one from inside
+needs --mode both.
+
 Either way pep run execs: the pid, signals and exit status are the program's.
 """
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -25,7 +32,10 @@ from . import elf, preload
 from .policy import ConfigError, ProxyConfig
 
 PRELOAD, SECCOMP, NONE = "preload", "seccomp", "none"
-MODES = ("auto", PRELOAD, SECCOMP)
+#: --mode both: the supervisor for the whole tree and libpep.so in LD_PRELOAD,
+#: for a dynamic program (a shell script) that runs static or Go ones.
+BOTH = "both"
+MODES = ("auto", PRELOAD, SECCOMP, BOTH)
 #: Exit status when pep run itself refuses or fails (as env(1) does).
 REFUSED = 125
 NATIVE_MACHINE = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
@@ -73,21 +83,49 @@ def plan(program: elf.Program, want: str = "auto", *, library=None, library_why:
         from . import seccomp
         seccomp_why = seccomp.unavailable()
     setuid = _setuid_blocker(program)
+    if setuid:
+        return Plan(NONE, setuid)
     if want == PRELOAD:
         return Plan(PRELOAD) if library else Plan(NONE, library_why)
-    if want == SECCOMP:
-        if seccomp_why or setuid:
-            return Plan(NONE, seccomp_why or setuid)
-        return Plan(SECCOMP, "--mode seccomp")
+    if want in (SECCOMP, BOTH):
+        return Plan(NONE, seccomp_why) if seccomp_why else Plan(SECCOMP, f"--mode {want}")
     blocker = preload_blocker(program, library, library_why)
     if not blocker:
         return Plan(PRELOAD)
     info = program.info
     if info is not None and info.machine != NATIVE_MACHINE:
         return Plan(NONE, blocker)
-    if seccomp_why or setuid:
-        return Plan(NONE, f"{blocker}, and {seccomp_why or setuid}")
+    if seccomp_why:
+        return Plan(NONE, f"{blocker}, and {seccomp_why}")
     return Plan(SECCOMP, blocker)
+
+
+#: Words of a command line looked up as programs, at most (see below).
+MAX_NAMED = 32
+_WORDS = re.compile(r"[\s;|&()<>`'\"]+")
+
+
+def named_program_libpep_cannot_serve(args: list[str], path_env: str, library,
+                                      library_why: str) -> str:
+    """A wrapper (`timeout 60 rclone ...`, `sh -c 'rclone ...'`, `env X=1 kubectl`)
+    is dynamic, but a word of its command line may name a program libpep.so
+    cannot serve: "NAME (why)" for the first such word, else "".  A heuristic
+    for the common case; a script that starts one from inside needs --mode both."""
+    seen = set()
+    for arg in args:
+        for word in _WORDS.split(arg):
+            if not word or word in seen or word.startswith("-") or "=" in word \
+                    or len(word) > 255:
+                continue
+            seen.add(word)
+            if len(seen) > MAX_NAMED:
+                return ""
+            inner = elf.examine(word, path_env)
+            if inner is not None and inner.info is not None:
+                blocker = preload_blocker(inner, library, library_why)
+                if blocker:
+                    return blocker
+    return ""
 
 
 def _setuid_blocker(program: elf.Program) -> str:
@@ -100,7 +138,9 @@ def _setuid_blocker(program: elf.Program) -> str:
     except OSError:
         return ""
     if mode & 0o6000:
-        return f"{os.path.basename(program.path)} is set-user/group-ID"
+        return (f"{os.path.basename(program.path)} is set-user/group-ID (the loader ignores "
+                f"LD_PRELOAD for it, and the seccomp filter would need no_new_privs, which "
+                f"drops the set-ID)")
     return ""
 
 
@@ -146,6 +186,16 @@ def main(argv: list[str], pep=None, mode: str = "auto", allow_direct: bool = Fal
         _say(f"no PEP given (--pep or PEP_PROXY): running {argv[0]} unproxied")
         return _exec(program, argv, env)
     chosen = plan(program, mode, library=library, library_why=library_why)
+    if chosen.mode == PRELOAD and mode == "auto":
+        inner = named_program_libpep_cannot_serve(argv[1:], env.get("PATH", os.defpath),
+                                                  library, library_why)
+        if inner:
+            both = plan(program, BOTH, library=library, library_why=library_why)
+            if both.mode == SECCOMP:
+                chosen, mode = Plan(SECCOMP, f"its command line names a program: {inner}"), BOTH
+            else:                           # no supervisor here: libpep.so for what it can
+                _say(f"warning: {argv[0]}'s command line names a program libpep.so cannot "
+                     f"serve ({inner}), and {both.why}; it would run unproxied")
     if chosen.mode == PRELOAD:
         _info(env, f"running {argv[0]} under libpep.so")
         return _exec(program, argv, preload.environment(pep, env))
@@ -154,7 +204,8 @@ def main(argv: list[str], pep=None, mode: str = "auto", allow_direct: bool = Fal
         # Dynamic children of a static or Go program still get libpep.so, the
         # cheaper path (their connects to the PEP itself pass the filter
         # untouched); --mode seccomp means the supervisor for everything.
-        child_env = preload.environment(pep, env) if library and mode == "auto" else env
+        # (--mode both: the same for a dynamic program.)
+        child_env = preload.environment(pep, env) if library and mode != SECCOMP else env
         return _run_supervised(program, argv, env, child_env, allow_direct)
     return _refuse(program, argv, env, chosen.why, allow_direct)
 
@@ -187,20 +238,24 @@ def _refuse(program, argv, env, why: str, allow_direct: bool) -> int:
 
 def _run_supervised(program, argv, env, child_env, allow_direct: bool) -> int:
     from . import seccomp, supervisor
+    if seccomp.filtered():
+        why = seccomp.trial_install()    # someone else's filter may forbid ours
+        if why:
+            return _refuse(program, argv, env, why, allow_direct)
     os.environ.clear()
     os.environ.update(env)              # the supervisor reads PEP_* from its environment
     try:
         channel, supervisor_pid = supervisor.spawn(os.getpid())
     except OSError as exc:
-        return _refuse(program, argv, env, f"the seccomp supervisor did not start ({exc})",
-                       allow_direct)
+        return _refuse(program, argv, env, f"the seccomp supervisor did not start: "
+                                           f"{exc.strerror}", allow_direct)
     seccomp.allow_ptrace_by(supervisor_pid)
     try:
-        listener = seccomp.install_connect_listener()
+        listener, killable = seccomp.install_connect_listener()
     except seccomp.Unsupported as exc:
         channel.close()                 # the supervisor sees no listener and leaves
-        return _refuse(program, argv, env, str(exc), allow_direct)
-    supervisor.hand_over(channel, listener)
+        return _refuse(program, argv, env, exc.strerror or str(exc), allow_direct)
+    supervisor.hand_over(channel, listener, killable)
     os.close(listener)
     channel.close()
     return _exec(program, argv, child_env)

@@ -1,9 +1,9 @@
 """Seccomp user notification for connect(): the kernel interface, through ctypes.
 
 `install_connect_listener()` puts the calling thread (and everything it execs
-or forks afterwards) under a filter that hands every native `connect(2)` to
-a supervisor and lets every other syscall through; it returns the listener
-fd.  The supervisor (pepsock/supervisor.py) drives the listener with
+or forks afterwards) under a filter that hands every native `connect(2)` (and
+`getpeername(2)`, on 5.19+) to a supervisor and lets every other syscall
+through; it returns the listener fd.  The supervisor (pepsock/supervisor.py) drives the listener with
 `receive()`, `respond()`/`let_through()` and `still_waiting()`, reads the
 program's memory with `read_memory()` and takes the program's socket with
 `take_fd()` (pidfd_getfd: the same open file, not a copy).
@@ -25,15 +25,16 @@ _libc.syscall.restype = ctypes.c_long
 
 # --- syscall numbers and architectures (include/uapi/linux/audit.h, asm/unistd.h)
 ARCHES = {
-    # machine: (AUDIT_ARCH_*, connect's number, seccomp's number)
-    "x86_64": (0xC000003E, 42, 317),
-    "aarch64": (0xC00000B7, 203, 277),
+    # machine: (AUDIT_ARCH_*, connect's number, seccomp's number, getpeername's number)
+    "x86_64": (0xC000003E, 42, 317, 52),
+    "aarch64": (0xC00000B7, 203, 277, 205),
 }
 SYS_PIDFD_GETFD = 438            # the same on every architecture (new syscall table)
 
 # --- seccomp (include/uapi/linux/seccomp.h)
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
@@ -69,7 +70,7 @@ class Unsupported(OSError):
     """The filter cannot be installed here; str() says why in one line."""
 
 
-def native_arch() -> tuple[int, int, int] | None:
+def native_arch() -> tuple[int, int, int, int] | None:
     return ARCHES.get(platform.machine())
 
 
@@ -117,21 +118,23 @@ def unavailable() -> str:
     return ""
 
 
-def connect_filter(arch: int, nr_connect: int) -> bytes:
-    """Classic BPF: connect() of this architecture -> USER_NOTIF; all else -> ALLOW.
+def notify_filter(arch: int, numbers: tuple[int, ...]) -> bytes:
+    """Classic BPF: these syscalls of this architecture -> USER_NOTIF; all else -> ALLOW.
 
     Other ABIs (x32, i386 compat) have other arch values or numbers and are
     let through: docs/run.md lists that as not covered.
     """
     ins = struct.Struct("=HBBI")
+    k = len(numbers)
     prog = [
         (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
-        (BPF_JEQ_K, 0, 3, arch),                # foreign arch -> ALLOW
+        (BPF_JEQ_K, 0, k + 1, arch),            # foreign arch -> ALLOW
         (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_NR),
-        (BPF_JEQ_K, 0, 1, nr_connect),          # not connect -> ALLOW
-        (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
     ]
+    for i, nr in enumerate(numbers):
+        prog.append((BPF_JEQ_K, k - i, 0, nr))  # one of ours -> USER_NOTIF
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF))
     return b"".join(ins.pack(*i) for i in prog)
 
 
@@ -145,8 +148,13 @@ def _prctl(option: int, arg2: int = 0) -> int:
     return 0 if rc == 0 else ctypes.get_errno()
 
 
-def install_connect_listener() -> int:
-    """Install the connect() filter on the calling thread; the listener fd (O_CLOEXEC).
+def install_connect_listener(wait_killable: bool = True) -> tuple[int, bool]:
+    """Install the connect() filter on the calling thread: (listener fd
+    (O_CLOEXEC), killable) where killable means the kernel took
+    SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (5.19+): once the supervisor has
+    received a notification, only a fatal signal takes the caller out of its
+    connect, so an answered connect is never restarted.  wait_killable=False
+    installs it as a kernel before 5.19 would (the tests use it).
 
     Tries without no_new_privs first (allowed with CAP_SYS_ADMIN: setuid
     programs then keep working under root); otherwise sets no_new_privs.
@@ -155,25 +163,39 @@ def install_connect_listener() -> int:
     arch = native_arch()
     if arch is None:
         raise Unsupported(errno.ENOSYS, f"no seccomp support for {platform.machine()}")
-    audit_arch, nr_connect, nr_seccomp = arch
-    code = connect_filter(audit_arch, nr_connect)
-    buf = ctypes.create_string_buffer(code, len(code))
-    prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
+    audit_arch, nr_connect, nr_seccomp, nr_getpeername = arch
 
-    def attempt() -> int:
+    def attempt(flags: int, numbers: tuple[int, ...]) -> int:
+        code = notify_filter(audit_arch, numbers)
+        buf = ctypes.create_string_buffer(code, len(code))
+        prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
         fd = _libc.syscall(ctypes.c_long(nr_seccomp), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-                           ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER), ctypes.byref(prog))
+                           ctypes.c_long(flags), ctypes.byref(prog))
         return fd if fd >= 0 else -ctypes.get_errno()
 
-    fd = attempt()
+    def attempt_both() -> tuple[int, bool]:
+        if wait_killable:
+            # getpeername() too: the supervisor answers it for steered sockets by
+            # writing into the caller's memory, safe only while the caller
+            # cannot leave the syscall before the answer (killable wait).
+            fd = attempt(SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
+                         (nr_connect, nr_getpeername))
+            if fd != -errno.EINVAL:
+                return fd, True
+        return attempt(SECCOMP_FILTER_FLAG_NEW_LISTENER, (nr_connect,)), False   # before 5.19
+
+    fd, killable = attempt_both()
     if fd == -errno.EACCES:
         err = _prctl(PR_SET_NO_NEW_PRIVS, 1)
         if err:
             raise Unsupported(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
-        fd = attempt()
+        fd, killable = attempt_both()
     if fd >= 0:
-        return fd
-    err = -fd
+        return fd, killable
+    raise Unsupported(-fd, _why_not(-fd))
+
+
+def _why_not(err: int) -> str:
     why = {
         errno.EBUSY: "a seccomp supervisor already watches this process (pep run inside pep run?)",
         errno.EINVAL: "the kernel refused the filter (no seccomp user notification?)",
@@ -182,7 +204,38 @@ def install_connect_listener() -> int:
         errno.EACCES: "new seccomp filters are not allowed here",
         errno.ENOMEM: "the kernel refused the filter (too many filters?)",
     }.get(err, os.strerror(err))
-    raise Unsupported(err, f"cannot install the seccomp filter: {why}")
+    return f"cannot install the seccomp filter: {why}"
+
+
+def filtered() -> bool:
+    """Is this process already under a seccomp filter (a container's, a sandbox's, ours)?"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Seccomp:"):
+                    return line.split()[1] == "2"
+    except OSError:
+        pass
+    return False
+
+
+def trial_install() -> str:
+    """Install the filter in a throwaway child: "" if it works, else why not.
+    Worth its fork only under someone else's filter, which may forbid ours."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            install_connect_listener()
+            os._exit(0)
+        except Unsupported as exc:
+            os._exit(min(exc.errno or 1, 255))
+        except BaseException:  # noqa: BLE001
+            os._exit(255)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return ""
+    return _why_not(code) if code != 255 else "cannot install the seccomp filter"
 
 
 def allow_ptrace_by(pid: int) -> None:
@@ -271,6 +324,17 @@ def read_memory(pid: int, address: int, size: int) -> bytes:
         err = ctypes.get_errno()
         raise OSError(err, f"process_vm_readv({pid}): {os.strerror(err)}")
     return buf.raw[:got]
+
+
+def write_memory(pid: int, address: int, data: bytes) -> None:
+    """Write `data` at `address` in thread `pid`'s memory (process_vm_writev)."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = _Iovec(ctypes.addressof(buf), len(data))
+    remote = _Iovec(address, len(data))
+    got = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if got != len(data):
+        err = ctypes.get_errno() if got < 0 else errno.EFAULT
+        raise OSError(err, f"process_vm_writev({pid}): {os.strerror(err)}")
 
 
 def take_fd(pidfd: int, fd: int) -> int:

@@ -35,6 +35,7 @@ import errno
 import fcntl
 import ipaddress
 import os
+import resource
 import select
 import signal
 import socket
@@ -54,9 +55,16 @@ SPLICE_F_MOVE = 1
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 16
-#: Proxied connections open at once (each holds two pool threads while open);
-#: past it, new ones are reset, with one log line.
+#: Proxied connections open at once (each holds two pool threads while open,
+#: and FDS_PER_RELAY fds: fewer if RLIMIT_NOFILE's hard limit is low); past
+#: it, new ones are reset, with one log line.
 MAX_RELAYS = 1024
+#: Steered connects whose caller a signal took away before the answer,
+#: remembered for the call that restarts them (a program that never retries
+#: leaves one behind; past this many the memory is dropped).
+MAX_UNANSWERED = 4096
+#: Destinations whose verdict (PEP or direct) is remembered at once.
+MAX_DECISIONS = 4096
 #: How long the PEP connection may take to open (the client's own per-PEP
 #: timeouts apply inside this bound).
 OPEN_TIMEOUT = 30.0
@@ -86,7 +94,7 @@ class Log:
     def __call__(self, level: str, text: str) -> None:
         if LEVELS[level] > self.level:
             return
-        line = f"pep run[{os.getpid()}] {level}: {text}\n".encode(errors="replace")
+        line = f"pep-supervisor[{os.getpid()}] {level}: {text}\n".encode(errors="replace")
         try:
             if self.path:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -141,6 +149,34 @@ def _pep_addresses(config: ProxyConfig) -> set:
     return out
 
 
+#: fds one relay holds: two sockets and a pipe (two fds) a direction.
+FDS_PER_RELAY = 6
+
+
+def _relays_that_fit() -> int:
+    """Raise RLIMIT_NOFILE to its hard limit (the supervisor's own, not the
+    program's); MAX_RELAYS, or fewer if their fds would not fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return MAX_RELAYS
+    return max(1, min(MAX_RELAYS, (soft - 64) // FDS_PER_RELAY))
+
+
+def _seconds(text: str | None, default: float) -> float:
+    """A PEP_*_TIMEOUT value; unset, empty or not a positive number: the default."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return default
+    return value if 0 < value < 1e6 else default
+
+
 # ----------------------------------------------------------------------- relaying
 
 class Relay:
@@ -154,44 +190,56 @@ class Relay:
     what was sent before it (failover, cookies).  After that, splice().
     """
 
-    def __init__(self, sup: "Supervisor", conn: socket.socket, dest):
+    def __init__(self, sup: "Supervisor", conn: socket.socket, dest, key):
         self.sup = sup
         self.conn = conn
         self.dest = dest
+        self.key = key              # the program's end (ip, port) of the loopback connection
         self.pep: socket.socket | None = None
         self.failed = False
 
     def serve(self) -> None:
+        """In a pool thread: the relay's whole life; it always ends in relay_done()."""
+        try:
+            self._serve()
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the relay counted
+            self.sup.log("error", f"{_fmt(self.dest)}: internal error: {exc!r}")
+            self._abort()
+        finally:
+            for sock in (self.conn, self.pep):
+                if sock is not None:
+                    # The client's socket: a plain close (its detach() would wait for the reply).
+                    socket.socket.close(sock)
+            self.sup.relay_done(self)
+
+    def _serve(self) -> None:
         t0 = time.monotonic()
         try:
             ip, port = self.dest
             pep = self.pep = create_connection((str(ip), port), timeout=OPEN_TIMEOUT)
         except OSError as exc:
             self.sup.log("error", f"{_fmt(self.dest)}: {exc}")
-            self._reset(self.conn)
-            return self.sup.relay_done(self)
+            return self._abort()
         pep.settimeout(None)
         self.conn.settimeout(None)
-        self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
-                              f"in {1000 * (time.monotonic() - t0):.1f} ms")
+        if self.sup.log.level >= LEVELS["debug"]:
+            self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
+                                  f"in {1000 * (time.monotonic() - t0):.1f} ms")
         try:
             upstream = self.sup.pool.submit(self._guard, self._upstream)
         except RuntimeError:            # the pool is shutting down: the program is gone
-            upstream = None
-            self._abort()
+            return self._abort()
         self._guard(self._downstream)
-        if upstream is not None:
-            upstream.result()
-        for sock in (self.conn, pep):
-            # The client's socket: a plain close (its detach() would wait for the reply).
-            socket.socket.close(sock)
-        self.sup.relay_done(self)
+        upstream.result()
 
     def _guard(self, half) -> None:
         try:
             half()
         except ConvertError as exc:
             self.sup.log("error", f"{_fmt(self.dest)}: the PEP said: {exc}")
+            self._abort()
+        except TimeoutError as exc:
+            self.sup.log("error", f"{_fmt(self.dest)}: {exc}")
             self._abort()
         except OSError as exc:
             if not self.failed and not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
@@ -210,10 +258,22 @@ class Relay:
     def _downstream(self) -> None:
         conn, pep = self.conn, self.pep
         if isinstance(pep, PepSocket):
-            data = pep.recv(CHUNK)       # the reply, then the first bytes after it
-            if not data:
+            # The reply, then the first bytes after it; within PEP_REPLY_TIMEOUT
+            # (SO_RCVTIMEO: the socket stays blocking for the upstream thread).
+            _set_rcvtimeo(pep, self.sup.reply_timeout)
+            try:
+                data = pep.recv(CHUNK)
+            except BlockingIOError:
+                if pep.reply_received:
+                    data = None          # the reply came, the server is quiet: fine
+                else:
+                    raise TimeoutError(errno.ETIMEDOUT, f"no reply from the PEP within "
+                                                        f"{self.sup.reply_timeout:g} s") from None
+            _set_rcvtimeo(pep, 0)
+            if data == b"":
                 return self._eof(conn)
-            conn.sendall(data)
+            if data:
+                conn.sendall(data)
         self._splice(pep, conn)
 
     def _splice(self, src: socket.socket, dst: socket.socket) -> None:
@@ -248,12 +308,26 @@ class Relay:
                 tfo.reset(sock)
 
     @staticmethod
-    def _reset(sock: socket.socket) -> None:
+    def reset(sock: socket.socket) -> None:
+        """Close with an RST."""
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
         socket.socket.close(sock)
+
+
+def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+
+
+def _key(sockname) -> tuple[str, int]:
+    """(ip text, port) of a loopback end as getsockname()/accept() give it;
+    a v4-mapped address counts as the IPv4 address it carries."""
+    ip = sockname[0]
+    return (ip[7:] if ip.startswith("::ffff:") else ip), sockname[1]
 
 
 def _fmt(dest) -> str:
@@ -264,16 +338,23 @@ def _fmt(dest) -> str:
 # ----------------------------------------------------------------------- the supervisor
 
 class Supervisor:
-    def __init__(self, listener: int, program_pid: int, log: Log, env=None):
-        self.listener = listener
+    """Built before the filter exists (so pep run can refuse if this fails);
+    `run()` then takes the listener."""
+
+    def __init__(self, program_pid: int, log: Log, env=None):
+        self.listener = -1
+        self.killable = True
         self.program_pid = program_pid
         self.log = log
         self.config = ProxyConfig.from_env(env)
+        self.reply_timeout = _seconds((env or os.environ).get("PEP_REPLY_TIMEOUT"), 10.0)
         self.peps = _pep_addresses(self.config)
         self.handlers: dict[int, object] = {}  # fd -> what to call when it polls ready
         self.poller = select.poll()
-        self.pool = concurrent.futures.ThreadPoolExecutor(2 * MAX_RELAYS, "pep-relay")
+        self.max_relays = _relays_that_fit()
+        self.pool = concurrent.futures.ThreadPoolExecutor(2 * self.max_relays, "pep-relay")
         self.routes: dict[tuple, tuple] = {}   # helper-side peer (ip, port) -> destination
+        self.peers: dict[tuple, tuple] = {}    # the same, for getpeername(), while relayed
         self.relays: set[Relay] = set()
         self.lock = threading.Lock()           # relays: pool threads remove themselves
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -281,6 +362,9 @@ class Supervisor:
         self.helper_addr: dict[int, bytes] = {}
         self.watching = True
         self.said: set[str] = set()
+        self.decisions: dict[tuple, bool] = {}  # (ip, port) -> goes to the PEP
+        self.steered = None                    # the socket _steer() connected to the helper
+        self.unanswered: set[tuple] = set()    # ...whose connect was interrupted before our answer
         self._open_helpers()
 
     # -- the local helper -------------------------------------------------------------
@@ -290,6 +374,7 @@ class Supervisor:
         self.helpers[socket.AF_INET] = v4
         port4 = v4.getsockname()[1]
         self.helper_addr[socket.AF_INET] = _sockaddr_in(ipaddress.IPv4Address("127.0.0.1"), port4)
+        v6 = None
         try:
             v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -299,10 +384,13 @@ class Supervisor:
                                                               v6.getsockname()[1])
         except OSError:
             # No IPv6 loopback: dual-stack sockets reach the IPv4 helper v4-mapped.
+            if v6 is not None:
+                v6.close()
             self.helper_addr[socket.AF_INET6] = _sockaddr_in6(
                 ipaddress.IPv6Address("::ffff:127.0.0.1"), port4)
-        for sock in self.helpers.values():
+        for family, sock in self.helpers.items():
             sock.listen(4096)
+            _probe(sock, family)
             sock.setblocking(False)
             self._watch(sock.fileno(), lambda ev, sock=sock: self._accept(sock))
 
@@ -313,21 +401,27 @@ class Supervisor:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self.log("warn", f"accept: {exc}")
+                # Out of fds or memory: the connection stays queued, and poll()
+                # would wake us at once for it; give relays a moment to end.
+                self._once("accept", f"accept: {exc}")
+                time.sleep(0.05)
                 return
-            dest = self.routes.pop((normalize_ip(peer[0]), peer[1]), None)
+            key = _key(peer)
+            dest = self.routes.pop(key, None)
             if dest is None:
                 conn.close()  # not a connection we steered here: nobody else uses our helper
                 continue
             with self.lock:
-                full = len(self.relays) >= MAX_RELAYS
+                full = len(self.relays) >= self.max_relays
                 if not full:
-                    relay = Relay(self, conn, dest)
+                    relay = Relay(self, conn, dest, key)
                     self.relays.add(relay)
             if full:
-                self._once("full", f"more than {MAX_RELAYS} connections at once: resetting "
+                self._once("full", f"more than {self.max_relays} connections at once: resetting "
                                    f"the newest")
-                Relay._reset(conn)
+                with self.lock:
+                    self.peers.pop(key, None)
+                Relay.reset(conn)
                 continue
             self.pool.submit(relay.serve)
 
@@ -335,6 +429,7 @@ class Supervisor:
         """From a pool thread: the relay is closed."""
         with self.lock:
             self.relays.discard(relay)
+            self.peers.pop(relay.key, None)
         try:
             os.write(self.wake_w, b"x")
         except OSError:
@@ -342,10 +437,9 @@ class Supervisor:
 
     # -- notifications ----------------------------------------------------------------
     def _on_listener(self, revents: int) -> None:
-        poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
+        # Each RECV only after poll() says POLLIN: the ioctl would block.
         for _ in range(64):
-            events = poller.poll(0)
+            events = self.listener_poll.poll(0)
             revents = events[0][1] if events else 0
             if revents & select.POLLIN:
                 note = seccomp.receive(self.listener)
@@ -359,21 +453,31 @@ class Supervisor:
 
     def _handle(self, note: seccomp.Notification) -> None:
         listener = self.listener
+        self.steered = None
+        arch = seccomp.native_arch()
         try:
-            err = self._steer(note)
-        except Exception as exc:  # noqa: BLE001 - never leave the program stuck in connect()
-            self.log("error", f"internal error, letting a connect through: {exc!r}")
+            if note.arch != arch[0]:
+                err = None
+            elif note.nr == arch[1]:
+                err = self._steer(note)
+            elif note.nr == arch[3]:
+                err = self._peer_name(note)
+            else:
+                err = None
+        except Exception as exc:  # noqa: BLE001 - never leave the program stuck in a syscall
+            self.log("error", f"internal error, letting a syscall through: {exc!r}")
             err = None
         if err is None:
             seccomp.let_through(listener, note.id)
-        else:
-            seccomp.respond(listener, note.id, error=err)
+        elif not seccomp.respond(listener, note.id, error=err) and self.steered is not None:
+            # A signal took the caller out of its connect after we steered the
+            # socket: the restarted call (or the retry after EINTR) gets the answer.
+            if len(self.unanswered) >= MAX_UNANSWERED:
+                self.unanswered.clear()
+            self.unanswered.add(self.steered)
 
     def _steer(self, note: seccomp.Notification) -> int | None:
         """None: let the connect through; else its result (0 or an errno)."""
-        arch = seccomp.native_arch()
-        if note.arch != arch[0] or note.nr != arch[1]:
-            return None
         fd = note.args[0] & 0xFFFFFFFF
         addr_ptr, addrlen = note.args[1], note.args[2] & 0xFFFFFFFF
         if fd > 0x7FFFFFFF or not 2 <= addrlen <= 128:
@@ -392,8 +496,7 @@ class Supervisor:
             return None
         family, ip, port = target
         ip = normalize_ip(ip)
-        if not carriable(ip, port) or (ip, port) in self.peps \
-                or self.config.pep_for(None, ip, port) is None:
+        if not self._proxied(ip, port):
             return None
         sock = self._take(note.pid, fd)
         if sock is None:
@@ -402,6 +505,59 @@ class Supervisor:
             if not seccomp.still_waiting(self.listener, note.id):
                 return None  # gone while we took it: that fd number may be another file now
             return self._connect_to_helper(sock, family, ip, port)
+
+    def _proxied(self, ip, port: int) -> bool:
+        """Does this destination go to the PEP?  Remembered per destination
+        (the rules are fixed for the supervisor's life; bounded)."""
+        verdict = self.decisions.get((ip, port))
+        if verdict is None:
+            verdict = carriable(ip, port) and (ip, port) not in self.peps \
+                and self.config.pep_for(None, ip, port) is not None
+            if len(self.decisions) >= MAX_DECISIONS:
+                self.decisions.clear()
+            self.decisions[(ip, port)] = verdict
+        return verdict
+
+    def _peer_name(self, note: seccomp.Notification) -> int | None:
+        """getpeername() of a steered socket: the destination, as libpep.so
+        answers it (v4-mapped on an AF_INET6 socket); anything else: None."""
+        fd, addr_ptr, len_ptr = note.args[0] & 0xFFFFFFFF, note.args[1], note.args[2]
+        if fd > 0x7FFFFFFF or not self.peers:
+            return None
+        sock = self._take(note.pid, fd)
+        if sock is None:
+            return None
+        with sock:
+            try:
+                local, peer = sock.getsockname(), sock.getpeername()
+            except OSError:
+                return None
+            with self.lock:
+                dest = self.peers.get(_key(local))
+            if dest is None or not self._to_helper(sock, peer):
+                return None
+            ip, port = dest
+            if sock.family == socket.AF_INET6:
+                v6 = ip if ip.version == 6 else ipaddress.IPv6Address(f"::ffff:{ip}")
+                name = _sockaddr_in6(v6, port)
+            else:
+                name = _sockaddr_in(ip, port)
+        try:
+            given = struct.unpack("=I", seccomp.read_memory(note.pid, len_ptr, 4))[0]
+        except (OSError, struct.error):
+            return None                  # the kernel will say EFAULT
+        if given > 0x7FFFFFFF:
+            return None                  # EINVAL, the kernel's
+        # The caller cannot leave before our answer (only a fatal signal takes
+        # it out: WAIT_KILLABLE_RECV), so its buffers are still its own.
+        if not seccomp.still_waiting(self.listener, note.id):
+            return None
+        try:
+            seccomp.write_memory(note.pid, addr_ptr, name[:given])
+            seccomp.write_memory(note.pid, len_ptr, struct.pack("=I", len(name)))
+        except OSError:
+            return None
+        return 0
 
     def _take(self, tid: int, fd: int) -> socket.socket | None:
         """Our socket object on the program's open file; None if not a TCP socket."""
@@ -440,24 +596,46 @@ class Supervisor:
         err = seccomp.raw_connect(sock.fileno(), self.helper_addr[sock.family])
         if err in (0, errno.EINPROGRESS):
             local = sock.getsockname()
-            self.routes[(normalize_ip(local[0]), local[1])] = (ip, port)
-            self.log("debug", f"connect to {_fmt((ip, port))} steered to the helper")
+            self.steered = _key(local)
+            self.routes[self.steered] = (ip, port)
+            if self.killable:
+                with self.lock:
+                    if len(self.peers) >= 4 * self.max_relays:
+                        self.peers.clear()   # steered but never accepted: do not grow forever
+                    self.peers[self.steered] = (ip, port)
+            if self.log.level >= LEVELS["debug"]:
+                self.log("debug", f"connect to {_fmt((ip, port))} steered to the helper")
         return err
 
     def _restarted(self, sock: socket.socket, state: int) -> int | None:
-        """A connect we already performed, restarted after a signal interrupted
-        the wait for our answer: answer it now; anything else is the kernel's."""
+        """A connect we steered but could not answer (a signal interrupted the
+        wait), called again: answer it now.  Any other connect on a socket that
+        is not fresh is the kernel's to answer (EISCONN, EALREADY...)."""
         try:
-            peer = sock.getpeername()
+            local = sock.getsockname()
         except OSError:
             return None
-        helper = self.helpers.get(sock.family) or self.helpers[socket.AF_INET]
-        if peer[1] != helper.getsockname()[1]:
+        key = _key(local)
+        if key in self.unanswered:
+            self.unanswered.discard(key)
+        elif self.killable or not self._to_helper(sock):
             return None
+        # else: before Linux 5.19 a signal can restart a connect whose answer the
+        # kernel had already taken (respond() then said yes): a connect on a
+        # socket steered to the helper is taken for such a restart.
         self.log("debug", "a steered connect, restarted after a signal: answered as done")
         if state == TCP_ESTABLISHED:
             return 0
         return errno.EINPROGRESS if state == TCP_SYN_SENT else None
+
+    def _to_helper(self, sock: socket.socket, peer=None) -> bool:
+        """Is this socket connected to our helper?"""
+        try:
+            peer = peer or sock.getpeername()
+        except OSError:
+            return False
+        helper = self.helpers.get(sock.family) or self.helpers[socket.AF_INET]
+        return peer[1] == helper.getsockname()[1]
 
     def _once(self, key: str, text: str) -> None:
         if key not in self.said:
@@ -485,9 +663,13 @@ class Supervisor:
         except BlockingIOError:
             pass
 
-    def run(self) -> None:
-        """Until no task uses the filter and the relays are done (at most
-        DRAIN_TIMEOUT after the last task is gone)."""
+    def run(self, listener: int, killable: bool) -> None:
+        """Serve the listener until no task uses the filter and the relays are
+        done (at most DRAIN_TIMEOUT after the last task is gone).  `killable`:
+        the filter has WAIT_KILLABLE_RECV."""
+        self.listener, self.killable = listener, killable
+        self.listener_poll = select.poll()
+        self.listener_poll.register(listener, select.POLLIN)
         self._watch(self.listener, self._on_listener)
         self._watch(self.wake_r, self._drain_wakeups)
         try:
@@ -518,6 +700,20 @@ class Supervisor:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _probe(listener: socket.socket, family: int) -> None:
+    """Connect to a helper once: steering a program there must work (loopback up)."""
+    where = listener.getsockname()
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2)
+            probe.connect(where)
+            listener.settimeout(2)
+            listener.accept()[0].close()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot reach its helper on {where[0]}: "
+                                 f"{exc.strerror or exc} (loopback down?)") from None
+
+
 def _sockaddr_in(ip: ipaddress.IPv4Address, port: int) -> bytes:
     return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + ip.packed + bytes(8)
 
@@ -546,19 +742,28 @@ def spawn(program_pid: int) -> tuple[socket.socket, int]:
     theirs.close()
     os.waitpid(middle, 0)
     ours.settimeout(10)
-    hello = ours.recv(16)
-    if not hello:
-        raise OSError(errno.ECHILD, "the seccomp supervisor did not start")
+    try:
+        hello = ours.recv(4096).decode(errors="replace")
+    except OSError:
+        hello = ""
+    word, _, rest = hello.partition(" ")
+    if word != "pid":
+        ours.close()
+        raise OSError(errno.ECHILD, rest if word == "error" else "it did not start")
     ours.settimeout(None)
-    return ours, int(hello)
+    return ours, int(rest)
 
 
-def hand_over(channel: socket.socket, listener: int) -> None:
-    socket.send_fds(channel, [b"L"], [listener])
+def hand_over(channel: socket.socket, listener: int, killable: bool) -> None:
+    """Pass the listener; `killable`: installed with WAIT_KILLABLE_RECV."""
+    socket.send_fds(channel, [b"K" if killable else b"L"], [listener])
 
 
 def _child(channel: socket.socket, program_pid: int) -> None:
+    """The supervisor process: say "pid N" (or "error WHY") on the channel,
+    take the listener, serve it; never returns."""
     code = 1
+    log = None
     try:
         os.setsid()                       # off the program's terminal and process group
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
@@ -571,29 +776,28 @@ def _child(channel: socket.socket, program_pid: int) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
-        keep = sorted({channel.fileno(), stderr})
-        _close_all_but(keep)
+        _close_all_but(sorted({channel.fileno(), stderr}))
+        threading.stack_size(512 << 10)   # up to 2 x MAX_RELAYS pool threads
         log = Log(os.environ.get("PEP_LOG"), stderr)
-        channel.send(str(os.getpid()).encode())
         try:
-            _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+            sup = Supervisor(program_pid, log)
+        except (ConfigError, OSError) as exc:
+            channel.send(f"error {getattr(exc, 'strerror', None) or exc}".encode()[:4000])
+            return
+        channel.send(f"pid {os.getpid()}".encode())
+        try:
+            msg, fds, _, _ = socket.recv_fds(channel, 16, 1)
         except OSError:
-            fds = []
+            msg, fds = b"", []
         channel.close()
         if not fds:
-            os._exit(0)                   # pep run could not install the filter
-        try:
-            sup = Supervisor(fds[0], program_pid, log)
-        except (ConfigError, OSError) as exc:
-            log("error", f"seccomp supervisor: {exc}")
-            os._exit(1)
-        sup.run()
+            code = 0                      # pep run could not install the filter
+            return
+        sup.run(fds[0], killable=msg == b"K")
         code = 0
     except BaseException as exc:  # noqa: BLE001 - report and leave, never raise into pep run
-        try:
-            print(f"pep-supervisor: {exc!r}", file=sys.stderr)
-        except Exception:  # noqa: BLE001
-            pass
+        if log is not None:
+            log("error", f"internal error: {exc!r}")
     finally:
         os._exit(code)
 
@@ -604,4 +808,4 @@ def _close_all_but(keep: list[int]) -> None:
         if fd >= low:
             os.closerange(low, fd)
             low = fd + 1
-    os.closerange(low, 1 << 20)
+    os.closerange(low, max(1 << 20, os.sysconf("SC_OPEN_MAX")))

@@ -109,8 +109,7 @@ def static_client(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def go_client(tmp_path_factory):
+def _go_build(tmp_path_factory, cgo: bool) -> str:
     go = shutil.which("go")
     if go is None:
         pytest.skip("needs the Go toolchain (apt-get install golang-go; .ci/run does)")
@@ -119,13 +118,26 @@ def go_client(tmp_path_factory):
     # The build cache is a temp dir shared between runs (a cold net/http build
     # takes a while on a loaded machine); no network: GOPROXY=off, stdlib only.
     env = dict(os.environ, GOCACHE=os.path.join(tempfile.gettempdir(), "pepsock-go-cache"),
-               GOPATH=str(work / "gopath"), GOFLAGS="-mod=mod", GOPROXY="off", CGO_ENABLED="0",
-               HOME=str(work))
+               GOPATH=str(work / "gopath"), GOFLAGS="-mod=mod", GOPROXY="off",
+               CGO_ENABLED="1" if cgo else "0", HOME=str(work))
     proc = subprocess.run([go, "build", "-o", out, os.path.join(HERE, "run_goget.go")], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"go build failed:\n{proc.stderr}")
     return out
+
+
+@pytest.fixture(scope="module")
+def go_client(tmp_path_factory):
+    """The Go client, static (CGO_ENABLED=0)."""
+    return _go_build(tmp_path_factory, cgo=False)
+
+
+@pytest.fixture(scope="module")
+def go_cgo_client(tmp_path_factory):
+    """The Go client linked dynamically (cgo): it has PT_INTERP, and still
+    makes its own syscalls: libpep.so cannot serve it either."""
+    return _go_build(tmp_path_factory, cgo=True)
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +160,9 @@ def ns(tmp_path_factory):
         topo.cleanup()
 
 
-def converter(host, **kw) -> Converter:
-    with host.enter():
+def converter(ns, **kw) -> Converter:
+    """A test converter in namespace ns (kw: Converter's, e.g. host="::1")."""
+    with ns.enter():
         return Converter(**kw)
 
 
@@ -243,14 +256,28 @@ def test_plan_without_seccomp_names_both_reasons():
     assert chosen.mode == run.NONE
     assert chosen.why == "prog is statically linked, and this kernel has no seccomp user notification"
     assert run.plan(_program("native"), run.SECCOMP, library="/l", seccomp_why="no").mode == run.NONE
+    assert run.plan(_program("native"), run.BOTH, library="/l", seccomp_why="").mode == run.SECCOMP
     no_lib = run.plan(_program("native"), library=None, library_why="libpep.so not found",
                       seccomp_why="")
     assert no_lib == run.Plan(run.SECCOMP, "libpep.so not found")
 
 
-def test_connect_filter_notifies_connect_of_its_arch_only():
+def test_set_id_program_run_by_a_user_is_refused(tmp_path, monkeypatch):
+    prog = tmp_path / "suid"
+    shutil.copy(shutil.which("true"), prog)
+    prog.chmod(0o4755)
+    program = elf.examine(str(prog))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    for want in ("auto", run.PRELOAD, run.SECCOMP):
+        chosen = run.plan(program, want, library="/l", seccomp_why="")
+        assert chosen.mode == run.NONE and "set-user/group-ID" in chosen.why
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert run.plan(program, library="/l", seccomp_why="").mode == run.PRELOAD
+
+
+def test_notify_filter_notifies_its_syscalls_of_its_arch_only():
     """Walk the classic BPF program by hand for (arch, nr) pairs."""
-    code = seccomp.connect_filter(0xC000003E, 42)
+    code = seccomp.notify_filter(0xC000003E, (42, 52))
     ins = [struct.unpack_from("=HBBI", code, i) for i in range(0, len(code), 8)]
 
     def verdict(arch, nr):
@@ -267,9 +294,15 @@ def test_connect_filter_notifies_connect_of_its_arch_only():
                 return k
 
     assert verdict(0xC000003E, 42) == seccomp.SECCOMP_RET_USER_NOTIF
+    assert verdict(0xC000003E, 52) == seccomp.SECCOMP_RET_USER_NOTIF
     assert verdict(0xC000003E, 41) == seccomp.SECCOMP_RET_ALLOW
+    assert verdict(0xC000003E, 51) == seccomp.SECCOMP_RET_ALLOW
     assert verdict(0xC000003E, 42 | 0x40000000) == seccomp.SECCOMP_RET_ALLOW   # x32
     assert verdict(0x40000003, 42) == seccomp.SECCOMP_RET_ALLOW                # i386
+    only_connect = seccomp.notify_filter(0xC000003E, (42,))
+    ins = [struct.unpack_from("=HBBI", only_connect, i) for i in range(0, len(only_connect), 8)]
+    assert verdict(0xC000003E, 42) == seccomp.SECCOMP_RET_USER_NOTIF
+    assert verdict(0xC000003E, 52) == seccomp.SECCOMP_RET_ALLOW
 
 
 @settings(max_examples=300, deadline=None)
@@ -399,13 +432,27 @@ def test_refuses_when_no_path_can_serve_unless_allowed(static_client):
     assert rc == 2 and "running it unproxied" in err, err   # run_client's usage error: it ran
 
 
+def test_refuses_when_the_supervisor_cannot_start(topology, static_client):
+    """No loopback (lo down) leaves the supervisor no helper address: pep run
+    says so before installing anything, and --allow-direct still runs it."""
+    host = topology.host("nolo", tfo=3)
+    host.run("ip", "link", "set", "lo", "down")
+    argv = pep_run_argv("--pep", "192.0.2.1:9", "--", static_client, "-x")
+    rc, out, err = finish(popen(argv, host=host))
+    assert rc == run.REFUSED and "the seccomp supervisor did not start" in err, err
+    assert err.count("\n") == 1
+    argv.insert(argv.index("--"), "--allow-direct")
+    rc, out, err = finish(popen(argv, host=host))
+    assert rc == 2 and "running it unproxied" in err, err
+
+
 # ------------------------------------------------------------------ through the PEP
 
-def _fetch_bytes(ns, conv_addr, argv_tail, env=None):
+def _fetch_bytes(ns, conv_addr, argv_tail, env=None, mode="auto"):
     """pep run --pep conv_addr -- argv_tail, in ns: (status, stdout bytes, stderr text)."""
     host, port = conv_addr
     pep = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    p = subprocess.run(ns.cmd(*pep_run_argv("--pep", pep, "--", *argv_tail)),
+    p = subprocess.run(ns.cmd(*pep_run_argv("--pep", pep, "--mode", mode, "--", *argv_tail)),
                        env=env or base_env(), capture_output=True, timeout=TIMEOUT)
     return p.returncode, p.stdout, p.stderr.decode(errors="replace")
 
@@ -427,6 +474,18 @@ def test_static_client_through_the_converter(ns, static_client, flags, fam):
         and seen.connect.port == http.address[1]
 
 
+def test_ipv4_socket_through_an_ipv6_pep(ns, static_client):
+    """The connection to the PEP is the supervisor's: an AF_INET program
+    socket reaches a PEP on ::1 (libpep.so cannot: ENETUNREACH)."""
+    http = ns.http[4]
+    with converter(ns, host="::1") as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
+                                                       str(http.address[1]), "1m.bin"])
+    assert rc == 0, err
+    assert body(out) == ns.payload
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
 def test_static_client_bytes_are_intact(ns, static_client):
     http = ns.http[4]
     with converter(ns) as conv:
@@ -446,6 +505,19 @@ def test_go_client_through_the_converter(ns, go_client):
     assert out == ns.payload
     assert len(conv.seen) == 3 and all(s.syn_data for s in conv.seen), conv.seen
     assert {str(s.connect.address) for s in conv.seen} == {"127.0.0.1", "::1"}
+
+
+def test_dynamic_go_client_goes_to_the_supervisor(ns, go_cgo_client):
+    info = elf.examine(go_cgo_client).info
+    assert info.dynamic and info.go
+    http = ns.http[4]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [go_cgo_client, http.url("/1m.bin")],
+                                    env=base_env(PEP_LOG="info"))
+    assert rc == 0, err
+    assert "under the seccomp supervisor: goget is a Go program" in err, err
+    assert out == ns.payload
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
 
 
 def test_static_and_go_clients_through_pep_relay(ns, static_client, go_client):
@@ -476,6 +548,35 @@ def test_connects_interrupted_by_signals_are_answered_once(ns, static_client, fl
     assert rc == 0, err
     assert body(out) == ns.payload
     assert len(conv.seen) == 20
+
+
+def test_restarted_connects_before_linux_5_19(ns, static_client):
+    """Without SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (kernels before 5.19) a
+    signal can take the caller out of a connect the supervisor has steered,
+    even after the kernel took its answer; the restarted call must still be
+    answered as done.  pep run's steps, with the filter installed the old way."""
+    http = ns.http[4]
+    code = textwrap.dedent(f"""
+        import os
+        from pepsock import seccomp, supervisor
+        channel, _ = supervisor.spawn(os.getpid())
+        listener, killable = seccomp.install_connect_listener(wait_killable=False)
+        assert not killable
+        supervisor.hand_over(channel, listener, killable)
+        os.close(listener)
+        channel.close()
+        client = {static_client!r}
+        os.execv(client, [client, "-i", "-c", "100", "127.0.0.1", "{http.address[1]}", "1m.bin"])
+    """)
+    with converter(ns) as conv:
+        p = subprocess.run(ns.cmd(sys.executable, "-c", code),
+                           env=base_env(PEP_PROXY=conv.env_value, PEP_LOG="debug"),
+                           capture_output=True, timeout=60)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 0, err[-2000:]
+    assert body(p.stdout) == ns.payload
+    assert len(conv.seen) == 100
+    print(err.count("restarted after a signal"), "restarts answered")
 
 
 def test_upload_and_half_close_through_the_supervisor(ns):
@@ -512,6 +613,196 @@ def test_upload_and_half_close_through_the_supervisor(ns):
     assert len(conv.seen) == 1 and conv.seen[0].syn_data
 
 
+def test_mode_both_covers_a_script_running_static_and_dynamic_programs(ns, static_client,
+                                                                       tmp_path):
+    """sh (dynamic) runs curl (dynamic: libpep.so, whose connect to the PEP
+    the supervisor lets through) and the static client (the supervisor)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("needs curl")
+    http = ns.http[4]
+    script = (f"{curl} -sS -o {tmp_path / 'curl.out'} {http.url('/1m.bin')} && "
+              f"{static_client} 127.0.0.1 {http.address[1]} 1m.bin")
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, ["sh", "-c", script], mode="both")
+    assert rc == 0, err
+    assert body(out) == ns.payload and (tmp_path / "curl.out").read_bytes() == ns.payload
+    assert len(conv.seen) == 2 and all(s.syn_data for s in conv.seen)
+
+
+def test_getpeername_names_the_destination(ns):
+    """As under libpep.so, a steered socket's getpeername() is the destination
+    (v4-mapped on an AF_INET6 socket); other sockets' are untouched."""
+    code = textwrap.dedent("""
+        import socket, sys
+        port = int(sys.argv[1])
+        s4 = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s6 = socket.socket(socket.AF_INET6)
+        s6.settimeout(10)
+        s6.connect(("::ffff:127.0.0.1", port))
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.connect(("127.0.0.1", 9))
+        for s in (s4, s6):
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        print(s4.getpeername(), s6.getpeername()[:2], u.getpeername(), s4.getsockname()[0])
+    """)
+    with ns.enter():
+        echo = EchoServer()
+    with echo, converter(ns) as conv:
+        p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
+                                                sys.executable, "-c", code, str(echo.address[1]))),
+                           env=base_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    port = echo.address[1]
+    assert p.stdout.strip() == (f"('127.0.0.1', {port}) ('::ffff:127.0.0.1', {port}) "
+                                f"('127.0.0.1', 9) 127.0.0.1")
+    assert len(conv.seen) == 2
+
+
+@pytest.mark.parametrize("wrap", ["timeout", "sh"])
+def test_wrapper_naming_a_static_program_gets_the_supervisor(ns, static_client, wrap):
+    """auto: `timeout 30 STATIC ...` and `sh -c 'STATIC ...'` are dynamic
+    programs whose command line names a static one: both paths, and the
+    static client's connection goes through the PEP."""
+    http = ns.http[4]
+    args = [static_client, "127.0.0.1", str(http.address[1]), "1m.bin"]
+    argv = ["timeout", "30", *args] if wrap == "timeout" else ["sh", "-c", " ".join(args)]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, argv)
+    assert rc == 0, err
+    assert body(out) == ns.payload
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_named_program_heuristic():
+    path = os.environ["PATH"]
+    assert run.named_program_libpep_cannot_serve(["-c", "echo hi | cat"], path, "/l", "") == ""
+    assert run.named_program_libpep_cannot_serve(["x=1", "--flag", "-"], path, "/l", "") == ""
+
+
+def test_what_the_supervisor_passes_through(ns, tmp_path):
+    """UDP, unix sockets, a second connect on a connected socket, a bad
+    pointer and a bypassed destination get the kernel's own answers; only the
+    TCP connect goes to the PEP (and getpeername shows the helper: documented)."""
+    code = textwrap.dedent(f"""
+        import ctypes, errno, socket, sys
+        out = []
+        echo_port, closed_port = int(sys.argv[1]), int(sys.argv[2])
+        # UDP: connect and send to a receiver in this process
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rx.bind(("127.0.0.1", 0))
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); tx.connect(rx.getsockname())
+        tx.send(b"udp"); out.append(rx.recv(10).decode())
+        out.append(tx.getpeername() == rx.getsockname())
+        # unix
+        u = socket.socket(socket.AF_UNIX); u.bind({str(tmp_path / "u.sock")!r}); u.listen()
+        c = socket.socket(socket.AF_UNIX); c.connect({str(tmp_path / "u.sock")!r})
+        out.append("unix")
+        # TCP through the PEP; then connect again on it (libc's connect: Python
+        # itself takes EISCONN for success)
+        libc = ctypes.CDLL(None, use_errno=True)
+        t = socket.create_connection(("127.0.0.1", echo_port), timeout=10)
+        t.sendall(b"tcp"); out.append(t.recv(10).decode())
+        sin = (socket.AF_INET).to_bytes(2, sys.byteorder) + echo_port.to_bytes(2, "big") \
+            + socket.inet_aton("127.0.0.1") + bytes(8)
+        for _ in range(2):   # after a non-blocking connect: 0 (now SS_CONNECTED), then EISCONN
+            rc = libc.connect(t.fileno(), sin, 16)
+            out.append(errno.errorcode[ctypes.get_errno()] if rc else "0")
+        # a bad sockaddr pointer
+        s = socket.socket()
+        rc = libc.connect(s.fileno(), ctypes.c_void_p(8), 16)
+        out.append(errno.errorcode[ctypes.get_errno()] if rc else "0")
+        # a bypassed destination with nobody listening
+        out.append(errno.errorcode[socket.socket().connect_ex(("127.0.0.2", closed_port))])
+        print(*out)
+    """)
+    with ns.enter():
+        echo = EchoServer()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+        probe.close()
+    argv = [sys.executable, "-c", code, str(echo.address[1]), str(closed)]
+    with echo, converter(ns) as conv:
+        p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
+                                                *argv)),
+                           env=base_env(PEP_NO_PROXY="127.0.0.2"), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+        (tmp_path / "u.sock").unlink()
+        plain = subprocess.run(ns.cmd(*argv), env=base_env(), capture_output=True, text=True,
+                               timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["udp", "True", "unix", "tcp", "0", "EISCONN", "EFAULT",
+                                "ECONNREFUSED"]
+    assert p.stdout == plain.stdout, plain.stderr
+    assert [s.connect.port for s in conv.seen] == [echo.address[1]]
+
+
+def test_failover_to_the_next_pep_address(topology, static_client, tmp_path):
+    """The PEP is a name with two addresses, ::1 (sorted first, nothing
+    listens) and 127.0.0.1 (the converter): the supervisor opens PEP
+    connections with the Python client, which goes on to the next address.
+    The name lives in /etc/netns/NS/hosts, which `ip netns exec` mounts over
+    /etc/hosts for this namespace only."""
+    host = topology.host("fo", tfo=3)
+    payload = os.urandom(PAYLOAD_SIZE)
+    (tmp_path / "1m.bin").write_bytes(payload)
+    hosts_dir = f"/etc/netns/{host.name}"
+    os.makedirs(hosts_dir)     # the namespace's name is ours alone
+    try:
+        with open(f"{hosts_dir}/hosts", "w") as f:
+            f.write("::1 pep.test\n127.0.0.1 pep.test\n")
+        with host.enter():
+            http = HTTPServer(str(tmp_path), "127.0.0.1")
+            conv = Converter(host="127.0.0.1")
+        with http, conv:
+            rc, out, err = _fetch_bytes(host, ("pep.test", conv.address[1]),
+                                        [static_client, "127.0.0.1", str(http.address[1]), "1m.bin"])
+    finally:
+        shutil.rmtree(hosts_dir, ignore_errors=True)
+        try:
+            os.rmdir("/etc/netns")       # only if empty, i.e. we made it
+        except OSError:
+            pass
+    assert rc == 0, err
+    assert body(out) == payload
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_connections_past_the_limit_are_reset_with_a_log_line(ns):
+    """RLIMIT_NOFILE 128 leaves the supervisor room for (128 - 64) // 6 = 10
+    relays: of 14 connections held open at once, 10 work and 4 are reset."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("needs prlimit (util-linux)")
+    code = textwrap.dedent("""
+        import socket, sys
+        port, ok, reset, socks = int(sys.argv[1]), 0, 0, []
+        for _ in range(14):      # held open together; a reset may come as soon as connect()
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            except ConnectionResetError:
+                reset += 1
+        for s in socks:
+            try:
+                s.sendall(b"x")
+                ok += s.recv(1) == b"x"
+            except ConnectionResetError:
+                reset += 1
+        print(ok, reset)
+    """)
+    with ns.enter():
+        echo = EchoServer()
+    with echo, converter(ns) as conv:
+        p = subprocess.run(ns.cmd(prlimit, "--nofile=128:128", *pep_run_argv(
+            "--pep", conv.env_value, "--mode", "seccomp", "--", sys.executable, "-c", code,
+            str(echo.address[1]))), env=base_env(), capture_output=True, text=True,
+            timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["10", "4"]
+    assert "more than 10 connections at once" in p.stderr
+
+
 def test_bypassed_destination_goes_direct(ns, static_client):
     http = ns.http[4]
     with converter(ns) as conv:
@@ -527,6 +818,22 @@ def test_pep_error_reaches_the_program_as_a_reset_and_a_log_line(ns, static_clie
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1", "9", "x"])
     assert rc == 1 and "run_client: read:" in err, err
     assert "127.0.0.1:9: the PEP said:" in err, err
+
+
+def test_silent_pep_times_out_after_pep_reply_timeout(ns, static_client):
+    """A PEP that accepts and never answers: the connection is reset after
+    PEP_REPLY_TIMEOUT, with a log line; nothing waits forever."""
+    with ns.enter():
+        mute = socket.socket()
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+    with mute:
+        t0 = time.monotonic()
+        rc, out, err = _fetch_bytes(ns, mute.getsockname(), [static_client, "127.0.0.1", "9", "x"],
+                                    env=base_env(PEP_REPLY_TIMEOUT="0.5"))
+        took = time.monotonic() - t0
+    assert rc == 1 and "no reply from the PEP within 0.5 s" in err, err
+    assert 0.4 < took < 10
 
 
 def test_unreachable_pep_is_logged(ns, static_client):
@@ -559,3 +866,34 @@ def test_forking_daemon_keeps_its_connections(ns, static_client, tmp_path):
         assert body(out.read_bytes()) == ns.payload
         assert len(conv.seen) == 1 and conv.seen[0].syn_data
     assert wait_gone(mark) == [], "the supervisor outlived the daemon"
+
+
+def test_go_and_static_clients_across_client_pep_server_hosts(topology, static_client, go_client,
+                                                             tmp_path):
+    """Three namespaces; the client has no route to the server, so only the
+    PEP (pep relay on the middle host) can reach it."""
+    client = topology.host("cli", tfo=3)
+    pep = topology.host("pep", forwarding=False, tfo=3)
+    server = topology.host("srv", tfo=3)
+    topology.link(client, ["192.0.2.2/24"], pep, ["192.0.2.1/24"])
+    topology.link(pep, ["198.51.100.1/24"], server, ["198.51.100.2/24"])
+    payload = os.urandom(PAYLOAD_SIZE)
+    (tmp_path / "1m.bin").write_bytes(payload)
+    with server.enter():
+        http = HTTPServer(str(tmp_path), "198.51.100.2")
+    relay = Relay("--listen", "192.0.2.1:0", prefix=pep.cmd())
+    try:
+        env = base_env(PEP_NO_PROXY="127.0.0.0/8")
+        rc, out, err = _fetch_bytes(client, relay.addr, [static_client, "-n", "198.51.100.2",
+                                                         str(http.address[1]), "1m.bin"], env)
+        assert rc == 0, err
+        assert body(out) == payload
+        rc, out, err = _fetch_bytes(client, relay.addr, [go_client, http.url("/1m.bin")], env)
+        assert rc == 0, err
+        assert out == payload
+        direct = subprocess.run(client.cmd(static_client, "198.51.100.2", str(http.address[1]),
+                                           "1m.bin"), capture_output=True, timeout=TIMEOUT)
+        assert direct.returncode == 1     # no route: only the PEP reaches the server
+    finally:
+        relay.stop()
+        http.close()
