@@ -298,3 +298,59 @@ def test_no_cookie_with_cookie_secret(net, dest, tmp_path):
     assert m["pep_relay_unverified_cookie_total"] == 1
     assert " DROP " in drops and int(drops.split(" DROP ")[0].split()[-2]) == 2, drops
     assert took < 0.5 < 0.9 < took2, (took, took2)
+
+
+class Banner:
+    """A destination that speaks first: 10 kB as soon as a connection is up
+    (what made one forged SYN reflect ~150x its size before issue 9)."""
+
+    def __init__(self, net, port=2525):
+        with net.hosts["server"].enter():
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("198.51.100.2", port))
+            self.sock.listen(16)
+        self.addr = ("198.51.100.2", port)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                c.sendall(b"220 " + b"x" * 10_000 + b"\r\n")
+            except OSError:
+                pass
+            c.close()
+
+
+@pytest.mark.parametrize("mode", [(), ("--no-cookie",)], ids=["default", "no-cookie"])
+def test_forged_syn_makes_the_victim_receive_no_data(net, mode):
+    """The forged source exists (a victim host that drops what it gets): it
+    receives the kernel's SYN-ACKs and at most a reset, never a byte of data."""
+    client = net.hosts["client"]
+    require_tool("iptables")
+    ifname = client.run("ip", "-o", "route", "get", "192.0.2.1").stdout.split("dev ")[1].split()[0]
+    client.run("ip", "addr", "add", f"{FORGED}/32", "dev", ifname)
+    client.run("iptables", "-w", "5", "-I", "INPUT", "-d", FORGED, "-j", "DROP")
+    banner = Banner(net)
+    with client.enter():
+        victim = PacketCounter(ifname, 40000)
+    try:
+        with start_relay(net, "--header-timeout", "2.5", *mode) as relay:
+            pkt = syn_packet(FORGED, relay.addr[0], 40000, relay.addr[1],
+                             connect_request(*banner.addr) + REQUEST)
+            with client.enter():
+                send_ipv4(pkt)
+            time.sleep(4)
+        victim.poll()
+        print(f"forged SYN of {len(pkt)} bytes, mode {mode or 'default'}: victim got "
+              f"{victim.segments} segments, {victim.wire_bytes} bytes, {victim.payload} of data")
+        assert victim.payload == 0
+        assert victim.segments <= 4          # SYN-ACK at 0, 1 s and 3 s, a reset
+        assert victim.wire_bytes <= 4 * 60
+    finally:
+        victim.close()
+        banner.sock.close()
