@@ -613,12 +613,15 @@ class Tunnel:
 
     # -- endings -----------------------------------------------------------------------
     def _fail(self, code: int, value: bytes, why: str) -> None:
-        """Answer with an Error TLV and close cleanly."""
-        self.loop.stats.error(code)
+        """Answer with an Error TLV and close cleanly (counted when sent: an
+        unverified client gets it once its handshake completes, or never)."""
         if self.s is not None:
             self.loop.forget(self.s.fd)
             self.s.sock.close()
             self.s = None
+        if self.unverified:
+            return self._hold(lambda: self._fail(code, value, why))
+        self.loop.stats.error(code)
         self._reply_and_close(error_reply(code, value), f"error {int(code)} ({why})")
 
     def _reply_and_close(self, reply: bytes, outcome: str) -> None:
