@@ -133,8 +133,10 @@ class Runner:
     def relay_argv(self) -> list[str]:
         if self.plan.pep_cmd:
             return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
+        # --no-cookie: the testbed is a managed network without forged sources,
+        # and the thesis's PEP serves 0-RTT from a client's first connection.
         return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
-                "--client-cc", self.tb.s.cc, "--server-cc", self.tb.s.cc]
+                "--no-cookie", "--client-cc", self.tb.s.cc, "--server-cc", self.tb.s.cc]
 
     def _start_relay(self) -> None:
         argv = self.relay_argv()
