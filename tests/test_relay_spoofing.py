@@ -354,3 +354,17 @@ def test_forged_syn_makes_the_victim_receive_no_data(net, mode):
     finally:
         victim.close()
         banner.sock.close()
+
+
+def test_unverified_clients_are_bounded_by_the_tfo_queue(net, dest):
+    """--no-cookie: the kernel counts a TFO child until its handshake completes,
+    so at most --tfo-queue forged SYNs are pending at once; the rest get no
+    accept() at all (the kernel answers them as plain SYNs, data dropped)."""
+    with start_relay(net, "--no-cookie", "--tfo-queue", "8", "--header-timeout", "3") as relay:
+        for i in range(40):
+            forge(net, relay, DEST, source=f"192.0.2.{100 + i}", sport=41000 + i)
+        time.sleep(1)
+        m = metrics(net, relay)
+    assert m["pep_relay_unverified_total"] == 8
+    assert m["pep_relay_tunnels_open"] <= 8
+    assert dest.packets.poll().syns <= 8 and dest.packets.payload == 0
