@@ -111,8 +111,11 @@ class Procs:
 
 def start_relay(procs: Procs, *args: str) -> tuple[subprocess.Popen, int]:
     cc = ["--client-cc", CC, "--server-cc", CC] if CC else []
+    # --no-cookie: the clients here send their headers in the SYN without a TFO
+    # cookie (a private namespace; the relay's default would make them 1-RTT).
     p = procs.start([sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                     "--allow-dest", "127.0.0.0/8", "--log-level", "warning", *cc, *args],
+                     "--allow-dest", "127.0.0.0/8", "--no-cookie", "--log-level", "warning",
+                     *cc, *args],
                     stdout=subprocess.PIPE, cwd=ROOT)
     r, _, _ = select.select([p.stdout], [], [], 15)
     if not r:

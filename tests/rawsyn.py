@@ -69,7 +69,8 @@ class PacketCounter:
     namespace that owns the interface; it counts from the moment it is made).
 
     `syns` counts segments with SYN and no ACK (connection attempts, each
-    retransmission too; `syn_times` holds their capture times, wall clock); `payload` sums the TCP payload bytes of all segments."""
+    retransmission too; `syn_times` holds their capture times, wall clock); `payload` sums the TCP payload bytes of all segments,
+    `wire_bytes` their IP lengths."""
 
     def __init__(self, ifname: str, port: int):
         self.port = port
@@ -80,6 +81,7 @@ class PacketCounter:
         self.syns = 0
         self.payload = 0
         self.segments = 0
+        self.wire_bytes = 0     # IP packet lengths, all segments
         self.syn_times: list[float] = []
 
     def poll(self) -> "PacketCounter":
@@ -107,6 +109,7 @@ class PacketCounter:
         if len(tcp) < 20 or struct.unpack("!H", tcp[2:4])[0] != self.port:
             return
         self.segments += 1
+        self.wire_bytes += total
         flags = tcp[13]
         if flags & TCP_SYN and not flags & TCP_ACK:
             self.syns += 1

@@ -252,3 +252,31 @@ def test_tfo_key_files(tmp_path):
         f.write_text(text)
         with pytest.raises(C.SecretError, match=why):
             C.load_tfo_key(f)
+
+
+@pytest.mark.parametrize("client,dest,syn_data,fits", [
+    (socket.AF_INET, socket.AF_INET, 24, True),       # bare Connect, v4 -> v4: 60 <= 64
+    (socket.AF_INET, socket.AF_INET, 19, False),
+    (socket.AF_INET, socket.AF_INET6, 24, False),     # v4 client, v6 SYN (80 bytes) waits
+    (socket.AF_INET, socket.AF_INET6, 40, True),
+    (socket.AF_INET6, socket.AF_INET, 0, True),
+])
+def test_onward_syn_never_larger_than_the_clients(client, dest, syn_data, fits):
+    from pepsock.relay.routability import onward_syn_fits
+    assert onward_syn_fits(client, dest, syn_data) is fits
+
+
+def test_cookies_with_workers(secrets):
+    """Every worker holds the same secrets: an Error 3 cookie from one is
+    accepted by whichever worker gets the retry."""
+    with Server(echo) as srv, Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--workers", "2",
+                                    "--cookie-secret", str(secrets[0])) as relay:
+        s, msg, _ = _ask(relay, srv.addr)
+        s.close()
+        cookie = msg.error.value[1:]
+        for i in range(6):
+            s, msg, rest = _ask(relay, srv.addr, cookie, early=b"w%d" % i)
+            assert msg.error is None
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s, rest) == b"w%d" % i
+            s.close()

@@ -18,8 +18,9 @@ import time
 
 import pytest
 
-from conftest import require_root
-from pepsock.protocol import connect_request
+from conftest import require_root, require_tool
+from pepsock.protocol import Connect, Cookie, ErrorCode, Message, connect_request
+from pepsock.relay import cookies as C
 from pepsock.tfo import MSG_FASTOPEN
 from pepsock.testbed.netns import Topology
 from rawsyn import PacketCounter, send_ipv4, syn_packet
@@ -113,14 +114,16 @@ def metrics(net, relay):
         return relay.metrics()
 
 
-def forge(net, relay, dest, payload=REQUEST, source=FORGED, sport=40000, options=b""):
-    pkt = syn_packet(source, relay.addr[0], sport, relay.addr[1],
-                     connect_request(*dest) + payload, options=options)
+def forge(net, relay, dest, payload=REQUEST, source=FORGED, sport=40000, options=b"",
+          header=None):
+    header = connect_request(*dest) if header is None else header
+    pkt = syn_packet(source, relay.addr[0], sport, relay.addr[1], header + payload,
+                     options=options)
     with net.hosts["client"].enter():
         send_ipv4(pkt)
 
 
-def tfo_client(net, relay, dest, early, no_cookie=False):
+def tfo_client(net, relay, dest, early, no_cookie=False, header=None):
     """A real client in the client ns: header + early data through TFO (standard
     cookie TFO unless no_cookie), returns (SYN data acked?, reply, bytes after)."""
     with net.hosts["client"].enter():
@@ -128,11 +131,12 @@ def tfo_client(net, relay, dest, early, no_cookie=False):
         s.settimeout(5)
         if no_cookie:
             s.setsockopt(socket.IPPROTO_TCP, 34, 1)
-        tfo_send(s, connect_request(*dest) + early, relay.addr)
+        tfo_send(s, (header or connect_request(*dest)) + early, relay.addr)
         msg, rest = read_reply(s)
         acked = syn_data_acked(s)
         s.shutdown(socket.SHUT_WR)
-        rest = recv_all(s, rest)
+        if msg.error is None:
+            rest = recv_all(s, rest)
         s.close()
     return acked, msg, rest
 
@@ -246,3 +250,121 @@ def test_route_without_cookie_is_named(net):
         pytest.skip("this iproute2 cannot set fastopen_no_cookie")
     with start_relay(net) as relay:
         assert "fastopen_no_cookie 1" in relay.log and "ip route change" in relay.log
+
+
+def test_no_cookie_with_cookie_secret(net, dest, tmp_path):
+    """--no-cookie --cookie-secret: an address cookie (which only a client that
+    received our Error 3 at that address holds) counts as proof and lifts the
+    handshake wait; a token (authorization from anywhere) does not."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 32 + b"\n")
+    with start_relay(net, "--no-cookie", "--cookie-secret", str(secret),
+                     "--header-timeout", "2") as relay:
+        token = C.make_token(b"s" * 32, "roaming")
+        forge(net, relay, DEST, payload=REQUEST)                      # no Cookie TLV
+        forge(net, relay, DEST, payload=REQUEST, sport=40001,
+              header=Message((Connect(*DEST), Cookie(token))).encode())
+        time.sleep(3)
+        m = metrics(net, relay)
+        assert m["pep_relay_unverified_expired_total"] == 2
+        assert dest.packets.poll().payload == 0
+        assert all(data == b"" for data in dest.conns)
+        # A real client: Error 3 gives it its address cookie...
+        acked, msg, _ = tfo_client(net, relay, DEST, b"", no_cookie=True)
+        assert msg.error.code == ErrorCode.MISSING_COOKIE
+        header = Message((Connect(*DEST), Cookie(msg.error.value[1:]))).encode()
+        # ...and with it the relay needs no handshake: the client's first ACK is
+        # dropped (the relay's SYN-ACK retransmission would bring the next one
+        # after 1 s), yet the reply and the echo come at once.
+        require_tool("iptables")
+        rule = ("OUTPUT", "-p", "tcp", "--dport", str(relay.addr[1]), "--tcp-flags",
+                "SYN,ACK", "ACK", "-m", "connbytes", "--connbytes", "2:2", "--connbytes-dir",
+                "original", "--connbytes-mode", "packets", "-j", "DROP")
+        client = net.hosts["client"]
+        client.run("iptables", "-w", "5", "-I", *rule)
+        t0 = time.monotonic()
+        acked, msg, rest = tfo_client(net, relay, DEST, b"proved", no_cookie=True, header=header)
+        took = time.monotonic() - t0
+        # Control: without the cookie (token instead), the reply waits for the ACK.
+        token_header = Message((Connect(*DEST), Cookie(token))).encode()
+        t0 = time.monotonic()
+        _, msg2, _ = tfo_client(net, relay, DEST, b"", no_cookie=True, header=token_header)
+        took2 = time.monotonic() - t0
+        drops = client.run("iptables", "-w", "5", "-L", "OUTPUT", "-v", "-x", "-n").stdout
+        client.run("iptables", "-w", "5", "-D", *rule)
+        m = metrics(net, relay)
+    assert acked and msg.error is None and msg2.error is None
+    assert b"proved" in dest.conns
+    assert m["pep_relay_unverified_cookie_total"] == 1
+    assert " DROP " in drops and int(drops.split(" DROP ")[0].split()[-2]) == 2, drops
+    assert took < 0.5 < 0.9 < took2, (took, took2)
+
+
+class Banner:
+    """A destination that speaks first: 10 kB as soon as a connection is up
+    (what made one forged SYN reflect ~150x its size before issue 9)."""
+
+    def __init__(self, net, port=2525):
+        with net.hosts["server"].enter():
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("198.51.100.2", port))
+            self.sock.listen(16)
+        self.addr = ("198.51.100.2", port)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                c.sendall(b"220 " + b"x" * 10_000 + b"\r\n")
+            except OSError:
+                pass
+            c.close()
+
+
+@pytest.mark.parametrize("mode", [(), ("--no-cookie",)], ids=["default", "no-cookie"])
+def test_forged_syn_makes_the_victim_receive_no_data(net, mode):
+    """The forged source exists (a victim host that drops what it gets): it
+    receives the kernel's SYN-ACKs and at most a reset, never a byte of data."""
+    client = net.hosts["client"]
+    require_tool("iptables")
+    ifname = client.run("ip", "-o", "route", "get", "192.0.2.1").stdout.split("dev ")[1].split()[0]
+    client.run("ip", "addr", "add", f"{FORGED}/32", "dev", ifname)
+    client.run("iptables", "-w", "5", "-I", "INPUT", "-d", FORGED, "-j", "DROP")
+    banner = Banner(net)
+    with client.enter():
+        victim = PacketCounter(ifname, 40000)
+    try:
+        with start_relay(net, "--header-timeout", "2.5", *mode) as relay:
+            pkt = syn_packet(FORGED, relay.addr[0], 40000, relay.addr[1],
+                             connect_request(*banner.addr) + REQUEST)
+            with client.enter():
+                send_ipv4(pkt)
+            time.sleep(4)
+        victim.poll()
+        print(f"forged SYN of {len(pkt)} bytes, mode {mode or 'default'}: victim got "
+              f"{victim.segments} segments, {victim.wire_bytes} bytes, {victim.payload} of data")
+        assert victim.payload == 0
+        assert victim.segments <= 4          # SYN-ACK at 0, 1 s and 3 s, a reset
+        assert victim.wire_bytes <= 4 * 60
+    finally:
+        victim.close()
+        banner.sock.close()
+
+
+def test_unverified_clients_are_bounded_by_the_tfo_queue(net, dest):
+    """--no-cookie: the kernel counts a TFO child until its handshake completes,
+    so at most --tfo-queue forged SYNs are pending at once; the rest get no
+    accept() at all (the kernel answers them as plain SYNs, data dropped)."""
+    with start_relay(net, "--no-cookie", "--tfo-queue", "8", "--header-timeout", "3") as relay:
+        for i in range(40):
+            forge(net, relay, DEST, source=f"192.0.2.{100 + i}", sport=41000 + i)
+        time.sleep(1)
+        m = metrics(net, relay)
+    assert m["pep_relay_unverified_total"] == 8
+    assert m["pep_relay_tunnels_open"] <= 8
+    assert dest.packets.poll().syns <= 8 and dest.packets.payload == 0

@@ -8,6 +8,10 @@ Modules, one concern each:
 * `admission` who may use the relay and where to: destination and client
               rules, the built-in deny list, the relay's own addresses, limits.
 * `tunnel`    one client<->server pair: header, onward connect, splice data path.
+* `routability` has a client shown it receives what we send (TFO cookie, its
+              handshake); the host settings that defeat TFO cookies.
+* `cookies`   RFC 8803 Cookie TLV values: address cookies, `pep cookie` tokens,
+              secrets and rotation, the --tfo-key file.
 * `server`    the epoll loop, listeners, timers, signals, workers, stats server.
 * `stats`     counters and their Prometheus text (shared across workers).
 * `cli`       argparse front end: `main(argv)`.

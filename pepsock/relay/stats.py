@@ -41,7 +41,8 @@ UNVERIFIED_EXPIRED = UNVERIFIED + 1   # ... and reset: the handshake never compl
 COOKIE_MISSING = UNVERIFIED + 2       # Connect without the Cookie TLV: Error 3 with a cookie
 COOKIE_BAD = UNVERIFIED + 3           # Cookie TLV not ours or not for this address: Error 32
 TOKEN_EXPIRED = UNVERIFIED + 4        # a `pep cookie` token past its expiry: Error 32
-NVALUES = UNVERIFIED + 5
+UNVERIFIED_BY_COOKIE = UNVERIFIED + 5  # unverified, but an address cookie proved the address
+NVALUES = UNVERIFIED + 6
 
 _SLOT = struct.Struct(f"={NVALUES}Q")
 
@@ -115,6 +116,9 @@ def render(v: list[int], workers: int = 1) -> str:
     metric("pep_relay_unverified_expired_total", "counter",
            "Unverified clients reset because their handshake never completed "
            "(forged source addresses).", [("", v[UNVERIFIED_EXPIRED])])
+    metric("pep_relay_unverified_cookie_total", "counter",
+           "Unverified clients whose address cookie (Cookie TLV) proved their address.",
+           [("", v[UNVERIFIED_BY_COOKIE])])
     metric("pep_relay_cookie_refusals_total", "counter",
            "Connect requests refused for their Cookie TLV (--cookie-secret).",
            [('{reason="missing"}', v[COOKIE_MISSING]), ('{reason="bad"}', v[COOKIE_BAD]),

@@ -335,6 +335,10 @@ class Tunnel:
         tlv = msg.get(TLVType.COOKIE)
         verdict, who = cookies.check(None if tlv is None else tlv.data, self.client_ip)
         if verdict is Verdict.OK:
+            if self.unverified and who == "address":
+                # This address once received our Error 3: proof enough, as a
+                # TFO cookie is (a token is authorization, not that proof).
+                self._verified_by_cookie()
             return True
         st = self.loop.stats.v
         if verdict is Verdict.MISSING:
@@ -459,6 +463,12 @@ class Tunnel:
         if pending is not None:
             pending()
         return True
+
+    def _verified_by_cookie(self) -> None:
+        self.unverified = False
+        self.vtimer.cancel()
+        self.vtimer = None
+        self.loop.stats.v[S.UNVERIFIED_BY_COOKIE] += 1
 
     def _retry_when_verified(self) -> None:
         """The onward SYN went unanswered and may not be retransmitted (the
@@ -603,12 +613,15 @@ class Tunnel:
 
     # -- endings -----------------------------------------------------------------------
     def _fail(self, code: int, value: bytes, why: str) -> None:
-        """Answer with an Error TLV and close cleanly."""
-        self.loop.stats.error(code)
+        """Answer with an Error TLV and close cleanly (counted when sent: an
+        unverified client gets it once its handshake completes, or never)."""
         if self.s is not None:
             self.loop.forget(self.s.fd)
             self.s.sock.close()
             self.s = None
+        if self.unverified:
+            return self._hold(lambda: self._fail(code, value, why))
+        self.loop.stats.error(code)
         self._reply_and_close(error_reply(code, value), f"error {int(code)} ({why})")
 
     def _reply_and_close(self, reply: bytes, outcome: str) -> None:

@@ -150,8 +150,11 @@ class Runner:
         if self.plan.pep_cmd:
             return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
         s = self.tb.s
+        # --no-cookie: the testbed is a managed network without forged sources,
+        # and the thesis's PEP serves 0-RTT from a client's first connection.
         return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
-                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--client-cc", s.pep_client_cc or s.cc, "--server-cc", s.pep_server_cc or s.cc]
+                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--no-cookie",
+                "--client-cc", s.pep_client_cc or s.cc, "--server-cc", s.pep_server_cc or s.cc]
 
     def _start_relay(self) -> None:
         argv = self.relay_argv()
