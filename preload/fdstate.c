@@ -11,6 +11,7 @@ struct pep_conn **pep_fd_chunks[PEP_FD_CHUNKS];
 unsigned pep_nmapped;
 unsigned pep_nsending;
 unsigned pep_nawait;
+unsigned pep_nhandshake;
 static struct pep_conn *all;   /* every connection ever allocated, newest first */
 static struct pep_conn *unused; /* refs == 0, ready for reuse */
 static unsigned chunks_used;    /* highest fd chunk index allocated + 1 */
@@ -142,10 +143,22 @@ void pep_fd_forget(int fd)
     pep_conn_put(c);
 }
 
+void pep_conn_set_hs_deadline(struct pep_conn *c, long long deadline)
+{
+    if (c->hs_deadline && !deadline)
+        __atomic_sub_fetch(&pep_nhandshake, 1, __ATOMIC_RELAXED);
+    else if (!c->hs_deadline && deadline)
+        __atomic_add_fetch(&pep_nhandshake, 1, __ATOMIC_RELAXED);
+    c->hs_deadline = deadline;
+}
+
 void pep_conn_put(struct pep_conn *c)
 {
     if (--c->refs == 0) {
         pep_conn_set_state(c, PEP_ST_FREE);
+        pep_conn_set_hs_deadline(c, 0);
+        free(c->replay);
+        c->replay = NULL;
         c->free_next = unused;
         unused = c;
     }

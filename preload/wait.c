@@ -98,14 +98,26 @@ static struct timespec ns_to_ts(long long ns)
  * whose reply turns out to be an Error TLV, poll reports them ready instead,
  * so the program does its read or write and gets the mapped errno.
  */
+#define ALL_HIDDEN (-2) /* after_poll hid every event: the wait goes on */
 static int after_poll(struct pollfd *fds, nfds_t n, int r)
 {
     nfds_t i;
+    int hidden = 0;
     if (r <= 0 || !__atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED))
         return r;
     int saved = errno;
     for (i = 0; i < n; i++) {
         if (!(fds[i].revents & (POLLERR | POLLHUP)) || !pep_fd_busy(fds[i].fd))
+            continue;
+        /* An attempt whose PEP refused: the next PEP is on its way, the
+         * program keeps waiting (unless nothing is left: it sees the error). */
+        int err = 0, a = pep_attempt_poll(fds[i].fd, &err);
+        if (a == 1) {
+            fds[i].revents = 0;
+            hidden++;
+            continue;
+        }
+        if (a)
             continue;
         /* Nothing received (a PEP that refused or never answered the SYN):
          * no Error TLV to find, and settle()'s recv would consume the
@@ -114,13 +126,14 @@ static int after_poll(struct pollfd *fds, nfds_t n, int r)
          * failure: Protocol error" instead of "Couldn't connect").
          * tests/test_reliability_client_faults.py */
         int avail = 0;
-        if (ioctl(fds[i].fd, FIONREAD, &avail) < 0 || avail <= 0)
+        if (!pep_failed_by_reply(fds[i].fd) &&
+            (ioctl(fds[i].fd, FIONREAD, &avail) < 0 || avail <= 0))
             continue;
         if (pep_failed_by_pep(fds[i].fd))
             fds[i].revents = (short)(fds[i].events & (POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM));
     }
     errno = saved;
-    return r;
+    return r - hidden > 0 ? r - hidden : ALL_HIDDEN;
 }
 
 struct poll_call {
@@ -146,17 +159,52 @@ static int ppoll_once(void *call, long long ns)
     return pep_real.ppoll(p->fds, p->n, ns < 0 ? NULL : &t, p->mask);
 }
 
+/* A poll whose events after_poll hid (an attempt moved to the next PEP)
+ * waits again for the time left. */
 static int hooked_poll(struct pollfd *fds, nfds_t n, int timeout)
 {
-    struct poll_call p = {fds, n, timeout, NULL, NULL};
-    return after_poll(fds, n, sliced_wait(poll_once, &p, ms_to_ns(timeout)));
+    int ours = __atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED) != 0;
+    long long start = timeout > 0 && ours ? now_ns() : 0;
+    for (;;) {
+        struct poll_call p = {fds, n, timeout, NULL, NULL};
+        int r = after_poll(fds, n, sliced_wait(poll_once, &p, ms_to_ns(timeout)));
+        if (r != ALL_HIDDEN)
+            return r;
+        if (timeout > 0 && start) {
+            long long left = timeout - (now_ns() - start) / 1000000;
+            if (left <= 0)
+                return 0;
+            timeout = (int)left;
+            start = now_ns();
+        } else if (timeout == 0) {
+            return 0;
+        }
+    }
 }
 
 static int hooked_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts,
                         const sigset_t *mask)
 {
-    struct poll_call p = {fds, n, 0, ts, mask};
-    return after_poll(fds, n, sliced_wait(ppoll_once, &p, ts_to_ns(ts)));
+    long long timeout = ts_to_ns(ts);
+    int ours = __atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED) != 0;
+    long long deadline = timeout > 0 && ours ? now_ns() + timeout : 0;
+    for (;;) {
+        struct timespec t;
+        const struct timespec *tp = ts;
+        if (deadline) {
+            long long left = deadline - now_ns();
+            if (left <= 0)
+                left = 0;
+            t = ns_to_ts(left);
+            tp = &t;
+        }
+        struct poll_call p = {fds, n, 0, tp, mask};
+        int r = after_poll(fds, n, sliced_wait(ppoll_once, &p, ts_to_ns(tp)));
+        if (r != ALL_HIDDEN)
+            return r;
+        if (timeout == 0 || (deadline && now_ns() >= deadline))
+            return 0;
+    }
 }
 
 PEP_EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
