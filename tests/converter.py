@@ -31,6 +31,7 @@ class Seen:
     early_data: bytes = b""     # application bytes that came with the header
     peer: tuple = ()            # the client's address as the converter saw it
     error: str = ""
+    cookie: bytes | None = None  # the request's Cookie TLV value (None: none)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Converter:
     seen: list[Seen] = field(default_factory=list)
     silent: bool = False                        # read the request, never answer (for `hold` s)
     hold: float = 0.3                           # seconds a raw_reply/silent connection stays open
+    cookie: bytes | None = None                 # require this Cookie TLV, else Error 3 with it
+    tfo_cookie: bool = False                    # listener wants kernel TFO cookies (no NO_COOKIE)
 
     def __post_init__(self):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -56,7 +59,8 @@ class Converter:
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 128)
         try:
-            self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+            if not self.tfo_cookie:
+                self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
         except OSError:
             pass
         self.listener.bind((self.host, self.port))
@@ -118,6 +122,8 @@ class Converter:
                     reader.eof()
                 reader.feed(chunk)
             seen.early_data = reader.rest
+            got = reader.message.get(protocol.TLVType.COOKIE)
+            seen.cookie = got.data if got is not None else None
             target = protocol.check_request(reader.message)
         except (protocol.ProtocolError, OSError) as exc:
             seen.error = str(exc)
@@ -137,6 +143,10 @@ class Converter:
             return
         seen.connect = target
         try:
+            if self.cookie is not None and (seen.cookie or b"").rstrip(b"\0") != self.cookie:
+                client.sendall(protocol.error_reply(protocol.ErrorCode.MISSING_COOKIE,
+                                                    b"\0" + self.cookie))
+                return
             if self.silent:
                 time.sleep(self.hold)
                 return

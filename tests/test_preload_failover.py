@@ -155,3 +155,255 @@ def test_bad_reply_timeout_value_runs_unproxied(net, tmp_path):
     p, _ = pyrun(net, "print('ok')", env_for([(PEP1, 9)], tmp_path, PEP_REPLY_TIMEOUT="soon"))
     assert p.stdout.strip() == "ok"
     assert 'PEP_REPLY_TIMEOUT="soon" is not a number of seconds' in p.stderr
+
+
+# ---------------------------------------------------------------------------
+# Several PEPs: failover, hold-downs shared between processes, fallback
+
+EPOLL_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+/* A non-blocking epoll HTTP/1.0 client: connect, wait EPOLLOUT, check
+ * SO_ERROR, send the request at once (before any reply), read to EOF.
+ * Prints the status line's code and the bytes of the body, or the error. */
+int main(int argc, char **argv) {
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(atoi(argv[2]));
+    inet_pton(AF_INET, argv[1], &a.sin_addr);
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (connect(s, (void *)&a, sizeof a) && errno != EINPROGRESS) { printf("connect %s\n", strerror(errno)); return 1; }
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {EPOLLOUT, {.fd = s}}, got;
+    epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev);
+    if (epoll_wait(ep, &got, 1, 20000) != 1) { printf("timeout\n"); return 1; }
+    int err = 0; socklen_t l = sizeof err;
+    getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &l);
+    if (err) { printf("so_error %s\n", strerror(err)); return 1; }
+    char req[256];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: x\r\n\r\n", argv[3]);
+    while (send(s, req, n, 0) != n) {
+        if (errno != EAGAIN) { printf("send %s\n", strerror(errno)); return 1; }
+        epoll_wait(ep, &got, 1, 1000);
+    }
+    ev.events = EPOLLIN;
+    epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev);
+    static char buf[1 << 16];
+    size_t total = 0;
+    char head[16] = "";
+    for (;;) {
+        if (epoll_wait(ep, &got, 1, 20000) != 1) { printf("read timeout\n"); return 1; }
+        ssize_t r = recv(s, buf, sizeof buf, 0);
+        if (r < 0 && errno == EAGAIN) continue;
+        if (r < 0) { printf("recv %s\n", strerror(errno)); return 1; }
+        if (r == 0) break;
+        if (!total) memcpy(head, buf + 9, 3);
+        total += (size_t)r;
+    }
+    printf("%s %zu\n", head, total);
+    return 0;
+}
+"""
+
+
+def _state(tmp_path, addr) -> dict:
+    path = tmp_path / "state" / f"pep-{addr[0]}-{addr[1]}"
+    if not path.exists():
+        return {}
+    return dict(w.split("=", 1) for w in path.read_text().split())
+
+
+def _dead(net, host=PEP1):
+    """An address:port on the PEP host where nothing listens (RST)."""
+    with converter(net, host=host) as gone:
+        return gone.address
+
+
+def _curl(net, env, *extra):
+    curl = require_tool("curl")
+    return run(net, [curl, "-sS", "--max-time", "20", "-o", "/dev/null", "-w",
+                     "%{http_code} %{size_download}", *extra, net.http.url("/1m.bin")], env)
+
+
+def test_dead_first_pep_curl_wget_and_epoll_client(net, tmp_path):
+    """The first PEP refuses (RST): curl, wget and a non-blocking epoll C
+    client each get one working connection through the second PEP, at once;
+    one line names both PEPs; the hold-down is shared: later processes go
+    straight to the second PEP."""
+    dead = _dead(net)
+    exe = ph.compile_c(EPOLL_C, str(tmp_path / "epollc"))
+    with converter(net, host=PEP2) as conv:
+        env = env_for([dead, conv.address], tmp_path)
+        p, took = _curl(net, env)
+        assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
+        assert f"PEP {dead[0]}:{dead[1]} refused; using {PEP2}:{conv.address[1]}" in p.stderr
+        assert took < 1.5, took
+        st = _state(tmp_path, dead)
+        assert st["reason"] == "refused" and int(st["down_until"]) > time.time() + 20, st
+        assert len(conv.seen) == 1 and conv.seen[0].syn_data
+        # the next processes: nothing to say, no attempt on the dead PEP
+        wget = require_tool("wget")
+        p, _ = run(net, [wget, "-q", "--tries=1", "--timeout=10", "-O", str(tmp_path / "w"),
+                         net.http.url("/1m.bin")], env)
+        assert p.returncode == 0 and (tmp_path / "w").read_bytes() == net.payload, p.stderr
+        assert p.stderr == ""
+        p, _ = run(net, [exe, SRV, str(net.http.address[1]), "/1m.bin"], env)
+        assert p.stdout.split()[0] == "200", p.stdout + p.stderr
+        assert p.stderr == ""
+        assert len(conv.seen) == 3
+    print(f"dead first PEP: curl working connection in {took:.3f} s")
+
+
+def test_dead_first_pep_nonblocking_epoll_client_fails_over_on_its_fd(net, tmp_path):
+    """Fresh state, the non-blocking epoll C client first: the refusal shows
+    up while it waits for EPOLLOUT; libpep moves its socket to the second PEP
+    (same fd, same epoll registration) and the request it sent right after
+    SO_ERROR goes through."""
+    dead = _dead(net)
+    exe = ph.compile_c(EPOLL_C, str(tmp_path / "epollc"))
+    with converter(net, host=PEP2) as conv:
+        env = env_for([dead, conv.address], tmp_path)
+        p, took = run(net, [exe, SRV, str(net.http.address[1]), "/1m.bin"], env)
+        assert p.stdout.split() [0] == "200", p.stdout + p.stderr
+        assert int(p.stdout.split()[1]) > len(net.payload)
+        assert "refused; using" in p.stderr
+        assert took < 1.5, took
+
+
+@pytest.mark.parametrize("client", ["curl", "epoll"])
+def test_blackholed_first_pep(net, rules, tmp_path, client):
+    """The first PEP's SYNs are dropped (iptables in the router): after
+    PEP_CONNECT_TIMEOUT (3 s with no RTT known) the connection moves to the
+    second PEP; a second process does not pay the timeout again."""
+    exe = ph.compile_c(EPOLL_C, str(tmp_path / "epollc"))
+    with converter(net, host=PEP1) as black, converter(net, host=PEP2) as conv:
+        rules("-d", PEP1, "-p", "tcp", "--dport", str(black.address[1]), "-j", "DROP")
+        env = env_for([black.address, conv.address], tmp_path)
+
+        def fetch():
+            if client == "curl":
+                p, took = _curl(net, env)
+                return p, took, p.stdout == f"200 {len(net.payload)}"
+            p, took = run(net, [exe, SRV, str(net.http.address[1]), "/1m.bin"], env)
+            return p, took, p.stdout.split()[:1] == ["200"]
+
+        p, first, ok = fetch()
+        assert ok, p.stdout + p.stderr
+        assert f"PEP {PEP1}:{black.address[1]} did not answer in time; using {PEP2}" in p.stderr
+        assert 2.7 < first < 4.5, first
+        assert _state(tmp_path, black.address)["reason"] == "timeout"
+        p, second, ok = fetch()
+        assert ok and p.stderr == "", p.stdout + p.stderr
+        assert second < 1.0, second
+        assert black.seen == []
+    print(f"black-holed first PEP ({client}): {first:.2f} s, next process {second:.3f} s")
+
+
+def test_error_64_pep_replays_early_bytes_on_the_next(net, tmp_path):
+    """The first PEP answers Error 64 with a 7 s delay after the client has
+    written: the connection moves to the second PEP with those bytes
+    replayed, the first is held down for 7 s, and the program sees one echo."""
+    with converter(net, host=PEP1, error=(64, b"\x07")) as busy, \
+            converter(net, host=PEP2) as conv:
+        p, _ = pyrun(net, f"""
+            import socket
+            s = socket.create_connection(("{SRV}", {net.echo.address[1]}), timeout=10)
+            s.sendall(b"early bytes")
+            got = b""
+            while len(got) < 11:
+                got += s.recv(100)
+            print(got.decode())
+            """, env_for([busy.address, conv.address], tmp_path))
+        assert p.stdout.strip() == "early bytes", p.stdout + p.stderr
+        assert "said Error 64 (resource exceeded); using" in p.stderr
+        st = _state(tmp_path, busy.address)
+        assert st["reason"] == "error64"
+        assert 4 <= int(st["down_until"]) - time.time() <= 8, st
+        assert len(conv.seen) == 1
+        assert len(busy.seen) == 1
+
+
+def test_destination_errors_never_fall_back(net, tmp_path):
+    """Error 96 is the destination's answer: no second PEP, no direct path."""
+    with converter(net, host=PEP1, error=(96, b"")) as first, \
+            converter(net, host=PEP2) as second:
+        p, _ = _curl(net, env_for([first.address, second.address], tmp_path))
+        assert p.returncode != 0 and "Connection refused" in p.stderr, p.stderr
+        assert second.seen == []
+        assert _state(tmp_path, first.address).get("down_until") is None
+
+
+@pytest.mark.parametrize("fallback", ["direct", "fail"])
+def test_no_pep_left(net, tmp_path, fallback):
+    """Both PEPs refuse: direct (default) fetches straight from the server
+    and says so once; fail refuses (curl: couldn't connect)."""
+    a, b = _dead(net, PEP1), _dead(net, PEP2)
+    env = env_for([a, b], tmp_path, PEP_FALLBACK=fallback)
+    p, took = _curl(net, env)
+    if fallback == "direct":
+        assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
+        assert p.stderr.count("connecting directly") == 1, p.stderr
+    else:
+        assert p.returncode == 7, p.stdout + p.stderr
+        assert "refusing the connection (PEP_FALLBACK=fail)" in p.stderr
+    assert took < 1.5
+
+
+# ---------------------------------------------------------------------------
+# Error 3 (Missing Cookie), PEP_COOKIE, TFO mode
+
+COOKIE = bytes(range(1, 17))
+
+
+def test_error_3_cookie_stored_replayed_and_shared(net, tmp_path):
+    """A converter that wants a Cookie TLV answers the first Connect with
+    Error 3 carrying it: libpep stores it, reconnects on the same fd with the
+    cookie and the bytes written so far; a second process sends the cookie
+    at once (no new Error 3)."""
+    with converter(net, host=PEP1, cookie=COOKIE) as conv:
+        env = env_for([conv.address], tmp_path)
+        code = f"""
+            import socket
+            s = socket.create_connection(("{SRV}", {net.echo.address[1]}), timeout=10)
+            s.sendall(b"ping")
+            got = b""
+            while len(got) < 4:
+                got += s.recv(100)
+            print(got.decode())
+            """
+        p, _ = pyrun(net, code, env)
+        assert p.stdout.strip() == "ping", p.stdout + p.stderr
+        assert [s.cookie for s in conv.seen] == [None, COOKIE]
+        assert _state(tmp_path, conv.address)["cookie"] == COOKIE.hex()
+        p, _ = pyrun(net, code, env)
+        assert p.stdout.strip() == "ping", p.stdout + p.stderr
+        assert len(conv.seen) == 3 and conv.seen[2].cookie == COOKIE
+
+
+def test_pep_cookie_env_is_sent(net, tmp_path):
+    with converter(net, host=PEP1, cookie=COOKIE) as conv:
+        p, _ = _curl(net, env_for([conv.address], tmp_path, PEP_COOKIE=COOKIE.hex()))
+        assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
+        assert [s.cookie for s in conv.seen] == [COOKIE]
+
+
+def test_tfo_mode_learned_against_a_cookie_requiring_pep(net, tmp_path):
+    """PEP_TFO_MODE=auto against a listener that wants kernel TFO cookies:
+    connection 1 (NO_COOKIE) loses its SYN data, so the PEP is recorded
+    tfo=cookie; connection 2 asks for the kernel's cookie; connection 3 on
+    carry the header in the SYN again."""
+    with converter(net, host=PEP1, tfo_cookie=True) as conv:
+        env = env_for([conv.address], tmp_path)
+        for _ in range(4):
+            p, _ = _curl(net, env)
+            assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
+        assert _state(tmp_path, conv.address)["tfo"] == "cookie"
+        assert [s.syn_data for s in conv.seen] == [False, False, True, True]
