@@ -325,6 +325,35 @@ static int parse_entry(struct pep_config *cfg, const char *s, size_t n)
     return add_net(cfg, &net);
 }
 
+/* A list of destinations in PEP_NO_PROXY syntax into cfg's nets (or
+ * bypass_all for *). */
+static int parse_rule_list(struct pep_config *cfg, const char *list, const char *what, char *err,
+                           size_t errlen)
+{
+    const char *p = list;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        if (!end)
+            end = p + strlen(p);
+        const char *a = p, *b = end;
+        while (a < b && (*a == ' ' || *a == '\t'))
+            a++;
+        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+            b--;
+        if (b > a && parse_entry(cfg, a, (size_t)(b - a))) {
+            snprintf(err, errlen,
+                     "%s entry \"%.*s\" is not an address, CIDR, name or *, "
+                     "with an optional :port (or too many entries, max %d)", what,
+                     (int)(b - a > 100 ? 100 : b - a), a, PEP_NOPROXY_MAX);
+            return -1;
+        }
+        if (cfg->bypass_all)
+            break; /* as pepsock/policy.py: nothing after * matters */
+        p = *end ? end + 1 : end;
+    }
+    return 0;
+}
+
 static int parse_proxy(struct pep_peer *peer, const char *s, size_t n)
 {
     const char *host, *portp;
@@ -441,28 +470,8 @@ int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *nopr
         unsigned i;
         for (i = 0; i < sizeof default_nets / sizeof default_nets[0]; i++)
             add_net(cfg, &default_nets[i]);
-    } else {
-        const char *p = noproxy;
-        while (*p) {
-            const char *end = strchr(p, ',');
-            if (!end)
-                end = p + strlen(p);
-            const char *a = p, *b = end;
-            while (a < b && (*a == ' ' || *a == '\t'))
-                a++;
-            while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
-                b--;
-            if (b > a && parse_entry(cfg, a, (size_t)(b - a))) {
-                snprintf(err, errlen,
-                         "PEP_NO_PROXY entry \"%.*s\" is not an address, CIDR, name or *, "
-                         "with an optional :port (or too many entries, max %d)",
-                         (int)(b - a > 100 ? 100 : b - a), a, PEP_NOPROXY_MAX);
-                return -1;
-            }
-            if (cfg->bypass_all)
-                break; /* as pepsock/policy.py: nothing after * matters */
-            p = *end ? end + 1 : end;
-        }
+    } else if (parse_rule_list(cfg, noproxy, "PEP_NO_PROXY", err, errlen)) {
+        return -1;
     }
     cfg->enabled = 1;
     return 0;
@@ -499,6 +508,28 @@ static long long parse_seconds(const char *s)
     if (errno || end == s || *end || !(v > 0) || v > 86400)
         return -1;
     return (long long)(v * 1e9);
+}
+
+static struct pep_config confirm_rules; /* PEP_CONFIRM: nets, or bypass_all for all */
+
+int pep_config_parse_confirm(const char *confirm, char *err, size_t errlen)
+{
+    memset(&confirm_rules, 0, sizeof confirm_rules);
+    if (!confirm || !*confirm || !strcmp(confirm, "0"))
+        return 0;
+    if (!strcmp(confirm, "1")) {
+        confirm_rules.bypass_all = 1;
+    } else if (parse_rule_list(&confirm_rules, confirm, "PEP_CONFIRM", err, errlen)) {
+        memset(&confirm_rules, 0, sizeof confirm_rules);
+        return -1;
+    }
+    confirm_rules.enabled = 1;
+    return 0;
+}
+
+int pep_config_confirm(const uint8_t addr[16], uint16_t port)
+{
+    return confirm_rules.enabled && pep_config_bypass(&confirm_rules, NULL, addr, port);
 }
 
 int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char *connect,
@@ -564,7 +595,8 @@ void pep_config_load(void)
                          getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err) ||
         pep_config_parse_more(&pep_cfg, getenv("PEP_REPLY_TIMEOUT"), getenv("PEP_CONNECT_TIMEOUT"),
                               getenv("PEP_FALLBACK"), getenv("PEP_TFO_MODE"), getenv("PEP_COOKIE"),
-                              err, sizeof err)) {
+                              err, sizeof err) ||
+        pep_config_parse_confirm(getenv("PEP_CONFIRM"), err, sizeof err)) {
         /* The one line always goes out, and to stderr. */
         int level = pep_cfg.level;
         char path[sizeof pep_cfg.logpath];

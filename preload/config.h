@@ -78,6 +78,12 @@ int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char 
                           const char *fallback, const char *tfo_mode, const char *cookie,
                           char *err, size_t errlen);
 
+/* PEP_CONFIRM (NULL = unset): "1" (every connection), "0" or empty (none),
+ * or destinations in PEP_NO_PROXY syntax. 0 or -1 (err). */
+int pep_config_parse_confirm(const char *confirm, char *err, size_t errlen);
+/* Must a connect() to this destination wait for the PEP's verdict? */
+int pep_config_confirm(const uint8_t addr[16], uint16_t port);
+
 /* Hex into bytes; the number of bytes, 0 if not hex or too long. */
 size_t pep_hex_decode(const char *s, size_t n, uint8_t *out, size_t cap);
 

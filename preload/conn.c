@@ -154,6 +154,8 @@ void pep_lowat_release(int fd, struct pep_conn *c)
 /* The connection failed (Error TLV, bad reply): remember the errno and reset. */
 static void conn_fail(int fd, struct pep_conn *c, int err, const char *why)
 {
+    if (c->confirm)
+        c->failed_connecting = 1; /* PEP_CONFIRM: the verdict is connect()'s */
     pep_lowat_release(fd, c);
     pep_conn_set_state(c, PEP_ST_FAILED);
     c->err = err;
@@ -541,4 +543,27 @@ void pep_flush_sending(void)
             pep_settle(fd, PEP_FOR_HEADER_ONLY, 1);
     }
     errno = saved;
+}
+
+int pep_confirm_poll(int fd, int *err)
+{
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    int confirm = c && c->confirm, pending = c && pep_confirm_pending(c);
+    pep_unlock();
+    if (!confirm)
+        return PEP_VERDICT_NONE;
+    if (pending)
+        pep_settle(fd, PEP_FOR_WRITE, 1); /* the reply, if it is there; never blocks */
+    pep_lock();
+    c = pep_conn_get(fd);
+    int v = PEP_VERDICT_NONE;
+    if (c && c->state == PEP_ST_FAILED && c->failed_connecting) {
+        v = PEP_VERDICT_FAILED;
+        *err = c->err;
+    } else if (c && pep_confirm_pending(c)) {
+        v = PEP_VERDICT_PENDING;
+    }
+    pep_unlock();
+    return v;
 }

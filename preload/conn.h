@@ -72,6 +72,15 @@ int pep_wait_fd(int fd, short events, long long until);
  * PEP_FALLBACK=fail), *err is what SO_ERROR says; 0: neither. */
 int pep_attempt_poll(int fd, int *err);
 
+/* PEP_CONFIRM, for the waits and connect(): fd's verdict, taking the
+ * reply if it is there (never blocks). */
+enum pep_verdict {
+    PEP_VERDICT_NONE,    /* not a PEP_CONFIRM connection, or its verdict was yes */
+    PEP_VERDICT_PENDING, /* still waiting for it: the connect is not done */
+    PEP_VERDICT_FAILED,  /* no: *err is connect()'s errno (SO_ERROR) */
+};
+int pep_confirm_poll(int fd, int *err);
+
 /* CLOCK_MONOTONIC in ns. */
 long long pep_now_ns(void);
 /* "198.51.100.1:5124" or "[2001:db8::1]:5124" (v4-mapped written as IPv4). */

@@ -131,6 +131,8 @@ static struct pep_conn *register_conn(int fd, const struct stat *st, const struc
     c->destlen = d->family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
     c->family = d->family;
     c->v6only = v6only;
+    c->confirm = pep_config_confirm(d->addr, d->port);
+    c->ep_fd = -1;
     pep_conn_set_state(c, PEP_ST_CONNECTING);
     return c;
 }
@@ -264,7 +266,8 @@ static int attempt_pep(int fd, struct pep_conn *c, unsigned i, const struct sock
     }
     c->nocookie = pep_peer_use_nocookie(i, addr);
     setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &c->nocookie, sizeof c->nocookie);
-    pep_lowat_hold(fd, c);
+    if (!c->confirm) /* PEP_CONFIRM: the reply is awaited as POLLIN, whatever its size */
+        pep_lowat_hold(fd, c);
     ssize_t n = send_prefix_in_syn(fd, c, addr, len);
     int e = errno;
     if (n < 0 && e == EOPNOTSUPP) {
@@ -508,6 +511,15 @@ static int wait_handshake(int fd, struct pep_conn *c, int saved)
     }
     if (pep_settle(fd, PEP_FOR_WRITE, 0) < 0)
         return -1;
+    if (c->confirm && !direct && pep_settle(fd, PEP_FOR_READ, 0) < 0) {
+        /* PEP_CONFIRM: the PEP's no is connect()'s; the socket is plain
+         * again (a program may connect it anew) */
+        int e = errno;
+        if (e != EAGAIN && e != EINTR)
+            pep_forget(fd);
+        errno = e == EAGAIN ? EINPROGRESS : e;
+        return -1;
+    }
     errno = saved;
     return 0;
 }
@@ -612,6 +624,21 @@ enum pep_taken pep_connect_again(int fd, const struct sockaddr *sa, socklen_t le
     }
     if (c->state != PEP_ST_CONNECTING)
         pep_handshake_check(fd, c, pep_now_ns());
+    if (c->confirm) {
+        pep_unlock();
+        int err = 0, v = pep_confirm_poll(fd, &err);
+        if (v == PEP_VERDICT_PENDING) {
+            *ret = -1;
+            errno = EALREADY;
+            return PEP_TAKEN;
+        }
+        pep_lock();
+        c = pep_conn_get(fd);
+        if (!c) {
+            pep_unlock();
+            return PEP_PASS;
+        }
+    }
     if (c->state == PEP_ST_FAILED) {
         int e = c->err;
         pep_unlock();

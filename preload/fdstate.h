@@ -60,7 +60,13 @@ struct pep_conn {
     int direct;                 /* fell back to the destination: no header, no reply */
     int nocookie;               /* TCP_FASTOPEN_NO_COOKIE on this attempt */
     int cookie_retried;         /* reconnected once already for an Error 3 */
-    int failed_connecting;      /* FAILED before any handshake: SO_ERROR says err */
+    int failed_connecting;      /* FAILED before connect() completed: SO_ERROR says err */
+    /* PEP_CONFIRM: connect() completes on the PEP's verdict */
+    int confirm;
+    int ep_fd;                  /* the program's epoll registration of this fd (-1: none) */
+    uint32_t ep_events;
+    uint64_t ep_data;
+    int ep_swapped;             /* registered with EPOLLIN instead of EPOLLOUT for now */
     long long hs_deadline;      /* CLOCK_MONOTONIC ns; 0: handshake done (or not ours) */
     /* The program's bytes written before the reply, for the next attempt
      * (at most PEP_REPLAY_MAX; past it, replay_lost and no more attempts) */
@@ -76,6 +82,19 @@ extern unsigned pep_nmapped;         /* fds in the table, for close_range */
 extern unsigned pep_nsending;        /* conns in PEP_ST_SENDING */
 extern unsigned pep_nawait;          /* conns in PEP_ST_AWAIT */
 extern unsigned pep_nhandshake;      /* conns whose handshake is not seen done (hs_deadline) */
+extern unsigned pep_nconfirm;        /* PEP_CONFIRM conns still waiting for the verdict */
+extern unsigned pep_nepswapped;      /* conns with ep_swapped (wait.c) */
+
+static inline int pep_confirm_pending_in(int confirm, int state)
+{
+    return confirm && (state == PEP_ST_CONNECTING || state == PEP_ST_SENDING ||
+                       state == PEP_ST_AWAIT);
+}
+
+static inline int pep_confirm_pending(const struct pep_conn *c)
+{
+    return pep_confirm_pending_in(c->confirm, c->state);
+}
 
 /* fd's connection without the lock (it may change right after). */
 static inline struct pep_conn *pep_fd_peek(int fd)

@@ -382,10 +382,13 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     /* SO_ERROR is how a non-blocking connect learns it is done. While an
      * attempt is in flight, libpep looks first: a PEP that refused or is
      * late is replaced by the next (the program keeps waiting, SO_ERROR 0),
-     * and with no PEP left under PEP_FALLBACK=fail, SO_ERROR says why. */
+     * and with no PEP left under PEP_FALLBACK=fail, SO_ERROR says why; so
+     * does a PEP's no under PEP_CONFIRM. */
     int failed_err = 0;
     if (UNLIKELY(level == SOL_SOCKET && name == SO_ERROR) && pep_fd_busy(fd) &&
-        pep_attempt_poll(fd, &failed_err) == 2 && val && len && *len >= sizeof(int)) {
+        (pep_attempt_poll(fd, &failed_err) == 2 ||
+         pep_confirm_poll(fd, &failed_err) == PEP_VERDICT_FAILED) &&
+        val && len && *len >= sizeof(int)) {
         pep_real.getsockopt(fd, level, name, val, len); /* the kernel's own, taken */
         *(int *)val = failed_err;
         *len = sizeof(int);

@@ -24,6 +24,7 @@ import preload_helpers as ph
 pytestmark = [pytest.mark.timeout(120), pytest.mark.root]
 
 PEP1, PEP2, SRV = "198.51.100.1", "198.51.100.2", "198.51.100.3"
+BLACKHOLE_NET, BLACKHOLED = "203.0.113.0/24", "203.0.113.9"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,9 @@ def net(tmp_path_factory):
         topo.link(rt, ["198.51.100.254/24"], pep, [f"{PEP1}/24", f"{PEP2}/24", f"{SRV}/24"])
         topo.route(cli, "198.51.100.0/24", "192.0.2.254")
         topo.route(pep, "192.0.2.0/24", "198.51.100.254")
+        # a black-holed destination network behind the PEP: SYNs vanish in rt
+        topo.route(pep, f"{BLACKHOLE_NET}", "198.51.100.254")
+        rt.run("ip", "route", "add", "blackhole", BLACKHOLE_NET)
         root = tmp_path_factory.mktemp("www")
         topo.payload = ph.make_payload(str(root), "1m.bin", 1 << 20)
         with pep.enter():
@@ -423,3 +427,90 @@ def test_tfo_mode_learned_against_a_cookie_requiring_pep(net, tmp_path):
             assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
         assert _state(tmp_path, conv.address)["tfo"] == "cookie"
         assert [s.syn_data for s in conv.seen] == [False, False, True, True]
+
+
+# ---------------------------------------------------------------------------
+# PEP_CONFIRM: connect() completes on the PEP's verdict
+
+CONFIRM_PROBE = """
+import errno, select, socket, sys, time
+kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket()
+t = time.monotonic()
+if kind == "blocking":
+    try:
+        s.connect((host, port))
+        print("open", round(time.monotonic() - t, 2))
+    except OSError as e:
+        print(errno.errorcode[e.errno], round(time.monotonic() - t, 2))
+    sys.exit()
+s.setblocking(False)
+try:
+    s.connect((host, port))
+except BlockingIOError:
+    pass
+if kind == "poll":
+    p = select.poll(); p.register(s, select.POLLOUT); p.poll(8000)
+elif kind == "epoll":
+    p = select.epoll(); p.register(s.fileno(), select.EPOLLOUT); p.poll(8)
+else:
+    select.select([], [s], [], 8)
+err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+print(errno.errorcode.get(err, "open"), round(time.monotonic() - t, 2))
+"""
+
+
+@pytest.mark.parametrize("kind", ["blocking", "poll", "epoll", "select"])
+def test_confirm_refused_destination_fails_connect(net, tmp_path, kind):
+    """A port probe under PEP_CONFIRM=1: a closed port behind the PEP fails
+    connect() itself (blocking: its errno; non-blocking: SO_ERROR after the
+    wait says writable), an open one connects; without PEP_CONFIRM the closed
+    port looks open (the 0-RTT bargain)."""
+    with converter(net, host=PEP1) as conv:
+        closed = _dead(net, SRV)[1]
+        cases = [("1", closed, "ECONNREFUSED"), ("1", net.echo.address[1], "open")]
+        if kind != "blocking":  # (a blocking connect may find the Error already in)
+            cases.append(("0", closed, "open"))
+        for confirm, port, want in cases:
+            p, _ = run(net, [sys.executable, "-c", CONFIRM_PROBE, kind, SRV, str(port)],
+                       env_for([conv.address], tmp_path, PEP_CONFIRM=confirm))
+            assert p.stdout.split()[:1] == [want], (confirm, port, p.stdout + p.stderr)
+        assert all(s.syn_data for s in conv.seen)  # the header still rides in the SYN
+
+
+def test_confirm_rules_pick_destinations(net, tmp_path):
+    """PEP_CONFIRM in PEP_NO_PROXY syntax: only the listed destination waits."""
+    with converter(net, host=PEP1) as conv:
+        closed = _dead(net, SRV)[1]
+        env = env_for([conv.address], tmp_path, PEP_CONFIRM=f"{SRV}:{closed}")
+        p, _ = run(net, [sys.executable, "-c", CONFIRM_PROBE, "poll", SRV, str(closed)], env)
+        assert p.stdout.split()[0] == "ECONNREFUSED", p.stdout + p.stderr
+        env = env_for([conv.address], tmp_path, PEP_CONFIRM="192.0.2.0/24")
+        p, _ = run(net, [sys.executable, "-c", CONFIRM_PROBE, "poll", SRV, str(closed)], env)
+        assert p.stdout.split()[0] == "open", p.stdout + p.stderr
+
+
+def test_confirm_curl_connect_timeout_counts_until_the_reply(net, tmp_path):
+    """A black-holed destination behind the PEP: with PEP_CONFIRM=1, curl
+    --connect-timeout 3 gives up in about 3 s with exit 28 (without it,
+    curl's connect completes at the PEP and it waits for the PEP's Error)."""
+    with converter(net, host=PEP1) as conv:
+        p, took = run(net, [require_tool("curl"), "-sS", "--connect-timeout", "3", "--max-time",
+                            "20", "-o", "/dev/null", f"http://{BLACKHOLED}/"],
+                      env_for([conv.address], tmp_path, PEP_CONFIRM="1"))
+        assert p.returncode == 28, (p.returncode, p.stderr)
+        assert 2.7 < took < 4.5, took
+        assert len(conv.seen) == 1 and conv.seen[0].syn_data
+    print(f"curl --connect-timeout 3, black-holed destination, PEP_CONFIRM=1: exit 28 "
+          f"in {took:.2f} s")
+
+
+def test_confirm_curl_refused_destination_says_so_at_connect(net, tmp_path):
+    with converter(net, host=PEP1) as conv:
+        closed = _dead(net, SRV)[1]
+        p, _ = run(net, [require_tool("curl"), "-sS", "--max-time", "10",
+                         f"http://{SRV}:{closed}/"],
+                   env_for([conv.address], tmp_path, PEP_CONFIRM="1"))
+        assert p.returncode == 7, (p.returncode, p.stderr)  # couldn't connect
+        p, _ = _curl(net, env_for([conv.address], tmp_path, PEP_CONFIRM="1"))
+        assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
