@@ -514,3 +514,65 @@ def test_confirm_curl_refused_destination_says_so_at_connect(net, tmp_path):
         assert p.returncode == 7, (p.returncode, p.stderr)  # couldn't connect
         p, _ = _curl(net, env_for([conv.address], tmp_path, PEP_CONFIRM="1"))
         assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
+
+
+HAPROXY_CFG = """
+global
+    stats socket {sock} mode 600 level admin
+defaults
+    mode tcp
+    timeout connect 3s
+    timeout client 5s
+    timeout server 5s
+listen l
+    bind 127.0.0.1:18080
+    server dead {srv}:{dead} check inter 200ms fall 2 rise 2
+    server live {srv}:{live} check inter 200ms fall 2 rise 2
+"""
+
+
+def _haproxy_states(net, tmp_path, confirm) -> dict:
+    haproxy, socat = require_tool("haproxy"), require_tool("socat")
+    with converter(net, host=PEP1) as conv:
+        closed = _dead(net, SRV)[1]
+        sock = tmp_path / f"ha-{confirm}.sock"
+        cfg = tmp_path / f"ha-{confirm}.cfg"
+        cfg.write_text(HAPROXY_CFG.format(sock=sock, srv=SRV, dead=closed,
+                                          live=net.echo.address[1]))
+        env = env_for([conv.address], tmp_path, PEP_CONFIRM=confirm)
+        ours = {k: env[k] for k in env if k == "LD_PRELOAD" or k.startswith("PEP_")}
+        rest = {k: v for k, v in env.items() if k not in ours}
+        proc = net.hosts["cli"].popen("env", *(f"{k}={v}" for k, v in ours.items()), haproxy,
+                                      "-db", "-f", str(cfg), env=rest,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            states = {}
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                if not sock.exists():
+                    continue
+                out = subprocess.run([socat, "-", f"UNIX-CONNECT:{sock}"], input="show stat\n",
+                                     capture_output=True, text=True, timeout=5).stdout
+                rows = [r.split(",") for r in out.splitlines() if r and not r.startswith("#")]
+                states = {r[1]: r[17] for r in rows if r[1] in ("dead", "live")}
+                if confirm == "1" and states.get("dead", "").startswith("DOWN") and \
+                        states.get("live") == "UP":
+                    break
+                if confirm == "0" and states.get("dead") == "UP" and states.get("live") == "UP" \
+                        and len(conv.seen) >= 6:
+                    break
+            return states
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+def test_confirm_haproxy_health_check_sees_a_dead_server_down(net, tmp_path):
+    """haproxy's TCP health checks through the PEP: without PEP_CONFIRM a
+    server whose port is closed looks UP (the check's connect completes at
+    the PEP: 0-RTT's bargain); with PEP_CONFIRM=1 it is DOWN and the live one
+    UP."""
+    assert _haproxy_states(net, tmp_path, "0") == {"dead": "UP", "live": "UP"}
+    states = _haproxy_states(net, tmp_path, "1")
+    assert states["dead"].startswith("DOWN") and states["live"] == "UP", states
