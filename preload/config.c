@@ -325,16 +325,44 @@ static int parse_entry(struct pep_config *cfg, const char *s, size_t n)
     return add_net(cfg, &net);
 }
 
-static int parse_proxy(struct pep_config *cfg, const char *s)
+/* A list of destinations in PEP_NO_PROXY syntax into cfg's nets (or
+ * bypass_all for *). */
+static int parse_rule_list(struct pep_config *cfg, const char *list, const char *what, char *err,
+                           size_t errlen)
 {
-    size_t n = strlen(s);
+    const char *p = list;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        if (!end)
+            end = p + strlen(p);
+        const char *a = p, *b = end;
+        while (a < b && (*a == ' ' || *a == '\t'))
+            a++;
+        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+            b--;
+        if (b > a && parse_entry(cfg, a, (size_t)(b - a))) {
+            snprintf(err, errlen,
+                     "%s entry \"%.*s\" is not an address, CIDR, name or *, "
+                     "with an optional :port (or too many entries, max %d)", what,
+                     (int)(b - a > 100 ? 100 : b - a), a, PEP_NOPROXY_MAX);
+            return -1;
+        }
+        if (cfg->bypass_all)
+            break; /* as pepsock/policy.py: nothing after * matters */
+        p = *end ? end + 1 : end;
+    }
+    return 0;
+}
+
+static int parse_proxy(struct pep_peer *peer, const char *s, size_t n)
+{
     const char *host, *portp;
     size_t hlen;
     uint8_t a[16];
 
     if (s[0] == '[') {
-        const char *close = strchr(s, ']');
-        if (!close || close[1] != ':')
+        const char *close = memchr(s, ']', n);
+        if (!close || (size_t)(close - s) + 1 >= n || close[1] != ':')
             return -1;
         host = s + 1;
         hlen = (size_t)(close - host);
@@ -342,7 +370,7 @@ static int parse_proxy(struct pep_config *cfg, const char *s)
         if (parse_ip(host, hlen, a) != 6 && !(parse_ip(host, hlen, a) && memchr(host, ':', hlen)))
             return -1;
     } else {
-        const char *colon = strrchr(s, ':');
+        const char *colon = memrchr(s, ':', n);
         if (!colon || memchr(s, ':', (size_t)(colon - s)))
             return -1;
         host = s;
@@ -351,12 +379,39 @@ static int parse_proxy(struct pep_config *cfg, const char *s)
         if (!parse_ip(host, hlen, a) && !valid_name(host, hlen))
             return -1;
     }
-    if (parse_port(portp, n - (size_t)(portp - s), &cfg->port))
+    if (parse_port(portp, n - (size_t)(portp - s), &peer->port))
         return -1;
-    if (hlen >= sizeof cfg->host)
+    if (hlen >= sizeof peer->host)
         return -1;
-    memcpy(cfg->host, host, hlen);
-    cfg->host[hlen] = 0;
+    memcpy(peer->host, host, hlen);
+    peer->host[hlen] = 0;
+    return 0;
+}
+
+/* A comma-separated list of PEPs, blanks around entries ignored. */
+static int parse_proxy_list(struct pep_config *cfg, const char *s)
+{
+    const char *p = s;
+    cfg->npeers = 0;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        if (!end)
+            end = p + strlen(p);
+        const char *a = p, *b = end;
+        while (a < b && (*a == ' ' || *a == '\t'))
+            a++;
+        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+            b--;
+        if (b == a || cfg->npeers == PEP_PEERS_MAX ||
+            parse_proxy(&cfg->peers[cfg->npeers], a, (size_t)(b - a)))
+            return -1;
+        cfg->npeers++;
+        p = *end ? end + 1 : end;
+    }
+    if (!cfg->npeers)
+        return -1;
+    memcpy(cfg->host, cfg->peers[0].host, sizeof cfg->host);
+    cfg->port = cfg->peers[0].port;
     return 0;
 }
 
@@ -405,40 +460,43 @@ int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *nopr
     }
     if (!proxy || !*proxy)
         return 0; /* no PEP: everything direct */
-    if (parse_proxy(cfg, proxy)) {
+    if (parse_proxy_list(cfg, proxy)) {
         snprintf(err, errlen,
-                 "PEP_PROXY=\"%.100s\" is not host:port or [v6addr]:port", proxy);
+                 "PEP_PROXY=\"%.100s\" is not host:port or [v6addr]:port (or a comma-separated "
+                 "list of at most %d of them)", proxy, PEP_PEERS_MAX);
         return -1;
     }
     if (!noproxy) {
         unsigned i;
         for (i = 0; i < sizeof default_nets / sizeof default_nets[0]; i++)
             add_net(cfg, &default_nets[i]);
-    } else {
-        const char *p = noproxy;
-        while (*p) {
-            const char *end = strchr(p, ',');
-            if (!end)
-                end = p + strlen(p);
-            const char *a = p, *b = end;
-            while (a < b && (*a == ' ' || *a == '\t'))
-                a++;
-            while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
-                b--;
-            if (b > a && parse_entry(cfg, a, (size_t)(b - a))) {
-                snprintf(err, errlen,
-                         "PEP_NO_PROXY entry \"%.*s\" is not an address, CIDR, name or *, "
-                         "with an optional :port (or too many entries, max %d)",
-                         (int)(b - a > 100 ? 100 : b - a), a, PEP_NOPROXY_MAX);
-                return -1;
-            }
-            if (cfg->bypass_all)
-                break; /* as pepsock/policy.py: nothing after * matters */
-            p = *end ? end + 1 : end;
-        }
+    } else if (parse_rule_list(cfg, noproxy, "PEP_NO_PROXY", err, errlen)) {
+        return -1;
     }
     cfg->enabled = 1;
     return 0;
+}
+
+static int hexval(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c = tolower(c);
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+size_t pep_hex_decode(const char *s, size_t n, uint8_t *out, size_t cap)
+{
+    size_t i;
+    if (n % 2 || n / 2 > cap)
+        return 0;
+    for (i = 0; i < n / 2; i++) {
+        int h = hexval((unsigned char)s[2 * i]), l = hexval((unsigned char)s[2 * i + 1]);
+        if (h < 0 || l < 0)
+            return 0;
+        out[i] = (uint8_t)(h << 4 | l);
+    }
+    return n / 2;
 }
 
 /* Seconds as a float > 0 and < 1 day, into nanoseconds; -1 if not. */
@@ -452,13 +510,71 @@ static long long parse_seconds(const char *s)
     return (long long)(v * 1e9);
 }
 
-int pep_config_parse_timeouts(struct pep_config *cfg, const char *reply, char *err,
-                              size_t errlen)
+static struct pep_config confirm_rules; /* PEP_CONFIRM: nets, or bypass_all for all */
+
+int pep_config_parse_confirm(const char *confirm, char *err, size_t errlen)
+{
+    memset(&confirm_rules, 0, sizeof confirm_rules);
+    if (!confirm || !*confirm || !strcmp(confirm, "0"))
+        return 0;
+    if (!strcmp(confirm, "1")) {
+        confirm_rules.bypass_all = 1;
+    } else if (parse_rule_list(&confirm_rules, confirm, "PEP_CONFIRM", err, errlen)) {
+        memset(&confirm_rules, 0, sizeof confirm_rules);
+        return -1;
+    }
+    confirm_rules.enabled = 1;
+    return 0;
+}
+
+int pep_config_confirm(const uint8_t addr[16], uint16_t port)
+{
+    return confirm_rules.enabled && pep_config_bypass(&confirm_rules, NULL, addr, port);
+}
+
+int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char *connect,
+                          const char *fallback, const char *tfo_mode, const char *cookie,
+                          char *err, size_t errlen)
 {
     cfg->reply_timeout_ns = PEP_REPLY_TIMEOUT_DEFAULT_S * 1000000000LL;
+    cfg->connect_timeout_ns = 0;
+    cfg->fallback_fail = 0;
+    cfg->tfo_mode = PEP_TFO_AUTO;
+    cfg->cookie_len = 0;
     if (reply && *reply && (cfg->reply_timeout_ns = parse_seconds(reply)) < 0) {
         snprintf(err, errlen, "PEP_REPLY_TIMEOUT=\"%.100s\" is not a number of seconds "
                  "(more than 0, at most 86400)", reply);
+        return -1;
+    }
+    if (connect && *connect && (cfg->connect_timeout_ns = parse_seconds(connect)) < 0) {
+        snprintf(err, errlen, "PEP_CONNECT_TIMEOUT=\"%.100s\" is not a number of seconds "
+                 "(more than 0, at most 86400)", connect);
+        return -1;
+    }
+    if (fallback && *fallback) {
+        if (!strcmp(fallback, "fail")) {
+            cfg->fallback_fail = 1;
+        } else if (strcmp(fallback, "direct")) {
+            snprintf(err, errlen, "PEP_FALLBACK=\"%.100s\" is not direct or fail", fallback);
+            return -1;
+        }
+    }
+    if (tfo_mode && *tfo_mode) {
+        if (!strcmp(tfo_mode, "nocookie")) {
+            cfg->tfo_mode = PEP_TFO_FORCE_NOCOOKIE;
+        } else if (!strcmp(tfo_mode, "cookie")) {
+            cfg->tfo_mode = PEP_TFO_FORCE_COOKIE;
+        } else if (strcmp(tfo_mode, "auto")) {
+            snprintf(err, errlen, "PEP_TFO_MODE=\"%.100s\" is not auto, nocookie or cookie",
+                     tfo_mode);
+            return -1;
+        }
+    }
+    if (cookie && *cookie &&
+        !(cfg->cookie_len = pep_hex_decode(cookie, strlen(cookie), cfg->cookie,
+                                           sizeof cfg->cookie))) {
+        snprintf(err, errlen, "PEP_COOKIE is not an even number of hex digits (at most %zu "
+                 "bytes)", sizeof cfg->cookie);
         return -1;
     }
     return 0;
@@ -477,7 +593,10 @@ void pep_config_load(void)
     pthread_atfork(NULL, NULL, resolve_lock_child);
     if (pep_config_parse(&pep_cfg, getenv("PEP_PROXY"), getenv("PEP_NO_PROXY"),
                          getenv("PEP_LOG"), getenv("PEP_DISABLE"), err, sizeof err) ||
-        pep_config_parse_timeouts(&pep_cfg, getenv("PEP_REPLY_TIMEOUT"), err, sizeof err)) {
+        pep_config_parse_more(&pep_cfg, getenv("PEP_REPLY_TIMEOUT"), getenv("PEP_CONNECT_TIMEOUT"),
+                              getenv("PEP_FALLBACK"), getenv("PEP_TFO_MODE"), getenv("PEP_COOKIE"),
+                              err, sizeof err) ||
+        pep_config_parse_confirm(getenv("PEP_CONFIRM"), err, sizeof err)) {
         /* The one line always goes out, and to stderr. */
         int level = pep_cfg.level;
         char path[sizeof pep_cfg.logpath];
@@ -491,51 +610,75 @@ void pep_config_load(void)
         return;
     }
     if (pep_cfg.enabled)
-        pep_log(PEP_LOG_DEBUG, "PEP %s port %u", pep_cfg.host, pep_cfg.port);
+        pep_log(PEP_LOG_DEBUG, "PEP %s port %u (%u in PEP_PROXY)", pep_cfg.host, pep_cfg.port,
+                pep_cfg.npeers);
 }
 
 /* ---- resolution --------------------------------------------------------- */
 
 static int resolved;
-static struct pep_addrs addrs;
+static struct pep_addrs addrs[PEP_PEERS_MAX];
 
-const struct pep_addrs *pep_config_resolve(void)
+static void resolve_one(const struct pep_peer *peer, struct pep_addrs *out)
 {
-    if (__atomic_load_n(&resolved, __ATOMIC_ACQUIRE))
-        return addrs.ok ? &addrs : NULL;
-    pthread_mutex_lock(&resolve_lock);
-    if (!resolved) {
-        int saved = errno;
-        struct addrinfo hints, *res = NULL, *ai;
-        char port[8];
-        memset(&hints, 0, sizeof hints);
-        hints.ai_socktype = SOCK_STREAM;
-        hints.ai_flags = AI_NUMERICSERV;
-        snprintf(port, sizeof port, "%u", pep_cfg.port);
-        pep_resolving++;
-        int rc = getaddrinfo(pep_cfg.host, port, &hints, &res);
-        pep_resolving--;
-        if (rc != 0) {
-            pep_log(PEP_LOG_ERROR, "PEP_PROXY host \"%s\" does not resolve (%s); running unproxied",
-                    pep_cfg.host, gai_strerror(rc));
-        } else {
-            for (ai = res; ai; ai = ai->ai_next) {
-                if (ai->ai_family == AF_INET && !addrs.have4) {
-                    memcpy(&addrs.v4, ai->ai_addr, sizeof addrs.v4);
-                    addrs.have4 = 1;
-                } else if (ai->ai_family == AF_INET6 && !addrs.have6) {
-                    memcpy(&addrs.v6, ai->ai_addr, sizeof addrs.v6);
-                    addrs.have6 = 1;
-                }
-            }
-            freeaddrinfo(res);
-            addrs.ok = addrs.have4 || addrs.have6;
-        }
-        errno = saved;
-        __atomic_store_n(&resolved, 1, __ATOMIC_RELEASE);
+    struct addrinfo hints, *res = NULL, *ai;
+    char port[8];
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    snprintf(port, sizeof port, "%u", peer->port);
+    pep_resolving++;
+    int rc = getaddrinfo(peer->host, port, &hints, &res);
+    pep_resolving--;
+    if (rc != 0) {
+        pep_log(PEP_LOG_ERROR, "PEP_PROXY host \"%s\" does not resolve (%s); not using it",
+                peer->host, gai_strerror(rc));
+        return;
     }
-    pthread_mutex_unlock(&resolve_lock);
-    return addrs.ok ? &addrs : NULL;
+    for (ai = res; ai; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET && !out->have4) {
+            memcpy(&out->v4, ai->ai_addr, sizeof out->v4);
+            out->have4 = 1;
+        } else if (ai->ai_family == AF_INET6 && !out->have6) {
+            memcpy(&out->v6, ai->ai_addr, sizeof out->v6);
+            out->have6 = 1;
+        }
+    }
+    freeaddrinfo(res);
+    out->ok = out->have4 || out->have6;
+}
+
+const struct pep_addrs *pep_config_resolve(unsigned i)
+{
+    if (i >= pep_cfg.npeers)
+        return NULL;
+    if (!__atomic_load_n(&resolved, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_lock(&resolve_lock);
+        if (!resolved) {
+            int saved = errno;
+            unsigned k;
+            for (k = 0; k < pep_cfg.npeers; k++)
+                resolve_one(&pep_cfg.peers[k], &addrs[k]);
+            errno = saved;
+            __atomic_store_n(&resolved, 1, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_unlock(&resolve_lock);
+    }
+    return addrs[i].ok ? &addrs[i] : NULL;
+}
+
+int pep_config_is_any_pep(const uint8_t addr[16], uint16_t port)
+{
+    unsigned i;
+    for (i = 0; i < pep_cfg.npeers; i++) {
+        const struct pep_addrs *pa = pep_config_resolve(i);
+        if (pa && port == pep_cfg.peers[i].port &&
+            ((pa->have4 && memcmp(addr, v4_prefix, 12) == 0 &&
+              memcmp(addr + 12, &pa->v4.sin_addr, 4) == 0) ||
+             (pa->have6 && memcmp(addr, &pa->v6.sin6_addr, 16) == 0)))
+            return 1;
+    }
+    return 0;
 }
 
 /* ---- matching ----------------------------------------------------------- */

@@ -18,24 +18,40 @@ struct pep_net {
     uint16_t port_lo, port_hi; /* 0, 0: any port */
 };
 
+#define PEP_PEERS_MAX 8
+
+struct pep_peer {
+    char host[256];              /* as given */
+    uint16_t port;               /* host order */
+};
+
+enum pep_tfo_mode { PEP_TFO_AUTO, PEP_TFO_FORCE_NOCOOKIE, PEP_TFO_FORCE_COOKIE };
+
 struct pep_config {
     int enabled;                 /* a valid PEP_PROXY and nothing bad */
     int level;
     char logpath[256];           /* "" means stderr */
-    char host[256];              /* PEP_PROXY host, as given */
-    uint16_t port;               /* PEP_PROXY port, host order */
+    char host[256];              /* the first PEP of PEP_PROXY, as given */
+    uint16_t port;               /* its port, host order */
     int bypass_all;              /* PEP_NO_PROXY=* */
     unsigned nnets;
     struct pep_net nets[PEP_NOPROXY_MAX];
-    /* Read by pep_config_load() (pep_config_parse_timeouts) */
+    unsigned npeers;             /* PEP_PROXY, in order (peers[0] is host, port) */
+    struct pep_peer peers[PEP_PEERS_MAX];
+    /* Read by pep_config_load() (pep_config_parse_more) */
     long long reply_timeout_ns;  /* PEP_REPLY_TIMEOUT: handshake done to reply complete */
+    long long connect_timeout_ns; /* PEP_CONNECT_TIMEOUT; 0: adapted to the RTT */
+    int fallback_fail;           /* PEP_FALLBACK=fail (default direct) */
+    int tfo_mode;                /* PEP_TFO_MODE, enum pep_tfo_mode */
+    uint8_t cookie[64];          /* PEP_COOKIE, decoded */
+    size_t cookie_len;
 };
 
 #define PEP_REPLY_TIMEOUT_DEFAULT_S 10
 
 extern struct pep_config pep_cfg;
 
-/* The PEP's addresses, filled by pep_config_resolve(). */
+/* A PEP's addresses, filled by pep_config_resolve(). */
 struct pep_addrs {
     int ok;
     int have4, have6;
@@ -55,20 +71,36 @@ int pep_config_parse(struct pep_config *cfg, const char *proxy, const char *nopr
  * never to the PEP being resolved. */
 extern __thread int pep_resolving;
 
-/* PEP_REPLY_TIMEOUT (NULL = unset): seconds, a float > 0. 0 or -1 (err). */
-int pep_config_parse_timeouts(struct pep_config *cfg, const char *reply, char *err,
-                              size_t errlen);
+/* The variables of issue 10 and 9 (NULL = unset): PEP_REPLY_TIMEOUT,
+ * PEP_CONNECT_TIMEOUT (seconds, float > 0), PEP_FALLBACK (direct|fail),
+ * PEP_TFO_MODE (auto|nocookie|cookie), PEP_COOKIE (hex). 0 or -1 (err). */
+int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char *connect,
+                          const char *fallback, const char *tfo_mode, const char *cookie,
+                          char *err, size_t errlen);
 
-/* Resolve the PEP once; thread-safe. NULL if it cannot be resolved. */
-const struct pep_addrs *pep_config_resolve(void);
+/* PEP_CONFIRM (NULL = unset): "1" (every connection), "0" or empty (none),
+ * or destinations in PEP_NO_PROXY syntax. 0 or -1 (err). */
+int pep_config_parse_confirm(const char *confirm, char *err, size_t errlen);
+/* Must a connect() to this destination wait for the PEP's verdict? */
+int pep_config_confirm(const uint8_t addr[16], uint16_t port);
+
+/* Hex into bytes; the number of bytes, 0 if not hex or too long. */
+size_t pep_hex_decode(const char *s, size_t n, uint8_t *out, size_t cap);
+
+/* Resolve PEP i of PEP_PROXY (all of them, once; thread-safe). NULL if it
+ * cannot be resolved. */
+const struct pep_addrs *pep_config_resolve(unsigned i);
 /* Does a destination (16-byte address, IPv4 mapped; port host order) bypass
- * the PEP? The PEP's own address counts when addrs is given. */
+ * the PEP? The first PEP's own address counts when addrs is given. */
 int pep_config_bypass(const struct pep_config *cfg, const struct pep_addrs *addrs,
                       const uint8_t addr[16], uint16_t port);
-/* Is it the PEP itself (its address and port, as pepsock/client.py)? That
- * goes direct: the part of pep_config_bypass() that needs addrs. */
+/* Is it that PEP itself (its address and port, as pepsock/client.py)? That
+ * goes direct: the part of pep_config_bypass() that needs addrs. The port
+ * is the first PEP's; pep_config_is_any_pep() checks every PEP. */
 int pep_config_is_pep(const struct pep_config *cfg, const struct pep_addrs *addrs,
                       const uint8_t addr[16], uint16_t port);
+
+int pep_config_is_any_pep(const uint8_t addr[16], uint16_t port);
 
 /* Logging: one line, errno untouched, no fd kept open.
  *

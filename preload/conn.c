@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -13,6 +14,8 @@
 #include <time.h>
 
 #include "config.h"
+#include "connect.h"
+#include "state.h"
 #include "real.h"
 #include "tlv.h"
 
@@ -81,11 +84,7 @@ void pep_peer_text(const struct sockaddr_in6 *sa, char *out, size_t cap)
     }
 }
 
-/* Wait for fd to be ready, honouring SO_RCVTIMEO / SO_SNDTIMEO, but no
- * longer than until `until` (CLOCK_MONOTONIC ns; 0: no limit of ours).
- * 0: ready; 1: `until` came first; -1 + errno (EAGAIN: the program's own
- * timeout, EINTR). */
-static int wait_fd(int fd, short events, long long until)
+int pep_wait_fd(int fd, short events, long long until)
 {
     struct timeval tv = {0, 0};
     socklen_t l = sizeof tv;
@@ -155,6 +154,8 @@ void pep_lowat_release(int fd, struct pep_conn *c)
 /* The connection failed (Error TLV, bad reply): remember the errno and reset. */
 static void conn_fail(int fd, struct pep_conn *c, int err, const char *why)
 {
+    if (c->confirm)
+        c->failed_connecting = 1; /* PEP_CONFIRM: the verdict is connect()'s */
     pep_lowat_release(fd, c);
     pep_conn_set_state(c, PEP_ST_FAILED);
     c->err = err;
@@ -172,12 +173,55 @@ static void conn_open(int fd, struct pep_conn *c)
 {
     pep_lowat_release(fd, c);
     pep_conn_set_state(c, PEP_ST_OPEN);
+    free(c->replay); /* nothing to replay any more */
+    c->replay = NULL;
+    c->replay_len = 0;
     if (pep_cfg.level >= PEP_LOG_WARN && !__atomic_load_n(&warned_0rtt, __ATOMIC_RELAXED)) {
         struct tcp_info ti;
         if (pep_tcp_state(fd, &ti) >= 0 && !(ti.tcpi_options & TCPI_OPT_SYN_DATA))
             pep_warn_0rtt_lost("the PEP did not take data in the SYN (TFO off on its side?)");
     }
     pep_log(PEP_LOG_DEBUG, "fd %d: PEP reply stripped", fd);
+}
+
+/* An Error TLV from the PEP: what it means for the connection. Errors about
+ * the PEP itself (64, 65: held down for the Error's delay; 3: its cookie)
+ * move the connection on, with what the program wrote; errors about the
+ * destination (32, 96, 97 and the rest) are the program's. Under the lock. */
+static void pep_reply_error(int fd, struct pep_conn *c, const struct pep_msg *m, int e)
+{
+    const uint8_t *v = m->error_value;
+    size_t vlen = m->error_len;
+    if (m->error_code == PEP_E_RESOURCE_EXCEEDED || m->error_code == PEP_E_NETWORK_FAILURE) {
+        unsigned delay = vlen ? v[0] : 0; /* one byte fits after the code; 0: 30 s */
+        pep_lowat_release(fd, c);
+        pep_failover(fd, c, m->error_code == PEP_E_RESOURCE_EXCEEDED ? PEP_DOWN_ERROR64
+                                                                       : PEP_DOWN_ERROR65,
+                     delay, e);
+        return;
+    }
+    if (m->error_code == PEP_E_MISSING_COOKIE && !c->cookie_retried && !c->replay_lost) {
+        /* the Value: a zero byte, then the cookie, kept as it came (any
+         * padding too: a PEP ignores up to 3 trailing zero bytes) */
+        size_t clen = vlen > 1 && v[0] == 0 ? vlen - 1 : 0;
+        if (clen && clen <= PEP_COOKIE_MAX) {
+            pep_peer_store_cookie(c->peer, &c->pep, v + 1, clen);
+            c->cookie_retried = 1;
+            pep_lowat_release(fd, c);
+            char peer[80];
+            pep_peer_text(&c->pep, peer, sizeof peer);
+            pep_log(PEP_LOG_INFO, "PEP %s asked for a cookie (Error 3); reconnecting with it",
+                    peer);
+            pep_retry_same(fd, c);
+            return;
+        }
+    }
+    if (m->error_code == PEP_E_NOT_AUTHORIZED) {
+        uint8_t stored[PEP_COOKIE_MAX];
+        if (pep_peer_cookie(c->peer, &c->pep, stored, sizeof stored))
+            pep_peer_store_cookie(c->peer, &c->pep, NULL, 0); /* the next Error 3 brings one */
+    }
+    conn_fail(fd, c, e, "PEP refused the connection");
 }
 
 /* ---- the bounded wait for the reply ------------------------------------- */
@@ -221,10 +265,17 @@ enum step {
     STEP_WAIT,      /* nothing to do until fd is ready for *wait_for (*err: EAGAIN/EINTR) */
 };
 
-/* Send what is left of the header. */
+/* Send what is left of the prefix: the header, then the bytes replayed
+ * from an earlier attempt. */
 static enum step step_send_header(int fd, struct pep_conn *c, enum pep_settle_for why,
-                                  int *err, short *wait_for)
+                                  int *err, short *wait_for, long long *until)
 {
+    if (c->hs_deadline) { /* our attempt: refused or late means the next PEP */
+        if (!pep_handshake_check(fd, c, pep_now_ns()))
+            goto wait;
+        if (c->state != PEP_ST_SENDING)
+            return STEP_AGAIN;
+    }
     if (why == PEP_FOR_HEADER_ONLY) {
         /* Not on the program's behalf: never take a pending socket error
          * (send() would) that its SO_ERROR or read must see. */
@@ -238,12 +289,14 @@ static enum step step_send_header(int fd, struct pep_conn *c, enum pep_settle_fo
             return STEP_GO;
         }
     }
-    ssize_t n = pep_real.send(fd, c->hdr + c->hdr_sent, (size_t)(c->hdr_len - c->hdr_sent),
-                              MSG_DONTWAIT | MSG_NOSIGNAL);
+    size_t off = c->pre_sent;
+    const uint8_t *p = off < c->hdr_len ? c->hdr + off : c->replay + (off - c->hdr_len);
+    size_t len = off < c->hdr_len ? c->hdr_len - off : c->pre_len - off;
+    ssize_t n = pep_real.send(fd, p, len, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n > 0) {
-        c->hdr_sent = (uint16_t)(c->hdr_sent + n);
-        if (c->hdr_sent == c->hdr_len) {
-            pep_conn_set_state(c, PEP_ST_AWAIT);
+        c->pre_sent += (size_t)n;
+        if (c->pre_sent == c->pre_len) {
+            pep_conn_set_state(c, c->direct ? PEP_ST_OPEN : PEP_ST_AWAIT);
             pep_log(PEP_LOG_DEBUG, "fd %d: header sent after the handshake", fd);
         }
         return STEP_AGAIN;
@@ -257,12 +310,29 @@ static enum step step_send_header(int fd, struct pep_conn *c, enum pep_settle_fo
     }
     *wait_for = POLLOUT;
     return STEP_WAIT;
+wait:
+    *err = EAGAIN;
+    *wait_for = POLLOUT;
+    *until = c->hs_deadline;
+    return STEP_WAIT;
 }
 
 /* Read what is there of the PEP's reply, never a byte past it. */
 static enum step step_read_reply(int fd, struct pep_conn *c, enum pep_settle_for why,
                                  int *err, short *wait_for, long long *until)
 {
+    if (c->hs_deadline) { /* our attempt: refused or late means the next PEP */
+        if (!pep_handshake_check(fd, c, pep_now_ns())) {
+            *err = EAGAIN;
+            if (why != PEP_FOR_READ)
+                return STEP_GO; /* a write may go before the handshake: the kernel waits */
+            *wait_for = POLLIN;
+            *until = c->hs_deadline;
+            return STEP_WAIT;
+        }
+        if (c->state != PEP_ST_AWAIT)
+            return STEP_AGAIN;
+    }
     uint8_t tmp[PEP_MSG_MAX];
     size_t want = pep_reader_want(&c->rd), used;
     ssize_t n = pep_real.recv(fd, tmp, want, MSG_DONTWAIT);
@@ -273,7 +343,7 @@ static enum step step_read_reply(int fd, struct pep_conn *c, enum pep_settle_for
         if (rc == PEP_OK && m.has_error) {
             int e = pep_errno_for(m.error_code, m.error_value, m.error_len);
             pep_log(PEP_LOG_INFO, "fd %d: PEP Error TLV code %u", fd, m.error_code);
-            conn_fail(fd, c, e, "PEP refused the connection");
+            pep_reply_error(fd, c, &m, e);
         } else if (rc == PEP_OK) {
             conn_open(fd, c);
         } else if (rc == PEP_REJECT) {
@@ -329,7 +399,7 @@ enum pep_settled pep_settle(int fd, enum pep_settle_for why, int dontwait)
             wait_for = POLLOUT;
             s = STEP_WAIT;
         } else if (c->state == PEP_ST_SENDING) {
-            s = step_send_header(fd, c, why, &e, &wait_for);
+            s = step_send_header(fd, c, why, &e, &wait_for, &until);
         } else { /* PEP_ST_AWAIT */
             s = step_read_reply(fd, c, why, &e, &wait_for, &until);
         }
@@ -359,7 +429,7 @@ enum pep_settled pep_settle(int fd, enum pep_settle_for why, int dontwait)
             errno = EAGAIN;
             return PEP_SETTLED_FAIL;
         }
-        int w = wait_fd(fd, wait_for, until);
+        int w = pep_wait_fd(fd, wait_for, until);
         if (w < 0)
             return PEP_SETTLED_FAIL;
     }
@@ -373,6 +443,15 @@ int pep_failed_write_errno(int fd, int e)
     return e;
 }
 
+int pep_failed_by_reply(int fd)
+{
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    int failed = c && c->state == PEP_ST_FAILED && !c->failed_connecting;
+    pep_unlock();
+    return failed;
+}
+
 int pep_failed_by_pep(int fd)
 {
     pep_settle(fd, PEP_FOR_WRITE, 1);
@@ -383,24 +462,30 @@ int pep_failed_by_pep(int fd)
     return failed;
 }
 
-/* Every connection in PEP_ST_AWAIT: expire replies past their deadline;
- * the nearest deadline left (0: none), or now + PEP_SLICE_NS if a handshake
- * is still to be seen done. */
-static long long expire_replies(void)
+/* Every connection with a deadline: a handshake late or refused moves to
+ * the next PEP; a reply past PEP_REPLY_TIMEOUT fails. The nearest deadline
+ * left (0: none); a handshake done but its reply deadline not set yet counts
+ * as now + PEP_SLICE_NS. */
+static long long tick(void)
 {
     long long now = pep_now_ns(), next = 0;
     struct pep_conn *c;
     for (c = pep_conn_next(NULL); c; c = pep_conn_next(c)) {
         int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
-        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_AWAIT || fd < 0)
+        int st = __atomic_load_n(&c->state, __ATOMIC_ACQUIRE);
+        if ((st != PEP_ST_AWAIT && st != PEP_ST_SENDING) || fd < 0)
             continue;
         pep_lock();
-        if (pep_conn_get(fd) == c && c->state == PEP_ST_AWAIT && !reply_expired(fd, c, now)) {
-            long long d = c->reply_deadline ? c->reply_deadline : now + PEP_SLICE_NS;
-            if (!next || d < next)
-                next = d;
-        }
+        if (pep_conn_get(fd) == c && c->hs_deadline)
+            pep_handshake_check(fd, c, now);
+        long long d = 0;
+        if (pep_conn_get(fd) == c && c->hs_deadline)
+            d = c->hs_deadline;
+        else if (pep_conn_get(fd) == c && c->state == PEP_ST_AWAIT && !reply_expired(fd, c, now))
+            d = c->reply_deadline ? c->reply_deadline : now + PEP_SLICE_NS;
         pep_unlock();
+        if (d && (!next || d < next))
+            next = d;
     }
     return next;
 }
@@ -411,20 +496,39 @@ long long pep_wait_work(void)
                    !__atomic_load_n(&pep_nawait, __ATOMIC_RELAXED)))
         return -1;
     int saved = errno;
+    long long next = tick();
     pep_flush_sending();
     long long slice = pep_headers_pending() ? PEP_SLICE_NS : -1;
-    if (__atomic_load_n(&pep_nawait, __ATOMIC_RELAXED)) {
-        long long next = expire_replies();
-        if (next) {
-            long long left = next - pep_now_ns();
-            if (left < 0)
-                left = 0;
-            if (slice < 0 || left < slice)
-                slice = left;
-        }
+    if (next) {
+        long long left = next - pep_now_ns();
+        if (left < 0)
+            left = 0;
+        if (slice < 0 || left < slice)
+            slice = left;
     }
     errno = saved;
     return slice;
+}
+
+int pep_attempt_poll(int fd, int *err)
+{
+    int ours = 0;
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    if (c && (c->state == PEP_ST_SENDING || c->state == PEP_ST_AWAIT) && c->hs_deadline &&
+        pep_same_socket(fd, c)) {
+        unsigned tried = c->tried;
+        int direct = c->direct;
+        pep_handshake_check(fd, c, pep_now_ns());
+        if ((c->tried != tried || c->direct != direct) && c->state != PEP_ST_FAILED)
+            ours = 1; /* moved to the next PEP (or the destination) */
+    }
+    if (c && c->state == PEP_ST_FAILED && c->failed_connecting) {
+        ours = 2;
+        *err = c->err;
+    }
+    pep_unlock();
+    return ours;
 }
 
 void pep_flush_sending(void)
@@ -439,4 +543,27 @@ void pep_flush_sending(void)
             pep_settle(fd, PEP_FOR_HEADER_ONLY, 1);
     }
     errno = saved;
+}
+
+int pep_confirm_poll(int fd, int *err)
+{
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    int confirm = c && c->confirm, pending = c && pep_confirm_pending(c);
+    pep_unlock();
+    if (!confirm)
+        return PEP_VERDICT_NONE;
+    if (pending)
+        pep_settle(fd, PEP_FOR_WRITE, 1); /* the reply, if it is there; never blocks */
+    pep_lock();
+    c = pep_conn_get(fd);
+    int v = PEP_VERDICT_NONE;
+    if (c && c->state == PEP_ST_FAILED && c->failed_connecting) {
+        v = PEP_VERDICT_FAILED;
+        *err = c->err;
+    } else if (c && pep_confirm_pending(c)) {
+        v = PEP_VERDICT_PENDING;
+    }
+    pep_unlock();
+    return v;
 }

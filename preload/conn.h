@@ -7,6 +7,9 @@
 
 #include <netinet/tcp.h>
 
+#include <sys/socket.h>
+#include <sys/uio.h>
+
 #include "fdstate.h"
 
 /* What the caller of pep_settle() is about to do. */
@@ -37,6 +40,10 @@ int pep_failed_write_errno(int fd, int e);
  * (Error TLV or a bad reply)? */
 int pep_failed_by_pep(int fd);
 
+/* Has the PEP's reply (an Error TLV, a bad reply) already failed fd's
+ * connection? (no I/O) */
+int pep_failed_by_reply(int fd);
+
 /* Send every header that missed its SYN, where the handshake is done. */
 void pep_flush_sending(void);
 /* Is any header waiting for its handshake? (one relaxed load) */
@@ -51,6 +58,28 @@ static inline int pep_headers_pending(void)
  * costs two relaxed loads when libpep has nothing in flight. */
 #define PEP_SLICE_NS 10000000LL /* a header waiting for its handshake: 10 ms */
 long long pep_wait_work(void);
+
+/* Wait for fd to be ready, honouring SO_RCVTIMEO / SO_SNDTIMEO, but no
+ * longer than until `until` (CLOCK_MONOTONIC ns; 0: no limit of ours).
+ * 0: ready; 1: `until` came first; -1 + errno (EAGAIN: the program's own
+ * timeout, EINTR). */
+int pep_wait_fd(int fd, short events, long long until);
+
+/* For SO_ERROR and poll: a connection whose attempt is in flight is checked
+ * (and moved on if its PEP refused or is late). 1: it moved to the next
+ * PEP (or the destination): what the program saw of the old attempt is to
+ * be hidden; 2: it failed while connecting (no PEP left,
+ * PEP_FALLBACK=fail), *err is what SO_ERROR says; 0: neither. */
+int pep_attempt_poll(int fd, int *err);
+
+/* PEP_CONFIRM, for the waits and connect(): fd's verdict, taking the
+ * reply if it is there (never blocks). */
+enum pep_verdict {
+    PEP_VERDICT_NONE,    /* not a PEP_CONFIRM connection, or its verdict was yes */
+    PEP_VERDICT_PENDING, /* still waiting for it: the connect is not done */
+    PEP_VERDICT_FAILED,  /* no: *err is connect()'s errno (SO_ERROR) */
+};
+int pep_confirm_poll(int fd, int *err);
 
 /* CLOCK_MONOTONIC in ns. */
 long long pep_now_ns(void);

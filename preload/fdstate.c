@@ -11,6 +11,9 @@ struct pep_conn **pep_fd_chunks[PEP_FD_CHUNKS];
 unsigned pep_nmapped;
 unsigned pep_nsending;
 unsigned pep_nawait;
+unsigned pep_nhandshake;
+unsigned pep_nconfirm;
+unsigned pep_nepswapped;
 static struct pep_conn *all;   /* every connection ever allocated, newest first */
 static struct pep_conn *unused; /* refs == 0, ready for reuse */
 static unsigned chunks_used;    /* highest fd chunk index allocated + 1 */
@@ -142,10 +145,26 @@ void pep_fd_forget(int fd)
     pep_conn_put(c);
 }
 
+void pep_conn_set_hs_deadline(struct pep_conn *c, long long deadline)
+{
+    if (c->hs_deadline && !deadline)
+        __atomic_sub_fetch(&pep_nhandshake, 1, __ATOMIC_RELAXED);
+    else if (!c->hs_deadline && deadline)
+        __atomic_add_fetch(&pep_nhandshake, 1, __ATOMIC_RELAXED);
+    c->hs_deadline = deadline;
+}
+
 void pep_conn_put(struct pep_conn *c)
 {
     if (--c->refs == 0) {
         pep_conn_set_state(c, PEP_ST_FREE);
+        pep_conn_set_hs_deadline(c, 0);
+        if (c->ep_swapped) {
+            c->ep_swapped = 0;
+            __atomic_sub_fetch(&pep_nepswapped, 1, __ATOMIC_RELAXED);
+        }
+        free(c->replay);
+        c->replay = NULL;
         c->free_next = unused;
         unused = c;
     }
@@ -155,6 +174,13 @@ void pep_conn_set_state(struct pep_conn *c, int state)
 {
     if (c->state == state)
         return;
+    if (c->confirm) {
+        int was = pep_confirm_pending(c), now = pep_confirm_pending_in(1, state);
+        if (was && !now)
+            __atomic_sub_fetch(&pep_nconfirm, 1, __ATOMIC_RELAXED);
+        else if (!was && now)
+            __atomic_add_fetch(&pep_nconfirm, 1, __ATOMIC_RELAXED);
+    }
     if (c->state == PEP_ST_SENDING)
         __atomic_sub_fetch(&pep_nsending, 1, __ATOMIC_RELAXED);
     else if (c->state == PEP_ST_AWAIT)

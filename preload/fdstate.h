@@ -19,6 +19,8 @@
 
 #include "tlv.h"
 
+#define PEP_HDR_CAP 128             /* Connect TLV 24 bytes + a Cookie TLV of up to 64 */
+#define PEP_REPLAY_MAX (64 * 1024)  /* bytes kept for a replay on the next PEP */
 #define PEP_FD_CHUNK_BITS 12
 #define PEP_FD_CHUNK (1u << PEP_FD_CHUNK_BITS)
 #define PEP_FD_CHUNKS (1u << 18)
@@ -45,10 +47,32 @@ struct pep_conn {
     socklen_t destlen;
     struct sockaddr_in6 pep;    /* where the socket went (for a repeated connect) */
     socklen_t peplen;
-    uint16_t hdr_len, hdr_sent;
-    uint8_t hdr[64];
+    uint16_t hdr_len;
+    uint8_t hdr[PEP_HDR_CAP];   /* the Convert message: Connect TLV (+ Cookie TLV) */
+    /* What goes first on the stream of this attempt: hdr, then replay[0, pre_len - hdr_len) */
+    size_t pre_len, pre_sent;
     struct pep_reader rd;
     long long reply_deadline;   /* CLOCK_MONOTONIC ns; 0: handshake not seen done yet */
+    /* The attempt (connect.c) */
+    int family, v6only;
+    unsigned peer;              /* index in PEP_PROXY of the PEP in use */
+    unsigned tried;             /* bitmask of the PEPs tried for this connection */
+    int direct;                 /* fell back to the destination: no header, no reply */
+    int nocookie;               /* TCP_FASTOPEN_NO_COOKIE on this attempt */
+    int cookie_retried;         /* reconnected once already for an Error 3 */
+    int failed_connecting;      /* FAILED before connect() completed: SO_ERROR says err */
+    /* PEP_CONFIRM: connect() completes on the PEP's verdict */
+    int confirm;
+    int ep_fd;                  /* the program's epoll registration of this fd (-1: none) */
+    uint32_t ep_events;
+    uint64_t ep_data;
+    int ep_swapped;             /* registered with EPOLLIN instead of EPOLLOUT for now */
+    long long hs_deadline;      /* CLOCK_MONOTONIC ns; 0: handshake done (or not ours) */
+    /* The program's bytes written before the reply, for the next attempt
+     * (at most PEP_REPLAY_MAX; past it, replay_lost and no more attempts) */
+    uint8_t *replay;
+    size_t replay_len;
+    int replay_lost;
     struct pep_conn *all_next;  /* every connection ever allocated (pep_conn_next) */
     struct pep_conn *free_next; /* free list */
 };
@@ -57,6 +81,20 @@ extern struct pep_conn **pep_fd_chunks[PEP_FD_CHUNKS];
 extern unsigned pep_nmapped;         /* fds in the table, for close_range */
 extern unsigned pep_nsending;        /* conns in PEP_ST_SENDING */
 extern unsigned pep_nawait;          /* conns in PEP_ST_AWAIT */
+extern unsigned pep_nhandshake;      /* conns whose handshake is not seen done (hs_deadline) */
+extern unsigned pep_nconfirm;        /* PEP_CONFIRM conns still waiting for the verdict */
+extern unsigned pep_nepswapped;      /* conns with ep_swapped (wait.c) */
+
+static inline int pep_confirm_pending_in(int confirm, int state)
+{
+    return confirm && (state == PEP_ST_CONNECTING || state == PEP_ST_SENDING ||
+                       state == PEP_ST_AWAIT);
+}
+
+static inline int pep_confirm_pending(const struct pep_conn *c)
+{
+    return pep_confirm_pending_in(c->confirm, c->state);
+}
 
 /* fd's connection without the lock (it may change right after). */
 static inline struct pep_conn *pep_fd_peek(int fd)
@@ -93,6 +131,7 @@ void pep_conn_put(struct pep_conn *c);             /* drop a reference */
 void pep_fd_dup(int oldfd, int newfd);             /* newfd shares oldfd's slot */
 void pep_fd_forget_range(unsigned first, unsigned last);
 void pep_conn_set_state(struct pep_conn *c, int state);
+void pep_conn_set_hs_deadline(struct pep_conn *c, long long deadline); /* keeps the count */
 
 /* Every connection slot in use or once used, without the lock: start with
  * NULL; NULL at the end. A slot may change under the caller: read its state

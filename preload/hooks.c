@@ -236,17 +236,42 @@ EXPORT int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, struct
             return -1;                                              \
     } while (0)
 
-#define AFTER_WRITE(fd, r)                                          \
+/* After a write on one of ours before the reply: an error the PEP may
+ * explain, or bytes to keep for a replay on the next PEP. */
+#define AFTER_WRITE(fd, r, iov, n)                                  \
     do {                                                            \
         if (UNLIKELY((r) < 0) && pep_fd_tracked(fd))                \
-            errno = pep_failed_write_errno(fd, errno);                  \
+            errno = pep_failed_write_errno(fd, errno);              \
+        else if (UNLIKELY((r) > 0) && pep_fd_busy(fd))              \
+            keep_for_replay(fd, iov, n, (size_t)(r));               \
     } while (0)
+
+static void keep_for_replay(int fd, const struct iovec *iov, size_t n, size_t r)
+{
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    if (c && !c->direct && (c->state == PEP_ST_AWAIT || c->state == PEP_ST_SENDING))
+        pep_replay_keep(c, iov, n, r);
+    pep_unlock();
+}
+
+/* sendmmsg's bytes are not kept: a connection that used it before the
+ * reply is not moved to another PEP. */
+static void no_replay(int fd)
+{
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    if (c)
+        c->replay_lost = 1;
+    pep_unlock();
+}
 
 EXPORT ssize_t write(int fd, const void *buf, size_t n)
 {
     BEFORE_WRITE(fd, 0);
     ssize_t r = pep_real.write(fd, buf, n);
-    AFTER_WRITE(fd, r);
+    struct iovec one = {(void *)buf, n};
+    AFTER_WRITE(fd, r, &one, 1);
     return r;
 }
 
@@ -254,7 +279,7 @@ EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
 {
     BEFORE_WRITE(fd, 0);
     ssize_t r = pep_real.writev(fd, iov, cnt);
-    AFTER_WRITE(fd, r);
+    AFTER_WRITE(fd, r, iov, cnt < 0 ? 0 : (size_t)cnt);
     return r;
 }
 
@@ -262,7 +287,8 @@ EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
 {
     BEFORE_WRITE(fd, flags & MSG_DONTWAIT);
     ssize_t r = pep_real.send(fd, buf, n, flags);
-    AFTER_WRITE(fd, r);
+    struct iovec one = {(void *)buf, n};
+    AFTER_WRITE(fd, r, &one, 1);
     return r;
 }
 
@@ -293,7 +319,8 @@ EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct
     }
     BEFORE_WRITE(fd, flags & MSG_DONTWAIT);
     ssize_t r = pep_real.sendto(fd, buf, n, flags, sa, len);
-    AFTER_WRITE(fd, r);
+    struct iovec one = {(void *)buf, n};
+    AFTER_WRITE(fd, r, &one, 1);
     return r;
 }
 
@@ -306,7 +333,7 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
         return ret;
     BEFORE_WRITE(fd, flags & MSG_DONTWAIT);
     ssize_t r = pep_real.sendmsg(fd, msg, flags);
-    AFTER_WRITE(fd, r);
+    AFTER_WRITE(fd, r, msg ? msg->msg_iov : NULL, msg ? msg->msg_iovlen : 0);
     return r;
 }
 
@@ -317,8 +344,10 @@ EXPORT int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
         errno = ENOSYS;
         return -1;
     }
+    if (UNLIKELY(pep_fd_busy(fd)))
+        no_replay(fd);
     int r = pep_real.sendmmsg(fd, v, n, flags);
-    AFTER_WRITE(fd, r);
+    AFTER_WRITE(fd, r, NULL, 0);
     return r;
 }
 
@@ -350,10 +379,24 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
 EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
     INIT();
+    /* SO_ERROR is how a non-blocking connect learns it is done. While an
+     * attempt is in flight, libpep looks first: a PEP that refused or is
+     * late is replaced by the next (the program keeps waiting, SO_ERROR 0),
+     * and with no PEP left under PEP_FALLBACK=fail, SO_ERROR says why; so
+     * does a PEP's no under PEP_CONFIRM. */
+    int failed_err = 0;
+    if (UNLIKELY(level == SOL_SOCKET && name == SO_ERROR) && pep_fd_busy(fd) &&
+        (pep_attempt_poll(fd, &failed_err) == 2 ||
+         pep_confirm_poll(fd, &failed_err) == PEP_VERDICT_FAILED) &&
+        val && len && *len >= sizeof(int)) {
+        pep_real.getsockopt(fd, level, name, val, len); /* the kernel's own, taken */
+        *(int *)val = failed_err;
+        *len = sizeof(int);
+        return 0;
+    }
     int r = pep_real.getsockopt(fd, level, name, val, len);
-    /* SO_ERROR is how a non-blocking connect learns it is done. If the
-     * header could not go in the SYN, it goes now. A PEP that sends its
-     * Error TLV and resets at once shows up here as ECONNRESET, but the
+    /* If the header could not go in the SYN, it goes now. A PEP that sends
+     * its Error TLV and resets at once shows up here as ECONNRESET, but the
      * connection did complete and its Error TLV is in the receive queue: the
      * connect is reported done, and the Error, as for any PEP error, is the
      * next read's or write's errno (curl: "Recv failure: Connection

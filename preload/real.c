@@ -48,6 +48,7 @@ static void init_once_fn(void)
     BIND(ppoll);
     BIND(select);
     BIND(pselect);
+    BIND(epoll_ctl);
     BIND(epoll_wait);
     BIND(epoll_pwait);
     BIND(epoll_pwait2);

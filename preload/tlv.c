@@ -76,6 +76,21 @@ size_t pep_encode_connect(uint8_t *out, size_t cap, const uint8_t addr[16], uint
     return PEP_HDR_LEN + body;
 }
 
+size_t pep_add_cookie(uint8_t *msg, size_t len, size_t cap, const uint8_t *cookie, size_t clen)
+{
+    size_t body = (4 + clen + 3) & ~(size_t)3;
+    if (len < PEP_HDR_LEN || len % 4 || clen == 0 || body / 4 > 255 || len + body > cap ||
+        len + body > PEP_MSG_MAX)
+        return 0;
+    uint8_t *t = msg + len;
+    memset(t, 0, body);
+    t[0] = PEP_TLV_COOKIE;
+    t[1] = (uint8_t)(body / 4);
+    memcpy(t + 4, cookie, clen);
+    msg[1] = (uint8_t)((len + body) / 4);
+    return len + body;
+}
+
 size_t pep_encode_error(uint8_t *out, size_t cap, uint8_t code, const uint8_t *value,
                         size_t len)
 {

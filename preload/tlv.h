@@ -70,6 +70,10 @@ struct pep_msg {
  * over 253 bytes or a message over 1020 bytes are not). */
 size_t pep_encode_connect(uint8_t *out, size_t cap, const uint8_t addr[16], uint16_t port,
                           const struct pep_opt *opts, size_t nopts);
+/* Append a Cookie TLV (16 bits zero, then the cookie, zero padding) to the
+ * message of len bytes in msg, updating its Total Length: the new length,
+ * or 0 if it does not fit in cap or 1020 bytes, or clen is 0. */
+size_t pep_add_cookie(uint8_t *msg, size_t len, size_t cap, const uint8_t *cookie, size_t clen);
 size_t pep_encode_error(uint8_t *out, size_t cap, uint8_t code, const uint8_t *value,
                         size_t len);
 size_t pep_encode_success(uint8_t *out, size_t cap);

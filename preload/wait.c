@@ -17,13 +17,17 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
 
+#include "config.h"
 #include "conn.h"
 #include "fdstate.h"
 #include "real.h"
+
+#define ALL_HIDDEN (-2) /* every event was libpep's to hide: the wait goes on */
 
 /* One real wait: at most ns nanoseconds (-1: no limit), or AS_ASKED: the
  * program's own timeout argument, untouched. */
@@ -101,11 +105,22 @@ static struct timespec ns_to_ts(long long ns)
 static int after_poll(struct pollfd *fds, nfds_t n, int r)
 {
     nfds_t i;
+    int hidden = 0;
     if (r <= 0 || !__atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED))
         return r;
     int saved = errno;
     for (i = 0; i < n; i++) {
         if (!(fds[i].revents & (POLLERR | POLLHUP)) || !pep_fd_busy(fds[i].fd))
+            continue;
+        /* An attempt whose PEP refused: the next PEP is on its way, the
+         * program keeps waiting (unless nothing is left: it sees the error). */
+        int err = 0, a = pep_attempt_poll(fds[i].fd, &err);
+        if (a == 1) {
+            fds[i].revents = 0;
+            hidden++;
+            continue;
+        }
+        if (a)
             continue;
         /* Nothing received (a PEP that refused or never answered the SYN):
          * no Error TLV to find, and settle()'s recv would consume the
@@ -114,13 +129,14 @@ static int after_poll(struct pollfd *fds, nfds_t n, int r)
          * failure: Protocol error" instead of "Couldn't connect").
          * tests/test_reliability_client_faults.py */
         int avail = 0;
-        if (ioctl(fds[i].fd, FIONREAD, &avail) < 0 || avail <= 0)
+        if (!pep_failed_by_reply(fds[i].fd) &&
+            (ioctl(fds[i].fd, FIONREAD, &avail) < 0 || avail <= 0))
             continue;
         if (pep_failed_by_pep(fds[i].fd))
             fds[i].revents = (short)(fds[i].events & (POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM));
     }
     errno = saved;
-    return r;
+    return r - hidden > 0 ? r - hidden : ALL_HIDDEN;
 }
 
 struct poll_call {
@@ -146,17 +162,148 @@ static int ppoll_once(void *call, long long ns)
     return pep_real.ppoll(p->fds, p->n, ns < 0 ? NULL : &t, p->mask);
 }
 
+/*
+ * PEP_CONFIRM: a connect waiting for the PEP's verdict is not done, so poll
+ * must not say POLLOUT for it. For the wait, such an fd asks for POLLIN
+ * instead (the reply's arrival); after it, its verdict decides what the
+ * program sees: still pending, nothing; yes, POLLOUT (as asked); no,
+ * POLLERR (SO_ERROR then says why). swapped[] holds the indices.
+ */
+struct confirm_swap {
+    nfds_t *idx;
+    short *events;
+    nfds_t n;
+    nfds_t local_idx[16];
+    short local_events[16];
+};
+
+static void confirm_before(struct pollfd *fds, nfds_t n, struct confirm_swap *sw)
+{
+    nfds_t i, cap = 16;
+    sw->n = 0;
+    sw->idx = sw->local_idx;
+    sw->events = sw->local_events;
+    if (PEP_LIKELY(!__atomic_load_n(&pep_nconfirm, __ATOMIC_RELAXED)))
+        return;
+    for (i = 0; i < n; i++) {
+        if (!(fds[i].events & (POLLOUT | POLLWRNORM)) || !pep_fd_busy(fds[i].fd))
+            continue;
+        int err;
+        if (pep_confirm_poll(fds[i].fd, &err) != PEP_VERDICT_PENDING)
+            continue;
+        if (sw->n == cap) { /* more than 16: grow (never a cap) */
+            nfds_t *ni = malloc(2 * cap * sizeof *ni);
+            short *ne = malloc(2 * cap * sizeof *ne);
+            if (!ni || !ne) {
+                free(ni);
+                free(ne);
+                break;
+            }
+            memcpy(ni, sw->idx, cap * sizeof *ni);
+            memcpy(ne, sw->events, cap * sizeof *ne);
+            if (sw->idx != sw->local_idx) {
+                free(sw->idx);
+                free(sw->events);
+            }
+            sw->idx = ni;
+            sw->events = ne;
+            cap *= 2;
+        }
+        sw->idx[sw->n] = i;
+        sw->events[sw->n++] = fds[i].events;
+        fds[i].events = (short)((fds[i].events & ~(POLLOUT | POLLWRNORM)) | POLLIN);
+    }
+}
+
+/* r: what the wait returned. The new count, or ALL_HIDDEN. */
+static int confirm_after(struct pollfd *fds, struct confirm_swap *sw, int r)
+{
+    nfds_t k;
+    int changed = 0;
+    for (k = 0; k < sw->n; k++) {
+        struct pollfd *p = &fds[sw->idx[k]];
+        short asked = sw->events[k], was = p->revents;
+        p->events = asked;
+        if (r <= 0)
+            continue;
+        int err = 0, avail = 0;
+        switch (pep_confirm_poll(p->fd, &err)) {
+        case PEP_VERDICT_PENDING:
+            p->revents = 0;
+            break;
+        case PEP_VERDICT_FAILED:
+            p->revents = (short)(POLLERR | (asked & (POLLOUT | POLLWRNORM)));
+            break;
+        default: /* yes: writable; readable only if data follows the reply */
+            p->revents = (short)(asked & (POLLOUT | POLLWRNORM));
+            if ((asked & POLLIN) && ioctl(p->fd, FIONREAD, &avail) == 0 && avail > 0)
+                p->revents |= POLLIN;
+            break;
+        }
+        if (!!was != !!p->revents)
+            changed += p->revents ? 1 : -1;
+    }
+    if (sw->idx != sw->local_idx) {
+        free(sw->idx);
+        free(sw->events);
+    }
+    if (r <= 0 || !changed)
+        return r;
+    return r + changed > 0 ? r + changed : ALL_HIDDEN;
+}
+
+/* A poll whose events after_poll hid (an attempt moved to the next PEP, a
+ * verdict still pending) waits again for the time left. */
 static int hooked_poll(struct pollfd *fds, nfds_t n, int timeout)
 {
-    struct poll_call p = {fds, n, timeout, NULL, NULL};
-    return after_poll(fds, n, sliced_wait(poll_once, &p, ms_to_ns(timeout)));
+    int ours = __atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED) != 0;
+    long long start = timeout > 0 && ours ? now_ns() : 0;
+    for (;;) {
+        struct poll_call p = {fds, n, timeout, NULL, NULL};
+        struct confirm_swap sw;
+        confirm_before(fds, n, &sw);
+        int r = sliced_wait(poll_once, &p, ms_to_ns(timeout));
+        r = after_poll(fds, n, confirm_after(fds, &sw, r));
+        if (r != ALL_HIDDEN)
+            return r;
+        if (timeout > 0 && start) {
+            long long left = timeout - (now_ns() - start) / 1000000;
+            if (left <= 0)
+                return 0;
+            timeout = (int)left;
+            start = now_ns();
+        } else if (timeout == 0) {
+            return 0;
+        }
+    }
 }
 
 static int hooked_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts,
                         const sigset_t *mask)
 {
-    struct poll_call p = {fds, n, 0, ts, mask};
-    return after_poll(fds, n, sliced_wait(ppoll_once, &p, ts_to_ns(ts)));
+    long long timeout = ts_to_ns(ts);
+    int ours = __atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED) != 0;
+    long long deadline = timeout > 0 && ours ? now_ns() + timeout : 0;
+    for (;;) {
+        struct timespec t;
+        const struct timespec *tp = ts;
+        if (deadline) {
+            long long left = deadline - now_ns();
+            if (left <= 0)
+                left = 0;
+            t = ns_to_ts(left);
+            tp = &t;
+        }
+        struct poll_call p = {fds, n, 0, tp, mask};
+        struct confirm_swap sw;
+        confirm_before(fds, n, &sw);
+        int r = sliced_wait(ppoll_once, &p, ts_to_ns(tp));
+        r = after_poll(fds, n, confirm_after(fds, &sw, r));
+        if (r != ALL_HIDDEN)
+            return r;
+        if (timeout == 0 || (deadline && now_ns() >= deadline))
+            return 0;
+    }
 }
 
 PEP_EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
@@ -255,30 +402,111 @@ static long long tv_to_ns(const struct timeval *tv)
     return tv->tv_sec * 1000000000LL + tv->tv_usec * 1000LL;
 }
 
+/* PEP_CONFIRM under select: as under poll, a connect waiting for its
+ * verdict waits in the read set instead of the write set; after the wait,
+ * the verdict decides (pending: in no set; yes: writable; no: writable, and
+ * SO_ERROR says why, as for any failed connect). */
+struct select_swap {
+    fd_set swapped, asked_read, local_read;
+    int any;
+};
+
+static fd_set *select_confirm_before(int n, fd_set *r, fd_set *w, struct select_swap *sw)
+{
+    int fd;
+    sw->any = 0;
+    if (PEP_LIKELY(!__atomic_load_n(&pep_nconfirm, __ATOMIC_RELAXED)) || !w || n > FD_SETSIZE)
+        return r;
+    FD_ZERO(&sw->swapped);
+    FD_ZERO(&sw->asked_read);
+    for (fd = 0; fd < n; fd++) {
+        int err;
+        if (!FD_ISSET(fd, w) || !pep_fd_busy(fd) ||
+            pep_confirm_poll(fd, &err) != PEP_VERDICT_PENDING)
+            continue;
+        if (!r) {
+            FD_ZERO(&sw->local_read);
+            r = &sw->local_read;
+        }
+        if (FD_ISSET(fd, r))
+            FD_SET(fd, &sw->asked_read);
+        FD_SET(fd, &sw->swapped);
+        FD_CLR(fd, w);
+        FD_SET(fd, r);
+        sw->any = 1;
+    }
+    return r;
+}
+
+static int select_confirm_after(int n, fd_set *r, fd_set *w, fd_set *e, struct select_swap *sw,
+                                int rc)
+{
+    int fd, count = 0;
+    if (!sw->any)
+        return rc;
+    for (fd = 0; fd < n; fd++) {
+        if (!FD_ISSET(fd, &sw->swapped))
+            continue;
+        int err = 0, avail = 0, asked = FD_ISSET(fd, &sw->asked_read);
+        int v = rc > 0 ? pep_confirm_poll(fd, &err) : PEP_VERDICT_PENDING;
+        if (v == PEP_VERDICT_PENDING) {
+            if (!asked)
+                FD_CLR(fd, r);
+            FD_CLR(fd, w);
+            continue;
+        }
+        FD_SET(fd, w);
+        if (!(asked && ioctl(fd, FIONREAD, &avail) == 0 && avail > 0))
+            FD_CLR(fd, r);
+    }
+    if (rc <= 0)
+        return rc;
+    for (fd = 0; fd < n; fd++)
+        count += (r && FD_ISSET(fd, r)) + FD_ISSET(fd, w) + (e && FD_ISSET(fd, e));
+    return count ? count : ALL_HIDDEN;
+}
+
 PEP_EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)
 {
     PEP_INIT();
-    struct select_call s = {n, {r, w, e}, {{{0}}}, tv, NULL, NULL, 0, 0};
-    long long timeout = n > FD_SETSIZE ? AS_ASKED : tv_to_ns(tv);
-    int rc = sliced_wait(select_once, &s, timeout);
-    if (s.sliced && tv) { /* Linux's select says how much time was left */
-        long long left = timeout - (now_ns() - s.start);
-        if (left < 0)
-            left = 0;
-        tv->tv_sec = left / 1000000000LL;
-        tv->tv_usec = (left % 1000000000LL) / 1000;
+    for (;;) {
+        struct select_swap sw;
+        fd_set *rr = select_confirm_before(n, r, w, &sw);
+        struct select_call s = {n, {rr, w, e}, {{{0}}}, tv, NULL, NULL, 0, 0};
+        long long timeout = n > FD_SETSIZE ? AS_ASKED : tv_to_ns(tv);
+        int rc = sliced_wait(select_once, &s, timeout);
+        if (s.sliced && tv) { /* Linux's select says how much time was left */
+            long long left = timeout - (now_ns() - s.start);
+            if (left < 0)
+                left = 0;
+            tv->tv_sec = left / 1000000000LL;
+            tv->tv_usec = (left % 1000000000LL) / 1000;
+        }
+        rc = select_confirm_after(n, rr, w, e, &sw, rc);
+        if (rc != ALL_HIDDEN)
+            return rc;
+        if (tv && !tv->tv_sec && !tv->tv_usec)
+            return 0; /* (a select that was not sliced waits its full time again) */
     }
-    return rc;
 }
 
 PEP_EXPORT int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *ts,
                        const sigset_t *mask)
 {
     PEP_INIT();
-    struct select_call s = {n, {r, w, e}, {{{0}}}, NULL, ts, mask, 0, 0};
-    /* pselect with no timeout and no mask is select with no timeout: the
-     * same call either way. */
-    return sliced_wait(select_once, &s, n > FD_SETSIZE ? AS_ASKED : ts_to_ns(ts));
+    for (;;) {
+        struct select_swap sw;
+        fd_set *rr = select_confirm_before(n, r, w, &sw);
+        struct select_call s = {n, {rr, w, e}, {{{0}}}, NULL, ts, mask, 0, 0};
+        /* pselect with no timeout and no mask is select with no timeout: the
+         * same call either way. */
+        int rc = sliced_wait(select_once, &s, n > FD_SETSIZE ? AS_ASKED : ts_to_ns(ts));
+        rc = select_confirm_after(n, rr, w, e, &sw, rc);
+        if (rc != ALL_HIDDEN)
+            return rc;
+        if (ts && !ts->tv_sec && !ts->tv_nsec)
+            return 0;
+    }
 }
 
 /* ---- epoll ---------------------------------------------------------------- */
@@ -291,6 +519,7 @@ struct epoll_call {
     const struct timespec *ts;  /* epoll_pwait2 */
     const sigset_t *mask;
     int kind;                   /* 0 epoll_wait, 1 epoll_pwait, 2 epoll_pwait2 */
+    struct timespec ts_left;    /* epoll_pwait2 waiting again: the time left */
 };
 
 static int epoll_once(void *call, long long ns)
@@ -307,19 +536,146 @@ static int epoll_once(void *call, long long ns)
     return pep_real.epoll_wait(c->epfd, c->ev, c->max, ms);
 }
 
+/*
+ * PEP_CONFIRM under epoll. epoll's events carry the program's data, not the
+ * fd, so libpep follows the program's epoll_ctl() on its connections: while
+ * a verdict is pending, a registration that asks for EPOLLOUT is made with
+ * EPOLLIN instead (the reply's arrival); when the verdict is in, the
+ * program's own registration comes back and the event says what poll would
+ * (yes: EPOLLOUT; no: EPOLLERR, SO_ERROR says why). A registration made
+ * before connect() is not followed.
+ */
+static void ep_set_swapped(struct pep_conn *c, int on)
+{
+    if (c->ep_swapped == on)
+        return;
+    c->ep_swapped = on;
+    if (on)
+        __atomic_add_fetch(&pep_nepswapped, 1, __ATOMIC_RELAXED);
+    else
+        __atomic_sub_fetch(&pep_nepswapped, 1, __ATOMIC_RELAXED);
+}
+
+PEP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+    PEP_INIT();
+    if (PEP_LIKELY(!pep_fd_tracked(fd)))
+        return pep_real.epoll_ctl(epfd, op, fd, ev);
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    struct epoll_event mine;
+    struct epoll_event *use = ev;
+    if (c && op == EPOLL_CTL_DEL && c->ep_fd == epfd) {
+        c->ep_fd = -1;
+        ep_set_swapped(c, 0);
+    } else if (c && (op == EPOLL_CTL_ADD || op == EPOLL_CTL_MOD) && ev) {
+        c->ep_fd = epfd;
+        c->ep_events = ev->events;
+        c->ep_data = ev->data.u64;
+        int swap = pep_confirm_pending(c) && (ev->events & EPOLLOUT);
+        ep_set_swapped(c, swap);
+        if (swap) {
+            mine = *ev;
+            mine.events = (ev->events & ~(uint32_t)EPOLLOUT) | EPOLLIN;
+            use = &mine;
+        }
+    }
+    int r = pep_real.epoll_ctl(epfd, op, fd, use); /* never blocks: under the lock */
+    pep_unlock();
+    return r;
+}
+
+/* The connection an event of epfd is for, if it is swapped; its fd or -1. */
+static int swapped_fd(int epfd, uint64_t data)
+{
+    struct pep_conn *c;
+    for (c = pep_conn_next(NULL); c; c = pep_conn_next(c)) {
+        if (__atomic_load_n(&c->ep_swapped, __ATOMIC_RELAXED) && c->ep_fd == epfd &&
+            c->ep_data == data)
+            return __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
+    }
+    return -1;
+}
+
+/* r events in ev from epfd: PEP_CONFIRM's view of them. The new count, or
+ * ALL_HIDDEN. */
+static int epoll_confirm_after(int epfd, struct epoll_event *ev, int r)
+{
+    int i, out = 0;
+    if (r <= 0 || PEP_LIKELY(!__atomic_load_n(&pep_nepswapped, __ATOMIC_RELAXED)))
+        return r;
+    int saved = errno;
+    for (i = 0; i < r; i++) {
+        int fd = swapped_fd(epfd, ev[i].data.u64), err = 0, avail = 0;
+        if (fd < 0) {
+            ev[out++] = ev[i];
+            continue;
+        }
+        int v = pep_confirm_poll(fd, &err);
+        if (v == PEP_VERDICT_PENDING)
+            continue; /* the connect is not done: nothing to say */
+        pep_lock();
+        struct pep_conn *c = pep_conn_get(fd);
+        uint32_t asked = c ? c->ep_events : EPOLLOUT;
+        if (c && c->ep_swapped && c->ep_fd == epfd) {
+            struct epoll_event back = {c->ep_events, {.u64 = c->ep_data}};
+            pep_real.epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &back);
+            ep_set_swapped(c, 0);
+        }
+        pep_unlock();
+        if (v == PEP_VERDICT_FAILED) {
+            ev[i].events = EPOLLERR | EPOLLHUP | (asked & EPOLLOUT);
+        } else {
+            ev[i].events = asked & EPOLLOUT;
+            if ((asked & EPOLLIN) && ioctl(fd, FIONREAD, &avail) == 0 && avail > 0)
+                ev[i].events |= EPOLLIN;
+        }
+        if (ev[i].events)
+            ev[out++] = ev[i];
+    }
+    errno = saved;
+    return out ? out : ALL_HIDDEN;
+}
+
+/* epoll_wait/epoll_pwait/epoll_pwait2 through the sliced wait; events
+ * PEP_CONFIRM hides make it wait again for the time left. */
+static int hooked_epoll(struct epoll_call *c, long long timeout)
+{
+    long long deadline = timeout > 0 && __atomic_load_n(&pep_nepswapped, __ATOMIC_RELAXED)
+                             ? now_ns() + timeout : 0;
+    for (;;) {
+        int r = epoll_confirm_after(c->epfd, c->ev, sliced_wait(epoll_once, c, timeout));
+        if (r != ALL_HIDDEN)
+            return r;
+        if (timeout == 0)
+            return 0;
+        if (timeout > 0) {
+            if (!deadline)
+                return 0;
+            timeout = deadline - now_ns();
+            if (timeout <= 0)
+                return 0;
+            c->timeout = ns_to_ms(timeout);
+            struct timespec t = ns_to_ts(timeout);
+            c->ts_left = t;
+            c->ts = &c->ts_left;
+        }
+    }
+}
+
 PEP_EXPORT int epoll_wait(int epfd, struct epoll_event *ev, int max, int timeout)
 {
     PEP_INIT();
-    struct epoll_call c = {epfd, ev, max, timeout, NULL, NULL, 0};
-    return sliced_wait(epoll_once, &c, ms_to_ns(timeout));
+    struct epoll_call c = {epfd, ev, max, timeout, NULL, NULL, 0, {0, 0}};
+    return hooked_epoll(&c, ms_to_ns(timeout));
 }
 
 PEP_EXPORT int epoll_pwait(int epfd, struct epoll_event *ev, int max, int timeout,
                            const sigset_t *mask)
 {
     PEP_INIT();
-    struct epoll_call c = {epfd, ev, max, timeout, NULL, mask, 1};
-    return sliced_wait(epoll_once, &c, ms_to_ns(timeout));
+    struct epoll_call c = {epfd, ev, max, timeout, NULL, mask, 1, {0, 0}};
+    return hooked_epoll(&c, ms_to_ns(timeout));
 }
 
 PEP_EXPORT int epoll_pwait2(int epfd, struct epoll_event *ev, int max,
@@ -330,6 +686,6 @@ PEP_EXPORT int epoll_pwait2(int epfd, struct epoll_event *ev, int max,
         errno = ENOSYS;
         return -1;
     }
-    struct epoll_call c = {epfd, ev, max, 0, ts, mask, 2};
-    return sliced_wait(epoll_once, &c, ts_to_ns(ts));
+    struct epoll_call c = {epfd, ev, max, 0, ts, mask, 2, {0, 0}};
+    return hooked_epoll(&c, ts_to_ns(ts));
 }

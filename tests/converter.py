@@ -31,7 +31,7 @@ class Seen:
     early_data: bytes = b""     # application bytes that came with the header
     peer: tuple = ()            # the client's address as the converter saw it
     error: str = ""
-    cookie: bytes | None = None  # added: the request's Cookie TLV value, if it had one
+    cookie: bytes | None = None  # the request's Cookie TLV value (None: none)
 
 
 @dataclass
@@ -55,6 +55,18 @@ class Converter:
                                                 # carrying it (value 0 + cookie), wrong -> 32
     reply_delay: float = 0.0                    # hold the reply this long (inf: never reply)
     listener_no_cookie: bool = True             # False: the kernel wants TFO cookies
+
+    def _cookie_refusal(self, got: bytes | None) -> bytes | None:
+        """The Error reply a request with Cookie TLV value `got` earns, if any:
+        none -> Error 3 carrying our cookie (value 0 + cookie), wrong -> 32. A
+        Cookie TLV is padded to 32-bit words: compare without the padding."""
+        if self.cookie is None:
+            return None
+        if got is None:
+            return protocol.error_reply(protocol.ErrorCode.MISSING_COOKIE, b"\x00" + self.cookie)
+        if got.rstrip(b"\0") != self.cookie.rstrip(b"\0"):
+            return protocol.error_reply(protocol.ErrorCode.NOT_AUTHORIZED)
+        return None
 
     def __post_init__(self):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -146,9 +158,9 @@ class Converter:
         seen.cookie = None if cookie_tlv is None else cookie_tlv.data
         if isinstance(target, protocol.Info):
             try:
-                if self.cookie is not None and seen.cookie != self.cookie:
-                    code = 3 if seen.cookie is None else 32
-                    client.sendall(protocol.error_reply(code, b"\x00" + self.cookie if code == 3 else b""))
+                refusal = self._cookie_refusal(seen.cookie)
+                if refusal is not None:
+                    client.sendall(refusal)
                 elif self.error is not None:
                     client.sendall(protocol.error_reply(*self.error))
                 else:
@@ -162,9 +174,9 @@ class Converter:
             if self.silent:
                 time.sleep(self.hold)
                 return
-            if self.cookie is not None and seen.cookie != self.cookie:
-                code = 3 if seen.cookie is None else 32
-                client.sendall(protocol.error_reply(code, b"\x00" + self.cookie if code == 3 else b""))
+            refusal = self._cookie_refusal(seen.cookie)
+            if refusal is not None:
+                client.sendall(refusal)
                 time.sleep(self.reset_delay)
                 return
             if self.raw_reply is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import threading
 
 from converter import (  # noqa: F401  (re-exported: the suites import them from here)
@@ -42,11 +43,16 @@ def preload_env(pep=None, lib: str | None = None, no_proxy: str | None = "", log
     """Environment for a program under libpep.so with PEP_PROXY=pep.
 
     no_proxy="" (the default here) bypasses nothing, so loopback goes via the PEP.
+    PEP_STATE_DIR is a fresh directory of the test's own unless given (hold-downs
+    and cookies learned in one test must not leak into another).
     """
     env = dict(os.environ)
     for k in ("PEP_PROXY", "PEP_NO_PROXY", "PEP_LOG", "PEP_DISABLE", "http_proxy", "https_proxy",
-              "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+              "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "PEP_STATE_DIR",
+              "PEP_FALLBACK", "PEP_CONNECT_TIMEOUT", "PEP_REPLY_TIMEOUT", "PEP_CONFIRM",
+              "PEP_COOKIE", "PEP_TFO_MODE"):
         env.pop(k, None)
+    env["PEP_STATE_DIR"] = tempfile.mkdtemp(prefix="pepstate-")
     env["LD_PRELOAD"] = lib or build()
     if pep is not None:
         host, port = pep[0], pep[1]

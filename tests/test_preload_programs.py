@@ -140,10 +140,13 @@ def test_error_96_makes_curl_and_wget_say_connection_refused(lo, lib, close):
     (32, b"", "PermissionError"),
     (97, b"\x01", "EHOSTUNREACH"),
     (97, b"\x00", "ENETUNREACH"),
-    (65, b"", "ENETUNREACH"),
     (1, b"", "EPROTO"),
+    # Error 65 is about the PEP: the next one, or PEP_FALLBACK (here fail:
+    # ECONNREFUSED, the shared rule; test_preload_failover.py has the rest)
+    (65, b"", "ConnectionRefusedError"),
 ])
 def test_error_codes_become_errno_and_reset(lo, lib, code, value, name):
+    extra = {"PEP_FALLBACK": "fail"} if code in (64, 65) else {}
     with converter(lo, error=(code, value)) as conv:
         p = pyrun(lo, f"""
             import errno, socket
@@ -159,7 +162,7 @@ def test_error_codes_become_errno_and_reset(lo, lib, code, value, name):
                 print("send ok")
             except OSError as e:
                 print("send", errno.errorcode[e.errno])
-            """, ph.preload_env(conv.address, lib))
+            """, ph.preload_env(conv.address, lib, **extra))
         assert p.returncode == 0, p.stderr
         lines = p.stdout.split("\n")
         assert name in lines[0] and lines[0] == lines[1], p.stdout  # sticky
@@ -335,7 +338,11 @@ def test_bad_config_one_line_and_runs_unproxied(lo, lib, tmp_path):
         assert not (tmp_path / "never.log").exists()
 
 
-def test_ipv6_socket_reaches_ipv4_pep_v4_mapped_unless_v6only(lo, lib):
+@pytest.mark.parametrize("fallback", ["direct", "fail"])
+def test_ipv6_socket_reaches_ipv4_pep_v4_mapped_unless_v6only(lo, lib, fallback):
+    """An IPV6_V6ONLY socket cannot reach an IPv4-only PEP: no PEP usable for
+    it, so PEP_FALLBACK decides (direct: connected, said once; fail:
+    ECONNREFUSED)."""
     with _echo(lo, host="::1") as echo, converter(lo, host="127.0.0.1") as conv:
         p = pyrun(lo, f"""
             import errno, socket
@@ -351,10 +358,11 @@ def test_ipv6_socket_reaches_ipv4_pep_v4_mapped_unless_v6only(lo, lib):
                 print("connected")
             except OSError as e:
                 print(errno.errorcode[e.errno])
-            """, ph.preload_env(conv.address, lib))
+            """, ph.preload_env(conv.address, lib, PEP_FALLBACK=fallback))
         lines = p.stdout.split("\n")
         assert lines[0] == f"b'six' ('::1', {echo.address[1]})", p.stdout + p.stderr
-        assert lines[1] == "ENETUNREACH", p.stdout + p.stderr
+        assert lines[1] == ("connected" if fallback == "direct" else "ECONNREFUSED"), p.stdout
+        assert "IPV6_V6ONLY socket, but the PEP is IPv4 only" in p.stderr
         assert len(conv.seen) == 1 and conv.seen[0].syn_data
 
 
@@ -654,7 +662,11 @@ def test_through_pep_relay(lo, lib, relay, tmp_path):
 
 # ------------------------------------------------------------------ reaching the PEP
 
-def test_pep_not_listening_gives_the_kernel_errno(lo, lib):
+@pytest.mark.parametrize("fallback", ["direct", "fail"])
+def test_pep_not_listening(lo, lib, fallback):
+    """The only PEP refuses: PEP_FALLBACK=direct connects straight to the
+    destination (said once), fail refuses (ECONNREFUSED), for blocking and
+    non-blocking connects."""
     with _echo(lo) as gone:
         dead = gone.address
     p = pyrun(lo, f"""
@@ -664,14 +676,17 @@ def test_pep_not_listening_gives_the_kernel_errno(lo, lib):
             s.setblocking(blocking)
             try:
                 s.connect(("127.0.0.1", {lo.http[4].address[1]}))
+                print("0")
             except BlockingIOError:
                 import select
                 select.select([], [s], [], 5)
-                print(errno.errorcode[s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)])
+                print(errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"))
             except OSError as e:
                 print(errno.errorcode[e.errno])
-        """, ph.preload_env(dead, lib))
-    assert p.stdout.split() == ["ECONNREFUSED", "ECONNREFUSED"], p.stdout + p.stderr
+        """, ph.preload_env(dead, lib, PEP_FALLBACK=fallback))
+    want = "0" if fallback == "direct" else "ECONNREFUSED"
+    assert p.stdout.split() == [want, want], p.stdout + p.stderr
+    assert p.stderr.count("no PEP usable") == 1, p.stderr
 
 
 def test_blocking_connect_honours_so_sndtimeo(chain, lib):
@@ -1249,21 +1264,21 @@ def test_3000_concurrent_proxied_connections_in_one_process(lo, big_relay, tmp_p
 
 
 def test_repeated_log_lines_are_rate_limited(lo, lib):
-    """200 connections to a PEP that is not listening, at PEP_LOG=info: the
+    """100 connections a PEP answers with Error 96, at PEP_LOG=info: the
     per-connection line comes at most PEP_LOG_BURST (5) times per 10 s."""
-    with _echo(lo) as gone:
-        dead = gone.address
-    p = pyrun(lo, """
-        import socket
-        for i in range(200):
-            s = socket.socket()
-            try:
-                s.connect(("127.0.0.1", 9))
-            except ConnectionRefusedError:
-                pass
-            s.close()
-        print("done")
-        """, ph.preload_env(dead, lib, log="info"))
+    with converter(lo, error=(96, b"")) as conv:
+        p = pyrun(lo, f"""
+            import socket
+            for i in range(100):
+                s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=5)
+                try:
+                    s.recv(10)
+                except ConnectionRefusedError:
+                    pass
+                s.close()
+            print("done")
+            """, ph.preload_env(conv.address, lib, log="info"))
     assert p.stdout.strip() == "done", p.stderr
-    lines = [x for x in p.stderr.splitlines() if "connecting to the PEP" in x]
+    lines = [x for x in p.stderr.splitlines() if "PEP Error TLV code 96" in x]
     assert 1 <= len(lines) <= 5, p.stderr
+    assert len(conv.seen) == 100

@@ -79,9 +79,9 @@ def _drops(net) -> int:
     return sum(int(line.split()[0]) for line in out.splitlines()[2:] if "DROP" in line)
 
 
-def _curl(net, url, pep, *extra, timeout=30):
+def _curl(net, url, pep, *extra, timeout=30, **env_extra):
     require_tool("curl")
-    env = preload_env(pep=pep, no_proxy="")
+    env = preload_env(pep=pep, no_proxy="", **env_extra)
     start = time.monotonic()
     proc = subprocess.run(net.hosts["cli"].cmd("curl", "-sS", "-o", "/dev/null",
                                                 "-w", "%{http_code} %{size_download}", *extra, url),
@@ -111,11 +111,24 @@ def test_python_client_pep_down_refused_fast(net):
 
 
 def test_curl_under_libpep_pep_down_refused_fast(net):
+    """PEP_FALLBACK=fail: the refusal is curl's, at once."""
+    build()
+    proc, took = _curl(net, net.http.url("/1m.bin"), (PEP_IP, _dead_port(net)),
+                       "--connect-timeout", "3", "--max-time", "5", PEP_FALLBACK="fail")
+    assert proc.returncode == 7, (proc.returncode, proc.stderr)  # couldn't connect
+    assert "refused" in proc.stderr.lower() or "connect" in proc.stderr.lower(), proc.stderr
+    assert took < 2.0
+
+
+def test_curl_under_libpep_pep_down_falls_back_direct_fast(net):
+    """PEP_FALLBACK=direct (the default): the only PEP refuses, curl gets the
+    file straight from the server at once, and one line says so."""
     build()
     proc, took = _curl(net, net.http.url("/1m.bin"), (PEP_IP, _dead_port(net)),
                        "--connect-timeout", "3", "--max-time", "5")
-    assert proc.returncode == 7, (proc.returncode, proc.stderr)  # couldn't connect
-    assert "refused" in proc.stderr.lower() or "connect" in proc.stderr.lower(), proc.stderr
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout.split() == ["200", str(len(net.payload))]
+    assert "no PEP usable" in proc.stderr and "connecting directly" in proc.stderr
     assert took < 2.0
 
 
