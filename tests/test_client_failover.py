@@ -399,3 +399,37 @@ def test_asyncio_confirm_and_a_delayed_reply_forwarding_bytes(ns, monkeypatch):
             return opened, got
     opened, got = asyncio.run(main())
     assert opened < 0.25 and got == b"ping"     # 0-RTT: open_connection did not wait
+
+
+def test_asyncio_retry_does_not_block_the_loop(echo, ns, clean_env, monkeypatch):
+    """Error 64 after open_connection returned, then a black-holed PEP, then a good one:
+    the loop keeps running while the black hole's connect timeout runs out."""
+    black_hole(ns, 9)
+
+    async def main():
+        with Converter(error=(64, b"\x05")) as busy, Converter() as good:
+            monkeypatch.setenv("PEP_PROXY", f"{busy.env_value},127.0.0.1:9,{good.env_value}")
+            monkeypatch.setenv("PEP_CONNECT_TIMEOUT", "0.5")
+            reader, writer = await pepsock.open_connection(*echo.address)
+            gaps, last = [], time.monotonic()
+
+            async def ticker():
+                nonlocal last
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+            tick = asyncio.ensure_future(ticker())
+            started = time.monotonic()
+            writer.write(b"survives two retries")
+            got = await asyncio.wait_for(reader.readexactly(20), 5)
+            took = time.monotonic() - started
+            tick.cancel()
+            writer.close()
+            return got, took, max(gaps), len(good.seen)
+    got, took, worst_gap, good_seen = asyncio.run(main())
+    assert got == b"survives two retries" and good_seen == 1
+    assert 0.45 < took < 3
+    assert worst_gap < 0.3, f"the loop stalled {worst_gap:.2f} s"
+    assert state_of(clean_env, 9)["reason"] == "timeout"
