@@ -455,7 +455,8 @@ def _deadline(timeout) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *, pep=None):
+def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *,
+                      all_errors=False, pep=None):
     """Like socket.create_connection, through an RFC 8803 PEP in 0-RTT.
 
     pep=(host, port) forces that PEP; otherwise PEP_PROXY and PEP_NO_PROXY
@@ -463,13 +464,16 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     The destination name is resolved here; its first address goes to the PEP.
     The PEPs (every address of each) are tried in order, skipping those held
     down; none left means PEP_FALLBACK.  `timeout` counts until the PEP's
-    reply (a late reply fails the first read with ETIMEDOUT).
+    reply (a late reply fails the first read with ETIMEDOUT).  all_errors is
+    passed to socket.create_connection for a direct connection; through PEPs the
+    error raised is the one that decided (see docs/protocol.md).
     """
     host, port = address[0], int(address[1])
     conf = _route.settings()
     route = _route.plan_sync(host, port, conf, pep)
+    direct_kw = {"all_errors": True} if all_errors else {}
     if route.direct is not None:
-        return socket.create_connection(route.direct, timeout, source_address)
+        return socket.create_connection(route.direct, timeout, source_address, **direct_kw)
     if timeout is _GLOBAL_DEFAULT_TIMEOUT:
         timeout = socket.getdefaulttimeout()
     deadline = _deadline(timeout)
@@ -490,7 +494,7 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
         sock.close()
         dial = session.connect_failed(err, timed_out=isinstance(err, TimeoutError))
     else:  # no usable PEP left, PEP_FALLBACK=direct
-        return socket.create_connection(dial.sockaddr, timeout, source_address)
+        return socket.create_connection(dial.sockaddr[:2], timeout, source_address, **direct_kw)
     reply_deadline = time.monotonic() + conf.reply_timeout
     if deadline is not None:
         reply_deadline = min(reply_deadline, deadline)

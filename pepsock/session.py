@@ -237,6 +237,8 @@ class ClientSession:
                                     f"PEP_FALLBACK=fail"))
         key = tuple(sorted(self._downs))
         if key not in _fallback_said:
+            if len(_fallback_said) > 1024:
+                _fallback_said.clear()
             _fallback_said.add(key)
             log.warning("pepsock: no usable PEP (%s); connecting directly to %s",
                         why, self.destination)
