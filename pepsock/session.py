@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import socket
 import time
 from dataclasses import dataclass
 
@@ -202,8 +203,8 @@ class ClientSession:
             until = pepstate.down_until(fields)
             if until is not None and not self.forced:
                 self._downs.append((pep.state_name, until))
-                self._skipped.append(f"{pep} held down until {time.strftime('%H:%M:%S', time.localtime(until))}"
-                                     f" ({fields.get('reason', '?')})")
+                when = time.strftime("%H:%M:%S", time.localtime(until))
+                self._skipped.append(f"{pep} held down until {when} ({fields.get('reason', '?')})")
                 continue
             return self._dial_pep(pep, fields)
         return self._fallback()
@@ -243,7 +244,7 @@ class ClientSession:
             log.warning("pepsock: no usable PEP (%s); connecting directly to %s",
                         why, self.destination)
         dest = self.destination
-        family = 2 if dest.address.version == 4 else 10
+        family = socket.AF_INET if dest.address.version == 4 else socket.AF_INET6
         self.message = _EMPTY                 # no reply to wait for
         replay = bytes(self._unsent or b"")
         self._unsent = None
