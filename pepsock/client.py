@@ -14,6 +14,7 @@ next); asyncio (aio.py) drives the same two and the same PepSocket.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import socket
@@ -183,9 +184,10 @@ class PepSocket(socket.socket):
         """Connect again on this fd per `dial`; a non-blocking socket does not wait for
         the handshake when the whole payload went with the SYN (check_deadlines and
         the next read or write see how it ends)."""
-        link.dial_deadline = redial(self, link.session, dial, None,
-                                    wait=self.gettimeout() != 0.0)
-        link.reply_deadline = (link.dial_deadline or time.monotonic()) + link.reply_timeout
+        pending = redial(self, link.session, dial, None, wait=self.gettimeout() != 0.0)
+        link.dial_deadline = pending
+        start = time.monotonic() if pending is None or pending == math.inf else pending
+        link.reply_deadline = start + link.reply_timeout
         if link.on_deadlines is not None:
             link.on_deadlines()
 
@@ -427,7 +429,8 @@ def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float 
     """Retry on the application's own fd (Error 3, Error 64/65, the fallback): dissolve
     the association, connect again per `dial` (replaying the early bytes).  Waits for
     the handshake (None: connected), except with wait=False when the whole payload
-    went with the SYN: then returns the handshake's deadline (time.monotonic())."""
+    went with the SYN: then returns the handshake's deadline (time.monotonic(); inf
+    when only the reply deadline bounds it)."""
     timeout = sock.gettimeout()
     try:
         while True:
@@ -441,7 +444,9 @@ def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float 
             started = time.monotonic()
             taken = start_dial(sock, dial)
             if not wait and taken >= len(dial.payload):
-                return None if dial.pep is None else started + dial.connect_timeout
+                if dial.pep is None:
+                    return None
+                return started + (dial.connect_timeout or math.inf)
             err = connect_blocking(sock, dial, deadline, session, started, taken)
             if err is None:
                 return None

@@ -223,9 +223,13 @@ class ClientSession:
         self._reader = ReplyParser(pep)
         self.message = None
         replay = bytes(self._unsent or b"")
+        # The connect timeout says when to try the next PEP: with none to try (pep=, or
+        # the last PEP under PEP_FALLBACK=fail) only the application's timeout counts,
+        # so a lost SYN (retransmitted after 1 s) does not fail the connection.
+        last = self.forced or (not self._queue and self.conf.fallback == "fail")
         self.dial = Dial(pep, pep.family, pep.sockaddr,
                          request_bytes(self.destination, cookie) + replay, no_cookie,
-                         connect_timeout_for(self.conf, fields), cookie)
+                         None if last else connect_timeout_for(self.conf, fields), cookie)
         return self.dial
 
     def _fallback(self) -> Dial:

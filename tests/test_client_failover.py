@@ -128,12 +128,19 @@ def test_black_holed_pep_costs_the_timeout_once_across_processes(echo, ns, clean
         assert second < 0.4, f"second process paid the timeout again ({second:.2f} s)"
 
 
-def test_unknown_rtt_connect_timeout_default_is_3s_and_caller_timeout_wins(echo, ns):
+def test_with_no_pep_left_to_try_only_the_callers_timeout_counts(echo, ns, monkeypatch):
+    """pep= (or the last PEP under PEP_FALLBACK=fail): no PEP connect timeout, so a
+    SYN lost once (retransmitted after 1 s) does not fail the connection."""
     black_hole(ns, 9)
-    started = time.monotonic()
-    with pytest.raises(TimeoutError):
-        pepsock.create_connection(echo.address, timeout=0.5, pep=("127.0.0.1", 9))
-    assert time.monotonic() - started < 2
+    monkeypatch.setenv("PEP_CONNECT_TIMEOUT", "0.2")
+    for kw, env in (({"pep": ("127.0.0.1", 9)}, {}),
+                    ({}, {"PEP_PROXY": "127.0.0.1:9", "PEP_FALLBACK": "fail"})):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            pepsock.create_connection(echo.address, timeout=0.8, **kw)
+        assert 0.7 < time.monotonic() - started < 2
 
 
 def test_fallback_direct_and_fail(echo, ns, monkeypatch):
