@@ -178,7 +178,7 @@ class ClientSession:
         self._skipped: list[str] = []       # why PEPs were not used, for messages
         self._downs: list[tuple[str, int]] = []   # (PEP, down_until): one fallback line each
         self._cookie_retried: set = set()
-        self._reader = ReplyParser()
+        self._reader: ReplyParser | None = None     # the current attempt's reply
         self._unsent: bytearray | None = bytearray()  # app bytes before the reply (replay)
         self.dial: Dial | None = None
         self._fields: dict = {}              # the shared state of dial.pep when dialled
