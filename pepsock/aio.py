@@ -10,8 +10,11 @@ the destination.  A reply later than PEP_REPLY_TIMEOUT (or the `timeout`
 given) fails the connection with ETIMEDOUT.
 
 A retry that happens after open_connection returned (Error 3 or 64/65 in the
-reply) reconnects on the same socket and waits for that handshake in the
-loop's thread (at most the PEP connect timeout; rare: a cookie is learnt once).
+reply) reconnects on the same socket without blocking the loop when the whole
+Convert message (+ replayed bytes) fits in the SYN, which is the case with TFO
+on; a timer (PepSocket.next_deadline / check_deadlines) moves on from a PEP
+that does not answer.  Otherwise the retry waits for its handshake in the
+loop's thread (at most the PEP connect timeout).
 """
 from __future__ import annotations
 
@@ -106,15 +109,31 @@ async def _streams(loop, sock: PepSocket, session: ClientSession, conf, deadline
     reply = loop.create_future()
     sock.add_reply_callback(lambda exc: reply.done() or (
         reply.set_result(None) if exc is None else reply.set_exception(exc)))
-    timer = loop.call_at(loop.time() + max(0.0, reply_deadline - time.monotonic()),
-                         sock.check_reply_deadline)
-    reply.add_done_callback(lambda f: (timer.cancel(), f.cancelled() or f.exception()))
+    timer = None
+
+    def arm():          # at a retry's connect timeout or the reply deadline
+        nonlocal timer
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        when = sock.next_deadline()
+        if when is not None:
+            timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), fire)
+
+    def fire():
+        sock.check_deadlines()
+        arm()
+
+    arm()
+    sock.on_deadlines_changed(arm)
+    reply.add_done_callback(lambda f: (timer and timer.cancel(), f.cancelled() or f.exception()))
     try:
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
     except BaseException:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
         sock.close()
         raise
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)

@@ -14,6 +14,7 @@ next); asyncio (aio.py) drives the same two and the same PepSocket.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import socket
@@ -29,7 +30,8 @@ _GLOBAL_DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # the stdlib's sentine
 class _Link:
     """Per-connection state of a PepSocket, shared by its dup()s."""
 
-    __slots__ = ("session", "pending", "plain", "reply_deadline", "reply_timeout", "callbacks")
+    __slots__ = ("session", "pending", "plain", "reply_deadline", "reply_timeout", "callbacks",
+                 "dial_deadline", "on_deadlines")
 
     def __init__(self, session: ClientSession, reply_timeout: float, reply_deadline: float):
         self.session = session
@@ -38,6 +40,8 @@ class _Link:
         self.reply_timeout = reply_timeout
         self.reply_deadline = reply_deadline
         self.callbacks: list = []
+        self.dial_deadline: float | None = None  # a retry's handshake still in progress
+        self.on_deadlines = None                 # called when next_deadline() moved
 
 
 class PepSocket(socket.socket):
@@ -104,14 +108,39 @@ class PepSocket(socket.socket):
         else:
             link.callbacks.append(callback)
 
-    def check_reply_deadline(self) -> None:
-        """Fail the connection (ETIMEDOUT) if the reply is late; for event loops, whose
-        transport then reads the error.  A no-op once the reply is in."""
+    def next_deadline(self) -> float | None:
+        """When (time.monotonic()) check_deadlines() has work, None once the reply is in."""
         link = self._link
         if link is None or self._closed or link.session.done or link.session.error is not None:
+            return None
+        if link.dial_deadline is not None:
+            return min(link.dial_deadline, link.reply_deadline)
+        return link.reply_deadline
+
+    def on_deadlines_changed(self, callback) -> None:
+        """callback() whenever next_deadline() moves (a retry started): re-arm a timer."""
+        if self._link is not None:
+            self._link.on_deadlines = callback
+
+    def check_deadlines(self) -> None:
+        """For event loops (the socket is non-blocking): a retry's handshake past its
+        connect timeout moves on to the next PEP; a reply past its deadline fails the
+        connection (ETIMEDOUT), which the transport then reads.  Call at next_deadline()."""
+        when = self.next_deadline()
+        if when is None or time.monotonic() < when:
             return
-        if time.monotonic() >= link.reply_deadline:
-            self._failed(link, link.session.reply_timed_out(link.reply_timeout))
+        link = self._link
+        session = link.session
+        try:
+            if link.dial_deadline is not None and time.monotonic() >= link.dial_deadline:
+                self._dial_failed(link, TimeoutError(
+                    errno.ETIMEDOUT, f"the PEP at {session.dial.pep} did not answer"), True)
+            elif time.monotonic() >= link.reply_deadline:
+                raise session.reply_timed_out(link.reply_timeout)
+        except OSError as exc:
+            self._failed(link, session.fail(exc))
+
+    check_reply_deadline = check_deadlines
 
     # -- the reply ---------------------------------------------------------------------
 
@@ -140,8 +169,7 @@ class PepSocket(socket.socket):
                     session.eof()
                 out = session.receive(chunk)
                 if isinstance(out, Dial):
-                    redial(self, session, out, None)
-                    link.reply_deadline = time.monotonic() + link.reply_timeout
+                    self._retry(link, out)
                 elif out:
                     link.pending += out
         except OSError as exc:
@@ -152,16 +180,42 @@ class PepSocket(socket.socket):
         for cb in callbacks or ():
             cb(None)
 
+    def _retry(self, link: _Link, dial: Dial) -> None:
+        """Connect again on this fd per `dial`; a non-blocking socket does not wait for
+        the handshake when the whole payload went with the SYN (check_deadlines and
+        the next read or write see how it ends)."""
+        pending = redial(self, link.session, dial, None, wait=self.gettimeout() != 0.0)
+        link.dial_deadline = pending
+        start = time.monotonic() if pending is None or pending == math.inf else pending
+        link.reply_deadline = start + link.reply_timeout
+        if link.on_deadlines is not None:
+            link.on_deadlines()
+
+    def _dial_failed(self, link: _Link, exc: OSError, timed_out: bool = False) -> None:
+        """A non-blocking retry's handshake failed: on to the next PEP (or raise)."""
+        link.dial_deadline = None
+        self._retry(link, link.session.connect_failed(exc, timed_out=timed_out))
+
     def _recv_reply_bytes(self, link: _Link, n: int) -> bytes:
         timeout = self.gettimeout()
         left = link.reply_deadline - time.monotonic()
         if timeout == 0.0:
             try:
-                return super().recv(n)
+                data = super().recv(n)
             except BlockingIOError:
-                if left <= 0:
+                if link.dial_deadline is not None and time.monotonic() >= link.dial_deadline:
+                    self._dial_failed(link, TimeoutError(
+                        errno.ETIMEDOUT, f"the PEP at {link.session.dial.pep} did not answer"), True)
+                elif left <= 0:
                     raise link.session.reply_timed_out(link.reply_timeout) from None
                 raise
+            except OSError as exc:
+                if link.dial_deadline is None:
+                    raise
+                self._dial_failed(link, exc)
+                raise BlockingIOError(errno.EAGAIN, "retrying with the next PEP") from None
+            link.dial_deadline = None
+            return data
         if timeout is not None and timeout < left:
             if not _wait(self, select.POLLIN, timeout):
                 raise TimeoutError("timed out")
@@ -226,7 +280,18 @@ class PepSocket(socket.socket):
         session = link.session
         if session.error is not None:
             raise session.error
-        n = super().send(data, flags)
+        try:
+            n = super().send(data, flags)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if link.dial_deadline is None:
+                raise
+            try:                                    # a non-blocking retry's handshake failed
+                self._dial_failed(link, exc)
+            except OSError as final:
+                raise self._failed(link, final) if final is session.error else final from None
+            raise BlockingIOError(errno.EAGAIN, "retrying with the next PEP") from None
         if not session.done:
             session.sent(memoryview(data).cast("B")[:n])
         return n
@@ -325,12 +390,15 @@ def connected(sock: socket.socket, session: ClientSession, dial: Dial, taken: in
 
 
 def connect_blocking(sock: socket.socket, dial: Dial, deadline: float | None,
-                     session: ClientSession | None = None) -> OSError | None:
+                     session: ClientSession | None = None, started: float | None = None,
+                     taken: int | None = None) -> OSError | None:
     """Connect the non-blocking `sock` per `dial` and send the payload; None, or the
     error that session.connect_failed() is to judge (TimeoutError: the PEP's own
-    connect timeout). The caller's `deadline` (time.monotonic()) raises TimeoutError."""
-    started = time.monotonic()
-    taken = start_dial(sock, dial)
+    connect timeout). The caller's `deadline` (time.monotonic()) raises TimeoutError.
+    `started`/`taken`: the dial was already started (start_dial)."""
+    if taken is None:
+        started = time.monotonic()
+        taken = start_dial(sock, dial)
     limit = started + dial.connect_timeout if dial.connect_timeout else None
     caller_first = deadline is not None and (limit is None or deadline <= limit)
     until = deadline if caller_first else limit
@@ -356,10 +424,13 @@ def connect_blocking(sock: socket.socket, dial: Dial, deadline: float | None,
     return None
 
 
-def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float | None) -> None:
+def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float | None,
+           wait: bool = True) -> float | None:
     """Retry on the application's own fd (Error 3, Error 64/65, the fallback): dissolve
-    the association, connect again per `dial` (replaying the early bytes), blocking
-    for the handshake even on a non-blocking socket."""
+    the association, connect again per `dial` (replaying the early bytes).  Waits for
+    the handshake (None: connected), except with wait=False when the whole payload
+    went with the SYN: then returns the handshake's deadline (time.monotonic(); inf
+    when only the reply deadline bounds it)."""
     timeout = sock.gettimeout()
     try:
         while True:
@@ -370,9 +441,15 @@ def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float 
             socket.socket.setblocking(sock, False)
             if dial.pep is not None and not dial.no_cookie:
                 sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 0)
-            err = connect_blocking(sock, dial, deadline, session)
+            started = time.monotonic()
+            taken = start_dial(sock, dial)
+            if not wait and taken >= len(dial.payload):
+                if dial.pep is None:
+                    return None
+                return started + (dial.connect_timeout or math.inf)
+            err = connect_blocking(sock, dial, deadline, session, started, taken)
             if err is None:
-                return
+                return None
             dial = session.connect_failed(err, timed_out=err.errno == errno.ETIMEDOUT
                                           and isinstance(err, TimeoutError))
     finally:
@@ -383,7 +460,8 @@ def _deadline(timeout) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *, pep=None):
+def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *,
+                      all_errors=False, pep=None):
     """Like socket.create_connection, through an RFC 8803 PEP in 0-RTT.
 
     pep=(host, port) forces that PEP; otherwise PEP_PROXY and PEP_NO_PROXY
@@ -391,13 +469,16 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     The destination name is resolved here; its first address goes to the PEP.
     The PEPs (every address of each) are tried in order, skipping those held
     down; none left means PEP_FALLBACK.  `timeout` counts until the PEP's
-    reply (a late reply fails the first read with ETIMEDOUT).
+    reply (a late reply fails the first read with ETIMEDOUT).  all_errors is
+    passed to socket.create_connection for a direct connection; through PEPs the
+    error raised is the one that decided (see docs/protocol.md).
     """
     host, port = address[0], int(address[1])
     conf = _route.settings()
     route = _route.plan_sync(host, port, conf, pep)
+    direct_kw = {"all_errors": True} if all_errors else {}
     if route.direct is not None:
-        return socket.create_connection(route.direct, timeout, source_address)
+        return socket.create_connection(route.direct, timeout, source_address, **direct_kw)
     if timeout is _GLOBAL_DEFAULT_TIMEOUT:
         timeout = socket.getdefaulttimeout()
     deadline = _deadline(timeout)
@@ -418,7 +499,7 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
         sock.close()
         dial = session.connect_failed(err, timed_out=isinstance(err, TimeoutError))
     else:  # no usable PEP left, PEP_FALLBACK=direct
-        return socket.create_connection(dial.sockaddr, timeout, source_address)
+        return socket.create_connection(dial.sockaddr[:2], timeout, source_address, **direct_kw)
     reply_deadline = time.monotonic() + conf.reply_timeout
     if deadline is not None:
         reply_deadline = min(reply_deadline, deadline)

@@ -147,8 +147,11 @@ def update(directory: str | None, name: str, **changes) -> None:
 
 def down_until(fields: dict[str, str], now: float | None = None) -> int | None:
     """The hold-down end (unix seconds) if it is still in the future."""
+    text = fields.get("down_until")
+    if not text:
+        return None
     try:
-        until = int(fields.get("down_until", ""))
+        until = int(text)
     except ValueError:
         return None
     return until if until > (time.time() if now is None else now) else None

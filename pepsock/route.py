@@ -143,6 +143,8 @@ def configure_logging(value: str | None) -> None:
     if _log_handler is not None:
         log.removeHandler(_log_handler)
         _log_handler = None
+        log.setLevel(logging.NOTSET)
+        log.propagate = True
     if not value:
         return
     level_text, _, path = value.partition(":")

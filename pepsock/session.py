@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import socket
 import time
 from dataclasses import dataclass
 
@@ -177,7 +178,7 @@ class ClientSession:
         self._skipped: list[str] = []       # why PEPs were not used, for messages
         self._downs: list[tuple[str, int]] = []   # (PEP, down_until): one fallback line each
         self._cookie_retried: set = set()
-        self._reader = ReplyParser()
+        self._reader: ReplyParser | None = None     # the current attempt's reply
         self._unsent: bytearray | None = bytearray()  # app bytes before the reply (replay)
         self.dial: Dial | None = None
         self._fields: dict = {}              # the shared state of dial.pep when dialled
@@ -202,8 +203,8 @@ class ClientSession:
             until = pepstate.down_until(fields)
             if until is not None and not self.forced:
                 self._downs.append((pep.state_name, until))
-                self._skipped.append(f"{pep} held down until {time.strftime('%H:%M:%S', time.localtime(until))}"
-                                     f" ({fields.get('reason', '?')})")
+                when = time.strftime("%H:%M:%S", time.localtime(until))
+                self._skipped.append(f"{pep} held down until {when} ({fields.get('reason', '?')})")
                 continue
             return self._dial_pep(pep, fields)
         return self._fallback()
@@ -222,9 +223,13 @@ class ClientSession:
         self._reader = ReplyParser(pep)
         self.message = None
         replay = bytes(self._unsent or b"")
+        # The connect timeout says when to try the next PEP: with none to try (pep=, or
+        # the last PEP under PEP_FALLBACK=fail) only the application's timeout counts,
+        # so a lost SYN (retransmitted after 1 s) does not fail the connection.
+        last = self.forced or (not self._queue and self.conf.fallback == "fail")
         self.dial = Dial(pep, pep.family, pep.sockaddr,
                          request_bytes(self.destination, cookie) + replay, no_cookie,
-                         connect_timeout_for(self.conf, fields), cookie)
+                         None if last else connect_timeout_for(self.conf, fields), cookie)
         return self.dial
 
     def _fallback(self) -> Dial:
@@ -237,11 +242,13 @@ class ClientSession:
                                     f"PEP_FALLBACK=fail"))
         key = tuple(sorted(self._downs))
         if key not in _fallback_said:
+            if len(_fallback_said) > 1024:
+                _fallback_said.clear()
             _fallback_said.add(key)
             log.warning("pepsock: no usable PEP (%s); connecting directly to %s",
                         why, self.destination)
         dest = self.destination
-        family = 2 if dest.address.version == 4 else 10
+        family = socket.AF_INET if dest.address.version == 4 else socket.AF_INET6
         self.message = _EMPTY                 # no reply to wait for
         replay = bytes(self._unsent or b"")
         self._unsent = None

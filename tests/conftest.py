@@ -6,6 +6,17 @@ import pytest
 from pepsock.testbed.netns import Topology, have_netns
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_pep_state(tmp_path_factory):
+    """PEP_STATE_DIR for the whole run (tests may set their own): what the clients
+    learn about PEPs (hold-downs, cookies) never reaches the user's real state or
+    another test run's."""
+    import os
+    if "PEP_STATE_DIR" not in os.environ:
+        os.environ["PEP_STATE_DIR"] = str(tmp_path_factory.mktemp("pepstate"))
+    yield
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run long soaks and load tests")
 

@@ -2,17 +2,16 @@
 import os
 import subprocess
 import sys
-import tempfile
 
 from converter import Converter
 
 
 def pep(*args, host=None, env=None, **kw):
-    """Run the pep command, inside `host`'s namespace when given, with a shared-state
-    directory of its own (PEP_STATE_DIR) unless `env` names one."""
+    """Run the pep command, inside `host`'s namespace when given; the run's
+    PEP_STATE_DIR (conftest) unless `env` names one."""
     argv = [sys.executable, "-m", "pepsock.cli", *args]
     env = dict(os.environ if env is None else env)
-    env.setdefault("PEP_STATE_DIR", tempfile.mkdtemp(prefix="pep-cli-state-"))
+    env.setdefault("PEP_STATE_DIR", os.environ["PEP_STATE_DIR"])
     return subprocess.run(host.cmd(*argv) if host else argv, capture_output=True, text=True,
                           timeout=30, env=env, **kw)
 

@@ -128,12 +128,19 @@ def test_black_holed_pep_costs_the_timeout_once_across_processes(echo, ns, clean
         assert second < 0.4, f"second process paid the timeout again ({second:.2f} s)"
 
 
-def test_unknown_rtt_connect_timeout_default_is_3s_and_caller_timeout_wins(echo, ns):
+def test_with_no_pep_left_to_try_only_the_callers_timeout_counts(echo, ns, monkeypatch):
+    """pep= (or the last PEP under PEP_FALLBACK=fail): no PEP connect timeout, so a
+    SYN lost once (retransmitted after 1 s) does not fail the connection."""
     black_hole(ns, 9)
-    started = time.monotonic()
-    with pytest.raises(TimeoutError):
-        pepsock.create_connection(echo.address, timeout=0.5, pep=("127.0.0.1", 9))
-    assert time.monotonic() - started < 2
+    monkeypatch.setenv("PEP_CONNECT_TIMEOUT", "0.2")
+    for kw, env in (({"pep": ("127.0.0.1", 9)}, {}),
+                    ({}, {"PEP_PROXY": "127.0.0.1:9", "PEP_FALLBACK": "fail"})):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            pepsock.create_connection(echo.address, timeout=0.8, **kw)
+        assert 0.7 < time.monotonic() - started < 2
 
 
 def test_fallback_direct_and_fail(echo, ns, monkeypatch):
@@ -399,3 +406,37 @@ def test_asyncio_confirm_and_a_delayed_reply_forwarding_bytes(ns, monkeypatch):
             return opened, got
     opened, got = asyncio.run(main())
     assert opened < 0.25 and got == b"ping"     # 0-RTT: open_connection did not wait
+
+
+def test_asyncio_retry_does_not_block_the_loop(echo, ns, clean_env, monkeypatch):
+    """Error 64 after open_connection returned, then a black-holed PEP, then a good one:
+    the loop keeps running while the black hole's connect timeout runs out."""
+    black_hole(ns, 9)
+
+    async def main():
+        with Converter(error=(64, b"\x05")) as busy, Converter() as good:
+            monkeypatch.setenv("PEP_PROXY", f"{busy.env_value},127.0.0.1:9,{good.env_value}")
+            monkeypatch.setenv("PEP_CONNECT_TIMEOUT", "0.5")
+            reader, writer = await pepsock.open_connection(*echo.address)
+            gaps, last = [], time.monotonic()
+
+            async def ticker():
+                nonlocal last
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+            tick = asyncio.ensure_future(ticker())
+            started = time.monotonic()
+            writer.write(b"survives two retries")
+            got = await asyncio.wait_for(reader.readexactly(20), 5)
+            took = time.monotonic() - started
+            tick.cancel()
+            writer.close()
+            return got, took, max(gaps), len(good.seen)
+    got, took, worst_gap, good_seen = asyncio.run(main())
+    assert got == b"survives two retries" and good_seen == 1
+    assert 0.45 < took < 3
+    assert worst_gap < 0.3, f"the loop stalled {worst_gap:.2f} s"
+    assert state_of(clean_env, 9)["reason"] == "timeout"
