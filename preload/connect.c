@@ -581,6 +581,7 @@ enum pep_taken pep_connect_via_pep(int fd, const struct sockaddr *sa, socklen_t 
         errno = e;
         return PEP_TAKEN;
     }
+    pep_confirm_adopt_epoll(fd, c);
     int nonblock = (appflags & MSG_DONTWAIT) || pep_is_nonblocking(fd);
     if (nonblock) {
         pep_unlock();

@@ -576,3 +576,72 @@ def test_confirm_haproxy_health_check_sees_a_dead_server_down(net, tmp_path):
     assert _haproxy_states(net, tmp_path, "0") == {"dead": "UP", "live": "UP"}
     states = _haproxy_states(net, tmp_path, "1")
     assert states["dead"].startswith("DOWN") and states["live"] == "UP", states
+
+
+NGINX_CFG = """
+daemon off;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir};
+    proxy_temp_path {dir};
+    upstream up {{
+        server {srv}:{dead} max_fails=0;
+        server {srv}:{live} max_fails=0;
+    }}
+    server {{
+        listen 127.0.0.1:18081;
+        location / {{
+            proxy_pass http://up;
+            proxy_next_upstream error timeout;
+            proxy_connect_timeout 3s;
+        }}
+    }}
+}}
+"""
+
+
+def _nginx_post(net, tmp_path, confirm) -> str:
+    nginx, curl = require_tool("nginx"), require_tool("curl")
+    with converter(net, host=PEP1) as conv:
+        closed = _dead(net, SRV)[1]
+        d = tmp_path / f"nginx-{confirm}"
+        d.mkdir()
+        cfg = d / "nginx.conf"
+        cfg.write_text(NGINX_CFG.format(dir=d, srv=SRV, dead=closed, live=net.http.address[1]))
+        env = env_for([conv.address], tmp_path, PEP_CONFIRM=confirm)
+        ours = {k: env[k] for k in env if k == "LD_PRELOAD" or k.startswith("PEP_")}
+        rest = {k: v for k, v in env.items() if k not in ours}
+        proc = net.hosts["cli"].popen("env", *(f"{k}={v}" for k, v in ours.items()), nginx,
+                                      "-p", str(d), "-c", str(cfg), env=rest,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            codes = []
+            for _ in range(20):  # round robin: the dead server comes first at least once
+                time.sleep(0.1)
+                p = net.hosts["cli"].run(curl, "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                         "--max-time", "10", "-d", "x=1",
+                                         "http://127.0.0.1:18081/", check=False)
+                if p.stdout.strip() not in ("", "000"):
+                    codes.append(p.stdout.strip())
+                if len(codes) == 4:
+                    break
+            return " ".join(codes)
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+def test_confirm_nginx_fails_a_post_over_to_the_next_upstream(net, tmp_path):
+    """nginx with two upstreams, the first one's port closed: without
+    PEP_CONFIRM a POST sent to it is lost (502: the connect worked, the
+    request went, nginx does not resend a POST); with PEP_CONFIRM=1 the
+    connect fails and nginx moves the POST to the live upstream (which
+    answers 501: this test server does not implement POST)."""
+    without = _nginx_post(net, tmp_path, "0").split()
+    assert "502" in without, without
+    confirmed = _nginx_post(net, tmp_path, "1").split()
+    assert confirmed and set(confirmed) == {"501"}, confirmed
