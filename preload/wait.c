@@ -494,18 +494,29 @@ PEP_EXPORT int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct time
                        const sigset_t *mask)
 {
     PEP_INIT();
+    long long timeout = n > FD_SETSIZE ? AS_ASKED : ts_to_ns(ts);
+    long long deadline = timeout > 0 && __atomic_load_n(&pep_nconfirm, __ATOMIC_RELAXED)
+                             ? now_ns() + timeout : 0;
+    struct timespec left_ts;
     for (;;) {
         struct select_swap sw;
         fd_set *rr = select_confirm_before(n, r, w, &sw);
         struct select_call s = {n, {rr, w, e}, {{{0}}}, NULL, ts, mask, 0, 0};
         /* pselect with no timeout and no mask is select with no timeout: the
          * same call either way. */
-        int rc = sliced_wait(select_once, &s, n > FD_SETSIZE ? AS_ASKED : ts_to_ns(ts));
+        int rc = sliced_wait(select_once, &s, timeout);
         rc = select_confirm_after(n, rr, w, e, &sw, rc);
         if (rc != ALL_HIDDEN)
             return rc;
-        if (ts && !ts->tv_sec && !ts->tv_nsec)
+        if (timeout == 0 || (timeout > 0 && !deadline))
             return 0;
+        if (deadline) { /* the time left, not the whole timeout again */
+            timeout = deadline - now_ns();
+            if (timeout <= 0)
+                return 0;
+            left_ts = ns_to_ts(timeout);
+            ts = &left_ts;
+        }
     }
 }
 
