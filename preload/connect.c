@@ -320,8 +320,12 @@ static int attempt_direct(int fd, struct pep_conn *c)
 
 /* ---- moving on ---------------------------------------------------------- */
 
-static const char *down_words[] = {"refused", "did not answer in time", "said Error 64 "
-                                   "(resource exceeded)", "said Error 65 (network failure)"};
+static const char *down_words[] = {
+    "refused",
+    "did not answer in time",
+    "said Error 64 (resource exceeded)",
+    "said Error 65 (network failure)",
+};
 
 /* "once per hold-down": the fallback line is said again only after this. */
 static long long fallback_said_until;
