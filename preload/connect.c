@@ -568,13 +568,14 @@ enum pep_taken pep_connect_via_pep(int fd, const struct sockaddr *sa, socklen_t 
     const char *why = "no PEP";
     if (next_peer(c, 0, &addr, &len, &why) < 0 && !pep_cfg.fallback_fail) {
         long long now = pep_now_ns();
+        int say = now >= fallback_said_until;
+        if (say)
+            fallback_said_until = now + PEP_HOLD_DOWN_S * 1000000000LL;
         pep_fd_forget(fd);
         pep_unlock();
-        if (now >= fallback_said_until) {
-            fallback_said_until = now + PEP_HOLD_DOWN_S * 1000000000LL;
+        if (say)
             pep_log(PEP_LOG_ERROR, "no PEP usable (%s); connecting directly (PEP_FALLBACK=direct; "
                     "said once per hold-down)", why);
-        }
         errno = saved;
         return PEP_PASS;
     }
