@@ -597,6 +597,7 @@ void pep_config_load(void)
                               getenv("PEP_FALLBACK"), getenv("PEP_TFO_MODE"), getenv("PEP_COOKIE"),
                               err, sizeof err) ||
         pep_config_parse_confirm(getenv("PEP_CONFIRM"), err, sizeof err)) {
+        confirm_rules.enabled = 0;
         /* The one line always goes out, and to stderr. */
         int level = pep_cfg.level;
         char path[sizeof pep_cfg.logpath];
@@ -609,6 +610,7 @@ void pep_config_load(void)
         memcpy(pep_cfg.logpath, path, sizeof path);
         return;
     }
+    pep_cfg.confirm_configured = pep_cfg.enabled && confirm_rules.enabled;
     if (pep_cfg.enabled)
         pep_log(PEP_LOG_DEBUG, "PEP %s port %u (%u in PEP_PROXY)", pep_cfg.host, pep_cfg.port,
                 pep_cfg.npeers);

@@ -45,6 +45,7 @@ struct pep_config {
     int tfo_mode;                /* PEP_TFO_MODE, enum pep_tfo_mode */
     uint8_t cookie[64];          /* PEP_COOKIE, decoded */
     size_t cookie_len;
+    int confirm_configured;      /* PEP_CONFIRM names any destination */
 };
 
 #define PEP_REPLY_TIMEOUT_DEFAULT_S 10

@@ -323,10 +323,10 @@ static enum step step_read_reply(int fd, struct pep_conn *c, enum pep_settle_for
 {
     if (c->hs_deadline) { /* our attempt: refused or late means the next PEP */
         if (!pep_handshake_check(fd, c, pep_now_ns())) {
+            /* a read waits for the reply, a write for the handshake: both no
+             * longer than the handshake deadline (then the next PEP) */
             *err = EAGAIN;
-            if (why != PEP_FOR_READ)
-                return STEP_GO; /* a write may go before the handshake: the kernel waits */
-            *wait_for = POLLIN;
+            *wait_for = why == PEP_FOR_READ ? POLLIN : POLLOUT;
             *until = c->hs_deadline;
             return STEP_WAIT;
         }

@@ -81,6 +81,13 @@ enum pep_verdict {
 };
 int pep_confirm_poll(int fd, int *err);
 
+/* PEP_CONFIRM and epoll (wait.c): a registration of fd the program made
+ * before its connect() becomes c's (swapped while the verdict is pending);
+ * and fd is a new socket: forget any registration remembered for it. Under
+ * the lock / anywhere. */
+void pep_confirm_adopt_epoll(int fd, struct pep_conn *c);
+void pep_epreg_forget(int fd);
+
 /* CLOCK_MONOTONIC in ns. */
 long long pep_now_ns(void);
 /* "198.51.100.1:5124" or "[2001:db8::1]:5124" (v4-mapped written as IPv4). */

@@ -320,8 +320,12 @@ static int attempt_direct(int fd, struct pep_conn *c)
 
 /* ---- moving on ---------------------------------------------------------- */
 
-static const char *down_words[] = {"refused", "did not answer in time", "said Error 64 "
-                                   "(resource exceeded)", "said Error 65 (network failure)"};
+static const char *down_words[] = {
+    "refused",
+    "did not answer in time",
+    "said Error 64 (resource exceeded)",
+    "said Error 65 (network failure)",
+};
 
 /* "once per hold-down": the fallback line is said again only after this. */
 static long long fallback_said_until;
@@ -564,13 +568,14 @@ enum pep_taken pep_connect_via_pep(int fd, const struct sockaddr *sa, socklen_t 
     const char *why = "no PEP";
     if (next_peer(c, 0, &addr, &len, &why) < 0 && !pep_cfg.fallback_fail) {
         long long now = pep_now_ns();
+        int say = now >= fallback_said_until;
+        if (say)
+            fallback_said_until = now + PEP_HOLD_DOWN_S * 1000000000LL;
         pep_fd_forget(fd);
         pep_unlock();
-        if (now >= fallback_said_until) {
-            fallback_said_until = now + PEP_HOLD_DOWN_S * 1000000000LL;
+        if (say)
             pep_log(PEP_LOG_ERROR, "no PEP usable (%s); connecting directly (PEP_FALLBACK=direct; "
                     "said once per hold-down)", why);
-        }
         errno = saved;
         return PEP_PASS;
     }
@@ -581,6 +586,7 @@ enum pep_taken pep_connect_via_pep(int fd, const struct sockaddr *sa, socklen_t 
         errno = e;
         return PEP_TAKEN;
     }
+    pep_confirm_adopt_epoll(fd, c);
     int nonblock = (appflags & MSG_DONTWAIT) || pep_is_nonblocking(fd);
     if (nonblock) {
         pep_unlock();

@@ -52,8 +52,10 @@ EXPORT int socket(int domain, int type, int protocol)
 {
     INIT();
     int fd = pep_real.socket(domain, type, protocol);
-    if (fd >= 0)
+    if (fd >= 0) {
         pep_forget(fd);
+        pep_epreg_forget(fd);
+    }
     return fd;
 }
 

@@ -24,6 +24,18 @@ struct health {
 static struct health health[PEP_PEERS_MAX];
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* A fork while another thread holds the lock (it does file I/O under it)
+ * must not leave the child's copy locked. */
+static void child_after_fork(void)
+{
+    pthread_mutex_init(&lock, NULL);
+}
+
+void pep_peers_atfork(void)
+{
+    pthread_atfork(NULL, NULL, child_after_fork);
+}
+
 static long long mono_ns(void)
 {
     struct timespec t;

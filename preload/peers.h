@@ -13,6 +13,9 @@
 
 enum pep_down_reason { PEP_DOWN_REFUSED, PEP_DOWN_TIMEOUT, PEP_DOWN_ERROR64, PEP_DOWN_ERROR65 };
 
+/* Called once at load: the lock stays usable in a forked child. */
+void pep_peers_atfork(void);
+
 /* PEP i's address for a socket of this family (AF_INET6 may reach an IPv4
  * PEP v4-mapped unless v6only). 0, or -1 with *why. */
 int pep_peer_addr(unsigned i, int family, int v6only, struct sockaddr_in6 *out,

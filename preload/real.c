@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "fdstate.h"
+#include "peers.h"
 
 struct pep_real pep_real;
 int pep_ready;
@@ -60,6 +61,7 @@ static void init_once_fn(void)
         pep_real.fcntl64 = pep_real.fcntl;
     pep_config_load();
     pep_fdstate_atfork();
+    pep_peers_atfork();
     __atomic_store_n(&pep_ready, 1, __ATOMIC_RELEASE);
     errno = saved;
 }

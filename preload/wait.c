@@ -494,18 +494,29 @@ PEP_EXPORT int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct time
                        const sigset_t *mask)
 {
     PEP_INIT();
+    long long timeout = n > FD_SETSIZE ? AS_ASKED : ts_to_ns(ts);
+    long long deadline = timeout > 0 && __atomic_load_n(&pep_nconfirm, __ATOMIC_RELAXED)
+                             ? now_ns() + timeout : 0;
+    struct timespec left_ts;
     for (;;) {
         struct select_swap sw;
         fd_set *rr = select_confirm_before(n, r, w, &sw);
         struct select_call s = {n, {rr, w, e}, {{{0}}}, NULL, ts, mask, 0, 0};
         /* pselect with no timeout and no mask is select with no timeout: the
          * same call either way. */
-        int rc = sliced_wait(select_once, &s, n > FD_SETSIZE ? AS_ASKED : ts_to_ns(ts));
+        int rc = sliced_wait(select_once, &s, timeout);
         rc = select_confirm_after(n, rr, w, e, &sw, rc);
         if (rc != ALL_HIDDEN)
             return rc;
-        if (ts && !ts->tv_sec && !ts->tv_nsec)
+        if (timeout == 0 || (timeout > 0 && !deadline))
             return 0;
+        if (deadline) { /* the time left, not the whole timeout again */
+            timeout = deadline - now_ns();
+            if (timeout <= 0)
+                return 0;
+            left_ts = ns_to_ts(timeout);
+            ts = &left_ts;
+        }
     }
 }
 
@@ -556,11 +567,89 @@ static void ep_set_swapped(struct pep_conn *c, int on)
         __atomic_sub_fetch(&pep_nepswapped, 1, __ATOMIC_RELAXED);
 }
 
+/*
+ * Registrations made before connect() (nginx adds its upstream sockets to
+ * epoll first): with PEP_CONFIRM configured, libpep remembers every
+ * program's registration of an fd it does not track yet, in a table like
+ * the fd table (chunks of 4096 fds, allocated on first use, never freed,
+ * no lock: a race between two threads registering one fd is the program's).
+ */
+struct epreg {
+    int epfd;                   /* -1 or 0 (never set): none */
+    int set;
+    uint32_t events;
+    uint64_t data;
+};
+static struct epreg *epreg_chunks[PEP_FD_CHUNKS];
+
+static struct epreg *epreg_slot(int fd, int create)
+{
+    if ((unsigned)fd >= PEP_FD_LIMIT)
+        return NULL;
+    unsigned ci = (unsigned)fd >> PEP_FD_CHUNK_BITS;
+    struct epreg *chunk = __atomic_load_n(&epreg_chunks[ci], __ATOMIC_ACQUIRE);
+    if (!chunk && create) {
+        struct epreg *fresh = calloc(PEP_FD_CHUNK, sizeof *fresh);
+        if (!fresh)
+            return NULL;
+        if (__atomic_compare_exchange_n(&epreg_chunks[ci], &chunk, fresh, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            chunk = fresh;
+        else
+            free(fresh); /* another thread's won; chunk holds it */
+    }
+    return chunk ? &chunk[(unsigned)fd & (PEP_FD_CHUNK - 1)] : NULL;
+}
+
+static void epreg_note(int epfd, int op, int fd, const struct epoll_event *ev)
+{
+    struct epreg *r = epreg_slot(fd, op != EPOLL_CTL_DEL);
+    if (!r)
+        return;
+    if (op == EPOLL_CTL_DEL || !ev) {
+        r->set = 0;
+        return;
+    }
+    r->epfd = epfd;
+    r->events = ev->events;
+    r->data = ev->data.u64;
+    r->set = 1;
+}
+
+void pep_epreg_forget(int fd)
+{
+    if (!pep_cfg.confirm_configured)
+        return;
+    struct epreg *r = epreg_slot(fd, 0);
+    if (r)
+        r->set = 0;
+}
+
+void pep_confirm_adopt_epoll(int fd, struct pep_conn *c)
+{
+    struct epreg *r = pep_cfg.confirm_configured ? epreg_slot(fd, 0) : NULL;
+    if (!r || !r->set || !c->confirm)
+        return;
+    r->set = 0;
+    c->ep_fd = r->epfd;
+    c->ep_events = r->events;
+    c->ep_data = r->data;
+    if (pep_confirm_pending(c) && (r->events & EPOLLOUT)) {
+        struct epoll_event mine = {(r->events & ~(uint32_t)EPOLLOUT) | EPOLLIN, {.u64 = r->data}};
+        if (pep_real.epoll_ctl(r->epfd, EPOLL_CTL_MOD, fd, &mine) == 0)
+            ep_set_swapped(c, 1);
+    }
+}
+
 PEP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 {
     PEP_INIT();
-    if (PEP_LIKELY(!pep_fd_tracked(fd)))
-        return pep_real.epoll_ctl(epfd, op, fd, ev);
+    if (PEP_LIKELY(!pep_fd_tracked(fd))) {
+        int r = pep_real.epoll_ctl(epfd, op, fd, ev);
+        if (PEP_UNLIKELY(pep_cfg.confirm_configured) && r == 0)
+            epreg_note(epfd, op, fd, ev);
+        return r;
+    }
     pep_lock();
     struct pep_conn *c = pep_conn_get(fd);
     struct epoll_event mine;

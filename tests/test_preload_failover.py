@@ -129,6 +129,7 @@ def test_silent_pep_blocking_read_times_out(net, tmp_path):
         assert f"PEP {PEP1}:{conv.address[1]} did not answer within 1.0 s" in p.stderr
         assert p.stderr.count("did not answer") == 1
         assert len(conv.seen) == 1 and conv.seen[0].syn_data
+    print(f"silent PEP, PEP_REPLY_TIMEOUT=1: ETIMEDOUT after {words[1]} s")
 
 
 def test_stalled_reply_wakes_an_epoll_client(net, tmp_path):
@@ -163,6 +164,7 @@ def test_stalled_reply_wakes_an_epoll_client(net, tmp_path):
         words = p.stdout.split()
         assert words[0] == "ETIMEDOUT", p.stdout + p.stderr
         assert 1.2 < float(words[1]) < 3.5, words
+    print(f"stalled reply, PEP_REPLY_TIMEOUT=1.5, epoll client: ETIMEDOUT after {words[1]} s")
 
 
 def test_bad_reply_timeout_value_runs_unproxied(net, tmp_path):
@@ -576,3 +578,120 @@ def test_confirm_haproxy_health_check_sees_a_dead_server_down(net, tmp_path):
     assert _haproxy_states(net, tmp_path, "0") == {"dead": "UP", "live": "UP"}
     states = _haproxy_states(net, tmp_path, "1")
     assert states["dead"].startswith("DOWN") and states["live"] == "UP", states
+
+
+NGINX_CFG = """
+daemon off;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir};
+    proxy_temp_path {dir};
+    upstream up {{
+        server {srv}:{dead} max_fails=0;
+        server {srv}:{live} max_fails=0;
+    }}
+    server {{
+        listen 127.0.0.1:18081;
+        location / {{
+            proxy_pass http://up;
+            proxy_next_upstream error timeout;
+            proxy_connect_timeout 3s;
+        }}
+    }}
+}}
+"""
+
+
+def _nginx_post(net, tmp_path, confirm) -> str:
+    nginx, curl = require_tool("nginx"), require_tool("curl")
+    with converter(net, host=PEP1) as conv:
+        closed = _dead(net, SRV)[1]
+        d = tmp_path / f"nginx-{confirm}"
+        d.mkdir()
+        cfg = d / "nginx.conf"
+        cfg.write_text(NGINX_CFG.format(dir=d, srv=SRV, dead=closed, live=net.http.address[1]))
+        env = env_for([conv.address], tmp_path, PEP_CONFIRM=confirm)
+        ours = {k: env[k] for k in env if k == "LD_PRELOAD" or k.startswith("PEP_")}
+        rest = {k: v for k, v in env.items() if k not in ours}
+        proc = net.hosts["cli"].popen("env", *(f"{k}={v}" for k, v in ours.items()), nginx,
+                                      "-p", str(d), "-c", str(cfg), env=rest,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            codes = []
+            for _ in range(20):  # round robin: the dead server comes first at least once
+                time.sleep(0.1)
+                p = net.hosts["cli"].run(curl, "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                         "--max-time", "10", "-d", "x=1",
+                                         "http://127.0.0.1:18081/", check=False)
+                if p.stdout.strip() not in ("", "000"):
+                    codes.append(p.stdout.strip())
+                if len(codes) == 4:
+                    break
+            return " ".join(codes)
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+def test_confirm_nginx_fails_a_post_over_to_the_next_upstream(net, tmp_path):
+    """nginx with two upstreams, the first one's port closed: without
+    PEP_CONFIRM a POST sent to it is lost (502: the connect worked, the
+    request went, nginx does not resend a POST); with PEP_CONFIRM=1 the
+    connect fails and nginx moves the POST to the live upstream (which
+    answers 501: this test server does not implement POST)."""
+    without = _nginx_post(net, tmp_path, "0").split()
+    assert "502" in without, without
+    confirmed = _nginx_post(net, tmp_path, "1").split()
+    assert confirmed and set(confirmed) == {"501"}, confirmed
+
+
+# ---------------------------------------------------------------------------
+# The connect timeout adapted to the RTT; the state directory's safety
+
+@pytest.mark.parametrize("how,lo,hi", [("rtt", 1.0, 2.2), ("env", 0.4, 1.4)])
+def test_connect_timeout_adapted_to_rtt_or_set(net, rules, tmp_path, how, lo, hi):
+    """A black-holed first PEP whose last handshake RTT is recorded as 300 ms
+    is given clamp(4 x 300 ms, 1 s, 5 s) = 1.2 s; PEP_CONNECT_TIMEOUT=0.5
+    overrides it."""
+    with converter(net, host=PEP1) as black, converter(net, host=PEP2) as conv:
+        rules("-d", PEP1, "-p", "tcp", "--dport", str(black.address[1]), "-j", "DROP")
+        extra = {"PEP_CONNECT_TIMEOUT": "0.5"} if how == "env" else {}
+        env = env_for([black.address, conv.address], tmp_path, **extra)
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        (state / f"pep-{PEP1}-{black.address[1]}").write_text("rtt_us=300000 future=kept\n")
+        p, took = _curl(net, env)
+        assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
+        assert lo < took < hi, took
+        st = _state(tmp_path, black.address)
+        assert st["reason"] == "timeout" and st["future"] == "kept", st  # unknown keys kept
+    print(f"black-holed first PEP, connect timeout from {how}: {took:.2f} s")
+
+
+def test_unsafe_state_directory_is_not_used(net, tmp_path):
+    """A state directory others may write is refused (said once); libpep runs
+    without shared state: failover still works, nothing is written there."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    dead = _dead(net)
+    with converter(net, host=PEP2) as conv:
+        p, _ = _curl(net, env_for([dead, conv.address], tmp_path))
+        assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
+        assert p.stderr.count("is not owned by this user or is group/world writable") == 1
+        assert list(state.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["epoll", "select"])
+def test_confirm_under_asan(net, tmp_path, kind):
+    with converter(net, host=PEP1) as conv:
+        closed = _dead(net, SRV)[1]
+        for port, want in ((closed, "ECONNREFUSED"), (net.echo.address[1], "open")):
+            p, _ = run(net, [sys.executable, "-c", CONFIRM_PROBE, kind, SRV, str(port)],
+                       env_for([conv.address], tmp_path, "libpep-asan.so", PEP_CONFIRM="1"))
+            assert p.stdout.split()[:1] == [want], p.stdout + p.stderr
+            assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr

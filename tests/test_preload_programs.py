@@ -1067,6 +1067,76 @@ def test_header_goes_out_while_the_program_waits_for_epollin_only(notfo, lib, wa
         assert len(conv.seen) == 1 and not conv.seen[0].syn_data
 
 
+WAIT_FOR_READ_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+/* Non-blocking connect, then wait for reading only (8 s) with argv[2]:
+ * pselect, ppoll or epoll_pwait2. Prints what came and the seconds. */
+int main(int argc, char **argv) {
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(atoi(argv[1]));
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (connect(s, (void *)&a, sizeof a) && errno != EINPROGRESS) return 1;
+    struct timespec t0, t1, ts = {8, 0};
+    sigset_t mask;
+    sigemptyset(&mask);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int n;
+    if (!strcmp(argv[2], "pselect")) {
+        fd_set r;
+        FD_ZERO(&r);
+        FD_SET(s, &r);
+        n = pselect(s + 1, &r, NULL, NULL, &ts, &mask);
+    } else if (!strcmp(argv[2], "ppoll")) {
+        struct pollfd p = {s, POLLIN, 0};
+        n = ppoll(&p, 1, &ts, &mask);
+    } else {
+        int ep = epoll_create1(0);
+        struct epoll_event ev = {EPOLLIN, {.fd = s}};
+        epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev);
+        n = epoll_pwait2(ep, &ev, 1, &ts, &mask);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    char buf[64] = "";
+    if (n > 0) {
+        ssize_t r = recv(s, buf, sizeof buf - 1, 0);
+        buf[r > 0 ? r : 0] = 0;
+    }
+    printf("%s|%.1f\n", buf, (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("wait", ["pselect", "ppoll", "epoll_pwait2"])
+def test_header_goes_out_while_a_c_program_waits_for_reading_only(notfo, lib, tmp_path, wait):
+    """The same as above for the waits Python's select module does not have:
+    every wait hook is sliced while a header is pending."""
+    iptables = require_tool("iptables")
+    exe = ph.compile_c(WAIT_FOR_READ_C, str(tmp_path / "waitc"))
+    with _echo(notfo, greeting=b"220 hello") as echo, converter(notfo) as conv:
+        notfo.run(iptables, "-A", "INPUT", "-p", "tcp", "--syn", "--dport", str(conv.address[1]),
+                  "-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0", "-j", "DROP")
+        p = run(notfo, [exe, str(echo.address[1]), wait], ph.preload_env(conv.address, lib))
+        got, took = p.stdout.strip().split("|")
+        assert got == "220 hello", p.stdout + p.stderr
+        assert 0.5 < float(took) < 4
+        assert len(conv.seen) == 1 and not conv.seen[0].syn_data
+
+
 def test_pending_header_flush_never_eats_the_connect_error(notfo, lib):
     """TFO off and the PEP not listening: the program's own SO_ERROR still
     says ECONNREFUSED after libpep's flush attempts in poll()."""

@@ -203,15 +203,13 @@ def test_soak_growing_connection_count(env):
     assert max(tail) - min(tail) <= RSS_SLACK_KIB, history  # flat, not creeping
 
 
-def test_libpep_connection_table_full_fails_closed(env, tmp_path):
-    """libpep.so tracks at most 1024 PEP connections per process: the next
-    connect() fails with ENOBUFS (a clear error), it never goes around the PEP."""
+def test_libpep_1100_concurrent_connections_no_table_cap(env, tmp_path):
+    """libpep.so has no connection table cap any more (issue 10; it held
+    1,024): 1,100 concurrent connections in one process all go through the
+    relay and move every byte; none goes around the PEP."""
     host, relay, echo = env
     m0 = relay_metrics(relay, host)
     proc, _ = _libpep_round(host, relay, echo, 1100, tmp_path)
-    assert proc.returncode == 1
-    assert "fail connect" in proc.stdout and "No buffer space" in proc.stdout, proc.stdout
-    failed_at = int(proc.stdout.split()[2].rstrip(":"))
-    assert 1000 <= failed_at <= 1024, proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     m1 = relay_metrics(relay, host)
-    assert m1["pep_relay_tunnels_total"] - m0["pep_relay_tunnels_total"] <= failed_at
+    assert m1["pep_relay_tunnels_total"] - m0["pep_relay_tunnels_total"] >= 1100
