@@ -35,8 +35,8 @@ def cmd_run(args) -> int:
         print("pep run: give a command to run, e.g. pep run --pep 192.0.2.1:5124 -- curl URL",
               file=sys.stderr)
         return 2
-    from . import preload
-    return preload.run(argv, pep=args.pep)
+    from . import run
+    return run.main(argv, pep=args.pep, mode=args.mode, allow_direct=args.allow_direct)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lib", help="print the absolute path of libpep.so")
     p.set_defaults(func=cmd_lib)
 
-    p = sub.add_parser("run", help="run a command with libpep.so preloaded")
+    p = sub.add_parser("run", help="run a command with its TCP connections on the PEP")
     p.add_argument("--pep", type=_pep_arg, metavar="HOST:PORT",
                    help="PEP to use (default: $PEP_PROXY)")
+    p.add_argument("--mode", choices=("auto", "preload", "seccomp"), default="auto",
+                   help="libpep.so (preload) or the seccomp supervisor (static and Go "
+                        "programs); auto picks (default)")
+    p.add_argument("--allow-direct", action="store_true",
+                   help="run a program neither path can serve unproxied instead of refusing")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     p.set_defaults(func=cmd_run)
 

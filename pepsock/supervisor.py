@@ -1,0 +1,632 @@
+"""The seccomp supervisor of `pep run`: TCP connects of programs libpep.so
+cannot enter (static, Go) go through the PEP.
+
+Two halves in one process, on one event loop (docs/run.md has the picture):
+
+* the **notification handler**: the program's connect() stops in the kernel
+  (pepsock/seccomp.py's filter).  The handler reads the sockaddr from the
+  program's memory, and for a destination PEP_PROXY/PEP_NO_PROXY send to the
+  PEP, takes the program's own socket (pidfd_getfd: the same open file, so
+  its flags, options and epoll registrations stay), connects it to the
+  local helper on loopback, remembers helper-side peer -> destination, and
+  answers the connect with what that connect returned (0, or EINPROGRESS
+  for a non-blocking socket).  Everything else runs as if unwatched
+  (SECCOMP_USER_NOTIF_FLAG_CONTINUE).
+* the **local helper**: accepts those connections, opens the PEP connection
+  with `pepsock.create_connection` (header in the SYN; PEP selection,
+  failover and cookies are the client's), and relays both ways: through
+  the client's socket methods until the PEP's reply is in, then splice().
+
+Lifetime: the supervisor is no child of the program (a double fork), so the
+program never sees it in wait(); it runs until the kernel says no task uses
+the filter any more (POLLHUP on the listener: the program and every process
+it forked are gone) and its relays are done.  It ignores the terminal's and
+systemd's stop signals: the program decides when it ends, and its children
+(a daemon that double-forked) keep their connections.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import ipaddress
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+from . import seccomp
+from .client import PepSocket, create_connection
+from .policy import ConfigError, ProxyConfig, normalize_ip
+from .protocol import ConvertError
+
+#: struct tcp_info's tcpi_state values (include/net/tcp_states.h).
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_CLOSE = 1, 2, 7
+SPLICE_FLAGS = 1 | 2                 # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+CHUNK = 1 << 16
+#: Threads opening PEP connections at once (each blocks for up to a handshake).
+OPENERS = 64
+#: How long the PEP connection may take to open (the client's own per-PEP
+#: timeouts apply inside this bound).
+OPEN_TIMEOUT = 30.0
+#: After the program is gone, relays get this long to drain before the supervisor quits.
+DRAIN_TIMEOUT = 30.0
+LEVELS = {"off": 0, "error": 1, "warn": 2, "info": 3, "debug": 4}
+
+
+# ----------------------------------------------------------------------- logging
+
+class Log:
+    """PEP_LOG levels and file, as libpep.so reads them; the default goes to the
+    program's stderr, held only while the program (pep run's pid) lives, so a
+    reader of that pipe sees its end when the program ends."""
+
+    def __init__(self, spec: str | None, stderr_fd: int | None):
+        level, _, path = (spec or "error").partition(":")
+        self.level = LEVELS.get(level.strip().lower(), 1)
+        self.path = path or None
+        self.fd = stderr_fd
+
+    def drop_stderr(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __call__(self, level: str, text: str) -> None:
+        if LEVELS[level] > self.level:
+            return
+        line = f"pep run[{os.getpid()}] {level}: {text}\n".encode(errors="replace")
+        try:
+            if self.path:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+            elif self.fd is not None:
+                os.write(self.fd, line)
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------- addresses
+
+def parse_sockaddr(raw: bytes, length: int):
+    """(family, ip, port) of a sockaddr_in/sockaddr_in6, or None for anything else."""
+    if len(raw) < 2:
+        return None
+    family = struct.unpack_from("=H", raw)[0]
+    if family == socket.AF_INET and length >= 16 and len(raw) >= 8:
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return family, ipaddress.IPv4Address(raw[4:8]), port
+    if family == socket.AF_INET6 and length >= 28 and len(raw) >= 24:
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return family, ipaddress.IPv6Address(raw[8:24]), port
+    return None
+
+
+def carriable(ip, port: int) -> bool:
+    """Can a Connect TLV name it? (Same rule as libpep.so: not port 0,
+    unspecified, multicast or limited broadcast.)"""
+    ip = normalize_ip(ip)
+    return bool(port) and not ip.is_unspecified and not ip.is_multicast \
+        and ip != ipaddress.IPv4Address("255.255.255.255")
+
+
+def _pep_addresses(config: ProxyConfig) -> set:
+    """Every (ip, port) the configured PEP(s) resolve to: connects to them go direct."""
+    peps = config.pep
+    if peps is None:
+        return set()
+    if isinstance(peps, tuple) and len(peps) == 2 and isinstance(peps[1], int):
+        peps = [peps]
+    out = set()
+    for host, port in peps:
+        try:
+            for info in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+                out.add((normalize_ip(info[4][0]), port))
+        except OSError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------- relaying
+
+class Direction:
+    """Bytes src -> dst: through user space while `copying()`, else through a pipe."""
+
+    def __init__(self, relay: "Relay", src: socket.socket, dst: socket.socket, copying):
+        self.relay = relay
+        self.src, self.dst = src, dst
+        self.copying = copying
+        self.buf = b""
+        self.pipe: tuple[int, int] | None = None
+        self.held = 0
+        self.eof = False
+        self.done = False
+
+    def pump(self) -> None:
+        """Move bytes until blocked; then wait for the one readiness that unblocks."""
+        loop = self.relay.loop
+        while not self.done:
+            if self.buf:
+                try:
+                    n = self.dst.send(self.buf)
+                except BlockingIOError:
+                    return self._wait(write=True)
+                self.buf = self.buf[n:]
+            elif self.held:
+                try:
+                    n = os.splice(self.pipe[0], self.dst.fileno(), self.held, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    return self._wait(write=True)
+                self.held -= n
+            elif self.eof:
+                self.done = True
+                loop.remove_reader(self.src.fileno())
+                loop.remove_writer(self.dst.fileno())
+                self.relay.direction_done(self)
+            elif self.copying():
+                try:
+                    data = self.src.recv(CHUNK)
+                except BlockingIOError:
+                    return self._wait(write=False)
+                self.buf = data
+                self.eof = not data
+            else:
+                if self.pipe is None:
+                    self.pipe = self.relay.make_pipe()
+                try:
+                    n = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    return self._wait(write=False)
+                self.held = n
+                self.eof = not n
+
+    def _wait(self, write: bool) -> None:
+        loop = self.relay.loop
+        if write:
+            loop.remove_reader(self.src.fileno())
+            loop.add_writer(self.dst.fileno(), self.relay.run, self)
+        else:
+            loop.remove_writer(self.dst.fileno())
+            loop.add_reader(self.src.fileno(), self.relay.run, self)
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+
+class Relay:
+    """One proxied connection: the program's loopback connection and the PEP's."""
+
+    def __init__(self, sup: "Supervisor", conn: socket.socket, dest):
+        self.sup = sup
+        self.loop = sup.loop
+        self.conn = conn
+        self.dest = dest
+        self.pep: socket.socket | None = None
+        self.up = self.down = None
+        self.closed = False
+        self.t0 = time.monotonic()
+        conn.setblocking(False)
+        fut = self.loop.run_in_executor(sup.openers, self._open)
+        fut.add_done_callback(self._opened)
+
+    def _open(self) -> socket.socket:
+        ip, port = self.dest
+        return create_connection((str(ip), port), timeout=OPEN_TIMEOUT)
+
+    def _opened(self, fut) -> None:
+        if self.closed:
+            if fut.exception() is None:
+                fut.result().close()
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.sup.log("error", f"{_fmt(self.dest)}: {exc}")
+            return self.abort()
+        pep = self.pep = fut.result()
+        pep.setblocking(False)
+        if isinstance(pep, PepSocket):
+            # Until the PEP's reply is in, bytes go through the client's own
+            # send()/recv(): it strips the reply, turns an Error TLV into an
+            # exception, and may replay what was sent before (failover, cookies).
+            reply_seen = [False]
+
+            def down_copying() -> bool:
+                if reply_seen[0]:
+                    return False
+                reply_seen[0] = pep.reply_received   # one more recv() takes what came with it
+                return True
+
+            def up_copying() -> bool:
+                return not pep.reply_received
+        else:
+            def down_copying() -> bool:
+                return False
+            up_copying = down_copying
+        self.up = Direction(self, self.conn, pep, up_copying)
+        self.down = Direction(self, pep, self.conn, down_copying)
+        self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
+                              f"in {1000 * (time.monotonic() - self.t0):.1f} ms")
+        self.run(self.up)
+        self.run(self.down)
+
+    def run(self, d: Direction) -> None:
+        if self.closed:
+            return
+        try:
+            d.pump()
+        except ConvertError as exc:
+            self.sup.log("error", f"{_fmt(self.dest)}: the PEP said: {exc}")
+            self.abort()
+        except OSError as exc:
+            if not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                self.sup.log("warn", f"{_fmt(self.dest)}: {exc}")
+            self.abort()
+
+    def make_pipe(self) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            import fcntl
+            fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+        return r, w
+
+    def direction_done(self, d: Direction) -> None:
+        other = self.down if d is self.up else self.up
+        if not other.done:
+            try:
+                d.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return
+        self._finish(reset=False)
+
+    def abort(self) -> None:
+        self._finish(reset=True)
+
+    def _finish(self, reset: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for d in (self.up, self.down):
+            if d is not None:
+                d.close()
+        for s in (self.conn, self.pep):
+            if s is None:
+                continue
+            try:
+                self.loop.remove_reader(s.fileno())
+                self.loop.remove_writer(s.fileno())
+                if reset:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (OSError, ValueError):
+                pass
+            # The client's socket: a plain close (its detach() would wait for the reply).
+            socket.socket.close(s)
+        self.sup.relay_done(self)
+
+
+def _fmt(dest) -> str:
+    ip, port = dest
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+# ----------------------------------------------------------------------- the supervisor
+
+class Supervisor:
+    def __init__(self, listener: int, program_pid: int, log: Log, env=None):
+        self.listener = listener
+        self.program_pid = program_pid
+        self.log = log
+        self.config = ProxyConfig.from_env(env)
+        self.peps = _pep_addresses(self.config)
+        self.loop = asyncio.new_event_loop()
+        self.openers = concurrent.futures.ThreadPoolExecutor(OPENERS, "pep-open")
+        self.routes: dict[tuple, tuple] = {}   # helper-side peer (ip, port) -> destination
+        self.relays: set[Relay] = set()
+        self.helpers: dict[int, socket.socket] = {}
+        self.helper_addr: dict[int, bytes] = {}
+        self.pidfds: dict[int, int] = {}
+        self.watching = True
+        self.said: set[str] = set()
+        self.drain_timer = None
+        self._open_helpers()
+
+    # -- the local helper -------------------------------------------------------------
+    def _open_helpers(self) -> None:
+        v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        v4.bind(("127.0.0.1", 0))
+        self.helpers[socket.AF_INET] = v4
+        port4 = v4.getsockname()[1]
+        self.helper_addr[socket.AF_INET] = _sockaddr_in(ipaddress.IPv4Address("127.0.0.1"), port4)
+        try:
+            v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            v6.bind(("::1", 0))
+            self.helpers[socket.AF_INET6] = v6
+            self.helper_addr[socket.AF_INET6] = _sockaddr_in6(ipaddress.IPv6Address("::1"),
+                                                              v6.getsockname()[1])
+        except OSError:
+            # No IPv6 loopback: dual-stack sockets reach the IPv4 helper v4-mapped.
+            self.helper_addr[socket.AF_INET6] = _sockaddr_in6(
+                ipaddress.IPv6Address("::ffff:127.0.0.1"), port4)
+        for sock in self.helpers.values():
+            sock.listen(4096)
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                conn, peer = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.log("warn", f"accept: {exc}")
+                return
+            dest = self.routes.pop((normalize_ip(peer[0]), peer[1]), None)
+            if dest is None:
+                conn.close()  # not a connection we steered here: nobody else uses our helper
+                continue
+            self.relays.add(Relay(self, conn, dest))
+
+    def relay_done(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        self._maybe_stop()
+
+    # -- notifications ----------------------------------------------------------------
+    def _on_listener(self) -> None:
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        for _ in range(64):
+            events = poller.poll(0)
+            revents = events[0][1] if events else 0
+            if revents & select.POLLIN:
+                note = seccomp.receive(self.listener)
+                if note is not None:
+                    self._handle(note)
+                continue
+            if revents & (select.POLLHUP | select.POLLERR):
+                self.loop.remove_reader(self.listener)
+                self.watching = False
+                self._maybe_stop()
+            return
+
+    def _handle(self, note: seccomp.Notification) -> None:
+        listener = self.listener
+        try:
+            err = self._steer(note)
+        except Exception as exc:  # noqa: BLE001 - never leave the program stuck in connect()
+            self.log("error", f"internal error, letting a connect through: {exc!r}")
+            err = None
+        if err is None:
+            seccomp.let_through(listener, note.id)
+        else:
+            seccomp.respond(listener, note.id, error=err)
+
+    def _steer(self, note: seccomp.Notification) -> int | None:
+        """None: let the connect through; else its result (0 or an errno)."""
+        arch = seccomp.native_arch()
+        if note.arch != arch[0] or note.nr != arch[1]:
+            return None
+        fd = note.args[0] & 0xFFFFFFFF
+        addr_ptr, addrlen = note.args[1], note.args[2] & 0xFFFFFFFF
+        if fd > 0x7FFFFFFF or not 2 <= addrlen <= 128:
+            return None
+        try:
+            raw = seccomp.read_memory(note.pid, addr_ptr, min(addrlen, 28))
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                self._once("ptrace", f"cannot read the memory of process {note.pid} "
+                                     f"(ptrace permission); its connects go direct")
+            return None
+        if not seccomp.still_waiting(self.listener, note.id):
+            return None      # the caller is gone: its pid may name another task by now
+        target = parse_sockaddr(raw, addrlen)
+        if target is None:
+            return None
+        family, ip, port = target
+        ip = normalize_ip(ip)
+        if not carriable(ip, port) or (ip, port) in self.peps \
+                or self.config.pep_for(None, ip, port) is None:
+            return None
+        sock = self._take(note.pid, fd)
+        if sock is None:
+            return None
+        with sock:
+            if not seccomp.still_waiting(self.listener, note.id):
+                return None  # gone while we took it: that fd number may be another file now
+            return self._connect_to_helper(sock, family, ip, port)
+
+    def _take(self, tid: int, fd: int) -> socket.socket | None:
+        """Our socket object on the program's open file; None if not a TCP socket."""
+        try:
+            tgid = seccomp.thread_group(tid)
+            pidfd = self.pidfds.get(tgid)
+            if pidfd is None:
+                pidfd = self.pidfds[tgid] = os.pidfd_open(tgid)
+            try:
+                mine = seccomp.take_fd(pidfd, fd)
+            except ProcessLookupError:
+                # A cached pidfd of an exited process whose tgid came back: reopen.
+                os.close(self.pidfds.pop(tgid))
+                pidfd = self.pidfds[tgid] = os.pidfd_open(tgid)
+                mine = seccomp.take_fd(pidfd, fd)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                self._once("getfd", f"cannot take the sockets of process {tid} (ptrace "
+                                    f"permission); its connects go direct")
+            return None
+        try:
+            sock = socket.socket(fileno=mine)
+        except OSError:
+            os.close(mine)       # not a socket: the kernel will say ENOTSOCK
+            return None
+        if sock.type != socket.SOCK_STREAM or sock.proto not in (0, socket.IPPROTO_TCP) \
+                or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock.close()
+            return None
+        return sock
+
+    def _connect_to_helper(self, sock: socket.socket, family: int, ip, port: int) -> int | None:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        if state != TCP_CLOSE:
+            return self._restarted(sock, state)
+        if sock.family != family:
+            # AF_INET6 socket given an AF_INET address or the reverse: the kernel's error.
+            return None
+        if sock.family == socket.AF_INET6 and ip.version == 4 and \
+                sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            return None          # v4-mapped on a v6-only socket: the kernel's ENETUNREACH
+        err = seccomp.raw_connect(sock.fileno(), self.helper_addr[sock.family])
+        if err in (0, errno.EINPROGRESS):
+            local = sock.getsockname()
+            self.routes[(normalize_ip(local[0]), local[1])] = (ip, port)
+            self.log("debug", f"connect to {_fmt((ip, port))} steered to the helper")
+        return err
+
+    def _restarted(self, sock: socket.socket, state: int) -> int | None:
+        """A connect we already performed, restarted after a signal interrupted
+        the wait for our answer: answer it now; anything else is the kernel's."""
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            return None
+        helper = self.helpers.get(sock.family) or self.helpers[socket.AF_INET]
+        if peer[1] != helper.getsockname()[1]:
+            return None
+        if state == TCP_ESTABLISHED:
+            return 0
+        return errno.EINPROGRESS if state == TCP_SYN_SENT else None
+
+    def _once(self, key: str, text: str) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            self.log("error", text)
+
+    # -- lifetime -------------------------------------------------------------------
+    def _program_exited(self, pidfd: int) -> None:
+        self.loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self.log.drop_stderr()
+
+    def _maybe_stop(self) -> None:
+        if self.watching:
+            return
+        if not self.relays:
+            self.loop.stop()
+        elif self.drain_timer is None:
+            self.drain_timer = self.loop.call_later(DRAIN_TIMEOUT, self.loop.stop)
+
+    def run(self) -> None:
+        self.loop.add_reader(self.listener, self._on_listener)
+        try:
+            pidfd = os.pidfd_open(self.program_pid)
+        except OSError:
+            self.log.drop_stderr()
+        else:
+            self.loop.add_reader(pidfd, self._program_exited, pidfd)
+        self.loop.run_forever()
+        for relay in list(self.relays):    # still open DRAIN_TIMEOUT after the program ended
+            relay.abort()
+        self.openers.shutdown(wait=False, cancel_futures=True)
+
+
+def _sockaddr_in(ip: ipaddress.IPv4Address, port: int) -> bytes:
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + ip.packed + bytes(8)
+
+
+def _sockaddr_in6(ip: ipaddress.IPv6Address, port: int) -> bytes:
+    return struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", port, 0) + ip.packed + bytes(4)
+
+
+# ----------------------------------------------------------------------- starting it
+
+def spawn(program_pid: int) -> tuple[socket.socket, int]:
+    """Start the supervisor, no child of ours (double fork); (channel, its pid).
+
+    Send the listener fd on the channel with `hand_over()`; if the channel
+    closes without one, the supervisor exits.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    middle = os.fork()
+    if middle == 0:
+        try:
+            ours.close()
+            if os.fork() == 0:
+                _child(theirs, program_pid)   # never returns
+        finally:
+            os._exit(0)
+    theirs.close()
+    os.waitpid(middle, 0)
+    ours.settimeout(10)
+    hello = ours.recv(16)
+    if not hello:
+        raise OSError(errno.ECHILD, "the seccomp supervisor did not start")
+    ours.settimeout(None)
+    return ours, int(hello)
+
+
+def hand_over(channel: socket.socket, listener: int) -> None:
+    socket.send_fds(channel, [b"L"], [listener])
+
+
+def _child(channel: socket.socket, program_pid: int) -> None:
+    code = 1
+    try:
+        os.setsid()                       # off the program's terminal and process group
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                    signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE,
+                    signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        seccomp.set_name("pep-supervisor")
+        stderr = os.dup(2)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        keep = sorted({channel.fileno(), stderr})
+        _close_all_but(keep)
+        log = Log(os.environ.get("PEP_LOG"), stderr)
+        channel.send(str(os.getpid()).encode())
+        try:
+            _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+        except OSError:
+            fds = []
+        channel.close()
+        if not fds:
+            os._exit(0)                   # pep run could not install the filter
+        try:
+            sup = Supervisor(fds[0], program_pid, log)
+        except (ConfigError, OSError) as exc:
+            log("error", f"seccomp supervisor: {exc}")
+            os._exit(1)
+        sup.run()
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - report and leave, never raise into pep run
+        try:
+            print(f"pep-supervisor: {exc!r}", file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        os._exit(code)
+
+
+def _close_all_but(keep: list[int]) -> None:
+    low = 3
+    for fd in keep:
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 1 << 20)

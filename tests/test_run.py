@@ -1,0 +1,462 @@
+"""`pep run`: it becomes the program (pid, signals, exit status), through
+libpep.so for dynamic programs and the seccomp supervisor for static and Go
+ones, and says so when neither can serve a program.
+
+Programs: /bin/sh (dynamic), tests/run_client.c built with gcc -static, and
+tests/run_goget.go built with the Go toolchain (CGO_ENABLED=0, stdlib only,
+GOPROXY=off) when one is installed.  The transfer tests run in a network
+namespace (TFO on) against the test converter (tests/converter.py), which
+records whether each header came in the SYN, and against `pep relay`.
+"""
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import require_root
+from converter import Converter, HTTPServer
+from pepsock import elf, run, seccomp
+from pepsock.testbed.netns import Topology
+from relay_helpers import Relay
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 30
+PAYLOAD_SIZE = 1 << 20
+
+
+def base_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PEP_") and k not in ("LD_PRELOAD", "http_proxy", "HTTP_PROXY")}
+    env["PYTHONPATH"] = REPO
+    env["PEP_NO_PROXY"] = ""          # loopback goes via the PEP too
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def pep_run_argv(*args) -> list[str]:
+    return [sys.executable, "-m", "pepsock.cli", "run", *args]
+
+
+def popen(argv, host=None, env=None, **kw) -> subprocess.Popen:
+    argv = host.cmd(*argv) if host is not None else argv
+    return subprocess.Popen(argv, env=env or base_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(p: subprocess.Popen, timeout=TIMEOUT):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"timed out; stdout={out[-500:]!r} stderr={err[-2000:]!r}")
+    return p.returncode, out, err
+
+
+def supervisors(marker: str) -> list[int]:
+    """pids of pep-supervisor processes started with PEP_TEST_MARK=marker."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != "pep-supervisor":
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"PEP_TEST_MARK={marker}".encode() in f.read().split(b"\0"):
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def wait_gone(marker: str, timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = supervisors(marker)
+        if not left:
+            return []
+        time.sleep(0.05)
+    return supervisors(marker)
+
+
+# ------------------------------------------------------------------ the programs
+
+@pytest.fixture(scope="module")
+def static_client(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bin") / "run_client")
+    proc = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", out,
+                           os.path.join(HERE, "run_client.c")], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        pytest.skip(f"gcc -static failed (no static libc?): {proc.stderr[-300:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def go_client(tmp_path_factory):
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("needs the Go toolchain (apt-get install golang-go; .ci/run does)")
+    work = tmp_path_factory.mktemp("go")
+    out = str(work / "goget")
+    # The build cache is a temp dir shared between runs (a cold net/http build
+    # takes a while on a loaded machine); no network: GOPROXY=off, stdlib only.
+    env = dict(os.environ, GOCACHE=os.path.join(tempfile.gettempdir(), "pepsock-go-cache"),
+               GOPATH=str(work / "gopath"), GOFLAGS="-mod=mod", GOPROXY="off", CGO_ENABLED="0",
+               HOME=str(work))
+    proc = subprocess.run([go, "build", "-o", out, os.path.join(HERE, "run_goget.go")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"go build failed:\n{proc.stderr}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ns(tmp_path_factory):
+    """One namespace, TFO on (3), HTTP servers on 127.0.0.1 and ::1 serving a 1 MiB file."""
+    require_root()
+    topo = Topology(prefix="rn")
+    try:
+        host = topo.host("run", tfo=3)
+        root = tmp_path_factory.mktemp("www")
+        payload = os.urandom(PAYLOAD_SIZE)
+        (root / "1m.bin").write_bytes(payload)
+        with host.enter():
+            host.http = {4: HTTPServer(str(root), "127.0.0.1"), 6: HTTPServer(str(root), "::1")}
+        host.payload = payload
+        yield host
+        for server in host.http.values():
+            server.close()
+    finally:
+        topo.cleanup()
+
+
+def converter(host, **kw) -> Converter:
+    with host.enter():
+        return Converter(**kw)
+
+
+def body(response: bytes) -> bytes:
+    head, sep, rest = response.partition(b"\r\n\r\n")
+    assert sep and head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], head[:200]
+    return rest
+
+
+# ------------------------------------------------------------------ which path
+
+def test_examine_tells_dynamic_static_go_and_scripts(static_client, tmp_path):
+    sh = elf.examine("sh")
+    assert sh.info.dynamic and not sh.info.go and sh.info.machine == run.NATIVE_MACHINE
+    st_ = elf.examine(static_client)
+    assert not st_.info.dynamic and not st_.info.go
+    script = tmp_path / "script"
+    script.write_text(f"#!/usr/bin/env -S {static_client} -s\n")
+    script.chmod(0o755)
+    followed = elf.examine(str(script))
+    assert followed.path == str(script) and followed.binary == static_client
+    assert not followed.info.dynamic
+    shell_script = tmp_path / "sh_script"
+    shell_script.write_text("#!/bin/sh\necho hi\n")
+    assert elf.examine(str(shell_script)).info.dynamic
+    text = tmp_path / "text"
+    text.write_text("echo hi\n")
+    assert elf.examine(str(text)).info is None
+    assert elf.examine("no-such-command-pepsock") is None
+
+
+def test_examine_knows_a_go_program(go_client):
+    info = elf.examine(go_client).info
+    assert info.go and not info.dynamic
+
+
+def test_shebang_splits_as_the_kernel_does():
+    assert elf.shebang(b"#!/bin/sh\n") == ["/bin/sh"]
+    assert elf.shebang(b"#! /usr/bin/env  python3 -u \nx") == ["/usr/bin/env", "python3 -u"]
+    assert elf.shebang(b"#!\n") is None and elf.shebang(b"\x7fELF") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_inspect_random_bytes_only_raises_notelf(data):
+    try:
+        elf.inspect(data)
+    except elf.NotElf:
+        pass
+
+
+_REAL_HEAD = open(shutil.which("sh") or "/bin/sh", "rb").read()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=12),
+       st.integers(16, len(_REAL_HEAD)))
+def test_inspect_mutated_real_program_only_raises_notelf(flips, cut):
+    data = bytearray(_REAL_HEAD[:cut])
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    try:
+        elf.inspect(bytes(data))
+    except elf.NotElf:
+        pass
+
+
+def _program(machine="x86_64", interp="/lib64/ld-linux-x86-64.so.2", go=False):
+    machine = run.NATIVE_MACHINE if machine == "native" else machine
+    return elf.Program("/x/prog", "/x/prog", elf.ElfInfo(machine, interp, go))
+
+
+@pytest.mark.parametrize("program,mode", [
+    (_program("native"), run.PRELOAD),
+    (_program("native", interp=None), run.SECCOMP),
+    (_program("native", go=True), run.SECCOMP),
+    (_program("native", interp="/lib/ld-musl-x86_64.so.1"), run.SECCOMP),
+    (elf.Program("/x/prog", "/x/prog", None, "not an ELF executable or #! script"), run.SECCOMP),
+    (_program("i386", interp=None), run.NONE),
+    (_program("i386"), run.NONE),
+])
+def test_plan_picks_the_path(program, mode):
+    chosen = run.plan(program, library="/lib/libpep.so", seccomp_why="")
+    assert chosen.mode == mode, chosen
+
+
+def test_plan_without_seccomp_names_both_reasons():
+    chosen = run.plan(_program("native", interp=None), library="/lib/libpep.so",
+                      seccomp_why="this kernel has no seccomp user notification")
+    assert chosen.mode == run.NONE
+    assert chosen.why == "prog is statically linked, and this kernel has no seccomp user notification"
+    assert run.plan(_program("native"), run.SECCOMP, library="/l", seccomp_why="no").mode == run.NONE
+    no_lib = run.plan(_program("native"), library=None, library_why="libpep.so not found",
+                      seccomp_why="")
+    assert no_lib == run.Plan(run.SECCOMP, "libpep.so not found")
+
+
+def test_connect_filter_notifies_connect_of_its_arch_only():
+    """Walk the classic BPF program by hand for (arch, nr) pairs."""
+    code = seccomp.connect_filter(0xC000003E, 42)
+    ins = [struct.unpack_from("=HBBI", code, i) for i in range(0, len(code), 8)]
+
+    def verdict(arch, nr):
+        data = {seccomp.SECCOMP_DATA_ARCH: arch, seccomp.SECCOMP_DATA_NR: nr}
+        pc, acc = 0, 0
+        while True:
+            op, jt, jf, k = ins[pc]
+            if op == seccomp.BPF_LD_W_ABS:
+                acc, pc = data[k], pc + 1
+            elif op == seccomp.BPF_JEQ_K:
+                pc += 1 + (jt if acc == k else jf)
+            else:
+                assert op == seccomp.BPF_RET_K
+                return k
+
+    assert verdict(0xC000003E, 42) == seccomp.SECCOMP_RET_USER_NOTIF
+    assert verdict(0xC000003E, 41) == seccomp.SECCOMP_RET_ALLOW
+    assert verdict(0xC000003E, 42 | 0x40000000) == seccomp.SECCOMP_RET_ALLOW   # x32
+    assert verdict(0x40000003, 42) == seccomp.SECCOMP_RET_ALLOW                # i386
+
+
+# ------------------------------------------------------------------ becoming the program
+
+SH_SIGNALS = ('trap "echo HUP" HUP; trap "echo TERM; exit 7" TERM; echo "pid $$"; '
+              'i=0; while [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done')
+
+
+def _signals_reach_it(argv, env=None):
+    """pid line, HUP reported, TERM ends it with 7: the pid is pep run's."""
+    p = popen(argv, env=env)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("pid "), (line, p.stderr.read() if p.poll() is not None else "")
+        assert int(line.split()[1]) == p.pid
+        p.send_signal(signal.SIGHUP)
+        assert p.stdout.readline().strip() == "HUP"
+        p.send_signal(signal.SIGTERM)
+        rc, out, err = finish(p)
+        assert out.strip() == "TERM" and rc == 7, (rc, out, err)
+        return err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_preload_path_is_the_program_and_gets_its_signals():
+    _signals_reach_it(pep_run_argv("--pep", "192.0.2.1:9", "--", "sh", "-c", SH_SIGNALS))
+
+
+def test_seccomp_path_is_the_program_and_gets_its_signals(static_client):
+    mark = uuid.uuid4().hex
+    err = _signals_reach_it(pep_run_argv("--pep", "192.0.2.1:9", "--", static_client, "-s"),
+                            env=base_env(PEP_TEST_MARK=mark))
+    assert err == ""
+    assert wait_gone(mark) == [], "the supervisor outlived the program"
+
+
+def test_go_program_is_the_program_and_gets_its_signals(go_client):
+    _signals_reach_it(pep_run_argv("--pep", "192.0.2.1:9", "--", go_client, "-s"))
+
+
+@pytest.mark.parametrize("mode", ["preload", "seccomp"])
+def test_exit_status_and_death_by_signal_pass_through(mode):
+    argv = pep_run_argv("--pep", "192.0.2.1:9", "--mode", mode, "--")
+    assert finish(popen(argv + ["sh", "-c", "exit 3"]))[0] == 3
+    assert finish(popen(argv + ["sh", "-c", "kill -KILL $$"]))[0] == -signal.SIGKILL
+    assert finish(popen(argv + ["sh", "-c", "kill -TERM $$"]))[0] == -signal.SIGTERM
+
+
+def test_command_not_found_and_not_executable(tmp_path):
+    rc, _, err = finish(popen(pep_run_argv("--pep", "192.0.2.1:9", "--", "no-such-cmd-pepsock")))
+    assert rc == 127 and "command not found" in err
+    f = tmp_path / "f"
+    f.write_text("x")
+    rc, _, err = finish(popen(pep_run_argv("--pep", "192.0.2.1:9", "--", str(f))))
+    assert rc == 126 and "ermission denied" in err
+
+
+def test_without_a_pep_it_says_so_and_runs():
+    rc, out, err = finish(popen(pep_run_argv("--", "sh", "-c", "echo ran"), env=base_env()))
+    assert rc == 0 and out == "ran\n"
+    assert err == "pep run: no PEP given (--pep or PEP_PROXY): running sh unproxied\n"
+
+
+def test_refuses_when_no_path_can_serve_unless_allowed(static_client):
+    """A seccomp supervisor inside another one cannot install its listener
+    (EBUSY): the inner pep run says so in one line and refuses; with
+    --allow-direct it runs the program unproxied."""
+    inner = pep_run_argv("--pep", "192.0.2.1:9", "--", static_client, "-x")
+    outer = pep_run_argv("--pep", "192.0.2.1:9", "--mode", "seccomp", "--")
+    rc, out, err = finish(popen(outer + inner))
+    assert rc == run.REFUSED and out == "", err
+    assert err.count("\n") == 1 and "cannot put" in err and "already watches" in err \
+        and "--allow-direct" in err, err
+    inner.insert(inner.index("--"), "--allow-direct")
+    rc, out, err = finish(popen(outer + inner))
+    assert rc == 2 and "running it unproxied" in err, err   # run_client's usage error: it ran
+
+
+# ------------------------------------------------------------------ through the PEP
+
+def _fetch_bytes(ns, conv_addr, argv_tail, env=None):
+    """pep run --pep conv_addr -- argv_tail, in ns: (status, stdout bytes, stderr text)."""
+    host, port = conv_addr
+    pep = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    p = subprocess.run(ns.cmd(*pep_run_argv("--pep", pep, "--", *argv_tail)),
+                       env=env or base_env(), capture_output=True, timeout=TIMEOUT)
+    return p.returncode, p.stdout, p.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize("flags,fam", [((), 4), (("-n",), 4), (("-6",), 6), (("-6", "-n"), 4)])
+def test_static_client_through_the_converter(ns, static_client, flags, fam):
+    """Bytes intact, the header in the SYN, the destination the program asked
+    for; -n: the program's epoll registration made before connect() survives;
+    -6 with an IPv4 destination: v4-mapped on an AF_INET6 socket."""
+    http = ns.http[fam]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [static_client, *flags, http.address[0],
+                                                       str(http.address[1]), "1m.bin"])
+    assert rc == 0 and err == "", err
+    assert body(out) == ns.payload
+    assert len(conv.seen) == 1
+    seen = conv.seen[0]
+    assert seen.syn_data and str(seen.connect.address) == http.address[0] \
+        and seen.connect.port == http.address[1]
+
+
+def test_static_client_bytes_are_intact(ns, static_client):
+    http = ns.http[4]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "-c", "3", "127.0.0.1",
+                                                       str(http.address[1]), "1m.bin"])
+    assert rc == 0, err
+    assert body(out) == ns.payload
+    assert len(conv.seen) == 3 and all(s.syn_data for s in conv.seen)
+
+
+def test_go_client_through_the_converter(ns, go_client):
+    http = ns.http[4]
+    urls = [http.url("/1m.bin")] * 2 + [ns.http[6].url("/1m.bin")]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [go_client, *urls])
+    assert rc == 0, err
+    assert out == ns.payload
+    assert len(conv.seen) == 3 and all(s.syn_data for s in conv.seen), conv.seen
+    assert {str(s.connect.address) for s in conv.seen} == {"127.0.0.1", "::1"}
+
+
+def test_static_and_go_clients_through_pep_relay(ns, static_client, go_client):
+    http = ns.http[4]
+    relay = Relay("--listen", "127.0.0.1:0", "--allow-dest", "127.0.0.0/8", prefix=ns.cmd())
+    try:
+        rc, out, err = _fetch_bytes(ns, relay.addr, [static_client, "127.0.0.1",
+                                                     str(http.address[1]), "1m.bin"])
+        assert rc == 0, err
+        assert body(out) == ns.payload
+        rc, out, err = _fetch_bytes(ns, relay.addr, [go_client, http.url("/1m.bin")])
+        assert rc == 0, err
+        assert out == ns.payload
+    finally:
+        relay.stop()
+
+
+def test_bypassed_destination_goes_direct(ns, static_client):
+    http = ns.http[4]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
+                                                       str(http.address[1]), "1m.bin"],
+                                    env=base_env(PEP_NO_PROXY="127.0.0.0/8"))
+    assert rc == 0, err
+    assert body(out) == ns.payload and conv.seen == []
+
+
+def test_pep_error_reaches_the_program_as_a_reset_and_a_log_line(ns, static_client):
+    with converter(ns, error=(96, b"")) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1", "9", "x"])
+    assert rc == 1 and "run_client: read:" in err, err
+    assert "127.0.0.1:9: the PEP said:" in err, err
+
+
+def test_unreachable_pep_is_logged(ns, static_client):
+    with ns.enter():
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()
+        s.close()
+    rc, out, err = _fetch_bytes(ns, closed, [static_client, "127.0.0.1", "9", "x"])
+    assert rc == 1 and re.search(r"127\.0\.0\.1:9: .*[Rr]efused", err), err
+
+
+def test_forking_daemon_keeps_its_connections(ns, static_client, tmp_path):
+    """Type=forking: pep run returns when the program's first process exits;
+    the double-forked daemon still goes through the PEP, and the supervisor
+    leaves once the daemon is gone."""
+    http = ns.http[4]
+    out = tmp_path / "daemon.out"
+    mark = uuid.uuid4().hex
+    with converter(ns) as conv:
+        t0 = time.monotonic()
+        rc, _, err = _fetch_bytes(ns, conv.address, [static_client, "-d", str(out), "127.0.0.1",
+                                                     str(http.address[1]), "1m.bin"],
+                                  env=base_env(PEP_TEST_MARK=mark))
+        assert rc == 0 and time.monotonic() - t0 < 10, err
+        deadline = time.monotonic() + 20
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.exists(), "the daemon never wrote its result"
+        assert body(out.read_bytes()) == ns.payload
+        assert len(conv.seen) == 1 and conv.seen[0].syn_data
+    assert wait_gone(mark) == [], "the supervisor outlived the daemon"
