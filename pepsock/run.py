@@ -147,10 +147,32 @@ def main(argv: list[str], pep=None, mode: str = "auto", allow_direct: bool = Fal
         return _exec(program, argv, env)
     chosen = plan(program, mode, library=library, library_why=library_why)
     if chosen.mode == PRELOAD:
+        _info(env, f"running {argv[0]} under libpep.so")
         return _exec(program, argv, preload.environment(pep, env))
     if chosen.mode == SECCOMP:
-        return _run_supervised(program, argv, env, pep, library, allow_direct)
+        _info(env, f"running {argv[0]} under the seccomp supervisor: {chosen.why}")
+        # Dynamic children of a static or Go program still get libpep.so, the
+        # cheaper path (their connects to the PEP itself pass the filter
+        # untouched); --mode seccomp means the supervisor for everything.
+        child_env = preload.environment(pep, env) if library and mode == "auto" else env
+        return _run_supervised(program, argv, env, child_env, allow_direct)
     return _refuse(program, argv, env, chosen.why, allow_direct)
+
+
+def _info(env: dict, text: str) -> None:
+    """One line at PEP_LOG=info or debug (to stderr, or the PEP_LOG file)."""
+    level, _, path = env.get("PEP_LOG", "").partition(":")
+    if level.strip().lower() not in ("info", "debug"):
+        return
+    line = f"pep run[{os.getpid()}] info: {text}\n"
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(line)
+        except OSError:
+            pass
+    else:
+        sys.stderr.write(line)
 
 
 def _refuse(program, argv, env, why: str, allow_direct: bool) -> int:
@@ -163,11 +185,8 @@ def _refuse(program, argv, env, why: str, allow_direct: bool) -> int:
     return _exec(program, argv, env)
 
 
-def _run_supervised(program, argv, env, pep, library, allow_direct: bool) -> int:
+def _run_supervised(program, argv, env, child_env, allow_direct: bool) -> int:
     from . import seccomp, supervisor
-    # Dynamic children of the program still get libpep.so, the cheaper path;
-    # their connects to the PEP itself pass the filter untouched.
-    child_env = preload.environment(pep, env) if library else env
     os.environ.clear()
     os.environ.update(env)              # the supervisor reads PEP_* from its environment
     try:

@@ -1,7 +1,7 @@
 """The seccomp supervisor of `pep run`: TCP connects of programs libpep.so
 cannot enter (static, Go) go through the PEP.
 
-Two halves in one process, on one event loop (docs/run.md has the picture):
+Two halves in one process (docs/run.md has the picture):
 
 * the **notification handler**: the program's connect() stops in the kernel
   (pepsock/seccomp.py's filter).  The handler reads the sockaddr from the
@@ -12,10 +12,14 @@ Two halves in one process, on one event loop (docs/run.md has the picture):
   answers the connect with what that connect returned (0, or EINPROGRESS
   for a non-blocking socket).  Everything else runs as if unwatched
   (SECCOMP_USER_NOTIF_FLAG_CONTINUE).
-* the **local helper**: accepts those connections, opens the PEP connection
-  with `pepsock.create_connection` (header in the SYN; PEP selection,
-  failover and cookies are the client's), and relays both ways: through
-  the client's socket methods until the PEP's reply is in, then splice().
+* the **local helper**: accepts those connections and, in pool threads,
+  opens the PEP connection with `pepsock.create_connection` (header in the
+  SYN; PEP selection, failover and cookies are the client's) and relays
+  both ways: through the client's socket methods until the PEP's reply is
+  in, then splice(), one blocking thread a direction.
+
+Notifications and accepts are handled in the main thread's poll() loop, so
+a connect() waits only for the steps above, never for a PEP.
 
 Lifetime: the supervisor is no child of the program (a double fork), so the
 program never sees it in wait(); it runs until the kernel says no task uses
@@ -26,9 +30,9 @@ systemd's stop signals: the program decides when it ends, and its children
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import errno
+import fcntl
 import ipaddress
 import os
 import select
@@ -36,21 +40,23 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 
-from . import seccomp
+from . import seccomp, tfo
 from .client import PepSocket, create_connection
 from .policy import ConfigError, ProxyConfig, normalize_ip
 from .protocol import ConvertError
 
 #: struct tcp_info's tcpi_state values (include/net/tcp_states.h).
 TCP_ESTABLISHED, TCP_SYN_SENT, TCP_CLOSE = 1, 2, 7
-SPLICE_FLAGS = 1 | 2                 # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+SPLICE_F_MOVE = 1
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 16
-#: Threads opening PEP connections at once (each blocks for up to a handshake).
-OPENERS = 64
+#: Proxied connections open at once (each holds two pool threads while open);
+#: past it, new ones are reset, with one log line.
+MAX_RELAYS = 1024
 #: How long the PEP connection may take to open (the client's own per-PEP
 #: timeouts apply inside this bound).
 OPEN_TIMEOUT = 30.0
@@ -137,184 +143,117 @@ def _pep_addresses(config: ProxyConfig) -> set:
 
 # ----------------------------------------------------------------------- relaying
 
-class Direction:
-    """Bytes src -> dst: through user space while `copying()`, else through a pipe."""
-
-    def __init__(self, relay: "Relay", src: socket.socket, dst: socket.socket, copying):
-        self.relay = relay
-        self.src, self.dst = src, dst
-        self.copying = copying
-        self.buf = b""
-        self.pipe: tuple[int, int] | None = None
-        self.held = 0
-        self.eof = False
-        self.done = False
-
-    def pump(self) -> None:
-        """Move bytes until blocked; then wait for the one readiness that unblocks."""
-        loop = self.relay.loop
-        while not self.done:
-            if self.buf:
-                try:
-                    n = self.dst.send(self.buf)
-                except BlockingIOError:
-                    return self._wait(write=True)
-                self.buf = self.buf[n:]
-            elif self.held:
-                try:
-                    n = os.splice(self.pipe[0], self.dst.fileno(), self.held, flags=SPLICE_FLAGS)
-                except BlockingIOError:
-                    return self._wait(write=True)
-                self.held -= n
-            elif self.eof:
-                self.done = True
-                loop.remove_reader(self.src.fileno())
-                loop.remove_writer(self.dst.fileno())
-                self.relay.direction_done(self)
-            elif self.copying():
-                try:
-                    data = self.src.recv(CHUNK)
-                except BlockingIOError:
-                    return self._wait(write=False)
-                self.buf = data
-                self.eof = not data
-            else:
-                if self.pipe is None:
-                    self.pipe = self.relay.make_pipe()
-                try:
-                    n = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
-                except BlockingIOError:
-                    return self._wait(write=False)
-                self.held = n
-                self.eof = not n
-
-    def _wait(self, write: bool) -> None:
-        loop = self.relay.loop
-        if write:
-            loop.remove_reader(self.src.fileno())
-            loop.add_writer(self.dst.fileno(), self.relay.run, self)
-        else:
-            loop.remove_writer(self.dst.fileno())
-            loop.add_reader(self.src.fileno(), self.relay.run, self)
-
-    def close(self) -> None:
-        if self.pipe is not None:
-            for fd in self.pipe:
-                os.close(fd)
-            self.pipe = None
-
-
 class Relay:
-    """One proxied connection: the program's loopback connection and the PEP's."""
+    """One proxied connection: the program's loopback connection and the PEP's.
+
+    Runs in pool threads on blocking sockets (ours, not the program's: its
+    socket's flags are untouched): `serve` opens the PEP connection, starts
+    the upstream half in another thread and pumps downstream itself.  Until
+    the PEP's reply is in, bytes go through the client's own send()/recv():
+    it strips the reply, turns an Error TLV into an exception, and may replay
+    what was sent before it (failover, cookies).  After that, splice().
+    """
 
     def __init__(self, sup: "Supervisor", conn: socket.socket, dest):
         self.sup = sup
-        self.loop = sup.loop
         self.conn = conn
         self.dest = dest
         self.pep: socket.socket | None = None
-        self.up = self.down = None
-        self.closed = False
-        self.t0 = time.monotonic()
-        conn.setblocking(False)
-        fut = self.loop.run_in_executor(sup.openers, self._open)
-        fut.add_done_callback(self._opened)
+        self.failed = False
 
-    def _open(self) -> socket.socket:
-        ip, port = self.dest
-        return create_connection((str(ip), port), timeout=OPEN_TIMEOUT)
-
-    def _opened(self, fut) -> None:
-        if self.closed:
-            if fut.exception() is None:
-                fut.result().close()
-            return
-        exc = fut.exception()
-        if exc is not None:
-            self.sup.log("error", f"{_fmt(self.dest)}: {exc}")
-            return self.abort()
-        pep = self.pep = fut.result()
-        pep.setblocking(False)
-        if isinstance(pep, PepSocket):
-            # Until the PEP's reply is in, bytes go through the client's own
-            # send()/recv(): it strips the reply, turns an Error TLV into an
-            # exception, and may replay what was sent before (failover, cookies).
-            reply_seen = [False]
-
-            def down_copying() -> bool:
-                if reply_seen[0]:
-                    return False
-                reply_seen[0] = pep.reply_received   # one more recv() takes what came with it
-                return True
-
-            def up_copying() -> bool:
-                return not pep.reply_received
-        else:
-            def down_copying() -> bool:
-                return False
-            up_copying = down_copying
-        self.up = Direction(self, self.conn, pep, up_copying)
-        self.down = Direction(self, pep, self.conn, down_copying)
-        self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
-                              f"in {1000 * (time.monotonic() - self.t0):.1f} ms")
-        self.run(self.up)
-        self.run(self.down)
-
-    def run(self, d: Direction) -> None:
-        if self.closed:
-            return
+    def serve(self) -> None:
+        t0 = time.monotonic()
         try:
-            d.pump()
+            ip, port = self.dest
+            pep = self.pep = create_connection((str(ip), port), timeout=OPEN_TIMEOUT)
+        except OSError as exc:
+            self.sup.log("error", f"{_fmt(self.dest)}: {exc}")
+            self._reset(self.conn)
+            return self.sup.relay_done(self)
+        pep.settimeout(None)
+        self.conn.settimeout(None)
+        self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
+                              f"in {1000 * (time.monotonic() - t0):.1f} ms")
+        try:
+            upstream = self.sup.pool.submit(self._guard, self._upstream)
+        except RuntimeError:            # the pool is shutting down: the program is gone
+            upstream = None
+            self._abort()
+        self._guard(self._downstream)
+        if upstream is not None:
+            upstream.result()
+        for sock in (self.conn, pep):
+            # The client's socket: a plain close (its detach() would wait for the reply).
+            socket.socket.close(sock)
+        self.sup.relay_done(self)
+
+    def _guard(self, half) -> None:
+        try:
+            half()
         except ConvertError as exc:
             self.sup.log("error", f"{_fmt(self.dest)}: the PEP said: {exc}")
-            self.abort()
+            self._abort()
         except OSError as exc:
-            if not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            if not self.failed and not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
                 self.sup.log("warn", f"{_fmt(self.dest)}: {exc}")
-            self.abort()
+            self._abort()
 
-    def make_pipe(self) -> tuple[int, int]:
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    def _upstream(self) -> None:
+        conn, pep = self.conn, self.pep
+        while isinstance(pep, PepSocket) and not pep.reply_received:
+            data = conn.recv(CHUNK)
+            if not data:
+                return self._eof(pep)
+            pep.sendall(data)
+        self._splice(conn, pep)
+
+    def _downstream(self) -> None:
+        conn, pep = self.conn, self.pep
+        if isinstance(pep, PepSocket):
+            data = pep.recv(CHUNK)       # the reply, then the first bytes after it
+            if not data:
+                return self._eof(conn)
+            conn.sendall(data)
+        self._splice(pep, conn)
+
+    def _splice(self, src: socket.socket, dst: socket.socket) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC)
         try:
-            import fcntl
             fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass
-        return r, w
+        try:
+            sfd, dfd = src.fileno(), dst.fileno()
+            while True:
+                n = os.splice(sfd, w, PIPE_SIZE, flags=SPLICE_F_MOVE)
+                if not n:
+                    return self._eof(dst)
+                while n:
+                    n -= os.splice(r, dfd, n, flags=SPLICE_F_MOVE)
+        finally:
+            os.close(r)
+            os.close(w)
 
-    def direction_done(self, d: Direction) -> None:
-        other = self.down if d is self.up else self.up
-        if not other.done:
-            try:
-                d.dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            return
-        self._finish(reset=False)
+    def _eof(self, dst: socket.socket) -> None:
+        if not self.failed:
+            dst.shutdown(socket.SHUT_WR)
 
-    def abort(self) -> None:
-        self._finish(reset=True)
+    def _abort(self) -> None:
+        """Reset both sides (a reset, not a FIN: the program must not take a
+        cut-short stream for a whole one).  The disconnect also wakes the other
+        half out of its blocking call with ECONNRESET."""
+        self.failed = True
+        for sock in (self.conn, self.pep):
+            if sock is not None:
+                tfo.reset(sock)
 
-    def _finish(self, reset: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for d in (self.up, self.down):
-            if d is not None:
-                d.close()
-        for s in (self.conn, self.pep):
-            if s is None:
-                continue
-            try:
-                self.loop.remove_reader(s.fileno())
-                self.loop.remove_writer(s.fileno())
-                if reset:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except (OSError, ValueError):
-                pass
-            # The client's socket: a plain close (its detach() would wait for the reply).
-            socket.socket.close(s)
-        self.sup.relay_done(self)
+    @staticmethod
+    def _reset(sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        socket.socket.close(sock)
 
 
 def _fmt(dest) -> str:
@@ -331,16 +270,18 @@ class Supervisor:
         self.log = log
         self.config = ProxyConfig.from_env(env)
         self.peps = _pep_addresses(self.config)
-        self.loop = asyncio.new_event_loop()
-        self.openers = concurrent.futures.ThreadPoolExecutor(OPENERS, "pep-open")
+        self.handlers: dict[int, object] = {}  # fd -> what to call when it polls ready
+        self.poller = select.poll()
+        self.pool = concurrent.futures.ThreadPoolExecutor(2 * MAX_RELAYS, "pep-relay")
         self.routes: dict[tuple, tuple] = {}   # helper-side peer (ip, port) -> destination
         self.relays: set[Relay] = set()
+        self.lock = threading.Lock()           # relays: pool threads remove themselves
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.helpers: dict[int, socket.socket] = {}
         self.helper_addr: dict[int, bytes] = {}
         self.pidfds: dict[int, int] = {}
         self.watching = True
         self.said: set[str] = set()
-        self.drain_timer = None
         self._open_helpers()
 
     # -- the local helper -------------------------------------------------------------
@@ -364,7 +305,7 @@ class Supervisor:
         for sock in self.helpers.values():
             sock.listen(4096)
             sock.setblocking(False)
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
+            self._watch(sock.fileno(), lambda ev, sock=sock: self._accept(sock))
 
     def _accept(self, lsock: socket.socket) -> None:
         for _ in range(64):
@@ -379,14 +320,29 @@ class Supervisor:
             if dest is None:
                 conn.close()  # not a connection we steered here: nobody else uses our helper
                 continue
-            self.relays.add(Relay(self, conn, dest))
+            with self.lock:
+                full = len(self.relays) >= MAX_RELAYS
+                if not full:
+                    relay = Relay(self, conn, dest)
+                    self.relays.add(relay)
+            if full:
+                self._once("full", f"more than {MAX_RELAYS} connections at once: resetting "
+                                   f"the newest")
+                Relay._reset(conn)
+                continue
+            self.pool.submit(relay.serve)
 
     def relay_done(self, relay: Relay) -> None:
-        self.relays.discard(relay)
-        self._maybe_stop()
+        """From a pool thread: the relay is closed."""
+        with self.lock:
+            self.relays.discard(relay)
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
 
     # -- notifications ----------------------------------------------------------------
-    def _on_listener(self) -> None:
+    def _on_listener(self, revents: int) -> None:
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
         for _ in range(64):
@@ -398,9 +354,8 @@ class Supervisor:
                     self._handle(note)
                 continue
             if revents & (select.POLLHUP | select.POLLERR):
-                self.loop.remove_reader(self.listener)
+                self._unwatch(self.listener)
                 self.watching = False
-                self._maybe_stop()
             return
 
     def _handle(self, note: seccomp.Notification) -> None:
@@ -515,32 +470,58 @@ class Supervisor:
             self.said.add(key)
             self.log("error", text)
 
-    # -- lifetime -------------------------------------------------------------------
+    # -- the loop -------------------------------------------------------------------
+    def _watch(self, fd: int, handler) -> None:
+        self.handlers[fd] = handler
+        self.poller.register(fd, select.POLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        self.handlers.pop(fd, None)
+        self.poller.unregister(fd)
+
     def _program_exited(self, pidfd: int) -> None:
-        self.loop.remove_reader(pidfd)
+        self._unwatch(pidfd)
         os.close(pidfd)
         self.log.drop_stderr()
 
-    def _maybe_stop(self) -> None:
-        if self.watching:
-            return
-        if not self.relays:
-            self.loop.stop()
-        elif self.drain_timer is None:
-            self.drain_timer = self.loop.call_later(DRAIN_TIMEOUT, self.loop.stop)
+    def _drain_wakeups(self, revents: int) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def run(self) -> None:
-        self.loop.add_reader(self.listener, self._on_listener)
+        """Until no task uses the filter and the relays are done (at most
+        DRAIN_TIMEOUT after the last task is gone)."""
+        self._watch(self.listener, self._on_listener)
+        self._watch(self.wake_r, self._drain_wakeups)
         try:
             pidfd = os.pidfd_open(self.program_pid)
         except OSError:
             self.log.drop_stderr()
         else:
-            self.loop.add_reader(pidfd, self._program_exited, pidfd)
-        self.loop.run_forever()
-        for relay in list(self.relays):    # still open DRAIN_TIMEOUT after the program ended
-            relay.abort()
-        self.openers.shutdown(wait=False, cancel_futures=True)
+            self._watch(pidfd, lambda ev: self._program_exited(pidfd))
+        deadline = None
+        while True:
+            if not self.watching:
+                with self.lock:
+                    idle = not self.relays
+                if idle:
+                    break
+                if deadline is None:
+                    deadline = time.monotonic() + DRAIN_TIMEOUT
+                elif time.monotonic() > deadline:
+                    break
+            for fd, revents in self.poller.poll(None if self.watching else 1000):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler(revents)
+        with self.lock:
+            left = list(self.relays)
+        for relay in left:                  # still open DRAIN_TIMEOUT after the program ended
+            relay._abort()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _sockaddr_in(ip: ipaddress.IPv4Address, port: int) -> bytes:
