@@ -461,6 +461,7 @@ class Supervisor:
         helper = self.helpers.get(sock.family) or self.helpers[socket.AF_INET]
         if peer[1] != helper.getsockname()[1]:
             return None
+        self.log("debug", "a steered connect, restarted after a signal: answered as done")
         if state == TCP_ESTABLISHED:
             return 0
         return errno.EINPROGRESS if state == TCP_SYN_SENT else None

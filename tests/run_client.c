@@ -10,6 +10,8 @@
  * -d  daemon: double-fork and return at once (exit 0); the grandchild fetches
  *     after 300 ms and writes the response to OUT (via OUT.tmp + rename)
  * -c  fetch N times, writing only the last response
+ * -i  a SIGALRM every 50 us (SA_RESTART, as Go's preemption signals): connects
+ *     get interrupted while the supervisor is deciding, and restarted
  * -s  print "pid <getpid()>", then: SIGHUP prints "HUP", SIGTERM prints
  *     "TERM" and exits 7; otherwise waits (at most 60 s)
  * The response (headers and body) goes to stdout; errors to stderr, exit 1.
@@ -26,6 +28,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -42,6 +45,20 @@ static void on_signal(int sig) {
         write(1, "TERM\n", 5);
         _exit(7);
     }
+}
+
+static void on_alarm(int sig) {
+    (void)sig;
+}
+
+static void interrupt_often(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGALRM, &sa, NULL);
+    struct itimerval it = {{0, 50}, {0, 50}};
+    setitimer(ITIMER_REAL, &it, NULL);
 }
 
 static int signals_mode(void) {
@@ -62,7 +79,10 @@ static void wait_for(int ep, int fd, unsigned events) {
     if (epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) != 0)
         die("epoll_ctl MOD");
     struct epoll_event got;
-    int n = epoll_wait(ep, &got, 1, 20000);
+    int n;
+    do
+        n = epoll_wait(ep, &got, 1, 20000);
+    while (n < 0 && errno == EINTR);    /* epoll_wait is never restarted */
     if (n < 0)
         die("epoll_wait");
     if (n == 0) {
@@ -156,8 +176,9 @@ static size_t fetch(int v6, int nonblock, const char *host, int port, const char
 int main(int argc, char **argv) {
     int v6 = 0, nonblock = 0, count = 1, opt;
     const char *daemon_out = NULL;
-    while ((opt = getopt(argc, argv, "n6d:c:s")) != -1) {
+    while ((opt = getopt(argc, argv, "n6d:c:si")) != -1) {
         switch (opt) {
+        case 'i': interrupt_often(); break;
         case 'n': nonblock = 1; break;
         case '6': v6 = 1; break;
         case 'd': daemon_out = optarg; break;

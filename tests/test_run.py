@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 
@@ -23,7 +24,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import require_root
-from converter import Converter, HTTPServer
+from converter import Converter, EchoServer, HTTPServer
 from pepsock import elf, run, seccomp
 from pepsock.testbed.netns import Topology
 from relay_helpers import Relay
@@ -410,6 +411,55 @@ def test_static_and_go_clients_through_pep_relay(ns, static_client, go_client):
         assert out == ns.payload
     finally:
         relay.stop()
+
+
+@pytest.mark.parametrize("flags", [(), ("-n",)])
+def test_connects_interrupted_by_signals_are_answered_once(ns, static_client, flags):
+    """A SIGALRM every 50 us (SA_RESTART, like Go's preemption signals)
+    interrupts connects while the supervisor decides; the kernel restarts
+    them, and a restarted connect the supervisor already steered is answered
+    as done: every fetch works and the PEP sees each connection once."""
+    http = ns.http[4]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "-i", *flags, "-c", "20",
+                                                       "127.0.0.1", str(http.address[1]), "1m.bin"])
+    assert rc == 0, err
+    assert body(out) == ns.payload
+    assert len(conv.seen) == 20
+
+
+def test_upload_and_half_close_through_the_supervisor(ns):
+    """Both directions and a half-close, with a program forced through the
+    seccomp path: 4 MiB to an echo server, shutdown(SHUT_WR), read it all back."""
+    code = textwrap.dedent("""
+        import hashlib, os, socket, sys, threading
+        data = os.urandom(4 << 20)
+        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+        def send():
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        t = threading.Thread(target=send)
+        t.start()
+        got = bytearray()
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        t.join()
+        print(len(got), hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest())
+    """)
+    with ns.enter():
+        echo = EchoServer()
+    with echo, converter(ns) as conv:
+        host, port = conv.address
+        p = subprocess.run(ns.cmd(*pep_run_argv("--pep", f"{host}:{port}", "--mode", "seccomp",
+                                                "--", sys.executable, "-c", code,
+                                                str(echo.address[1]))),
+                           env=base_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(4 << 20), "True"]
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
 
 
 def test_bypassed_destination_goes_direct(ns, static_client):
