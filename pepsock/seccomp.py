@@ -283,6 +283,25 @@ def take_fd(pidfd: int, fd: int) -> int:
     return got
 
 
+PIDFD_THREAD = os.O_EXCL      # Linux 6.9+: a pidfd for a thread, not only a process
+_pidfd_thread = True
+
+
+def pidfd_of_thread(tid: int) -> int:
+    """A pidfd whose fd table is the thread's (its process's): for the thread
+    itself where the kernel can (6.9+), else for its thread group.  The caller
+    re-checks the notification afterwards, so the tid cannot have been reused."""
+    global _pidfd_thread
+    if _pidfd_thread:
+        try:
+            return os.pidfd_open(tid, PIDFD_THREAD)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _pidfd_thread = False
+    return os.pidfd_open(thread_group(tid))
+
+
 def thread_group(tid: int) -> int:
     """The process (thread-group id) a thread belongs to."""
     with open(f"/proc/{tid}/status") as f:

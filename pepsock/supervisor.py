@@ -279,7 +279,6 @@ class Supervisor:
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.helpers: dict[int, socket.socket] = {}
         self.helper_addr: dict[int, bytes] = {}
-        self.pidfds: dict[int, int] = {}
         self.watching = True
         self.said: set[str] = set()
         self._open_helpers()
@@ -407,17 +406,11 @@ class Supervisor:
     def _take(self, tid: int, fd: int) -> socket.socket | None:
         """Our socket object on the program's open file; None if not a TCP socket."""
         try:
-            tgid = seccomp.thread_group(tid)
-            pidfd = self.pidfds.get(tgid)
-            if pidfd is None:
-                pidfd = self.pidfds[tgid] = os.pidfd_open(tgid)
+            pidfd = seccomp.pidfd_of_thread(tid)
             try:
                 mine = seccomp.take_fd(pidfd, fd)
-            except ProcessLookupError:
-                # A cached pidfd of an exited process whose tgid came back: reopen.
-                os.close(self.pidfds.pop(tgid))
-                pidfd = self.pidfds[tgid] = os.pidfd_open(tgid)
-                mine = seccomp.take_fd(pidfd, fd)
+            finally:
+                os.close(pidfd)
         except OSError as exc:
             if exc.errno == errno.EPERM:
                 self._once("getfd", f"cannot take the sockets of process {tid} (ptrace "

@@ -12,11 +12,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 
@@ -25,7 +27,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import require_root
 from converter import Converter, EchoServer, HTTPServer
-from pepsock import elf, run, seccomp
+from pepsock import elf, run, seccomp, supervisor
 from pepsock.testbed.netns import Topology
 from relay_helpers import Relay
 
@@ -270,6 +272,54 @@ def test_connect_filter_notifies_connect_of_its_arch_only():
     assert verdict(0x40000003, 42) == seccomp.SECCOMP_RET_ALLOW                # i386
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.integers(0, 200))
+def test_parse_sockaddr_takes_any_bytes(raw, length):
+    got = supervisor.parse_sockaddr(raw, length)
+    assert got is None or got[0] in (socket.AF_INET, socket.AF_INET6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), st.integers(0, 65535))
+def test_parse_sockaddr_reads_what_the_kernel_gets(ip, port):
+    raw = supervisor._sockaddr_in(ip, port) if ip.version == 4 else supervisor._sockaddr_in6(ip, port)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    assert supervisor.parse_sockaddr(raw, len(raw)) == (family, ip, port)
+    assert supervisor.parse_sockaddr(raw, len(raw) - 1) is None     # too short for its family
+
+
+@pytest.mark.parametrize("thread_pidfds", [True, False])
+def test_pidfd_of_a_thread_reaches_its_fd_table(monkeypatch, thread_pidfds):
+    """pidfd_getfd through the pidfd of a non-leader thread (PIDFD_THREAD, or
+    its thread group on kernels before 6.9) gets the same open file."""
+    monkeypatch.setattr(seccomp, "_pidfd_thread", thread_pidfds)
+    a, b = socket.socketpair()
+    tid, ready, done = [], threading.Event(), threading.Event()
+
+    def worker():
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        ready.wait(10)
+        pidfd = seccomp.pidfd_of_thread(tid[0])
+        try:
+            mine = socket.socket(fileno=seccomp.take_fd(pidfd, a.fileno()))
+        finally:
+            os.close(pidfd)
+        with mine:
+            mine.sendall(b"same file")
+            assert b.recv(9) == b"same file"
+    finally:
+        done.set()
+        t.join()
+        a.close()
+        b.close()
+
+
 # ------------------------------------------------------------------ becoming the program
 
 SH_SIGNALS = ('trap "echo HUP" HUP; trap "echo TERM; exit 7" TERM; echo "pid $$"; '
@@ -481,7 +531,6 @@ def test_pep_error_reaches_the_program_as_a_reset_and_a_log_line(ns, static_clie
 
 def test_unreachable_pep_is_logged(ns, static_client):
     with ns.enter():
-        import socket
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()
