@@ -196,11 +196,11 @@ def _run_supervised(program, argv, env, child_env, allow_direct: bool) -> int:
                        allow_direct)
     seccomp.allow_ptrace_by(supervisor_pid)
     try:
-        listener = seccomp.install_connect_listener()
+        listener, killable = seccomp.install_connect_listener()
     except seccomp.Unsupported as exc:
         channel.close()                 # the supervisor sees no listener and leaves
         return _refuse(program, argv, env, str(exc), allow_direct)
-    supervisor.hand_over(channel, listener)
+    supervisor.hand_over(channel, listener, killable)
     os.close(listener)
     channel.close()
     return _exec(program, argv, child_env)

@@ -34,6 +34,7 @@ SYS_PIDFD_GETFD = 438            # the same on every architecture (new syscall t
 # --- seccomp (include/uapi/linux/seccomp.h)
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
@@ -145,8 +146,13 @@ def _prctl(option: int, arg2: int = 0) -> int:
     return 0 if rc == 0 else ctypes.get_errno()
 
 
-def install_connect_listener() -> int:
-    """Install the connect() filter on the calling thread; the listener fd (O_CLOEXEC).
+def install_connect_listener(wait_killable: bool = True) -> tuple[int, bool]:
+    """Install the connect() filter on the calling thread: (listener fd
+    (O_CLOEXEC), killable) where killable means the kernel took
+    SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (5.19+): once the supervisor has
+    received a notification, only a fatal signal takes the caller out of its
+    connect, so an answered connect is never restarted.  wait_killable=False
+    installs it as a kernel before 5.19 would (the tests use it).
 
     Tries without no_new_privs first (allowed with CAP_SYS_ADMIN: setuid
     programs then keep working under root); otherwise sets no_new_privs.
@@ -160,19 +166,26 @@ def install_connect_listener() -> int:
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
 
-    def attempt() -> int:
+    def attempt(flags: int) -> int:
         fd = _libc.syscall(ctypes.c_long(nr_seccomp), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-                           ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER), ctypes.byref(prog))
+                           ctypes.c_long(flags), ctypes.byref(prog))
         return fd if fd >= 0 else -ctypes.get_errno()
 
-    fd = attempt()
+    def attempt_both() -> tuple[int, bool]:
+        if wait_killable:
+            fd = attempt(SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV)
+            if fd != -errno.EINVAL:
+                return fd, True
+        return attempt(SECCOMP_FILTER_FLAG_NEW_LISTENER), False   # before Linux 5.19
+
+    fd, killable = attempt_both()
     if fd == -errno.EACCES:
         err = _prctl(PR_SET_NO_NEW_PRIVS, 1)
         if err:
             raise Unsupported(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
-        fd = attempt()
+        fd, killable = attempt_both()
     if fd >= 0:
-        return fd
+        return fd, killable
     err = -fd
     why = {
         errno.EBUSY: "a seccomp supervisor already watches this process (pep run inside pep run?)",

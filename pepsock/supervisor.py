@@ -57,6 +57,10 @@ CHUNK = 1 << 16
 #: Proxied connections open at once (each holds two pool threads while open);
 #: past it, new ones are reset, with one log line.
 MAX_RELAYS = 1024
+#: Steered connects whose caller a signal took away before the answer,
+#: remembered for the call that restarts them (a program that never retries
+#: leaves one behind; past this many the memory is dropped).
+MAX_UNANSWERED = 4096
 #: How long the PEP connection may take to open (the client's own per-PEP
 #: timeouts apply inside this bound).
 OPEN_TIMEOUT = 30.0
@@ -162,14 +166,27 @@ class Relay:
         self.failed = False
 
     def serve(self) -> None:
+        """In a pool thread: the relay's whole life; it always ends in relay_done()."""
+        try:
+            self._serve()
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the relay counted
+            self.sup.log("error", f"{_fmt(self.dest)}: internal error: {exc!r}")
+            self._abort()
+        finally:
+            for sock in (self.conn, self.pep):
+                if sock is not None:
+                    # The client's socket: a plain close (its detach() would wait for the reply).
+                    socket.socket.close(sock)
+            self.sup.relay_done(self)
+
+    def _serve(self) -> None:
         t0 = time.monotonic()
         try:
             ip, port = self.dest
             pep = self.pep = create_connection((str(ip), port), timeout=OPEN_TIMEOUT)
         except OSError as exc:
             self.sup.log("error", f"{_fmt(self.dest)}: {exc}")
-            self._reset(self.conn)
-            return self.sup.relay_done(self)
+            return self._abort()
         pep.settimeout(None)
         self.conn.settimeout(None)
         self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
@@ -177,15 +194,9 @@ class Relay:
         try:
             upstream = self.sup.pool.submit(self._guard, self._upstream)
         except RuntimeError:            # the pool is shutting down: the program is gone
-            upstream = None
-            self._abort()
+            return self._abort()
         self._guard(self._downstream)
-        if upstream is not None:
-            upstream.result()
-        for sock in (self.conn, pep):
-            # The client's socket: a plain close (its detach() would wait for the reply).
-            socket.socket.close(sock)
-        self.sup.relay_done(self)
+        upstream.result()
 
     def _guard(self, half) -> None:
         try:
@@ -248,7 +259,8 @@ class Relay:
                 tfo.reset(sock)
 
     @staticmethod
-    def _reset(sock: socket.socket) -> None:
+    def reset(sock: socket.socket) -> None:
+        """Close with an RST."""
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
@@ -264,8 +276,10 @@ def _fmt(dest) -> str:
 # ----------------------------------------------------------------------- the supervisor
 
 class Supervisor:
-    def __init__(self, listener: int, program_pid: int, log: Log, env=None):
+    def __init__(self, listener: int, program_pid: int, log: Log, env=None,
+                 killable: bool = True):
         self.listener = listener
+        self.killable = killable
         self.program_pid = program_pid
         self.log = log
         self.config = ProxyConfig.from_env(env)
@@ -281,6 +295,8 @@ class Supervisor:
         self.helper_addr: dict[int, bytes] = {}
         self.watching = True
         self.said: set[str] = set()
+        self.steered = None                    # the socket _steer() connected to the helper
+        self.unanswered: set[tuple] = set()    # ...whose connect was interrupted before our answer
         self._open_helpers()
 
     # -- the local helper -------------------------------------------------------------
@@ -327,7 +343,7 @@ class Supervisor:
             if full:
                 self._once("full", f"more than {MAX_RELAYS} connections at once: resetting "
                                    f"the newest")
-                Relay._reset(conn)
+                Relay.reset(conn)
                 continue
             self.pool.submit(relay.serve)
 
@@ -359,6 +375,7 @@ class Supervisor:
 
     def _handle(self, note: seccomp.Notification) -> None:
         listener = self.listener
+        self.steered = None
         try:
             err = self._steer(note)
         except Exception as exc:  # noqa: BLE001 - never leave the program stuck in connect()
@@ -366,8 +383,12 @@ class Supervisor:
             err = None
         if err is None:
             seccomp.let_through(listener, note.id)
-        else:
-            seccomp.respond(listener, note.id, error=err)
+        elif not seccomp.respond(listener, note.id, error=err) and self.steered is not None:
+            # A signal took the caller out of its connect after we steered the
+            # socket: the restarted call (or the retry after EINTR) gets the answer.
+            if len(self.unanswered) >= MAX_UNANSWERED:
+                self.unanswered.clear()
+            self.unanswered.add(self.steered)
 
     def _steer(self, note: seccomp.Notification) -> int | None:
         """None: let the connect through; else its result (0 or an errno)."""
@@ -440,24 +461,39 @@ class Supervisor:
         err = seccomp.raw_connect(sock.fileno(), self.helper_addr[sock.family])
         if err in (0, errno.EINPROGRESS):
             local = sock.getsockname()
-            self.routes[(normalize_ip(local[0]), local[1])] = (ip, port)
+            self.steered = (normalize_ip(local[0]), local[1])
+            self.routes[self.steered] = (ip, port)
             self.log("debug", f"connect to {_fmt((ip, port))} steered to the helper")
         return err
 
     def _restarted(self, sock: socket.socket, state: int) -> int | None:
-        """A connect we already performed, restarted after a signal interrupted
-        the wait for our answer: answer it now; anything else is the kernel's."""
+        """A connect we steered but could not answer (a signal interrupted the
+        wait), called again: answer it now.  Any other connect on a socket that
+        is not fresh is the kernel's to answer (EISCONN, EALREADY...)."""
         try:
-            peer = sock.getpeername()
+            local = sock.getsockname()
         except OSError:
             return None
-        helper = self.helpers.get(sock.family) or self.helpers[socket.AF_INET]
-        if peer[1] != helper.getsockname()[1]:
+        key = (normalize_ip(local[0]), local[1])
+        if key in self.unanswered:
+            self.unanswered.discard(key)
+        elif self.killable or not self._to_helper(sock):
             return None
+        # else: before Linux 5.19 a signal can restart a connect whose answer the
+        # kernel had already taken (respond() then said yes): a connect on a
+        # socket steered to the helper is taken for such a restart.
         self.log("debug", "a steered connect, restarted after a signal: answered as done")
         if state == TCP_ESTABLISHED:
             return 0
         return errno.EINPROGRESS if state == TCP_SYN_SENT else None
+
+    def _to_helper(self, sock: socket.socket) -> bool:
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            return False
+        helper = self.helpers.get(sock.family) or self.helpers[socket.AF_INET]
+        return peer[1] == helper.getsockname()[1]
 
     def _once(self, key: str, text: str) -> None:
         if key not in self.said:
@@ -553,8 +589,9 @@ def spawn(program_pid: int) -> tuple[socket.socket, int]:
     return ours, int(hello)
 
 
-def hand_over(channel: socket.socket, listener: int) -> None:
-    socket.send_fds(channel, [b"L"], [listener])
+def hand_over(channel: socket.socket, listener: int, killable: bool) -> None:
+    """Pass the listener; `killable`: installed with WAIT_KILLABLE_RECV."""
+    socket.send_fds(channel, [b"K" if killable else b"L"], [listener])
 
 
 def _child(channel: socket.socket, program_pid: int) -> None:
@@ -576,14 +613,14 @@ def _child(channel: socket.socket, program_pid: int) -> None:
         log = Log(os.environ.get("PEP_LOG"), stderr)
         channel.send(str(os.getpid()).encode())
         try:
-            _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+            msg, fds, _, _ = socket.recv_fds(channel, 16, 1)
         except OSError:
-            fds = []
+            msg, fds = b"", []
         channel.close()
         if not fds:
             os._exit(0)                   # pep run could not install the filter
         try:
-            sup = Supervisor(fds[0], program_pid, log)
+            sup = Supervisor(fds[0], program_pid, log, killable=msg == b"K")
         except (ConfigError, OSError) as exc:
             log("error", f"seccomp supervisor: {exc}")
             os._exit(1)

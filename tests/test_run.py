@@ -478,6 +478,35 @@ def test_connects_interrupted_by_signals_are_answered_once(ns, static_client, fl
     assert len(conv.seen) == 20
 
 
+def test_restarted_connects_before_linux_5_19(ns, static_client):
+    """Without SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (kernels before 5.19) a
+    signal can take the caller out of a connect the supervisor has steered,
+    even after the kernel took its answer; the restarted call must still be
+    answered as done.  pep run's steps, with the filter installed the old way."""
+    http = ns.http[4]
+    code = textwrap.dedent(f"""
+        import os
+        from pepsock import seccomp, supervisor
+        channel, _ = supervisor.spawn(os.getpid())
+        listener, killable = seccomp.install_connect_listener(wait_killable=False)
+        assert not killable
+        supervisor.hand_over(channel, listener, killable)
+        os.close(listener)
+        channel.close()
+        client = {static_client!r}
+        os.execv(client, [client, "-i", "-c", "100", "127.0.0.1", "{http.address[1]}", "1m.bin"])
+    """)
+    with converter(ns) as conv:
+        p = subprocess.run(ns.cmd(sys.executable, "-c", code),
+                           env=base_env(PEP_PROXY=conv.env_value, PEP_LOG="debug"),
+                           capture_output=True, timeout=60)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 0, err[-2000:]
+    assert body(p.stdout) == ns.payload
+    assert len(conv.seen) == 100
+    print(err.count("restarted after a signal"), "restarts answered")
+
+
 def test_upload_and_half_close_through_the_supervisor(ns):
     """Both directions and a half-close, with a program forced through the
     seccomp path: 4 MiB to an echo server, shutdown(SHUT_WR), read it all back."""
@@ -510,6 +539,63 @@ def test_upload_and_half_close_through_the_supervisor(ns):
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [str(4 << 20), "True"]
     assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_what_the_supervisor_passes_through(ns, tmp_path):
+    """UDP, unix sockets, a second connect on a connected socket, a bad
+    pointer and a bypassed destination get the kernel's own answers; only the
+    TCP connect goes to the PEP (and getpeername shows the helper: documented)."""
+    code = textwrap.dedent(f"""
+        import ctypes, errno, socket, sys
+        out = []
+        echo_port, closed_port = int(sys.argv[1]), int(sys.argv[2])
+        # UDP: connect and send to a receiver in this process
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rx.bind(("127.0.0.1", 0))
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); tx.connect(rx.getsockname())
+        tx.send(b"udp"); out.append(rx.recv(10).decode())
+        out.append(tx.getpeername() == rx.getsockname())
+        # unix
+        u = socket.socket(socket.AF_UNIX); u.bind({str(tmp_path / "u.sock")!r}); u.listen()
+        c = socket.socket(socket.AF_UNIX); c.connect({str(tmp_path / "u.sock")!r})
+        out.append("unix")
+        # TCP through the PEP; then connect again on it (libc's connect: Python
+        # itself takes EISCONN for success)
+        libc = ctypes.CDLL(None, use_errno=True)
+        t = socket.create_connection(("127.0.0.1", echo_port), timeout=10)
+        t.sendall(b"tcp"); out.append(t.recv(10).decode())
+        sin = (socket.AF_INET).to_bytes(2, sys.byteorder) + echo_port.to_bytes(2, "big") \
+            + socket.inet_aton("127.0.0.1") + bytes(8)
+        for _ in range(2):   # after a non-blocking connect: 0 (now SS_CONNECTED), then EISCONN
+            rc = libc.connect(t.fileno(), sin, 16)
+            out.append(errno.errorcode[ctypes.get_errno()] if rc else "0")
+        # a bad sockaddr pointer
+        s = socket.socket()
+        rc = libc.connect(s.fileno(), ctypes.c_void_p(8), 16)
+        out.append(errno.errorcode[ctypes.get_errno()] if rc else "0")
+        # a bypassed destination with nobody listening
+        out.append(errno.errorcode[socket.socket().connect_ex(("127.0.0.2", closed_port))])
+        print(*out)
+    """)
+    with ns.enter():
+        echo = EchoServer()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+        probe.close()
+    argv = [sys.executable, "-c", code, str(echo.address[1]), str(closed)]
+    with echo, converter(ns) as conv:
+        p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
+                                                *argv)),
+                           env=base_env(PEP_NO_PROXY="127.0.0.2"), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+        (tmp_path / "u.sock").unlink()
+        plain = subprocess.run(ns.cmd(*argv), env=base_env(), capture_output=True, text=True,
+                               timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["udp", "True", "unix", "tcp", "0", "EISCONN", "EFAULT",
+                                "ECONNREFUSED"]
+    assert p.stdout == plain.stdout, plain.stderr
+    assert [s.connect.port for s in conv.seen] == [echo.address[1]]
 
 
 def test_bypassed_destination_goes_direct(ns, static_client):
