@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a command with its TCP connections on the PEP")
     p.add_argument("--pep", type=_pep_arg, metavar="HOST:PORT",
                    help="PEP to use (default: $PEP_PROXY)")
-    p.add_argument("--mode", choices=("auto", "preload", "seccomp"), default="auto",
-                   help="libpep.so (preload) or the seccomp supervisor (static and Go "
-                        "programs); auto picks (default)")
+    p.add_argument("--mode", choices=("auto", "preload", "seccomp", "both"), default="auto",
+                   help="libpep.so (preload), the seccomp supervisor (static and Go "
+                        "programs), or both (a script that runs static or Go programs); "
+                        "auto picks by the program (default)")
     p.add_argument("--allow-direct", action="store_true",
                    help="run a program neither path can serve unproxied instead of refusing")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")

@@ -10,6 +10,11 @@ Which path serves a program (docs/run.md):
 * **none**: nothing can (a foreign-architecture program, no seccomp user
   notification...): say so in one line and refuse, unless --allow-direct.
 
+The choice looks at the program pep run starts.  A dynamic program that
+later runs a static or Go one (a shell script running rclone) leaves that
+one to --mode both: the supervisor for the whole tree, libpep.so for its
+dynamic members.
+
 Either way pep run execs: the pid, signals and exit status are the program's.
 """
 from __future__ import annotations
@@ -25,7 +30,10 @@ from . import elf, preload
 from .policy import ConfigError, ProxyConfig
 
 PRELOAD, SECCOMP, NONE = "preload", "seccomp", "none"
-MODES = ("auto", PRELOAD, SECCOMP)
+#: --mode both: the supervisor for the whole tree and libpep.so in LD_PRELOAD,
+#: for a dynamic program (a shell script) that runs static or Go ones.
+BOTH = "both"
+MODES = ("auto", PRELOAD, SECCOMP, BOTH)
 #: Exit status when pep run itself refuses or fails (as env(1) does).
 REFUSED = 125
 NATIVE_MACHINE = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
@@ -75,10 +83,10 @@ def plan(program: elf.Program, want: str = "auto", *, library=None, library_why:
     setuid = _setuid_blocker(program)
     if want == PRELOAD:
         return Plan(PRELOAD) if library else Plan(NONE, library_why)
-    if want == SECCOMP:
+    if want in (SECCOMP, BOTH):
         if seccomp_why or setuid:
             return Plan(NONE, seccomp_why or setuid)
-        return Plan(SECCOMP, "--mode seccomp")
+        return Plan(SECCOMP, f"--mode {want}")
     blocker = preload_blocker(program, library, library_why)
     if not blocker:
         return Plan(PRELOAD)
@@ -154,7 +162,8 @@ def main(argv: list[str], pep=None, mode: str = "auto", allow_direct: bool = Fal
         # Dynamic children of a static or Go program still get libpep.so, the
         # cheaper path (their connects to the PEP itself pass the filter
         # untouched); --mode seccomp means the supervisor for everything.
-        child_env = preload.environment(pep, env) if library and mode == "auto" else env
+        # (--mode both: the same for a dynamic program.)
+        child_env = preload.environment(pep, env) if library and mode != SECCOMP else env
         return _run_supervised(program, argv, env, child_env, allow_direct)
     return _refuse(program, argv, env, chosen.why, allow_direct)
 

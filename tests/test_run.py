@@ -243,6 +243,7 @@ def test_plan_without_seccomp_names_both_reasons():
     assert chosen.mode == run.NONE
     assert chosen.why == "prog is statically linked, and this kernel has no seccomp user notification"
     assert run.plan(_program("native"), run.SECCOMP, library="/l", seccomp_why="no").mode == run.NONE
+    assert run.plan(_program("native"), run.BOTH, library="/l", seccomp_why="").mode == run.SECCOMP
     no_lib = run.plan(_program("native"), library=None, library_why="libpep.so not found",
                       seccomp_why="")
     assert no_lib == run.Plan(run.SECCOMP, "libpep.so not found")
@@ -401,11 +402,11 @@ def test_refuses_when_no_path_can_serve_unless_allowed(static_client):
 
 # ------------------------------------------------------------------ through the PEP
 
-def _fetch_bytes(ns, conv_addr, argv_tail, env=None):
+def _fetch_bytes(ns, conv_addr, argv_tail, env=None, mode="auto"):
     """pep run --pep conv_addr -- argv_tail, in ns: (status, stdout bytes, stderr text)."""
     host, port = conv_addr
     pep = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    p = subprocess.run(ns.cmd(*pep_run_argv("--pep", pep, "--", *argv_tail)),
+    p = subprocess.run(ns.cmd(*pep_run_argv("--pep", pep, "--mode", mode, "--", *argv_tail)),
                        env=env or base_env(), capture_output=True, timeout=TIMEOUT)
     return p.returncode, p.stdout, p.stderr.decode(errors="replace")
 
@@ -539,6 +540,23 @@ def test_upload_and_half_close_through_the_supervisor(ns):
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [str(4 << 20), "True"]
     assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_mode_both_covers_a_script_running_static_and_dynamic_programs(ns, static_client,
+                                                                       tmp_path):
+    """sh (dynamic) runs curl (dynamic: libpep.so, whose connect to the PEP
+    the supervisor lets through) and the static client (the supervisor)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("needs curl")
+    http = ns.http[4]
+    script = (f"{curl} -sS -o {tmp_path / 'curl.out'} {http.url('/1m.bin')} && "
+              f"{static_client} 127.0.0.1 {http.address[1]} 1m.bin")
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, ["sh", "-c", script], mode="both")
+    assert rc == 0, err
+    assert body(out) == ns.payload and (tmp_path / "curl.out").read_bytes() == ns.payload
+    assert len(conv.seen) == 2 and all(s.syn_data for s in conv.seen)
 
 
 def test_what_the_supervisor_passes_through(ns, tmp_path):
