@@ -1,7 +1,8 @@
 """libpep.so from Python: where it is, and running a command under it.
 
-`pep lib` prints `library_path()`; `pep run [--pep HOST:PORT] -- CMD...`
-is `run(argv, pep)`. See docs/preload.md.
+`pep lib` prints `library_path()`; `run(argv, pep)` runs a command under
+the library and waits for it (`pep run` execs instead, and serves static and
+Go programs too: pepsock/run.py, docs/run.md). See docs/preload.md.
 """
 from __future__ import annotations
 
