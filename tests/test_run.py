@@ -663,3 +663,34 @@ def test_forking_daemon_keeps_its_connections(ns, static_client, tmp_path):
         assert body(out.read_bytes()) == ns.payload
         assert len(conv.seen) == 1 and conv.seen[0].syn_data
     assert wait_gone(mark) == [], "the supervisor outlived the daemon"
+
+
+def test_go_and_static_clients_across_client_pep_server_hosts(topology, static_client, go_client,
+                                                             tmp_path):
+    """Three namespaces; the client has no route to the server, so only the
+    PEP (pep relay on the middle host) can reach it."""
+    client = topology.host("cli", tfo=3)
+    pep = topology.host("pep", forwarding=False, tfo=3)
+    server = topology.host("srv", tfo=3)
+    topology.link(client, ["192.0.2.2/24"], pep, ["192.0.2.1/24"])
+    topology.link(pep, ["198.51.100.1/24"], server, ["198.51.100.2/24"])
+    payload = os.urandom(PAYLOAD_SIZE)
+    (tmp_path / "1m.bin").write_bytes(payload)
+    with server.enter():
+        http = HTTPServer(str(tmp_path), "198.51.100.2")
+    relay = Relay("--listen", "192.0.2.1:0", prefix=pep.cmd())
+    try:
+        env = base_env(PEP_NO_PROXY="127.0.0.0/8")
+        rc, out, err = _fetch_bytes(client, relay.addr, [static_client, "-n", "198.51.100.2",
+                                                         str(http.address[1]), "1m.bin"], env)
+        assert rc == 0, err
+        assert body(out) == payload
+        rc, out, err = _fetch_bytes(client, relay.addr, [go_client, http.url("/1m.bin")], env)
+        assert rc == 0, err
+        assert out == payload
+        direct = subprocess.run(client.cmd(static_client, "198.51.100.2", str(http.address[1]),
+                                           "1m.bin"), capture_output=True, timeout=TIMEOUT)
+        assert direct.returncode == 1     # no route: only the PEP reaches the server
+    finally:
+        relay.stop()
+        http.close()
