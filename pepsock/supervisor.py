@@ -90,7 +90,7 @@ class Log:
     def __call__(self, level: str, text: str) -> None:
         if LEVELS[level] > self.level:
             return
-        line = f"pep run[{os.getpid()}] {level}: {text}\n".encode(errors="replace")
+        line = f"pep-supervisor[{os.getpid()}] {level}: {text}\n".encode(errors="replace")
         try:
             if self.path:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -143,6 +143,15 @@ def _pep_addresses(config: ProxyConfig) -> set:
         except OSError:
             pass
     return out
+
+
+def _seconds(text: str | None, default: float) -> float:
+    """A PEP_*_TIMEOUT value; unset, empty or not a positive number: the default."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return default
+    return value if 0 < value < 1e6 else default
 
 
 # ----------------------------------------------------------------------- relaying
@@ -204,6 +213,9 @@ class Relay:
         except ConvertError as exc:
             self.sup.log("error", f"{_fmt(self.dest)}: the PEP said: {exc}")
             self._abort()
+        except TimeoutError as exc:
+            self.sup.log("error", f"{_fmt(self.dest)}: {exc}")
+            self._abort()
         except OSError as exc:
             if not self.failed and not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
                 self.sup.log("warn", f"{_fmt(self.dest)}: {exc}")
@@ -221,10 +233,22 @@ class Relay:
     def _downstream(self) -> None:
         conn, pep = self.conn, self.pep
         if isinstance(pep, PepSocket):
-            data = pep.recv(CHUNK)       # the reply, then the first bytes after it
-            if not data:
+            # The reply, then the first bytes after it; within PEP_REPLY_TIMEOUT
+            # (SO_RCVTIMEO: the socket stays blocking for the upstream thread).
+            _set_rcvtimeo(pep, self.sup.reply_timeout)
+            try:
+                data = pep.recv(CHUNK)
+            except BlockingIOError:
+                if pep.reply_received:
+                    data = None          # the reply came, the server is quiet: fine
+                else:
+                    raise TimeoutError(errno.ETIMEDOUT, f"no reply from the PEP within "
+                                                        f"{self.sup.reply_timeout:g} s") from None
+            _set_rcvtimeo(pep, 0)
+            if data == b"":
                 return self._eof(conn)
-            conn.sendall(data)
+            if data:
+                conn.sendall(data)
         self._splice(pep, conn)
 
     def _splice(self, src: socket.socket, dst: socket.socket) -> None:
@@ -268,6 +292,12 @@ class Relay:
         socket.socket.close(sock)
 
 
+def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+
+
 def _fmt(dest) -> str:
     ip, port = dest
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
@@ -283,6 +313,7 @@ class Supervisor:
         self.program_pid = program_pid
         self.log = log
         self.config = ProxyConfig.from_env(env)
+        self.reply_timeout = _seconds((env or os.environ).get("PEP_REPLY_TIMEOUT"), 10.0)
         self.peps = _pep_addresses(self.config)
         self.handlers: dict[int, object] = {}  # fd -> what to call when it polls ready
         self.poller = select.poll()

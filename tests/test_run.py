@@ -633,6 +633,22 @@ def test_pep_error_reaches_the_program_as_a_reset_and_a_log_line(ns, static_clie
     assert "127.0.0.1:9: the PEP said:" in err, err
 
 
+def test_silent_pep_times_out_after_pep_reply_timeout(ns, static_client):
+    """A PEP that accepts and never answers: the connection is reset after
+    PEP_REPLY_TIMEOUT, with a log line; nothing waits forever."""
+    with ns.enter():
+        mute = socket.socket()
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+    with mute:
+        t0 = time.monotonic()
+        rc, out, err = _fetch_bytes(ns, mute.getsockname(), [static_client, "127.0.0.1", "9", "x"],
+                                    env=base_env(PEP_REPLY_TIMEOUT="0.5"))
+        took = time.monotonic() - t0
+    assert rc == 1 and "no reply from the PEP within 0.5 s" in err, err
+    assert 0.4 < took < 10
+
+
 def test_unreachable_pep_is_logged(ns, static_client):
     with ns.enter():
         s = socket.socket()
