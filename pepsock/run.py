@@ -201,8 +201,8 @@ def _run_supervised(program, argv, env, child_env, allow_direct: bool) -> int:
     try:
         channel, supervisor_pid = supervisor.spawn(os.getpid())
     except OSError as exc:
-        return _refuse(program, argv, env, f"the seccomp supervisor did not start ({exc})",
-                       allow_direct)
+        return _refuse(program, argv, env, f"the seccomp supervisor did not start: "
+                                           f"{exc.strerror}", allow_direct)
     seccomp.allow_ptrace_by(supervisor_pid)
     try:
         listener, killable = seccomp.install_connect_listener()

@@ -306,10 +306,12 @@ def _fmt(dest) -> str:
 # ----------------------------------------------------------------------- the supervisor
 
 class Supervisor:
-    def __init__(self, listener: int, program_pid: int, log: Log, env=None,
-                 killable: bool = True):
-        self.listener = listener
-        self.killable = killable
+    """Built before the filter exists (so pep run can refuse if this fails);
+    `run()` then takes the listener."""
+
+    def __init__(self, program_pid: int, log: Log, env=None):
+        self.listener = -1
+        self.killable = True
         self.program_pid = program_pid
         self.log = log
         self.config = ProxyConfig.from_env(env)
@@ -348,8 +350,9 @@ class Supervisor:
             # No IPv6 loopback: dual-stack sockets reach the IPv4 helper v4-mapped.
             self.helper_addr[socket.AF_INET6] = _sockaddr_in6(
                 ipaddress.IPv6Address("::ffff:127.0.0.1"), port4)
-        for sock in self.helpers.values():
+        for family, sock in self.helpers.items():
             sock.listen(4096)
+            _probe(sock, family)
             sock.setblocking(False)
             self._watch(sock.fileno(), lambda ev, sock=sock: self._accept(sock))
 
@@ -552,9 +555,11 @@ class Supervisor:
         except BlockingIOError:
             pass
 
-    def run(self) -> None:
-        """Until no task uses the filter and the relays are done (at most
-        DRAIN_TIMEOUT after the last task is gone)."""
+    def run(self, listener: int, killable: bool) -> None:
+        """Serve the listener until no task uses the filter and the relays are
+        done (at most DRAIN_TIMEOUT after the last task is gone).  `killable`:
+        the filter has WAIT_KILLABLE_RECV."""
+        self.listener, self.killable = listener, killable
         self._watch(self.listener, self._on_listener)
         self._watch(self.wake_r, self._drain_wakeups)
         try:
@@ -585,6 +590,20 @@ class Supervisor:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _probe(listener: socket.socket, family: int) -> None:
+    """Connect to a helper once: steering a program there must work (loopback up)."""
+    where = listener.getsockname()
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2)
+            probe.connect(where)
+            listener.settimeout(2)
+            listener.accept()[0].close()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot reach its helper on {where[0]}: "
+                                 f"{exc.strerror or exc} (loopback down?)") from None
+
+
 def _sockaddr_in(ip: ipaddress.IPv4Address, port: int) -> bytes:
     return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + ip.packed + bytes(8)
 
@@ -613,11 +632,16 @@ def spawn(program_pid: int) -> tuple[socket.socket, int]:
     theirs.close()
     os.waitpid(middle, 0)
     ours.settimeout(10)
-    hello = ours.recv(16)
-    if not hello:
-        raise OSError(errno.ECHILD, "the seccomp supervisor did not start")
+    try:
+        hello = ours.recv(4096).decode(errors="replace")
+    except OSError:
+        hello = ""
+    word, _, rest = hello.partition(" ")
+    if word != "pid":
+        ours.close()
+        raise OSError(errno.ECHILD, rest if word == "error" else "it did not start")
     ours.settimeout(None)
-    return ours, int(hello)
+    return ours, int(rest)
 
 
 def hand_over(channel: socket.socket, listener: int, killable: bool) -> None:
@@ -626,7 +650,10 @@ def hand_over(channel: socket.socket, listener: int, killable: bool) -> None:
 
 
 def _child(channel: socket.socket, program_pid: int) -> None:
+    """The supervisor process: say "pid N" (or "error WHY") on the channel,
+    take the listener, serve it; never returns."""
     code = 1
+    log = None
     try:
         os.setsid()                       # off the program's terminal and process group
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
@@ -639,29 +666,27 @@ def _child(channel: socket.socket, program_pid: int) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
-        keep = sorted({channel.fileno(), stderr})
-        _close_all_but(keep)
+        _close_all_but(sorted({channel.fileno(), stderr}))
         log = Log(os.environ.get("PEP_LOG"), stderr)
-        channel.send(str(os.getpid()).encode())
+        try:
+            sup = Supervisor(program_pid, log)
+        except (ConfigError, OSError) as exc:
+            channel.send(f"error {getattr(exc, 'strerror', None) or exc}".encode()[:4000])
+            return
+        channel.send(f"pid {os.getpid()}".encode())
         try:
             msg, fds, _, _ = socket.recv_fds(channel, 16, 1)
         except OSError:
             msg, fds = b"", []
         channel.close()
         if not fds:
-            os._exit(0)                   # pep run could not install the filter
-        try:
-            sup = Supervisor(fds[0], program_pid, log, killable=msg == b"K")
-        except (ConfigError, OSError) as exc:
-            log("error", f"seccomp supervisor: {exc}")
-            os._exit(1)
-        sup.run()
+            code = 0                      # pep run could not install the filter
+            return
+        sup.run(fds[0], killable=msg == b"K")
         code = 0
     except BaseException as exc:  # noqa: BLE001 - report and leave, never raise into pep run
-        try:
-            print(f"pep-supervisor: {exc!r}", file=sys.stderr)
-        except Exception:  # noqa: BLE001
-            pass
+        if log is not None:
+            log("error", f"internal error: {exc!r}")
     finally:
         os._exit(code)
 

@@ -400,6 +400,20 @@ def test_refuses_when_no_path_can_serve_unless_allowed(static_client):
     assert rc == 2 and "running it unproxied" in err, err   # run_client's usage error: it ran
 
 
+def test_refuses_when_the_supervisor_cannot_start(topology, static_client):
+    """No loopback (lo down) leaves the supervisor no helper address: pep run
+    says so before installing anything, and --allow-direct still runs it."""
+    host = topology.host("nolo", tfo=3)
+    host.run("ip", "link", "set", "lo", "down")
+    argv = pep_run_argv("--pep", "192.0.2.1:9", "--", static_client, "-x")
+    rc, out, err = finish(popen(argv, host=host))
+    assert rc == run.REFUSED and "the seccomp supervisor did not start" in err, err
+    assert err.count("\n") == 1
+    argv.insert(argv.index("--"), "--allow-direct")
+    rc, out, err = finish(popen(argv, host=host))
+    assert rc == 2 and "running it unproxied" in err, err
+
+
 # ------------------------------------------------------------------ through the PEP
 
 def _fetch_bytes(ns, conv_addr, argv_tail, env=None, mode="auto"):
