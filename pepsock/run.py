@@ -196,6 +196,10 @@ def _refuse(program, argv, env, why: str, allow_direct: bool) -> int:
 
 def _run_supervised(program, argv, env, child_env, allow_direct: bool) -> int:
     from . import seccomp, supervisor
+    if seccomp.filtered():
+        why = seccomp.trial_install()    # someone else's filter may forbid ours
+        if why:
+            return _refuse(program, argv, env, why, allow_direct)
     os.environ.clear()
     os.environ.update(env)              # the supervisor reads PEP_* from its environment
     try:

@@ -186,7 +186,10 @@ def install_connect_listener(wait_killable: bool = True) -> tuple[int, bool]:
         fd, killable = attempt_both()
     if fd >= 0:
         return fd, killable
-    err = -fd
+    raise Unsupported(-fd, _why_not(-fd))
+
+
+def _why_not(err: int) -> str:
     why = {
         errno.EBUSY: "a seccomp supervisor already watches this process (pep run inside pep run?)",
         errno.EINVAL: "the kernel refused the filter (no seccomp user notification?)",
@@ -195,7 +198,38 @@ def install_connect_listener(wait_killable: bool = True) -> tuple[int, bool]:
         errno.EACCES: "new seccomp filters are not allowed here",
         errno.ENOMEM: "the kernel refused the filter (too many filters?)",
     }.get(err, os.strerror(err))
-    raise Unsupported(err, f"cannot install the seccomp filter: {why}")
+    return f"cannot install the seccomp filter: {why}"
+
+
+def filtered() -> bool:
+    """Is this process already under a seccomp filter (a container's, a sandbox's, ours)?"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Seccomp:"):
+                    return line.split()[1] == "2"
+    except OSError:
+        pass
+    return False
+
+
+def trial_install() -> str:
+    """Install the filter in a throwaway child: "" if it works, else why not.
+    Worth its fork only under someone else's filter, which may forbid ours."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            install_connect_listener()
+            os._exit(0)
+        except Unsupported as exc:
+            os._exit(min(exc.errno or 1, 255))
+        except BaseException:  # noqa: BLE001
+            os._exit(255)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return ""
+    return _why_not(code) if code != 255 else "cannot install the seccomp filter"
 
 
 def allow_ptrace_by(pid: int) -> None:
