@@ -212,7 +212,7 @@ def _run_supervised(program, argv, env, child_env, allow_direct: bool) -> int:
         listener, killable = seccomp.install_connect_listener()
     except seccomp.Unsupported as exc:
         channel.close()                 # the supervisor sees no listener and leaves
-        return _refuse(program, argv, env, str(exc), allow_direct)
+        return _refuse(program, argv, env, exc.strerror or str(exc), allow_direct)
     supervisor.hand_over(channel, listener, killable)
     os.close(listener)
     channel.close()
