@@ -1,9 +1,9 @@
 """Seccomp user notification for connect(): the kernel interface, through ctypes.
 
 `install_connect_listener()` puts the calling thread (and everything it execs
-or forks afterwards) under a filter that hands every native `connect(2)` to
-a supervisor and lets every other syscall through; it returns the listener
-fd.  The supervisor (pepsock/supervisor.py) drives the listener with
+or forks afterwards) under a filter that hands every native `connect(2)` (and
+`getpeername(2)`, on 5.19+) to a supervisor and lets every other syscall
+through; it returns the listener fd.  The supervisor (pepsock/supervisor.py) drives the listener with
 `receive()`, `respond()`/`let_through()` and `still_waiting()`, reads the
 program's memory with `read_memory()` and takes the program's socket with
 `take_fd()` (pidfd_getfd: the same open file, not a copy).
@@ -25,9 +25,9 @@ _libc.syscall.restype = ctypes.c_long
 
 # --- syscall numbers and architectures (include/uapi/linux/audit.h, asm/unistd.h)
 ARCHES = {
-    # machine: (AUDIT_ARCH_*, connect's number, seccomp's number)
-    "x86_64": (0xC000003E, 42, 317),
-    "aarch64": (0xC00000B7, 203, 277),
+    # machine: (AUDIT_ARCH_*, connect's number, seccomp's number, getpeername's number)
+    "x86_64": (0xC000003E, 42, 317, 52),
+    "aarch64": (0xC00000B7, 203, 277, 205),
 }
 SYS_PIDFD_GETFD = 438            # the same on every architecture (new syscall table)
 
@@ -70,7 +70,7 @@ class Unsupported(OSError):
     """The filter cannot be installed here; str() says why in one line."""
 
 
-def native_arch() -> tuple[int, int, int] | None:
+def native_arch() -> tuple[int, int, int, int] | None:
     return ARCHES.get(platform.machine())
 
 
@@ -118,21 +118,23 @@ def unavailable() -> str:
     return ""
 
 
-def connect_filter(arch: int, nr_connect: int) -> bytes:
-    """Classic BPF: connect() of this architecture -> USER_NOTIF; all else -> ALLOW.
+def notify_filter(arch: int, numbers: tuple[int, ...]) -> bytes:
+    """Classic BPF: these syscalls of this architecture -> USER_NOTIF; all else -> ALLOW.
 
     Other ABIs (x32, i386 compat) have other arch values or numbers and are
     let through: docs/run.md lists that as not covered.
     """
     ins = struct.Struct("=HBBI")
+    k = len(numbers)
     prog = [
         (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
-        (BPF_JEQ_K, 0, 3, arch),                # foreign arch -> ALLOW
+        (BPF_JEQ_K, 0, k + 1, arch),            # foreign arch -> ALLOW
         (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_NR),
-        (BPF_JEQ_K, 0, 1, nr_connect),          # not connect -> ALLOW
-        (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
     ]
+    for i, nr in enumerate(numbers):
+        prog.append((BPF_JEQ_K, k - i, 0, nr))  # one of ours -> USER_NOTIF
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF))
     return b"".join(ins.pack(*i) for i in prog)
 
 
@@ -161,22 +163,26 @@ def install_connect_listener(wait_killable: bool = True) -> tuple[int, bool]:
     arch = native_arch()
     if arch is None:
         raise Unsupported(errno.ENOSYS, f"no seccomp support for {platform.machine()}")
-    audit_arch, nr_connect, nr_seccomp = arch
-    code = connect_filter(audit_arch, nr_connect)
-    buf = ctypes.create_string_buffer(code, len(code))
-    prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
+    audit_arch, nr_connect, nr_seccomp, nr_getpeername = arch
 
-    def attempt(flags: int) -> int:
+    def attempt(flags: int, numbers: tuple[int, ...]) -> int:
+        code = notify_filter(audit_arch, numbers)
+        buf = ctypes.create_string_buffer(code, len(code))
+        prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
         fd = _libc.syscall(ctypes.c_long(nr_seccomp), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
                            ctypes.c_long(flags), ctypes.byref(prog))
         return fd if fd >= 0 else -ctypes.get_errno()
 
     def attempt_both() -> tuple[int, bool]:
         if wait_killable:
-            fd = attempt(SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV)
+            # getpeername() too: the supervisor answers it for steered sockets by
+            # writing into the caller's memory, safe only while the caller
+            # cannot leave the syscall before the answer (killable wait).
+            fd = attempt(SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
+                         (nr_connect, nr_getpeername))
             if fd != -errno.EINVAL:
                 return fd, True
-        return attempt(SECCOMP_FILTER_FLAG_NEW_LISTENER), False   # before Linux 5.19
+        return attempt(SECCOMP_FILTER_FLAG_NEW_LISTENER, (nr_connect,)), False   # before 5.19
 
     fd, killable = attempt_both()
     if fd == -errno.EACCES:
@@ -318,6 +324,17 @@ def read_memory(pid: int, address: int, size: int) -> bytes:
         err = ctypes.get_errno()
         raise OSError(err, f"process_vm_readv({pid}): {os.strerror(err)}")
     return buf.raw[:got]
+
+
+def write_memory(pid: int, address: int, data: bytes) -> None:
+    """Write `data` at `address` in thread `pid`'s memory (process_vm_writev)."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = _Iovec(ctypes.addressof(buf), len(data))
+    remote = _Iovec(address, len(data))
+    got = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if got != len(data):
+        err = ctypes.get_errno() if got < 0 else errno.EFAULT
+        raise OSError(err, f"process_vm_writev({pid}): {os.strerror(err)}")
 
 
 def take_fd(pidfd: int, fd: int) -> int:

@@ -167,10 +167,11 @@ class Relay:
     what was sent before it (failover, cookies).  After that, splice().
     """
 
-    def __init__(self, sup: "Supervisor", conn: socket.socket, dest):
+    def __init__(self, sup: "Supervisor", conn: socket.socket, dest, key):
         self.sup = sup
         self.conn = conn
         self.dest = dest
+        self.key = key              # the program's end (ip, port) of the loopback connection
         self.pep: socket.socket | None = None
         self.failed = False
 
@@ -321,6 +322,7 @@ class Supervisor:
         self.poller = select.poll()
         self.pool = concurrent.futures.ThreadPoolExecutor(2 * MAX_RELAYS, "pep-relay")
         self.routes: dict[tuple, tuple] = {}   # helper-side peer (ip, port) -> destination
+        self.peers: dict[tuple, tuple] = {}    # the same, for getpeername(), while relayed
         self.relays: set[Relay] = set()
         self.lock = threading.Lock()           # relays: pool threads remove themselves
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -365,18 +367,21 @@ class Supervisor:
             except OSError as exc:
                 self.log("warn", f"accept: {exc}")
                 return
-            dest = self.routes.pop((normalize_ip(peer[0]), peer[1]), None)
+            key = (normalize_ip(peer[0]), peer[1])
+            dest = self.routes.pop(key, None)
             if dest is None:
                 conn.close()  # not a connection we steered here: nobody else uses our helper
                 continue
             with self.lock:
                 full = len(self.relays) >= MAX_RELAYS
                 if not full:
-                    relay = Relay(self, conn, dest)
+                    relay = Relay(self, conn, dest, key)
                     self.relays.add(relay)
             if full:
                 self._once("full", f"more than {MAX_RELAYS} connections at once: resetting "
                                    f"the newest")
+                with self.lock:
+                    self.peers.pop(key, None)
                 Relay.reset(conn)
                 continue
             self.pool.submit(relay.serve)
@@ -385,6 +390,7 @@ class Supervisor:
         """From a pool thread: the relay is closed."""
         with self.lock:
             self.relays.discard(relay)
+            self.peers.pop(relay.key, None)
         try:
             os.write(self.wake_w, b"x")
         except OSError:
@@ -410,10 +416,18 @@ class Supervisor:
     def _handle(self, note: seccomp.Notification) -> None:
         listener = self.listener
         self.steered = None
+        arch = seccomp.native_arch()
         try:
-            err = self._steer(note)
-        except Exception as exc:  # noqa: BLE001 - never leave the program stuck in connect()
-            self.log("error", f"internal error, letting a connect through: {exc!r}")
+            if note.arch != arch[0]:
+                err = None
+            elif note.nr == arch[1]:
+                err = self._steer(note)
+            elif note.nr == arch[3]:
+                err = self._peer_name(note)
+            else:
+                err = None
+        except Exception as exc:  # noqa: BLE001 - never leave the program stuck in a syscall
+            self.log("error", f"internal error, letting a syscall through: {exc!r}")
             err = None
         if err is None:
             seccomp.let_through(listener, note.id)
@@ -426,9 +440,6 @@ class Supervisor:
 
     def _steer(self, note: seccomp.Notification) -> int | None:
         """None: let the connect through; else its result (0 or an errno)."""
-        arch = seccomp.native_arch()
-        if note.arch != arch[0] or note.nr != arch[1]:
-            return None
         fd = note.args[0] & 0xFFFFFFFF
         addr_ptr, addrlen = note.args[1], note.args[2] & 0xFFFFFFFF
         if fd > 0x7FFFFFFF or not 2 <= addrlen <= 128:
@@ -457,6 +468,47 @@ class Supervisor:
             if not seccomp.still_waiting(self.listener, note.id):
                 return None  # gone while we took it: that fd number may be another file now
             return self._connect_to_helper(sock, family, ip, port)
+
+    def _peer_name(self, note: seccomp.Notification) -> int | None:
+        """getpeername() of a steered socket: the destination, as libpep.so
+        answers it (v4-mapped on an AF_INET6 socket); anything else: None."""
+        fd, addr_ptr, len_ptr = note.args[0] & 0xFFFFFFFF, note.args[1], note.args[2]
+        if fd > 0x7FFFFFFF or not self.peers:
+            return None
+        sock = self._take(note.pid, fd)
+        if sock is None:
+            return None
+        with sock:
+            try:
+                local, peer = sock.getsockname(), sock.getpeername()
+            except OSError:
+                return None
+            with self.lock:
+                dest = self.peers.get((normalize_ip(local[0]), local[1]))
+            if dest is None or not self._to_helper(sock, peer):
+                return None
+            ip, port = dest
+            if sock.family == socket.AF_INET6:
+                v6 = ip if ip.version == 6 else ipaddress.IPv6Address(f"::ffff:{ip}")
+                name = _sockaddr_in6(v6, port)
+            else:
+                name = _sockaddr_in(ip, port)
+        try:
+            given = struct.unpack("=I", seccomp.read_memory(note.pid, len_ptr, 4))[0]
+        except (OSError, struct.error):
+            return None                  # the kernel will say EFAULT
+        if given > 0x7FFFFFFF:
+            return None                  # EINVAL, the kernel's
+        # The caller cannot leave before our answer (only a fatal signal takes
+        # it out: WAIT_KILLABLE_RECV), so its buffers are still its own.
+        if not seccomp.still_waiting(self.listener, note.id):
+            return None
+        try:
+            seccomp.write_memory(note.pid, addr_ptr, name[:given])
+            seccomp.write_memory(note.pid, len_ptr, struct.pack("=I", len(name)))
+        except OSError:
+            return None
+        return 0
 
     def _take(self, tid: int, fd: int) -> socket.socket | None:
         """Our socket object on the program's open file; None if not a TCP socket."""
@@ -497,6 +549,11 @@ class Supervisor:
             local = sock.getsockname()
             self.steered = (normalize_ip(local[0]), local[1])
             self.routes[self.steered] = (ip, port)
+            if self.killable:
+                with self.lock:
+                    if len(self.peers) >= 4 * MAX_RELAYS:
+                        self.peers.clear()   # steered but never accepted: do not grow forever
+                    self.peers[self.steered] = (ip, port)
             self.log("debug", f"connect to {_fmt((ip, port))} steered to the helper")
         return err
 
@@ -521,9 +578,10 @@ class Supervisor:
             return 0
         return errno.EINPROGRESS if state == TCP_SYN_SENT else None
 
-    def _to_helper(self, sock: socket.socket) -> bool:
+    def _to_helper(self, sock: socket.socket, peer=None) -> bool:
+        """Is this socket connected to our helper?"""
         try:
-            peer = sock.getpeername()
+            peer = peer or sock.getpeername()
         except OSError:
             return False
         helper = self.helpers.get(sock.family) or self.helpers[socket.AF_INET]

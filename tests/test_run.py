@@ -249,9 +249,9 @@ def test_plan_without_seccomp_names_both_reasons():
     assert no_lib == run.Plan(run.SECCOMP, "libpep.so not found")
 
 
-def test_connect_filter_notifies_connect_of_its_arch_only():
+def test_notify_filter_notifies_its_syscalls_of_its_arch_only():
     """Walk the classic BPF program by hand for (arch, nr) pairs."""
-    code = seccomp.connect_filter(0xC000003E, 42)
+    code = seccomp.notify_filter(0xC000003E, (42, 52))
     ins = [struct.unpack_from("=HBBI", code, i) for i in range(0, len(code), 8)]
 
     def verdict(arch, nr):
@@ -268,9 +268,15 @@ def test_connect_filter_notifies_connect_of_its_arch_only():
                 return k
 
     assert verdict(0xC000003E, 42) == seccomp.SECCOMP_RET_USER_NOTIF
+    assert verdict(0xC000003E, 52) == seccomp.SECCOMP_RET_USER_NOTIF
     assert verdict(0xC000003E, 41) == seccomp.SECCOMP_RET_ALLOW
+    assert verdict(0xC000003E, 51) == seccomp.SECCOMP_RET_ALLOW
     assert verdict(0xC000003E, 42 | 0x40000000) == seccomp.SECCOMP_RET_ALLOW   # x32
     assert verdict(0x40000003, 42) == seccomp.SECCOMP_RET_ALLOW                # i386
+    only_connect = seccomp.notify_filter(0xC000003E, (42,))
+    ins = [struct.unpack_from("=HBBI", only_connect, i) for i in range(0, len(only_connect), 8)]
+    assert verdict(0xC000003E, 42) == seccomp.SECCOMP_RET_USER_NOTIF
+    assert verdict(0xC000003E, 52) == seccomp.SECCOMP_RET_ALLOW
 
 
 @settings(max_examples=300, deadline=None)
@@ -571,6 +577,36 @@ def test_mode_both_covers_a_script_running_static_and_dynamic_programs(ns, stati
     assert rc == 0, err
     assert body(out) == ns.payload and (tmp_path / "curl.out").read_bytes() == ns.payload
     assert len(conv.seen) == 2 and all(s.syn_data for s in conv.seen)
+
+
+def test_getpeername_names_the_destination(ns):
+    """As under libpep.so, a steered socket's getpeername() is the destination
+    (v4-mapped on an AF_INET6 socket); other sockets' are untouched."""
+    code = textwrap.dedent("""
+        import socket, sys
+        port = int(sys.argv[1])
+        s4 = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s6 = socket.socket(socket.AF_INET6)
+        s6.settimeout(10)
+        s6.connect(("::ffff:127.0.0.1", port))
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.connect(("127.0.0.1", 9))
+        for s in (s4, s6):
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        print(s4.getpeername(), s6.getpeername()[:2], u.getpeername(), s4.getsockname()[0])
+    """)
+    with ns.enter():
+        echo = EchoServer()
+    with echo, converter(ns) as conv:
+        p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
+                                                sys.executable, "-c", code, str(echo.address[1]))),
+                           env=base_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    port = echo.address[1]
+    assert p.stdout.strip() == (f"('127.0.0.1', {port}) ('::ffff:127.0.0.1', {port}) "
+                                f"('127.0.0.1', 9) 127.0.0.1")
+    assert len(conv.seen) == 2
 
 
 def test_what_the_supervisor_passes_through(ns, tmp_path):
