@@ -666,6 +666,37 @@ def test_what_the_supervisor_passes_through(ns, tmp_path):
     assert [s.connect.port for s in conv.seen] == [echo.address[1]]
 
 
+def test_failover_to_the_next_pep_address(topology, static_client, tmp_path):
+    """The PEP is a name with two addresses, ::1 (sorted first, nothing
+    listens) and 127.0.0.1 (the converter): the supervisor opens PEP
+    connections with the Python client, which goes on to the next address.
+    The name lives in /etc/netns/NS/hosts, which `ip netns exec` mounts over
+    /etc/hosts for this namespace only."""
+    host = topology.host("fo", tfo=3)
+    payload = os.urandom(PAYLOAD_SIZE)
+    (tmp_path / "1m.bin").write_bytes(payload)
+    hosts_dir = f"/etc/netns/{host.name}"
+    os.makedirs(hosts_dir)     # the namespace's name is ours alone
+    try:
+        with open(f"{hosts_dir}/hosts", "w") as f:
+            f.write("::1 pep.test\n127.0.0.1 pep.test\n")
+        with host.enter():
+            http = HTTPServer(str(tmp_path), "127.0.0.1")
+            conv = Converter(host="127.0.0.1")
+        with http, conv:
+            rc, out, err = _fetch_bytes(host, ("pep.test", conv.address[1]),
+                                        [static_client, "127.0.0.1", str(http.address[1]), "1m.bin"])
+    finally:
+        shutil.rmtree(hosts_dir, ignore_errors=True)
+        try:
+            os.rmdir("/etc/netns")       # only if empty, i.e. we made it
+        except OSError:
+            pass
+    assert rc == 0, err
+    assert body(out) == payload
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
 def test_bypassed_destination_goes_direct(ns, static_client):
     http = ns.http[4]
     with converter(ns) as conv:
