@@ -81,20 +81,20 @@ def plan(program: elf.Program, want: str = "auto", *, library=None, library_why:
         from . import seccomp
         seccomp_why = seccomp.unavailable()
     setuid = _setuid_blocker(program)
+    if setuid:
+        return Plan(NONE, setuid)
     if want == PRELOAD:
         return Plan(PRELOAD) if library else Plan(NONE, library_why)
     if want in (SECCOMP, BOTH):
-        if seccomp_why or setuid:
-            return Plan(NONE, seccomp_why or setuid)
-        return Plan(SECCOMP, f"--mode {want}")
+        return Plan(NONE, seccomp_why) if seccomp_why else Plan(SECCOMP, f"--mode {want}")
     blocker = preload_blocker(program, library, library_why)
     if not blocker:
         return Plan(PRELOAD)
     info = program.info
     if info is not None and info.machine != NATIVE_MACHINE:
         return Plan(NONE, blocker)
-    if seccomp_why or setuid:
-        return Plan(NONE, f"{blocker}, and {seccomp_why or setuid}")
+    if seccomp_why:
+        return Plan(NONE, f"{blocker}, and {seccomp_why}")
     return Plan(SECCOMP, blocker)
 
 
@@ -108,7 +108,9 @@ def _setuid_blocker(program: elf.Program) -> str:
     except OSError:
         return ""
     if mode & 0o6000:
-        return f"{os.path.basename(program.path)} is set-user/group-ID"
+        return (f"{os.path.basename(program.path)} is set-user/group-ID (the loader ignores "
+                f"LD_PRELOAD for it, and the seccomp filter would need no_new_privs, which "
+                f"drops the set-ID)")
     return ""
 
 

@@ -249,6 +249,19 @@ def test_plan_without_seccomp_names_both_reasons():
     assert no_lib == run.Plan(run.SECCOMP, "libpep.so not found")
 
 
+def test_set_id_program_run_by_a_user_is_refused(tmp_path, monkeypatch):
+    prog = tmp_path / "suid"
+    shutil.copy(shutil.which("true"), prog)
+    prog.chmod(0o4755)
+    program = elf.examine(str(prog))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    for want in ("auto", run.PRELOAD, run.SECCOMP):
+        chosen = run.plan(program, want, library="/l", seccomp_why="")
+        assert chosen.mode == run.NONE and "set-user/group-ID" in chosen.why
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert run.plan(program, library="/l", seccomp_why="").mode == run.PRELOAD
+
+
 def test_notify_filter_notifies_its_syscalls_of_its_arch_only():
     """Walk the classic BPF program by hand for (arch, nr) pairs."""
     code = seccomp.notify_filter(0xC000003E, (42, 52))
