@@ -341,6 +341,7 @@ class Supervisor:
         self.helpers[socket.AF_INET] = v4
         port4 = v4.getsockname()[1]
         self.helper_addr[socket.AF_INET] = _sockaddr_in(ipaddress.IPv4Address("127.0.0.1"), port4)
+        v6 = None
         try:
             v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -350,6 +351,8 @@ class Supervisor:
                                                               v6.getsockname()[1])
         except OSError:
             # No IPv6 loopback: dual-stack sockets reach the IPv4 helper v4-mapped.
+            if v6 is not None:
+                v6.close()
             self.helper_addr[socket.AF_INET6] = _sockaddr_in6(
                 ipaddress.IPv6Address("::ffff:127.0.0.1"), port4)
         for family, sock in self.helpers.items():
@@ -398,10 +401,9 @@ class Supervisor:
 
     # -- notifications ----------------------------------------------------------------
     def _on_listener(self, revents: int) -> None:
-        poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
+        # Each RECV only after poll() says POLLIN: the ioctl would block.
         for _ in range(64):
-            events = poller.poll(0)
+            events = self.listener_poll.poll(0)
             revents = events[0][1] if events else 0
             if revents & select.POLLIN:
                 note = seccomp.receive(self.listener)
@@ -618,6 +620,8 @@ class Supervisor:
         done (at most DRAIN_TIMEOUT after the last task is gone).  `killable`:
         the filter has WAIT_KILLABLE_RECV."""
         self.listener, self.killable = listener, killable
+        self.listener_poll = select.poll()
+        self.listener_poll.register(listener, select.POLLIN)
         self._watch(self.listener, self._on_listener)
         self._watch(self.wake_r, self._drain_wakeups)
         try:
