@@ -461,6 +461,18 @@ def test_static_client_through_the_converter(ns, static_client, flags, fam):
         and seen.connect.port == http.address[1]
 
 
+def test_ipv4_socket_through_an_ipv6_pep(ns, static_client):
+    """The connection to the PEP is the supervisor's: an AF_INET program
+    socket reaches a PEP on ::1 (libpep.so cannot: ENETUNREACH)."""
+    http = ns.http[4]
+    with converter(ns, host="::1") as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
+                                                       str(http.address[1]), "1m.bin"])
+    assert rc == 0, err
+    assert body(out) == ns.payload
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
 def test_static_client_bytes_are_intact(ns, static_client):
     http = ns.http[4]
     with converter(ns) as conv:
