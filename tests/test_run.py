@@ -148,8 +148,9 @@ def ns(tmp_path_factory):
         topo.cleanup()
 
 
-def converter(host, **kw) -> Converter:
-    with host.enter():
+def converter(ns, **kw) -> Converter:
+    """A test converter in namespace ns (kw: Converter's, e.g. host="::1")."""
+    with ns.enter():
         return Converter(**kw)
 
 
