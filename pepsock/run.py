@@ -10,10 +10,11 @@ Which path serves a program (docs/run.md):
 * **none**: nothing can (a foreign-architecture program, no seccomp user
   notification...): say so in one line and refuse, unless --allow-direct.
 
-The choice looks at the program pep run starts.  A dynamic program that
-later runs a static or Go one (a shell script running rclone) leaves that
-one to --mode both: the supervisor for the whole tree, libpep.so for its
-dynamic members.
+The choice looks at the program pep run starts, and at the words of its
+command line: a wrapper naming a static or Go program (`timeout 60 rclone
+...`, `sh -c 'rclone ...'`) gets both, the supervisor for the whole tree and
+libpep.so for its dynamic members.  A script that starts one from inside
+needs --mode both.
 
 Either way pep run execs: the pid, signals and exit status are the program's.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -98,6 +100,34 @@ def plan(program: elf.Program, want: str = "auto", *, library=None, library_why:
     return Plan(SECCOMP, blocker)
 
 
+#: Words of a command line looked up as programs, at most (see below).
+MAX_NAMED = 32
+_WORDS = re.compile(r"[\s;|&()<>`'\"]+")
+
+
+def named_program_libpep_cannot_serve(args: list[str], path_env: str, library,
+                                      library_why: str) -> str:
+    """A wrapper (`timeout 60 rclone ...`, `sh -c 'rclone ...'`, `env X=1 kubectl`)
+    is dynamic, but a word of its command line may name a program libpep.so
+    cannot serve: "NAME (why)" for the first such word, else "".  A heuristic
+    for the common case; a script that starts one from inside needs --mode both."""
+    seen = set()
+    for arg in args:
+        for word in _WORDS.split(arg):
+            if not word or word in seen or word.startswith("-") or "=" in word \
+                    or len(word) > 255:
+                continue
+            seen.add(word)
+            if len(seen) > MAX_NAMED:
+                return ""
+            inner = elf.examine(word, path_env)
+            if inner is not None and inner.info is not None:
+                blocker = preload_blocker(inner, library, library_why)
+                if blocker:
+                    return blocker
+    return ""
+
+
 def _setuid_blocker(program: elf.Program) -> str:
     """A set-id program run by a user: libpep.so is ignored by the loader and
     no_new_privs (which the filter needs without CAP_SYS_ADMIN) drops the set-id."""
@@ -156,6 +186,16 @@ def main(argv: list[str], pep=None, mode: str = "auto", allow_direct: bool = Fal
         _say(f"no PEP given (--pep or PEP_PROXY): running {argv[0]} unproxied")
         return _exec(program, argv, env)
     chosen = plan(program, mode, library=library, library_why=library_why)
+    if chosen.mode == PRELOAD and mode == "auto":
+        inner = named_program_libpep_cannot_serve(argv[1:], env.get("PATH", os.defpath),
+                                                  library, library_why)
+        if inner:
+            both = plan(program, BOTH, library=library, library_why=library_why)
+            if both.mode == SECCOMP:
+                chosen, mode = Plan(SECCOMP, f"its command line names a program: {inner}"), BOTH
+            else:                           # no supervisor here: libpep.so for what it can
+                _say(f"warning: {argv[0]}'s command line names a program libpep.so cannot "
+                     f"serve ({inner}), and {both.why}; it would run unproxied")
     if chosen.mode == PRELOAD:
         _info(env, f"running {argv[0]} under libpep.so")
         return _exec(program, argv, preload.environment(pep, env))

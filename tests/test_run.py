@@ -635,6 +635,27 @@ def test_getpeername_names_the_destination(ns):
     assert len(conv.seen) == 2
 
 
+@pytest.mark.parametrize("wrap", ["timeout", "sh"])
+def test_wrapper_naming_a_static_program_gets_the_supervisor(ns, static_client, wrap):
+    """auto: `timeout 30 STATIC ...` and `sh -c 'STATIC ...'` are dynamic
+    programs whose command line names a static one: both paths, and the
+    static client's connection goes through the PEP."""
+    http = ns.http[4]
+    args = [static_client, "127.0.0.1", str(http.address[1]), "1m.bin"]
+    argv = ["timeout", "30", *args] if wrap == "timeout" else ["sh", "-c", " ".join(args)]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, argv)
+    assert rc == 0, err
+    assert body(out) == ns.payload
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
+
+
+def test_named_program_heuristic():
+    path = os.environ["PATH"]
+    assert run.named_program_libpep_cannot_serve(["-c", "echo hi | cat"], path, "/l", "") == ""
+    assert run.named_program_libpep_cannot_serve(["x=1", "--flag", "-"], path, "/l", "") == ""
+
+
 def test_what_the_supervisor_passes_through(ns, tmp_path):
     """UDP, unix sockets, a second connect on a connected socket, a bad
     pointer and a bypassed destination get the kernel's own answers; only the
