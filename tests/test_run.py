@@ -109,8 +109,7 @@ def static_client(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def go_client(tmp_path_factory):
+def _go_build(tmp_path_factory, cgo: bool) -> str:
     go = shutil.which("go")
     if go is None:
         pytest.skip("needs the Go toolchain (apt-get install golang-go; .ci/run does)")
@@ -119,13 +118,26 @@ def go_client(tmp_path_factory):
     # The build cache is a temp dir shared between runs (a cold net/http build
     # takes a while on a loaded machine); no network: GOPROXY=off, stdlib only.
     env = dict(os.environ, GOCACHE=os.path.join(tempfile.gettempdir(), "pepsock-go-cache"),
-               GOPATH=str(work / "gopath"), GOFLAGS="-mod=mod", GOPROXY="off", CGO_ENABLED="0",
-               HOME=str(work))
+               GOPATH=str(work / "gopath"), GOFLAGS="-mod=mod", GOPROXY="off",
+               CGO_ENABLED="1" if cgo else "0", HOME=str(work))
     proc = subprocess.run([go, "build", "-o", out, os.path.join(HERE, "run_goget.go")], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"go build failed:\n{proc.stderr}")
     return out
+
+
+@pytest.fixture(scope="module")
+def go_client(tmp_path_factory):
+    """The Go client, static (CGO_ENABLED=0)."""
+    return _go_build(tmp_path_factory, cgo=False)
+
+
+@pytest.fixture(scope="module")
+def go_cgo_client(tmp_path_factory):
+    """The Go client linked dynamically (cgo): it has PT_INTERP, and still
+    makes its own syscalls: libpep.so cannot serve it either."""
+    return _go_build(tmp_path_factory, cgo=True)
 
 
 @pytest.fixture(scope="module")
@@ -493,6 +505,19 @@ def test_go_client_through_the_converter(ns, go_client):
     assert out == ns.payload
     assert len(conv.seen) == 3 and all(s.syn_data for s in conv.seen), conv.seen
     assert {str(s.connect.address) for s in conv.seen} == {"127.0.0.1", "::1"}
+
+
+def test_dynamic_go_client_goes_to_the_supervisor(ns, go_cgo_client):
+    info = elf.examine(go_cgo_client).info
+    assert info.dynamic and info.go
+    http = ns.http[4]
+    with converter(ns) as conv:
+        rc, out, err = _fetch_bytes(ns, conv.address, [go_cgo_client, http.url("/1m.bin")],
+                                    env=base_env(PEP_LOG="info"))
+    assert rc == 0, err
+    assert "under the seccomp supervisor: goget is a Go program" in err, err
+    assert out == ns.payload
+    assert len(conv.seen) == 1 and conv.seen[0].syn_data
 
 
 def test_static_and_go_clients_through_pep_relay(ns, static_client, go_client):
