@@ -35,6 +35,7 @@ import errno
 import fcntl
 import ipaddress
 import os
+import resource
 import select
 import signal
 import socket
@@ -54,8 +55,9 @@ SPLICE_F_MOVE = 1
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 16
-#: Proxied connections open at once (each holds two pool threads while open);
-#: past it, new ones are reset, with one log line.
+#: Proxied connections open at once (each holds two pool threads while open,
+#: and FDS_PER_RELAY fds: fewer if RLIMIT_NOFILE's hard limit is low); past
+#: it, new ones are reset, with one log line.
 MAX_RELAYS = 1024
 #: Steered connects whose caller a signal took away before the answer,
 #: remembered for the call that restarts them (a program that never retries
@@ -143,6 +145,25 @@ def _pep_addresses(config: ProxyConfig) -> set:
         except OSError:
             pass
     return out
+
+
+#: fds one relay holds: two sockets and a pipe (two fds) a direction.
+FDS_PER_RELAY = 6
+
+
+def _relays_that_fit() -> int:
+    """Raise RLIMIT_NOFILE to its hard limit (the supervisor's own, not the
+    program's); MAX_RELAYS, or fewer if their fds would not fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return MAX_RELAYS
+    return max(1, min(MAX_RELAYS, (soft - 64) // FDS_PER_RELAY))
 
 
 def _seconds(text: str | None, default: float) -> float:
@@ -320,7 +341,8 @@ class Supervisor:
         self.peps = _pep_addresses(self.config)
         self.handlers: dict[int, object] = {}  # fd -> what to call when it polls ready
         self.poller = select.poll()
-        self.pool = concurrent.futures.ThreadPoolExecutor(2 * MAX_RELAYS, "pep-relay")
+        self.max_relays = _relays_that_fit()
+        self.pool = concurrent.futures.ThreadPoolExecutor(2 * self.max_relays, "pep-relay")
         self.routes: dict[tuple, tuple] = {}   # helper-side peer (ip, port) -> destination
         self.peers: dict[tuple, tuple] = {}    # the same, for getpeername(), while relayed
         self.relays: set[Relay] = set()
@@ -368,7 +390,10 @@ class Supervisor:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self.log("warn", f"accept: {exc}")
+                # Out of fds or memory: the connection stays queued, and poll()
+                # would wake us at once for it; give relays a moment to end.
+                self._once("accept", f"accept: {exc}")
+                time.sleep(0.05)
                 return
             key = (normalize_ip(peer[0]), peer[1])
             dest = self.routes.pop(key, None)
@@ -376,12 +401,12 @@ class Supervisor:
                 conn.close()  # not a connection we steered here: nobody else uses our helper
                 continue
             with self.lock:
-                full = len(self.relays) >= MAX_RELAYS
+                full = len(self.relays) >= self.max_relays
                 if not full:
                     relay = Relay(self, conn, dest, key)
                     self.relays.add(relay)
             if full:
-                self._once("full", f"more than {MAX_RELAYS} connections at once: resetting "
+                self._once("full", f"more than {self.max_relays} connections at once: resetting "
                                    f"the newest")
                 with self.lock:
                     self.peers.pop(key, None)
@@ -553,7 +578,7 @@ class Supervisor:
             self.routes[self.steered] = (ip, port)
             if self.killable:
                 with self.lock:
-                    if len(self.peers) >= 4 * MAX_RELAYS:
+                    if len(self.peers) >= 4 * self.max_relays:
                         self.peers.clear()   # steered but never accepted: do not grow forever
                     self.peers[self.steered] = (ip, port)
             self.log("debug", f"connect to {_fmt((ip, port))} steered to the helper")
@@ -729,6 +754,7 @@ def _child(channel: socket.socket, program_pid: int) -> None:
             os.dup2(null, fd)
         os.close(null)
         _close_all_but(sorted({channel.fileno(), stderr}))
+        threading.stack_size(512 << 10)   # up to 2 x MAX_RELAYS pool threads
         log = Log(os.environ.get("PEP_LOG"), stderr)
         try:
             sup = Supervisor(program_pid, log)
@@ -759,4 +785,4 @@ def _close_all_but(keep: list[int]) -> None:
         if fd >= low:
             os.closerange(low, fd)
             low = fd + 1
-    os.closerange(low, 1 << 20)
+    os.closerange(low, max(1 << 20, os.sysconf("SC_OPEN_MAX")))

@@ -769,6 +769,40 @@ def test_failover_to_the_next_pep_address(topology, static_client, tmp_path):
     assert len(conv.seen) == 1 and conv.seen[0].syn_data
 
 
+def test_connections_past_the_limit_are_reset_with_a_log_line(ns):
+    """RLIMIT_NOFILE 128 leaves the supervisor room for (128 - 64) // 6 = 10
+    relays: of 14 connections held open at once, 10 work and 4 are reset."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("needs prlimit (util-linux)")
+    code = textwrap.dedent("""
+        import socket, sys
+        port, ok, reset, socks = int(sys.argv[1]), 0, 0, []
+        for _ in range(14):      # held open together; a reset may come as soon as connect()
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            except ConnectionResetError:
+                reset += 1
+        for s in socks:
+            try:
+                s.sendall(b"x")
+                ok += s.recv(1) == b"x"
+            except ConnectionResetError:
+                reset += 1
+        print(ok, reset)
+    """)
+    with ns.enter():
+        echo = EchoServer()
+    with echo, converter(ns) as conv:
+        p = subprocess.run(ns.cmd(prlimit, "--nofile=128:128", *pep_run_argv(
+            "--pep", conv.env_value, "--mode", "seccomp", "--", sys.executable, "-c", code,
+            str(echo.address[1]))), env=base_env(), capture_output=True, text=True,
+            timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["10", "4"]
+    assert "more than 10 connections at once" in p.stderr
+
+
 def test_bypassed_destination_goes_direct(ns, static_client):
     http = ns.http[4]
     with converter(ns) as conv:
