@@ -63,6 +63,8 @@ MAX_RELAYS = 1024
 #: remembered for the call that restarts them (a program that never retries
 #: leaves one behind; past this many the memory is dropped).
 MAX_UNANSWERED = 4096
+#: Destinations whose verdict (PEP or direct) is remembered at once.
+MAX_DECISIONS = 4096
 #: How long the PEP connection may take to open (the client's own per-PEP
 #: timeouts apply inside this bound).
 OPEN_TIMEOUT = 30.0
@@ -220,8 +222,9 @@ class Relay:
             return self._abort()
         pep.settimeout(None)
         self.conn.settimeout(None)
-        self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
-                              f"in {1000 * (time.monotonic() - t0):.1f} ms")
+        if self.sup.log.level >= LEVELS["debug"]:
+            self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
+                                  f"in {1000 * (time.monotonic() - t0):.1f} ms")
         try:
             upstream = self.sup.pool.submit(self._guard, self._upstream)
         except RuntimeError:            # the pool is shutting down: the program is gone
@@ -320,6 +323,13 @@ def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
                     struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
+def _key(sockname) -> tuple[str, int]:
+    """(ip text, port) of a loopback end as getsockname()/accept() give it;
+    a v4-mapped address counts as the IPv4 address it carries."""
+    ip = sockname[0]
+    return (ip[7:] if ip.startswith("::ffff:") else ip), sockname[1]
+
+
 def _fmt(dest) -> str:
     ip, port = dest
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
@@ -352,6 +362,7 @@ class Supervisor:
         self.helper_addr: dict[int, bytes] = {}
         self.watching = True
         self.said: set[str] = set()
+        self.decisions: dict[tuple, bool] = {}  # (ip, port) -> goes to the PEP
         self.steered = None                    # the socket _steer() connected to the helper
         self.unanswered: set[tuple] = set()    # ...whose connect was interrupted before our answer
         self._open_helpers()
@@ -395,7 +406,7 @@ class Supervisor:
                 self._once("accept", f"accept: {exc}")
                 time.sleep(0.05)
                 return
-            key = (normalize_ip(peer[0]), peer[1])
+            key = _key(peer)
             dest = self.routes.pop(key, None)
             if dest is None:
                 conn.close()  # not a connection we steered here: nobody else uses our helper
@@ -485,8 +496,7 @@ class Supervisor:
             return None
         family, ip, port = target
         ip = normalize_ip(ip)
-        if not carriable(ip, port) or (ip, port) in self.peps \
-                or self.config.pep_for(None, ip, port) is None:
+        if not self._proxied(ip, port):
             return None
         sock = self._take(note.pid, fd)
         if sock is None:
@@ -495,6 +505,18 @@ class Supervisor:
             if not seccomp.still_waiting(self.listener, note.id):
                 return None  # gone while we took it: that fd number may be another file now
             return self._connect_to_helper(sock, family, ip, port)
+
+    def _proxied(self, ip, port: int) -> bool:
+        """Does this destination go to the PEP?  Remembered per destination
+        (the rules are fixed for the supervisor's life; bounded)."""
+        verdict = self.decisions.get((ip, port))
+        if verdict is None:
+            verdict = carriable(ip, port) and (ip, port) not in self.peps \
+                and self.config.pep_for(None, ip, port) is not None
+            if len(self.decisions) >= MAX_DECISIONS:
+                self.decisions.clear()
+            self.decisions[(ip, port)] = verdict
+        return verdict
 
     def _peer_name(self, note: seccomp.Notification) -> int | None:
         """getpeername() of a steered socket: the destination, as libpep.so
@@ -511,7 +533,7 @@ class Supervisor:
             except OSError:
                 return None
             with self.lock:
-                dest = self.peers.get((normalize_ip(local[0]), local[1]))
+                dest = self.peers.get(_key(local))
             if dest is None or not self._to_helper(sock, peer):
                 return None
             ip, port = dest
@@ -574,14 +596,15 @@ class Supervisor:
         err = seccomp.raw_connect(sock.fileno(), self.helper_addr[sock.family])
         if err in (0, errno.EINPROGRESS):
             local = sock.getsockname()
-            self.steered = (normalize_ip(local[0]), local[1])
+            self.steered = _key(local)
             self.routes[self.steered] = (ip, port)
             if self.killable:
                 with self.lock:
                     if len(self.peers) >= 4 * self.max_relays:
                         self.peers.clear()   # steered but never accepted: do not grow forever
                     self.peers[self.steered] = (ip, port)
-            self.log("debug", f"connect to {_fmt((ip, port))} steered to the helper")
+            if self.log.level >= LEVELS["debug"]:
+                self.log("debug", f"connect to {_fmt((ip, port))} steered to the helper")
         return err
 
     def _restarted(self, sock: socket.socket, state: int) -> int | None:
@@ -592,7 +615,7 @@ class Supervisor:
             local = sock.getsockname()
         except OSError:
             return None
-        key = (normalize_ip(local[0]), local[1])
+        key = _key(local)
         if key in self.unanswered:
             self.unanswered.discard(key)
         elif self.killable or not self._to_helper(sock):
