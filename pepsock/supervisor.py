@@ -40,7 +40,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 
@@ -97,7 +96,8 @@ class Log:
         line = f"pep-supervisor[{os.getpid()}] {level}: {text}\n".encode(errors="replace")
         try:
             if self.path:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o600)
                 try:
                     os.write(fd, line)
                 finally:

@@ -254,8 +254,10 @@ def test_plan_without_seccomp_names_both_reasons():
     chosen = run.plan(_program("native", interp=None), library="/lib/libpep.so",
                       seccomp_why="this kernel has no seccomp user notification")
     assert chosen.mode == run.NONE
-    assert chosen.why == "prog is statically linked, and this kernel has no seccomp user notification"
-    assert run.plan(_program("native"), run.SECCOMP, library="/l", seccomp_why="no").mode == run.NONE
+    assert chosen.why == ("prog is statically linked, and this kernel has no seccomp user "
+                          "notification")
+    assert run.plan(_program("native"), run.SECCOMP, library="/l",
+                    seccomp_why="no").mode == run.NONE
     assert run.plan(_program("native"), run.BOTH, library="/l", seccomp_why="").mode == run.SECCOMP
     no_lib = run.plan(_program("native"), library=None, library_why="libpep.so not found",
                       seccomp_why="")
@@ -315,7 +317,7 @@ def test_parse_sockaddr_takes_any_bytes(raw, length):
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), st.integers(0, 65535))
 def test_parse_sockaddr_reads_what_the_kernel_gets(ip, port):
-    raw = supervisor._sockaddr_in(ip, port) if ip.version == 4 else supervisor._sockaddr_in6(ip, port)
+    raw = (supervisor._sockaddr_in if ip.version == 4 else supervisor._sockaddr_in6)(ip, port)
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     assert supervisor.parse_sockaddr(raw, len(raw)) == (family, ip, port)
     assert supervisor.parse_sockaddr(raw, len(raw) - 1) is None     # too short for its family
@@ -757,7 +759,8 @@ def test_failover_to_the_next_pep_address(topology, static_client, tmp_path):
             conv = Converter(host="127.0.0.1")
         with http, conv:
             rc, out, err = _fetch_bytes(host, ("pep.test", conv.address[1]),
-                                        [static_client, "127.0.0.1", str(http.address[1]), "1m.bin"])
+                                        [static_client, "127.0.0.1", str(http.address[1]),
+                                         "1m.bin"])
     finally:
         shutil.rmtree(hosts_dir, ignore_errors=True)
         try:
