@@ -511,8 +511,12 @@ class Supervisor:
         (the rules are fixed for the supervisor's life; bounded)."""
         verdict = self.decisions.get((ip, port))
         if verdict is None:
+            # The supervisor sees addresses, not names: a name entry of
+            # PEP_NO_PROXY never matches, except `localhost`, read as loopback
+            # (as libpep.so reads it).
+            name = "localhost" if ip.is_loopback else None
             verdict = carriable(ip, port) and (ip, port) not in self.peps \
-                and self.config.pep_for(None, ip, port) is not None
+                and self.config.pep_for(name, ip, port) is not None
             if len(self.decisions) >= MAX_DECISIONS:
                 self.decisions.clear()
             self.decisions[(ip, port)] = verdict

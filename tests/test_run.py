@@ -806,12 +806,15 @@ def test_connections_past_the_limit_are_reset_with_a_log_line(ns):
     assert "more than 10 connections at once" in p.stderr
 
 
-def test_bypassed_destination_goes_direct(ns, static_client):
+@pytest.mark.parametrize("no_proxy", ["127.0.0.0/8", "localhost", "example.org,127.0.0.1:1-65535"])
+def test_bypassed_destination_goes_direct(ns, static_client, no_proxy):
+    """PEP_NO_PROXY as libpep.so reads it: addresses, ports, and `localhost`
+    as loopback (the supervisor sees addresses, not names)."""
     http = ns.http[4]
     with converter(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
                                                        str(http.address[1]), "1m.bin"],
-                                    env=base_env(PEP_NO_PROXY="127.0.0.0/8"))
+                                    env=base_env(PEP_NO_PROXY=no_proxy))
     assert rc == 0, err
     assert body(out) == ns.payload and conv.seen == []
 
