@@ -806,6 +806,42 @@ def test_connections_past_the_limit_are_reset_with_a_log_line(ns):
     assert "more than 10 connections at once" in p.stderr
 
 
+def test_many_connections_at_once(ns):
+    """50 threads, each 200 kB up and back through an echo server at once."""
+    code = textwrap.dedent("""
+        import os, socket, sys, threading
+        port, ok = int(sys.argv[1]), []
+        def one():
+            s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            data = os.urandom(200000)
+            def send():
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+            t = threading.Thread(target=send)
+            t.start()
+            got = bytearray()
+            while chunk := s.recv(65536):
+                got += chunk
+            t.join()
+            ok.append(got == data)
+        threads = [threading.Thread(target=one) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(sum(ok), len(ok))
+    """)
+    with ns.enter():
+        echo = EchoServer()
+    with echo, converter(ns) as conv:
+        p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
+                                                sys.executable, "-c", code, str(echo.address[1]))),
+                           env=base_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["50", "50"], p.stderr
+    assert len(conv.seen) == 50 and all(s.syn_data for s in conv.seen)
+
+
 @pytest.mark.parametrize("no_proxy", ["127.0.0.0/8", "localhost", "example.org,127.0.0.1:1-65535"])
 def test_bypassed_destination_goes_direct(ns, static_client, no_proxy):
     """PEP_NO_PROXY as libpep.so reads it: addresses, ports, and `localhost`
