@@ -730,6 +730,7 @@ def _sockaddr_in6(ip: ipaddress.IPv6Address, port: int) -> bytes:
 
 def spawn(program_pid: int) -> tuple[socket.socket, int]:
     """Start the supervisor, no child of ours (double fork); (channel, its pid).
+    Fds 0-2 must be open (the channel must not land on them).
 
     Send the listener fd on the channel with `hand_over()`; if the channel
     closes without one, the supervisor exits.
