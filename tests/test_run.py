@@ -404,6 +404,16 @@ def test_exit_status_and_death_by_signal_pass_through(mode):
     assert finish(popen(argv + ["sh", "-c", "kill -TERM $$"]))[0] == -signal.SIGTERM
 
 
+@pytest.mark.parametrize("mode", ["preload", "seccomp"])
+def test_closed_standard_fds_stay_closed(mode):
+    """pep run started with stdin and stdout closed: the program gets them closed."""
+    probe = "for fd in 0 1; do [ -e /proc/self/fd/$fd ] && echo open >&2 || echo closed >&2; done"
+    inner = " ".join(pep_run_argv("--pep", "192.0.2.1:9", "--mode", mode, "--", "sh", "-c",
+                                  f"'{probe}'"))
+    rc, out, err = finish(popen(["sh", "-c", f"exec <&- >&-; exec {inner}"]))
+    assert rc == 0 and err.split() == ["closed", "closed"], err
+
+
 def test_command_not_found_and_not_executable(tmp_path):
     rc, _, err = finish(popen(pep_run_argv("--pep", "192.0.2.1:9", "--", "no-such-cmd-pepsock")))
     assert rc == 127 and "command not found" in err
