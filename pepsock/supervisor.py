@@ -222,6 +222,12 @@ class Relay:
             return self._abort()
         pep.settimeout(None)
         self.conn.settimeout(None)
+        # Options the program sets after connect() land on its loopback leg;
+        # this leg gets what a relay wants: no Nagle delay on bytes it
+        # forwards as they come (Go sets TCP_NODELAY on every connection
+        # anyway), and keepalive (kernel timers) so a vanished PEP ends it.
+        pep.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pep.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if self.sup.log.level >= LEVELS["debug"]:
             self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
                                   f"in {1000 * (time.monotonic() - t0):.1f} ms")
@@ -593,6 +599,13 @@ class Supervisor:
             return self._restarted(sock, state)
         if sock.family != family:
             # AF_INET6 socket given an AF_INET address or the reverse: the kernel's error.
+            return None
+        device = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0")
+        if device:
+            # Bound to an interface: loopback is out of its reach.  Direct.
+            self._once(f"dev-{device!r}", f"a socket bound to {device.decode(errors='replace')} "
+                                          f"(SO_BINDTODEVICE) cannot reach the helper: its "
+                                          f"connections go direct")
             return None
         if sock.family == socket.AF_INET6 and ip.version == 4 and \
                 sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):

@@ -694,9 +694,9 @@ def test_named_program_heuristic():
 
 
 def test_what_the_supervisor_passes_through(ns, tmp_path):
-    """UDP, unix sockets, a second connect on a connected socket, a bad
-    pointer and a bypassed destination get the kernel's own answers; only the
-    TCP connect goes to the PEP (and getpeername shows the helper: documented)."""
+    """UDP, unix sockets, a second connect on a connected socket, a socket
+    bound to a device, a bad pointer and a bypassed destination get the
+    kernel's own answers; only the TCP connect goes to the PEP."""
     code = textwrap.dedent(f"""
         import ctypes, errno, socket, sys
         out = []
@@ -720,6 +720,10 @@ def test_what_the_supervisor_passes_through(ns, tmp_path):
         for _ in range(2):   # after a non-blocking connect: 0 (now SS_CONNECTED), then EISCONN
             rc = libc.connect(t.fileno(), sin, 16)
             out.append(errno.errorcode[ctypes.get_errno()] if rc else "0")
+        # a socket bound to a device (lo here): direct, the kernel's answer
+        d = socket.socket()
+        d.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+        out.append(errno.errorcode.get(d.connect_ex(("127.0.0.1", closed_port)), "0"))
         # a bad sockaddr pointer
         s = socket.socket()
         rc = libc.connect(s.fileno(), ctypes.c_void_p(8), 16)
@@ -744,8 +748,8 @@ def test_what_the_supervisor_passes_through(ns, tmp_path):
         plain = subprocess.run(ns.cmd(*argv), env=base_env(), capture_output=True, text=True,
                                timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["udp", "True", "unix", "tcp", "0", "EISCONN", "EFAULT",
-                                "ECONNREFUSED"]
+    assert p.stdout.split() == ["udp", "True", "unix", "tcp", "0", "EISCONN", "ECONNREFUSED",
+                                "EFAULT", "ECONNREFUSED"]
     assert p.stdout == plain.stdout, plain.stderr
     assert [s.connect.port for s in conv.seen] == [echo.address[1]]
 
