@@ -145,7 +145,24 @@ def _setuid_blocker(program: elf.Program) -> str:
 
 
 def _say(text: str) -> None:
-    print(f"pep run: {text}", file=sys.stderr, flush=True)
+    if sys.stderr is not None:
+        print(f"pep run: {text}", file=sys.stderr, flush=True)
+
+
+def _fill_std_fds() -> list[int]:
+    """Give closed standard fds /dev/null while pep run works (a socket must
+    not land on fd 0-2); `_exec` closes them again: the program gets them as
+    pep run did."""
+    filled = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            filled.append(os.open(os.devnull, os.O_RDWR))   # the lowest free fd: this one
+    return filled
+
+
+_filled: list[int] = []
 
 
 def _exec(program: elf.Program, argv: list[str], env: dict) -> int:
@@ -154,8 +171,11 @@ def _exec(program: elf.Program, argv: list[str], env: dict) -> int:
     # exec, and the program must start with the defaults a shell gives it.
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):   # None when pep run started without them
+        if stream is not None:
+            stream.flush()
+    while _filled:
+        os.close(_filled.pop())
     try:
         os.execve(program.path, argv, env)
     except OSError as exc:
@@ -244,6 +264,7 @@ def _run_supervised(program, argv, env, child_env, allow_direct: bool) -> int:
             return _refuse(program, argv, env, why, allow_direct)
     os.environ.clear()
     os.environ.update(env)              # the supervisor reads PEP_* from its environment
+    _filled[:] = _fill_std_fds()
     try:
         channel, supervisor_pid = supervisor.spawn(os.getpid())
     except OSError as exc:

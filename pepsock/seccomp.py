@@ -3,9 +3,10 @@
 `install_connect_listener()` puts the calling thread (and everything it execs
 or forks afterwards) under a filter that hands every native `connect(2)` (and
 `getpeername(2)`, on 5.19+) to a supervisor and lets every other syscall
-through; it returns the listener fd.  The supervisor (pepsock/supervisor.py) drives the listener with
-`receive()`, `respond()`/`let_through()` and `still_waiting()`, reads the
-program's memory with `read_memory()` and takes the program's socket with
+through; it returns the listener fd.  The supervisor (pepsock/supervisor.py)
+drives the listener with `receive()`, `respond()`/`let_through()` and
+`still_waiting()`, reads and writes the program's memory with
+`read_memory()`/`write_memory()` and takes the program's socket with
 `take_fd()` (pidfd_getfd: the same open file, not a copy).
 
 Linux 5.6+ (pidfd_getfd; SECCOMP_USER_NOTIF_FLAG_CONTINUE is 5.5, the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import struct
@@ -100,7 +102,8 @@ def unavailable() -> str:
     if native_arch() is None:
         return f"the seccomp supervisor supports x86_64 and aarch64, not {platform.machine()}"
     if _kernel_version() < (5, 6):
-        return f"the seccomp supervisor needs Linux 5.6+ (pidfd_getfd), this is {os.uname().release}"
+        return (f"the seccomp supervisor needs Linux 5.6+ (pidfd_getfd), this is "
+                f"{os.uname().release}")
     try:
         with open("/proc/sys/kernel/seccomp/actions_avail") as f:
             if "user_notif" not in f.read().split():
@@ -269,7 +272,6 @@ class Notification:
 def receive(listener: int) -> Notification | None:
     """The next notification; None if it vanished between poll() and here
     (its caller was killed).  Call only when poll() says POLLIN: the ioctl blocks."""
-    import fcntl
     buf = bytearray(NOTIF.size)
     try:
         fcntl.ioctl(listener, IOCTL_NOTIF_RECV, buf, True)
@@ -283,7 +285,6 @@ def receive(listener: int) -> Notification | None:
 def respond(listener: int, nid: int, error: int = 0, val: int = 0, flags: int = 0) -> bool:
     """Answer a notification: the syscall returns -error if error, else val.
     False if the caller is gone or was interrupted (ENOENT)."""
-    import fcntl
     buf = bytearray(RESP.pack(nid, val, -error if error > 0 else error, flags))
     try:
         fcntl.ioctl(listener, IOCTL_NOTIF_SEND, buf, True)
@@ -302,7 +303,6 @@ def let_through(listener: int, nid: int) -> bool:
 def still_waiting(listener: int, nid: int) -> bool:
     """Is the notification's caller still in the syscall? (Re-check after
     reading its memory: its pid may otherwise have been reused.)"""
-    import fcntl
     try:
         fcntl.ioctl(listener, IOCTL_NOTIF_ID_VALID, struct.pack("=Q", nid))
         return True

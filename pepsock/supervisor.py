@@ -40,7 +40,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 
@@ -97,7 +96,8 @@ class Log:
         line = f"pep-supervisor[{os.getpid()}] {level}: {text}\n".encode(errors="replace")
         try:
             if self.path:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o600)
                 try:
                     os.write(fd, line)
                 finally:
@@ -222,6 +222,12 @@ class Relay:
             return self._abort()
         pep.settimeout(None)
         self.conn.settimeout(None)
+        # Options the program sets after connect() land on its loopback leg;
+        # this leg gets what a relay wants: no Nagle delay on bytes it
+        # forwards as they come (Go sets TCP_NODELAY on every connection
+        # anyway), and keepalive (kernel timers) so a vanished PEP ends it.
+        pep.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pep.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if self.sup.log.level >= LEVELS["debug"]:
             self.sup.log("debug", f"{_fmt(self.dest)}: via {getattr(pep, 'pep', 'direct')} "
                                   f"in {1000 * (time.monotonic() - t0):.1f} ms")
@@ -511,8 +517,12 @@ class Supervisor:
         (the rules are fixed for the supervisor's life; bounded)."""
         verdict = self.decisions.get((ip, port))
         if verdict is None:
+            # The supervisor sees addresses, not names: a name entry of
+            # PEP_NO_PROXY never matches, except `localhost`, read as loopback
+            # (as libpep.so reads it).
+            name = "localhost" if ip.is_loopback else None
             verdict = carriable(ip, port) and (ip, port) not in self.peps \
-                and self.config.pep_for(None, ip, port) is not None
+                and self.config.pep_for(name, ip, port) is not None
             if len(self.decisions) >= MAX_DECISIONS:
                 self.decisions.clear()
             self.decisions[(ip, port)] = verdict
@@ -589,6 +599,13 @@ class Supervisor:
             return self._restarted(sock, state)
         if sock.family != family:
             # AF_INET6 socket given an AF_INET address or the reverse: the kernel's error.
+            return None
+        device = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0")
+        if device:
+            # Bound to an interface: loopback is out of its reach.  Direct.
+            self._once(f"dev-{device!r}", f"a socket bound to {device.decode(errors='replace')} "
+                                          f"(SO_BINDTODEVICE) cannot reach the helper: its "
+                                          f"connections go direct")
             return None
         if sock.family == socket.AF_INET6 and ip.version == 4 and \
                 sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
@@ -726,6 +743,7 @@ def _sockaddr_in6(ip: ipaddress.IPv6Address, port: int) -> bytes:
 
 def spawn(program_pid: int) -> tuple[socket.socket, int]:
     """Start the supervisor, no child of ours (double fork); (channel, its pid).
+    Fds 0-2 must be open (the channel must not land on them).
 
     Send the listener fd on the channel with `hand_over()`; if the channel
     closes without one, the supervisor exits.

@@ -254,8 +254,10 @@ def test_plan_without_seccomp_names_both_reasons():
     chosen = run.plan(_program("native", interp=None), library="/lib/libpep.so",
                       seccomp_why="this kernel has no seccomp user notification")
     assert chosen.mode == run.NONE
-    assert chosen.why == "prog is statically linked, and this kernel has no seccomp user notification"
-    assert run.plan(_program("native"), run.SECCOMP, library="/l", seccomp_why="no").mode == run.NONE
+    assert chosen.why == ("prog is statically linked, and this kernel has no seccomp user "
+                          "notification")
+    assert run.plan(_program("native"), run.SECCOMP, library="/l",
+                    seccomp_why="no").mode == run.NONE
     assert run.plan(_program("native"), run.BOTH, library="/l", seccomp_why="").mode == run.SECCOMP
     no_lib = run.plan(_program("native"), library=None, library_why="libpep.so not found",
                       seccomp_why="")
@@ -315,7 +317,7 @@ def test_parse_sockaddr_takes_any_bytes(raw, length):
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), st.integers(0, 65535))
 def test_parse_sockaddr_reads_what_the_kernel_gets(ip, port):
-    raw = supervisor._sockaddr_in(ip, port) if ip.version == 4 else supervisor._sockaddr_in6(ip, port)
+    raw = (supervisor._sockaddr_in if ip.version == 4 else supervisor._sockaddr_in6)(ip, port)
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     assert supervisor.parse_sockaddr(raw, len(raw)) == (family, ip, port)
     assert supervisor.parse_sockaddr(raw, len(raw) - 1) is None     # too short for its family
@@ -400,6 +402,16 @@ def test_exit_status_and_death_by_signal_pass_through(mode):
     assert finish(popen(argv + ["sh", "-c", "exit 3"]))[0] == 3
     assert finish(popen(argv + ["sh", "-c", "kill -KILL $$"]))[0] == -signal.SIGKILL
     assert finish(popen(argv + ["sh", "-c", "kill -TERM $$"]))[0] == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("mode", ["preload", "seccomp"])
+def test_closed_standard_fds_stay_closed(mode):
+    """pep run started with stdin and stdout closed: the program gets them closed."""
+    probe = "for fd in 0 1; do [ -e /proc/self/fd/$fd ] && echo open >&2 || echo closed >&2; done"
+    inner = " ".join(pep_run_argv("--pep", "192.0.2.1:9", "--mode", mode, "--", "sh", "-c",
+                                  f"'{probe}'"))
+    rc, out, err = finish(popen(["sh", "-c", f"exec <&- >&-; exec {inner}"]))
+    assert rc == 0 and err.split() == ["closed", "closed"], err
 
 
 def test_command_not_found_and_not_executable(tmp_path):
@@ -682,9 +694,9 @@ def test_named_program_heuristic():
 
 
 def test_what_the_supervisor_passes_through(ns, tmp_path):
-    """UDP, unix sockets, a second connect on a connected socket, a bad
-    pointer and a bypassed destination get the kernel's own answers; only the
-    TCP connect goes to the PEP (and getpeername shows the helper: documented)."""
+    """UDP, unix sockets, a second connect on a connected socket, a socket
+    bound to a device, a bad pointer and a bypassed destination get the
+    kernel's own answers; only the TCP connect goes to the PEP."""
     code = textwrap.dedent(f"""
         import ctypes, errno, socket, sys
         out = []
@@ -708,6 +720,10 @@ def test_what_the_supervisor_passes_through(ns, tmp_path):
         for _ in range(2):   # after a non-blocking connect: 0 (now SS_CONNECTED), then EISCONN
             rc = libc.connect(t.fileno(), sin, 16)
             out.append(errno.errorcode[ctypes.get_errno()] if rc else "0")
+        # a socket bound to a device (lo here): direct, the kernel's answer
+        d = socket.socket()
+        d.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+        out.append(errno.errorcode.get(d.connect_ex(("127.0.0.1", closed_port)), "0"))
         # a bad sockaddr pointer
         s = socket.socket()
         rc = libc.connect(s.fileno(), ctypes.c_void_p(8), 16)
@@ -732,8 +748,8 @@ def test_what_the_supervisor_passes_through(ns, tmp_path):
         plain = subprocess.run(ns.cmd(*argv), env=base_env(), capture_output=True, text=True,
                                timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["udp", "True", "unix", "tcp", "0", "EISCONN", "EFAULT",
-                                "ECONNREFUSED"]
+    assert p.stdout.split() == ["udp", "True", "unix", "tcp", "0", "EISCONN", "ECONNREFUSED",
+                                "EFAULT", "ECONNREFUSED"]
     assert p.stdout == plain.stdout, plain.stderr
     assert [s.connect.port for s in conv.seen] == [echo.address[1]]
 
@@ -757,7 +773,8 @@ def test_failover_to_the_next_pep_address(topology, static_client, tmp_path):
             conv = Converter(host="127.0.0.1")
         with http, conv:
             rc, out, err = _fetch_bytes(host, ("pep.test", conv.address[1]),
-                                        [static_client, "127.0.0.1", str(http.address[1]), "1m.bin"])
+                                        [static_client, "127.0.0.1", str(http.address[1]),
+                                         "1m.bin"])
     finally:
         shutil.rmtree(hosts_dir, ignore_errors=True)
         try:
@@ -803,12 +820,51 @@ def test_connections_past_the_limit_are_reset_with_a_log_line(ns):
     assert "more than 10 connections at once" in p.stderr
 
 
-def test_bypassed_destination_goes_direct(ns, static_client):
+def test_many_connections_at_once(ns):
+    """50 threads, each 200 kB up and back through an echo server at once."""
+    code = textwrap.dedent("""
+        import os, socket, sys, threading
+        port, ok = int(sys.argv[1]), []
+        def one():
+            s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            data = os.urandom(200000)
+            def send():
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+            t = threading.Thread(target=send)
+            t.start()
+            got = bytearray()
+            while chunk := s.recv(65536):
+                got += chunk
+            t.join()
+            ok.append(got == data)
+        threads = [threading.Thread(target=one) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(sum(ok), len(ok))
+    """)
+    with ns.enter():
+        echo = EchoServer()
+    with echo, converter(ns) as conv:
+        p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
+                                                sys.executable, "-c", code, str(echo.address[1]))),
+                           env=base_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["50", "50"], p.stderr
+    assert len(conv.seen) == 50 and all(s.syn_data for s in conv.seen)
+
+
+@pytest.mark.parametrize("no_proxy", ["127.0.0.0/8", "localhost", "example.org,127.0.0.1:1-65535"])
+def test_bypassed_destination_goes_direct(ns, static_client, no_proxy):
+    """PEP_NO_PROXY as libpep.so reads it: addresses, ports, and `localhost`
+    as loopback (the supervisor sees addresses, not names)."""
     http = ns.http[4]
     with converter(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
                                                        str(http.address[1]), "1m.bin"],
-                                    env=base_env(PEP_NO_PROXY="127.0.0.0/8"))
+                                    env=base_env(PEP_NO_PROXY=no_proxy))
     assert rc == 0, err
     assert body(out) == ns.payload and conv.seen == []
 
