@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "timestamp per 1500-byte delivery opportunity) or a schedule "
                                    "(`<time_ms> <rate_mbit>` lines), or a shipped name: "
                                    "step-10-75, spike-outage, mmwave-blockage")
-    p.add_argument("--reps", type=int, help="repetitions of step/spike/mmwave (default 5; quick 2)")
+    p.add_argument("--reps", type=int, help="repetitions of step/spike/mmwave (default 5; quick 2) and, when "
+                                            "given, of validate/upload/ipv6 too (default 3/3/2; quick 1)")
     p.add_argument("--ttfb-reps", type=int, help="TTFB samples per method (default 20; quick 8)")
     p.add_argument("--flows", help="numbers of competing flows, e.g. 1,2,4,6,8,10")
     p.add_argument("--r1", type=float, default=10.0, help="client-PEP RTT in ms (default 10)")
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
 
     plan = Plan.quick_plan() if args.quick else Plan()
     plan.experiments = exps
-    if args.reps:
-        plan.reps = args.reps
+    if args.reps:   # every transfer case, so a quick run can be given more repetitions
+        plan.reps = plan.validate_reps = plan.upload_reps = plan.ipv6_reps = args.reps
     if args.ttfb_reps:
         plan.ttfb_reps = args.ttfb_reps
     if args.flows:

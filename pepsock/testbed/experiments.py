@@ -377,7 +377,8 @@ class Runner:
         proxies = self._start_proxies()
         modes = [("direct", None), ("tfo", None)]
         if self.pep_ok:
-            modes += [("pep", f"{ADDR['pep_w']}:{PEP_PORT}"), ("pep-notfo", f"{ADDR['pep_w']}:{PEP_PORT}")]
+            modes += [("pep", f"{ADDR['pep_w']}:{PEP_PORT}"), ("pep-syn", f"{ADDR['pep_w']}:{PEP_PORT}"),
+                      ("pep-notfo", f"{ADDR['pep_w']}:{PEP_PORT}")]
         else:
             self.notes.append("ttfb: PEP modes skipped: relay " + self.pep_status)
         if proxies.get("connect"):
