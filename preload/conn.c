@@ -176,7 +176,11 @@ static void conn_open(int fd, struct pep_conn *c)
     free(c->replay); /* nothing to replay any more */
     c->replay = NULL;
     c->replay_len = 0;
-    if (pep_cfg.level >= PEP_LOG_WARN && !__atomic_load_n(&warned_0rtt, __ATOMIC_RELAXED)) {
+    /* Under PEP_TFO_MODE=auto, a PEP that wants TFO cookies costs the first
+     * connections their 0-RTT by design (learning, then the cookie request):
+     * peers.c records it; only a forced mode deserves the warning. */
+    if (pep_cfg.tfo_mode != PEP_TFO_AUTO && pep_cfg.level >= PEP_LOG_WARN &&
+        !__atomic_load_n(&warned_0rtt, __ATOMIC_RELAXED)) {
         struct tcp_info ti;
         if (pep_tcp_state(fd, &ti) >= 0 && !(ti.tcpi_options & TCPI_OPT_SYN_DATA))
             pep_warn_0rtt_lost("the PEP did not take data in the SYN (TFO off on its side?)");
