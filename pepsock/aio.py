@@ -11,7 +11,7 @@ import errno
 import socket
 import ssl as _ssl
 
-from . import protocol, tfo
+from . import aiosock, protocol, tfo
 from .client import _resolve, choose_pep
 from .policy import normalize_ip
 
@@ -95,9 +95,10 @@ async def open_connection(host: str, port: int, *, pep=None, limit: int = _DEFAU
     """Like asyncio.open_connection, through an RFC 8803 PEP in 0-RTT.
 
     pep=(host, port) forces that PEP; otherwise PEP_PROXY/PEP_NO_PROXY decide
-    and no PEP means a plain asyncio.open_connection.  With ssl, the PEP's
-    reply is awaited before the TLS handshake starts (TLS reads the socket
-    itself).  `timeout` bounds reaching the PEP, as connect would.
+    and no PEP means a plain asyncio.open_connection.  With ssl, the TLS
+    handshake starts right after the TCP handshake with the PEP, before its
+    reply (on the selector event loops; others wait for the reply first).
+    `timeout` bounds reaching the PEP, as connect would.
     """
     chosen, bypass = choose_pep(host, port, pep)
     if chosen is not None:
@@ -116,6 +117,10 @@ async def open_connection(host: str, port: int, *, pep=None, limit: int = _DEFAU
 
 async def _open_via_pep(dest_ip, port, chosen, limit, ssl, server_hostname):
     loop = asyncio.get_running_loop()
+    # TLS that starts before the PEP's reply, where the transport reads through
+    # the socket object (pepsock/aiosock.py); elsewhere the wait below remains.
+    if ssl and aiosock.strips_in_transport(loop):
+        return await aiosock.open_tls_streams(dest_ip, port, chosen, limit, ssl, server_hostname)
     header = protocol.connect_request(dest_ip, port)
     errors = []
     infos = await loop.run_in_executor(None, _resolve, chosen[0], chosen[1], "PEP")

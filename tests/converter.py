@@ -31,6 +31,7 @@ class Seen:
     early_data: bytes = b""     # application bytes that came with the header
     peer: tuple = ()            # the client's address as the converter saw it
     error: str = ""
+    reply_sent_at: float = 0.0  # time.monotonic() when the success reply went out
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Converter:
     reply_tlvs: tuple = ()                      # extra TLVs in a success reply
     reset_after_error: bool = True             # RST (SO_LINGER 0) after an Error, else FIN
     reset_delay: float = 0.05                   # seconds between the Error TLV and the RST
+    reply_delay: float = 0.0                    # hold the success reply this long while
+                                                # already forwarding the client's bytes
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self):
@@ -153,14 +156,32 @@ class Converter:
                 self._reply(client, protocol.error_reply(code, value))
                 return
             with server:
-                self._reply(client, protocol.success_reply(self.reply_tlvs))
                 if reader.rest:
                     server.sendall(reader.rest)
+                if self.reply_delay:
+                    self._late_reply(client, server, seen)
+                    return
+                self._reply(client, protocol.success_reply(self.reply_tlvs))
+                seen.reply_sent_at = time.monotonic()
                 pump_both(client, server)
         except OSError as exc:
             seen.error = str(exc)
         finally:
             client.close()
+
+
+    def _late_reply(self, client: socket.socket, server: socket.socket, seen: Seen):
+        """Forward client -> server at once, but the reply (and so everything
+        server -> client) only after reply_delay: a PEP slow to answer."""
+        client.settimeout(30)
+        server.settimeout(30)
+        upstream = threading.Thread(target=_pump, args=(client, server), daemon=True)
+        upstream.start()
+        time.sleep(self.reply_delay)
+        client.sendall(protocol.success_reply(self.reply_tlvs))
+        seen.reply_sent_at = time.monotonic()
+        _pump(server, client)
+        upstream.join(30)
 
 
 def _pump(src: socket.socket, dst: socket.socket):
