@@ -1,4 +1,4 @@
-"""The `pep` command: check, relay, run, lib, eval.
+"""The `pep` command: check, relay, run, lib, eval, python.
 
 Each subcommand's work lives in its own module; this file only parses the
 command line and hands over.
@@ -58,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     p.set_defaults(func=cmd_run)
 
-    # relay and eval have their own option parsers; everything after the word is theirs.
+    # relay, eval and python have their own option parsers; everything after the word is theirs.
     sub.add_parser("relay", help="run the splice-based RFC 8803 relay (the PEP)", add_help=False)
     sub.add_parser("eval", help="reproduce the thesis's evaluation in namespaces", add_help=False)
+    sub.add_parser("python", help="run a Python program with pepsock.patch() applied",
+                   add_help=False)
     return parser
 
 
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["eval"]:
         from .testbed.eval import main as eval_main
         return eval_main(argv[1:])
+    if argv[:1] == ["python"]:
+        from .run import main as run_main
+        return run_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

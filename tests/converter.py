@@ -21,6 +21,11 @@ from pepsock import protocol
 from pepsock.tfo import TCP_FASTOPEN, TCP_FASTOPEN_NO_COOKIE, TCPI_OPT_SYN_DATA
 
 
+# The stdlib's, taken at import: a test may pepsock.patch() this process, and
+# the converter's own onward connections must not go through the converter.
+_direct_connection = socket.create_connection
+
+
 def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -150,7 +155,7 @@ class Converter:
                                       b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 return
             try:
-                server = socket.create_connection((str(target.address), target.port), timeout=5)
+                server = _direct_connection((str(target.address), target.port), timeout=5)
             except OSError as exc:
                 code, value = protocol.error_for_connect_failure(exc.errno or 0)
                 self._reply(client, protocol.error_reply(code, value))

@@ -91,19 +91,24 @@ class TLSEchoServer:
 
 
 class HTTPSServer(HTTPServer):
-    """converter.HTTPServer over TLS; also counts the TCP connections it accepted."""
+    """converter.HTTPServer over TLS; also counts the TCP connections it accepted
+    and, with peek_hello, notes when each one's ClientHello came in (hello_at)."""
 
-    def __init__(self, root: str, cert: str, key: str, host: str = "127.0.0.1"):
+    def __init__(self, root: str, cert: str, key: str, host: str = "127.0.0.1",
+                 peek_hello: bool = False):
         super().__init__(root, host)
         ctx = server_context(cert, key)
         httpd = self.httpd
         self.connections = 0
+        self.hello_at: list[float] = []
         plain_get_request = httpd.get_request
 
         def get_request():
             conn, addr = plain_get_request()
             self.connections += 1
             conn.settimeout(10)
+            if peek_hello and conn.recv(1, socket.MSG_PEEK):
+                self.hello_at.append(time.monotonic())
             return ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False), addr
 
         httpd.get_request = get_request
