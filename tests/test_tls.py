@@ -214,3 +214,42 @@ def test_asyncio_tls_error_reply(server, client_ctx):
         with pytest.raises(OSError) as info:
             asyncio.run(main(conv))
         assert info.value.errno == errno.EHOSTUNREACH
+
+
+# -- through delay lines: the round trip saved ---------------------------------------------
+
+def test_handshake_through_delay_lines_saves_a_round_trip(tmp_path):
+    """R1 (client-PEP) = R2 (PEP-server) = 100 ms, `pep relay` in the middle: the
+    stdlib's wrap (waits for the reply) needs 2(R1+R2) = 400 ms to finish the TLS
+    handshake, pepsock.wrap_tls 2 R1 + R2 = 300 ms (libpep.so's figure, see
+    benchmarks/bench_tls_handshake.py)."""
+    from conftest import require_root
+    from pepsock.testbed.topology import ADDR, Settings, Testbed
+    from relay_helpers import Relay
+    require_root()
+    cert, key = make_cert(tmp_path)
+    ctx = ssl.create_default_context(cafile=cert)
+    with Testbed(Settings(r1_ms=100, r2_ms=100, wireless_mbit=50), prefix="tt") as tb:
+        with tb.server.enter():
+            server = TLSEchoServer(cert, key, host="0.0.0.0")
+        relay = Relay("--listen", f"{ADDR['pep_w']}:5124", prefix=tb.pep.cmd())
+        try:
+            times = {"stdlib": [], "pepsock": []}
+            with tb.client.enter():
+                dest = (ADDR["server"], server.address[1])
+                for _ in range(3):
+                    for how in times:
+                        t0 = time.monotonic()
+                        raw = pepsock.create_connection(dest, timeout=5, pep=relay.addr)
+                        if how == "stdlib":
+                            tls = ctx.wrap_socket(raw, server_hostname="localhost")
+                        else:
+                            tls = pepsock.wrap_tls(raw, ctx, server_hostname="localhost")
+                        times[how].append(time.monotonic() - t0)
+                        tls.close()
+        finally:
+            relay.stop()
+            server.close()
+    wait, nowait = min(times["stdlib"]), min(times["pepsock"])
+    assert 0.37 < wait and 0.28 < nowait < 0.36, times
+    assert wait - nowait > 0.06, times
