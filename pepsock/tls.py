@@ -30,6 +30,7 @@ from .client import PepSocket, create_connection
 _GLOBAL_DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT
 _RECORD_HEADER = 5          # TLS record: type (1), version (2), length (2)
 _MAX_READ = 64 * 1024
+_MAX_WRITE = 256 * 1024     # plaintext per send(): the outgoing BIO is memory, keep it bounded
 
 
 def _want_read() -> ssl.SSLWantReadError:
@@ -128,9 +129,11 @@ class _BioEngine:
         return self._run(self._sslobj.read, len, buffer)
 
     def write(self, data) -> int:
+        """Encrypt and send up to _MAX_WRITE bytes of data; returns how many (sendall loops)."""
         if not self._flush():
             raise _want_write()
-        return self._run(self._sslobj.write, data)
+        with memoryview(data) as view, view.cast("B") as octets:
+            return self._run(self._sslobj.write, octets[:_MAX_WRITE])
 
     def shutdown(self) -> PepSocket:
         """unwrap(): close_notify both ways; returns the PepSocket, now plain."""

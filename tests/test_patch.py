@@ -281,3 +281,41 @@ def test_pep_python_runs_a_script_patched(ns, site, tmp_path):
                             "import sys; print(sys.argv)", "a", "b"],
                            capture_output=True, text=True, timeout=60, env=env)
         assert r.stdout.strip() == "['-c', 'a', 'b']", r.stderr
+
+
+def test_aiohttp_socket_factory_without_patch(ns, site, cert, monkeypatch):
+    """The public extension point: one aiohttp session on the PEP, nothing patched."""
+    import aiohttp
+    from pepsock.aiosock import aiohttp_socket_factory
+    with HTTPSServer(site, *cert) as web, Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", conv.env_value)
+        monkeypatch.setenv("PEP_NO_PROXY", "")
+        ctx = ssl.create_default_context(cafile=cert[0])
+
+        async def main():
+            connector = aiohttp.TCPConnector(socket_factory=aiohttp_socket_factory)
+            async with aiohttp.ClientSession(connector=connector) as s:
+                for _ in range(2):
+                    url = web.url("/f").replace("127.0.0.1", "localhost")
+                    async with s.get(url, ssl=ctx) as r:
+                        assert await r.read() == BODY
+
+        assert not patching.is_patched()
+        asyncio.run(main())
+        assert len(conv.seen) == 1 and web.connections == 1
+
+
+def test_asyncio_dial_gives_a_socket_for_create_connection(ns, site, monkeypatch):
+    from pepsock.aiosock import dial
+    with CountingHTTPServer(site) as web, Converter() as conv:
+        async def main():
+            sock = await dial(*web.address, pep=conv.address)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            assert writer.get_extra_info("peername") == web.address
+            writer.write(b"GET /f HTTP/1.0\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return data
+
+        assert asyncio.run(main()).endswith(BODY)
+        assert conv.seen[0].syn_data

@@ -10,6 +10,7 @@ import errno
 import select
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -103,6 +104,11 @@ def test_makefile_big_transfer_and_timeouts(server, client_ctx):
             f.flush()
             for line in lines:
                 assert f.readline() == line.upper()
+            big = b"y" * 2_000_000 + b"\n"   # one sendall, larger than a write's share
+            sender = threading.Thread(target=tls.sendall, args=(big,), daemon=True)
+            sender.start()
+            assert f.readline() == big.upper()
+            sender.join(5)
             f.close()
             tls.settimeout(0.2)
             assert tls.gettimeout() == 0.2 and tls.raw.gettimeout() == 0.2
