@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import threading
 
 from .client import PepSocket, create_connection
 
@@ -65,19 +66,35 @@ class _BioEngine:
         self._header = bytearray()      # the part of the next record header read so far
         self._record_left = 0           # body bytes of the current record still to read
         self._eof = False
+        self._send_lock = threading.Lock()
 
     # -- moving bytes -----------------------------------------------------------------
-    def _flush(self) -> bool:
-        """Send what OpenSSL wrote; False if a non-blocking send left some behind."""
-        if self._out.pending:
-            self._unsent += self._out.read()
-        while self._unsent:
+    def _flush(self, wait: bool = True) -> bool:
+        """Send what OpenSSL wrote; False if a non-blocking send left some behind.
+
+        One thread sends at a time. A reader (wait=False) never queues behind a
+        writer blocked in send(): that writer sends what the reader added too,
+        and waiting could deadlock against a peer that is itself blocked
+        sending to us.
+        """
+        while True:
+            if not self._send_lock.acquire(blocking=wait):
+                return True
             try:
-                sent = self._raw.send(self._unsent)
-            except BlockingIOError:
-                return False
-            del self._unsent[:sent]
-        return True
+                while True:
+                    if self._out.pending:
+                        self._unsent += self._out.read()
+                    if not self._unsent:
+                        break
+                    try:
+                        sent = self._raw.send(self._unsent)
+                    except BlockingIOError:
+                        return False
+                    del self._unsent[:sent]
+            finally:
+                self._send_lock.release()
+            if not self._out.pending:   # nothing slipped in before the release
+                return True
 
     def _fill(self) -> None:
         """Read the next piece of the current TLS record from the PepSocket (which
@@ -105,17 +122,17 @@ class _BioEngine:
                 self._record_left = int.from_bytes(self._header[3:5], "big")
                 self._header.clear()
 
-    def _run(self, op, *args, must_flush: bool = False):
+    def _run(self, op, *args, must_flush: bool = False, reading: bool = False):
         """Call an SSLObject operation, doing the socket I/O it asks for."""
         while True:
             try:
                 result = op(*args)
             except ssl.SSLWantReadError:
-                if not self._flush():
+                if not self._flush(wait=not reading):
                     raise _want_write() from None
                 self._fill()
                 continue
-            if not self._flush() and must_flush:
+            if not self._flush(wait=not reading) and must_flush:
                 raise _want_write()
             return result
 
@@ -125,8 +142,8 @@ class _BioEngine:
 
     def read(self, len=1024, buffer=None):  # noqa: A002 - the stdlib's parameter name
         if buffer is None:
-            return self._run(self._sslobj.read, len)
-        return self._run(self._sslobj.read, len, buffer)
+            return self._run(self._sslobj.read, len, reading=True)
+        return self._run(self._sslobj.read, len, buffer, reading=True)
 
     def write(self, data) -> int:
         """Encrypt and send up to _MAX_WRITE bytes of data; returns how many (sendall loops)."""
