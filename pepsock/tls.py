@@ -51,9 +51,11 @@ class _BioEngine:
     getpeercert, version, ...) behave the same, blocking within the socket's
     timeout or raising SSLWantReadError/SSLWantWriteError when non-blocking.
 
-    Incoming bytes are fed one TLS record at a time (as OpenSSL reads a socket
-    without read-ahead), so nothing undecrypted hides in a buffer while the
-    descriptor looks idle: select() on fileno() plus pending() stays truthful.
+    Incoming bytes are read up to the end of the current TLS record plus the
+    next record's header (OpenSSL reading a socket without read-ahead takes the
+    header and the body in two reads), so no complete record hides in a buffer
+    while the descriptor looks idle: select() on fileno() plus pending() stays
+    truthful.
     """
 
     def __init__(self, raw: PepSocket, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
@@ -83,7 +85,11 @@ class _BioEngine:
             try:
                 while True:
                     if self._out.pending:
-                        self._unsent += self._out.read()
+                        data = self._out.read()
+                        if not self._unsent and self._raw.gettimeout() != 0.0:
+                            self._raw.sendall(data)   # blocking: no copy into _unsent
+                            continue
+                        self._unsent += data
                     if not self._unsent:
                         break
                     try:
@@ -97,12 +103,13 @@ class _BioEngine:
                 return True
 
     def _fill(self) -> None:
-        """Read the next piece of the current TLS record from the PepSocket (which
-        consumes the PEP's reply first) into the incoming BIO."""
+        """Read from the PepSocket (which consumes the PEP's reply first) into the
+        incoming BIO: the rest of the current TLS record and the next record's
+        header, never more, so no complete record ever waits here unseen."""
         if self._eof:
             raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF occurred in violation of protocol")
         if self._record_left:
-            want = min(self._record_left, _MAX_READ)
+            want = min(self._record_left + _RECORD_HEADER, _MAX_READ)
         else:
             want = _RECORD_HEADER - len(self._header)
         try:
@@ -114,13 +121,22 @@ class _BioEngine:
             self._in.write_eof()
             return
         self._in.write(data)
-        if self._record_left:
-            self._record_left -= len(data)
-        else:
-            self._header += data
-            if len(self._header) == _RECORD_HEADER:
-                self._record_left = int.from_bytes(self._header[3:5], "big")
-                self._header.clear()
+        self._track_records(data)
+
+    def _track_records(self, data: bytes) -> None:
+        """Follow the record framing (type 1, version 2, length 2, body) over `data`."""
+        at = 0
+        while at < len(data):
+            if self._record_left:
+                step = min(self._record_left, len(data) - at)
+                self._record_left -= step
+            else:
+                step = min(_RECORD_HEADER - len(self._header), len(data) - at)
+                self._header += data[at:at + step]
+                if len(self._header) == _RECORD_HEADER:
+                    self._record_left = int.from_bytes(self._header[3:5], "big")
+                    self._header.clear()
+            at += step
 
     def _run(self, op, *args, must_flush: bool = False, reading: bool = False):
         """Call an SSLObject operation, doing the socket I/O it asks for."""

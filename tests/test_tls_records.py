@@ -3,9 +3,9 @@
 A server SSLObject over memory BIOs talks to the client engine through a fake
 socket that hands out the server's bytes in arbitrary pieces (hypothesis draws
 their sizes). Whatever the pieces: the handshake completes, the plaintext
-comes back whole, and the engine never asks for a byte past the end of the
-TLS record it is in (so nothing undecrypted waits in a buffer while the
-descriptor looks idle).
+comes back whole, and the engine never asks for a byte past the header of the
+record after the one it is in (so no complete record waits undecrypted in a
+buffer while the descriptor looks idle).
 """
 import ssl
 
@@ -49,6 +49,12 @@ class FakeRaw:
         self.s_in.write(bytes(data))
         return len(data)
 
+    def sendall(self, data) -> None:
+        self.send(data)
+
+    def gettimeout(self):
+        return None   # blocking
+
     def _run_server(self):
         if not self.handshaken:
             try:
@@ -78,7 +84,7 @@ class FakeRaw:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=12),
        message=st.binary(min_size=1, max_size=40_000))
-def test_any_split_reads_whole_records_only(contexts, sizes, message):
+def test_any_split_never_reads_a_whole_record_ahead(contexts, sizes, message):
     server_ctx, client_ctx = contexts
     s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
@@ -97,4 +103,4 @@ def test_any_split_reads_whole_records_only(contexts, sizes, message):
     ends = record_ends(bytes(raw.stream))
     for offset, n in raw.asked:
         end = next(e for e in ends if e > offset)
-        assert offset + n <= end, (offset, n, end)
+        assert offset + n <= end + 5, (offset, n, end)   # + the next record's header
