@@ -319,3 +319,15 @@ def test_asyncio_dial_gives_a_socket_for_create_connection(ns, site, monkeypatch
 
         assert asyncio.run(main()).endswith(BODY)
         assert conv.seen[0].syn_data
+
+
+def test_pep_python_bad_arguments(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for argv, err in ((["--pep", "nonsense", "x.py"], "--pep"), ([], "usage"), (["-m"], "usage")):
+        r = subprocess.run([sys.executable, "-m", "pepsock.cli", "python", *argv],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 2 and err in r.stderr, (argv, r.stderr)
+    script = tmp_path / "exit3.py"
+    script.write_text("raise SystemExit(3)\n")
+    r = subprocess.run([sys.executable, "-m", "pepsock.run", str(script)], timeout=60, env=env)
+    assert r.returncode == 3

@@ -259,3 +259,23 @@ def test_handshake_through_delay_lines_saves_a_round_trip(tmp_path):
     wait, nowait = min(times["stdlib"]), min(times["pepsock"])
     assert 0.37 < wait and 0.28 < nowait < 0.36, times
     assert wait - nowait > 0.06, times
+
+
+def test_a_pep_that_never_replies_times_the_handshake_out(server, client_ctx):
+    with Converter(reply_delay=3) as conv:
+        raw = pepsock.create_connection(server.address, timeout=0.5, pep=conv.address)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            pepsock.wrap_tls(raw, client_ctx, server_hostname="localhost")
+        assert time.monotonic() - started < 2
+        assert raw._closed
+
+
+def test_asyncio_tls_pep_closing_before_its_reply(server, client_ctx):
+    async def main(conv):
+        await pepsock.open_connection(*server.address, pep=conv.address, ssl=client_ctx,
+                                      server_hostname="localhost")
+
+    with Converter(raw_reply=b"\x01\x02") as conv:   # half a header, then close
+        with pytest.raises(ConnectionResetError):
+            asyncio.run(main(conv))
