@@ -257,8 +257,8 @@ def test_handshake_through_delay_lines_saves_a_round_trip(tmp_path):
             relay.stop()
             server.close()
     wait, nowait = min(times["stdlib"]), min(times["pepsock"])
-    assert 0.37 < wait and 0.28 < nowait < 0.36, times
-    assert wait - nowait > 0.06, times
+    assert wait > 0.37 and nowait > 0.28, times    # what the delays allow at best
+    assert wait - nowait > 0.06, times              # about R1 = 100 ms saved
 
 
 def test_a_pep_that_never_replies_times_the_handshake_out(server, client_ctx):
