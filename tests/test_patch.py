@@ -331,3 +331,26 @@ def test_pep_python_bad_arguments(tmp_path):
     script.write_text("raise SystemExit(3)\n")
     r = subprocess.run([sys.executable, "-m", "pepsock.run", str(script)], timeout=60, env=env)
     assert r.returncode == 3
+
+
+def test_patch_and_unpatch_from_many_threads():
+    import threading
+    import urllib3.util.connection as u3
+    before = (socket.create_connection, u3.create_connection, ssl.SSLContext.sslsocket_class,
+              asyncio.BaseEventLoop.create_connection, len(sys.meta_path))
+
+    def flip():
+        for _ in range(200):
+            pepsock.patch()
+            pepsock.unpatch()
+
+    threads = [threading.Thread(target=flip) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    pepsock.patch()
+    assert socket.create_connection is patching.create_connection
+    pepsock.unpatch()
+    assert (socket.create_connection, u3.create_connection, ssl.SSLContext.sslsocket_class,
+            asyncio.BaseEventLoop.create_connection, len(sys.meta_path)) == before
