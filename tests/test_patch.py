@@ -354,3 +354,35 @@ def test_patch_and_unpatch_from_many_threads():
     pepsock.unpatch()
     assert (socket.create_connection, u3.create_connection, ssl.SSLContext.sslsocket_class,
             asyncio.BaseEventLoop.create_connection, len(sys.meta_path)) == before
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_httpx_transports_without_patch(ns, web, kind):
+    """The httpx transports over httpcore's public network_backend: one pool, one
+    connection through the PEP for three requests, nothing patched."""
+    import httpx
+    from pepsock.httpx_transport import AsyncPepHTTPTransport, PepHTTPTransport
+    with Converter(reply_delay=0.05) as conv:
+        if kind == "sync":
+            with httpx.Client(transport=PepHTTPTransport(pep=conv.address, verify=_ctx(web)),
+                              timeout=10) as c:
+                bodies = [c.get(_url(web)).content for _ in range(3)]
+        else:
+            async def main():
+                transport = AsyncPepHTTPTransport(pep=conv.address, verify=_ctx(web))
+                async with httpx.AsyncClient(transport=transport, timeout=10) as c:
+                    return [(await c.get(_url(web))).content for _ in range(3)]
+            bodies = asyncio.run(main())
+        assert not patching.is_patched()
+        assert bodies == [BODY] * 3
+        assert len(conv.seen) == 1 and web.connections == 1
+
+
+def test_httpx_transport_maps_errors(ns):
+    import httpx
+    from pepsock.httpx_transport import PepHTTPTransport
+    with Converter(error=(96, b"")) as conv:
+        with httpx.Client(transport=PepHTTPTransport(pep=conv.address), timeout=5) as c:
+            with pytest.raises(httpx.ReadError) as info:
+                c.get("http://192.0.2.7:81/")
+        assert "RFC 8803 error 96" in str(info.value)   # the PEP's verdict, in httpx's type
