@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.abc
-import importlib.machinery
 import inspect
 import socket
 import ssl
@@ -154,8 +153,14 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name not in _LATE:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        for finder in sys.meta_path:   # whoever would have found it (path, editable, ...)
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return None
         spec.loader = _PatchingLoader(spec.loader, _LATE[name])
         return spec
