@@ -106,7 +106,7 @@ def _url(web, path="/f") -> str:
 
 
 def test_requests_session_keeps_alive(pep, web):
-    import requests
+    requests = pytest.importorskip("requests")
     with requests.Session() as s:
         for _ in range(3):
             r = s.get(_url(web), verify=web.cafile, timeout=10)
@@ -116,7 +116,7 @@ def test_requests_session_keeps_alive(pep, web):
 
 
 def test_urllib3_pool_and_tls_socket(pep, web):
-    import urllib3
+    urllib3 = pytest.importorskip("urllib3")
     with urllib3.PoolManager(ca_certs=web.cafile) as pool:
         for _ in range(2):
             r = pool.request("GET", _url(web), timeout=10, preload_content=False)
@@ -134,7 +134,7 @@ def test_http_client_and_urllib(pep, web):
 
 
 def test_httpx_sync_keeps_alive(pep, web):
-    import httpx
+    httpx = pytest.importorskip("httpx")
     with httpx.Client(verify=_ctx(web), timeout=10) as c:
         for _ in range(3):
             r = c.get(_url(web))
@@ -143,7 +143,7 @@ def test_httpx_sync_keeps_alive(pep, web):
 
 
 def test_httpx_async_keeps_alive(pep, web):
-    import httpx
+    httpx = pytest.importorskip("httpx")
 
     async def main():
         async with httpx.AsyncClient(verify=_ctx(web), timeout=10) as c:
@@ -156,7 +156,7 @@ def test_httpx_async_keeps_alive(pep, web):
 
 
 def test_aiohttp_keeps_alive(pep, web):
-    import aiohttp
+    aiohttp = pytest.importorskip("aiohttp")
 
     async def main():
         ctx = _ctx(web) if web.scheme == "https" else None   # one context: one pool key
@@ -187,8 +187,8 @@ def test_asyncio_open_connection_peername_is_the_destination(pep, web):
 def test_https_client_hello_before_the_reply(ns, site, cert, monkeypatch):
     """Through a converter that holds its reply 300 ms: requests (sync) and
     aiohttp (asyncio) both have the TLS handshake under way before it."""
-    import aiohttp
-    import requests
+    aiohttp = pytest.importorskip("aiohttp")
+    requests = pytest.importorskip("requests")
     with HTTPSServer(site, *cert, peek_hello=True) as web, Converter(reply_delay=0.3) as conv:
         monkeypatch.setenv("PEP_PROXY", conv.env_value)
         monkeypatch.setenv("PEP_NO_PROXY", "")
@@ -211,7 +211,7 @@ def test_https_client_hello_before_the_reply(ns, site, cert, monkeypatch):
 
 
 def test_default_no_proxy_keeps_loopback_direct(ns, site, monkeypatch):
-    import requests
+    requests = pytest.importorskip("requests")
     with CountingHTTPServer(site) as web, Converter() as conv:
         monkeypatch.setenv("PEP_PROXY", conv.env_value)
         monkeypatch.delenv("PEP_NO_PROXY", raising=False)
@@ -224,7 +224,7 @@ def test_default_no_proxy_keeps_loopback_direct(ns, site, monkeypatch):
 
 
 def test_patch_is_idempotent_and_unpatch_restores():
-    import urllib3.util.connection as u3
+    u3 = pytest.importorskip("urllib3.util.connection")
     before = (socket.create_connection, u3.create_connection, ssl.SSLContext.sslsocket_class,
               asyncio.BaseEventLoop.create_connection)
     pepsock.patch()
@@ -285,7 +285,7 @@ def test_pep_python_runs_a_script_patched(ns, site, tmp_path):
 
 def test_aiohttp_socket_factory_without_patch(ns, site, cert, monkeypatch):
     """The public extension point: one aiohttp session on the PEP, nothing patched."""
-    import aiohttp
+    aiohttp = pytest.importorskip("aiohttp")
     from pepsock.aiosock import aiohttp_socket_factory
     with HTTPSServer(site, *cert) as web, Converter() as conv:
         monkeypatch.setenv("PEP_PROXY", conv.env_value)
@@ -335,7 +335,7 @@ def test_pep_python_bad_arguments(tmp_path):
 
 def test_patch_and_unpatch_from_many_threads():
     import threading
-    import urllib3.util.connection as u3
+    u3 = pytest.importorskip("urllib3.util.connection")
     before = (socket.create_connection, u3.create_connection, ssl.SSLContext.sslsocket_class,
               asyncio.BaseEventLoop.create_connection, len(sys.meta_path))
 
@@ -360,7 +360,7 @@ def test_patch_and_unpatch_from_many_threads():
 def test_httpx_transports_without_patch(ns, web, kind):
     """The httpx transports over httpcore's public network_backend: one pool, one
     connection through the PEP for three requests, nothing patched."""
-    import httpx
+    httpx = pytest.importorskip("httpx")
     from pepsock.httpx_transport import AsyncPepHTTPTransport, PepHTTPTransport
     with Converter(reply_delay=0.05) as conv:
         if kind == "sync":
@@ -379,7 +379,7 @@ def test_httpx_transports_without_patch(ns, web, kind):
 
 
 def test_httpx_transport_maps_errors(ns):
-    import httpx
+    httpx = pytest.importorskip("httpx")
     from pepsock.httpx_transport import PepHTTPTransport
     with Converter(error=(96, b"")) as conv:
         with httpx.Client(transport=PepHTTPTransport(pep=conv.address), timeout=5) as c:
