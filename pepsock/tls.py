@@ -21,6 +21,7 @@ does that for every `ssl.SSLContext`).
 """
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import ssl
@@ -64,42 +65,49 @@ class _BioEngine:
         self._sslobj = sslobj
         self._in = incoming
         self._out = outgoing
-        self._unsent = bytearray()      # ciphertext a non-blocking send could not take
+        # A reader and a writer thread may share the socket (as with the stdlib's).
+        # OpenSSL and the memory BIOs are only touched under _ssl_lock (CPU work
+        # only); socket I/O happens outside it. Ciphertext is queued in the order
+        # OpenSSL produced it and sent, in that order, by one thread at a time.
+        self._ssl_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._sending: memoryview | None = None   # a chunk a non-blocking send cut short
         self._header = bytearray()      # the part of the next record header read so far
         self._record_left = 0           # body bytes of the current record still to read
         self._eof = False
-        self._send_lock = threading.Lock()
 
     # -- moving bytes -----------------------------------------------------------------
     def _flush(self, wait: bool = True) -> bool:
-        """Send what OpenSSL wrote; False if a non-blocking send left some behind.
+        """Send the queued ciphertext; False if a non-blocking send left some behind.
 
-        One thread sends at a time. A reader (wait=False) never queues behind a
-        writer blocked in send(): that writer sends what the reader added too,
-        and waiting could deadlock against a peer that is itself blocked
-        sending to us.
+        A reader (wait=False) never queues behind a writer blocked in send():
+        that writer sends what the reader queued too (it looks again after
+        letting go of the lock), and waiting could deadlock against a peer that
+        is itself blocked sending to us.
         """
         while True:
             if not self._send_lock.acquire(blocking=wait):
                 return True
             try:
+                blocking = self._raw.gettimeout() != 0.0
                 while True:
-                    if self._out.pending:
-                        data = self._out.read()
-                        if not self._unsent and self._raw.gettimeout() != 0.0:
-                            self._raw.sendall(data)   # blocking: no copy into _unsent
-                            continue
-                        self._unsent += data
-                    if not self._unsent:
-                        break
+                    if self._sending is None:
+                        if not self._queue:
+                            break
+                        self._sending = memoryview(self._queue.popleft())
+                    if blocking:
+                        self._raw.sendall(self._sending)
+                        self._sending = None
+                        continue
                     try:
-                        sent = self._raw.send(self._unsent)
+                        sent = self._raw.send(self._sending)
                     except BlockingIOError:
                         return False
-                    del self._unsent[:sent]
+                    self._sending = self._sending[sent:] or None
             finally:
                 self._send_lock.release()
-            if not self._out.pending:   # nothing slipped in before the release
+            if not self._queue:   # nothing queued while we let go
                 return True
 
     def _fill(self) -> None:
@@ -116,11 +124,12 @@ class _BioEngine:
             data = self._raw.recv(want)
         except BlockingIOError:
             raise _want_read() from None
-        if not data:
-            self._eof = True
-            self._in.write_eof()
-            return
-        self._in.write(data)
+        with self._ssl_lock:
+            if data:
+                self._in.write(data)
+            else:
+                self._eof = True
+                self._in.write_eof()
         self._track_records(data)
 
     def _track_records(self, data: bytes) -> None:
@@ -141,14 +150,22 @@ class _BioEngine:
     def _run(self, op, *args, must_flush: bool = False, reading: bool = False):
         """Call an SSLObject operation, doing the socket I/O it asks for."""
         while True:
-            try:
-                result = op(*args)
-            except ssl.SSLWantReadError:
-                if not self._flush(wait=not reading):
-                    raise _want_write() from None
+            with self._ssl_lock:
+                try:
+                    result = op(*args)
+                    want_read = False
+                except ssl.SSLWantReadError:
+                    want_read = True
+                finally:   # what OpenSSL wrote (alerts too), in order
+                    if self._out.pending:
+                        self._queue.append(self._out.read())
+            flushed = self._flush(wait=not reading)
+            if want_read:
+                if not flushed:
+                    raise _want_write()
                 self._fill()
                 continue
-            if not self._flush(wait=not reading) and must_flush:
+            if not flushed and must_flush:
                 raise _want_write()
             return result
 

@@ -279,3 +279,23 @@ def test_asyncio_tls_pep_closing_before_its_reply(server, client_ctx):
     with Converter(raw_reply=b"\x01\x02") as conv:   # half a header, then close
         with pytest.raises(ConnectionResetError):
             asyncio.run(main(conv))
+
+
+def test_one_thread_sends_while_another_receives(server, client_ctx):
+    """As with the stdlib's SSLSocket, a writer and a reader thread may share one
+    PepTLSSocket (OpenSSL and the BIOs are serialised, ciphertext stays in order)."""
+    with Converter() as conv:
+        tls = pepsock.create_tls_connection(server.address, client_ctx, timeout=10,
+                                            server_hostname="localhost", pep=conv.address)
+        lines = [bytes([97 + i % 26]) * 1_000_000 + b"\n" for i in range(8)]
+
+        def send_all():
+            for line in lines:
+                tls.sendall(line)
+
+        with tls, tls.makefile("rb") as f:
+            sender = threading.Thread(target=send_all, daemon=True)
+            sender.start()
+            for line in lines:
+                assert f.readline() == line.upper()
+            sender.join(10)
