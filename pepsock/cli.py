@@ -75,8 +75,8 @@ def main(argv=None) -> int:
         from .testbed.eval import main as eval_main
         return eval_main(argv[1:])
     if argv[:1] == ["python"]:
-        from .run import main as run_main
-        return run_main(argv[1:])
+        from .pyrun import main as pyrun_main
+        return pyrun_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -36,6 +36,7 @@ class Seen:
     early_data: bytes = b""     # application bytes that came with the header
     peer: tuple = ()            # the client's address as the converter saw it
     error: str = ""
+    cookie: bytes | None = None  # added: the request's Cookie TLV value, if it had one
     reply_sent_at: float = 0.0  # time.monotonic() when the success reply went out
 
 
@@ -52,9 +53,14 @@ class Converter:
     reply_tlvs: tuple = ()                      # extra TLVs in a success reply
     reset_after_error: bool = True             # RST (SO_LINGER 0) after an Error, else FIN
     reset_delay: float = 0.05                   # seconds between the Error TLV and the RST
-    reply_delay: float = 0.0                    # hold the success reply this long while
-                                                # already forwarding the client's bytes
     seen: list[Seen] = field(default_factory=list)
+    silent: bool = False                        # read the request, never answer (for `hold` s)
+    hold: float = 0.3                           # seconds a raw_reply/silent connection stays open
+    # Added for the failover/cookie tests (RFC 8803 6.2.7, 6.2.8):
+    cookie: bytes | None = None                 # require this Cookie TLV: none -> Error 3
+                                                # carrying it (value 0 + cookie), wrong -> 32
+    reply_delay: float = 0.0                    # hold the reply this long (inf: never reply)
+    listener_no_cookie: bool = True             # False: the kernel wants TFO cookies
 
     def __post_init__(self):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -62,7 +68,8 @@ class Converter:
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 128)
         try:
-            self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+            if self.listener_no_cookie:
+                self.listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
         except OSError:
             pass
         self.listener.bind((self.host, self.port))
@@ -109,6 +116,11 @@ class Converter:
             client.sendall(data[i:i + self.split])
             time.sleep(self.split_delay)
 
+    def _hold_reply(self):
+        end = time.monotonic() + self.reply_delay
+        while not self._stop and time.monotonic() < end:
+            time.sleep(min(0.05, end - time.monotonic()))
+
     def _tunnel(self, client: socket.socket):
         seen = Seen()
         self.seen.append(seen)
@@ -134,18 +146,36 @@ class Converter:
                 pass
             client.close()
             return
+        # A cookie requirement and a forced Error apply to Info requests too (the
+        # RFC's Missing Cookie and Resource Exceeded are about any Convert message).
+        cookie_tlv = reader.message.get(protocol.TLVType.COOKIE)
+        seen.cookie = None if cookie_tlv is None else cookie_tlv.data
         if isinstance(target, protocol.Info):
             try:
-                client.sendall(protocol.success_reply((protocol.SupportedTCPExtensions((2, 3, 4)),)))
+                if self.cookie is not None and seen.cookie != self.cookie:
+                    code = 3 if seen.cookie is None else 32
+                    client.sendall(protocol.error_reply(code, b"\x00" + self.cookie if code == 3 else b""))
+                elif self.error is not None:
+                    client.sendall(protocol.error_reply(*self.error))
+                else:
+                    client.sendall(protocol.success_reply((protocol.SupportedTCPExtensions((2, 3, 4)),)))
             except OSError:
                 pass
             client.close()
             return
         seen.connect = target
         try:
+            if self.silent:
+                time.sleep(self.hold)
+                return
+            if self.cookie is not None and seen.cookie != self.cookie:
+                code = 3 if seen.cookie is None else 32
+                client.sendall(protocol.error_reply(code, b"\x00" + self.cookie if code == 3 else b""))
+                time.sleep(self.reset_delay)
+                return
             if self.raw_reply is not None:
                 self._reply(client, self.raw_reply)
-                time.sleep(0.3)
+                time.sleep(self.hold)
                 return
             if self.error is not None:
                 self._reply(client, protocol.error_reply(*self.error))
@@ -163,30 +193,28 @@ class Converter:
             with server:
                 if reader.rest:
                     server.sendall(reader.rest)
-                if self.reply_delay:
-                    self._late_reply(client, server, seen)
+                if not self.reply_delay:
+                    self._reply(client, protocol.success_reply(self.reply_tlvs))
+                    seen.reply_sent_at = time.monotonic()
+                    pump_both(client, server)
+                    return
+                # A late reply: the client's bytes go on to the server meanwhile, the
+                # server's wait behind the reply.
+                client.settimeout(30)
+                server.settimeout(30)
+                upstream = threading.Thread(target=_pump, args=(client, server), daemon=True)
+                upstream.start()
+                self._hold_reply()
+                if self._stop:
                     return
                 self._reply(client, protocol.success_reply(self.reply_tlvs))
                 seen.reply_sent_at = time.monotonic()
-                pump_both(client, server)
+                _pump(server, client)
+                upstream.join(30)
         except OSError as exc:
             seen.error = str(exc)
         finally:
             client.close()
-
-
-    def _late_reply(self, client: socket.socket, server: socket.socket, seen: Seen):
-        """Forward client -> server at once, but the reply (and so everything
-        server -> client) only after reply_delay: a PEP slow to answer."""
-        client.settimeout(30)
-        server.settimeout(30)
-        upstream = threading.Thread(target=_pump, args=(client, server), daemon=True)
-        upstream.start()
-        time.sleep(self.reply_delay)
-        client.sendall(protocol.success_reply(self.reply_tlvs))
-        seen.reply_sent_at = time.monotonic()
-        _pump(server, client)
-        upstream.join(30)
 
 
 def _pump(src: socket.socket, dst: socket.socket):

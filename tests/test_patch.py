@@ -278,7 +278,7 @@ def test_pep_python_runs_a_script_patched(ns, site, tmp_path):
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == f"['{web.url('/f')}'] through the PEP"
         assert len(conv.seen) == 1 and conv.seen[0].syn_data
-        r = subprocess.run([sys.executable, "-m", "pepsock.run", "-c",
+        r = subprocess.run([sys.executable, "-m", "pepsock.pyrun", "-c",
                             "import sys; print(sys.argv)", "a", "b"],
                            capture_output=True, text=True, timeout=60, env=env)
         assert r.stdout.strip() == "['-c', 'a', 'b']", r.stderr
@@ -330,7 +330,7 @@ def test_pep_python_bad_arguments(tmp_path):
         assert r.returncode == 2 and err in r.stderr, (argv, r.stderr)
     script = tmp_path / "exit3.py"
     script.write_text("raise SystemExit(3)\n")
-    r = subprocess.run([sys.executable, "-m", "pepsock.run", str(script)], timeout=60, env=env)
+    r = subprocess.run([sys.executable, "-m", "pepsock.pyrun", str(script)], timeout=60, env=env)
     assert r.returncode == 3
 
 
