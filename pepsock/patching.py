@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.abc
-import inspect
 import socket
 import ssl
 import sys
@@ -126,6 +125,7 @@ async def _loop_create_connection(self, protocol_factory, host=None, port=None, 
 
 
 def _patch_aiohttp(module) -> None:
+    import inspect
     connector = module.TCPConnector
     original = connector.__init__
     if "socket_factory" not in inspect.signature(original).parameters:
