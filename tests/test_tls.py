@@ -299,3 +299,23 @@ def test_one_thread_sends_while_another_receives(server, client_ctx):
             for line in lines:
                 assert f.readline() == line.upper()
             sender.join(10)
+
+
+def test_ipv6_pep_and_destination(ns, cert, client_ctx):
+    with TLSEchoServer(*cert, host="::1") as server6, Converter(host="::1") as conv:
+        with pepsock.create_tls_connection(server6.address, client_ctx, timeout=5,
+                                           server_hostname="localhost", pep=conv.address) as tls:
+            assert tls.getpeername()[:2] == server6.address
+            tls.sendall(b"six\n")
+            assert tls.recv(10) == b"SIX\n"
+
+        async def main():
+            reader, writer = await pepsock.open_connection(
+                *server6.address, pep=conv.address, ssl=client_ctx, server_hostname="localhost")
+            writer.write(b"aio six\n")
+            line = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            return line
+
+        assert asyncio.run(main()) == b"AIO SIX\n"
+        assert [str(s.connect.address) for s in conv.seen] == ["::1", "::1"]
