@@ -78,9 +78,11 @@ async def open_connection(host: str, port: int, *, pep=None, limit: int = _DEFAU
     """Like asyncio.open_connection, through an RFC 8803 PEP in 0-RTT.
 
     pep=(host, port) forces that PEP; otherwise PEP_PROXY/PEP_NO_PROXY decide
-    and no PEP means a plain asyncio.open_connection.  With ssl, the PEP's
-    reply is awaited before the TLS handshake starts.  `timeout` bounds
-    reaching the PEP and counts until its reply, as for create_connection.
+    and no PEP means a plain asyncio.open_connection.  With ssl, the TLS
+    handshake starts right after the TCP handshake with the PEP, before its
+    reply: the transport reads through PepSocket.recv, which strips the reply
+    beneath asyncio's TLS.  `timeout` bounds reaching the PEP and counts until
+    its reply, as for create_connection.
     """
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -137,9 +139,9 @@ async def _streams(loop, sock: PepSocket, session: ClientSession, conf, deadline
         sock.close()
         raise
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    if ssl or conf.confirms(session.destination):
+    if conf.confirms(session.destination):
         try:
-            await reply   # PEP_CONFIRM; TLS: the handshake starts after the reply
+            await reply   # PEP_CONFIRM: the verdict before open_connection returns
         except BaseException:
             writer.close()
             raise
