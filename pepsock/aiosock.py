@@ -7,23 +7,26 @@ destination. TLS over such a transport (create_connection(ssl=...), start_tls,
 anyio's and aiohttp's TLS) is driven through memory BIOs, so the ClientHello
 leaves right after the TCP handshake, before the PEP's reply.
 
-`DialSocket` is a PepSocket whose connect() goes to the PEP with the Convert
-header in the SYN, whatever address it is given: that is what lets a library
-that creates and connects sockets itself (aiohttp's `socket_factory`) use the
-PEP. Only the selector event loops read through the socket object; uvloop
-and other loops read the descriptor directly (`strips_in_transport()`).
+Nothing here decides a route or speaks RFC 8803: `dial` is aio.connect (route
+planner, ClientSession, the reply-deadline timer), and `DialSocket` is a
+PepSocket whose connect() makes the ClientSession's first dial on its own fd,
+which is what lets a library that creates and connects sockets itself
+(aiohttp's `socket_factory`) use the PEP. Only the selector event loops read
+through the socket object; uvloop and other loops read the descriptor
+directly (`strips_in_transport()`).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
-import select
+import math
 import socket
-import ssl as _ssl
 
-from . import protocol, tfo
-from .client import PepSocket, choose_pep
-from .policy import normalize_ip
+from . import aio
+from . import route as _route
+from .client import PepSocket
+from .session import ClientSession
 
 
 def strips_in_transport(loop) -> bool:
@@ -31,53 +34,51 @@ def strips_in_transport(loop) -> bool:
     return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
 
 
-def _destination(dest_ip: str, port: int) -> tuple:
-    ip = normalize_ip(dest_ip)
-    return (str(ip), port) if ip.version == 4 else (str(ip), port, 0, 0)
+async def dial(host: str, port: int, *, pep=None, local_addr=None,
+               timeout: float | None = None) -> PepSocket | None:
+    """A non-blocking PepSocket connected to the PEP for host:port, or None when
+    the rules (PEP_PROXY, PEP_NO_PROXY, a connection to the PEP itself,
+    PEP_FALLBACK=direct) say direct. The header was in the SYN; the PEP's reply
+    has not been waited for (a timer on the running loop bounds it)."""
+    sock, _ = await aio.connect(host, port, pep=pep, timeout=timeout, local_addr=local_addr)
+    return sock
 
 
 class DialSocket(PepSocket):
-    """A PepSocket for one destination and PEP; connect() dials the PEP.
+    """A PepSocket for one planned route; connect() dials the route's PEPs.
 
-    connect(any address) starts a TFO connect to the PEP carrying the Convert
-    header for `destination` (non-blocking: raises BlockingIOError EINPROGRESS,
-    as connect() on a non-blocking socket does; blocking: waits within the
-    timeout). Header bytes a plain SYN could not carry are sent first by the
-    next send()/sendall()/sendmsg(), or by send_header().
+    connect(any address) makes the ClientSession's first dial on this fd (the
+    Convert message in the SYN, TFO). Blocking: waits for the handshake, trying
+    the next PEPs as create_connection does. Non-blocking (asyncio's
+    sock_connect): returns at once when the whole message went with the SYN;
+    the handshake's outcome, a PEP that does not answer and the reply deadline
+    are then handled as for a retry (PepSocket.check_deadlines, on a timer of the
+    running loop, and the next read or write). Without TFO it waits for the
+    handshake, at most the PEP connect timeout.
     """
 
+    _first = None
+
     @classmethod
-    def for_route(cls, dest_ip: str, port: int, pep_addrinfo) -> "DialSocket":
-        family, _, proto, _, pep_sockaddr = pep_addrinfo
-        sock = cls(family, socket.SOCK_STREAM, proto)
-        # (PepSocket's initialiser; adapt here when PepSocket gets a real constructor)
-        sock._pep_init(_destination(dest_ip, port), pep_sockaddr[:2])
-        sock._pep_sockaddr = pep_sockaddr
-        sock._header_rest = protocol.connect_request(dest_ip, port)
-        sock._dialed = False
+    def for_route(cls, route: _route.Route, conf: _route.Settings) -> "DialSocket":
+        session = ClientSession(route, conf)
+        first = session.first_dial()
+        sock = cls(first.family, socket.SOCK_STREAM)
+        sock.attach(session, conf.reply_timeout, math.inf)
+        sock._first = first
         return sock
 
     def connect(self, address=None) -> None:
-        if self._dialed:
-            raise OSError(errno.EISCONN, "DialSocket: already connected to the PEP")
-        self._dialed = True
-        timeout = self.gettimeout()
-        tfo.allow_data_without_cookie(self)
-        self.setblocking(False)
-        try:
-            taken = tfo.send_in_syn(self, self._header_rest, self._pep_sockaddr)
-        finally:
-            self.settimeout(timeout)
-        self._header_rest = self._header_rest[taken:]
-        if timeout == 0.0:
-            raise BlockingIOError(errno.EINPROGRESS, "connecting to the PEP")
-        _, writable, _ = select.select([], [self], [], timeout)
-        err = self.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if not writable:
-            raise TimeoutError(errno.ETIMEDOUT, f"timed out connecting to the PEP at {self.pep}")
-        if err:
-            raise OSError(err, f"connecting to the PEP at {self.pep}: {errno.errorcode.get(err)}")
-        self.send_header()
+        first, self._first = self._first, None
+        if first is None:
+            raise OSError(errno.EISCONN, "DialSocket: already connected")
+        self._retry(self._link, first, fresh=True)
+        if self.gettimeout() == 0.0:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return          # no loop: the caller calls check_deadlines()
+            aio.arm_deadlines(loop, self)
 
     def connect_ex(self, address=None) -> int:
         try:
@@ -86,98 +87,25 @@ class DialSocket(PepSocket):
             return exc.errno or errno.EIO
         return 0
 
-    def send_header(self) -> None:
-        """Send what is left of the Convert header (BlockingIOError if it cannot)."""
-        while self._header_rest:
-            self._header_rest = self._header_rest[socket.socket.send(self, self._header_rest):]
-
-    def send(self, data, flags: int = 0) -> int:
-        self.send_header()
-        return super().send(data, flags)
-
-    def sendall(self, data, flags: int = 0) -> None:
-        self.send_header()
-        return super().sendall(data, flags)
-
-    def sendmsg(self, buffers, ancdata=(), flags: int = 0, address=None):
-        self.send_header()
-        return super().sendmsg(buffers, ancdata, flags, address)
-
-
-def _same_endpoint(a, b) -> bool:
-    return normalize_ip(a[0]) == normalize_ip(b[0]) and a[1] == b[1]
-
-
-async def dial(host: str, port: int, *, pep=None, local_addr=None) -> DialSocket | None:
-    """A non-blocking PepSocket connected to the PEP for host:port, or None when
-    the rules (PEP_PROXY, PEP_NO_PROXY, a connection to the PEP itself) say direct.
-    The header is in the SYN; the PEP's reply has not been waited for."""
-    chosen, bypass = choose_pep(host, port, pep)
-    if chosen is None:
-        return None
-    loop = asyncio.get_running_loop()
-    dest_ip = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0][4][0]
-    if bypass is not None and bypass.matches(address=dest_ip, port=port):
-        return None
-    errors = []
-    for info in await loop.getaddrinfo(chosen[0], chosen[1], type=socket.SOCK_STREAM):
-        if _same_endpoint(info[4], (dest_ip, port)):
-            return None   # never wrap a connection to the PEP itself
-        sock = DialSocket.for_route(dest_ip, port, info)
-        try:
-            sock.setblocking(False)
-            if local_addr is not None:
-                sock.bind(local_addr)
-            await loop.sock_connect(sock, info[4])
-            sock.send_header()
-            return sock
-        except OSError as exc:
-            sock.close()
-            errors.append(exc)
-        except BaseException:
-            sock.close()
-            raise
-    raise errors[0]
-
-
-async def open_tls_streams(dest_ip: str, port: int, pep, limit: int, ssl, server_hostname):
-    """(reader, writer) over TLS through the PEP, the handshake started at once."""
-    loop = asyncio.get_running_loop()
-    sock = await dial(dest_ip, port, pep=pep)
-    if sock is None:   # the PEP itself: direct, as the rules say
-        return await asyncio.open_connection(dest_ip, port, limit=limit, ssl=ssl,
-                                             server_hostname=server_hostname)
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    context = _ssl.create_default_context() if ssl is True else ssl
-    try:
-        transport, _ = await loop.create_connection(lambda: stream_protocol, sock=sock,
-                                                    ssl=context, server_hostname=server_hostname)
-    except BaseException:
-        sock.close()
-        raise
-    writer = asyncio.StreamWriter(transport, stream_protocol, reader, loop)
-    writer.destination = sock.destination
-    return reader, writer
-
 
 def aiohttp_socket_factory(addr_info) -> socket.socket:
     """For `aiohttp.TCPConnector(socket_factory=...)`: a DialSocket when the rules
     send addr_info's destination to a PEP, else a plain socket.
 
     aiohttp has resolved the name already, so PEP_NO_PROXY name entries do not
-    apply (address entries do), as in libpep.so. The PEP's address must be of
-    the destination's family (aiohttp connects with the destination's family).
+    apply (address entries do), as in libpep.so. aiohttp connects with the
+    destination's address family, so only the PEPs' addresses of that family
+    are used (EAFNOSUPPORT if there is none). PEP_PROXY names are resolved
+    here, in the loop's thread (literal addresses need no resolver).
     """
     family, type_, proto, _, sockaddr = addr_info
-    dest_ip, port = sockaddr[0], sockaddr[1]
-    chosen, _ = choose_pep(dest_ip, port)
-    if chosen is not None:
-        infos = [i for i in socket.getaddrinfo(chosen[0], chosen[1], 0, socket.SOCK_STREAM)
-                 if i[0] == family]
-        if not infos:
-            raise OSError(errno.EAFNOSUPPORT, f"the PEP {chosen[0]}:{chosen[1]} has no "
-                                              f"{family.name} address for {dest_ip}")
-        if not _same_endpoint(infos[0][4], (dest_ip, port)):
-            return DialSocket.for_route(dest_ip, port, infos[0])
-    return socket.socket(family, type_, proto)
+    conf = _route.settings()
+    route = _route.plan_sync(sockaddr[0], sockaddr[1], conf)
+    if route.direct is not None:
+        return socket.socket(family, type_, proto)
+    peps = tuple(p for p in route.peps if p.family == family)
+    if not peps:
+        raise OSError(errno.EAFNOSUPPORT,
+                      f"no PEP of PEP_PROXY has an {socket.AddressFamily(family).name} address "
+                      f"for {route.destination} (aiohttp connects in the destination's family)")
+    return DialSocket.for_route(dataclasses.replace(route, peps=peps), conf)

@@ -180,11 +180,12 @@ class PepSocket(socket.socket):
         for cb in callbacks or ():
             cb(None)
 
-    def _retry(self, link: _Link, dial: Dial) -> None:
-        """Connect again on this fd per `dial`; a non-blocking socket does not wait for
-        the handshake when the whole payload went with the SYN (check_deadlines and
-        the next read or write see how it ends)."""
-        pending = redial(self, link.session, dial, None, wait=self.gettimeout() != 0.0)
+    def _retry(self, link: _Link, dial: Dial, fresh: bool = False) -> None:
+        """Connect again on this fd per `dial` (fresh: the fd was never connected); a
+        non-blocking socket does not wait for the handshake when the whole payload went
+        with the SYN (check_deadlines and the next read or write see how it ends)."""
+        pending = redial(self, link.session, dial, None, wait=self.gettimeout() != 0.0,
+                         fresh=fresh)
         link.dial_deadline = pending
         start = time.monotonic() if pending is None or pending == math.inf else pending
         link.reply_deadline = start + link.reply_timeout
@@ -425,16 +426,19 @@ def connect_blocking(sock: socket.socket, dial: Dial, deadline: float | None,
 
 
 def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float | None,
-           wait: bool = True) -> float | None:
+           wait: bool = True, fresh: bool = False) -> float | None:
     """Retry on the application's own fd (Error 3, Error 64/65, the fallback): dissolve
     the association, connect again per `dial` (replaying the early bytes).  Waits for
     the handshake (None: connected), except with wait=False when the whole payload
     went with the SYN: then returns the handshake's deadline (time.monotonic(); inf
-    when only the reply deadline bounds it)."""
+    when only the reply deadline bounds it).  fresh: the fd has never been connected
+    (aiosock.DialSocket's first dial), nothing to dissolve."""
     timeout = sock.gettimeout()
     try:
         while True:
-            tfo.reset(sock)
+            if not fresh:
+                tfo.reset(sock)
+            fresh = False
             if dial.family != sock.family:
                 raise session.fail(OSError(errno.EAFNOSUPPORT, f"cannot retry {dial.pep or 'direct'}"
                                                                 f" on this socket's address family"))
@@ -476,9 +480,17 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     host, port = address[0], int(address[1])
     conf = _route.settings()
     route = _route.plan_sync(host, port, conf, pep)
-    direct_kw = {"all_errors": True} if all_errors else {}
     if route.direct is not None:
+        direct_kw = {"all_errors": True} if all_errors else {}
         return socket.create_connection(route.direct, timeout, source_address, **direct_kw)
+    return connect_route(route, conf, timeout, source_address, all_errors=all_errors)
+
+
+def connect_route(route: _route.Route, conf: _route.Settings, timeout=_GLOBAL_DEFAULT_TIMEOUT,
+                  source_address=None, *, all_errors=False, socket_options=()):
+    """create_connection() for a route that goes through PEPs (route.direct is None).
+    socket_options: (level, name, value) tuples set on each socket before it connects."""
+    direct_kw = {"all_errors": True} if all_errors else {}
     if timeout is _GLOBAL_DEFAULT_TIMEOUT:
         timeout = socket.getdefaulttimeout()
     deadline = _deadline(timeout)
@@ -487,6 +499,8 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     while dial.pep is not None:
         sock = PepSocket(dial.family, socket.SOCK_STREAM)
         try:
+            for option in socket_options:
+                sock.setsockopt(*option)
             if source_address:
                 sock.bind(source_address)
             sock.setblocking(False)
@@ -499,7 +513,14 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
         sock.close()
         dial = session.connect_failed(err, timed_out=isinstance(err, TimeoutError))
     else:  # no usable PEP left, PEP_FALLBACK=direct
-        return socket.create_connection(dial.sockaddr[:2], timeout, source_address, **direct_kw)
+        sock = socket.create_connection(dial.sockaddr[:2], timeout, source_address, **direct_kw)
+        try:
+            for option in socket_options:
+                sock.setsockopt(*option)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
     reply_deadline = time.monotonic() + conf.reply_timeout
     if deadline is not None:
         reply_deadline = min(reply_deadline, deadline)

@@ -33,6 +33,7 @@ import threading
 import warnings
 
 from . import aiosock, client, tls
+from . import route as _route
 
 _lock = threading.RLock()
 _saved: dict[tuple[object, str], object] = {}   # (owner, attribute) -> original
@@ -67,7 +68,8 @@ def create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_ad
                                          all_errors=all_errors)
     _inside.active = True
     try:
-        return client.create_connection(address, timeout, source_address)
+        return client.create_connection(address, timeout, source_address,
+                                        all_errors=all_errors)
     finally:
         _inside.active = False
 
@@ -77,19 +79,21 @@ def _patch_urllib3(module) -> None:
 
     def urllib3_create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT,
                                   source_address=None, socket_options=None):
+        """urllib3's create_connection under the patch: the route planned once; direct
+        routes are urllib3's own, PEP routes get urllib3's socket options before connect."""
         host, port = address
         if host.startswith("["):
             host = host.strip("[]")
-        if client.choose_pep(host, port)[0] is None:
+        conf = _route.settings()
+        route = _route.plan_sync(host, int(port), conf)
+        if route.direct is not None:
             return original(address, timeout, source_address, socket_options)
-        sock = create_connection((host, port), timeout, source_address)
+        _inside.active = True       # a fallback to direct is the stdlib's connection
         try:
-            for option in socket_options or ():
-                sock.setsockopt(*option)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+            return client.connect_route(route, conf, timeout, source_address,
+                                        socket_options=socket_options or ())
+        finally:
+            _inside.active = False
 
     urllib3_create_connection.__wrapped__ = original
     _replace(module, "create_connection", urllib3_create_connection)
