@@ -12,8 +12,9 @@ answers one line per connection. For each mode, one connection after another:
 Modes: direct (no PEP); libpep.so (the same stdlib client under LD_PRELOAD);
 pepsock-wait (pepsock.create_connection + the stdlib's wrap_socket, which has to
 wait for the PEP's reply: the behaviour before pepsock.tls); pepsock
-(pepsock.create_tls_connection); asyncio-wait (open_connection(ssl=) made to wait
-for the reply, as it did before); asyncio (open_connection(ssl=), no wait);
+(pepsock.create_tls_connection); asyncio-wait (open_connection(ssl=) under
+PEP_CONFIRM=1, which awaits the reply before start_tls: the behaviour before
+pepsock.tls); asyncio (open_connection(ssl=), no wait);
 patched (the stdlib's socket.create_connection + SSLContext.wrap_socket, as
 http.client calls them, under pepsock.patch()).
 Prints medians and ratios against direct and libpep.so, side by side in one run.
@@ -87,9 +88,8 @@ def _sync_once(mode, server, pep, ctx):
 
 async def _async_once(mode, server, pep, ctx):
     import pepsock
-    from pepsock import aiosock
-    if mode == "asyncio-wait":   # the path open_connection(ssl=) had before aiosock
-        aiosock.strips_in_transport = lambda loop: False
+    if mode == "asyncio-wait":   # the reply before start_tls, as open_connection(ssl=) did
+        os.environ["PEP_CONFIRM"] = "1"
     t0 = time.perf_counter()
     reader, writer = await pepsock.open_connection(*server, pep=pep, ssl=ctx,
                                                    server_hostname=server[0])

@@ -319,3 +319,16 @@ def test_ipv6_pep_and_destination(ns, cert, client_ctx):
 
         assert asyncio.run(main()) == b"AIO SIX\n"
         assert [str(s.connect.address) for s in conv.seen] == ["::1", "::1"]
+
+
+@pytest.mark.parametrize("mode, before", [("pep", True), ("aio", True), ("pep-wait", False)])
+def test_eval_https_rows_send_the_client_hello_before_the_reply(server, mode, before):
+    """pep eval's HTTPS TTFB rows (testbed/agents.py): pepsock sync (pep_aware context) and
+    asyncio do not wait for the PEP's reply; the row labelled pep-wait does."""
+    from types import SimpleNamespace
+    from pepsock.testbed import agents
+    with Converter(reply_delay=REPLY_DELAY) as conv:
+        a = SimpleNamespace(mode=mode, size=100, timeout=5, cc=None)
+        assert agents._ttfb_tls_once(a, server.address, conv.address, agents._tls_context())
+        lead = _sent_before_reply(server, conv)
+        assert lead > REPLY_DELAY / 2 if before else lead < 0, lead
