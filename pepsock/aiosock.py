@@ -22,10 +22,12 @@ import dataclasses
 import errno
 import math
 import socket
+import time
 
 from . import aio
 from . import route as _route
-from .client import PepSocket
+from . import tfo
+from .client import PepSocket, connected, handshake_error, restart_dial
 from .session import ClientSession
 
 
@@ -49,15 +51,19 @@ class DialSocket(PepSocket):
 
     connect(any address) makes the ClientSession's first dial on this fd (the
     Convert message in the SYN, TFO). Blocking: waits for the handshake, trying
-    the next PEPs as create_connection does. Non-blocking (asyncio's
-    sock_connect): returns at once when the whole message went with the SYN;
-    the handshake's outcome, a PEP that does not answer and the reply deadline
-    are then handled as for a retry (PepSocket.check_deadlines, on a timer of the
-    running loop, and the next read or write). Without TFO it waits for the
-    handshake, at most the PEP connect timeout.
+    the next PEPs as create_connection does. Non-blocking, as asyncio's
+    sock_connect uses it: raises BlockingIOError(EINPROGRESS); the loop then
+    reads SO_ERROR when the fd is writable, and that read (getsockopt) is where
+    the handshake is judged: a refused PEP starts the next dial on the same fd
+    and answers BlockingIOError (asyncio waits on), the last failure is raised,
+    success arms the reply deadline. A PEP that does not answer within its
+    connect timeout is left for the next by a timer on the running loop.
     """
 
     _first = None
+    _dialing = None     # the Dial whose TCP handshake is in progress (non-blocking connect)
+    _timer = None
+    _connect_error = None
 
     @classmethod
     def for_route(cls, route: _route.Route, conf: _route.Settings) -> "DialSocket":
@@ -72,13 +78,11 @@ class DialSocket(PepSocket):
         first, self._first = self._first, None
         if first is None:
             raise OSError(errno.EISCONN, "DialSocket: already connected")
-        self._retry(self._link, first, fresh=True)
-        if self.gettimeout() == 0.0:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return          # no loop: the caller calls check_deadlines()
-            aio.arm_deadlines(loop, self)
+        if self.gettimeout() != 0.0:
+            self._retry(self._link, first, fresh=True)   # waits, fails over
+            return
+        self._start(first, fresh=True)
+        raise BlockingIOError(errno.EINPROGRESS, "connecting to the PEP")
 
     def connect_ex(self, address=None) -> int:
         try:
@@ -86,6 +90,76 @@ class DialSocket(PepSocket):
         except OSError as exc:
             return exc.errno or errno.EIO
         return 0
+
+    def _start(self, dial, fresh: bool = False) -> None:
+        self._dialing = dial
+        self._started, self._taken = restart_dial(self, self._link.session, dial, fresh)
+        if dial.connect_timeout:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._timer = loop.call_later(dial.connect_timeout, self._timed_out)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        """The PEP did not answer in time: on to the next dial. The writer callback
+        asyncio waits with stays registered and fires for that one (or, once every
+        PEP failed, for the reset socket, and getsockopt raises the error)."""
+        self._timer = None
+        dial = self._dialing
+        if dial is None or self._closed:
+            return
+        try:
+            self._start(self._link.session.connect_failed(
+                TimeoutError(errno.ETIMEDOUT, f"the PEP at {dial.pep} did not answer"),
+                timed_out=True))
+        except OSError as exc:
+            self._connect_error = exc
+            tfo.reset(self)         # writable now: asyncio's callback comes and reads it
+
+    def getsockopt(self, level, option, *args):
+        if self._dialing is None or args or (level, option) != (socket.SOL_SOCKET,
+                                                                socket.SO_ERROR):
+            return super().getsockopt(level, option, *args)
+        return self._judge_handshake()
+
+    def _judge_handshake(self) -> int:
+        """asyncio's sock_connect asks for SO_ERROR: 0 once connected through a PEP
+        (or straight, PEP_FALLBACK); BlockingIOError while a next dial runs."""
+        if self._connect_error is not None:
+            self._dialing = None
+            raise self._connect_error
+        dial, session = self._dialing, self._link.session
+        err = handshake_error(self, dial)
+        if err is not None:
+            self._stop_timer()
+            try:
+                self._start(session.connect_failed(err))
+            except OSError:
+                self._dialing = None
+                raise
+            raise BlockingIOError(errno.EINPROGRESS, "trying the next PEP")
+        while self._taken < len(dial.payload):          # the header a plain SYN did not carry
+            self._taken += socket.socket.send(self, dial.payload[self._taken:])
+        self._stop_timer()
+        self._dialing = None
+        connected(self, session, dial, self._taken, self._started)
+        link = self._link
+        link.reply_deadline = time.monotonic() + link.reply_timeout
+        try:
+            aio.arm_deadlines(asyncio.get_running_loop(), self)
+        except RuntimeError:
+            pass
+        return 0
+
+    def close(self) -> None:
+        self._stop_timer()
+        super().close()
 
 
 def aiohttp_socket_factory(addr_info) -> socket.socket:

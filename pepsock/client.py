@@ -375,7 +375,7 @@ def start_dial(sock: socket.socket, dial: Dial) -> int:
 
 def handshake_error(sock: socket.socket, dial: Dial) -> OSError | None:
     """The connect's outcome once the socket is writable (None: connected)."""
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    err = socket.socket.getsockopt(sock, socket.SOL_SOCKET, socket.SO_ERROR)
     if not err:
         return None
     where = f"the PEP at {dial.pep}" if dial.pep else "the destination"
@@ -425,6 +425,21 @@ def connect_blocking(sock: socket.socket, dial: Dial, deadline: float | None,
     return None
 
 
+def restart_dial(sock: socket.socket, session: ClientSession, dial: Dial,
+                 fresh: bool = False) -> tuple[float, int]:
+    """Start `dial` on the application's own non-blocking fd: dissolve its association
+    (unless fresh: never connected), check the family, set TFO for this PEP.
+    Returns (time.monotonic() at the start, payload bytes the kernel took)."""
+    if not fresh:
+        tfo.reset(sock)
+    if dial.family != sock.family:
+        raise session.fail(OSError(errno.EAFNOSUPPORT, f"cannot retry {dial.pep or 'direct'}"
+                                                        f" on this socket's address family"))
+    if dial.pep is not None and not dial.no_cookie:
+        sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 0)
+    return time.monotonic(), start_dial(sock, dial)
+
+
 def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float | None,
            wait: bool = True, fresh: bool = False) -> float | None:
     """Retry on the application's own fd (Error 3, Error 64/65, the fallback): dissolve
@@ -436,17 +451,9 @@ def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float 
     timeout = sock.gettimeout()
     try:
         while True:
-            if not fresh:
-                tfo.reset(sock)
-            fresh = False
-            if dial.family != sock.family:
-                raise session.fail(OSError(errno.EAFNOSUPPORT, f"cannot retry {dial.pep or 'direct'}"
-                                                                f" on this socket's address family"))
             socket.socket.setblocking(sock, False)
-            if dial.pep is not None and not dial.no_cookie:
-                sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 0)
-            started = time.monotonic()
-            taken = start_dial(sock, dial)
+            started, taken = restart_dial(sock, session, dial, fresh)
+            fresh = False
             if not wait and taken >= len(dial.payload):
                 if dial.pep is None:
                     return None

@@ -11,6 +11,7 @@ import errno
 import os
 import socket
 import ssl
+import subprocess
 import time
 import urllib.request
 
@@ -178,3 +179,24 @@ def test_asyncio_paths_enforce_the_reply_deadline(web, state, monkeypatch, path)
         exc = exc.__cause__ or exc.__context__
     assert any(isinstance(e, OSError) and e.errno == errno.ETIMEDOUT for e in chain), chain
     assert 0.4 < took < 8, took
+
+
+@pytest.mark.parametrize("path", ["aiosock.dial", "aiohttp socket_factory"])
+def test_asyncio_paths_leave_a_silent_pep_at_its_connect_timeout(ns, web, state, monkeypatch,
+                                                                   path):
+    """A PEP whose SYNs are dropped: after PEP_CONNECT_TIMEOUT the next PEP is dialled
+    (DialSocket: a timer on the loop moves the same fd on), and the first is held down."""
+    silent = dead_port()
+    r = subprocess.run(ns.cmd("iptables", "-A", "INPUT", "-p", "tcp", "--dport", str(silent),
+                              "-j", "DROP"), capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"iptables unusable here: {r.stderr.strip()}")
+    monkeypatch.setenv("PEP_CONNECT_TIMEOUT", "0.5")
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", f"127.0.0.1:{silent},{conv.env_value}")
+        started = time.monotonic()
+        assert PATHS[path][0](web) == BODY
+        took = time.monotonic() - started
+        assert len(conv.seen) == 1
+    assert 0.4 < took < 8, took
+    assert pepstate.load(str(state), f"pep-127.0.0.1-{silent}")["reason"] == "timeout"
