@@ -4,10 +4,13 @@ The asyncio mirror of client.create_connection: the same route.plan() and
 session.ClientSession decide, and the connection is the same PepSocket,
 handed to the loop's own socket transport.  The transport reads through
 PepSocket.recv, so the PEP's reply never reaches a protocol (StreamReader,
-or TLS after start_tls), an Error TLV becomes the reader's exception (a
-ConvertError) with the connection reset, and get_extra_info("peername") is
-the destination.  A reply later than PEP_REPLY_TIMEOUT (or the `timeout`
-given) fails the connection with ETIMEDOUT.
+or TLS after start_tls, which therefore starts before the reply is in), an
+Error TLV becomes the reader's exception (a ConvertError) with the connection
+reset, and get_extra_info("peername") is the destination.  A reply later than
+PEP_REPLY_TIMEOUT (or the `timeout` given) fails the connection with
+ETIMEDOUT.  `connect()` is the first half (a PepSocket for sock=, used by
+aiosock.dial and the patched loop.create_connection); this module needs the
+selector event loops (their transports read through the socket object).
 
 A retry that happens after open_connection returned (Error 3 or 64/65 in the
 reply) reconnects on the same socket without blocking the loop when the whole
