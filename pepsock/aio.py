@@ -47,7 +47,8 @@ async def _connect(loop, session: ClientSession, dial: Dial, deadline: float | N
                    local_addr=None):
     """Dial PEPs until one completes the handshake: (sock, None), or (None, direct Dial)."""
     while dial.pep is not None:
-        sock = PepSocket(dial.family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, as getaddrinfo gives: asyncio sets TCP_NODELAY only then
+        sock = PepSocket(dial.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setblocking(False)
             if local_addr is not None:

@@ -69,7 +69,7 @@ class DialSocket(PepSocket):
     def for_route(cls, route: _route.Route, conf: _route.Settings) -> "DialSocket":
         session = ClientSession(route, conf)
         first = session.first_dial()
-        sock = cls(first.family, socket.SOCK_STREAM)
+        sock = cls(first.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.attach(session, conf.reply_timeout, math.inf)
         sock._first = first
         return sock

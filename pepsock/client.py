@@ -504,7 +504,7 @@ def connect_route(route: _route.Route, conf: _route.Settings, timeout=_GLOBAL_DE
     session = ClientSession(route, conf)
     dial = session.first_dial()
     while dial.pep is not None:
-        sock = PepSocket(dial.family, socket.SOCK_STREAM)
+        sock = PepSocket(dial.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             for option in socket_options:
                 sock.setsockopt(*option)

@@ -200,3 +200,28 @@ def test_asyncio_paths_leave_a_silent_pep_at_its_connect_timeout(ns, web, state,
         assert len(conv.seen) == 1
     assert 0.4 < took < 8, took
     assert pepstate.load(str(state), f"pep-127.0.0.1-{silent}")["reason"] == "timeout"
+
+
+def test_asyncio_pep_sockets_get_tcp_nodelay(web, state, monkeypatch):
+    """asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP; without it
+    Nagle holds a request behind the unacked TLS Finished (one more client-PEP RTT)."""
+    from pepsock.aiosock import aiohttp_socket_factory, dial
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", conv.env_value)
+
+        async def main():
+            reader, writer = await pepsock.open_connection(*web.address)
+            opened = writer.get_extra_info("socket")
+            sock = await dial(*web.address)
+            made = aiohttp_socket_factory((socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                                           web.address))
+            try:
+                return [opened.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                        sock.proto, made.proto]
+            finally:
+                writer.close()
+                sock.close()
+                made.close()
+
+        nodelay, dialled, factory = asyncio.run(main())
+    assert nodelay and dialled == factory == socket.IPPROTO_TCP
