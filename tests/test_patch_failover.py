@@ -225,3 +225,27 @@ def test_asyncio_pep_sockets_get_tcp_nodelay(web, state, monkeypatch):
 
         nodelay, dialled, factory = asyncio.run(main())
     assert nodelay and dialled == factory == socket.IPPROTO_TCP
+
+
+def test_dial_socket_blocking_connect_fails_over(web, state, monkeypatch):
+    """A DialSocket used blocking (no event loop): connect() waits for the handshake and
+    moves past a refusing PEP as create_connection does; reads strip the reply."""
+    from pepsock.aiosock import DialSocket, aiohttp_socket_factory
+    dead = dead_port()
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", f"127.0.0.1:{dead},{conv.env_value}")
+        sock = aiohttp_socket_factory((socket.AF_INET, socket.SOCK_STREAM, 6, "", web.address))
+        assert isinstance(sock, DialSocket)
+        with sock:
+            sock.settimeout(5)
+            sock.connect(web.address)
+            assert sock.getpeername() == web.address and sock.pep == conv.address
+            tls = ssl.create_default_context(cafile=web.cafile).wrap_socket(
+                sock, server_hostname="localhost")
+            tls.sendall(b"GET /f HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            tls.close()
+        assert data.split(b"\r\n\r\n", 1)[1] == BODY
+    assert pepstate.load(str(state), f"pep-127.0.0.1-{dead}")["reason"] == "refused"
