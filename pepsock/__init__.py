@@ -9,7 +9,9 @@ from .aio import open_connection
 from .client import PepSocket, create_connection
 from .policy import ConfigError
 from .protocol import ConvertError, ErrorCode, ProtocolError
+from .patching import patch, unpatch
+from .tls import create_tls_connection, wrap_tls
 
 __all__ = ["create_connection", "open_connection", "PepSocket", "ConvertError", "ErrorCode",
-           "ProtocolError", "ConfigError"]
+           "ProtocolError", "ConfigError", "wrap_tls", "create_tls_connection", "patch", "unpatch"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The `pep` command: check, relay, run, lib, dissector, cookie, eval.
+"""The `pep` command: check, relay, run, lib, dissector, cookie, eval, python.
 
 Each subcommand's work lives in its own module; this file only parses the
 command line and hands over.
@@ -108,9 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="valid for this many days (default: until the secret is retired)")
     p.set_defaults(func=cmd_cookie)
 
-    # relay and eval have their own option parsers; everything after the word is theirs.
+    # relay, eval and python have their own option parsers; everything after the word is theirs.
     sub.add_parser("relay", help="run the splice-based RFC 8803 relay (the PEP)", add_help=False)
     sub.add_parser("eval", help="reproduce the thesis's evaluation in namespaces", add_help=False)
+    sub.add_parser("python", help="run a Python program with pepsock.patch() applied",
+                   add_help=False)
     return parser
 
 
@@ -127,6 +129,9 @@ def main(argv=None) -> int:
             return 2
         from .testbed.eval import main as eval_main
         return eval_main(argv[1:])
+    if argv[:1] == ["python"]:
+        from .pyrun import main as pyrun_main
+        return pyrun_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

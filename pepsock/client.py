@@ -180,11 +180,12 @@ class PepSocket(socket.socket):
         for cb in callbacks or ():
             cb(None)
 
-    def _retry(self, link: _Link, dial: Dial) -> None:
-        """Connect again on this fd per `dial`; a non-blocking socket does not wait for
-        the handshake when the whole payload went with the SYN (check_deadlines and
-        the next read or write see how it ends)."""
-        pending = redial(self, link.session, dial, None, wait=self.gettimeout() != 0.0)
+    def _retry(self, link: _Link, dial: Dial, fresh: bool = False) -> None:
+        """Connect again on this fd per `dial` (fresh: the fd was never connected); a
+        non-blocking socket does not wait for the handshake when the whole payload went
+        with the SYN (check_deadlines and the next read or write see how it ends)."""
+        pending = redial(self, link.session, dial, None, wait=self.gettimeout() != 0.0,
+                         fresh=fresh)
         link.dial_deadline = pending
         start = time.monotonic() if pending is None or pending == math.inf else pending
         link.reply_deadline = start + link.reply_timeout
@@ -374,7 +375,7 @@ def start_dial(sock: socket.socket, dial: Dial) -> int:
 
 def handshake_error(sock: socket.socket, dial: Dial) -> OSError | None:
     """The connect's outcome once the socket is writable (None: connected)."""
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    err = socket.socket.getsockopt(sock, socket.SOL_SOCKET, socket.SO_ERROR)
     if not err:
         return None
     where = f"the PEP at {dial.pep}" if dial.pep else "the destination"
@@ -424,25 +425,35 @@ def connect_blocking(sock: socket.socket, dial: Dial, deadline: float | None,
     return None
 
 
+def restart_dial(sock: socket.socket, session: ClientSession, dial: Dial,
+                 fresh: bool = False) -> tuple[float, int]:
+    """Start `dial` on the application's own non-blocking fd: dissolve its association
+    (unless fresh: never connected), check the family, set TFO for this PEP.
+    Returns (time.monotonic() at the start, payload bytes the kernel took)."""
+    if not fresh:
+        tfo.reset(sock)
+    if dial.family != sock.family:
+        raise session.fail(OSError(errno.EAFNOSUPPORT, f"cannot retry {dial.pep or 'direct'}"
+                                                        f" on this socket's address family"))
+    if dial.pep is not None and not dial.no_cookie:
+        sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 0)
+    return time.monotonic(), start_dial(sock, dial)
+
+
 def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float | None,
-           wait: bool = True) -> float | None:
+           wait: bool = True, fresh: bool = False) -> float | None:
     """Retry on the application's own fd (Error 3, Error 64/65, the fallback): dissolve
     the association, connect again per `dial` (replaying the early bytes).  Waits for
     the handshake (None: connected), except with wait=False when the whole payload
     went with the SYN: then returns the handshake's deadline (time.monotonic(); inf
-    when only the reply deadline bounds it)."""
+    when only the reply deadline bounds it).  fresh: the fd has never been connected
+    (aiosock.DialSocket's first dial), nothing to dissolve."""
     timeout = sock.gettimeout()
     try:
         while True:
-            tfo.reset(sock)
-            if dial.family != sock.family:
-                raise session.fail(OSError(errno.EAFNOSUPPORT, f"cannot retry {dial.pep or 'direct'}"
-                                                                f" on this socket's address family"))
             socket.socket.setblocking(sock, False)
-            if dial.pep is not None and not dial.no_cookie:
-                sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN_NO_COOKIE, 0)
-            started = time.monotonic()
-            taken = start_dial(sock, dial)
+            started, taken = restart_dial(sock, session, dial, fresh)
+            fresh = False
             if not wait and taken >= len(dial.payload):
                 if dial.pep is None:
                     return None
@@ -476,17 +487,27 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     host, port = address[0], int(address[1])
     conf = _route.settings()
     route = _route.plan_sync(host, port, conf, pep)
-    direct_kw = {"all_errors": True} if all_errors else {}
     if route.direct is not None:
+        direct_kw = {"all_errors": True} if all_errors else {}
         return socket.create_connection(route.direct, timeout, source_address, **direct_kw)
+    return connect_route(route, conf, timeout, source_address, all_errors=all_errors)
+
+
+def connect_route(route: _route.Route, conf: _route.Settings, timeout=_GLOBAL_DEFAULT_TIMEOUT,
+                  source_address=None, *, all_errors=False, socket_options=()):
+    """create_connection() for a route that goes through PEPs (route.direct is None).
+    socket_options: (level, name, value) tuples set on each socket before it connects."""
+    direct_kw = {"all_errors": True} if all_errors else {}
     if timeout is _GLOBAL_DEFAULT_TIMEOUT:
         timeout = socket.getdefaulttimeout()
     deadline = _deadline(timeout)
     session = ClientSession(route, conf)
     dial = session.first_dial()
     while dial.pep is not None:
-        sock = PepSocket(dial.family, socket.SOCK_STREAM)
+        sock = PepSocket(dial.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
+            for option in socket_options:
+                sock.setsockopt(*option)
             if source_address:
                 sock.bind(source_address)
             sock.setblocking(False)
@@ -499,7 +520,14 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
         sock.close()
         dial = session.connect_failed(err, timed_out=isinstance(err, TimeoutError))
     else:  # no usable PEP left, PEP_FALLBACK=direct
-        return socket.create_connection(dial.sockaddr[:2], timeout, source_address, **direct_kw)
+        sock = socket.create_connection(dial.sockaddr[:2], timeout, source_address, **direct_kw)
+        try:
+            for option in socket_options:
+                sock.setsockopt(*option)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
     reply_deadline = time.monotonic() + conf.reply_timeout
     if deadline is not None:
         reply_deadline = min(reply_deadline, deadline)

@@ -21,6 +21,11 @@ from pepsock import protocol
 from pepsock.tfo import TCP_FASTOPEN, TCP_FASTOPEN_NO_COOKIE, TCPI_OPT_SYN_DATA
 
 
+# The stdlib's, taken at import: a test may pepsock.patch() this process, and
+# the converter's own onward connections must not go through the converter.
+_direct_connection = socket.create_connection
+
+
 def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -32,6 +37,7 @@ class Seen:
     peer: tuple = ()            # the client's address as the converter saw it
     error: str = ""
     cookie: bytes | None = None  # the request's Cookie TLV value (None: none)
+    reply_sent_at: float = 0.0  # time.monotonic() when the success reply went out
 
 
 @dataclass
@@ -191,7 +197,7 @@ class Converter:
                                       b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 return
             try:
-                server = socket.create_connection((str(target.address), target.port), timeout=5)
+                server = _direct_connection((str(target.address), target.port), timeout=5)
             except OSError as exc:
                 code, value = protocol.error_for_connect_failure(exc.errno or 0)
                 self._reply(client, protocol.error_reply(code, value))
@@ -201,6 +207,7 @@ class Converter:
                     server.sendall(reader.rest)
                 if not self.reply_delay:
                     self._reply(client, protocol.success_reply(self.reply_tlvs))
+                    seen.reply_sent_at = time.monotonic()
                     pump_both(client, server)
                     return
                 # A late reply: the client's bytes go on to the server meanwhile, the
@@ -213,6 +220,7 @@ class Converter:
                 if self._stop:
                     return
                 self._reply(client, protocol.success_reply(self.reply_tlvs))
+                seen.reply_sent_at = time.monotonic()
                 _pump(server, client)
                 upstream.join(30)
         except OSError as exc:

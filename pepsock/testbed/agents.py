@@ -363,9 +363,11 @@ def _tls_context():
 
 def _ttfb_tls_once(a, server, proxy, ctx) -> float:
     """One HTTPS-like exchange (TLS 1.3 handshake, then "<size>\\n"), by a.mode:
-    direct, pep (pepsock sync: ssl wraps the PepSocket), connect, socks5 (TLS inside the
-    tunnel), aio (pepsock.open_connection(ssl=...)), curl / curl-libpep (curl, the latter
-    with LD_PRELOAD=libpep.so)."""
+    direct, pep (pepsock sync: the context made pepsock.tls.pep_aware, so wrap_socket of
+    the PepSocket sends the ClientHello before the PEP's reply), pep-wait (the stdlib's
+    wrap_socket of the PepSocket, which waits for the reply), connect, socks5 (TLS inside
+    the tunnel), aio (pepsock.open_connection(ssl=...), no wait), curl / curl-libpep
+    (curl, the latter with LD_PRELOAD=libpep.so)."""
     req = f"{a.size}\n".encode()
     if a.mode.startswith("curl"):
         import subprocess
@@ -393,8 +395,11 @@ def _ttfb_tls_once(a, server, proxy, ctx) -> float:
             w.close()
             return (t1 - t0) * 1000 if d else None
         return asyncio.run(once())
+    if a.mode == "pep":
+        import pepsock.tls
+        ctx = pepsock.tls.pep_aware(ctx)   # idempotent; the waiting row is pep-wait
     t0 = time.monotonic()
-    s = open_flow(a.mode, server, proxy, a.cc, a.timeout, b"")
+    s = open_flow("pep" if a.mode == "pep-wait" else a.mode, server, proxy, a.cc, a.timeout, b"")
     # as curl and asyncio do: without it, Nagle holds the request behind the unacked
     # client Finished, one more round trip
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -185,9 +185,9 @@ def _run(args, plan, settings, exps) -> int:
         if "ttfb" in exps:
             total += 6
         if "tls" in exps:
-            total += 7
+            total += 8      # exp_tls's modes
         if "satellite" in exps:
-            total += len(plan.sat_sizes) * plan.sat_reps * modes + 6 + (7 if "tls" in exps else 0)
+            total += len(plan.sat_sizes) * plan.sat_reps * modes + 6 + (8 if "tls" in exps else 0)
         progress = Progress(total)
         for name, schedule, nbytes, reps, opts in transfers:
             res["runs"] += runner.exp_transfers(name, schedule, nbytes, reps, progress, **opts)

@@ -443,7 +443,7 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0, timeout: float 
     pep = f"{ADDR['pep_w']}:{PEP_PORT}"
     modes = [("direct", None), ("curl", None)]
     if runner.pep_ok:
-        modes += [("pep", pep), ("aio", pep)]
+        modes += [("pep", pep), ("aio", pep), ("pep-wait", pep)]
         lib = _libpep()
         if lib:
             modes.append(("curl-libpep", pep))

@@ -334,14 +334,16 @@ def ttfb_formula(mode: str, r1: float, r2: float) -> float:
 
 
 # HTTPS (TLS 1.3): TCP handshake, TLS handshake (1 RTT), request -> first byte; (R1, R2) multiples.
-# The PEP methods wait for the PEP's reply before TLS starts (pepsock's current API), so the
-# Convert saves nothing yet; with the ClientHello in the SYN they would be 2R1+3R2.
-TLS_ORDER = ["direct", "curl", "pep", "aio", "curl-libpep", "connect", "socks5"]
-TLS_NAME = {"direct": "direct (Python ssl)", "curl": "direct (curl)", "pep": "pepsock sync + ssl",
-            "aio": "pepsock asyncio (ssl=)", "curl-libpep": "curl + libpep.so", "connect": "HTTP CONNECT + TLS",
-            "socks5": "SOCKS5 + TLS"}
-TLS_FORMULA = {"direct": (3, 3), "curl": (3, 3), "pep": (3, 3), "aio": (3, 3), "curl-libpep": (2, 3),
-               "connect": (4, 3), "socks5": (5, 3)}
+# Through the PEP the ClientHello leaves right after the TCP handshake with the PEP, before
+# its reply (libpep.so, pepsock.tls, asyncio's TLS over a PepSocket): 2R1+3R2. pep-wait is the
+# stdlib's wrap_socket of a PepSocket, which waits for the reply: 3R1+3R2, as direct.
+TLS_ORDER = ["direct", "curl", "pep", "aio", "curl-libpep", "pep-wait", "connect", "socks5"]
+TLS_NAME = {"direct": "direct (Python ssl)", "curl": "direct (curl)", "pep": "pepsock sync + ssl (pep_aware)",
+            "aio": "pepsock asyncio (ssl=)", "curl-libpep": "curl + libpep.so",
+            "pep-wait": "pepsock sync + stdlib wrap_socket (waits for the reply)",
+            "connect": "HTTP CONNECT + TLS", "socks5": "SOCKS5 + TLS"}
+TLS_FORMULA = {"direct": (3, 3), "curl": (3, 3), "pep": (2, 3), "aio": (2, 3), "curl-libpep": (2, 3),
+               "pep-wait": (3, 3), "connect": (4, 3), "socks5": (5, 3)}
 
 TTFB_TEXT = {"direct": "2R1+2R2", "tfo": "R1+R2", "pep": "R1+R2+max(R1,R2)", "pep-syn": "R1+2R2",
              "pep-notfo": "2R1+R2+max(R1,R2)",
@@ -652,9 +654,10 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         L.append("A TLS 1.3 handshake (self-signed certificate, not verified), then the request; TTFB from "
                  "the start of connecting to the first byte of the answer; the link idle at 75 Mbit/s. "
                  "curl's number is its time_starttransfer. Formula: TCP handshake + one TLS round trip + the "
-                 "request. pepsock's sync and asyncio calls wait for the PEP's reply before TLS starts, "
-                 "so today they cost as much as direct (3R1+3R2); with the ClientHello in the SYN they "
-                 "would be 2R1+3R2, which is the formula given for curl + libpep.so.\n")
+                 "request. Through the PEP, curl + libpep.so and pepsock (sync with its context made "
+                 "pepsock.tls.pep_aware, asyncio open_connection(ssl=)) send the ClientHello right after "
+                 "the TCP handshake with the PEP, before its reply: 2R1+3R2. The stdlib's own wrap_socket "
+                 "of a PepSocket waits for the reply (the pep-wait row): 3R1+3R2, as direct.\n")
         _ttfb_table(L, S["tls"])
     sat = S.get("satellite")
     if sat:
