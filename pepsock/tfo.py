@@ -84,7 +84,16 @@ def reset(sock: socket.socket) -> None:
     unspec = struct.pack("H14x", socket.AF_UNSPEC)
     buf = ctypes.create_string_buffer(unspec, len(unspec))
     try:
+        own_linger = sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
-        pass
+        own_linger = None
     _libc.connect(sock.fileno(), buf, len(unspec))
+    # The disconnect above sent the RST; a linger of {1, 0} left in place would
+    # make the app's later close() of a retried, healthy connection reset it too
+    # and drop its unsent bytes: the app's own setting comes back.
+    if own_linger is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, own_linger)
+        except OSError:
+            pass

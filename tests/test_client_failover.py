@@ -261,6 +261,9 @@ def test_error_3_retries_with_the_cookie_and_caches_it_for_other_processes(echo,
         with s:
             s.sendall(b"early")
             assert s.recv(5) == b"early"
+            # The retry's RST must not leave SO_LINGER {1, 0} behind: close()
+            # of the healthy retried connection would reset it too.
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8) == bytes(8)
         assert [x.cookie for x in conv.seen] == [None, cookie]
         assert conv.seen[1].early_data == b"early"       # replayed in the retry's SYN
         assert state_of(clean_env, conv.address[1])["cookie"] == cookie.hex()
