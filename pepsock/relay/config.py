@@ -17,6 +17,10 @@ DEFAULT_HEADER_TIMEOUT = 5.0
 #: retries; 10 s allows three SYN retransmissions (1+2+4 s) and then answers
 #: Error 65 so the client is not left hanging.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds a tunnel may sit with data to move and none moving (a peer that
+#: neither reads nor acknowledges) before it is reset: what a client that
+#: never reads can hold is bounded in time as well as in bytes.
+DEFAULT_STALL_TIMEOUT = 120.0
 #: Seconds tunnels get to finish after SIGTERM/SIGINT before they are reset.
 DEFAULT_DRAIN_TIMEOUT = 30.0
 #: One pipe per direction while bytes are in flight.  1 MiB (the default
@@ -50,6 +54,7 @@ class Config:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
     client: SideOptions = field(default_factory=SideOptions)
     server: SideOptions = field(default_factory=SideOptions)
     nodelay: bool = True

@@ -22,11 +22,13 @@ sockets and no pipe.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import select
 import socket
 import struct
+import sys
 import time
 
 from ..protocol import (
@@ -54,9 +56,21 @@ SUCCESS = success_reply()
 #: What an Info request is answered with: the options the onward kernel
 #: connection uses end to end (MSS, SACK-permitted, timestamps, window scale).
 INFO_REPLY = success_reply((SupportedTCPExtensions((2, 3, 4, 8)),))
+#: SO_LINGER {1, 0}: close() resets instead of sending a FIN.  Armed on the
+#: listener (accepted sockets inherit it) and on every onward socket, so if
+#: the relay dies (kill -9, OOM, a crashed worker) the kernel's close of its
+#: fds resets both sides of every tunnel: a cut transfer never looks finished.
 LINGER_RESET = struct.pack("ii", 1, 0)
+#: Disarmed right before a clean, propagated close (and before Error replies).
+LINGER_OFF = struct.pack("ii", 0, 0)
+#: ioctl: bytes in a socket's send queue not yet acknowledged by the peer.
+SIOCOUTQ = 0x5411
+#: How often a tunnel whose destination reset checks that the client has
+#: acknowledged what the relay still held for it.
+FLUSH_POLL = 0.02
+TCP_CLOSE = 7
 
-HEADER, CONNECTING, OPEN, DONE = range(4)
+HEADER, CONNECTING, OPEN, FLUSHING, DONE = range(5)
 #: Error replies lingering for the client's FIN at once; beyond, close at once.
 MAX_CLOSERS = 1024
 
@@ -130,6 +144,8 @@ def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0) -> 
     # net.ipv4.tcp_keepalive_* (accepted sockets inherit it from the listener).
     # tests/test_reliability_vanish.py
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # Reset semantics while the socket lives (see LINGER_RESET).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     if keepalive:
         # --keepalive S: first probe after S idle seconds, then every S/3
         # (at least 1 s), 3 unanswered probes end the tunnel with a reset.
@@ -143,6 +159,32 @@ def fmt_addr(addr) -> str:
         return "-"
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _disarm(sock: socket.socket) -> None:
+    """Back to a normal close (FIN after the queued bytes)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
+    except OSError:
+        pass
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """tcpi_state: TCP_CLOSE (7) once a reset (or error) has killed the connection."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return TCP_CLOSE
+
+
+def _unacked(fd: int) -> int:
+    """Bytes in fd's send queue the peer has not acknowledged yet."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, SIOCOUTQ, buf)
+    except OSError:
+        return 0
+    return int.from_bytes(buf, sys.byteorder)
 
 
 def _reset_close(sock: socket.socket | None) -> None:
@@ -166,6 +208,7 @@ class Closer:
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
+        _disarm(sock)   # a reset could overtake the reply
         try:
             sock.send(reply)
             sock.shutdown(socket.SHUT_WR)
@@ -210,7 +253,7 @@ class Closer:
 
 class Tunnel:
     __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
-                 "dest", "t0", "timer", "outcome", "early")
+                 "dest", "t0", "timer", "outcome", "early", "why", "flush_mark", "flush_at")
 
     def __init__(self, loop, sock: socket.socket, addr, now: float):
         self.loop = loop
@@ -227,6 +270,7 @@ class Tunnel:
         self.outcome = ""
         self.early = b""
         self.timer = None
+        self.why = ""
         loop.register(self.c.fd, self.on_client, ET_MASK)
         # The header usually came in the SYN and is read right here; the
         # header timer is only armed when it has not (see _read_header).
@@ -244,6 +288,8 @@ class Tunnel:
         state = self.state
         if state == OPEN:
             self._run()
+        elif state == FLUSHING:
+            self._flush()
         elif state == HEADER and c.readable:
             # Not on a bare EPOLLOUT: the client's first event after a 1-RTT
             # handshake is usually just that, and recv() would only EAGAIN.
@@ -253,6 +299,8 @@ class Tunnel:
         s = self.s
         if self.state == CONNECTING:
             return self._connected(ev)
+        if self.state == FLUSHING:
+            return      # the server is gone; its last bytes are read by _flush
         if ev & EPOLLERR:
             return self._on_error(s, "server")
         if ev & _READ_EV:
@@ -371,7 +419,7 @@ class Tunnel:
             if up.shut and down.shut:
                 self._finish_clean()
         except OSError as e:
-            self.abort(f"{e.strerror}")
+            self._broken(f"{e.strerror}")
 
     def _pump(self, d: Direction) -> None:
         src, dst = d.src, d.dst
@@ -401,6 +449,9 @@ class Tunnel:
                 except BlockingIOError:
                     if held == 0:
                         src.readable = False
+                except OSError:
+                    d.held = held
+                    raise
                 else:
                     if n:
                         held += n
@@ -479,12 +530,71 @@ class Tunnel:
             self._shut(d)
 
     def _on_error(self, end: End, who: str) -> None:
-        # No last delivery of what a pipe still holds for the healthy side:
-        # _pump only stops with bytes held once the destination hit EAGAIN,
-        # and writable is set again only right before the next _pump, so
-        # such bytes never "fit now". The reset is carried across at once.
         err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.abort(f"{who} {os.strerror(err) if err else 'error'}")
+        self._broken(f"{who} {os.strerror(err) if err else 'error'}")
+
+    def _broken(self, why: str) -> None:
+        """One side failed.  If the destination reset while the client is
+        fine, the client first gets every byte the relay already holds for it
+        (what the dead socket still has queued, the pipe, the client socket's
+        own send queue) and only then the reset: the destination had sent
+        those bytes and they were acknowledged, so dropping them would lose
+        data a direct connection delivers.  Anything else: reset both now."""
+        if self.state == OPEN and not self.down.shut \
+                and _tcp_state(self.s.sock) == TCP_CLOSE \
+                and _tcp_state(self.c.sock) != TCP_CLOSE:
+            return self._start_flush(why if why.startswith("server") else f"server {why}")
+        self.abort(why)
+
+    # -- a destination reset: deliver, then reset ------------------------------------
+    def _start_flush(self, why: str) -> None:
+        self.state = FLUSHING
+        self.why = why
+        up, down = self.up, self.down
+        if up.pipe is not None:     # the client's bytes cannot reach the server any more
+            if up.held:
+                self.loop.pipe_close(up.pipe)
+            else:
+                self.loop.pipe_put(up.pipe)
+            up.pipe, up.held, up.buf = None, 0, b""
+        # No FIN for this direction: its end is a reset, sent once all is delivered.
+        down.shut = True
+        self.s.readable = True
+        self.flush_mark = None
+        self.flush_at = time.monotonic()
+        self._flush()
+        if self.state == FLUSHING:
+            self.timer = self.loop.call_later(FLUSH_POLL, self._flush_poll)
+
+    def _flush(self) -> None:
+        d = self.down
+        for _ in range(3):
+            try:
+                self._pump(d)
+                return
+            except OSError as e:
+                if _tcp_state(self.c.sock) == TCP_CLOSE:
+                    return self.abort(f"{self.why}; then client {e.strerror}")
+                d.eof = True    # the dead server's queue is read to its end
+
+    def _flush_poll(self) -> None:
+        """Until the client has acknowledged everything: then the reset.  A
+        client that stops acknowledging for --stall-timeout is reset anyway."""
+        self.timer = None
+        self._flush()
+        if self.state != FLUSHING:
+            return
+        d = self.down
+        left = _unacked(self.c.fd)
+        if d.eof and not d.held and not d.buf and left == 0:
+            return self.abort(f"{self.why}; {d.bytes} bytes delivered in all")
+        now = time.monotonic()
+        mark = (d.bytes, left)
+        if mark != self.flush_mark:
+            self.flush_mark, self.flush_at = mark, now
+        elif now - self.flush_at > self.loop.cfg.stall_timeout:
+            return self.abort(f"{self.why}; client stalled, {left + d.held} bytes undelivered")
+        self.timer = self.loop.call_later(FLUSH_POLL, self._flush_poll)
 
     # -- endings -----------------------------------------------------------------------
     def _fail(self, code: int, value: bytes, why: str) -> None:
@@ -512,6 +622,8 @@ class Tunnel:
         loop = self.loop
         loop.forget(self.c.fd)
         loop.forget(self.s.fd)
+        _disarm(self.c.sock)
+        _disarm(self.s.sock)
         self.c.sock.close()
         self.s.sock.close()
         self._release_pipes()

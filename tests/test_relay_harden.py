@@ -1,0 +1,203 @@
+"""Issue 16: the relay against hostile clients and destinations, and endings
+that tell the truth.  Real relay subprocesses in namespaces:
+
+    ns relay: relay on 198.51.100.1 (+ 2001:db8::1) and 127.0.0.1
+    ns far:   198.51.100.2 (+ 2001:db8::2): clients and destination servers
+
+Each test prints the figure docs/reliability.md quotes.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import require_root
+from pepsock.testbed.netns import Topology
+from relay_helpers import Relay, Server, convert_open, read_reply, recv_exact, reset_close
+from reliability_helpers import wait_until
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.root]
+
+RELAY_IP, FAR_IP, RELAY_IP6, FAR_IP6 = "198.51.100.1", "198.51.100.2", "2001:db8::1", "2001:db8::2"
+SIOCOUTQ = 0x5411
+
+
+@pytest.fixture(scope="module")
+def net():
+    require_root()
+    topo = Topology(prefix="rh")
+    try:
+        relay = topo.host("relay", tfo=3)
+        far = topo.host("far", tfo=3)
+        topo.link(relay, [f"{RELAY_IP}/24", f"{RELAY_IP6}/64"], far,
+                  [f"{FAR_IP}/24", f"{FAR_IP6}/64"])
+        yield topo
+    finally:
+        topo.cleanup()
+
+
+def _relay(net, *extra, **kw):
+    return Relay("--listen", f"{RELAY_IP}:0", "--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0",
+                 *extra, prefix=net.hosts["relay"].cmd(), **kw)
+
+
+def _far_server(net, handler, host=FAR_IP):
+    with net.hosts["far"].enter():
+        return Server(handler, host=host)
+
+
+def _unacked(sock: socket.socket) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), SIOCOUTQ, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+# ---------------------------------------------------------------------------
+# Truthful endings
+
+
+def _firehose(conn):
+    """64 KiB blocks as fast as the tunnel takes them, until the peer is gone."""
+    block = os.urandom(65536)
+    try:
+        while True:
+            conn.sendall(block)
+    except OSError:
+        return "peer gone"
+
+
+def _read_to_the_end(s: socket.socket, timeout: float = 5.0) -> str:
+    """Read until the stream ends: 'reset', 'eof' (a clean end) or 'hang'."""
+    s.settimeout(timeout)
+    try:
+        while s.recv(1 << 20):
+            pass
+        return "eof"
+    except ConnectionResetError:
+        return "reset"
+    except socket.timeout:
+        return "hang"
+
+
+def _downloads(net, relay_port, dest, n, first=200_000):
+    socks = []
+    with net.hosts["far"].enter():
+        for _ in range(n):
+            s = convert_open((RELAY_IP, relay_port), dest, timeout=10)
+            msg, rest = read_reply(s)
+            assert msg.error is None, msg
+            recv_exact(s, first, rest)
+            socks.append(s)
+    return socks
+
+
+def test_killed_relay_resets_every_download(net):
+    """kill -9 of the relay mid-download: every client sees ECONNRESET, never
+    the clean EOF that makes a truncated file look complete."""
+    srv = _far_server(net, _firehose)
+    r = _relay(net)
+    try:
+        socks = _downloads(net, r.addr[1], srv.addr, 6)
+        r.proc.kill()
+        outcomes = [_read_to_the_end(s) for s in socks]
+        for s in socks:
+            s.close()
+    finally:
+        r.kill()
+        srv.close()
+    print(f"killed relay, 6 endless downloads: {outcomes}")
+    assert outcomes == ["reset"] * 6
+
+
+def test_killed_worker_resets_its_downloads_others_go_on(net):
+    srv = _far_server(net, _firehose)
+    r = _relay(net, "--workers", "2")
+
+    def workers():
+        with open(f"/proc/{r.proc.pid}/task/{r.proc.pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    try:
+        assert wait_until(lambda: len(workers()) == 2, 5)
+        socks = _downloads(net, r.addr[1], srv.addr, 16, 65536)
+        os.kill(workers()[0], signal.SIGKILL)
+        outcomes = []
+        for s in socks:
+            s.settimeout(5)
+            try:
+                got = 0
+                while got < 2_000_000:
+                    chunk = s.recv(1 << 20)
+                    if not chunk:
+                        outcomes.append("eof")
+                        break
+                    got += len(chunk)
+                else:
+                    outcomes.append("alive")
+            except ConnectionResetError:
+                outcomes.append("reset")
+            except socket.timeout:
+                outcomes.append("hang")
+            s.close()
+    finally:
+        r.stop()
+        srv.close()
+    print(f"killed worker, 16 endless downloads: {outcomes.count('reset')} reset, "
+          f"{outcomes.count('alive')} still streaming, {outcomes.count('eof')} clean EOF")
+    assert "eof" not in outcomes and "hang" not in outcomes, outcomes
+    assert outcomes.count("reset") >= 1 and outcomes.count("alive") >= 1, outcomes
+
+
+def test_destination_reset_after_acked_bytes_delivers_them_then_resets(net):
+    """A server sends 10 MB, waits until every byte is acknowledged (by the
+    relay), then resets.  Direct, a client receives all 10 MB and then the
+    reset; through the relay it must too."""
+    size = 10_000_000
+    data = os.urandom(size)
+    done = threading.Event()
+    acked = []
+
+    def send_then_reset(conn):
+        conn.sendall(data)
+        wait_until(lambda: _unacked(conn) == 0, 20, 0.01)
+        acked.append(size - _unacked(conn))
+        reset_close(conn)
+        done.set()
+        return "reset"
+
+    srv = _far_server(net, send_then_reset)
+    # Buffers that hold 10 MB while the client does not read (the relay must
+    # acknowledge it all before the server resets).
+    r = _relay(net, "--client-sndbuf", "8m", "--server-rcvbuf", "8m")
+    try:
+        with net.hosts["far"].enter():
+            s = convert_open((RELAY_IP, r.addr[1]), srv.addr, timeout=30)
+            msg, rest = read_reply(s)
+            assert msg.error is None
+            assert done.wait(30)
+            got, outcome = bytearray(rest), None
+            s.settimeout(10)
+            while outcome is None:
+                try:
+                    chunk = s.recv(1 << 20)
+                    if not chunk:
+                        outcome = "eof"
+                    got += chunk
+                except ConnectionResetError:
+                    outcome = "reset"
+            s.close()
+        r.wait_log("bytes delivered in all")
+    finally:
+        r.stop()
+        srv.close()
+    print(f"destination reset after {acked} acked bytes: client got {len(got)} bytes, then {outcome}")
+    assert acked == [size]
+    assert outcome == "reset"
+    assert len(got) == size and hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
