@@ -21,13 +21,23 @@ import pytest
 
 from conftest import require_root
 from pepsock.testbed.netns import Topology
-from relay_helpers import Relay, Server, convert_open, read_reply, recv_exact, reset_close
+from pepsock.protocol import connect_request
+from relay_helpers import (
+    MSG_FASTOPEN, TCP_FASTOPEN_NO_COOKIE, Relay, Server, convert_open, echo, read_reply,
+    recv_exact, reset_close,
+)
 from reliability_helpers import wait_until
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.root]
 
 RELAY_IP, FAR_IP, RELAY_IP6, FAR_IP6 = "198.51.100.1", "198.51.100.2", "2001:db8::1", "2001:db8::2"
 SIOCOUTQ = 0x5411
+BLACKHOLE = "203.0.113.0"
+FLOOD_ADDRS = 40
+
+
+def _flood_addr(i: int) -> str:
+    return f"2001:db8::f:0:0:{i + 1:x}"
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +47,25 @@ def net():
     try:
         relay = topo.host("relay", tfo=3)
         far = topo.host("far", tfo=3)
-        topo.link(relay, [f"{RELAY_IP}/24", f"{RELAY_IP6}/64"], far,
-                  [f"{FAR_IP}/24", f"{FAR_IP6}/64"])
+        _, far_if = topo.link(relay, [f"{RELAY_IP}/24", f"{RELAY_IP6}/64"], far,
+                              [f"{FAR_IP}/24", f"{FAR_IP6}/64"])
+        # A destination that never answers: routed to far, which does not forward.
+        topo.route(relay, f"{BLACKHOLE}/24", FAR_IP)
+        # Count the SYNs it receives.
+        far.run("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--syn",
+                "-d", f"{BLACKHOLE}/24")
+        # Many addresses of one /64 (the far end's own), for the flood.
+        for i in range(FLOOD_ADDRS):
+            far.run("ip", "addr", "add", _flood_addr(i) + "/128", "dev", far_if, "nodad")
         yield topo
     finally:
         topo.cleanup()
 
 
 def _relay(net, *extra, **kw):
-    return Relay("--listen", f"{RELAY_IP}:0", "--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0",
+    """Listeners: addrs[0] RELAY_IP, addrs[1] 127.0.0.1, addrs[2] [RELAY_IP6]."""
+    return Relay("--listen", f"{RELAY_IP}:0", "--listen", "127.0.0.1:0",
+                 "--listen", f"[{RELAY_IP6}]:0", "--stats", "127.0.0.1:0",
                  *extra, prefix=net.hosts["relay"].cmd(), **kw)
 
 
@@ -201,3 +221,106 @@ def test_destination_reset_after_acked_bytes_delivers_them_then_resets(net):
     assert acked == [size]
     assert outcome == "reset"
     assert len(got) == size and hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+# ---------------------------------------------------------------------------
+# Client identity: one /64 is one client
+
+
+def _syns_at_blackhole(net) -> int:
+    out = net.hosts["far"].run("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x").stdout
+    for line in out.splitlines():
+        if BLACKHOLE in line:
+            return int(line.split()[0])
+    raise AssertionError(out)
+
+
+def _open_from(src: str, relay_addr, dest, timeout=2.0) -> socket.socket:
+    family = socket.AF_INET6 if ":" in src else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.bind((src, 0))
+    s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+    s.sendto(connect_request(*dest), MSG_FASTOPEN, relay_addr)
+    return s
+
+
+def test_one_slash64_flooding_a_blackhole_is_one_client(net):
+    """40 addresses of one /64 open tunnels to a destination that never
+    answers as fast as they can: they count as one client, so they hold at
+    most --max-pending-per-client connects; a client from elsewhere is served
+    meanwhile; each request costs the victim at most 1 + --syn-retries SYNs."""
+    from reliability_helpers import relay_metrics
+    host = net.hosts["relay"]
+    echo_srv = _far_server(net, echo)
+    r = _relay(net)      # defaults: --syn-retries 2, --connect-timeout 10
+    relay6 = r.addrs[2]
+    held, refused, lat, codes = [], [0], [], {}
+    stop = threading.Event()
+    syns0 = _syns_at_blackhole(net)
+
+    def attacker(i):
+        """Open, wait 0.2 s for a reply: an Error is counted and closed, a
+        request still pending (the relay is connecting) is held open."""
+        src = _flood_addr(i)
+        while not stop.is_set() and len(held) < 400:
+            try:
+                s = _open_from(src, relay6, (BLACKHOLE[:-1] + "9", 80))
+            except OSError:
+                refused[0] += 1
+                continue
+            try:
+                msg, _ = read_reply(s, 0.2)
+                codes[None if msg.error is None else int(msg.error.code)] = \
+                    codes.get(None if msg.error is None else int(msg.error.code), 0) + 1
+                s.close()
+            except socket.timeout:
+                held.append(s)
+            except OSError:
+                refused[0] += 1
+                s.close()
+    try:
+        with net.hosts["far"].enter():
+            threads = [threading.Thread(target=attacker, args=(i,)) for i in range(FLOOD_ADDRS)]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            for _ in range(5):   # a legitimate client from elsewhere, during the flood
+                t0 = time.monotonic()
+                s = convert_open((RELAY_IP, r.addr[1]), echo_srv.addr, b"ping", timeout=5)
+                msg, rest = read_reply(s)
+                assert msg.error is None, msg
+                assert recv_exact(s, 4, rest) == b"ping"
+                s.close()
+                lat.append(time.monotonic() - t0)
+            time.sleep(0.5)
+            stop.set()
+            for t in threads:
+                t.join(10)
+        # Let every onward connect end (3 SYNs: about 3 s with the kernel's linear
+        # SYN timeouts, 7 s without), then read the counters.
+        wait_until(lambda: relay_metrics(r, host)[
+            'pep_relay_errors_total{code="65",name="network_failure"}'] >= len(held), 12, 0.2)
+        m = relay_metrics(r, host)
+        syns = _syns_at_blackhole(net) - syns0
+        for s in held:
+            try:
+                msg, _ = read_reply(s, 0.5)
+                code = "held, then " + str(None if msg.error is None else int(msg.error.code))
+            except OSError:
+                code = "held, no reply"
+            codes[code] = codes.get(code, 0) + 1
+            s.close()
+    finally:
+        stop.set()
+        r.stop()
+        echo_srv.close()
+    onward = m['pep_relay_errors_total{code="65",name="network_failure"}']
+    print(f"/64 flood: {sum(codes.values())} requests from {FLOOD_ADDRS} addresses, "
+          f"replies {codes}; "
+          f"{int(onward)} onward connects, victim got {syns} SYNs "
+          f"({syns / max(onward, 1):.2f} per request); legit client {max(lat) * 1000:.0f} ms")
+    assert max(lat) < 1.0, lat
+    assert 0 < onward <= 64, onward                   # --max-pending-per-client
+    assert codes.get(64, 0) > 0, codes
+    assert syns <= 3 * onward, (syns, onward)         # 1 + --syn-retries per request

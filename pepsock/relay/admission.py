@@ -15,6 +15,7 @@ import ipaddress
 import time
 
 from ..policy import AddressRule, normalize_ip
+from .ratelimit import TokenBuckets
 
 BUILTIN_DENY = tuple(AddressRule.parse(t) for t in (
     "0.0.0.0/8",          # "this network"; 0.0.0.0 reaches the host itself on Linux
@@ -91,7 +92,8 @@ class Admission:
     Matching runs on integers (this is on the per-connection path)."""
 
     def __init__(self, dest_rules, allow_clients, max_tunnels: int, max_per_client: int,
-                 extra_local=()):
+                 extra_local=(), *, max_pending: int = 0, max_pending_per_client: int = 0,
+                 rate: float = 0.0, burst: float = 0.0):
         self.dest_rules = [(allow, _compile(rule)) for allow, rule in dest_rules]
         self.allow_clients = list(allow_clients)
         self.max_tunnels = max_tunnels
@@ -102,6 +104,12 @@ class Admission:
         self._local_at = -1e9
         self.open_total = 0
         self.per_client: dict[str, int] = {}
+        # Onward connects in progress (each may retransmit SYNs at a stranger).
+        self.max_pending = max_pending
+        self.max_pending_per_client = max_pending_per_client
+        self.pending_total = 0
+        self.pending: dict[str, int] = {}
+        self.rate = TokenBuckets(rate, burst) if rate > 0 else None
 
     # -- destinations ---------------------------------------------------------
     def is_local(self, version: int, ip: int) -> bool:
@@ -138,21 +146,44 @@ class Admission:
             return True
         return any(r.matches(addr) for r in self.allow_clients)
 
-    def take(self, client_ip: str) -> bool:
-        """Reserve a tunnel slot for client_ip; False past a limit (Error 64)."""
+    def take(self, key: str, now: float = 0.0, exempt: bool = False) -> str | None:
+        """Reserve a tunnel slot for client `key` (see clients.client_key);
+        None if granted, else why not (Error 64).  `exempt` (loopback
+        clients, the relay host's own processes) skips the new-tunnel rate."""
         if self.open_total >= self.max_tunnels:
-            return False
-        n = self.per_client.get(client_ip, 0)
+            return "tunnel limit reached"
+        n = self.per_client.get(key, 0)
         if self.max_per_client and n >= self.max_per_client:
-            return False
-        self.per_client[client_ip] = n + 1
+            return "per-client tunnel limit reached"
+        if self.rate is not None and not exempt and not self.rate.allow(key, now):
+            return "per-client new-tunnel rate exceeded"
+        self.per_client[key] = n + 1
         self.open_total += 1
-        return True
+        return None
 
-    def release(self, client_ip: str) -> None:
+    def release(self, key: str) -> None:
         self.open_total -= 1
-        n = self.per_client.get(client_ip, 1) - 1
-        if n <= 0:
-            self.per_client.pop(client_ip, None)
-        else:
-            self.per_client[client_ip] = n
+        _dec(self.per_client, key)
+
+    def take_pending(self, key: str, exempt: bool = False) -> str | None:
+        """Reserve an onward connect; None if granted, else why not."""
+        if self.max_pending and self.pending_total >= self.max_pending:
+            return "pending connect limit reached"
+        n = self.pending.get(key, 0)
+        if self.max_pending_per_client and not exempt and n >= self.max_pending_per_client:
+            return "per-client pending connect limit reached"
+        self.pending[key] = n + 1
+        self.pending_total += 1
+        return None
+
+    def release_pending(self, key: str) -> None:
+        self.pending_total -= 1
+        _dec(self.pending, key)
+
+
+def _dec(counts: dict, key) -> None:
+    n = counts.get(key, 1) - 1
+    if n <= 0:
+        counts.pop(key, None)
+    else:
+        counts[key] = n

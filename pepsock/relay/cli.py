@@ -113,8 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tunnels", type=int, default=C.DEFAULT_MAX_TUNNELS,
                    help="open tunnels per process, then Error 64 (default %(default)s)")
     g.add_argument("--max-per-client", type=int, default=C.DEFAULT_MAX_PER_CLIENT,
-                   help="open tunnels per client address, 0 = unlimited, then Error 64 "
+                   help="open tunnels per client (IPv4 address or IPv6 prefix), 0 = unlimited, "
+                        "then Error 64 (default %(default)s)")
+    g.add_argument("--ipv6-prefix", type=int, default=C.DEFAULT_IPV6_PREFIX, metavar="BITS",
+                   help="IPv6 clients are one client per prefix of this length for every "
+                        "per-client limit (default %(default)s)")
+    g.add_argument("--max-pending", type=int, default=C.DEFAULT_MAX_PENDING, metavar="N",
+                   help="onward connects in progress per process, 0 = unlimited, then Error 64 "
                         "(default %(default)s)")
+    g.add_argument("--max-pending-per-client", type=int,
+                   default=C.DEFAULT_MAX_PENDING_PER_CLIENT, metavar="N",
+                   help="onward connects in progress per client, 0 = unlimited "
+                        "(default %(default)s)")
+    g.add_argument("--tunnel-rate", type=float, default=C.DEFAULT_TUNNEL_RATE, metavar="PER_S",
+                   help="new tunnels a client may open per second, 0 = unlimited, then Error 64 "
+                        "(default %(default)s; loopback clients are exempt)")
+    g.add_argument("--tunnel-burst", type=int, default=C.DEFAULT_TUNNEL_BURST, metavar="N",
+                   help="new tunnels a client may open at once before --tunnel-rate applies "
+                        "(default %(default)s)")
+    g.add_argument("--syn-retries", type=int, default=C.DEFAULT_SYN_RETRIES, metavar="N",
+                   help="TCP_SYNCNT of onward connects: SYN retransmissions before Error 65, "
+                        "1-127 (default %(default)s)")
 
     g = p.add_argument_group("observability")
     g.add_argument("--stats", metavar="ADDR:PORT",
@@ -144,6 +163,13 @@ def parse_config(argv) -> Config:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if ns.max_tunnels < 1 or ns.max_per_client < 0:
         p.error("--max-tunnels must be >= 1 and --max-per-client >= 0")
+    if not 0 <= ns.ipv6_prefix <= 128:
+        p.error("--ipv6-prefix must be 0-128")
+    if ns.max_pending < 0 or ns.max_pending_per_client < 0 or ns.tunnel_rate < 0 \
+            or ns.tunnel_burst < 1:
+        p.error("--max-pending*, --tunnel-rate must be >= 0 and --tunnel-burst >= 1")
+    if not 1 <= ns.syn_retries <= 127:
+        p.error("--syn-retries must be 1-127")
     if ns.keepalive < 0:
         p.error("--keepalive must be >= 0")
     if ns.pipe_size < 4096:
@@ -163,6 +189,12 @@ def parse_config(argv) -> Config:
         allow_clients=clients,
         max_tunnels=ns.max_tunnels,
         max_per_client=ns.max_per_client,
+        ipv6_prefix=ns.ipv6_prefix,
+        max_pending=ns.max_pending,
+        max_pending_per_client=ns.max_pending_per_client,
+        tunnel_rate=ns.tunnel_rate,
+        tunnel_burst=ns.tunnel_burst,
+        syn_retries=ns.syn_retries,
         backlog=ns.backlog,
         tfo_queue=ns.tfo_queue,
         workers=ns.workers,

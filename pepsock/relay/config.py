@@ -32,6 +32,25 @@ DEFAULT_PIPE_SIZE = 1 << 20
 DEFAULT_MAX_TUNNELS = 20000
 #: Tunnels per client address; 0 = unlimited.  Bounds what one host can take.
 DEFAULT_MAX_PER_CLIENT = 1024
+#: IPv6 clients are counted by this prefix for every per-client limit
+#: (a host or home gets a /64 and may use any address in it).
+DEFAULT_IPV6_PREFIX = 64
+#: Onward connects in progress, per process and per client.  Each may send
+#: up to 1 + --syn-retries SYNs at a destination that does not answer, so
+#: these bound how hard the relay can be made to knock on a stranger's door;
+#: a client opening tunnels to live destinations holds a slot for one RTT.
+DEFAULT_MAX_PENDING = 2048
+DEFAULT_MAX_PENDING_PER_CLIENT = 64
+#: New tunnels a client may open per second, and the burst it may save up.
+#: A browser opening a page's worth of connections at once stays far below;
+#: a flood of refused or black-holed requests is cut to this rate.
+DEFAULT_TUNNEL_RATE = 100.0
+DEFAULT_TUNNEL_BURST = 500
+#: TCP_SYNCNT of onward sockets: SYN retransmissions before connect() gives
+#: up (the kernel default is 6, about 127 s).  2 = at most 3 SYNs per request
+#: at a destination that never answers (RFC 8803 section 9.3 asks a
+#: converter not to add SYN retransmissions of its own).
+DEFAULT_SYN_RETRIES = 2
 #: Listen backlog and TFO queue (capped by net.core.somaxconn).
 DEFAULT_BACKLOG = 4096
 DEFAULT_TFO_QUEUE = 4096
@@ -69,6 +88,12 @@ class Config:
     allow_clients: list[AddressRule] = field(default_factory=list)
     max_tunnels: int = DEFAULT_MAX_TUNNELS
     max_per_client: int = DEFAULT_MAX_PER_CLIENT
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
+    max_pending: int = DEFAULT_MAX_PENDING
+    max_pending_per_client: int = DEFAULT_MAX_PENDING_PER_CLIENT
+    tunnel_rate: float = DEFAULT_TUNNEL_RATE
+    tunnel_burst: int = DEFAULT_TUNNEL_BURST
+    syn_retries: int = DEFAULT_SYN_RETRIES
     backlog: int = DEFAULT_BACKLOG
     tfo_queue: int = DEFAULT_TFO_QUEUE
     workers: int = 1

@@ -27,8 +27,9 @@ from ..policy import normalize_ip
 from ..protocol import error_reply
 from . import stats as S
 from .admission import Admission
+from .clients import client_key, is_loopback
 from .config import DEFAULT_MAX_TUNNELS, Config
-from .tunnel import Closer, Tunnel, apply_side, fmt_addr
+from .tunnel import RETRY_AFTER, Closer, Tunnel, apply_side, fmt_addr
 
 log = logging.getLogger("pepsock.relay")
 
@@ -337,17 +338,21 @@ class Loop:
             if not adm.client_allowed(ip):
                 self._refuse(sock, addr, 32, "client not in --allow-client")
                 continue
-            if not adm.take(ip):
-                self._refuse(sock, addr, 64, "tunnel limit reached")
+            key = client_key(ip, self.cfg.ipv6_prefix)
+            exempt = is_loopback(ip)
+            why = adm.take(key, now, exempt)
+            if why is not None:
+                # Value: the delay (s) RFC 8803 lets us suggest before the next try.
+                self._refuse(sock, addr, 64, why, RETRY_AFTER)
                 continue
             st[S.TUNNELS_OPEN] += 1
             t = Tunnel.__new__(Tunnel)
             self.tunnels.add(t)
-            t.__init__(self, sock, (ip, addr[1]), now)
+            t.__init__(self, sock, (ip, addr[1]), now, key, exempt)
 
-    def _refuse(self, sock, addr, code, why):
+    def _refuse(self, sock, addr, code, why, value=b""):
         self.stats.error(code)
-        Closer(self, sock, error_reply(code), registered=False)
+        Closer(self, sock, error_reply(code, value), registered=False)
         if self.cfg.log_tunnels:
             log.info("tunnel client=%s dest=- up=0 down=0 duration=0.000s outcome=error %d (%s)",
                      fmt_addr(addr), code, why)
@@ -355,7 +360,7 @@ class Loop:
     def tunnel_done(self, t: Tunnel) -> None:
         if t in self.tunnels:
             self.tunnels.discard(t)
-            self.admission.release(t.client_ip)
+            self.admission.release(t.client_key)
             self.stats.v[S.TUNNELS_OPEN] -= 1
         if self.cfg.log_tunnels:
             log.info("%s", t.log_line(time.monotonic()))
@@ -476,7 +481,9 @@ def _admission(cfg: Config, bound) -> Admission:
         if not ip.is_unspecified:
             extra.append(ip)
     return Admission(cfg.dest_rules, cfg.allow_clients, cfg.max_tunnels, cfg.max_per_client,
-                     extra_local=extra)
+                     extra_local=extra, max_pending=cfg.max_pending,
+                     max_pending_per_client=cfg.max_pending_per_client,
+                     rate=cfg.tunnel_rate, burst=cfg.tunnel_burst)
 
 
 def _announce(bound, stats_addr, out=None) -> None:

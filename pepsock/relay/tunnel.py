@@ -36,6 +36,7 @@ from ..protocol import (
     error_for_connect_failure, error_reply, success_reply,
 )
 from . import stats as S
+from .onward import connect_limit
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -71,6 +72,10 @@ FLUSH_POLL = 0.02
 TCP_CLOSE = 7
 
 HEADER, CONNECTING, OPEN, FLUSHING, DONE = range(5)
+#: Error 64's Value when a limit refuses a client: retry after 1 s (RFC 8803
+#: 6.2.8; an empty Value would mean 30 s, too long for a rate limit).
+RETRY_AFTER = b"\x01"
+TCP_SYNCNT = 7
 #: Error replies lingering for the client's FIN at once; beyond, close at once.
 MAX_CLOSERS = 1024
 
@@ -253,10 +258,15 @@ class Closer:
 
 class Tunnel:
     __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
-                 "dest", "t0", "timer", "outcome", "early", "why", "flush_mark", "flush_at")
+                 "dest", "t0", "timer", "outcome", "early", "why", "flush_mark", "flush_at",
+                 "client_key", "exempt", "pending")
 
-    def __init__(self, loop, sock: socket.socket, addr, now: float):
+    def __init__(self, loop, sock: socket.socket, addr, now: float, key: str | None = None,
+                 exempt: bool = False):
         self.loop = loop
+        self.client_key = addr[0] if key is None else key
+        self.exempt = exempt        # a loopback client: no per-client rate/pending/budget
+        self.pending = False        # holds an onward-connect slot
         self.c = End(sock)
         self.s: End | None = None
         self.up: Direction | None = None
@@ -355,12 +365,17 @@ class Tunnel:
         if not ok:
             return self._fail(ErrorCode.NOT_AUTHORIZED, b"", why)
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        busy = loop.admission.take_pending(self.client_key, self.exempt)
+        if busy is not None:
+            return self._fail(ErrorCode.RESOURCE_EXCEEDED, RETRY_AFTER, busy)
+        self.pending = True
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             return self._fail(ErrorCode.RESOURCE_EXCEEDED, b"", f"socket(): {e.strerror}")
         try:
             apply_side(sock, loop.cfg.server, loop.cfg.nodelay, loop.cfg.keepalive)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_SYNCNT, loop.cfg.syn_retries)
             err = sock.connect_ex(self.dest)
         except OSError as e:
             err = e.errno
@@ -372,7 +387,8 @@ class Tunnel:
         self.state = CONNECTING
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = loop.call_later(loop.cfg.connect_timeout, self._connect_timeout)
+        self.timer = loop.call_later(connect_limit(loop.cfg.syn_retries, loop.cfg.connect_timeout),
+                                     self._connect_timeout)
         loop.register(self.s.fd, self.on_server, ET_MASK)
 
     def _connect_timeout(self) -> None:
@@ -393,6 +409,7 @@ class Tunnel:
         loop = self.loop
         self.timer.cancel()
         self.timer = None
+        self._connect_over()
         try:
             self.c.sock.send(SUCCESS)
         except OSError as e:
@@ -644,9 +661,15 @@ class Tunnel:
         loop.stats.v[S.RESETS] += 1
         self._done(f"reset ({why})")
 
+    def _connect_over(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.loop.admission.release_pending(self.client_key)
+
     def _done(self, outcome: str) -> None:
         if self.state == DONE:
             return
+        self._connect_over()
         self.state = DONE
         if self.up is not None:
             self.up.peer = self.down.peer = None   # no cycles: refcounting frees us
