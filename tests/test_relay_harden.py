@@ -324,3 +324,122 @@ def test_one_slash64_flooding_a_blackhole_is_one_client(net):
     assert 0 < onward <= 64, onward                   # --max-pending-per-client
     assert codes.get(64, 0) > 0, codes
     assert syns <= 3 * onward, (syns, onward)         # 1 + --syn-retries per request
+
+
+# ---------------------------------------------------------------------------
+# Destinations judged by the kernel, embedded IPv4 judged as IPv4
+
+
+def _code_of(relay_addr, dest, timeout=5.0, early=b""):
+    s = convert_open(relay_addr, dest, early, timeout=timeout)
+    with s:
+        msg, rest = read_reply(s, timeout)
+        return (None if msg.error is None else int(msg.error.code)), s, rest
+
+
+def test_hairpin_dnat_to_the_relay_itself_is_refused_without_nesting(net):
+    """A NAT in front of the relay sends its onward connection back to its own
+    listener; the client stacked ten Connect headers as early data.  The
+    nested request comes from the relay's own address: refused (Error 32), so
+    one client connection makes two tunnels, not eleven (issue 16: 1,024)."""
+    from reliability_helpers import relay_metrics
+    host = net.hosts["relay"]
+    r = _relay(net)
+    port = r.addr[1]
+    hairpin = ("203.0.113.77", 8080)
+    rule = ["OUTPUT", "-p", "tcp", "-d", hairpin[0], "--dport", str(hairpin[1]),
+            "-j", "DNAT", "--to-destination", f"{RELAY_IP}:{port}"]
+    host.run("iptables", "-t", "nat", "-A", *rule)
+    try:
+        nested = connect_request(*hairpin) * 10
+        with net.hosts["far"].enter():
+            code, s, rest = _code_of((RELAY_IP, port), hairpin, early=nested)
+        assert code is None       # the outer tunnel reached "a server": the relay itself
+        r.wait_log("client is this host itself")
+        time.sleep(0.3)
+        total = relay_metrics(r, host)["pep_relay_tunnels_total"]
+    finally:
+        host.run("iptables", "-t", "nat", "-D", *rule, check=False)
+        r.stop()
+    print(f"hairpin DNAT with 10 nested headers: {int(total)} tunnels")
+    assert total == 2
+
+
+@pytest.mark.parametrize("dest, why", [
+    ("64:ff9b::a01:203", "10.1.2.3 via NAT64 well-known prefix"),
+    ("64:ff9b:1:a01:2:300::", "10.1.2.3 via NAT64 local-use /48"),
+    ("64:ff9b::a9fe:a9fe", "169.254.169.254 via NAT64"),
+    ("64:ff9b::7f00:1", "127.0.0.1 via NAT64"),
+    ("64:ff9b::c633:6401", "the relay's own IPv4 via NAT64"),
+    ("2001:db8:64::a01:203", "10.1.2.3 via --nat64-prefix"),
+    ("2002:a01:203::1", "10.1.2.3 via 6to4"),
+    ("2001:0:c633:6401::", "Teredo server = the relay's own IPv4"),
+    ("::ffff:0:a01:203", "10.1.2.3 SIIT IPv4-translated"),
+    ("10.1.2.3", "private"),
+    ("100.64.0.1", "CGNAT"),
+    ("100.100.100.200", "Alibaba metadata"),
+    ("168.63.129.16", "Azure metadata"),
+    ("fd00:ec2::254", "AWS metadata IPv6"),
+    ("fec0::1", "site-local"),
+])
+def test_private_metadata_and_embedded_ipv4_refused_on_a_public_relay(net, dest, why):
+    r = _relay(net, "--nat64-prefix", "2001:db8:64::/96")
+    try:
+        with net.hosts["far"].enter():
+            code, s, _ = _code_of((RELAY_IP, r.addr[1]), (dest, 80))
+        assert code == 32, (dest, why, r.log[-500:])
+    finally:
+        r.stop()
+
+
+def test_embedded_ipv4_follows_deny_dest_and_allow_dest_opens_private(net):
+    r = _relay(net, "--deny-dest", "203.0.113.0/24", "--allow-dest", "10.0.0.0/8")
+    try:
+        with net.hosts["far"].enter():
+            relay = (RELAY_IP, r.addr[1])
+            # --deny-dest 203.0.113.0/24 is not bypassed through NAT64 / 6to4 forms
+            assert _code_of(relay, ("64:ff9b::cb00:7109", 80))[0] == 32
+            assert _code_of(relay, ("2002:cb00:7109::1", 80))[0] == 32
+            # allowed IPv4 inside NAT64: judged fine, then no route to 64:ff9b::/96
+            # here, so Error 97 from the route lookup, without a packet
+            assert _code_of(relay, ("64:ff9b::c000:209", 80))[0] == 97
+            # --allow-dest opens a private range: no route to it -> 97, not 32
+            assert _code_of(relay, ("10.1.2.3", 80))[0] == 97
+    finally:
+        r.stop()
+
+
+def test_new_local_addresses_and_ipv6_local_routes_refused_at_once(net):
+    host = net.hosts["relay"]
+    r = _relay(net)
+    try:
+        host.run("ip", "addr", "add", "192.0.2.200/32", "dev", "lo")
+        host.run("ip", "-6", "route", "add", "local", "2001:db8:77::/64", "dev", "lo")
+        with net.hosts["far"].enter():
+            relay = (RELAY_IP, r.addr[1])
+            assert _code_of(relay, ("192.0.2.200", 80))[0] == 32
+            assert _code_of(relay, ("2001:db8:77::5", 80))[0] == 32
+        r.wait_log("address of this host")
+    finally:
+        host.run("ip", "addr", "del", "192.0.2.200/32", "dev", "lo", check=False)
+        host.run("ip", "-6", "route", "del", "local", "2001:db8:77::/64", "dev", "lo",
+                 check=False)
+        r.stop()
+
+
+def test_prohibit_and_blackhole_routes_refused_without_a_packet(net):
+    host = net.hosts["relay"]
+    r = _relay(net)
+    try:
+        host.run("ip", "route", "add", "prohibit", "192.0.2.64/26")
+        host.run("ip", "route", "add", "blackhole", "192.0.2.128/26")
+        with net.hosts["far"].enter():
+            relay = (RELAY_IP, r.addr[1])
+            assert _code_of(relay, ("192.0.2.65", 80))[0] == 32
+            assert _code_of(relay, ("192.0.2.129", 80))[0] == 32
+        r.wait_log("prohibit route")
+        r.wait_log("blackhole route")
+    finally:
+        host.run("ip", "route", "del", "prohibit", "192.0.2.64/26", check=False)
+        host.run("ip", "route", "del", "blackhole", "192.0.2.128/26", check=False)
+        r.stop()

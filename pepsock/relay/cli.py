@@ -12,10 +12,11 @@ so a caller that asked for port 0 learns the port.  Logs go to stderr (or
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
-from ..policy import AddressRule, ConfigError, parse_hostport
+from ..policy import NAT64_LENGTHS, AddressRule, ConfigError, parse_hostport
 from . import config as C
 from .config import Config, SideOptions
 
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --deny-dest, first match in command-line order wins")
     g.add_argument("--deny-dest", action=_DestRule, const=False, metavar="CIDR[:PORTS]",
                    help="deny destinations (Error 32)")
+    g.add_argument("--nat64-prefix", action="append", default=[], metavar="PREFIX",
+                   help="a NAT64 prefix (/32, /40, /48, /56, /64 or /96) in use beside "
+                        "64:ff9b::/96 and 64:ff9b:1::/48: destinations in it are also judged "
+                        "as the IPv4 address they embed; repeatable")
     g.add_argument("--allow-client", action="append", default=[], metavar="CIDR",
                    help="only these clients may use the relay (others get Error 32); "
                         "repeatable")
@@ -156,6 +161,16 @@ def parse_config(argv) -> Config:
         clients = [AddressRule.parse(c, "--allow-client") for c in ns.allow_client]
     except ConfigError as e:
         p.error(str(e))
+    nat64 = []
+    for text in ns.nat64_prefix:
+        try:
+            net = ipaddress.IPv6Network(text, strict=True)
+        except ValueError:
+            p.error(f"--nat64-prefix {text!r}: not an IPv6 prefix")
+        if net.prefixlen not in NAT64_LENGTHS:
+            p.error(f"--nat64-prefix {text!r}: RFC 6052 prefixes are /32, /40, /48, /56, /64 "
+                    "or /96")
+        nat64.append(net)
     if ns.workers < 1:
         p.error("--workers must be >= 1")
     for name in ("header_timeout", "connect_timeout", "drain_timeout"):
@@ -195,6 +210,7 @@ def parse_config(argv) -> Config:
         tunnel_rate=ns.tunnel_rate,
         tunnel_burst=ns.tunnel_burst,
         syn_retries=ns.syn_retries,
+        nat64_prefixes=nat64,
         backlog=ns.backlog,
         tfo_queue=ns.tfo_queue,
         workers=ns.workers,

@@ -94,6 +94,9 @@ class Config:
     tunnel_rate: float = DEFAULT_TUNNEL_RATE
     tunnel_burst: int = DEFAULT_TUNNEL_BURST
     syn_retries: int = DEFAULT_SYN_RETRIES
+    #: NAT64 prefixes (RFC 6052 lengths) besides 64:ff9b::/96 and 64:ff9b:1::/48
+    #: whose embedded IPv4 is judged as IPv4.
+    nat64_prefixes: list = field(default_factory=list)
     backlog: int = DEFAULT_BACKLOG
     tfo_queue: int = DEFAULT_TFO_QUEUE
     workers: int = 1

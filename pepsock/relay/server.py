@@ -476,14 +476,17 @@ def _warnings(cfg: Config, bound) -> None:
 
 def _admission(cfg: Config, bound) -> Admission:
     extra = []
+    public = False
     for addr in bound:
         ip = ipaddress.ip_address(addr[0])
+        public = public or not ip.is_loopback
         if not ip.is_unspecified:
             extra.append(ip)
     return Admission(cfg.dest_rules, cfg.allow_clients, cfg.max_tunnels, cfg.max_per_client,
                      extra_local=extra, max_pending=cfg.max_pending,
                      max_pending_per_client=cfg.max_pending_per_client,
-                     rate=cfg.tunnel_rate, burst=cfg.tunnel_burst)
+                     rate=cfg.tunnel_rate, burst=cfg.tunnel_burst, public=public,
+                     nat64=cfg.nat64_prefixes)
 
 
 def _announce(bound, stats_addr, out=None) -> None:

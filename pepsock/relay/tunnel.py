@@ -361,9 +361,14 @@ class Tunnel:
     def _connect(self, address, port: int) -> None:
         loop = self.loop
         self.dest = (str(address), port)
-        ok, why = loop.admission.dest_allowed(address, port)
-        if not ok:
-            return self._fail(ErrorCode.NOT_AUTHORIZED, b"", why)
+        adm = loop.admission
+        if not self.exempt and adm.client_is_self(self.client_ip):
+            # The relay reaching itself (a hairpin DNAT, an address it did not
+            # know was its own): one request could nest tunnels without end.
+            return self._fail(ErrorCode.NOT_AUTHORIZED, b"", "client is this host itself")
+        refusal = adm.judge_dest(address, port)
+        if refusal is not None:
+            return self._fail(*refusal)
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
         busy = loop.admission.take_pending(self.client_key, self.exempt)
         if busy is not None:
