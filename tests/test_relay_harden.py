@@ -443,3 +443,52 @@ def test_prohibit_and_blackhole_routes_refused_without_a_packet(net):
         host.run("ip", "route", "del", "prohibit", "192.0.2.64/26", check=False)
         host.run("ip", "route", "del", "blackhole", "192.0.2.128/26", check=False)
         r.stop()
+
+
+# ---------------------------------------------------------------------------
+# Error 33: TCP options the relay cannot honour
+
+
+@pytest.mark.parametrize("kinds, expect", [
+    ((29,), b"\x1d"),                    # TCP-AO: a MUST in RFC 8803
+    ((19,), b"\x13"),                    # TCP-MD5
+    ((30,), b"\x1e"),                    # MPTCP: the onward socket is plain TCP
+    ((2, 19, 29, 19), b"\x13\x1d"),      # the list, deduplicated, MSS accepted
+])
+def test_unsupported_tcp_options_get_error_33_and_no_connection(net, kinds, expect):
+    from pepsock.protocol import TCPOption
+    seen = []
+    srv = _far_server(net, lambda conn: seen.append(conn.recv(10)))
+    r = _relay(net)
+    try:
+        opts = [TCPOption(k, b"\x05\xb4" if k == 2 else b"\x00" * 4) for k in kinds]
+        header = connect_request(srv.addr[0], srv.addr[1], options=opts)
+        with net.hosts["far"].enter():
+            s = convert_open((RELAY_IP, r.addr[1]), srv.addr, header=header)
+            with s:
+                msg, _ = read_reply(s)
+        time.sleep(0.2)
+    finally:
+        r.stop()
+        srv.close()
+    assert msg.error is not None and int(msg.error.code) == 33
+    assert msg.error.value.rstrip(b"\x00") == expect       # zero padded to 32 bits
+    assert seen == [] and srv.conns == []                  # no onward connection
+
+
+def test_kernel_negotiated_options_are_accepted(net):
+    from pepsock.protocol import TCPOption
+    srv = _far_server(net, echo)
+    r = _relay(net)
+    try:
+        header = connect_request(srv.addr[0], srv.addr[1],
+                                 options=[TCPOption(2, b"\x05\xb4"), TCPOption(4)])
+        with net.hosts["far"].enter():
+            s = convert_open((RELAY_IP, r.addr[1]), srv.addr, b"hi", header=header)
+            with s:
+                msg, rest = read_reply(s)
+                assert msg.error is None
+                assert recv_exact(s, 2, rest) == b"hi"
+    finally:
+        r.stop()
+        srv.close()

@@ -54,9 +54,15 @@ _SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 _splice = os.splice
 
 SUCCESS = success_reply()
-#: What an Info request is answered with: the options the onward kernel
-#: connection uses end to end (MSS, SACK-permitted, timestamps, window scale).
-INFO_REPLY = success_reply((SupportedTCPExtensions((2, 3, 4, 8)),))
+#: TCP options the onward connection carries because the kernel negotiates
+#: them itself: MSS, window scale, SACK-permitted, timestamps.  A Connect
+#: asking for any other (TCP-MD5 19, TCP-AO 29, MPTCP 30 -- the onward
+#: socket is plain TCP --, anything unknown) gets Error 33 listing them
+#: (RFC 8803 6.2.8; for TCP-AO a MUST): connecting without them would
+#: silently give the client less than it asked for, e.g. no authentication.
+HONOURED_OPTIONS = frozenset((2, 3, 4, 8))
+#: What an Info request is answered with: those options.
+INFO_REPLY = success_reply((SupportedTCPExtensions(tuple(sorted(HONOURED_OPTIONS))),))
 #: SO_LINGER {1, 0}: close() resets instead of sending a FIN.  Armed on the
 #: listener (accepted sockets inherit it) and on every onward socket, so if
 #: the relay dies (kill -9, OOM, a crashed worker) the kernel's close of its
@@ -351,6 +357,12 @@ class Tunnel:
         self.c.readable = True
         if isinstance(req, Info):
             return self._reply_and_close(INFO_REPLY, "info")
+        refused = [o.kind for o in req.options if o.kind not in HONOURED_OPTIONS]
+        if refused:
+            kinds = bytes(dict.fromkeys(refused))
+            self.dest = (str(req.address), req.port)
+            return self._fail(ErrorCode.UNSUPPORTED_TCP_OPTION, kinds,
+                              f"TCP options {', '.join(map(str, kinds))} cannot be honoured")
         self._connect(req.address, req.port)
 
     def _header_timeout(self) -> None:
