@@ -492,3 +492,116 @@ def test_kernel_negotiated_options_are_accepted(net):
     finally:
         r.stop()
         srv.close()
+
+
+# ---------------------------------------------------------------------------
+# Memory budgets and the stall timeout
+
+
+def _relay_socket_memory(net) -> int:
+    """rmem_alloc + wmem_queued of every TCP socket in the relay's namespace
+    (ss -tm): the kernel memory the relay's sockets pin right now."""
+    import re
+    out = net.hosts["relay"].run("ss", "-tmnH").stdout
+    return sum(int(r) + int(w) for r, w in
+               re.findall(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)", out))
+
+
+def _sink(conn):
+    """Accept, never read, hold the connection until the peer goes."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            return "gone"                   # reset (data it never read is still queued)
+    return "timeout"
+
+
+def _stuff(socks, seconds):
+    """Write into every tunnel until nothing more goes in."""
+    block = b"\x00" * 65536
+    for s in socks:
+        s.setblocking(False)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        moved = 0
+        for s in socks:
+            try:
+                moved += s.send(block)
+            except (BlockingIOError, OSError):
+                pass
+        if not moved:
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("budget, tunnels", [(64, 60), (4, 80)])
+def test_one_address_cannot_pin_more_than_its_memory_budget(net, budget, tunnels):
+    """One client address opens tunnels into a destination that never reads
+    and uploads into each until nothing more fits.  The relay's sockets and
+    pipes hold at most --memory-per-client (default 64 MiB); past it the
+    client gets Error 64.  Issue 16 measured ~26 MiB per tunnel before."""
+    from reliability_helpers import relay_metrics
+    host = net.hosts["relay"]
+    srv = _far_server(net, _sink)
+    r = _relay(net, "--memory-per-client", f"{budget}m")
+    socks, refused = [], 0
+    try:
+        with net.hosts["far"].enter():
+            for _ in range(tunnels):
+                s = convert_open((RELAY_IP, r.addr[1]), srv.addr, timeout=5)
+                msg, _ = read_reply(s)
+                if msg.error is None:
+                    socks.append(s)
+                else:
+                    assert int(msg.error.code) == 64
+                    refused += 1
+                    s.close()
+            _stuff(socks, 4)
+        m = relay_metrics(r, host)
+        sockets = _relay_socket_memory(net)
+        pipes = int(m["pep_relay_pipe_bytes"])
+        committed = int(m["pep_relay_memory_committed_bytes"])
+    finally:
+        for s in socks:
+            s.close()
+        r.stop()
+        srv.close()
+    pinned = sockets + pipes
+    print(f"memory budget {budget} MiB: {len(socks)} tunnels open, {refused} refused; pinned "
+          f"{pinned / 2**20:.1f} MiB ({sockets / 2**20:.1f} sockets + {pipes / 2**20:.1f} pipes), "
+          f"committed {committed / 2**20:.1f} MiB")
+    assert committed <= budget << 20
+    assert pinned <= budget << 20
+    assert pinned > (budget << 20) // 8       # the test did fill buffers
+    if budget == 4:
+        assert refused > 0
+
+
+def test_stall_timeout_resets_a_tunnel_nobody_reads(net):
+    """Uploading into a destination that never reads: once nothing moves for
+    --stall-timeout the tunnel is reset on both sides and its memory freed."""
+    from reliability_helpers import relay_metrics
+    host = net.hosts["relay"]
+    srv = _far_server(net, _sink)
+    r = _relay(net, "--stall-timeout", "2")
+    try:
+        with net.hosts["far"].enter():
+            s = convert_open((RELAY_IP, r.addr[1]), srv.addr, timeout=5)
+            assert read_reply(s)[0].error is None
+            _stuff([s], 1)
+            t0 = time.monotonic()
+            r.wait_log("stalled", timeout=10)
+            took = time.monotonic() - t0
+            s.setblocking(True)
+            s.settimeout(3)
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                for _ in range(100):
+                    s.send(b"x" * 65536)
+            s.close()
+        assert wait_until(lambda: relay_metrics(r, host)["pep_relay_tunnels_open"] == 0, 3)
+        assert wait_until(lambda: srv.results == ["gone"], 5), srv.results
+    finally:
+        r.stop()
+        srv.close()
+    print(f"stall timeout 2 s: tunnel reset {took:.1f} s after the buffers filled")
+    assert took < 2 + 2.5

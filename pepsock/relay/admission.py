@@ -132,6 +132,7 @@ class Admission:
         self.public_deny = tuple((_compile(r), r) for r in PUBLIC_DENY) if public else ()
         self.nat64 = tuple(nat64)
         self.routes = routes if routes is not None else Routes()
+        self.budget = None      # budget.Budget, set by the server
         self.allow_clients = list(allow_clients)
         self.max_tunnels = max_tunnels
         self.max_per_client = max_per_client

@@ -81,16 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onward connect() limit, then Error 65 (default %(default)s)")
     g.add_argument("--drain-timeout", type=float, default=C.DEFAULT_DRAIN_TIMEOUT,
                    help="after SIGTERM/SIGINT, time tunnels get to finish (default %(default)s)")
+    g.add_argument("--stall-timeout", type=float, default=C.DEFAULT_STALL_TIMEOUT,
+                   help="reset a tunnel holding bytes it cannot deliver, with nothing moving "
+                        "or acknowledged, after this long; 0 = never (default %(default)s)")
+    g.add_argument("--user-timeout", type=float, default=C.DEFAULT_USER_TIMEOUT,
+                   help="TCP_USER_TIMEOUT on both sides: unacknowledged data older than this "
+                        "ends the tunnel; 0 = kernel default (default %(default)s)")
 
     g = p.add_argument_group("TCP tuning per side (client side = toward the RFC 8803 clients)")
     g.add_argument("--client-cc", metavar="ALGO", help="TCP_CONGESTION toward clients "
                    "(default: kernel default)")
     g.add_argument("--server-cc", metavar="ALGO", help="TCP_CONGESTION toward destinations")
-    for side in ("client", "server"):
+    for side, default in (("client", "4m"), ("server", "2m")):
         for kind in ("rcvbuf", "sndbuf"):
-            g.add_argument(f"--{side}-{kind}", type=_size, default=0, metavar="BYTES",
-                           help=f"SO_{kind.upper()} on the {side} side, before listen/connect "
-                                "(default 0: kernel autotuning)")
+            g.add_argument(f"--{side}-{kind}", type=_size, default=default, metavar="BYTES",
+                           help=f"SO_{kind.upper()} on the {side} side (the most a tunnel gets; "
+                                f"a client's later tunnels get less, see --memory-per-client); "
+                                f"0 = kernel autotuning (default {default})")
     g.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
                    help="TCP_NODELAY on both sides (default on)")
     g.add_argument("--keepalive", type=int, default=0, metavar="SECONDS",
@@ -108,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --deny-dest, first match in command-line order wins")
     g.add_argument("--deny-dest", action=_DestRule, const=False, metavar="CIDR[:PORTS]",
                    help="deny destinations (Error 32)")
+    g.add_argument("--memory-per-client", type=_size, default=C.DEFAULT_MEMORY_PER_CLIENT,
+                   metavar="BYTES", help="kernel memory (socket buffers + pipes, worst case) "
+                   "one client's tunnels may commit, then Error 64; 0 = no limit (default 64m)")
+    g.add_argument("--memory-budget", type=_size, default=None, metavar="BYTES",
+                   help="the same for all tunnels together; 0 = no limit (default: 3/4 of "
+                        "net.ipv4.tcp_mem's hard limit)")
     g.add_argument("--nat64-prefix", action="append", default=[], metavar="PREFIX",
                    help="a NAT64 prefix (/32, /40, /48, /56, /64 or /96) in use beside "
                         "64:ff9b::/96 and 64:ff9b:1::/48: destinations in it are also judged "
@@ -176,6 +189,8 @@ def parse_config(argv) -> Config:
     for name in ("header_timeout", "connect_timeout", "drain_timeout"):
         if getattr(ns, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
+    if ns.stall_timeout < 0 or ns.user_timeout < 0:
+        p.error("--stall-timeout and --user-timeout must be >= 0")
     if ns.max_tunnels < 1 or ns.max_per_client < 0:
         p.error("--max-tunnels must be >= 1 and --max-per-client >= 0")
     if not 0 <= ns.ipv6_prefix <= 128:
@@ -194,6 +209,10 @@ def parse_config(argv) -> Config:
         header_timeout=ns.header_timeout,
         connect_timeout=ns.connect_timeout,
         drain_timeout=ns.drain_timeout,
+        stall_timeout=ns.stall_timeout,
+        user_timeout=ns.user_timeout,
+        memory_per_client=ns.memory_per_client,
+        memory_budget=ns.memory_budget,
         client=SideOptions(ns.client_cc, ns.client_rcvbuf, ns.client_sndbuf),
         server=SideOptions(ns.server_cc, ns.server_rcvbuf, ns.server_sndbuf),
         nodelay=ns.nodelay,

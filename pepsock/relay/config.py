@@ -23,6 +23,25 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_STALL_TIMEOUT = 120.0
 #: Seconds tunnels get to finish after SIGTERM/SIGINT before they are reset.
 DEFAULT_DRAIN_TIMEOUT = 30.0
+#: Socket buffers (SO_RCVBUF/SO_SNDBUF values; the kernel doubles them for
+#: its bookkeeping, and the budget charges the doubled size).  Fixed sizes,
+#: not autotuning, so what one tunnel can pin is known (budget.py).
+#: Client side: 4 MiB fills a geostationary satellite hop (50 Mbit/s x 650 ms
+#: RTT = 4.1 MB) and a 5G mmWave cell (1 Gbit/s x 30 ms = 3.75 MB).
+#: Server side (the short, terrestrial side of a PEP): 2 MiB fills 1 Gbit/s
+#: at 16 ms or 330 Mbit/s at 50 ms.  0 = kernel autotuning, charged at the
+#: most it may grow to (net.ipv4.tcp_rmem/tcp_wmem maximum).
+DEFAULT_CLIENT_BUFFER = 4 << 20
+DEFAULT_SERVER_BUFFER = 2 << 20
+#: Kernel memory one client (IPv4 address / IPv6 prefix) may have committed
+#: in its tunnels' socket buffers and pipes (worst case: every buffer full);
+#: past it, Error 64.  64 MiB: two tunnels at full depth plus hundreds of
+#: small ones.
+DEFAULT_MEMORY_PER_CLIENT = 64 << 20
+#: Seconds transmitted data may stay unacknowledged before the kernel drops
+#: the connection (TCP_USER_TIMEOUT, both sides; also ends keepalive sooner).
+#: A vanished client otherwise holds its tunnel ~15 min (tcp_retries2).
+DEFAULT_USER_TIMEOUT = 120.0
 #: One pipe per direction while bytes are in flight.  1 MiB (the default
 #: fs.pipe-max-size) lets one splice() move a whole socket buffer's worth, so
 #: the per-byte Python cost stays low; pipes go back to a pool once empty, so
@@ -67,6 +86,10 @@ class SideOptions:
     sndbuf: int = 0              # SO_SNDBUF; 0 keeps kernel autotuning
 
 
+def _side(size: int):
+    return field(default_factory=lambda: SideOptions(rcvbuf=size, sndbuf=size))
+
+
 @dataclass
 class Config:
     listen: list[tuple[str, int]] = field(default_factory=list)
@@ -74,8 +97,15 @@ class Config:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
-    client: SideOptions = field(default_factory=SideOptions)
-    server: SideOptions = field(default_factory=SideOptions)
+    user_timeout: float = DEFAULT_USER_TIMEOUT
+    memory_per_client: int = DEFAULT_MEMORY_PER_CLIENT
+    #: Kernel memory all tunnels of the relay may have committed; None = three
+    #: quarters of net.ipv4.tcp_mem's hard limit.  Both budgets are per
+    #: process: with --workers N each worker gets 1/N (SO_REUSEPORT spreads a
+    #: client's connections evenly).
+    memory_budget: int | None = None
+    client: SideOptions = _side(DEFAULT_CLIENT_BUFFER)
+    server: SideOptions = _side(DEFAULT_SERVER_BUFFER)
     nodelay: bool = True
     #: TCP keepalive idle seconds on both sides; 0 keeps the kernel's
     #: net.ipv4.tcp_keepalive_* (2 h by default).  Keepalive is always on.

@@ -27,9 +27,10 @@ from ..policy import normalize_ip
 from ..protocol import error_reply
 from . import stats as S
 from .admission import Admission
+from .budget import make_budget
 from .clients import client_key, is_loopback
 from .config import DEFAULT_MAX_TUNNELS, Config
-from .tunnel import RETRY_AFTER, Closer, Tunnel, apply_side, fmt_addr
+from .tunnel import RETRY_AFTER, Closer, Tunnel, apply_side, fmt_addr, keepalive_limit
 
 log = logging.getLogger("pepsock.relay")
 
@@ -101,7 +102,7 @@ def make_listener(host: str, port: int, cfg: Config, reuseport: bool, listen: bo
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         # Accepted sockets inherit buffers, congestion control and TCP_NODELAY;
         # buffers must be in place before listen() for the SYN-ACK's window scale.
-        apply_side(sock, cfg.client, cfg.nodelay, cfg.keepalive)
+        apply_side(sock, cfg.client, cfg.nodelay, cfg.keepalive, cfg.user_timeout)
         sock.bind(sockaddr)
         if listen:
             sock.setsockopt(socket.IPPROTO_TCP, tfo.TCP_FASTOPEN, cfg.tfo_queue)
@@ -341,6 +342,11 @@ class Loop:
             key = client_key(ip, self.cfg.ipv6_prefix)
             exempt = is_loopback(ip)
             why = adm.take(key, now, exempt)
+            if why is None:
+                sizes = adm.budget.reserve(key, exempt)
+                if sizes is None:
+                    adm.release(key)
+                    why = "memory budget reached"
             if why is not None:
                 # Value: the delay (s) RFC 8803 lets us suggest before the next try.
                 self._refuse(sock, addr, 64, why, RETRY_AFTER)
@@ -348,7 +354,7 @@ class Loop:
             st[S.TUNNELS_OPEN] += 1
             t = Tunnel.__new__(Tunnel)
             self.tunnels.add(t)
-            t.__init__(self, sock, (ip, addr[1]), now, key, exempt)
+            t.__init__(self, sock, (ip, addr[1]), now, key, exempt, sizes)
 
     def _refuse(self, sock, addr, code, why, value=b""):
         self.stats.error(code)
@@ -361,6 +367,7 @@ class Loop:
         if t in self.tunnels:
             self.tunnels.discard(t)
             self.admission.release(t.client_key)
+            self.admission.budget.release(t.client_key, t.sizes)
             self.stats.v[S.TUNNELS_OPEN] -= 1
         if self.cfg.log_tunnels:
             log.info("%s", t.log_line(time.monotonic()))
@@ -399,6 +406,21 @@ class Loop:
         self.listeners.clear()
         log.info("draining %d tunnels (up to %.1fs)", len(self.tunnels), self.cfg.drain_timeout)
         self.call_later(self.cfg.drain_timeout, self.abort_all)
+
+    def start_stall_sweep(self) -> None:
+        """Every quarter of --stall-timeout (at most every 0.25 s), look for
+        tunnels that hold bytes and move none (Tunnel.check_stall)."""
+        timeout = self.cfg.stall_timeout
+        if not timeout:
+            return
+        every = max(0.25, timeout / 4)
+
+        def sweep():
+            now = time.monotonic()
+            for t in list(self.tunnels):
+                t.check_stall(now, timeout)
+            self.call_later(every, sweep)
+        self.call_later(every, sweep)
 
     def abort_all(self) -> None:
         for t in list(self.tunnels):
@@ -482,11 +504,13 @@ def _admission(cfg: Config, bound) -> Admission:
         public = public or not ip.is_loopback
         if not ip.is_unspecified:
             extra.append(ip)
-    return Admission(cfg.dest_rules, cfg.allow_clients, cfg.max_tunnels, cfg.max_per_client,
+    adm = Admission(cfg.dest_rules, cfg.allow_clients, cfg.max_tunnels, cfg.max_per_client,
                      extra_local=extra, max_pending=cfg.max_pending,
                      max_pending_per_client=cfg.max_pending_per_client,
                      rate=cfg.tunnel_rate, burst=cfg.tunnel_burst, public=public,
                      nat64=cfg.nat64_prefixes)
+    adm.budget = make_budget(cfg)
+    return adm
 
 
 def _announce(bound, stats_addr, out=None) -> None:
@@ -499,6 +523,8 @@ def _announce(bound, stats_addr, out=None) -> None:
 
 
 def run(cfg: Config) -> int:
+    if cfg.user_timeout:
+        cfg.user_timeout = min(cfg.user_timeout, keepalive_limit(cfg.keepalive))
     want = cfg.max_tunnels * 2 + cfg.pipe_pool * 2 + 4096
     soft, hard = raise_nofile(want)
     if soft < want:
@@ -519,6 +545,7 @@ def run(cfg: Config) -> int:
     loop.admission = _admission(cfg, bound)
     for s in listeners:
         loop.add_listener(s)
+    loop.start_stall_sweep()
     loop.install_signals()
     stats_addr = None
     if cfg.stats:
@@ -533,10 +560,18 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def _live(loop: Loop) -> list[int]:
-    v = list(loop.stats.v)
+def _gauges(loop: Loop) -> None:
+    """Refresh the gauges kept outside the hot path."""
+    v = loop.stats.v
     v[S.PIPES] = loop.pipes_open
-    return v
+    v[S.MEMORY_COMMITTED] = loop.admission.budget.committed
+    v[S.PIPE_BYTES] = sum(d.held for t in loop.tunnels for d in (t.up, t.down)
+                          if d is not None)
+
+
+def _live(loop: Loop) -> list[int]:
+    _gauges(loop)
+    return list(loop.stats.v)
 
 
 def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int) -> int:
@@ -545,6 +580,7 @@ def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int)
     loop.admission = _admission(cfg, bound)
     for s in listeners:
         loop.add_listener(s)
+    loop.start_stall_sweep()
     # Ctrl-C reaches the whole process group; the master turns it into one
     # SIGTERM per worker, so a worker ignores SIGINT (else one Ctrl-C would
     # count as two signals and reset every tunnel instead of draining).
@@ -552,7 +588,7 @@ def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int)
     loop.install_signals((signal.SIGTERM,))
 
     def flush():
-        loop.stats.v[S.PIPES] = loop.pipes_open
+        _gauges(loop)
         shared.store(slot, loop.stats)
         loop.call_later(STATS_FLUSH, flush)
 
@@ -568,7 +604,8 @@ def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int)
     try:
         loop.run()
     finally:
-        loop.stats.v[S.PIPES] = 0
+        loop.stats.v[S.PIPES] = loop.stats.v[S.PIPE_BYTES] = 0
+        loop.stats.v[S.MEMORY_COMMITTED] = 0
         shared.store(slot, loop.stats)
         loop.close()
     return 0

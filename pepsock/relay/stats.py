@@ -34,7 +34,10 @@ ERR_OTHER = _BASE + len(ERROR_CODES)
 #: Setup latency buckets (seconds): accept to reply sent.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BUCKET0 = ERR_OTHER + 1
-NVALUES = _BUCKET0 + len(BUCKETS)
+# Gauges of the memory budget (budget.py), refreshed when published.
+MEMORY_COMMITTED = _BUCKET0 + len(BUCKETS)  # kernel bytes tunnels may pin (worst case)
+PIPE_BYTES = MEMORY_COMMITTED + 1            # bytes sitting in pipes now
+NVALUES = PIPE_BYTES + 1
 
 _SLOT = struct.Struct(f"={NVALUES}Q")
 
@@ -111,5 +114,9 @@ def render(v: list[int], workers: int = 1) -> str:
     samples.append(("_count", v[SETUP_COUNT]))
     metric("pep_relay_setup_seconds", "histogram",
            "Accept to reply sent (header read, policy, onward connect).", samples)
+    metric("pep_relay_memory_committed_bytes", "gauge",
+           "Kernel memory (socket buffers + pipes) granted to open tunnels, worst case.",
+           [("", v[MEMORY_COMMITTED])])
+    metric("pep_relay_pipe_bytes", "gauge", "Bytes held in pipes now.", [("", v[PIPE_BYTES])])
     metric("pep_relay_workers", "gauge", "Worker processes.", [("", workers)])
     return "\n".join(lines) + "\n"

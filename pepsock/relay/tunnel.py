@@ -82,6 +82,7 @@ HEADER, CONNECTING, OPEN, FLUSHING, DONE = range(5)
 #: 6.2.8; an empty Value would mean 30 s, too long for a rate limit).
 RETRY_AFTER = b"\x01"
 TCP_SYNCNT = 7
+TCP_USER_TIMEOUT = 18
 #: Error replies lingering for the client's FIN at once; beyond, close at once.
 MAX_CLOSERS = 1024
 
@@ -101,9 +102,10 @@ class End:
 class Direction:
     """Bytes flowing src -> dst through a (pooled) pipe."""
 
-    __slots__ = ("src", "dst", "pipe", "held", "eof", "shut", "bytes", "stat", "peer", "buf")
+    __slots__ = ("src", "dst", "pipe", "held", "eof", "shut", "bytes", "stat", "peer", "buf",
+                 "limit")
 
-    def __init__(self, src: End, dst: End, stat: int):
+    def __init__(self, src: End, dst: End, stat: int, limit: int = 1 << 30):
         self.src = src
         self.dst = dst
         self.pipe = None    # (read fd, write fd, capacity) while bytes are in flight
@@ -114,6 +116,7 @@ class Direction:
         self.stat = stat
         self.peer: Direction | None = None
         self.buf = b""      # bytes held in user space (copy fallback, no pipe)
+        self.limit = limit  # the most the pipe may hold for this tunnel (budget)
 
 
 SO_SNDBUFFORCE = 32
@@ -139,13 +142,20 @@ def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
             "(raise it, or run with CAP_NET_ADMIN)", size, got, name)
 
 
-def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0) -> None:
+def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0,
+               user_timeout: float = 0.0, rcvbuf: int | None = None,
+               sndbuf: int | None = None) -> None:
     """Per-side TCP tuning; buffers must be set before connect()/listen() for
-    the window scale in the SYN to match them."""
-    if side.rcvbuf:
-        _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, side.rcvbuf)
-    if side.sndbuf:
-        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, side.sndbuf)
+    the window scale in the SYN to match them.  `rcvbuf`/`sndbuf` override
+    the side's sizes (a tunnel granted less by the budget)."""
+    rcvbuf = side.rcvbuf if rcvbuf is None else rcvbuf
+    sndbuf = side.sndbuf if sndbuf is None else sndbuf
+    if rcvbuf:
+        _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
+    if sndbuf:
+        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, sndbuf)
+    if user_timeout:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(user_timeout * 1000))
     if side.cc:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, side.cc.encode())
     if nodelay:
@@ -163,6 +173,24 @@ def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0) -> 
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, keepalive // 3))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+def keepalive_limit(keepalive: int) -> float:
+    """Seconds after which keepalive gives up on a silent peer: --keepalive S
+    (S + 3 probes S/3 apart), else the namespace's net.ipv4.tcp_keepalive_*.
+    TCP_USER_TIMEOUT replaces keepalive's probe count when set, so the relay
+    caps --user-timeout at this: it must never keep a dead peer longer."""
+    if keepalive:
+        return keepalive + 3 * max(1, keepalive // 3)
+    values = []
+    for name in ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes"):
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                values.append(int(f.read()))
+        except (OSError, ValueError):
+            return float("inf")
+    idle, intvl, probes = values
+    return idle + intvl * probes
 
 
 def fmt_addr(addr) -> str:
@@ -265,11 +293,21 @@ class Closer:
 class Tunnel:
     __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
                  "dest", "t0", "timer", "outcome", "early", "why", "flush_mark", "flush_at",
-                 "client_key", "exempt", "pending")
+                 "client_key", "exempt", "pending", "sizes", "stall_mark", "stall_at")
 
     def __init__(self, loop, sock: socket.socket, addr, now: float, key: str | None = None,
-                 exempt: bool = False):
+                 exempt: bool = False, sizes=None):
         self.loop = loop
+        self.sizes = sizes          # budget.Sizes granted (None: unbudgeted)
+        self.stall_mark = None
+        self.stall_at = now
+        if sizes is not None:
+            full = loop.admission.budget.full
+            # The listener's sizes (inherited) are the full ones: shrink if granted less.
+            if sizes.client_rcv < full.client_rcv:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sizes.client_rcv // 2)
+            if sizes.client_snd < full.client_snd:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sizes.client_snd // 2)
         self.client_key = addr[0] if key is None else key
         self.exempt = exempt        # a loopback client: no per-client rate/pending/budget
         self.pending = False        # holds an onward-connect slot
@@ -391,7 +429,13 @@ class Tunnel:
         except OSError as e:
             return self._fail(ErrorCode.RESOURCE_EXCEEDED, b"", f"socket(): {e.strerror}")
         try:
-            apply_side(sock, loop.cfg.server, loop.cfg.nodelay, loop.cfg.keepalive)
+            sizes = self.sizes
+            cfg = loop.cfg
+            if sizes is None or sizes is loop.admission.budget.levels[0]:
+                apply_side(sock, cfg.server, cfg.nodelay, cfg.keepalive, cfg.user_timeout)
+            else:
+                apply_side(sock, cfg.server, cfg.nodelay, cfg.keepalive, cfg.user_timeout,
+                           sizes.server_rcv // 2, sizes.server_snd // 2)
             sock.setsockopt(socket.IPPROTO_TCP, TCP_SYNCNT, loop.cfg.syn_retries)
             err = sock.connect_ex(self.dest)
         except OSError as e:
@@ -438,8 +482,9 @@ class Tunnel:
         s.writable = True
         # Edge-triggered: bytes the server sends after this poll raise a new edge.
         s.readable = bool(ev & _READ_EV)
-        self.up = up = Direction(self.c, s, S.BYTES_UP)
-        self.down = down = Direction(s, self.c, S.BYTES_DOWN)
+        limit = self.sizes.pipe if self.sizes is not None else 1 << 30
+        self.up = up = Direction(self.c, s, S.BYTES_UP, limit)
+        self.down = down = Direction(s, self.c, S.BYTES_DOWN, limit)
         up.peer, down.peer = down, up
         up.buf, self.early = self.early, b""
         self._run()
@@ -472,6 +517,8 @@ class Tunnel:
                 return self._copy(d)
             d.pipe = pipe
         pr, pw, cap = pipe
+        if cap > d.limit:
+            cap = d.limit
         held = d.held
         moved = 0
         splice = _splice
@@ -622,11 +669,14 @@ class Tunnel:
         left = _unacked(self.c.fd)
         if d.eof and not d.held and not d.buf and left == 0:
             return self.abort(f"{self.why}; {d.bytes} bytes delivered in all")
+        if _tcp_state(self.c.sock) == TCP_CLOSE:
+            return self.abort(f"{self.why}; then the client's connection ended")
         now = time.monotonic()
         mark = (d.bytes, left)
+        stall = self.loop.cfg.stall_timeout
         if mark != self.flush_mark:
             self.flush_mark, self.flush_at = mark, now
-        elif now - self.flush_at > self.loop.cfg.stall_timeout:
+        elif stall and now - self.flush_at > stall:
             return self.abort(f"{self.why}; client stalled, {left + d.held} bytes undelivered")
         self.timer = self.loop.call_later(FLUSH_POLL, self._flush_poll)
 
@@ -677,6 +727,31 @@ class Tunnel:
         self._release_pipes()
         loop.stats.v[S.RESETS] += 1
         self._done(f"reset ({why})")
+
+    def check_stall(self, now: float, timeout: float) -> None:
+        """Called every few seconds: a tunnel that holds bytes it cannot
+        deliver (a pipe, or a socket's unacknowledged send queue) while
+        nothing moves and nothing is acknowledged for `timeout` is reset, so
+        a peer that stops reading (or a FIN queued behind bytes nobody will
+        read) cannot pin its buffers forever.  An idle tunnel is left alone."""
+        if self.state != OPEN:
+            return
+        up, down = self.up, self.down
+        moved = (up.bytes, down.bytes)
+        if self.stall_mark is not None and self.stall_mark[:2] == moved:
+            held = up.held + down.held + len(up.buf) + len(down.buf)
+            queued = (_unacked(self.c.fd), _unacked(self.s.fd))
+            if not held and queued == (0, 0):
+                self.stall_mark = None      # idle, nothing owed: fine
+                return
+            mark = moved + queued
+            if mark != self.stall_mark:
+                self.stall_mark, self.stall_at = mark, now
+            elif now - self.stall_at >= timeout:
+                self.abort(f"stalled {now - self.stall_at:.0f}s with {held} bytes in the relay "
+                           f"and {sum(queued)} unacknowledged")
+            return
+        self.stall_mark, self.stall_at = moved + (-1, -1), now
 
     def _connect_over(self) -> None:
         if self.pending:
