@@ -605,3 +605,64 @@ def test_stall_timeout_resets_a_tunnel_nobody_reads(net):
         srv.close()
     print(f"stall timeout 2 s: tunnel reset {took:.1f} s after the buffers filled")
     assert took < 2 + 2.5
+
+
+# ---------------------------------------------------------------------------
+# Logs and stats
+
+
+def test_refusal_log_lines_are_rate_limited_per_client_and_summarised(net):
+    """One client's 400 refused requests write about 20 log lines, not 400,
+    and one summary line says how many were left out."""
+    r = _relay(net)
+    try:
+        t0 = time.monotonic()
+        with net.hosts["far"].enter():
+            for _ in range(400):
+                code, _, _ = _code_of((RELAY_IP, r.addr[1]), ("10.9.9.9", 80))
+                assert code == 32
+        took = time.monotonic() - t0
+        r.wait_log("log limit:", timeout=15)
+        time.sleep(0.2)
+        lines = [ln for ln in r.log.splitlines() if "outcome=error" in ln]
+        summary = [ln for ln in r.log.splitlines() if "log limit:" in ln]
+    finally:
+        r.stop()
+    print(f"400 refusals in {took:.1f}s: {len(lines)} log lines; {summary[0].split('WARNING ')[1]}")
+    assert len(lines) <= 20 + 5 * took + 1, len(lines)
+    assert f"{400 - len(lines)} tunnel lines from 1 clients" in summary[0]
+
+
+def test_stats_renders_are_limited_and_connections_capped(net):
+    import urllib.request
+    from reliability_helpers import relay_metrics
+    host = net.hosts["relay"]
+    srv = _far_server(net, echo)
+    r = _relay(net)
+    try:
+        with host.enter():
+            for _ in range(10):                  # past the burst of 5 renders
+                relay_metrics(r, host)
+            with net.hosts["far"].enter():
+                s = convert_open((RELAY_IP, r.addr[1]), srv.addr)
+                assert read_reply(s)[0].error is None
+                s.close()
+            stale = relay_metrics(r, host)["pep_relay_tunnels_total"]
+            time.sleep(1.2)
+            fresh = relay_metrics(r, host)["pep_relay_tunnels_total"]
+            assert (stale, fresh) == (0, 1)      # cached text, then a new render
+            # 8 idle stats connections are served; the 9th is closed at once.
+            idle = [socket.create_connection(r.stats, timeout=2) for _ in range(8)]
+            time.sleep(0.2)
+            extra = socket.create_connection(r.stats, timeout=2)
+            extra.settimeout(2)
+            assert extra.recv(100) == b""
+            extra.close()
+            for s in idle:
+                s.close()
+            time.sleep(0.2)
+            with urllib.request.urlopen(f"http://{r.stats[0]}:{r.stats[1]}/", timeout=3) as resp:
+                assert resp.status == 200
+    finally:
+        r.stop()
+        srv.close()
