@@ -685,3 +685,58 @@ def test_stats_renders_are_limited_and_connections_capped(net):
         srv.close()
     print(f"stats flood: {len(served)} of 100 requests served within 1 s")
     assert 5 <= len(served) <= 50, len(served)
+
+
+def test_global_memory_budget_refuses_past_it(net):
+    """--memory-budget bounds all tunnels together (loopback clients, exempt
+    from the per-client budget, included)."""
+    from reliability_helpers import relay_metrics
+    host = net.hosts["relay"]
+    srv = _far_server(net, _sink)
+    r = _relay(net, "--memory-budget", "4m")
+    socks, codes = [], []
+    try:
+        with host.enter():
+            for _ in range(80):
+                s = convert_open(r.addrs[1], srv.addr, timeout=5)   # from 127.0.0.1
+                msg, _ = read_reply(s)
+                codes.append(None if msg.error is None else int(msg.error.code))
+                socks.append(s)
+            committed = relay_metrics(r, host)["pep_relay_memory_committed_bytes"]
+    finally:
+        for s in socks:
+            s.close()
+        r.stop()
+        srv.close()
+    print(f"--memory-budget 4m: {codes.count(None)} tunnels, {codes.count(64)} Error 64, "
+          f"{committed / 2**20:.1f} MiB committed")
+    assert 0 < codes.count(None) < 80 and codes.count(64) == 80 - codes.count(None)
+    assert committed <= 4 << 20
+
+
+def test_user_timeout_drops_a_vanished_client_with_data_outstanding(net):
+    """A client that vanishes mid-download (no FIN, no RST, nothing answers):
+    with bytes unacknowledged, --user-timeout ends the tunnel (the kernel
+    alone would retransmit for ~15 min)."""
+    from reliability_helpers import relay_metrics
+    host, far = net.hosts["relay"], net.hosts["far"]
+    srv = _far_server(net, _firehose)
+    r = _relay(net, "--user-timeout", "2")
+    port = r.addr[1]
+    rules = [["INPUT", "-p", "tcp", "--sport", str(port), "-j", "DROP"],
+             ["OUTPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"]]
+    try:
+        socks = _downloads(net, port, srv.addr, 1)
+        for rule in rules:
+            far.run("iptables", "-A", *rule)
+        t0 = time.monotonic()
+        gone = wait_until(lambda: relay_metrics(r, host)["pep_relay_tunnels_open"] == 0, 15, 0.25)
+        took = time.monotonic() - t0
+        socks[0].close()
+    finally:
+        for rule in rules:
+            far.run("iptables", "-D", *rule, check=False)
+        r.stop()
+        srv.close()
+    print(f"--user-timeout 2: vanished client's tunnel ended after {took:.1f} s")
+    assert gone and took < 2 + 4, took

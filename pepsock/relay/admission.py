@@ -182,11 +182,6 @@ class Admission:
                 return code, value, f"{addr}: {what} on this host, no packet sent"
         return refusal
 
-    def dest_allowed(self, addr, port: int) -> tuple[bool, str]:
-        """(allowed, reason): judge_dest without the Error code."""
-        refusal = self.judge_dest(addr, port)
-        return (True, "allowed") if refusal is None else (False, refusal[2])
-
     def _judge(self, addr, port: int):
         """One form of a destination: the rules, then whether it is this host."""
         version, ip = addr.version, int(addr)
