@@ -304,10 +304,13 @@ class Tunnel:
         if sizes is not None:
             full = loop.admission.budget.full
             # The listener's sizes (inherited) are the full ones: shrink if granted less.
-            if sizes.client_rcv < full.client_rcv:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sizes.client_rcv // 2)
-            if sizes.client_snd < full.client_snd:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sizes.client_snd // 2)
+            try:
+                if sizes.client_rcv < full.client_rcv:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sizes.client_rcv // 2)
+                if sizes.client_snd < full.client_snd:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sizes.client_snd // 2)
+            except OSError:
+                pass        # a socket already dead: the header read below finds out
         self.client_key = addr[0] if key is None else key
         self.exempt = exempt        # a loopback client: no per-client rate/pending/budget
         self.pending = False        # holds an onward-connect slot
