@@ -11,10 +11,12 @@ process, and its buffers are *sized* to what it was granted:
 * sizes come in levels: level 0 is the full size (FullSizes), each level
   halves every buffer and the pipe limit, down to a floor;
 * a tunnel gets the largest level that keeps its client's commitment under
-  half the client budget and the process's under half the global budget;
-  past those halves it gets the floor; past the whole budgets: Error 64.
-  So the first tunnels of a client get deep buffers (a long fat link needs
-  them) and many tunnels still fit, each small;
+  half the client budget, and that takes at most 1/16 of what is left of
+  half the global budget (so the relay's first few tunnels cannot take it
+  all: grants shrink smoothly as the relay fills); past those halves it gets
+  the floor; past the whole budgets: Error 64.  So the first tunnels of a
+  client get deep buffers (a long fat link needs them) and many tunnels
+  still fit, each small;
 * socket buffers are set with SO_RCVBUF/SO_SNDBUF, which also turns off
   autotuning: the size granted is the most the socket can hold.  The kernel
   doubles the value set (half is bookkeeping overhead), so a buffer of B
@@ -31,6 +33,8 @@ MIN_BUFFER = 16 << 10
 MIN_PIPE = 4 << 10
 #: Levels below full size; the floor is reached well before the last one.
 LEVELS = 12
+#: A tunnel takes at most this share of what is left of the global half.
+GLOBAL_SHARE = 16
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,10 @@ class Budget:
         mine = self.by_client.get(key, 0)
         per_client = 0 if exempt else self.per_client
         grant = None
+        room = (self.total // 2 - self.committed) // GLOBAL_SHARE
         for sizes in self.levels:
             c = sizes.cost
-            if _fits(mine + c, per_client // 2) and _fits(self.committed + c, self.total // 2):
+            if _fits(mine + c, per_client // 2) and (self.total <= 0 or c <= room):
                 grant = sizes
                 break
         if grant is None:
