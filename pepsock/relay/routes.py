@@ -42,6 +42,35 @@ CACHE_TTL = 1.0
 CACHE_MAX = 4096
 
 
+def request(addr, seq: int) -> bytes:
+    """The RTM_GETROUTE message asking for the route to `addr`."""
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    packed = addr.packed
+    body = _RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) \
+        + _RTATTR.pack(_RTATTR.size + len(packed), RTA_DST) + packed
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0) + body
+
+
+def parse_reply(data: bytes, seq: int) -> tuple[int, int] | None:
+    """(rtm_type, 0) or (0, errno) from the kernel's answer to request
+    number `seq`; None if `data` holds no complete answer to it (other
+    messages, truncated ones and garbage are skipped, never trusted)."""
+    off = 0
+    while off + _NLMSGHDR.size <= len(data):
+        length, mtype, _, rseq, _ = _NLMSGHDR.unpack_from(data, off)
+        if length < _NLMSGHDR.size or off + length > len(data):
+            return None
+        if rseq == seq:
+            body = off + _NLMSGHDR.size
+            if mtype == NLMSG_ERROR and length >= _NLMSGHDR.size + 4:
+                code = struct.unpack_from("=i", data, body)[0]
+                return 0, max(0, -code)
+            if mtype == RTM_NEWROUTE and length >= _NLMSGHDR.size + _RTMSG.size:
+                return _RTMSG.unpack_from(data, body)[7], 0
+        off += (length + 3) & ~3
+    return None
+
+
 class Routes:
     """route_of(ip) -> (rtm_type, errno): (type, 0) when a route was found,
     (0, errno) when the kernel refused (e.g. EHOSTUNREACH, ENETUNREACH), and
@@ -82,27 +111,12 @@ class Routes:
         try:
             if self.sock is None:
                 self.sock = self._open()
-            family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
-            packed = addr.packed
             seq = next(self.seq) & 0xFFFFFFFF
-            body = _RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) \
-                + _RTATTR.pack(_RTATTR.size + len(packed), RTA_DST) + packed
-            self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETROUTE,
-                                          NLM_F_REQUEST, seq, 0) + body)
+            self.sock.send(request(addr, seq))
             while True:
-                data = self.sock.recv(65536)
-                off = 0
-                while off + _NLMSGHDR.size <= len(data):
-                    length, mtype, _, rseq, _ = _NLMSGHDR.unpack_from(data, off)
-                    if length < _NLMSGHDR.size:
-                        break
-                    if rseq == seq:
-                        if mtype == NLMSG_ERROR:
-                            code = struct.unpack_from("=i", data, off + _NLMSGHDR.size)[0]
-                            return 0, -code
-                        if mtype == RTM_NEWROUTE:
-                            return _RTMSG.unpack_from(data, off + _NLMSGHDR.size)[7], 0
-                    off += (length + 3) & ~3
+                answer = parse_reply(self.sock.recv(65536), seq)
+                if answer is not None:
+                    return answer
         except OSError:
             # No netlink here (seccomp, an odd sandbox): say so by answering
             # (0, 0) from now on; the caller keeps its /proc-based view.
