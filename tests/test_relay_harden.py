@@ -747,3 +747,17 @@ def test_user_timeout_drops_a_vanished_client_with_data_outstanding(net):
         srv.close()
     print(f"--user-timeout 2: vanished client's tunnel ended after {took:.1f} s")
     assert gone and took < 2 + 4, took
+
+
+def test_relay_own_listener_refused_even_when_loopback_is_allowed():
+    """--allow-dest 127.0.0.0/8 (as tests and local setups use) must not let a
+    client nest tunnels through the relay's own loopback listener."""
+    r = Relay("--listen", "127.0.0.1:0", "--allow-dest", "127.0.0.0/8")
+    try:
+        nested = connect_request(*r.addr) * 5
+        code, _, _ = _code_of(r.addr, r.addr, early=nested)
+        r.wait_log("own listener")
+    finally:
+        r.stop()
+    assert code == 32
+    assert r.log.count("outcome=") == 1

@@ -133,6 +133,7 @@ class Admission:
         self.nat64 = tuple(nat64)
         self.routes = routes if routes is not None else Routes()
         self.budget = None      # budget.Budget, set by the server
+        self.listen_ports: set = set()
         self.allow_clients = list(allow_clients)
         self.max_tunnels = max_tunnels
         self.max_per_client = max_per_client
@@ -166,6 +167,9 @@ class Admission:
         """None if the relay may connect to addr:port, else (Error code,
         Value, why).  `addr` is an ipaddress object."""
         addr = normalize_ip(addr)
+        if port in self.listen_ports and (addr.is_loopback or self._is_self(addr)):
+            # Whatever --allow-dest says: a tunnel into the relay itself nests.
+            return ErrorCode.NOT_AUTHORIZED, b"", f"{addr}:{port} is this relay's own listener"
         refusal = self._judge(addr, port)
         if refusal is None:
             for v4 in embedded_ipv4(addr, self.nat64):
@@ -209,7 +213,11 @@ class Admission:
     def client_is_self(self, ip: str) -> bool:
         """A client whose source address is one of this host's own (a
         connection the relay made to itself, e.g. through a hairpin DNAT)."""
-        addr = ipaddress.ip_address(ip)
+        return self._is_self(ipaddress.ip_address(ip))
+
+    def _is_self(self, addr) -> bool:
+        if (addr.version, int(addr)) in self.extra_local:
+            return True
         rtype, _ = self.routes.route_of(addr)
         if rtype == 0 and not self.routes.usable:
             return self.is_local(addr.version, int(addr))

@@ -560,6 +560,7 @@ def _admission(cfg: Config, bound) -> Admission:
                      max_pending_per_client=cfg.max_pending_per_client,
                      rate=cfg.tunnel_rate, burst=cfg.tunnel_burst, public=public,
                      nat64=cfg.nat64_prefixes)
+    adm.listen_ports = {addr[1] for addr in bound}
     adm.budget = make_budget(cfg)
     return adm
 
