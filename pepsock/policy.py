@@ -31,6 +31,51 @@ def normalize_ip(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return addr
 
 
+#: NAT64 prefixes judged by default (RFC 6052 well-known; RFC 8215 local-use,
+#: read with the /48 layout: a translator using a longer prefix inside it is
+#: named with the relay's --nat64-prefix).
+NAT64_DEFAULT = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+NAT64_LENGTHS = (32, 40, 48, 56, 64, 96)
+_6TO4 = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")     # IPv4-translated (RFC 2765)
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def rfc6052_ipv4(addr: ipaddress.IPv6Address, prefix_len: int) -> ipaddress.IPv4Address:
+    """The IPv4 address in an IPv4-embedded IPv6 address (RFC 6052 section
+    2.2): 32 bits right after the prefix, skipping bits 64-71 (the u octet)."""
+    if prefix_len not in NAT64_LENGTHS:
+        raise ValueError(f"RFC 6052 prefixes are /32, /40, /48, /56, /64 or /96, not /{prefix_len}")
+    b = addr.packed
+    rest = b[prefix_len // 8:8] + b[9:] if prefix_len < 64 else b[prefix_len // 8 + (prefix_len == 64):]
+    return ipaddress.IPv4Address(rest[:4])
+
+
+def embedded_ipv4(addr, nat64=()) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 destination may reach by translation or
+    tunnelling: IPv4-mapped and SIIT IPv4-translated, NAT64 (64:ff9b::/96,
+    64:ff9b:1::/48 and the `nat64` networks given, each of an RFC 6052
+    length), 6to4 (2002::/16) and Teredo
+    (2001::/32: its server, and its client's obfuscated public address).
+    A destination is judged as each of these as well as itself."""
+    if addr.version != 6:
+        return []
+    b = addr.packed
+    found = []
+    if addr in _MAPPED or addr in _SIIT:
+        found.append(ipaddress.IPv4Address(b[12:]))
+    for net in (*NAT64_DEFAULT, *nat64):
+        if addr in net:
+            found.append(rfc6052_ipv4(addr, net.prefixlen))
+    if addr in _6TO4:
+        found.append(ipaddress.IPv4Address(b[2:6]))
+    if addr in _TEREDO:
+        found.append(ipaddress.IPv4Address(b[4:8]))
+        found.append(ipaddress.IPv4Address(bytes(x ^ 0xFF for x in b[12:])))
+    return list(dict.fromkeys(found))
+
+
 def parse_hostport(text: str, what: str = "PEP_PROXY", *, listening: bool = False) -> tuple[str, int]:
     """'host:port' or '[v6addr]:port' -> (host, port); port 0 only when `listening`."""
     text = text.strip()

@@ -1,20 +1,33 @@
-"""Who may use the relay, where to, and how much: no I/O beyond reading /proc.
+"""Who may use the relay, where to, and how much: no I/O beyond reading /proc
+and asking the kernel's routing (routes.py).
 
-Destination decision, in order:
+A destination is judged as itself and as every IPv4 address embedded in it
+(policy.embedded_ipv4: NAT64, SIIT, 6to4, Teredo); it goes ahead only if
+every form does.  Each form, in order:
 1. the --allow-dest / --deny-dest rules in the order given: first match wins;
 2. the built-in deny list: loopback, link-local, multicast, broadcast,
-   unspecified, and every address of this host (its interfaces, their
-   directed broadcasts) -- no open door into the PEP host or its LAN segment;
-3. otherwise allowed.
+   unspecified;
+3. when the relay listens beyond loopback: private, CGNAT, unique-local,
+   site-local and known cloud metadata addresses (PUBLIC_DENY);
+4. the kernel's route to it: local, broadcast, anycast or multicast (every
+   address of this host, however new, NAT'd or IPv6-routed) is refused
+   (Error 32); unreachable, prohibit and blackhole routes get the error a
+   connect() would (97 unreachable, 32 prohibited or black-holed), and no
+   packet leaves;
+5. otherwise allowed.
 So `--allow-dest 127.0.0.0/8` opens loopback, and `--allow-dest 192.0.2.0/24:443
 --deny-dest 0.0.0.0/0 --deny-dest ::/0` turns the relay into an allow-list.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import time
 
-from ..policy import AddressRule, normalize_ip
+from ..policy import AddressRule, embedded_ipv4, normalize_ip
+from ..protocol import ErrorCode
+from .ratelimit import TokenBuckets
+from .routes import DROP_TYPES, RTN_LOCAL, SELF_TYPES, Routes
 
 BUILTIN_DENY = tuple(AddressRule.parse(t) for t in (
     "0.0.0.0/8",          # "this network"; 0.0.0.0 reaches the host itself on Linux
@@ -26,6 +39,27 @@ BUILTIN_DENY = tuple(AddressRule.parse(t) for t in (
     "fe80::/10",          # link-local
     "ff00::/8",           # multicast
 ))
+
+#: Denied by default on a relay listening beyond loopback (a stranger must
+#: not reach the operator's own networks or a cloud's metadata service
+#: through it); --allow-dest opens them.
+PUBLIC_DENY = tuple(AddressRule.parse(t) for t in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",   # RFC 1918
+    "100.64.0.0/10",      # CGNAT (RFC 6598); Alibaba metadata 100.100.100.200 is in it
+    "fc00::/7",           # unique-local; AWS metadata fd00:ec2::254 is in it
+    "fec0::/10",          # site-local (deprecated, still routed by some)
+    "168.63.129.16/32",   # Azure wire server / metadata
+    "169.254.169.254/32",  # AWS/GCP/Azure metadata (link-local: already denied above)
+))
+
+#: What a route lookup's errno makes the relay answer, as (code, value, why).
+_ROUTE_ERRORS = {
+    errno.EHOSTUNREACH: (ErrorCode.DESTINATION_UNREACHABLE, b"\x01", "unreachable route"),
+    errno.ENETUNREACH: (ErrorCode.DESTINATION_UNREACHABLE, b"\x00", "no route"),
+    errno.EACCES: (ErrorCode.NOT_AUTHORIZED, b"", "prohibit route"),
+    errno.EPERM: (ErrorCode.NOT_AUTHORIZED, b"", "prohibit route"),
+    errno.EINVAL: (ErrorCode.NOT_AUTHORIZED, b"", "blackhole route"),
+}
 
 #: How long the set of local addresses is trusted before /proc is read again.
 LOCAL_REFRESH = 5.0
@@ -91,8 +125,15 @@ class Admission:
     Matching runs on integers (this is on the per-connection path)."""
 
     def __init__(self, dest_rules, allow_clients, max_tunnels: int, max_per_client: int,
-                 extra_local=()):
+                 extra_local=(), *, max_pending: int = 0, max_pending_per_client: int = 0,
+                 rate: float = 0.0, burst: float = 0.0, public: bool = False,
+                 nat64=(), routes: Routes | None = None):
         self.dest_rules = [(allow, _compile(rule)) for allow, rule in dest_rules]
+        self.public_deny = tuple((_compile(r), r) for r in PUBLIC_DENY) if public else ()
+        self.nat64 = tuple(nat64)
+        self.routes = routes if routes is not None else Routes()
+        self.budget = None      # budget.Budget, set by the server
+        self.listen_ports: set = set()
         self.allow_clients = list(allow_clients)
         self.max_tunnels = max_tunnels
         self.max_per_client = max_per_client
@@ -102,6 +143,12 @@ class Admission:
         self._local_at = -1e9
         self.open_total = 0
         self.per_client: dict[str, int] = {}
+        # Onward connects in progress (each may retransmit SYNs at a stranger).
+        self.max_pending = max_pending
+        self.max_pending_per_client = max_pending_per_client
+        self.pending_total = 0
+        self.pending: dict[str, int] = {}
+        self.rate = TokenBuckets(rate, burst) if rate > 0 else None
 
     # -- destinations ---------------------------------------------------------
     def is_local(self, version: int, ip: int) -> bool:
@@ -116,21 +163,65 @@ class Admission:
             return True
         return any(_match(n, version, ip, 0) for n in self._local_nets)
 
-    def dest_allowed(self, addr, port: int) -> tuple[bool, str]:
-        """(allowed, reason).  `addr` is an ipaddress object; IPv4-mapped IPv6
-        counts as IPv4."""
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
+    def judge_dest(self, addr, port: int):
+        """None if the relay may connect to addr:port, else (Error code,
+        Value, why).  `addr` is an ipaddress object."""
+        addr = normalize_ip(addr)
+        if port in self.listen_ports and (addr.is_loopback or self._is_self(addr)):
+            # Whatever --allow-dest says: a tunnel into the relay itself nests.
+            return ErrorCode.NOT_AUTHORIZED, b"", f"{addr}:{port} is this relay's own listener"
+        refusal = self._judge(addr, port)
+        if refusal is None:
+            for v4 in embedded_ipv4(addr, self.nat64):
+                refusal = self._judge(v4, port)
+                if refusal is not None:
+                    code, value, why = refusal
+                    return code, value, f"{why} (IPv4 embedded in {addr})"
+        if refusal is None:
+            # Only the address packets really go to: does its route drop them?
+            rtype, err = self.routes.route_of(addr)
+            err = DROP_TYPES.get(rtype, err)
+            if err in _ROUTE_ERRORS:
+                code, value, what = _ROUTE_ERRORS[err]
+                return code, value, f"{addr}: {what} on this host, no packet sent"
+        return refusal
+
+    def _judge(self, addr, port: int):
+        """One form of a destination: the rules, then whether it is this host."""
         version, ip = addr.version, int(addr)
         for allow, rule in self.dest_rules:
             if _match(rule, version, ip, port):
-                return allow, ("allowed by --allow-dest" if allow else "denied by --deny-dest")
-        for compiled, rule in _BUILTIN:
-            if _match(compiled, version, ip, port):
-                return False, f"{addr} is in {rule.network}, denied by default"
-        if self.is_local(version, ip):
-            return False, f"{addr} is an address of this host, denied by default"
-        return True, "allowed"
+                return None if allow else (ErrorCode.NOT_AUTHORIZED, b"",
+                                           f"{addr} denied by --deny-dest")
+        for table, why in ((_BUILTIN, "denied by default"),
+                           (self.public_deny, "denied on a relay listening beyond loopback "
+                                              "(--allow-dest opens it)")):
+            for compiled, rule in table:
+                if _match(compiled, version, ip, port):
+                    return ErrorCode.NOT_AUTHORIZED, b"", f"{addr} is in {rule.network}, {why}"
+        if (version, ip) in self.extra_local:
+            return ErrorCode.NOT_AUTHORIZED, b"", f"{addr} is a listen address of this relay"
+        rtype, _ = self.routes.route_of(addr)
+        if rtype in SELF_TYPES:
+            return (ErrorCode.NOT_AUTHORIZED, b"",
+                    f"{addr} is an address of this host (kernel route: {SELF_TYPES[rtype]}), "
+                    "denied")
+        if not self.routes.usable and self.is_local(version, ip):
+            return ErrorCode.NOT_AUTHORIZED, b"", f"{addr} is an address of this host, denied"
+        return None
+
+    def client_is_self(self, ip: str) -> bool:
+        """A client whose source address is one of this host's own (a
+        connection the relay made to itself, e.g. through a hairpin DNAT)."""
+        return self._is_self(ipaddress.ip_address(ip))
+
+    def _is_self(self, addr) -> bool:
+        if (addr.version, int(addr)) in self.extra_local:
+            return True
+        rtype, _ = self.routes.route_of(addr)
+        if rtype == 0 and not self.routes.usable:
+            return self.is_local(addr.version, int(addr))
+        return rtype == RTN_LOCAL
 
     # -- clients ---------------------------------------------------------------
     def client_allowed(self, addr) -> bool:
@@ -138,21 +229,44 @@ class Admission:
             return True
         return any(r.matches(addr) for r in self.allow_clients)
 
-    def take(self, client_ip: str) -> bool:
-        """Reserve a tunnel slot for client_ip; False past a limit (Error 64)."""
+    def take(self, key: str, now: float = 0.0, exempt: bool = False) -> str | None:
+        """Reserve a tunnel slot for client `key` (see clients.client_key);
+        None if granted, else why not (Error 64).  `exempt` (loopback
+        clients, the relay host's own processes) skips the new-tunnel rate."""
         if self.open_total >= self.max_tunnels:
-            return False
-        n = self.per_client.get(client_ip, 0)
+            return "tunnel limit reached"
+        n = self.per_client.get(key, 0)
         if self.max_per_client and n >= self.max_per_client:
-            return False
-        self.per_client[client_ip] = n + 1
+            return "per-client tunnel limit reached"
+        if self.rate is not None and not exempt and not self.rate.allow(key, now):
+            return "per-client new-tunnel rate exceeded"
+        self.per_client[key] = n + 1
         self.open_total += 1
-        return True
+        return None
 
-    def release(self, client_ip: str) -> None:
+    def release(self, key: str) -> None:
         self.open_total -= 1
-        n = self.per_client.get(client_ip, 1) - 1
-        if n <= 0:
-            self.per_client.pop(client_ip, None)
-        else:
-            self.per_client[client_ip] = n
+        _dec(self.per_client, key)
+
+    def take_pending(self, key: str, exempt: bool = False) -> str | None:
+        """Reserve an onward connect; None if granted, else why not."""
+        if self.max_pending and self.pending_total >= self.max_pending:
+            return "pending connect limit reached"
+        n = self.pending.get(key, 0)
+        if self.max_pending_per_client and not exempt and n >= self.max_pending_per_client:
+            return "per-client pending connect limit reached"
+        self.pending[key] = n + 1
+        self.pending_total += 1
+        return None
+
+    def release_pending(self, key: str) -> None:
+        self.pending_total -= 1
+        _dec(self.pending, key)
+
+
+def _dec(counts: dict, key) -> None:
+    n = counts.get(key, 1) - 1
+    if n <= 0:
+        counts.pop(key, None)
+    else:
+        counts[key] = n

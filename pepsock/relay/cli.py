@@ -12,10 +12,11 @@ so a caller that asked for port 0 learns the port.  Logs go to stderr (or
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
-from ..policy import AddressRule, ConfigError, parse_hostport
+from ..policy import NAT64_LENGTHS, AddressRule, ConfigError, parse_hostport
 from . import config as C
 from .config import Config, SideOptions
 from .cookies import SecretError, load_secrets, load_tfo_key
@@ -81,16 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onward connect() limit, then Error 65 (default %(default)s)")
     g.add_argument("--drain-timeout", type=float, default=C.DEFAULT_DRAIN_TIMEOUT,
                    help="after SIGTERM/SIGINT, time tunnels get to finish (default %(default)s)")
+    g.add_argument("--stall-timeout", type=float, default=C.DEFAULT_STALL_TIMEOUT,
+                   help="reset a tunnel holding bytes it cannot deliver, with nothing moving "
+                        "or acknowledged, after this long; 0 = never (default %(default)s)")
+    g.add_argument("--user-timeout", type=float, default=C.DEFAULT_USER_TIMEOUT,
+                   help="TCP_USER_TIMEOUT on both sides: unacknowledged data older than this "
+                        "ends the tunnel; 0 = kernel default (default %(default)s)")
 
     g = p.add_argument_group("TCP tuning per side (client side = toward the RFC 8803 clients)")
     g.add_argument("--client-cc", metavar="ALGO", help="TCP_CONGESTION toward clients "
                    "(default: kernel default)")
     g.add_argument("--server-cc", metavar="ALGO", help="TCP_CONGESTION toward destinations")
-    for side in ("client", "server"):
+    for side, default in (("client", "4m"), ("server", "2m")):
         for kind in ("rcvbuf", "sndbuf"):
-            g.add_argument(f"--{side}-{kind}", type=_size, default=0, metavar="BYTES",
-                           help=f"SO_{kind.upper()} on the {side} side, before listen/connect "
-                                "(default 0: kernel autotuning)")
+            g.add_argument(f"--{side}-{kind}", type=_size, default=default, metavar="BYTES",
+                           help=f"SO_{kind.upper()} on the {side} side (the most a tunnel gets; "
+                                f"a client's later tunnels get less, see --memory-per-client); "
+                                f"0 = kernel autotuning (default {default})")
     g.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
                    help="TCP_NODELAY on both sides (default on)")
     g.add_argument("--keepalive", type=int, default=0, metavar="SECONDS",
@@ -124,14 +132,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --deny-dest, first match in command-line order wins")
     g.add_argument("--deny-dest", action=_DestRule, const=False, metavar="CIDR[:PORTS]",
                    help="deny destinations (Error 32)")
+    g.add_argument("--memory-per-client", type=_size, default=C.DEFAULT_MEMORY_PER_CLIENT,
+                   metavar="BYTES", help="kernel memory (socket buffers + pipes, worst case) "
+                   "one client's tunnels may commit, then Error 64; 0 = no limit (default 64m)")
+    g.add_argument("--memory-budget", type=_size, default=None, metavar="BYTES",
+                   help="the same for all tunnels together; 0 = no limit (default: 3/4 of "
+                        "net.ipv4.tcp_mem's hard limit)")
+    g.add_argument("--nat64-prefix", action="append", default=[], metavar="PREFIX",
+                   help="a NAT64 prefix (/32, /40, /48, /56, /64 or /96) in use beside "
+                        "64:ff9b::/96 and 64:ff9b:1::/48: destinations in it are also judged "
+                        "as the IPv4 address they embed; repeatable")
     g.add_argument("--allow-client", action="append", default=[], metavar="CIDR",
                    help="only these clients may use the relay (others get Error 32); "
                         "repeatable")
     g.add_argument("--max-tunnels", type=int, default=C.DEFAULT_MAX_TUNNELS,
                    help="open tunnels per process, then Error 64 (default %(default)s)")
     g.add_argument("--max-per-client", type=int, default=C.DEFAULT_MAX_PER_CLIENT,
-                   help="open tunnels per client address, 0 = unlimited, then Error 64 "
+                   help="open tunnels per client (IPv4 address or IPv6 prefix), 0 = unlimited, "
+                        "then Error 64 (default %(default)s)")
+    g.add_argument("--ipv6-prefix", type=int, default=C.DEFAULT_IPV6_PREFIX, metavar="BITS",
+                   help="IPv6 clients are one client per prefix of this length for every "
+                        "per-client limit (default %(default)s)")
+    g.add_argument("--max-pending", type=int, default=C.DEFAULT_MAX_PENDING, metavar="N",
+                   help="onward connects in progress per process, 0 = unlimited, then Error 64 "
                         "(default %(default)s)")
+    g.add_argument("--max-pending-per-client", type=int,
+                   default=C.DEFAULT_MAX_PENDING_PER_CLIENT, metavar="N",
+                   help="onward connects in progress per client, 0 = unlimited "
+                        "(default %(default)s)")
+    g.add_argument("--tunnel-rate", type=float, default=C.DEFAULT_TUNNEL_RATE, metavar="PER_S",
+                   help="new tunnels a client may open per second, 0 = unlimited, then Error 64 "
+                        "(default %(default)s; loopback clients are exempt)")
+    g.add_argument("--tunnel-burst", type=int, default=C.DEFAULT_TUNNEL_BURST, metavar="N",
+                   help="new tunnels a client may open at once before --tunnel-rate applies "
+                        "(default %(default)s)")
+    g.add_argument("--syn-retries", type=int, default=C.DEFAULT_SYN_RETRIES, metavar="N",
+                   help="TCP_SYNCNT of onward connects: SYN retransmissions before Error 65, "
+                        "1-127 (default %(default)s)")
 
     g = p.add_argument_group("observability")
     g.add_argument("--stats", metavar="ADDR:PORT",
@@ -154,13 +191,32 @@ def parse_config(argv) -> Config:
         clients = [AddressRule.parse(c, "--allow-client") for c in ns.allow_client]
     except ConfigError as e:
         p.error(str(e))
+    nat64 = []
+    for text in ns.nat64_prefix:
+        try:
+            net = ipaddress.IPv6Network(text, strict=True)
+        except ValueError:
+            p.error(f"--nat64-prefix {text!r}: not an IPv6 prefix")
+        if net.prefixlen not in NAT64_LENGTHS:
+            p.error(f"--nat64-prefix {text!r}: RFC 6052 prefixes are /32, /40, /48, /56, /64 "
+                    "or /96")
+        nat64.append(net)
     if ns.workers < 1:
         p.error("--workers must be >= 1")
     for name in ("header_timeout", "connect_timeout", "drain_timeout"):
         if getattr(ns, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
+    if ns.stall_timeout < 0 or ns.user_timeout < 0:
+        p.error("--stall-timeout and --user-timeout must be >= 0")
     if ns.max_tunnels < 1 or ns.max_per_client < 0:
         p.error("--max-tunnels must be >= 1 and --max-per-client >= 0")
+    if not 0 <= ns.ipv6_prefix <= 128:
+        p.error("--ipv6-prefix must be 0-128")
+    if ns.max_pending < 0 or ns.max_pending_per_client < 0 or ns.tunnel_rate < 0 \
+            or ns.tunnel_burst < 1:
+        p.error("--max-pending*, --tunnel-rate must be >= 0 and --tunnel-burst >= 1")
+    if not 1 <= ns.syn_retries <= 127:
+        p.error("--syn-retries must be 1-127")
     if ns.keepalive < 0:
         p.error("--keepalive must be >= 0")
     if ns.pipe_size < 4096:
@@ -178,6 +234,10 @@ def parse_config(argv) -> Config:
         header_timeout=ns.header_timeout,
         connect_timeout=ns.connect_timeout,
         drain_timeout=ns.drain_timeout,
+        stall_timeout=ns.stall_timeout,
+        user_timeout=ns.user_timeout,
+        memory_per_client=ns.memory_per_client,
+        memory_budget=ns.memory_budget,
         client=SideOptions(ns.client_cc, ns.client_rcvbuf, ns.client_sndbuf),
         server=SideOptions(ns.server_cc, ns.server_rcvbuf, ns.server_sndbuf),
         nodelay=ns.nodelay,
@@ -188,6 +248,13 @@ def parse_config(argv) -> Config:
         allow_clients=clients,
         max_tunnels=ns.max_tunnels,
         max_per_client=ns.max_per_client,
+        ipv6_prefix=ns.ipv6_prefix,
+        max_pending=ns.max_pending,
+        max_pending_per_client=ns.max_pending_per_client,
+        tunnel_rate=ns.tunnel_rate,
+        tunnel_burst=ns.tunnel_burst,
+        syn_retries=ns.syn_retries,
+        nat64_prefixes=nat64,
         backlog=ns.backlog,
         tfo_queue=ns.tfo_queue,
         workers=ns.workers,

@@ -49,8 +49,8 @@ TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 UNVERIFIED_SYN_WINDOW = 0.7
 #: The onward socket's TCP_USER_TIMEOUT while the client is unverified: the
 #: kernel's own bound if the event loop were stalled past the window above
-#: (then at most one retransmission, and the connect fails).  Cleared (0, the
-#: kernel default) once the client is verified.
+#: (then at most one retransmission, and the connect fails).  Back to
+#: --user-timeout once the client is verified.
 UNVERIFIED_USER_TIMEOUT_MS = 500
 
 #: Largest SYN Linux sends for an onward connect: IP header + 20 bytes of TCP
@@ -75,10 +75,12 @@ def onward_syn_fits(client_family: int, dest_family: int, syn_data: int) -> bool
     return onward <= client
 
 
-def set_unverified(sock: socket.socket, unverified: bool) -> None:
-    """Forbid (or allow again) the onward SYN's retransmission."""
+def set_unverified(sock: socket.socket, unverified: bool, user_timeout: float = 0.0) -> None:
+    """Forbid (or allow again) the onward SYN's retransmission.  Allowing it
+    restores the socket's own TCP_USER_TIMEOUT: `user_timeout` seconds
+    (--user-timeout; 0 is the kernel default)."""
     sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT,
-                    UNVERIFIED_USER_TIMEOUT_MS if unverified else 0)
+                    UNVERIFIED_USER_TIMEOUT_MS if unverified else int(user_timeout * 1000))
 
 
 def _routes_without_cookie() -> list[str]:

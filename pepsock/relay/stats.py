@@ -42,7 +42,11 @@ COOKIE_MISSING = UNVERIFIED + 2       # Connect without the Cookie TLV: Error 3 
 COOKIE_BAD = UNVERIFIED + 3           # Cookie TLV not ours or not for this address: Error 32
 TOKEN_EXPIRED = UNVERIFIED + 4        # a `pep cookie` token past its expiry: Error 32
 UNVERIFIED_BY_COOKIE = UNVERIFIED + 5  # unverified, but an address cookie proved the address
-NVALUES = UNVERIFIED + 6
+
+# Gauges of the memory budget (budget.py), refreshed when published.
+MEMORY_COMMITTED = UNVERIFIED + 6     # kernel bytes tunnels may pin (worst case)
+PIPE_BYTES = MEMORY_COMMITTED + 1     # bytes sitting in pipes now
+NVALUES = PIPE_BYTES + 1
 
 _SLOT = struct.Struct(f"={NVALUES}Q")
 
@@ -132,5 +136,9 @@ def render(v: list[int], workers: int = 1) -> str:
     samples.append(("_count", v[SETUP_COUNT]))
     metric("pep_relay_setup_seconds", "histogram",
            "Accept to reply sent (header read, policy, onward connect).", samples)
+    metric("pep_relay_memory_committed_bytes", "gauge",
+           "Kernel memory (socket buffers + pipes) granted to open tunnels, worst case.",
+           [("", v[MEMORY_COMMITTED])])
+    metric("pep_relay_pipe_bytes", "gauge", "Bytes held in pipes now.", [("", v[PIPE_BYTES])])
     metric("pep_relay_workers", "gauge", "Worker processes.", [("", workers)])
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ Life of a tunnel::
 
 A client accepted before its handshake completed (--no-cookie) is
 *unverified* (routability.py): whatever would send it a byte, or send one of
-its bytes onward, waits in HELD (`pending`) until its ACK arrives, and the
+its bytes onward, waits in HELD (`held_action`) until its ACK arrives, and the
 tunnel is reset if that does not happen within --header-timeout.
 
 The data path (`_pump`) follows PEPsal's lesson: each direction owns a pipe
@@ -27,12 +27,14 @@ sockets and no pipe.
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
 import select
 import socket
 import struct
+import sys
 import time
 
 from ..protocol import (
@@ -42,6 +44,7 @@ from ..protocol import (
 from . import routability
 from . import stats as S
 from .cookies import Verdict
+from .onward import connect_limit
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -59,12 +62,37 @@ _SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 _splice = os.splice
 
 SUCCESS = success_reply()
-#: What an Info request is answered with: the options the onward kernel
-#: connection uses end to end (MSS, SACK-permitted, timestamps, window scale).
-INFO_REPLY = success_reply((SupportedTCPExtensions((2, 3, 4, 8)),))
+#: TCP options the onward connection carries because the kernel negotiates
+#: them itself: MSS, window scale, SACK-permitted, timestamps.  A Connect
+#: asking for any other (TCP-MD5 19, TCP-AO 29, MPTCP 30 -- the onward
+#: socket is plain TCP --, anything unknown) gets Error 33 listing them
+#: (RFC 8803 6.2.8; for TCP-AO a MUST): connecting without them would
+#: silently give the client less than it asked for, e.g. no authentication.
+HONOURED_OPTIONS = frozenset((2, 3, 4, 8))
+#: What an Info request is answered with: those options.
+INFO_REPLY = success_reply((SupportedTCPExtensions(tuple(sorted(HONOURED_OPTIONS))),))
+#: SO_LINGER {1, 0}: close() resets instead of sending a FIN.  Armed on the
+#: listener (accepted sockets inherit it) and on every onward socket, so if
+#: the relay dies (kill -9, OOM, a crashed worker) the kernel's close of its
+#: fds resets both sides of every tunnel: a cut transfer never looks finished.
 LINGER_RESET = struct.pack("ii", 1, 0)
+#: Disarmed right before a clean, propagated close (and before Error replies).
+LINGER_OFF = struct.pack("ii", 0, 0)
+#: ioctl: bytes in a socket's send queue not yet acknowledged by the peer.
+SIOCOUTQ = 0x5411
+#: How often a tunnel whose destination reset checks that the client has
+#: acknowledged what the relay still held for it.
+FLUSH_POLL = 0.02
+TCP_CLOSE = 7
 
-HEADER, CONNECTING, OPEN, DONE, HELD = range(5)
+#: States.  HELD: an unverified client's tunnel parks what would next send
+#: it a byte (or send one of its bytes onward) until its handshake completes.
+HEADER, CONNECTING, OPEN, FLUSHING, DONE, HELD = range(6)
+#: Error 64's Value when a limit refuses a client: retry after 1 s (RFC 8803
+#: 6.2.8; an empty Value would mean 30 s, too long for a rate limit).
+RETRY_AFTER = b"\x01"
+TCP_SYNCNT = 7
+TCP_USER_TIMEOUT = routability.TCP_USER_TIMEOUT
 #: Error replies lingering for the client's FIN at once; beyond, close at once.
 MAX_CLOSERS = 1024
 
@@ -84,9 +112,10 @@ class End:
 class Direction:
     """Bytes flowing src -> dst through a (pooled) pipe."""
 
-    __slots__ = ("src", "dst", "pipe", "held", "eof", "shut", "bytes", "stat", "peer", "buf")
+    __slots__ = ("src", "dst", "pipe", "held", "eof", "shut", "bytes", "stat", "peer", "buf",
+                 "limit")
 
-    def __init__(self, src: End, dst: End, stat: int):
+    def __init__(self, src: End, dst: End, stat: int, limit: int = 1 << 30):
         self.src = src
         self.dst = dst
         self.pipe = None    # (read fd, write fd, capacity) while bytes are in flight
@@ -97,6 +126,7 @@ class Direction:
         self.stat = stat
         self.peer: Direction | None = None
         self.buf = b""      # bytes held in user space (copy fallback, no pipe)
+        self.limit = limit  # the most the pipe may hold for this tunnel (budget)
 
 
 SO_SNDBUFFORCE = 32
@@ -122,13 +152,20 @@ def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
             "(raise it, or run with CAP_NET_ADMIN)", size, got, name)
 
 
-def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0) -> None:
+def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0,
+               user_timeout: float = 0.0, rcvbuf: int | None = None,
+               sndbuf: int | None = None) -> None:
     """Per-side TCP tuning; buffers must be set before connect()/listen() for
-    the window scale in the SYN to match them."""
-    if side.rcvbuf:
-        _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, side.rcvbuf)
-    if side.sndbuf:
-        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, side.sndbuf)
+    the window scale in the SYN to match them.  `rcvbuf`/`sndbuf` override
+    the side's sizes (a tunnel granted less by the budget)."""
+    rcvbuf = side.rcvbuf if rcvbuf is None else rcvbuf
+    sndbuf = side.sndbuf if sndbuf is None else sndbuf
+    if rcvbuf:
+        _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
+    if sndbuf:
+        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, sndbuf)
+    if user_timeout:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(user_timeout * 1000))
     if side.cc:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, side.cc.encode())
     if nodelay:
@@ -138,6 +175,8 @@ def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0) -> 
     # net.ipv4.tcp_keepalive_* (accepted sockets inherit it from the listener).
     # tests/test_reliability_vanish.py
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # Reset semantics while the socket lives (see LINGER_RESET).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     if keepalive:
         # --keepalive S: first probe after S idle seconds, then every S/3
         # (at least 1 s), 3 unanswered probes end the tunnel with a reset.
@@ -146,11 +185,63 @@ def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0) -> 
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
+def keepalive_limit(keepalive: int) -> float:
+    """Seconds after which keepalive gives up on a silent peer: --keepalive S
+    (S + 3 probes S/3 apart), else the namespace's net.ipv4.tcp_keepalive_*.
+    TCP_USER_TIMEOUT replaces keepalive's probe count when set, so the relay
+    caps --user-timeout at this: it must never keep a dead peer longer."""
+    if keepalive:
+        return keepalive + 3 * max(1, keepalive // 3)
+    values = []
+    for name in ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes"):
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                values.append(int(f.read()))
+        except (OSError, ValueError):
+            return float("inf")
+    idle, intvl, probes = values
+    return idle + intvl * probes
+
+
 def fmt_addr(addr) -> str:
     if addr is None:
         return "-"
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _disarm(sock: socket.socket) -> None:
+    """Back to a normal close (FIN after the queued bytes)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
+    except OSError:
+        pass
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """tcpi_state: TCP_CLOSE (7) once a reset (or error) has killed the connection."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return TCP_CLOSE
+
+
+def _unacked(fd: int) -> int:
+    """Bytes in fd's send queue the peer has not acknowledged yet."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, SIOCOUTQ, buf)
+    except OSError:
+        return 0
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def _in_handshake(sock: socket.socket) -> bool:
+    """Still waiting for the client's ACK (an unverified client)?"""
+    try:
+        return routability.in_syn_recv(sock)
+    except OSError:
+        return False
 
 
 def _reset_close(sock: socket.socket | None) -> None:
@@ -166,34 +257,83 @@ def _reset_close(sock: socket.socket | None) -> None:
 class Closer:
     """Send a final reply, shut down, discard what the client still sends until
     its FIN (or a short timeout), then close: a clean close, not an RST that
-    could overtake the Error TLV."""
+    could overtake the Error TLV.
 
-    __slots__ = ("loop", "sock", "fd", "timer")
+    A client still in its handshake (unverified, routability.py: a refusal at
+    accept under --no-cookie) gets no byte until its ACK arrives; one that
+    never completes it within --header-timeout is reset, having been sent
+    nothing.  `code`: the Error code to count when the reply is sent."""
 
-    def __init__(self, loop, sock: socket.socket, reply: bytes, registered: bool = True):
+    __slots__ = ("loop", "sock", "fd", "timer", "reply", "code")
+
+    def __init__(self, loop, sock: socket.socket, reply: bytes, registered: bool = True,
+                 code: int | None = None):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
+        self.timer = None
+        self.reply = reply
+        self.code = code
+        if loop.clients_unverified and _in_handshake(sock):
+            if loop.closers >= MAX_CLOSERS:
+                if registered:
+                    loop.forget(self.fd)
+                _reset_close(sock)
+                return
+            loop.closers += 1
+            mask = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+            if registered:
+                loop.rebind(self.fd, self.on_handshake, mask)
+            else:
+                loop.register(self.fd, self.on_handshake, mask)
+            self.timer = loop.call_later(loop.cfg.header_timeout, self._expire)
+            return
+        if self._send(registered):
+            self.timer = loop.call_later(loop.linger_timeout, self.close)
+
+    def _send(self, registered: bool) -> bool:
+        """Reply and shut down; True if now lingering for the client's FIN
+        (counted in loop.closers)."""
+        loop, sock = self.loop, self.sock
+        _disarm(sock)   # a reset could overtake the reply
         try:
-            sock.send(reply)
+            sock.send(self.reply)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             loop.forget(self.fd)
             sock.close()
-            return
+            return False
+        finally:
+            if self.code is not None:
+                loop.stats.error(self.code)
+            self.reply = None
         if loop.closers >= MAX_CLOSERS:
             # A flood of refused clients must not pin fds for the linger time:
             # past this many, close at once (a reset if the client's bytes are
             # unread, but the reply has been sent).
             loop.forget(self.fd)
             sock.close()
-            return
+            return False
         loop.closers += 1
         if registered:
             loop.rebind(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
         else:
             loop.register(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
-        self.timer = loop.call_later(loop.linger_timeout, self.close)
+        return True
+
+    def on_handshake(self, events: int) -> None:
+        if _in_handshake(self.sock):
+            return
+        self.timer.cancel()
+        self.loop.closers -= 1
+        if self._send(registered=True):
+            self.timer = self.loop.call_later(self.loop.linger_timeout, self.close)
+
+    def _expire(self) -> None:
+        """The handshake never completed (a forged source): reset, nothing sent."""
+        self.loop.forget(self.fd)
+        _reset_close(self.sock)
+        self.loop.closers -= 1
 
     def on_event(self, events: int) -> None:
         try:
@@ -218,10 +358,29 @@ class Closer:
 
 class Tunnel:
     __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
-                 "dest", "t0", "timer", "outcome", "early", "unverified", "pending", "vtimer")
+                 "dest", "t0", "timer", "outcome", "early", "why", "flush_mark", "flush_at",
+                 "client_key", "exempt", "pending_slot", "sizes", "stall_mark", "stall_at",
+                 "unverified", "held_action", "vtimer")
 
-    def __init__(self, loop, sock: socket.socket, addr, now: float):
+    def __init__(self, loop, sock: socket.socket, addr, now: float, key: str | None = None,
+                 exempt: bool = False, sizes=None):
         self.loop = loop
+        self.sizes = sizes          # budget.Sizes granted (None: unbudgeted)
+        self.stall_mark = None
+        self.stall_at = now
+        if sizes is not None:
+            full = loop.admission.budget.full
+            # The listener's sizes (inherited) are the full ones: shrink if granted less.
+            try:
+                if sizes.client_rcv < full.client_rcv:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sizes.client_rcv // 2)
+                if sizes.client_snd < full.client_snd:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sizes.client_snd // 2)
+            except OSError:
+                pass        # a socket already dead: the header read below finds out
+        self.client_key = addr[0] if key is None else key
+        self.exempt = exempt        # a loopback client: no per-client rate/pending/budget
+        self.pending_slot = False   # holds an onward-connect slot (admission.take_pending)
         self.c = End(sock)
         self.s: End | None = None
         self.up: Direction | None = None
@@ -235,7 +394,8 @@ class Tunnel:
         self.outcome = ""
         self.early = b""
         self.timer = None
-        self.pending = None     # what waits for the client's handshake (HELD)
+        self.why = ""
+        self.held_action = None     # what waits for the client's handshake (HELD)
         self.vtimer = None
         self.unverified = False
         if loop.clients_unverified:
@@ -266,6 +426,8 @@ class Tunnel:
         state = self.state
         if state == OPEN:
             self._run()
+        elif state == FLUSHING:
+            self._flush()
         elif state == HEADER and c.readable:
             # Not on a bare EPOLLOUT: the client's first event after a 1-RTT
             # handshake is usually just that, and recv() would only EAGAIN.
@@ -275,6 +437,8 @@ class Tunnel:
         s = self.s
         if self.state == CONNECTING:
             return self._connected(ev)
+        if self.state == FLUSHING:
+            return      # the server is gone; its last bytes are read by _flush
         if ev & EPOLLERR:
             return self._on_error(s, "server")
         if ev & _READ_EV:
@@ -319,6 +483,12 @@ class Tunnel:
             return self._reply_and_close(INFO_REPLY, "info")
         if self.loop.cookies is not None and not self._cookie_accepted(msg):
             return
+        refused = [o.kind for o in req.options if o.kind not in HONOURED_OPTIONS]
+        if refused:
+            kinds = bytes(dict.fromkeys(refused))
+            self.dest = (str(req.address), req.port)
+            return self._fail(ErrorCode.UNSUPPORTED_TCP_OPTION, kinds,
+                              f"TCP options {', '.join(map(str, kinds))} cannot be honoured")
         # Unverified, everything read so far came in the client's SYN: the
         # onward SYN may not be larger (RFC 8803 section 9.3).
         if self.unverified and not routability.onward_syn_fits(
@@ -361,16 +531,32 @@ class Tunnel:
     def _connect(self, address, port: int) -> None:
         loop = self.loop
         self.dest = (str(address), port)
-        ok, why = loop.admission.dest_allowed(address, port)
-        if not ok:
-            return self._fail(ErrorCode.NOT_AUTHORIZED, b"", why)
+        adm = loop.admission
+        if not self.exempt and adm.client_is_self(self.client_ip):
+            # The relay reaching itself (a hairpin DNAT, an address it did not
+            # know was its own): one request could nest tunnels without end.
+            return self._fail(ErrorCode.NOT_AUTHORIZED, b"", "client is this host itself")
+        refusal = adm.judge_dest(address, port)
+        if refusal is not None:
+            return self._fail(*refusal)
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        busy = loop.admission.take_pending(self.client_key, self.exempt)
+        if busy is not None:
+            return self._fail(ErrorCode.RESOURCE_EXCEEDED, RETRY_AFTER, busy)
+        self.pending_slot = True
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             return self._fail(ErrorCode.RESOURCE_EXCEEDED, b"", f"socket(): {e.strerror}")
         try:
-            apply_side(sock, loop.cfg.server, loop.cfg.nodelay, loop.cfg.keepalive)
+            sizes = self.sizes
+            cfg = loop.cfg
+            if sizes is None or sizes is loop.admission.budget.levels[0]:
+                apply_side(sock, cfg.server, cfg.nodelay, cfg.keepalive, cfg.user_timeout)
+            else:
+                apply_side(sock, cfg.server, cfg.nodelay, cfg.keepalive, cfg.user_timeout,
+                           sizes.server_rcv // 2, sizes.server_snd // 2)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_SYNCNT, cfg.syn_retries)
             if self.unverified:
                 routability.set_unverified(sock, True)
             err = sock.connect_ex(self.dest)
@@ -385,10 +571,15 @@ class Tunnel:
         if self.timer is not None:
             self.timer.cancel()
         # Unverified, the onward SYN gets no retransmission: the attempt is
-        # dropped just before the kernel's first one (routability.py).
+        # dropped just before the kernel's first one (routability.py); else
+        # --connect-timeout or the --syn-retries deadline, whichever is sooner.
         self.timer = loop.call_later(routability.UNVERIFIED_SYN_WINDOW if self.unverified
-                                     else loop.cfg.connect_timeout, self._connect_timeout)
+                                     else self._connect_limit(), self._connect_timeout)
         loop.register(self.s.fd, self.on_server, ET_MASK)
+
+    def _connect_limit(self) -> float:
+        cfg = self.loop.cfg
+        return connect_limit(cfg.syn_retries, cfg.connect_timeout)
 
     def _connect_timeout(self) -> None:
         if self.state == CONNECTING:
@@ -411,6 +602,7 @@ class Tunnel:
                 return
         self.timer.cancel()
         self.timer = None
+        self._connect_over()
         # Edge-triggered: bytes the server sends after this poll raise a new edge.
         s.readable = bool(ev & _READ_EV)
         if self.unverified:
@@ -430,8 +622,9 @@ class Tunnel:
         st[S.ESTABLISHED] += 1
         loop.stats.setup(time.monotonic() - self.t0)
         s.writable = True
-        self.up = up = Direction(self.c, s, S.BYTES_UP)
-        self.down = down = Direction(s, self.c, S.BYTES_DOWN)
+        limit = self.sizes.pipe if self.sizes is not None else 1 << 30
+        self.up = up = Direction(self.c, s, S.BYTES_UP, limit)
+        self.down = down = Direction(s, self.c, S.BYTES_DOWN, limit)
         up.peer, down.peer = down, up
         up.buf, self.early = self.early, b""
         self._run()
@@ -440,7 +633,7 @@ class Tunnel:
     def _hold(self, action) -> None:
         """Park `action` until the client's handshake completes."""
         self.state = HELD
-        self.pending = action
+        self.held_action = action
 
     def _verified_now(self) -> bool:
         """Has the client's ACK arrived?  Then run what was held."""
@@ -448,10 +641,10 @@ class Tunnel:
             if routability.in_syn_recv(self.c.sock):
                 return False
             if self.s is not None:
-                routability.set_unverified(self.s.sock, False)
+                routability.set_unverified(self.s.sock, False, self.loop.cfg.user_timeout)
                 if self.state == CONNECTING:    # from now on the normal connect limit
                     self.timer.cancel()
-                    self.timer = self.loop.call_later(self.loop.cfg.connect_timeout,
+                    self.timer = self.loop.call_later(self._connect_limit(),
                                                       self._connect_timeout)
         except OSError as e:
             self.abort(f"client error before its handshake completed: {e.strerror}")
@@ -459,9 +652,9 @@ class Tunnel:
         self.unverified = False
         self.vtimer.cancel()
         self.vtimer = None
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending()
+        action, self.held_action = self.held_action, None
+        if action is not None:
+            action()
         return True
 
     def _verified_by_cookie(self) -> None:
@@ -478,6 +671,7 @@ class Tunnel:
         self.s = None
         self.timer.cancel()
         self.timer = None
+        self._connect_over()    # _connect takes the slot again
         address = ipaddress.ip_address(self.dest[0])
         self._hold(lambda: self._connect(address, self.dest[1]))
 
@@ -496,7 +690,7 @@ class Tunnel:
             if up.shut and down.shut:
                 self._finish_clean()
         except OSError as e:
-            self.abort(f"{e.strerror}")
+            self._broken(f"{e.strerror}")
 
     def _pump(self, d: Direction) -> None:
         src, dst = d.src, d.dst
@@ -515,6 +709,8 @@ class Tunnel:
                 return self._copy(d)
             d.pipe = pipe
         pr, pw, cap = pipe
+        if cap > d.limit:
+            cap = d.limit
         held = d.held
         moved = 0
         splice = _splice
@@ -526,6 +722,9 @@ class Tunnel:
                 except BlockingIOError:
                     if held == 0:
                         src.readable = False
+                except OSError:
+                    d.held = held
+                    raise
                 else:
                     if n:
                         held += n
@@ -604,17 +803,80 @@ class Tunnel:
             self._shut(d)
 
     def _on_error(self, end: End, who: str) -> None:
-        # No last delivery of what a pipe still holds for the healthy side:
-        # _pump only stops with bytes held once the destination hit EAGAIN,
-        # and writable is set again only right before the next _pump, so
-        # such bytes never "fit now". The reset is carried across at once.
         err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.abort(f"{who} {os.strerror(err) if err else 'error'}")
+        self._broken(f"{who} {os.strerror(err) if err else 'error'}")
+
+    def _broken(self, why: str) -> None:
+        """One side failed.  If the destination reset while the client is
+        fine, the client first gets every byte the relay already holds for it
+        (what the dead socket still has queued, the pipe, the client socket's
+        own send queue) and only then the reset: the destination had sent
+        those bytes and they were acknowledged, so dropping them would lose
+        data a direct connection delivers.  Anything else: reset both now."""
+        if self.state == OPEN and not self.down.shut \
+                and _tcp_state(self.s.sock) == TCP_CLOSE \
+                and _tcp_state(self.c.sock) != TCP_CLOSE:
+            return self._start_flush(why if why.startswith("server") else f"server {why}")
+        self.abort(why)
+
+    # -- a destination reset: deliver, then reset ------------------------------------
+    def _start_flush(self, why: str) -> None:
+        self.state = FLUSHING
+        self.why = why
+        up, down = self.up, self.down
+        if up.pipe is not None:     # the client's bytes cannot reach the server any more
+            if up.held:
+                self.loop.pipe_close(up.pipe)
+            else:
+                self.loop.pipe_put(up.pipe)
+            up.pipe, up.held, up.buf = None, 0, b""
+        # No FIN for this direction: its end is a reset, sent once all is delivered.
+        down.shut = True
+        self.s.readable = True
+        self.flush_mark = None
+        self.flush_at = time.monotonic()
+        self._flush()
+        if self.state == FLUSHING:
+            self.timer = self.loop.call_later(FLUSH_POLL, self._flush_poll)
+
+    def _flush(self) -> None:
+        d = self.down
+        for _ in range(3):
+            try:
+                self._pump(d)
+                return
+            except OSError as e:
+                if _tcp_state(self.c.sock) == TCP_CLOSE:
+                    return self.abort(f"{self.why}; then client {e.strerror}")
+                d.eof = True    # the dead server's queue is read to its end
+
+    def _flush_poll(self) -> None:
+        """Until the client has acknowledged everything: then the reset.  A
+        client that stops acknowledging for --stall-timeout is reset anyway."""
+        self.timer = None
+        self._flush()
+        if self.state != FLUSHING:
+            return
+        d = self.down
+        left = _unacked(self.c.fd)
+        if d.eof and not d.held and not d.buf and left == 0:
+            return self.abort(f"{self.why}; {d.bytes} bytes delivered in all")
+        if _tcp_state(self.c.sock) == TCP_CLOSE:
+            return self.abort(f"{self.why}; then the client's connection ended")
+        now = time.monotonic()
+        mark = (d.bytes, left)
+        stall = self.loop.cfg.stall_timeout
+        if mark != self.flush_mark:
+            self.flush_mark, self.flush_at = mark, now
+        elif stall and now - self.flush_at > stall:
+            return self.abort(f"{self.why}; client stalled, {left + d.held} bytes undelivered")
+        self.timer = self.loop.call_later(FLUSH_POLL, self._flush_poll)
 
     # -- endings -----------------------------------------------------------------------
     def _fail(self, code: int, value: bytes, why: str) -> None:
         """Answer with an Error TLV and close cleanly (counted when sent: an
         unverified client gets it once its handshake completes, or never)."""
+        self._connect_over()
         if self.s is not None:
             self.loop.forget(self.s.fd)
             self.s.sock.close()
@@ -643,6 +905,8 @@ class Tunnel:
         loop = self.loop
         loop.forget(self.c.fd)
         loop.forget(self.s.fd)
+        _disarm(self.c.sock)
+        _disarm(self.s.sock)
         self.c.sock.close()
         self.s.sock.close()
         self._release_pipes()
@@ -663,9 +927,40 @@ class Tunnel:
         loop.stats.v[S.RESETS] += 1
         self._done(f"reset ({why})")
 
+    def check_stall(self, now: float, timeout: float) -> None:
+        """Called every few seconds: a tunnel that holds bytes it cannot
+        deliver (a pipe, or a socket's unacknowledged send queue) while
+        nothing moves and nothing is acknowledged for `timeout` is reset, so
+        a peer that stops reading (or a FIN queued behind bytes nobody will
+        read) cannot pin its buffers forever.  An idle tunnel is left alone."""
+        if self.state != OPEN:
+            return
+        up, down = self.up, self.down
+        moved = (up.bytes, down.bytes)
+        if self.stall_mark is not None and self.stall_mark[:2] == moved:
+            held = up.held + down.held + len(up.buf) + len(down.buf)
+            queued = (_unacked(self.c.fd), _unacked(self.s.fd))
+            if not held and queued == (0, 0):
+                self.stall_mark = None      # idle, nothing owed: fine
+                return
+            mark = moved + queued
+            if mark != self.stall_mark:
+                self.stall_mark, self.stall_at = mark, now
+            elif now - self.stall_at >= timeout:
+                self.abort(f"stalled {now - self.stall_at:.0f}s with {held} bytes in the relay "
+                           f"and {sum(queued)} unacknowledged")
+            return
+        self.stall_mark, self.stall_at = moved + (-1, -1), now
+
+    def _connect_over(self) -> None:
+        if self.pending_slot:
+            self.pending_slot = False
+            self.loop.admission.release_pending(self.client_key)
+
     def _done(self, outcome: str) -> None:
         if self.state == DONE:
             return
+        self._connect_over()
         self.state = DONE
         if self.up is not None:
             self.up.peer = self.down.peer = None   # no cycles: refcounting frees us
@@ -675,7 +970,7 @@ class Tunnel:
         if self.vtimer is not None:
             self.vtimer.cancel()
             self.vtimer = None
-        self.pending = None
+        self.held_action = None
         self.outcome = outcome
         self.loop.tunnel_done(self)
 

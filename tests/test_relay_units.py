@@ -1,0 +1,123 @@
+"""Pure parts of the relay's hardening (issue 16), without sockets: the
+netlink route reply parser, the memory budget, token buckets, the client key
+and the SYN deadline.  Property tests where there is a parser or an
+invariant."""
+import ipaddress
+import struct
+
+from hypothesis import given, strategies as st
+
+from pepsock.relay.budget import Budget, Sizes
+from pepsock.relay.clients import client_key
+from pepsock.relay.onward import syn_deadline
+from pepsock.relay.ratelimit import LogLimiter, TokenBuckets
+from pepsock.relay.routes import NLMSG_ERROR, RTM_NEWROUTE, Routes, parse_reply, request
+
+M = 1 << 20
+
+
+def _nl(mtype, seq, body):
+    return struct.pack("=IHHII", 16 + len(body), mtype, 0, seq, 0) + body
+
+
+@given(st.binary(max_size=512), st.integers(0, 2**32 - 1))
+def test_parse_reply_never_raises_on_garbage(data, seq):
+    got = parse_reply(data, seq)
+    assert got is None or (isinstance(got, tuple) and len(got) == 2)
+
+
+@given(st.integers(0, 255), st.integers(1, 2**32 - 1), st.binary(max_size=64))
+def test_parse_reply_finds_the_route_type_behind_other_messages(rtype, seq, other):
+    route = _nl(RTM_NEWROUTE, seq, struct.pack("=BBBBBBBBI", 2, 32, 0, 0, 254, 0, 0, rtype, 0))
+    noise = _nl(RTM_NEWROUTE, seq ^ 1, other + b"\0" * (-len(other) % 4))
+    assert parse_reply(noise + route, seq) == (rtype, 0)
+    assert parse_reply(route[:-1], seq) is None           # truncated: not trusted
+
+
+@given(st.integers(1, 4095), st.integers(1, 2**32 - 1))
+def test_parse_reply_error_is_an_errno(err, seq):
+    assert parse_reply(_nl(NLMSG_ERROR, seq, struct.pack("=i", -err) + b"\0" * 16), seq) == (0, err)
+
+
+def test_route_lookup_against_this_kernel():
+    r = Routes()
+    assert r.route_of(ipaddress.ip_address("127.0.0.1")) == (2, 0)     # RTN_LOCAL
+    assert r.route_of(ipaddress.ip_address("::1")) == (2, 0)
+    assert len(request(ipaddress.ip_address("::1"), 7)) == 16 + 12 + 4 + 16
+
+
+full = Sizes(8 * M, 8 * M, 4 * M, 4 * M, M)
+
+
+@given(st.lists(st.tuples(st.integers(0, 9), st.booleans()), max_size=300),
+       st.integers(0, 128), st.integers(0, 1024))
+def test_budget_never_overcommits_and_releases_to_zero(ops, per_client_mib, total_mib):
+    b = Budget(full, per_client_mib * M, total_mib * M)
+    held = []
+    for client, release in ops:
+        if release and held:
+            key, sizes = held.pop(0)
+            b.release(key, sizes)
+            continue
+        sizes = b.reserve(f"c{client}")
+        if sizes is not None:
+            held.append((f"c{client}", sizes))
+        if b.total:
+            assert b.committed <= b.total
+        if b.per_client:
+            assert all(v <= b.per_client for v in b.by_client.values())
+    for key, sizes in held:
+        b.release(key, sizes)
+    assert b.committed == 0 and b.by_client == {}
+
+
+def test_budget_first_tunnel_full_then_smaller_then_refused():
+    b = Budget(full, 64 * M, 0)
+    grants = []
+    while (g := b.reserve("one")) is not None:
+        grants.append(g)
+    assert grants[0] is b.levels[0] and grants[1].cost < grants[0].cost
+    assert sum(g.cost for g in grants) <= 64 * M and len(grants) > 400
+    assert b.reserve("other") is b.levels[0]            # another client is unaffected
+
+
+@given(st.floats(0.5, 1000), st.integers(1, 1000), st.lists(st.floats(0, 5), max_size=200))
+def test_token_bucket_never_exceeds_burst_plus_rate(rate, burst, gaps):
+    tb = TokenBuckets(rate, burst)
+    now, allowed = 0.0, 0
+    for g in gaps:
+        now += g
+        allowed += tb.allow("k", now)
+    assert allowed <= burst + rate * now + 1e-6
+
+
+def test_token_buckets_keep_at_most_max_keys():
+    tb = TokenBuckets(1, 1, max_keys=100)
+    for i in range(1000):
+        tb.allow(i, 0.0)
+    assert len(tb.buckets) == 100
+
+
+def test_log_limiter_counts_what_it_drops():
+    lim = LogLimiter(rate=1, burst=2, total_rate=100)
+    allowed = sum(lim.allow("a", 0.0) for _ in range(10))
+    assert allowed == 2
+    line = lim.summary(10.0)
+    assert "8 tunnel lines from 1 clients" in line and lim.summary(20.0) is None
+
+
+@given(st.integers(0, 2**128 - 1), st.integers(0, 128))
+def test_client_key_is_the_prefix(x, n):
+    ip = str(ipaddress.IPv6Address(x))
+    key = client_key(ip, n)
+    net = ipaddress.IPv6Network(key)
+    assert net.prefixlen == n and ipaddress.IPv6Address(x) in net
+    assert client_key("198.51.100.7", n) == "198.51.100.7"
+
+
+def test_syn_deadline_linear_and_exponential():
+    # linear (Linux 6.x, 4): SYNs at 0, 1, 2; the 4th would go at 3 s
+    assert syn_deadline(2, 4) == 2.5
+    # exponential: SYNs at 0, 1, 3; the 4th at 7 s
+    assert syn_deadline(2, 0) == 5.0
+    assert syn_deadline(5, 4) == 6.0            # 0..5 s, then 7 s
