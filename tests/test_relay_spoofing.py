@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import require_root, require_tool
-from pepsock.protocol import Connect, Cookie, ErrorCode, Message, connect_request
+from pepsock.protocol import Connect, Cookie, Error, ErrorCode, Message, connect_request
 from pepsock.relay import cookies as C
 from pepsock.tfo import MSG_FASTOPEN
 from pepsock.testbed.netns import Topology
@@ -368,3 +368,54 @@ def test_unverified_clients_are_bounded_by_the_tfo_queue(net, dest):
     assert m["pep_relay_unverified_total"] == 8
     assert m["pep_relay_tunnels_open"] <= 8
     assert dest.packets.poll().syns <= 8 and dest.packets.payload == 0
+
+
+def test_refusal_at_accept_waits_for_the_handshake(net, dest):
+    """--no-cookie with issue 16's per-client limits: a refusal decided at
+    accept (Error 32 outside --allow-client, Error 64 past --max-per-client)
+    goes to an unverified client only once its handshake completes. Forged
+    sources get no byte and the errors are not counted as sent; a real
+    client still gets each Error, with Error 64's Value 1 (retry after 1 s)."""
+    client = net.hosts["client"]
+    require_tool("iptables")
+    ifname = client.run("ip", "-o", "route", "get", "192.0.2.1").stdout.split("dev ")[1].split()[0]
+    outsider = "192.0.2.200"                        # outside --allow-client
+    for victim_ip in (FORGED, outsider):
+        client.run("ip", "addr", "add", f"{victim_ip}/32", "dev", ifname)
+        client.run("iptables", "-w", "5", "-I", "INPUT", "-d", victim_ip, "-j", "DROP")
+    with client.enter():
+        victims = [PacketCounter(ifname, 40000 + i) for i in range(3)]
+    try:
+        with start_relay(net, "--no-cookie", "--header-timeout", "2", "--max-per-client", "1",
+                         "--allow-client", "192.0.2.0/25") as relay:
+            forge(net, relay, DEST, source=FORGED, sport=40000)     # takes FORGED's one slot
+            forge(net, relay, DEST, source=FORGED, sport=40001)     # Error 64 at accept
+            forge(net, relay, DEST, source=outsider, sport=40002)   # Error 32 at accept
+            time.sleep(3.5)
+            m = metrics(net, relay)
+            # Control: the real client (verified by its handshake) gets both.
+            with client.enter():
+                first = socket.socket()
+                first.setsockopt(socket.IPPROTO_TCP, 34, 1)
+                tfo_send(first, connect_request(*DEST) + b"held", relay.addr)
+                msg_first, _ = read_reply(first)
+            _, msg_busy, _ = tfo_client(net, relay, DEST, b"x", no_cookie=True)
+            first.close()
+            relay2_args = ("--no-cookie", "--allow-client", "192.0.2.3/32")
+        with start_relay(net, *relay2_args) as relay2:
+            _, msg_outside, _ = tfo_client(net, relay2, DEST, b"x", no_cookie=True)
+        for v in victims:
+            v.poll()
+    finally:
+        for v in victims:
+            v.close()
+    print("forged sources refused at accept: " + ", ".join(
+        f"{v.segments} segments, {v.payload} bytes of data" for v in victims))
+    assert all(v.payload == 0 for v in victims)
+    assert all(v.segments <= 4 for v in victims)    # SYN-ACKs and a reset
+    assert m["pep_relay_unverified_expired_total"] == 1     # the one that got a tunnel
+    assert m['pep_relay_errors_total{code="64",name="resource_exceeded"}'] == 0
+    assert m['pep_relay_errors_total{code="32",name="not_authorized"}'] == 0
+    assert msg_first.error is None
+    assert msg_busy.error == Error(ErrorCode.RESOURCE_EXCEEDED, b"\x01")
+    assert msg_outside.error.code == ErrorCode.NOT_AUTHORIZED
