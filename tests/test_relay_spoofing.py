@@ -419,3 +419,45 @@ def test_refusal_at_accept_waits_for_the_handshake(net, dest):
     assert msg_first.error is None
     assert msg_busy.error == Error(ErrorCode.RESOURCE_EXCEEDED, b"\x01")
     assert msg_outside.error.code == ErrorCode.NOT_AUTHORIZED
+
+
+def test_unverified_retry_keeps_one_pending_slot(net, dest):
+    """--no-cookie, --max-pending-per-client 1: a real client whose ACK is late
+    (dropped for 1.5 s) while the destination ignores the first onward SYN.
+    The relay drops that attempt at 0.7 s (no retransmission), connects again
+    once the client's ACK arrives (the SYN-ACK retransmitted at 3 s), and the
+    tunnel works. The retry holds the client's one slot throughout and gives
+    it back once connected: the client's next tunnel is served (were the slot
+    taken twice, or lost, it would get Error 64)."""
+    require_tool("iptables")
+    client, server = net.hosts["client"], net.hosts["server"]
+    drop_ack = ["OUTPUT", "-p", "tcp", "-d", "192.0.2.1", "--tcp-flags", "ALL", "ACK", "-j", "DROP"]
+    drop_syn = ["INPUT", "-p", "tcp", "--dport", str(DEST[1]), "--syn", "-j", "DROP"]
+    with start_relay(net, "--no-cookie", "--header-timeout", "6",
+                     "--max-pending-per-client", "1") as relay:
+        client.run("iptables", "-w", "5", "-I", *drop_ack)
+        server.run("iptables", "-w", "5", "-I", *drop_syn)
+        t0 = time.monotonic()
+        with client.enter():
+            s = socket.socket()
+            s.setsockopt(socket.IPPROTO_TCP, 34, 1)
+            tfo_send(s, connect_request(*DEST) + b"late", relay.addr)
+        time.sleep(1.5)
+        client.run("iptables", "-w", "5", "-D", *drop_ack)
+        server.run("iptables", "-w", "5", "-D", *drop_syn)
+        msg, _ = read_reply(s, timeout=8)
+        took = time.monotonic() - t0
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        recv_all(s)
+        s.close()
+        _, again, _ = tfo_client(net, relay, DEST, b"next", no_cookie=True)
+        m = metrics(net, relay)
+    print(f"late ACK: reply after {took:.2f} s; destination SYNs {dest.packets.poll().syns}")
+    assert msg.error is None, msg.error
+    assert took >= 1.5
+    assert dest.packets.syns == 3     # the unverified attempt's, the retry's, the next tunnel's
+    assert again.error is None, again.error
+    assert sorted(dest.conns) == [b"late", b"next"]
+    assert m["pep_relay_unverified_total"] >= 1
+    assert m["pep_relay_unverified_expired_total"] == 0

@@ -540,10 +540,11 @@ class Tunnel:
         if refusal is not None:
             return self._fail(*refusal)
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-        busy = loop.admission.take_pending(self.client_key, self.exempt)
-        if busy is not None:
-            return self._fail(ErrorCode.RESOURCE_EXCEEDED, RETRY_AFTER, busy)
-        self.pending_slot = True
+        if not self.pending_slot:   # an unverified client's retry kept its slot
+            busy = loop.admission.take_pending(self.client_key, self.exempt)
+            if busy is not None:
+                return self._fail(ErrorCode.RESOURCE_EXCEEDED, RETRY_AFTER, busy)
+            self.pending_slot = True
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
@@ -665,13 +666,14 @@ class Tunnel:
 
     def _retry_when_verified(self) -> None:
         """The onward SYN went unanswered and may not be retransmitted (the
-        client is unverified): connect again once the client is."""
+        client is unverified): connect again once the client is.  The
+        onward-connect slot stays taken meanwhile (the connect is not over),
+        so a forged source's slots bound its onward SYNs per --header-timeout."""
         self.loop.forget(self.s.fd)
         self.s.sock.close()
         self.s = None
         self.timer.cancel()
         self.timer = None
-        self._connect_over()    # _connect takes the slot again
         address = ipaddress.ip_address(self.dest[0])
         self._hold(lambda: self._connect(address, self.dest[1]))
 
