@@ -121,3 +121,19 @@ def test_syn_deadline_linear_and_exponential():
     # exponential: SYNs at 0, 1, 3; the 4th at 7 s
     assert syn_deadline(2, 0) == 5.0
     assert syn_deadline(5, 4) == 6.0            # 0..5 s, then 7 s
+
+
+def test_verified_onward_socket_gets_user_timeout_back():
+    """routability.set_unverified: 500 ms while the client is unverified (no
+    SYN retransmission), then --user-timeout (issue 16), not the kernel's 0."""
+    import socket
+
+    from pepsock.relay import routability
+    with socket.socket() as s:
+        get = lambda: s.getsockopt(socket.IPPROTO_TCP, routability.TCP_USER_TIMEOUT)  # noqa: E731
+        routability.set_unverified(s, True)
+        assert get() == routability.UNVERIFIED_USER_TIMEOUT_MS
+        routability.set_unverified(s, False, 120.0)
+        assert get() == 120_000
+        routability.set_unverified(s, False)
+        assert get() == 0
