@@ -6,6 +6,13 @@ Life of a tunnel::
     HEADER ---> CONNECTING ---> OPEN ---> (both directions drained, closed)
        |             |            |
        +--> Error TLV, clean close (Closer)      +--> reset carried across
+                                  |
+                                  +--> FLUSHING: the destination reset; the
+                                       client gets what the relay holds, then
+                                       the reset
+
+Every socket has SO_LINGER {1, 0} while its tunnel lives, so a dying relay
+resets both sides; a clean close and an Error reply disarm it first.
 
 A client accepted before its handshake completed (--no-cookie) is
 *unverified* (routability.py): whatever would send it a byte, or send one of
