@@ -274,6 +274,8 @@ def test_unit_runs_the_relay_with_options_it_accepts():
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "DynamicUser"):
         assert settings[key] == "yes", key
     assert settings["ProtectSystem"] == "strict"
+    # the relay's route lookups (routes.py) speak netlink
+    assert "AF_NETLINK" in settings["RestrictAddressFamilies"].split()
 
 
 def test_unit_passes_systemd_analyze(tmp_path):
