@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sat-rtt", type=float, default=550.0, help="satellite: client-PEP RTT in ms (default 550)")
     p.add_argument("--sat-loss", type=float, default=0.001,
                    help="satellite: random loss on the satellite hop, each direction (default 0.001)")
+    p.add_argument("--sat-sizes", help="satellite: transfer sizes in bytes, comma-separated "
+                                       "(default 100000,1000000,10000000; quick 100000,2000000)")
     p.add_argument("--sat-cc", default="bbr",
                    help="satellite: the PEP's congestion control on the satellite side (default bbr; "
                         "the endpoints and the PEP's ground side use --cc)")
@@ -99,6 +101,10 @@ def main(argv=None) -> int:
         plan.flows = [int(x) for x in args.flows.split(",")]
     if args.step_bytes:
         plan.step_bytes = args.step_bytes
+    if args.sat_sizes:
+        plan.sat_sizes = [int(x) for x in args.sat_sizes.split(",")]
+        if args.reps:
+            plan.sat_reps = args.reps
     plan.pep_cmd = args.pep_cmd
     from .shaping import QDISCS
     plan.qdiscs = [q.strip() for q in args.qdisc.split(",") if q.strip()]

@@ -333,15 +333,19 @@ def ttfb_formula(mode: str, r1: float, r2: float) -> float:
             "connect": 3 * r1 + 2 * r2, "socks5": 4 * r1 + 2 * r2}[mode]
 
 
-# HTTPS (TLS 1.3): TCP handshake, TLS handshake (1 RTT), request -> first byte; (R1, R2) multiples.
-# The PEP methods wait for the PEP's reply before TLS starts (pepsock's current API), so the
-# Convert saves nothing yet; with the ClientHello in the SYN they would be 2R1+3R2.
+# HTTPS (TLS 1.3): TCP handshake, TLS handshake (1 RTT), request -> first byte.  pepsock's sync
+# and asyncio calls wait for the PEP's reply (R1+R2) before TLS starts; curl + libpep.so sends
+# its ClientHello once the handshake with the PEP is done, so it waits for that or the PEP's
+# onward connect, whichever is later (as pepsock.create_connection's request in plain TCP).
+# With the ClientHello in the SYN, every PEP method would be 2R1+3R2.
 TLS_ORDER = ["direct", "curl", "pep", "aio", "curl-libpep", "connect", "socks5"]
 TLS_NAME = {"direct": "direct (Python ssl)", "curl": "direct (curl)", "pep": "pepsock sync + ssl",
             "aio": "pepsock asyncio (ssl=)", "curl-libpep": "curl + libpep.so", "connect": "HTTP CONNECT + TLS",
             "socks5": "SOCKS5 + TLS"}
-TLS_FORMULA = {"direct": (3, 3), "curl": (3, 3), "pep": (3, 3), "aio": (3, 3), "curl-libpep": (2, 3),
-               "connect": (4, 3), "socks5": (5, 3)}
+TLS_FORMULA = {"direct": ("3R1+3R2", lambda a, b: 3 * a + 3 * b), "curl": ("3R1+3R2", lambda a, b: 3 * a + 3 * b),
+               "pep": ("3R1+3R2", lambda a, b: 3 * a + 3 * b), "aio": ("3R1+3R2", lambda a, b: 3 * a + 3 * b),
+               "curl-libpep": ("2R1+2R2+max(R1,R2)", lambda a, b: 2 * a + 2 * b + max(a, b)),
+               "connect": ("4R1+3R2", lambda a, b: 4 * a + 3 * b), "socks5": ("5R1+3R2", lambda a, b: 5 * a + 3 * b)}
 
 TTFB_TEXT = {"direct": "2R1+2R2", "tfo": "R1+R2", "pep": "R1+R2+max(R1,R2)", "pep-syn": "R1+2R2",
              "pep-notfo": "2R1+R2+max(R1,R2)",
@@ -477,9 +481,9 @@ def summarize_tls(rows, r1: float, r2: float) -> dict:
         xs = [r["ttfb_ms"] for r in rows if r["mode"] == m and r["ttfb_ms"] is not None]
         errs = sum(1 for r in rows if r["mode"] == m and r["ttfb_ms"] is None)
         if xs or errs:
-            a, b = TLS_FORMULA[m]
-            out[m] = {"ci": mean_ci(xs), "median": pct(xs, 50), "formula": a * r1 + b * r2,
-                      "text": f"{a}R1+{b}R2", "errors": errs}
+            text, f = TLS_FORMULA[m]
+            out[m] = {"ci": mean_ci(xs), "median": pct(xs, 50), "formula": f(r1, r2), "text": text,
+                      "errors": errs}
     return out
 
 
@@ -653,8 +657,10 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
                  "the start of connecting to the first byte of the answer; the link idle at 75 Mbit/s. "
                  "curl's number is its time_starttransfer. Formula: TCP handshake + one TLS round trip + the "
                  "request. pepsock's sync and asyncio calls wait for the PEP's reply before TLS starts, "
-                 "so today they cost as much as direct (3R1+3R2); with the ClientHello in the SYN they "
-                 "would be 2R1+3R2, which is the formula given for curl + libpep.so.\n")
+                 "so today they cost as much as direct (3R1+3R2); curl + libpep.so sends its ClientHello "
+                 "after the handshake with the PEP, which overlaps the PEP's onward connect "
+                 "(2R1+2R2+max(R1,R2): 2R1+3R2 when R2 > R1). With the ClientHello in the SYN every PEP "
+                 "method would be 2R1+3R2.\n")
         _ttfb_table(L, S["tls"])
     sat = S.get("satellite")
     if sat:
