@@ -288,9 +288,12 @@ def _teardown(tb, runner, res) -> None:
             pass
     if tb is not None:
         st = tb.close()
+        where = "satellite " if "delaylines" in res else ""
         for k, v in st.items():
-            if v.get("ab_drops") or v.get("ba_drops"):
-                res["notes"].append(f"{k} dropped packets: {v}")
+            lost = (v.get("ab_drops") or 0) + (v.get("ba_drops") or 0)
+            if lost > 2:   # a write or two before both TUN devices are up is normal
+                res["notes"].append(f"{where}{k} lost {lost} packets inside the line (no free slot or a "
+                                    f"write error): {v}")
         res["satellite_delaylines" if "delaylines" in res else "delaylines"] = st
 
 

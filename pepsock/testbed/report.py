@@ -185,6 +185,18 @@ def write_csvs(res: dict, out: str) -> list[str]:
       [[r["experiment"], r["mode"], r["rep"], round(t, 4), rt / 1e6] for r in runs for t, rt in r["rate_changes"]])
     w("ttfb.csv", ["mode", "rep", "ttfb_ms", "error"],
       [[r["mode"], r["rep"], r["ttfb_ms"], r.get("error", "")] for r in res.get("ttfb", [])])
+    if res.get("tls"):
+        w("tls.csv", ["mode", "rep", "ttfb_ms", "error"],
+          [[r["mode"], r["rep"], r["ttfb_ms"], r.get("error", "")] for r in res["tls"]])
+    sat = res.get("satellite")
+    if sat:
+        w("satellite_flows.csv", ["bytes", "mode", "rep", "complete", "t_start_s", "t_first_s", "t_end_s",
+                                  "fct_s", "error"],
+          [[r["bytes"], r["mode"], r["rep"], f.get("complete"), f.get("t_start"), f.get("t_first"),
+            f.get("t_end"), f.get("fct"), f.get("error", "")] for r in sat.get("runs", []) for f in r["flows"]])
+        w("satellite_ttfb.csv", ["protocol", "mode", "rep", "ttfb_ms", "error"],
+          [[proto, r["mode"], r["rep"], r["ttfb_ms"], r.get("error", "")]
+           for proto in ("tcp", "tls") for r in sat.get("ttfb" if proto == "tcp" else "tls", [])])
     return files
 
 
