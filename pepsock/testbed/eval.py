@@ -21,7 +21,7 @@ import time
 from .topology import ADDR, Settings  # noqa: E402  (pure Python, no root needed to import)
 
 ALL = ["validate", "step", "bigq", "flows", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
-QUICK = ["validate", "step", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
+QUICK = ["validate", "step", "spike", "upload", "ipv6", "ttfb", "tls", "satellite"]
 
 
 def build_parser() -> argparse.ArgumentParser:
