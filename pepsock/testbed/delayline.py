@@ -76,13 +76,16 @@ def build(cc: str | None = None) -> str:
     return _compile("delayline", [], cc)
 
 
-def build_linkq_lib(sanitize: bool = False, cc: str | None = None) -> str:
-    """linkq.c alone as a shared library, for the tests that drive it through cffi
-    (with UBSan when `sanitize`)."""
+def build_linkq_lib(sanitize: str = "", cc: str | None = None) -> str:
+    """linkq.c alone as a shared library, for the tests that drive it through cffi:
+    sanitize "" (plain), "ubsan", or "asan" (ASan + UBSan; needs libasan preloaded)."""
     extra = ["-fPIC", "-shared"]
-    if sanitize:
+    if sanitize == "ubsan":
         extra += ["-fsanitize=undefined", "-fno-sanitize-recover=undefined", "-g"]
-    return _compile("liblinkq-ubsan.so" if sanitize else "liblinkq.so", extra, cc)
+    elif sanitize == "asan":
+        extra += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer", "-O1", "-g"]
+    return _compile(f"liblinkq-{sanitize}.so" if sanitize else "liblinkq.so", extra, cc)
 
 
 def _ours(path: Path) -> bool:
