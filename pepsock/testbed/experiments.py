@@ -136,10 +136,10 @@ class Runner:
         self.relay = None
         self.daemons: list[subprocess.Popen] = []
         self._proxies: dict | None = None
+        self.tmp = tempfile.mkdtemp(prefix="pepsock-eval-")
         # pepsock's shared state (hold-downs, TFO mode, cookies) of this run's clients only:
         # the default directory is shared with every other pepsock user on the machine
         self.client_env = {"PEP_STATE_DIR": tempfile.mkdtemp(prefix="pepstate-", dir=self.tmp)}
-        self.tmp = tempfile.mkdtemp(prefix="pepsock-eval-")
         self.pep_status = "not started"
         self.notes: list[str] = []
 
