@@ -7,8 +7,12 @@
 Builds client -- wrouter -- pep -- drouter -- server (see topology.py), prints a
 calibration check, runs the experiments with a progress bar on stderr, writes
 DIR/report.md + CSV + PNG + results.json, and removes every namespace it made,
-also on Ctrl-C or SIGTERM.  Needs root, iproute2, a C compiler, pyroute2 and
-matplotlib (the `eval` extra); tinyproxy and microsocks for the proxy rows.
+also on Ctrl-C or SIGTERM.  Each transfer case runs over every queue of --qdisc
+(the user-space link's fifo / codel / fq_codel, or the kernel's TBF + bfifo), end
+to end and through the PEP, interleaved.  `satellite` builds a second testbed
+with a GEO hop.  Needs root, iproute2, a C compiler, pyroute2 and matplotlib (the
+`eval` extra); tinyproxy and microsocks for the proxy rows, curl and openssl for
+the HTTPS rows.
 """
 from __future__ import annotations
 
