@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r1", type=float, default=10.0, help="client-PEP RTT in ms (default 10)")
     p.add_argument("--r2", type=float, default=40.0, help="PEP-server RTT in ms (default 40)")
     p.add_argument("--queue", type=int, default=93_750,
-                   help="bottleneck bfifo limit in bytes (default 93750: 75 Mbit/s x 10 ms)")
+                   help="bottleneck FIFO limit in bytes, user-space FIFO or kernel bfifo (default 93750: "
+                        "75 Mbit/s x 10 ms)")
     p.add_argument("--cc", default="cubic", help="congestion control pinned on every experiment socket (TCP_CONGESTION) (default cubic)")
     p.add_argument("--delay-impl", choices=["c", "py"], default="c", help="delay line implementation")
     p.add_argument("--pep-cmd", help="relay command line, {listen} is replaced by ADDR:PORT "
