@@ -499,12 +499,12 @@ def summarize_tls(rows, r1: float, r2: float) -> dict:
     return out
 
 
-def _ttfb_table(L: list, ttfb: dict) -> None:
+def _ttfb_table(L: list, ttfb: dict, names: dict | None = None) -> None:
     L.append("| method | formula | formula (ms) | measured mean ± CI (ms) | median | vs formula | failures |")
     L.append("|---|---|---|---|---|---|---|")
     for m, x in ttfb.items():
         dev = (x["ci"][0] - x["formula"]) / x["formula"] * 100 if x["ci"][2] else float("nan")
-        L.append(f"| {TTFB_NAME.get(m) or TLS_NAME[m]} | {x.get('text') or TTFB_TEXT[m]} | {x['formula']:.1f} | {fmt_ci(*x['ci'][:2])} | "
+        L.append(f"| {(names or TTFB_NAME)[m]} | {x.get('text') or TTFB_TEXT[m]} | {x['formula']:.1f} | {fmt_ci(*x['ci'][:2])} | "
                  f"{fmt(x['median'], 2)} | {fmt(dev, 1)}% | {x['errors']} |")
     L.append("")
 
@@ -578,8 +578,8 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
     nice = {
         "kernel": "kernel", "machine": "machine", "python": "python", "cc": "congestion control (TCP_CONGESTION on agent and relay sockets)",
         "r1_ms": "R1, client-PEP RTT (ms, delay line in wrouter)", "r2_ms": "R2, PEP-server RTT (ms, delay line in drouter)",
-        "wired_mbit": "wired link (Mbit/s, TBF on drouter egress)", "queue_bytes": "bottleneck queue (bfifo, bytes)",
-        "wired_queue_bytes": "wired queue (bfifo, bytes)", "tfo": "net.ipv4.tcp_fastopen (every namespace)",
+        "wired_mbit": "wired link, server -> PEP (Mbit/s, drouter)", "queue_bytes": "bottleneck FIFO limit (bytes)",
+        "wired_queue_bytes": "wired FIFO limit (bytes)", "tfo": "net.ipv4.tcp_fastopen (every namespace)",
         "delay_impl": "delay line implementation", "trace": "step experiment schedule",
         "step_bytes": "step: bytes per transfer", "bigq": "bigq (the step case, larger queue)", "spike_bytes": "spike: bytes per transfer",
         "mmwave_bytes": "mmwave: bytes per transfer", "flow_bytes": "flows: bytes per flow",
@@ -673,7 +673,7 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
                  "after the handshake with the PEP, which overlaps the PEP's onward connect "
                  "(2R1+2R2+max(R1,R2): 2R1+3R2 when R2 > R1). With the ClientHello in the SYN every PEP "
                  "method would be 2R1+3R2.\n")
-        _ttfb_table(L, S["tls"])
+        _ttfb_table(L, S["tls"], TLS_NAME)
     sat = S.get("satellite")
     if sat:
         ss = res["satellite"]["settings"]
@@ -697,7 +697,7 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
             _ttfb_table(L, sat["ttfb"])
         if sat.get("tls"):
             L.append("HTTPS time to first byte over the satellite hop (as in the HTTPS section above):\n")
-            _ttfb_table(L, sat["tls"])
+            _ttfb_table(L, sat["tls"], TLS_NAME)
         if plot_sat_fct(S, os.path.join(out, "sat_fct.png")):
             pngs.append(("sat_fct.png", "GEO satellite: FCT per size"))
         if plot_ttfb({"ttfb": res["satellite"].get("ttfb", [])}, sat["r1"], sat["r2"],
