@@ -395,9 +395,13 @@ def plot_owd_cdf(res, path: str) -> bool:
     if not exps:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, len(exps), figsize=(4.2 * len(exps), 4), squeeze=False)
+    ncols = min(3, len(exps))
+    nrows = math.ceil(len(exps) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(exps):]:
+        ax.set_visible(False)
     styles = {"kernel": ":", "fifo": "-", "codel": "-.", "fq_codel": "--"}
-    for ax, e in zip(axes[0], exps):
+    for ax, e in zip(axes.flat, exps):
         for q in QDISC_ORDER:
             for mode in ("e2e", "pep"):
                 xs = sorted(x for r in runs if r["experiment"] == e and qd(r) == q and r["mode"] == mode
