@@ -5,9 +5,13 @@ every number is exact.  The FQ-CoDel checks are RFC 8290's properties: a sparse
 flow beside a saturating one sees (almost) no queue; two bulk flows share the
 link evenly, also with different packet sizes (DRR in bytes); CoDel (RFC 8289)
 drops under a standing queue and not under a short burst.  The library is built
-with UBSan (-fno-sanitize-recover) so undefined behaviour fails the test.
+with UBSan (-fno-sanitize-recover) so undefined behaviour fails the test, and
+test_under_asan runs the file again against an ASan + UBSan build.
 """
+import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -46,10 +50,13 @@ uint32_t lq_flow_of(const struct lq *q, const uint8_t *pkt, size_t len);
 
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
-try:
-    C = ffi.dlopen(build_linkq_lib(sanitize=True))
-except Exception:                # no UBSan runtime: the plain build
-    C = ffi.dlopen(build_linkq_lib())
+if os.environ.get("LINKQ_LIB"):     # test_under_asan: this file again, against the ASan build
+    C = ffi.dlopen(os.environ["LINKQ_LIB"])
+else:
+    try:
+        C = ffi.dlopen(build_linkq_lib(sanitize="ubsan"))
+    except Exception:               # no UBSan runtime: the plain build
+        C = ffi.dlopen(build_linkq_lib())
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -307,3 +314,34 @@ def test_changing_the_qdisc_flushes_and_counts():
     assert ffi.string(C.lq_qdisc_name(L.q)) == b"fq_codel"
     assert L.stats()["drop_flush"] == 9 and C.lq_backlog_packets(L.q) == 0
     assert C.lq_set_qdisc(L.q, b"sfq", 0) == -1
+
+
+@pytest.mark.skipif(bool(os.environ.get("LINKQ_LIB")), reason="already the sanitizer run")
+def test_under_asan():
+    """This whole file again, against linkq.c built with ASan + UBSan."""
+    out = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                         timeout=30).stdout.strip()
+    runtime = os.path.realpath(out)
+    if not os.path.exists(runtime):
+        pytest.skip("no libasan")
+    env = dict(os.environ, LINKQ_LIB=build_linkq_lib(sanitize="asan"), LD_PRELOAD=runtime,
+               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           os.path.join(here, "test_testbed_linkq.py")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(here))
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert "passed" in proc.stdout and "AddressSanitizer" not in tail, tail
+
+
+def test_eval_rejects_bad_options():
+    """pep eval refuses an unknown queue or experiment before building anything."""
+    from pepsock.testbed import eval as ev
+    from pepsock.testbed.netns import have_netns
+    if not have_netns()[0]:
+        pytest.skip("pep eval stops earlier without root")
+    assert ev.main(["--qdisc", "sfq", "--experiments", "step"]) == 2
+    assert ev.main(["--experiments", "stepp"]) == 2
+    assert ev.main(["--qdisc", "fq_codel", "--delay-impl", "py", "--experiments", "step"]) == 2

@@ -1,17 +1,19 @@
-"""A user-space delay line over two TUN devices, one per emulated link.
+"""A user-space link emulator over two TUN devices, one per emulated link.
 
-Each packet read from one TUN device is written to the other one at arrival + D,
-in arrival order (mahimahi's delay queue: a FIFO of packets stamped with their
-release time).  The router namespace steers traffic through it with policy
-routing (see `topology.py`): packets arriving from the left veth are routed to
-TUN A, the delay line writes them to TUN B, and the kernel forwards them out of
-the right veth; the other direction goes B -> A.
+Each packet read from one TUN device is written to the other one when that
+direction's emulated link lets it go: by default at arrival + D, in arrival
+order (mahimahi's delay queue); with a rate set, after a serializer at that rate
+(or schedule) and a queue (drop-tail FIFO in bytes, CoDel or FQ-CoDel), and with
+optional seeded random loss -- see linkq.h.  The router namespace steers traffic
+through it with policy routing (see `topology.py`): packets arriving from the
+left veth are routed to TUN A, the line writes them to TUN B, and the kernel
+forwards them out of the right veth; the other direction goes B -> A.
 
-The fast path is `delayline.c`, compiled once with `cc` into a temp directory
-(cached by the hash of its source).  `python -m pepsock.testbed.delayline A B
-D_AB_US D_BA_US` is the same algorithm in Python, kept to measure whether Python
-keeps up (it does not at 75 Mbit/s on a busy two-core machine: see
-benchmarks/bench_testbed_delayline.py and docs/evaluation/).
+The C line (`delayline.c` + `linkq.c`) is compiled once with `cc` into a temp
+directory (cached by the hash of its sources) and takes commands on its stdin
+(`DelayLine.set`, `.schedule`, `.counters`).  `python -m pepsock.testbed.delayline
+A B D_AB_US D_BA_US` is the plain delay line in Python (no queue, no rate), kept
+to measure whether Python keeps up: see benchmarks/bench_testbed_delayline.py.
 """
 from __future__ import annotations
 
@@ -74,13 +76,16 @@ def build(cc: str | None = None) -> str:
     return _compile("delayline", [], cc)
 
 
-def build_linkq_lib(sanitize: bool = False, cc: str | None = None) -> str:
-    """linkq.c alone as a shared library, for the tests that drive it through cffi
-    (with UBSan when `sanitize`)."""
+def build_linkq_lib(sanitize: str = "", cc: str | None = None) -> str:
+    """linkq.c alone as a shared library, for the tests that drive it through cffi:
+    sanitize "" (plain), "ubsan", or "asan" (ASan + UBSan; needs libasan preloaded)."""
     extra = ["-fPIC", "-shared"]
-    if sanitize:
+    if sanitize == "ubsan":
         extra += ["-fsanitize=undefined", "-fno-sanitize-recover=undefined", "-g"]
-    return _compile("liblinkq-ubsan.so" if sanitize else "liblinkq.so", extra, cc)
+    elif sanitize == "asan":
+        extra += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer", "-O1", "-g"]
+    return _compile(f"liblinkq-{sanitize}.so" if sanitize else "liblinkq.so", extra, cc)
 
 
 def _ours(path: Path) -> bool:

@@ -137,6 +137,9 @@ class Runner:
         self.daemons: list[subprocess.Popen] = []
         self._proxies: dict | None = None
         self.tmp = tempfile.mkdtemp(prefix="pepsock-eval-")
+        # pepsock's shared state (hold-downs, TFO mode, cookies) of this run's clients only:
+        # the default directory is shared with every other pepsock user on the machine
+        self.client_env = {"PEP_STATE_DIR": tempfile.mkdtemp(prefix="pepstate-", dir=self.tmp)}
         self.pep_status = "not started"
         self.notes: list[str] = []
 
@@ -271,7 +274,7 @@ class Runner:
             args.append("--upload")
         if mode.startswith("pep"):
             args += ["--pep", f"[{A['pep_w']}]:{PEP_PORT}" if v6 else f"{A['pep_w']}:{PEP_PORT}"]
-        p = procs.agent(self.tb.client, *args)
+        p = procs.agent(self.tb.client, *args, env=self.client_env)
         return procs.result(p, timeout + start - time.monotonic() + 15)
 
     def transfer(self, exp: str, mode: str, rep: int, schedule: Schedule, nbytes: int,
@@ -400,7 +403,7 @@ class Runner:
                         "--timeout", timeout]
                 if proxy:
                     args += ["--proxy", proxy]
-                p = procs.agent(tb.client, *args)
+                p = procs.agent(tb.client, *args, env=self.client_env)
                 r = procs.result(p, (self.plan.ttfb_reps + 2) * (timeout + 1) + 20)
                 for i, x in enumerate(r["results"]):
                     rows.append({"mode": mode, "rep": i, "ttfb_ms": x["ttfb_ms"], "error": x.get("error", "")})
@@ -453,7 +456,6 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0, timeout: float 
         modes.append(("connect", f"{ADDR['pep_w']}:{CONNECT_PORT}"))
     if proxies.get("socks5"):
         modes.append(("socks5", f"{ADDR['pep_w']}:{SOCKS_PORT}"))
-    state = tempfile.mkdtemp(prefix="pepstate-", dir=runner.tmp)
     for mode, proxy in modes:
         progress.step(f"tls {mode}")
         try:
@@ -465,7 +467,7 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0, timeout: float 
                 args += ["--libpep", _libpep()]
             p = tb.client.popen(sys.executable, "-m", "pepsock.testbed.agents", *map(str, args),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=dict(procs._env(), PEP_STATE_DIR=state))
+                                env=procs._env(**runner.client_env))
             r = procs.result(p, (runner.plan.ttfb_reps + 2) * (timeout + 1) + 20)
             for i, x in enumerate(r["results"]):
                 rows.append({"mode": mode, "rep": i, "ttfb_ms": x["ttfb_ms"], "error": x.get("error", "")})

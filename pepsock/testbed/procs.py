@@ -12,17 +12,17 @@ from pathlib import Path
 _ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def _env() -> dict:
-    env = dict(os.environ)
+def _env(**extra: str) -> dict:
+    env = dict(os.environ, **extra)
     env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
-def agent(host, *args: str) -> subprocess.Popen:
-    """python -m pepsock.testbed.agents ARGS inside `host`."""
+def agent(host, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """python -m pepsock.testbed.agents ARGS inside `host` (`env`: extra variables)."""
     return host.popen(sys.executable, "-m", "pepsock.testbed.agents", *map(str, args),
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**(env or {})))
 
 
 def python(host, module: str, *args: str, **kw) -> subprocess.Popen:
