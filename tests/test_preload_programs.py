@@ -622,11 +622,11 @@ def test_asan_ubsan_build_under_real_programs(lo, tmp_path):
 
 # ------------------------------------------------------------------ the real relay
 
-@pytest.fixture
-def relay(lo):
-    """`pep relay` (pepsock/relay, written independently of libpep) in the lo namespace."""
+def run_relay(lo, *options):
+    """`pep relay` on loopback in the lo namespace, allowed 127.0.0.0/8, with
+    extra options; yields its (host, port) and kills it after."""
     proc = lo.popen(sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                    "--allow-dest", "127.0.0.0/8", stdout=subprocess.PIPE,
+                    "--allow-dest", "127.0.0.0/8", *options, stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL, text=True, cwd=ph.REPO)
     try:
         import select
@@ -639,6 +639,12 @@ def relay(lo):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+@pytest.fixture
+def relay(lo):
+    """`pep relay` (pepsock/relay, written independently of libpep) in the lo namespace."""
+    yield from run_relay(lo)
 
 
 def test_through_pep_relay(lo, lib, relay, tmp_path):
@@ -1295,21 +1301,7 @@ int main(int argc, char **argv) {
 @pytest.fixture
 def big_relay(lo):
     """`pep relay` allowed enough tunnels for the many-connections test."""
-    proc = lo.popen(sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                    "--allow-dest", "127.0.0.0/8", "--max-tunnels", "8000",
-                    "--max-per-client", "0", stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL, text=True, cwd=ph.REPO)
-    try:
-        import select
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        line = proc.stdout.readline() if ready else ""
-        if not line.startswith("listening on "):
-            pytest.skip(f"pep relay did not start: {line!r}")
-        host, _, port = line.split()[-1].rpartition(":")
-        yield (host, int(port))
-    finally:
-        proc.kill()
-        proc.wait(5)
+    yield from run_relay(lo, "--max-tunnels", "8000", "--max-per-client", "0")
 
 
 @pytest.mark.parametrize("build", ["libpep.so", "libpep-asan.so"])
