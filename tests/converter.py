@@ -297,6 +297,16 @@ class HTTPServer:
         self.close()
 
 
+def dead_port() -> int:
+    """A loopback port nobody listens on (bound, then released): connecting is
+    refused (RST)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 class EchoServer:
     """Echoes bytes; optionally writes a greeting first (server-speaks-first)."""
 
