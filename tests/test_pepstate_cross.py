@@ -6,6 +6,9 @@ two in step. cffi loads state.c (with config.c) alone as
 preload/libpepstate.so; hypothesis draws the fields. state.c picks its
 directory once per process (PEP_STATE_DIR at the first call), so the module
 sets one directory for every test here and each test uses PEP ports of its own.
+The last tests do the same end to end: a program under libpep.so learns a
+hold-down and an Error 3 cookie, pepsock in the test process acts on them,
+and the reverse (a namespace of the test's own, loopback, real TFO).
 
 One known difference in file names, left alone: glibc's inet_ntop writes a
 deprecated IPv4-compatible address (::/96 with a nonzero seventh group, as
@@ -16,6 +19,9 @@ import ipaddress
 import os
 import socket
 import struct
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -23,8 +29,10 @@ cffi = pytest.importorskip("cffi")
 pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
+import pepsock  # noqa: E402
 from pepsock import pepstate  # noqa: E402
 import preload_helpers  # noqa: E402
+from converter import Converter, dead_port  # noqa: E402
 
 ffi = cffi.FFI()
 ffi.cdef("""
@@ -179,3 +187,57 @@ def test_each_side_keeps_the_others_keys(state_dir, first, second, extra):
     want.update(tfo="cookie", x_later="1")
     assert c_read(pep) == {k: v for k, v in want.items() if not k.startswith("x_")}
     assert py_load(state_dir, name) == {k: str(v) for k, v in want.items()}
+
+
+# -- end to end: libpep.so in a program and pepsock in this process -----------------------
+
+COOKIE = bytes(range(1, 13))
+
+
+def libpep_round_trip(ns, state, proxy: str, echo_port: int) -> str:
+    """One echoed byte from a Python program under libpep.so (plain sockets:
+    libpep does the PEP work); its stderr."""
+    env = preload_helpers.preload_env(None, PEP_PROXY=proxy, PEP_STATE_DIR=str(state))
+    code = ("import socket\n"
+            f"s = socket.create_connection(('127.0.0.1', {echo_port}), timeout=10)\n"
+            "s.sendall(b'x'); assert s.recv(1) == b'x'\n")
+    p = subprocess.run(ns.cmd(sys.executable, "-c", code), env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return p.stderr
+
+
+def pepsock_round_trip(monkeypatch, proxy: str, echo_port: int) -> None:
+    monkeypatch.setenv("PEP_PROXY", proxy)
+    monkeypatch.setenv("PEP_NO_PROXY", "")      # loopback destinations go through the PEP
+    with pepsock.create_connection(("127.0.0.1", echo_port), timeout=10) as s:
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+
+
+@pytest.mark.parametrize("first", ["libpep", "pepsock"])
+def test_hold_down_and_cookie_learnt_by_one_client_used_by_the_other(ns, echo, pep_state,
+                                                                      monkeypatch, first):
+    """The first client meets a refusing PEP (held down 30 s) and a PEP that
+    answers Error 3 (cookie stored); the other client, reading the same
+    state directory, skips the first PEP (back up by now, on the same port:
+    it must see nothing) and sends the cookie in its first request."""
+    dead = dead_port()
+    with Converter(cookie=COOKIE) as conv:
+        proxy = f"127.0.0.1:{dead},127.0.0.1:{conv.address[1]}"
+        if first == "libpep":
+            libpep_round_trip(ns, pep_state, proxy, echo.address[1])
+        else:
+            pepsock_round_trip(monkeypatch, proxy, echo.address[1])
+        assert [s.cookie for s in conv.seen] == [None, COOKIE]
+        held = pepstate.load(str(pep_state), pepstate.file_name("127.0.0.1", dead))
+        assert held["reason"] == "refused", held
+        assert pepstate.down_until(held) > time.time() + 20, held
+        with Converter(port=dead) as revived:
+            if first == "libpep":
+                pepsock_round_trip(monkeypatch, proxy, echo.address[1])
+            else:
+                err = libpep_round_trip(ns, pep_state, proxy, echo.address[1])
+                assert "refused" not in err, err
+            assert revived.seen == []
+        assert [s.cookie for s in conv.seen] == [None, COOKIE, COOKIE]
