@@ -32,13 +32,7 @@ def net(tmp_path_factory):
     require_root()
     topo = Topology(prefix="pf")
     try:
-        cli = topo.host("cli", tfo=3)
-        rt = topo.host("rt", forwarding=True, tfo=3)
-        pep = topo.host("pep", tfo=3)
-        topo.link(cli, ["192.0.2.1/24"], rt, ["192.0.2.254/24"])
-        topo.link(rt, ["198.51.100.254/24"], pep, [f"{PEP1}/24", f"{PEP2}/24", f"{SRV}/24"])
-        topo.route(cli, "198.51.100.0/24", "192.0.2.254")
-        topo.route(pep, "192.0.2.0/24", "198.51.100.254")
+        _, rt, pep = ph.client_router_pep(topo, [PEP1, PEP2, SRV])
         # a black-holed destination network behind the PEP: SYNs vanish in rt
         topo.route(pep, f"{BLACKHOLE_NET}", "198.51.100.254")
         rt.run("ip", "route", "add", "blackhole", BLACKHOLE_NET)
@@ -57,14 +51,8 @@ def net(tmp_path_factory):
 @pytest.fixture
 def rules(net):
     """iptables rules in the router namespace, flushed after the test."""
-    rt = net.hosts["rt"]
     require_tool("iptables")
-
-    def add(*rule):
-        rt.run("iptables", "-w", "5", "-I", "FORWARD", *rule)
-
-    yield add
-    rt.run("iptables", "-w", "5", "-F", "FORWARD", check=False)
+    yield from ph.forward_rules(net.hosts["rt"])
 
 
 def converter(net, host=PEP1, **kw) -> ph.Converter:
