@@ -26,9 +26,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import require_root
-from converter import Converter, EchoServer, HTTPServer
+from converter import Converter, EchoServer, HTTPServer, converter_in, web_namespace
 from pepsock import elf, run, seccomp, supervisor
-from pepsock.testbed.netns import Topology
 from relay_helpers import Relay
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,26 +143,8 @@ def go_cgo_client(tmp_path_factory):
 def ns(tmp_path_factory):
     """One namespace, TFO on (3), HTTP servers on 127.0.0.1 and ::1 serving a 1 MiB file."""
     require_root()
-    topo = Topology(prefix="rn")
-    try:
-        host = topo.host("run", tfo=3)
-        root = tmp_path_factory.mktemp("www")
-        payload = os.urandom(PAYLOAD_SIZE)
-        (root / "1m.bin").write_bytes(payload)
-        with host.enter():
-            host.http = {4: HTTPServer(str(root), "127.0.0.1"), 6: HTTPServer(str(root), "::1")}
-        host.payload = payload
+    with web_namespace("rn", tmp_path_factory.mktemp("www")) as host:
         yield host
-        for server in host.http.values():
-            server.close()
-    finally:
-        topo.cleanup()
-
-
-def converter(ns, **kw) -> Converter:
-    """A test converter in namespace ns (kw: Converter's, e.g. host="::1")."""
-    with ns.enter():
-        return Converter(**kw)
 
 
 def body(response: bytes) -> bytes:
@@ -475,7 +456,7 @@ def test_static_client_through_the_converter(ns, static_client, flags, fam):
     for; -n: the program's epoll registration made before connect() survives;
     -6 with an IPv4 destination: v4-mapped on an AF_INET6 socket."""
     http = ns.http[fam]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, *flags, http.address[0],
                                                        str(http.address[1]), "1m.bin"])
     assert rc == 0 and err == "", err
@@ -490,7 +471,7 @@ def test_ipv4_socket_through_an_ipv6_pep(ns, static_client):
     """The connection to the PEP is the supervisor's: an AF_INET program
     socket reaches a PEP on ::1 (libpep.so cannot: ENETUNREACH)."""
     http = ns.http[4]
-    with converter(ns, host="::1") as conv:
+    with converter_in(ns, host="::1") as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
                                                        str(http.address[1]), "1m.bin"])
     assert rc == 0, err
@@ -500,7 +481,7 @@ def test_ipv4_socket_through_an_ipv6_pep(ns, static_client):
 
 def test_static_client_bytes_are_intact(ns, static_client):
     http = ns.http[4]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "-c", "3", "127.0.0.1",
                                                        str(http.address[1]), "1m.bin"])
     assert rc == 0, err
@@ -511,7 +492,7 @@ def test_static_client_bytes_are_intact(ns, static_client):
 def test_go_client_through_the_converter(ns, go_client):
     http = ns.http[4]
     urls = [http.url("/1m.bin")] * 2 + [ns.http[6].url("/1m.bin")]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [go_client, *urls])
     assert rc == 0, err
     assert out == ns.payload
@@ -523,7 +504,7 @@ def test_dynamic_go_client_goes_to_the_supervisor(ns, go_cgo_client):
     info = elf.examine(go_cgo_client).info
     assert info.dynamic and info.go
     http = ns.http[4]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [go_cgo_client, http.url("/1m.bin")],
                                     env=base_env(PEP_LOG="info"))
     assert rc == 0, err
@@ -554,7 +535,7 @@ def test_connects_interrupted_by_signals_are_answered_once(ns, static_client, fl
     them, and a restarted connect the supervisor already steered is answered
     as done: every fetch works and the PEP sees each connection once."""
     http = ns.http[4]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "-i", *flags, "-c", "20",
                                                        "127.0.0.1", str(http.address[1]), "1m.bin"])
     assert rc == 0, err
@@ -580,7 +561,7 @@ def test_restarted_connects_before_linux_5_19(ns, static_client):
         client = {static_client!r}
         os.execv(client, [client, "-i", "-c", "100", "127.0.0.1", "{http.address[1]}", "1m.bin"])
     """)
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(sys.executable, "-c", code),
                            env=base_env(PEP_PROXY=conv.env_value, PEP_LOG="debug"),
                            capture_output=True, timeout=60)
@@ -614,7 +595,7 @@ def test_upload_and_half_close_through_the_supervisor(ns):
     """)
     with ns.enter():
         echo = EchoServer()
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         host, port = conv.address
         p = subprocess.run(ns.cmd(*pep_run_argv("--pep", f"{host}:{port}", "--mode", "seccomp",
                                                 "--", sys.executable, "-c", code,
@@ -635,7 +616,7 @@ def test_mode_both_covers_a_script_running_static_and_dynamic_programs(ns, stati
     http = ns.http[4]
     script = (f"{curl} -sS -o {tmp_path / 'curl.out'} {http.url('/1m.bin')} && "
               f"{static_client} 127.0.0.1 {http.address[1]} 1m.bin")
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, ["sh", "-c", script], mode="both")
     assert rc == 0, err
     assert body(out) == ns.payload and (tmp_path / "curl.out").read_bytes() == ns.payload
@@ -661,7 +642,7 @@ def test_getpeername_names_the_destination(ns):
     """)
     with ns.enter():
         echo = EchoServer()
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
                                                 sys.executable, "-c", code, str(echo.address[1]))),
                            env=base_env(), capture_output=True, text=True, timeout=TIMEOUT)
@@ -680,7 +661,7 @@ def test_wrapper_naming_a_static_program_gets_the_supervisor(ns, static_client, 
     http = ns.http[4]
     args = [static_client, "127.0.0.1", str(http.address[1]), "1m.bin"]
     argv = ["timeout", "30", *args] if wrap == "timeout" else ["sh", "-c", " ".join(args)]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, argv)
     assert rc == 0, err
     assert body(out) == ns.payload
@@ -739,7 +720,7 @@ def test_what_the_supervisor_passes_through(ns, tmp_path):
         closed = probe.getsockname()[1]
         probe.close()
     argv = [sys.executable, "-c", code, str(echo.address[1]), str(closed)]
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
                                                 *argv)),
                            env=base_env(PEP_NO_PROXY="127.0.0.2"), capture_output=True, text=True,
@@ -810,7 +791,7 @@ def test_connections_past_the_limit_are_reset_with_a_log_line(ns):
     """)
     with ns.enter():
         echo = EchoServer()
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(prlimit, "--nofile=128:128", *pep_run_argv(
             "--pep", conv.env_value, "--mode", "seccomp", "--", sys.executable, "-c", code,
             str(echo.address[1]))), env=base_env(), capture_output=True, text=True,
@@ -847,7 +828,7 @@ def test_many_connections_at_once(ns):
     """)
     with ns.enter():
         echo = EchoServer()
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
                                                 sys.executable, "-c", code, str(echo.address[1]))),
                            env=base_env(), capture_output=True, text=True, timeout=60)
@@ -861,7 +842,7 @@ def test_bypassed_destination_goes_direct(ns, static_client, no_proxy):
     """PEP_NO_PROXY as libpep.so reads it: addresses, ports, and `localhost`
     as loopback (the supervisor sees addresses, not names)."""
     http = ns.http[4]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
                                                        str(http.address[1]), "1m.bin"],
                                     env=base_env(PEP_NO_PROXY=no_proxy))
@@ -870,7 +851,7 @@ def test_bypassed_destination_goes_direct(ns, static_client, no_proxy):
 
 
 def test_pep_error_reaches_the_program_as_a_reset_and_a_log_line(ns, static_client):
-    with converter(ns, error=(96, b"")) as conv:
+    with converter_in(ns, error=(96, b"")) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1", "9", "x"])
     assert rc == 1 and "run_client: read:" in err, err
     assert "127.0.0.1:9: the PEP said:" in err, err
@@ -909,7 +890,7 @@ def test_forking_daemon_keeps_its_connections(ns, static_client, tmp_path):
     http = ns.http[4]
     out = tmp_path / "daemon.out"
     mark = uuid.uuid4().hex
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         t0 = time.monotonic()
         rc, _, err = _fetch_bytes(ns, conv.address, [static_client, "-d", str(out), "127.0.0.1",
                                                      str(http.address[1]), "1m.bin"],
