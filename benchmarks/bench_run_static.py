@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +33,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from pepsock.testbed.netns import Topology, have_netns  # noqa: E402
-from relay_helpers import Relay  # noqa: E402
+from relay_helpers import Relay, Server  # noqa: E402
 
 
 class SendfileServer:
@@ -44,40 +42,29 @@ class SendfileServer:
     def __init__(self, path: str):
         self.path = path
         self.size = os.path.getsize(path)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(512)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        self.server = Server(self._one)
+        self.port = self.server.addr[1]
 
     def _one(self, conn):
-        with conn:
-            req = b""
-            while b"\r\n\r\n" not in req:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                req += chunk
-            big = req.startswith(b"GET /big ")
-            size = self.size if big else 1
-            conn.sendall(b"HTTP/1.0 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-                         % size)
-            if big:
-                with open(self.path, "rb") as f:
-                    conn.sendfile(f)
-            else:
-                conn.sendall(b"x")
+        conn.settimeout(None)       # blocking: sendfile() without a poll() per chunk
+        req = b""
+        while b"\r\n\r\n" not in req:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            req += chunk
+        big = req.startswith(b"GET /big ")
+        size = self.size if big else 1
+        conn.sendall(b"HTTP/1.0 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                     % size)
+        if big:
+            with open(self.path, "rb") as f:
+                conn.sendfile(f)
+        else:
+            conn.sendall(b"x")
 
     def close(self):
-        self.sock.close()
+        self.server.close()
 
 
 def pep_run(host, mode: str | None, pep, argv: list[str]) -> float:

@@ -325,21 +325,33 @@ static int parse_entry(struct pep_config *cfg, const char *s, size_t n)
     return add_net(cfg, &net);
 }
 
+/* The next entry of the comma-separated list at *p into [*a, *b), blanks
+ * around it trimmed (it may be empty); *p moves past its comma. 0 when the
+ * list is used up. */
+static int next_list_entry(const char **p, const char **a, const char **b)
+{
+    if (!**p)
+        return 0;
+    const char *end = strchr(*p, ',');
+    if (!end)
+        end = *p + strlen(*p);
+    *a = *p;
+    *b = end;
+    while (*a < *b && (**a == ' ' || **a == '\t'))
+        (*a)++;
+    while (*b > *a && ((*b)[-1] == ' ' || (*b)[-1] == '\t'))
+        (*b)--;
+    *p = *end ? end + 1 : end;
+    return 1;
+}
+
 /* A list of destinations in PEP_NO_PROXY syntax into cfg's nets (or
  * bypass_all for *). */
 static int parse_rule_list(struct pep_config *cfg, const char *list, const char *what, char *err,
                            size_t errlen)
 {
-    const char *p = list;
-    while (*p) {
-        const char *end = strchr(p, ',');
-        if (!end)
-            end = p + strlen(p);
-        const char *a = p, *b = end;
-        while (a < b && (*a == ' ' || *a == '\t'))
-            a++;
-        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
-            b--;
+    const char *p = list, *a, *b;
+    while (next_list_entry(&p, &a, &b)) {
         if (b > a && parse_entry(cfg, a, (size_t)(b - a))) {
             snprintf(err, errlen,
                      "%s entry \"%.*s\" is not an address, CIDR, name or *, "
@@ -349,7 +361,6 @@ static int parse_rule_list(struct pep_config *cfg, const char *list, const char 
         }
         if (cfg->bypass_all)
             break; /* as pepsock/policy.py: nothing after * matters */
-        p = *end ? end + 1 : end;
     }
     return 0;
 }
@@ -391,22 +402,13 @@ static int parse_proxy(struct pep_peer *peer, const char *s, size_t n)
 /* A comma-separated list of PEPs, blanks around entries ignored. */
 static int parse_proxy_list(struct pep_config *cfg, const char *s)
 {
-    const char *p = s;
+    const char *p = s, *a, *b;
     cfg->npeers = 0;
-    while (*p) {
-        const char *end = strchr(p, ',');
-        if (!end)
-            end = p + strlen(p);
-        const char *a = p, *b = end;
-        while (a < b && (*a == ' ' || *a == '\t'))
-            a++;
-        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
-            b--;
+    while (next_list_entry(&p, &a, &b)) {
         if (b == a || cfg->npeers == PEP_PEERS_MAX ||
             parse_proxy(&cfg->peers[cfg->npeers], a, (size_t)(b - a)))
             return -1;
         cfg->npeers++;
-        p = *end ? end + 1 : end;
     }
     if (!cfg->npeers)
         return -1;

@@ -1,4 +1,6 @@
-"""Shared fixtures: root/namespace gating and the --run-slow switch."""
+"""Shared fixtures: root/namespace gating, the --run-slow switch, and the
+client suites' clean PEP_* environment, TFO namespace and echo server."""
+import os
 import shutil
 
 import pytest
@@ -11,7 +13,6 @@ def private_pep_state(tmp_path_factory):
     """PEP_STATE_DIR for the whole run (tests may set their own): what the clients
     learn about PEPs (hold-downs, cookies) never reaches the user's real state or
     another test run's."""
-    import os
     if "PEP_STATE_DIR" not in os.environ:
         os.environ["PEP_STATE_DIR"] = str(tmp_path_factory.mktemp("pepstate"))
     yield
@@ -50,3 +51,32 @@ def topology(request):
     topo = Topology(prefix="t")
     yield topo
     topo.cleanup()
+
+
+@pytest.fixture
+def pep_state(tmp_path, monkeypatch):
+    """No PEP_* settings from outside; a PEP_STATE_DIR of the test's own,
+    returned (not created: the client creates it)."""
+    for key in list(os.environ):
+        if key.startswith("PEP_"):
+            monkeypatch.delenv(key)
+    state = tmp_path / "pepstate"
+    monkeypatch.setenv("PEP_STATE_DIR", str(state))
+    return state
+
+
+@pytest.fixture
+def ns(topology):
+    """Run the test inside a fresh namespace with TFO fully on
+    (net.ipv4.tcp_fastopen=3 set there, never on the host), on its loopback."""
+    host = topology.host("tfo", tfo=3)
+    with host.enter():
+        yield host
+
+
+@pytest.fixture
+def echo(ns):
+    """An echo server on the namespace's loopback."""
+    from converter import EchoServer
+    with EchoServer() as server:
+        yield server

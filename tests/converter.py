@@ -10,7 +10,9 @@ tcpi_options & TCPI_OPT_SYN_DATA on the accepted socket).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import http.server
 import socket
 import threading
@@ -297,6 +299,16 @@ class HTTPServer:
         self.close()
 
 
+def dead_port() -> int:
+    """A loopback port nobody listens on (bound, then released): connecting is
+    refused (RST)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 class EchoServer:
     """Echoes bytes; optionally writes a greeting first (server-speaks-first)."""
 
@@ -344,3 +356,30 @@ class EchoServer:
         self.close()
 
 
+
+
+def converter_in(ns, **kw) -> Converter:
+    """A test converter in namespace ns (kw: Converter's, e.g. host="::1")."""
+    with ns.enter():
+        return Converter(**kw)
+
+
+@contextlib.contextmanager
+def web_namespace(prefix: str, root):
+    """A namespace of a Topology of its own (prefix), TFO on (3), HTTP servers
+    on 127.0.0.1 and ::1 (host.http[4], host.http[6]) serving directory root
+    (host.root), in which 1m.bin holds host.payload (1 MiB, random); all of it
+    removed after. The caller checks for root first."""
+    from pepsock.testbed.netns import Topology
+    topo = Topology(prefix=prefix)
+    try:
+        host = topo.host("lo", tfo=3)
+        host.root, host.payload = root, os.urandom(1 << 20)
+        (root / "1m.bin").write_bytes(host.payload)
+        with host.enter():
+            host.http = {4: HTTPServer(str(root), "127.0.0.1"), 6: HTTPServer(str(root), "::1")}
+        yield host
+        for server in host.http.values():
+            server.close()
+    finally:
+        topo.cleanup()

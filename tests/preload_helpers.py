@@ -82,3 +82,29 @@ def compile_c(src: str, out: str, *flags: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"gcc failed:\n{proc.stderr}")
     return out
+
+
+# -- the client/router/PEP namespaces of the failover suites -----------------------------
+
+def client_router_pep(topo, pep_addrs: list[str]):
+    """cli 192.0.2.1 -- 192.0.2.254 rt 198.51.100.254 -- pep (pep_addrs, each
+    /24 in 198.51.100.0/24), routed both ways through rt (forwarding); TFO
+    fully on in all three. Returns (cli, rt, pep)."""
+    cli = topo.host("cli", tfo=3)
+    rt = topo.host("rt", forwarding=True, tfo=3)
+    pep = topo.host("pep", tfo=3)
+    topo.link(cli, ["192.0.2.1/24"], rt, ["192.0.2.254/24"])
+    topo.link(rt, ["198.51.100.254/24"], pep, [f"{a}/24" for a in pep_addrs])
+    topo.route(cli, "198.51.100.0/24", "192.0.2.254")
+    topo.route(pep, "192.0.2.0/24", "198.51.100.254")
+    return cli, rt, pep
+
+
+def forward_rules(rt):
+    """For a fixture: yields add(*rule), which inserts an iptables FORWARD rule
+    in the router namespace rt; the chain is flushed after."""
+    def add(*rule):
+        rt.run("iptables", "-w", "5", "-I", "FORWARD", *rule)
+
+    yield add
+    rt.run("iptables", "-w", "5", "-F", "FORWARD", check=False)

@@ -209,6 +209,18 @@ def recv_all(s: socket.socket, prefix: bytes = b"") -> bytes:
         buf += chunk
 
 
+def recv_to_the_end(s: socket.socket, prefix: bytes = b"") -> tuple[bytes, str]:
+    """prefix and everything after it until the stream ends, and how it
+    ended: 'eof' (a clean end) or 'reset'."""
+    buf = bytearray(prefix)
+    try:
+        while chunk := s.recv(1 << 20):
+            buf += chunk
+    except ConnectionResetError:
+        return bytes(buf), "reset"
+    return bytes(buf), "eof"
+
+
 def wait_eof_or_reset(s: socket.socket, timeout: float = 5.0) -> str:
     """'eof', 'reset', or 'data' (if bytes still arrive)."""
     s.settimeout(timeout)

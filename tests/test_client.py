@@ -20,26 +20,8 @@ from converter import Converter, EchoServer
 
 
 @pytest.fixture(autouse=True)
-def clean_env(tmp_path, monkeypatch):
+def clean_env(pep_state):
     """Each test: its own shared-state directory, no PEP_* settings from outside."""
-    for key in list(os.environ):
-        if key.startswith("PEP_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("PEP_STATE_DIR", str(tmp_path / "pepstate"))
-
-
-@pytest.fixture
-def ns(topology):
-    """Run the test inside a namespace with TFO fully on."""
-    host = topology.host("cli", tfo=3)
-    with host.enter():
-        yield host
-
-
-@pytest.fixture
-def echo(ns):
-    with EchoServer() as server:
-        yield server
 
 
 def test_bytes_round_trip_and_header_in_syn(echo):

@@ -15,42 +15,16 @@ import pytest
 
 import pepsock
 from pepsock import pepstate
-from converter import Converter, EchoServer
+from converter import Converter, EchoServer, dead_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
-def clean_env(tmp_path, monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("PEP_"):
-            monkeypatch.delenv(key)
-    state = tmp_path / "pepstate"
-    monkeypatch.setenv("PEP_STATE_DIR", str(state))
-    monkeypatch.setenv("PEP_NO_PROXY", "")      # loopback destinations go through the PEP
-    return state
-
-
-@pytest.fixture
-def ns(topology):
-    host = topology.host("fo", tfo=3)
-    with host.enter():
-        yield host
-
-
-@pytest.fixture
-def echo(ns):
-    with EchoServer() as server:
-        yield server
-
-
-def dead_port() -> int:
-    """A loopback port nobody listens on: connecting is refused (RST)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def clean_env(pep_state, monkeypatch):
+    """conftest's pep_state (returned), loopback destinations through the PEP."""
+    monkeypatch.setenv("PEP_NO_PROXY", "")
+    return pep_state
 
 
 def black_hole(ns, port: int) -> None:

@@ -30,13 +30,6 @@ BODY = b"through the PEP\n" * 100
 
 
 @pytest.fixture
-def ns(topology):
-    host = topology.host("pat", tfo=3)
-    with host.enter():
-        yield host
-
-
-@pytest.fixture
 def cert(tmp_path):
     return make_cert(tmp_path)
 

@@ -8,7 +8,6 @@ PEP_STATE_DIR.
 """
 import asyncio
 import errno
-import os
 import socket
 import ssl
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 
 import pepsock
 from pepsock import pepstate
-from converter import Converter
+from converter import Converter, dead_port
 from tls_helpers import HTTPSServer, make_cert
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,21 +28,10 @@ COOKIE = bytes(range(1, 13))
 
 
 @pytest.fixture
-def ns(topology):
-    host = topology.host("pfo", tfo=3)
-    with host.enter():
-        yield host
-
-
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("PEP_"):
-            monkeypatch.delenv(key)
-    directory = tmp_path / "pepstate"
-    monkeypatch.setenv("PEP_STATE_DIR", str(directory))
-    monkeypatch.setenv("PEP_NO_PROXY", "")      # loopback destinations go through the PEP
-    return directory
+def state(pep_state, monkeypatch):
+    """conftest's pep_state (returned), loopback destinations through the PEP."""
+    monkeypatch.setenv("PEP_NO_PROXY", "")
+    return pep_state
 
 
 @pytest.fixture
@@ -56,14 +44,6 @@ def web(ns, tmp_path):
     server.cafile = cert[0]
     yield server
     server.close()
-
-
-def dead_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _url(web) -> str:

@@ -15,7 +15,7 @@ cffi = pytest.importorskip("cffi")
 pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from pepsock import policy  # noqa: E402
+from pepsock import policy, route  # noqa: E402
 import preload_helpers  # noqa: E402
 
 ffi = cffi.FFI()
@@ -23,6 +23,8 @@ ffi.cdef("""
 int pep_config_parse(void *cfg, const char *proxy, const char *noproxy, const char *log,
                      const char *disable, char *err, size_t errlen);
 int pep_config_bypass(const void *cfg, const void *addrs, const uint8_t addr[16], uint16_t port);
+int pep_config_parse_more(void *cfg, const char *reply, const char *connect, const char *fallback,
+                          const char *tfo_mode, const char *cookie, char *err, size_t errlen);
 """)
 C = ffi.dlopen(preload_helpers.build("libpepcfg.so"))
 fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -163,3 +165,64 @@ def test_pep_proxy_parsing_agrees(proxy, ok):
 def test_log_and_disable(env, ok, enabled):
     c = Cfg(**env)
     assert (c.rc == 0) == ok and c.enabled == enabled, c.message
+
+
+# -- PEP_REPLY_TIMEOUT, PEP_CONNECT_TIMEOUT, PEP_FALLBACK, PEP_TFO_MODE, PEP_COOKIE -------
+
+MORE = {"reply": "PEP_REPLY_TIMEOUT", "connect": "PEP_CONNECT_TIMEOUT",
+        "fallback": "PEP_FALLBACK", "tfo_mode": "PEP_TFO_MODE", "cookie": "PEP_COOKIE"}
+
+
+def c_accepts(key: str, value: str) -> bool:
+    """pep_config_parse_more() with only `key` set."""
+    buf, err = ffi.new("char[]", 16384), ffi.new("char[]", 400)
+    args = {k: ffi.NULL for k in MORE}
+    args[key] = value.encode()
+    rc = C.pep_config_parse_more(buf, *args.values(), err, 400)
+    assert rc == 0 or MORE[key] in ffi.string(err).decode()
+    return rc == 0
+
+
+def py_accepts(key: str, value: str) -> bool:
+    try:
+        route.parse_settings({"PEP_PROXY": "192.0.2.1:3128", MORE[key]: value})
+    except policy.ConfigError as exc:
+        assert MORE[key] in str(exc)
+        return False
+    return True
+
+
+seconds = st.one_of(
+    st.floats(0.001, 86400).map(str), st.integers(-5, 86400).map(str),
+    st.sampled_from(["", "0", "-1", "0.0", "1s", "abc", ".", "nan", "inf", "-inf", "1e-400",
+                     "1e3", ".5", "5."]))
+words = st.sampled_from(["", "direct", "fail", "auto", "nocookie", "cookie", "none", "failx",
+                         "directs", "1"])
+cookies = st.one_of(st.binary(max_size=64).map(bytes.hex),
+                    st.binary(min_size=1, max_size=64).map(lambda b: b.hex().upper()),
+                    st.sampled_from(["a", "abc", "zz", "0g", "-1", "0x00"]))
+
+
+@fast
+@given(st.one_of(st.tuples(st.sampled_from(["reply", "connect"]), seconds),
+                 st.tuples(st.sampled_from(["fallback", "tfo_mode"]), words),
+                 st.tuples(st.just("cookie"), cookies)))
+def test_other_settings_agree_with_route(case):
+    """Both clients accept and refuse the same values (each refusal names the
+    variable), for values written as the docs write them. Written the other
+    ways, they differ: see the next test."""
+    key, value = case
+    assert c_accepts(key, value) == py_accepts(key, value), case
+
+
+@pytest.mark.parametrize("key,value", [
+    ("reply", "1 "), ("reply", "1_0"), ("reply", "100000"), ("reply", "0x10"),
+    ("fallback", "FAIL"), ("fallback", " fail"), ("tfo_mode", "Cookie"), ("tfo_mode", "auto "),
+    ("cookie", "aa bb"), ("cookie", " aabb"), ("cookie", "aa" * 65),
+])
+@pytest.mark.xfail(strict=True, reason="known difference: pepsock strips blanks, ignores case, "
+                   "reads Python float syntax and has no upper bounds; libpep does not")
+def test_known_differences_in_other_settings(key, value):
+    """Kept as a record: when one side changes to agree, the xfail turns into
+    a failure and this list shrinks."""
+    assert c_accepts(key, value) == py_accepts(key, value)

@@ -32,13 +32,7 @@ def net(tmp_path_factory):
     require_root()
     topo = Topology(prefix="pf")
     try:
-        cli = topo.host("cli", tfo=3)
-        rt = topo.host("rt", forwarding=True, tfo=3)
-        pep = topo.host("pep", tfo=3)
-        topo.link(cli, ["192.0.2.1/24"], rt, ["192.0.2.254/24"])
-        topo.link(rt, ["198.51.100.254/24"], pep, [f"{PEP1}/24", f"{PEP2}/24", f"{SRV}/24"])
-        topo.route(cli, "198.51.100.0/24", "192.0.2.254")
-        topo.route(pep, "192.0.2.0/24", "198.51.100.254")
+        _, rt, pep = ph.client_router_pep(topo, [PEP1, PEP2, SRV])
         # a black-holed destination network behind the PEP: SYNs vanish in rt
         topo.route(pep, f"{BLACKHOLE_NET}", "198.51.100.254")
         rt.run("ip", "route", "add", "blackhole", BLACKHOLE_NET)
@@ -57,14 +51,8 @@ def net(tmp_path_factory):
 @pytest.fixture
 def rules(net):
     """iptables rules in the router namespace, flushed after the test."""
-    rt = net.hosts["rt"]
     require_tool("iptables")
-
-    def add(*rule):
-        rt.run("iptables", "-w", "5", "-I", "FORWARD", *rule)
-
-    yield add
-    rt.run("iptables", "-w", "5", "-F", "FORWARD", check=False)
+    yield from ph.forward_rules(net.hosts["rt"])
 
 
 def converter(net, host=PEP1, **kw) -> ph.Converter:
@@ -84,6 +72,20 @@ def run(net, argv, env, timeout=60):
 
 def pyrun(net, code, env, timeout=60):
     return run(net, [sys.executable, "-c", textwrap.dedent(code)], env, timeout)
+
+
+def echo_program(net, text: str) -> str:
+    """A Python program (for pyrun) that sends text to the echo server behind
+    the PEP, reads it back and prints it."""
+    return f"""
+        import socket
+        s = socket.create_connection(("{SRV}", {net.echo.address[1]}), timeout=10)
+        s.sendall({text.encode()!r})
+        got = b""
+        while len(got) < {len(text)}:
+            got += s.recv(100)
+        print(got.decode())
+        """
 
 
 ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:verify_asan_link_order=0:halt_on_error=1",
@@ -332,15 +334,8 @@ def test_error_64_pep_replays_early_bytes_on_the_next(net, tmp_path, build):
     replayed, the first is held down for 7 s, and the program sees one echo."""
     with converter(net, host=PEP1, error=(64, b"\x07")) as busy, \
             converter(net, host=PEP2) as conv:
-        p, _ = pyrun(net, f"""
-            import socket
-            s = socket.create_connection(("{SRV}", {net.echo.address[1]}), timeout=10)
-            s.sendall(b"early bytes")
-            got = b""
-            while len(got) < 11:
-                got += s.recv(100)
-            print(got.decode())
-            """, env_for([busy.address, conv.address], tmp_path, build))
+        p, _ = pyrun(net, echo_program(net, "early bytes"),
+                     env_for([busy.address, conv.address], tmp_path, build))
         assert p.stdout.strip() == "early bytes", p.stdout + p.stderr
         assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr
         assert "said Error 64 (resource exceeded); using" in p.stderr
@@ -391,15 +386,7 @@ def test_error_3_cookie_stored_replayed_and_shared(net, tmp_path, build):
     at once (no new Error 3)."""
     with converter(net, host=PEP1, cookie=COOKIE) as conv:
         env = env_for([conv.address], tmp_path, build)
-        code = f"""
-            import socket
-            s = socket.create_connection(("{SRV}", {net.echo.address[1]}), timeout=10)
-            s.sendall(b"ping")
-            got = b""
-            while len(got) < 4:
-                got += s.recv(100)
-            print(got.decode())
-            """
+        code = echo_program(net, "ping")
         p, _ = pyrun(net, code, env)
         assert p.stdout.strip() == "ping", p.stdout + p.stderr
         assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr

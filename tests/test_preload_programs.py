@@ -22,6 +22,7 @@ import pytest
 from conftest import require_root, require_tool
 from pepsock.testbed.netns import Topology
 import preload_helpers as ph
+from converter import converter_in, web_namespace
 
 TIMEOUT = 30
 
@@ -35,25 +36,8 @@ def lib():
 def lo(tmp_path_factory):
     """One namespace with TFO on (3), an HTTP server on 127.0.0.1 and ::1."""
     require_root()
-    topo = Topology(prefix="pl")
-    try:
-        host = topo.host("lo", tfo=3)
-        root = tmp_path_factory.mktemp("www")
-        payload = ph.make_payload(str(root))
-        with host.enter():
-            http4 = ph.HTTPServer(str(root), "127.0.0.1")
-            http6 = ph.HTTPServer(str(root), "::1")
-        host.root, host.payload, host.http = root, payload, {4: http4, 6: http6}
+    with web_namespace("pl", tmp_path_factory.mktemp("www")) as host:
         yield host
-        http4.close()
-        http6.close()
-    finally:
-        topo.cleanup()
-
-
-def converter(ns, **kw) -> ph.Converter:
-    with ns.enter():
-        return ph.Converter(**kw)
 
 
 def run(ns, argv, env, timeout=TIMEOUT, **kw):
@@ -75,7 +59,7 @@ def test_curl_fetches_1mib_with_header_in_syn(lo, lib, tmp_path, fam):
     curl = require_tool("curl")
     pep_host = "127.0.0.1" if fam == 4 else "::1"
     out = tmp_path / "out.bin"
-    with converter(lo, host=pep_host) as conv:
+    with converter_in(lo, host=pep_host) as conv:
         http = lo.http[fam]
         p = run(lo, [curl, "-sS", "--max-time", "20", "-o", str(out), "-w", "%{remote_port}",
                      http.url("/1m.bin")], ph.preload_env(conv.address, lib))
@@ -94,7 +78,7 @@ def test_wget_blocking_fetch(lo, lib, tmp_path, fam):
     wget = require_tool("wget")
     pep_host = "127.0.0.1" if fam == 4 else "::1"
     out = tmp_path / "w.bin"
-    with converter(lo, host=pep_host) as conv:
+    with converter_in(lo, host=pep_host) as conv:
         p = run(lo, [wget, "-q", "--tries=1", "--timeout=20", "--no-proxy", "-O", str(out),
                      lo.http[fam].url("/1m.bin")], ph.preload_env(conv.address, lib))
         assert p.returncode == 0, p.stderr
@@ -103,7 +87,7 @@ def test_wget_blocking_fetch(lo, lib, tmp_path, fam):
 
 
 def test_python_urllib(lo, lib):
-    with converter(lo) as conv:
+    with converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import hashlib, urllib.request
             data = urllib.request.urlopen("{lo.http[4].url('/1m.bin')}", timeout=20).read()
@@ -122,7 +106,7 @@ def test_error_96_makes_curl_and_wget_say_connection_refused(lo, lib, close):
     curl, wget = require_tool("curl"), require_tool("wget")
     kw = {"fin": {"reset_after_error": False}, "rst-now": {"reset_delay": 0},
           "rst-later": {"reset_delay": 0.05}}[close]
-    with converter(lo, error=(96, b""), **kw) as conv:
+    with converter_in(lo, error=(96, b""), **kw) as conv:
         for _ in range(3):
             p = run(lo, [curl, "-sS", "--max-time", "10", lo.http[4].url("/1m.bin")],
                     ph.preload_env(conv.address, lib))
@@ -147,7 +131,7 @@ def test_error_96_makes_curl_and_wget_say_connection_refused(lo, lib, close):
 ])
 def test_error_codes_become_errno_and_reset(lo, lib, code, value, name):
     extra = {"PEP_FALLBACK": "fail"} if code in (64, 65) else {}
-    with converter(lo, error=(code, value)) as conv:
+    with converter_in(lo, error=(code, value)) as conv:
         p = pyrun(lo, f"""
             import errno, socket
             s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
@@ -171,7 +155,7 @@ def test_error_codes_become_errno_and_reset(lo, lib, code, value, name):
 
 
 def test_malformed_reply_is_eproto(lo, lib):
-    with converter(lo, raw_reply=b"\x02\x01\x22\x63hello") as conv:
+    with converter_in(lo, raw_reply=b"\x02\x01\x22\x63hello") as conv:
         p = pyrun(lo, f"""
             import errno, socket
             s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
@@ -190,7 +174,7 @@ def test_split_reply_with_extra_tlvs(lo, lib, tmp_path, split):
     from pepsock import protocol
     tlvs = (protocol.SupportedTCPExtensions((2, 3, 4)), protocol.Cookie(b"abcdefgh"))
     out = tmp_path / "s.bin"
-    with converter(lo, split=split, split_delay=0.01, reply_tlvs=tlvs) as conv:
+    with converter_in(lo, split=split, split_delay=0.01, reply_tlvs=tlvs) as conv:
         p = run(lo, [curl, "-sS", "--max-time", "20", "-o", str(out), lo.http[4].url("/1m.bin")],
                 ph.preload_env(conv.address, lib))
         assert p.returncode == 0, p.stderr
@@ -199,7 +183,7 @@ def test_split_reply_with_extra_tlvs(lo, lib, tmp_path, split):
 
 
 def test_nonblocking_read_finding_only_the_header_is_eagain(lo, lib):
-    with _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import select, socket, time
             s = socket.socket()
@@ -235,7 +219,7 @@ def _echo(ns, **kw):
 def test_sendto_msg_fastopen_carries_app_bytes_in_the_syn(lo, lib):
     """The program's own TFO (curl --tcp-fastopen on old kernels, or sendto with
     MSG_FASTOPEN): header and its bytes in one SYN."""
-    with _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import socket
             s = socket.socket()
@@ -252,7 +236,7 @@ def test_sendto_msg_fastopen_carries_app_bytes_in_the_syn(lo, lib):
 def test_curl_tcp_fastopen_option(lo, lib, tmp_path):
     curl = require_tool("curl")
     out = tmp_path / "t.bin"
-    with converter(lo) as conv:
+    with converter_in(lo) as conv:
         p = run(lo, [curl, "-sS", "--tcp-fastopen", "--max-time", "20", "-o", str(out),
                      lo.http[4].url("/1m.bin")], ph.preload_env(conv.address, lib))
         assert p.returncode == 0, p.stderr
@@ -266,7 +250,7 @@ def test_iperf3_through_the_pep(lo, lib):
     server = lo.popen(iperf3, "-s", "-1", "-p", str(port), stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL)
     try:
-        with converter(lo) as conv:
+        with converter_in(lo) as conv:
             import time
             time.sleep(0.3)
             p = run(lo, [iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", "1", "-J"],
@@ -283,7 +267,7 @@ def test_iperf3_through_the_pep(lo, lib):
 
 def test_wrk_epoll_many_connections(lo, lib):
     wrk = require_tool("wrk")
-    with converter(lo) as conv:
+    with converter_in(lo) as conv:
         p = run(lo, [wrk, "-t", "2", "-c", "24", "-d", "2s", "--timeout", "5s",
                      lo.http[4].url("/")], ph.preload_env(conv.address, lib), timeout=40)
         assert p.returncode == 0, p.stderr
@@ -296,7 +280,7 @@ def test_wrk_epoll_many_connections(lo, lib):
 
 def test_loopback_is_bypassed_by_default(lo, lib, tmp_path):
     curl = require_tool("curl")
-    with converter(lo) as conv:
+    with converter_in(lo) as conv:
         env = ph.preload_env(conv.address, lib, no_proxy=None)
         p = run(lo, [curl, "-sS", "--max-time", "10", "-o", str(tmp_path / "x"),
                      lo.http[4].url("/1m.bin")], env)
@@ -306,7 +290,7 @@ def test_loopback_is_bypassed_by_default(lo, lib, tmp_path):
 
 def test_no_proxy_entry_and_disable(lo, lib, tmp_path):
     curl = require_tool("curl")
-    with converter(lo) as conv:
+    with converter_in(lo) as conv:
         port = lo.http[4].address[1]
         for env in (ph.preload_env(conv.address, lib, no_proxy=f"10.0.0.0/8, 127.0.0.1:{port}"),
                     ph.preload_env(conv.address, lib, PEP_DISABLE="1")):
@@ -322,7 +306,7 @@ def test_no_proxy_entry_and_disable(lo, lib, tmp_path):
 
 def test_bad_config_one_line_and_runs_unproxied(lo, lib, tmp_path):
     curl = require_tool("curl")
-    with converter(lo) as conv:
+    with converter_in(lo) as conv:
         for bad in ({"PEP_PROXY": "127.0.0.1"}, {"PEP_NO_PROXY": "10.0.0.0/99"},
                     {"PEP_LOG": "loud"}, {"PEP_DISABLE": "yes"},
                     {"PEP_PROXY": "[::1]", "PEP_LOG": f"off:{tmp_path / 'never.log'}"}):
@@ -343,7 +327,7 @@ def test_ipv6_socket_reaches_ipv4_pep_v4_mapped_unless_v6only(lo, lib, fallback)
     """An IPV6_V6ONLY socket cannot reach an IPv4-only PEP: no PEP usable for
     it, so PEP_FALLBACK decides (direct: connected, said once; fail:
     ECONNREFUSED)."""
-    with _echo(lo, host="::1") as echo, converter(lo, host="127.0.0.1") as conv:
+    with _echo(lo, host="::1") as echo, converter_in(lo, host="127.0.0.1") as conv:
         p = pyrun(lo, f"""
             import errno, socket
             s = socket.socket(socket.AF_INET6)
@@ -367,7 +351,7 @@ def test_ipv6_socket_reaches_ipv4_pep_v4_mapped_unless_v6only(lo, lib, fallback)
 
 
 def test_program_that_forks(lo, lib):
-    with _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import os, socket
             s = socket.create_connection(("127.0.0.1", {echo.address[1]}), timeout=5)
@@ -428,14 +412,14 @@ int main(int argc, char **argv) {
 
 def test_program_with_threads(lo, lib, tmp_path):
     exe = ph.compile_c(THREADS_C, str(tmp_path / "threads"))
-    with _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter_in(lo) as conv:
         p = run(lo, [exe, str(echo.address[1])], ph.preload_env(conv.address, lib))
         assert p.returncode == 0 and p.stdout.strip() == "OK", p.stdout + p.stderr
         assert len(conv.seen) == 40
 
 
 def test_dup2_and_close_range_keep_state(lo, lib):
-    with _echo(lo, greeting=b"hello") as echo, converter(lo) as conv:
+    with _echo(lo, greeting=b"hello") as echo, converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import ctypes, os, socket
             libc = ctypes.CDLL(None, use_errno=True)
@@ -587,7 +571,7 @@ def test_asan_ubsan_build_under_real_programs(lo, tmp_path):
     preload = f"{ph.asan_runtime()} {lib}"
     exe = ph.compile_c(THREADS_C, str(tmp_path / "threads"))
     reports = []
-    with converter(lo, split=2, split_delay=0.01) as conv:
+    with converter_in(lo, split=2, split_delay=0.01) as conv:
         env = ph.preload_env(conv.address, preload, **env_extra)
         p = pyrun(lo, f"""
             import hashlib, urllib.request
@@ -598,7 +582,7 @@ def test_asan_ubsan_build_under_real_programs(lo, tmp_path):
         import hashlib
         assert p.stdout.strip() == hashlib.sha256(lo.payload).hexdigest(), p.stderr[-3000:]
         assert len(conv.seen) == 1
-    with converter(lo, error=(96, b"")) as conv:
+    with converter_in(lo, error=(96, b"")) as conv:
         env = ph.preload_env(conv.address, preload, **env_extra)
         p = pyrun(lo, f"""
             import socket
@@ -610,7 +594,7 @@ def test_asan_ubsan_build_under_real_programs(lo, tmp_path):
             """, env)
         reports.append(p.stderr)
         assert p.stdout.strip() == "refused", p.stderr[-3000:]
-    with _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter_in(lo) as conv:
         env = ph.preload_env(conv.address, preload, **env_extra)
         p = run(lo, [exe, str(echo.address[1])], env)
         reports.append(p.stderr)
@@ -622,11 +606,11 @@ def test_asan_ubsan_build_under_real_programs(lo, tmp_path):
 
 # ------------------------------------------------------------------ the real relay
 
-@pytest.fixture
-def relay(lo):
-    """`pep relay` (pepsock/relay, written independently of libpep) in the lo namespace."""
+def run_relay(lo, *options):
+    """`pep relay` on loopback in the lo namespace, allowed 127.0.0.0/8, with
+    extra options; yields its (host, port) and kills it after."""
     proc = lo.popen(sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                    "--allow-dest", "127.0.0.0/8", stdout=subprocess.PIPE,
+                    "--allow-dest", "127.0.0.0/8", *options, stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL, text=True, cwd=ph.REPO)
     try:
         import select
@@ -639,6 +623,12 @@ def relay(lo):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+@pytest.fixture
+def relay(lo):
+    """`pep relay` (pepsock/relay, written independently of libpep) in the lo namespace."""
+    yield from run_relay(lo)
 
 
 def test_through_pep_relay(lo, lib, relay, tmp_path):
@@ -776,7 +766,7 @@ def test_every_read_path_strips_the_reply(lo, lib, tmp_path):
     exe = ph.compile_c(READPATHS_C, str(tmp_path / "readpaths"))
     paths = ["read", "read_chk", "recv", "recv_chk", "recvfrom", "recvfrom_chk", "readv",
              "recvmsg", "recvmmsg", "peek", "dupfd"]
-    with _echo(lo, greeting=b"hello") as echo, converter(lo, split=2, split_delay=0.005,
+    with _echo(lo, greeting=b"hello") as echo, converter_in(lo, split=2, split_delay=0.005,
                                                          reply_tlvs=_tlvs()) as conv:
         for how in paths:
             p = run(lo, [exe, str(echo.address[1]), how], ph.preload_env(conv.address, lib))
@@ -790,7 +780,7 @@ def _tlvs():
 
 
 def test_error_on_a_write_first(lo, lib):
-    with converter(lo, error=(32, b"")) as conv:
+    with converter_in(lo, error=(32, b"")) as conv:
         p = pyrun(lo, f"""
             import errno, socket, time
             s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
@@ -819,7 +809,7 @@ def test_error_on_a_write_first(lo, lib):
 def test_hostile_replies(lo, raw, expect, build):
     lib = ph.build(build)
     preload = f"{ph.asan_runtime()} {lib}" if "asan" in build else lib
-    with converter(lo, raw_reply=raw) as conv:
+    with converter_in(lo, raw_reply=raw) as conv:
         p = pyrun(lo, f"""
             import errno, socket
             s = socket.create_connection(("127.0.0.1", {lo.http[4].address[1]}), timeout=10)
@@ -867,14 +857,14 @@ int main(int argc, char **argv) {
 
 def test_fd_closed_behind_our_back_and_reused(lo, lib, tmp_path):
     exe = ph.compile_c(REUSE_C, str(tmp_path / "reuse"))
-    with _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter_in(lo) as conv:
         p = run(lo, [exe, str(echo.address[1])], ph.preload_env(conv.address, lib))
         assert p.stdout.strip() == "5 pipe!", p.stdout + p.stderr
 
 
 def test_python_asyncio_epoll_client(lo, lib):
     """asyncio (epoll, non-blocking connect, add_reader) with 20 connections at once."""
-    with _echo(lo, greeting=b"hi:") as echo, converter(lo) as conv:
+    with _echo(lo, greeting=b"hi:") as echo, converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import asyncio
             async def one(i):
@@ -896,7 +886,7 @@ def test_poll_after_error_and_immediate_reset_reports_ready(lo, lib):
     """Error TLV then RST, all in before the program polls its connecting
     socket: poll() says writable (not POLLERR|POLLHUP, which curl takes for a
     failed connect), SO_ERROR is 0, and the read gives ECONNREFUSED."""
-    with converter(lo, error=(96, b""), reset_delay=0) as conv:
+    with converter_in(lo, error=(96, b""), reset_delay=0) as conv:
         p = pyrun(lo, f"""
             import errno, select, socket, time
             s = socket.socket()
@@ -929,7 +919,7 @@ def test_pep_run_and_pep_lib_commands(lo, lib, tmp_path):
                        text=True, timeout=TIMEOUT, cwd=ph.REPO)
     assert p.returncode == 0 and os.path.isfile(p.stdout.strip()), p.stderr
     env["PEP_NO_PROXY"] = ""
-    with converter(lo) as conv:
+    with converter_in(lo) as conv:
         p = run(lo, [sys.executable, "-m", "pepsock.cli", "run", "--pep", conv.env_value, "--",
                      curl, "-sS", "--max-time", "20", "-o", str(tmp_path / "c"),
                      lo.http[4].url("/1m.bin")], env)
@@ -941,7 +931,7 @@ def test_pep_run_and_pep_lib_commands(lo, lib, tmp_path):
 def test_connection_to_the_pep_itself_goes_direct(lo, lib):
     """A program under libpep that talks RFC 8803 to the PEP on its own (the
     Python client, pep check...) is not wrapped a second time."""
-    with _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import socket
             from pepsock import protocol
@@ -964,7 +954,7 @@ def test_pep_by_name_and_log_file_keeps_no_fd(lo, lib, tmp_path):
     hooks stay out of the way); PEP_LOG to a file: lines land there and the
     program's fd table holds nothing of libpep's."""
     log = tmp_path / "pep.log"
-    with _echo(lo) as echo, converter(lo) as conv:
+    with _echo(lo) as echo, converter_in(lo) as conv:
         code = f"""
             import os, socket
             before = sorted(os.listdir("/proc/self/fd"))
@@ -986,7 +976,7 @@ def test_pep_by_name_and_log_file_keeps_no_fd(lo, lib, tmp_path):
 def test_the_programs_own_socket_survives(lo, lib):
     """bind(), socket options, fd flags and an epoll registration made before
     connect() are all still there after it: libpep never swaps the socket."""
-    with _echo(lo, greeting=b"hey") as echo, converter(lo) as conv:
+    with _echo(lo, greeting=b"hey") as echo, converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import fcntl, os, select, socket
             s = socket.socket()
@@ -1045,7 +1035,7 @@ def test_header_goes_out_while_the_program_waits_for_epollin_only(notfo, lib, wa
     epoll_wait (select, poll) for reading only (the server speaks first): the
     header still goes out, the greeting comes back (every wait is sliced)."""
     iptables = require_tool("iptables")
-    with _echo(notfo, greeting=b"220 hello") as echo, converter(notfo) as conv:
+    with _echo(notfo, greeting=b"220 hello") as echo, converter_in(notfo) as conv:
         notfo.run(iptables, "-A", "INPUT", "-p", "tcp", "--syn", "--dport", str(conv.address[1]),
                   "-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0", "-j", "DROP")
         p = pyrun(notfo, f"""
@@ -1127,7 +1117,7 @@ def test_header_goes_out_while_a_c_program_waits_for_reading_only(notfo, lib, tm
     every wait hook is sliced while a header is pending."""
     iptables = require_tool("iptables")
     exe = ph.compile_c(WAIT_FOR_READ_C, str(tmp_path / "waitc"))
-    with _echo(notfo, greeting=b"220 hello") as echo, converter(notfo) as conv:
+    with _echo(notfo, greeting=b"220 hello") as echo, converter_in(notfo) as conv:
         notfo.run(iptables, "-A", "INPUT", "-p", "tcp", "--syn", "--dport", str(conv.address[1]),
                   "-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0", "-j", "DROP")
         p = run(notfo, [exe, str(echo.address[1]), wait], ph.preload_env(conv.address, lib))
@@ -1160,7 +1150,7 @@ def test_pending_header_flush_never_eats_the_connect_error(notfo, lib):
 
 
 def test_disconnect_with_af_unspec_and_reconnect_the_same_socket(lo, lib):
-    with _echo(lo, greeting=b"hi") as echo, converter(lo) as conv:
+    with _echo(lo, greeting=b"hi") as echo, converter_in(lo) as conv:
         p = pyrun(lo, f"""
             import ctypes, socket
             libc = ctypes.CDLL(None, use_errno=True)
@@ -1181,7 +1171,7 @@ def test_blocking_read_waits_for_the_reply_and_honours_so_rcvtimeo(lo, lib):
     """A slow reply (1 byte every 0.4 s): a blocking recv with SO_RCVTIMEO
     0.2 s gives EAGAIN after about 0.2 s; without a timeout it waits, strips
     the reply and returns the server's bytes."""
-    with _echo(lo, greeting=b"slow") as echo, converter(lo, split=1, split_delay=0.4) as conv:
+    with _echo(lo, greeting=b"slow") as echo, converter_in(lo, split=1, split_delay=0.4) as conv:
         p = pyrun(lo, f"""
             import errno, socket, struct, time
             s = socket.socket()
@@ -1295,21 +1285,7 @@ int main(int argc, char **argv) {
 @pytest.fixture
 def big_relay(lo):
     """`pep relay` allowed enough tunnels for the many-connections test."""
-    proc = lo.popen(sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                    "--allow-dest", "127.0.0.0/8", "--max-tunnels", "8000",
-                    "--max-per-client", "0", stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL, text=True, cwd=ph.REPO)
-    try:
-        import select
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        line = proc.stdout.readline() if ready else ""
-        if not line.startswith("listening on "):
-            pytest.skip(f"pep relay did not start: {line!r}")
-        host, _, port = line.split()[-1].rpartition(":")
-        yield (host, int(port))
-    finally:
-        proc.kill()
-        proc.wait(5)
+    yield from run_relay(lo, "--max-tunnels", "8000", "--max-per-client", "0")
 
 
 @pytest.mark.parametrize("build", ["libpep.so", "libpep-asan.so"])
@@ -1336,7 +1312,7 @@ def test_3000_concurrent_proxied_connections_in_one_process(lo, big_relay, tmp_p
 def test_repeated_log_lines_are_rate_limited(lo, lib):
     """100 connections a PEP answers with Error 96, at PEP_LOG=info: the
     per-connection line comes at most PEP_LOG_BURST (5) times per 10 s."""
-    with converter(lo, error=(96, b"")) as conv:
+    with converter_in(lo, error=(96, b"")) as conv:
         p = pyrun(lo, f"""
             import socket
             for i in range(100):

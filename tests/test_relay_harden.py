@@ -24,7 +24,7 @@ from pepsock.testbed.netns import Topology
 from pepsock.protocol import connect_request
 from relay_helpers import (
     MSG_FASTOPEN, TCP_FASTOPEN_NO_COOKIE, Relay, Server, convert_open, echo, read_reply,
-    recv_exact, reset_close,
+    recv_exact, recv_to_the_end, reset_close,
 )
 from reliability_helpers import wait_until
 
@@ -202,16 +202,8 @@ def test_destination_reset_after_acked_bytes_delivers_them_then_resets(net):
             msg, rest = read_reply(s)
             assert msg.error is None
             assert done.wait(30)
-            got, outcome = bytearray(rest), None
             s.settimeout(10)
-            while outcome is None:
-                try:
-                    chunk = s.recv(1 << 20)
-                    if not chunk:
-                        outcome = "eof"
-                    got += chunk
-                except ConnectionResetError:
-                    outcome = "reset"
+            got, outcome = recv_to_the_end(s, rest)
             s.close()
         r.wait_log("bytes delivered in all")
     finally:

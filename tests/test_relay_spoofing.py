@@ -13,7 +13,6 @@ the destination saw is counted on its interface with an AF_PACKET socket.
 import os
 import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -24,7 +23,7 @@ from pepsock.relay import cookies as C
 from pepsock.tfo import MSG_FASTOPEN
 from pepsock.testbed.netns import Topology
 from rawsyn import PacketCounter, send_ipv4, syn_packet
-from relay_helpers import Relay, read_reply, recv_all, syn_data_acked, tfo_send
+from relay_helpers import Relay, Server, read_reply, recv_all, syn_data_acked, tfo_send
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.root]
 
@@ -54,45 +53,35 @@ def net():
         topo.cleanup()
 
 
+def received(conn) -> bytes:
+    """What a connection brought, until EOF or 0.5 s of silence."""
+    conn.settimeout(0.5)
+    data = b""
+    try:
+        while chunk := conn.recv(4096):
+            data += chunk
+    except OSError:
+        pass
+    return data
+
+
 class Destination:
-    """A listener at DEST in the server ns that records what it accepted and
-    received, and packet counters for DEST's and SILENT's ports."""
+    """A listener at DEST in the server ns that records what each connection
+    it accepted received (conns), and packet counters for DEST's and SILENT's
+    ports."""
 
     def __init__(self, net):
-        self.host = net.hosts["server"]
-        self.conns: list[bytes] = []
-        with self.host.enter():
-            self.sock = socket.socket()
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind(DEST)
-            self.sock.listen(64)
-            self.sock.settimeout(0.1)
+        with net.hosts["server"].enter():
+            self.server = Server(received, *DEST)
             self.packets = PacketCounter(net.server_if, DEST[1])
             self.silent = PacketCounter(net.server_if, SILENT[1])
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
 
-    def _run(self):
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            conn.settimeout(0.5)
-            data = b""
-            try:
-                while chunk := conn.recv(4096):
-                    data += chunk
-            except OSError:
-                pass
-            self.conns.append(data)
-            conn.close()
+    @property
+    def conns(self) -> list[bytes]:
+        return self.server.results
 
     def close(self):
-        self._stop = True
-        self._t.join(timeout=2)
-        self.sock.close()
+        self.server.close()
         self.packets.close()
         self.silent.close()
 
@@ -300,30 +289,12 @@ def test_no_cookie_with_cookie_secret(net, dest, tmp_path):
     assert took < 0.5 < 0.9 < took2, (took, took2)
 
 
-class Banner:
+def banner_server(net, port=2525) -> Server:
     """A destination that speaks first: 10 kB as soon as a connection is up
     (what made one forged SYN reflect ~150x its size before issue 9)."""
-
-    def __init__(self, net, port=2525):
-        with net.hosts["server"].enter():
-            self.sock = socket.socket()
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind(("198.51.100.2", port))
-            self.sock.listen(16)
-        self.addr = ("198.51.100.2", port)
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                c.sendall(b"220 " + b"x" * 10_000 + b"\r\n")
-            except OSError:
-                pass
-            c.close()
+    with net.hosts["server"].enter():
+        return Server(lambda c: c.sendall(b"220 " + b"x" * 10_000 + b"\r\n"),
+                      "198.51.100.2", port)
 
 
 @pytest.mark.parametrize("mode", [(), ("--no-cookie",)], ids=["default", "no-cookie"])
@@ -335,7 +306,7 @@ def test_forged_syn_makes_the_victim_receive_no_data(net, mode):
     ifname = client.run("ip", "-o", "route", "get", "192.0.2.1").stdout.split("dev ")[1].split()[0]
     client.run("ip", "addr", "add", f"{FORGED}/32", "dev", ifname)
     client.run("iptables", "-w", "5", "-I", "INPUT", "-d", FORGED, "-j", "DROP")
-    banner = Banner(net)
+    banner = banner_server(net)
     with client.enter():
         victim = PacketCounter(ifname, 40000)
     try:
@@ -353,7 +324,7 @@ def test_forged_syn_makes_the_victim_receive_no_data(net, mode):
         assert victim.wire_bytes <= 4 * 60
     finally:
         victim.close()
-        banner.sock.close()
+        banner.close()
 
 
 def test_unverified_clients_are_bounded_by_the_tfo_queue(net, dest):

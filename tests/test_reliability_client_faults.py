@@ -20,7 +20,8 @@ import pytest
 import pepsock
 from conftest import require_root, require_tool
 from pepsock.testbed.netns import Topology
-from preload_helpers import Converter, EchoServer, HTTPServer, build, make_payload, preload_env
+from preload_helpers import (Converter, EchoServer, HTTPServer, build, client_router_pep,
+                             forward_rules, make_payload, preload_env)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.root]
 
@@ -36,13 +37,7 @@ def net(tmp_path_factory):
     require_root()
     topo = Topology(prefix="rb")
     try:
-        cli = topo.host("cli", tfo=3)
-        rt = topo.host("rt", forwarding=True, tfo=3)
-        pep = topo.host("pep", tfo=3)
-        topo.link(cli, ["192.0.2.1/24"], rt, ["192.0.2.254/24"])
-        topo.link(rt, ["198.51.100.254/24"], pep, [f"{PEP_IP}/24"])
-        topo.route(cli, "198.51.100.0/24", "192.0.2.254")
-        topo.route(pep, "192.0.2.0/24", "198.51.100.254")
+        _, _, pep = client_router_pep(topo, [PEP_IP])
         root = tmp_path_factory.mktemp("www")
         payload = make_payload(str(root), "1m.bin", 1 << 20)
         with pep.enter():
@@ -62,16 +57,8 @@ def net(tmp_path_factory):
 @pytest.fixture
 def rules(net):
     """iptables rules in the router namespace, flushed after the test."""
-    rt = net.hosts["rt"]
     require_tool("iptables")
-    added = []
-
-    def add(*rule):
-        rt.run("iptables", "-w", "5", "-I", "FORWARD", *rule)
-        added.append(rule)
-
-    yield add
-    rt.run("iptables", "-w", "5", "-F", "FORWARD", check=False)
+    yield from forward_rules(net.hosts["rt"])
 
 
 def _drops(net) -> int:

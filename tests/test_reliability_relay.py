@@ -31,7 +31,7 @@ from pepsock.protocol import ErrorCode, connect_request
 from pepsock.testbed.netns import Topology
 from relay_helpers import (
     Relay, Server, convert_open, echo, read_reply, recv_all, recv_exact, reset_close,
-    wait_eof_or_reset,
+    recv_to_the_end, wait_eof_or_reset,
 )
 from reliability_helpers import (
     fd_count, relay_fds_beyond_pool, relay_metrics, settle_fds, wait_until,
@@ -366,15 +366,7 @@ def test_destination_resets_mid_transfer(net, relay, baseline):
             assert msg.error is None
             s.sendall(os.urandom(50_000))
             t0 = time.monotonic()
-            got, outcome = bytearray(rest), None
-            while outcome is None:
-                try:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        outcome = "eof"
-                    got += chunk
-                except ConnectionResetError:
-                    outcome = "reset"
+            got, outcome = recv_to_the_end(s, rest)
             s.close()
         assert outcome == "reset"  # carried across, never a clean EOF
         assert time.monotonic() - t0 < 3

@@ -26,9 +26,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import require_root
-from converter import Converter, EchoServer, HTTPServer
+from converter import Converter, EchoServer, HTTPServer, converter_in, web_namespace
 from pepsock import elf, run, seccomp, supervisor
-from pepsock.testbed.netns import Topology
 from relay_helpers import Relay
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,26 +143,8 @@ def go_cgo_client(tmp_path_factory):
 def ns(tmp_path_factory):
     """One namespace, TFO on (3), HTTP servers on 127.0.0.1 and ::1 serving a 1 MiB file."""
     require_root()
-    topo = Topology(prefix="rn")
-    try:
-        host = topo.host("run", tfo=3)
-        root = tmp_path_factory.mktemp("www")
-        payload = os.urandom(PAYLOAD_SIZE)
-        (root / "1m.bin").write_bytes(payload)
-        with host.enter():
-            host.http = {4: HTTPServer(str(root), "127.0.0.1"), 6: HTTPServer(str(root), "::1")}
-        host.payload = payload
+    with web_namespace("rn", tmp_path_factory.mktemp("www")) as host:
         yield host
-        for server in host.http.values():
-            server.close()
-    finally:
-        topo.cleanup()
-
-
-def converter(ns, **kw) -> Converter:
-    """A test converter in namespace ns (kw: Converter's, e.g. host="::1")."""
-    with ns.enter():
-        return Converter(**kw)
 
 
 def body(response: bytes) -> bytes:
@@ -475,7 +456,7 @@ def test_static_client_through_the_converter(ns, static_client, flags, fam):
     for; -n: the program's epoll registration made before connect() survives;
     -6 with an IPv4 destination: v4-mapped on an AF_INET6 socket."""
     http = ns.http[fam]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, *flags, http.address[0],
                                                        str(http.address[1]), "1m.bin"])
     assert rc == 0 and err == "", err
@@ -490,7 +471,7 @@ def test_ipv4_socket_through_an_ipv6_pep(ns, static_client):
     """The connection to the PEP is the supervisor's: an AF_INET program
     socket reaches a PEP on ::1 (libpep.so cannot: ENETUNREACH)."""
     http = ns.http[4]
-    with converter(ns, host="::1") as conv:
+    with converter_in(ns, host="::1") as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
                                                        str(http.address[1]), "1m.bin"])
     assert rc == 0, err
@@ -500,7 +481,7 @@ def test_ipv4_socket_through_an_ipv6_pep(ns, static_client):
 
 def test_static_client_bytes_are_intact(ns, static_client):
     http = ns.http[4]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "-c", "3", "127.0.0.1",
                                                        str(http.address[1]), "1m.bin"])
     assert rc == 0, err
@@ -511,7 +492,7 @@ def test_static_client_bytes_are_intact(ns, static_client):
 def test_go_client_through_the_converter(ns, go_client):
     http = ns.http[4]
     urls = [http.url("/1m.bin")] * 2 + [ns.http[6].url("/1m.bin")]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [go_client, *urls])
     assert rc == 0, err
     assert out == ns.payload
@@ -523,7 +504,7 @@ def test_dynamic_go_client_goes_to_the_supervisor(ns, go_cgo_client):
     info = elf.examine(go_cgo_client).info
     assert info.dynamic and info.go
     http = ns.http[4]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [go_cgo_client, http.url("/1m.bin")],
                                     env=base_env(PEP_LOG="info"))
     assert rc == 0, err
@@ -554,7 +535,7 @@ def test_connects_interrupted_by_signals_are_answered_once(ns, static_client, fl
     them, and a restarted connect the supervisor already steered is answered
     as done: every fetch works and the PEP sees each connection once."""
     http = ns.http[4]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "-i", *flags, "-c", "20",
                                                        "127.0.0.1", str(http.address[1]), "1m.bin"])
     assert rc == 0, err
@@ -580,7 +561,7 @@ def test_restarted_connects_before_linux_5_19(ns, static_client):
         client = {static_client!r}
         os.execv(client, [client, "-i", "-c", "100", "127.0.0.1", "{http.address[1]}", "1m.bin"])
     """)
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(sys.executable, "-c", code),
                            env=base_env(PEP_PROXY=conv.env_value, PEP_LOG="debug"),
                            capture_output=True, timeout=60)
@@ -591,37 +572,48 @@ def test_restarted_connects_before_linux_5_19(ns, static_client):
     print(err.count("restarted after a signal"), "restarts answered")
 
 
-def test_upload_and_half_close_through_the_supervisor(ns):
-    """Both directions and a half-close, with a program forced through the
-    seccomp path: 4 MiB to an echo server, shutdown(SHUT_WR), read it all back."""
-    code = textwrap.dedent("""
-        import hashlib, os, socket, sys, threading
-        data = os.urandom(4 << 20)
-        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+#: A program: argv[2] connections at once to the echo server on 127.0.0.1 port
+#: argv[1], each sends argv[3] random bytes, shuts down its sending side and
+#: reads everything back; prints how many got their bytes back, of how many.
+ECHO_BOTH_WAYS = textwrap.dedent("""
+    import os, socket, sys, threading
+    port, connections, size = map(int, sys.argv[1:4])
+    ok = []
+    def one():
+        s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        data = os.urandom(size)
         def send():
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
         t = threading.Thread(target=send)
         t.start()
         got = bytearray()
-        while True:
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                break
+        while chunk := s.recv(65536):
             got += chunk
         t.join()
-        print(len(got), hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest())
-    """)
+        ok.append(got == data)
+    threads = [threading.Thread(target=one) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(sum(ok), len(ok))
+""")
+
+
+def test_upload_and_half_close_through_the_supervisor(ns):
+    """Both directions and a half-close, with a program forced through the
+    seccomp path: 4 MiB to an echo server, shutdown(SHUT_WR), read it all back."""
     with ns.enter():
         echo = EchoServer()
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         host, port = conv.address
         p = subprocess.run(ns.cmd(*pep_run_argv("--pep", f"{host}:{port}", "--mode", "seccomp",
-                                                "--", sys.executable, "-c", code,
-                                                str(echo.address[1]))),
+                                                "--", sys.executable, "-c", ECHO_BOTH_WAYS,
+                                                str(echo.address[1]), "1", str(4 << 20))),
                            env=base_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == [str(4 << 20), "True"]
+    assert p.stdout.split() == ["1", "1"], p.stderr
     assert len(conv.seen) == 1 and conv.seen[0].syn_data
 
 
@@ -635,7 +627,7 @@ def test_mode_both_covers_a_script_running_static_and_dynamic_programs(ns, stati
     http = ns.http[4]
     script = (f"{curl} -sS -o {tmp_path / 'curl.out'} {http.url('/1m.bin')} && "
               f"{static_client} 127.0.0.1 {http.address[1]} 1m.bin")
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, ["sh", "-c", script], mode="both")
     assert rc == 0, err
     assert body(out) == ns.payload and (tmp_path / "curl.out").read_bytes() == ns.payload
@@ -661,7 +653,7 @@ def test_getpeername_names_the_destination(ns):
     """)
     with ns.enter():
         echo = EchoServer()
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
                                                 sys.executable, "-c", code, str(echo.address[1]))),
                            env=base_env(), capture_output=True, text=True, timeout=TIMEOUT)
@@ -680,7 +672,7 @@ def test_wrapper_naming_a_static_program_gets_the_supervisor(ns, static_client, 
     http = ns.http[4]
     args = [static_client, "127.0.0.1", str(http.address[1]), "1m.bin"]
     argv = ["timeout", "30", *args] if wrap == "timeout" else ["sh", "-c", " ".join(args)]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, argv)
     assert rc == 0, err
     assert body(out) == ns.payload
@@ -739,7 +731,7 @@ def test_what_the_supervisor_passes_through(ns, tmp_path):
         closed = probe.getsockname()[1]
         probe.close()
     argv = [sys.executable, "-c", code, str(echo.address[1]), str(closed)]
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
                                                 *argv)),
                            env=base_env(PEP_NO_PROXY="127.0.0.2"), capture_output=True, text=True,
@@ -810,7 +802,7 @@ def test_connections_past_the_limit_are_reset_with_a_log_line(ns):
     """)
     with ns.enter():
         echo = EchoServer()
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(prlimit, "--nofile=128:128", *pep_run_argv(
             "--pep", conv.env_value, "--mode", "seccomp", "--", sys.executable, "-c", code,
             str(echo.address[1]))), env=base_env(), capture_output=True, text=True,
@@ -822,34 +814,12 @@ def test_connections_past_the_limit_are_reset_with_a_log_line(ns):
 
 def test_many_connections_at_once(ns):
     """50 threads, each 200 kB up and back through an echo server at once."""
-    code = textwrap.dedent("""
-        import os, socket, sys, threading
-        port, ok = int(sys.argv[1]), []
-        def one():
-            s = socket.create_connection(("127.0.0.1", port), timeout=20)
-            data = os.urandom(200000)
-            def send():
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-            t = threading.Thread(target=send)
-            t.start()
-            got = bytearray()
-            while chunk := s.recv(65536):
-                got += chunk
-            t.join()
-            ok.append(got == data)
-        threads = [threading.Thread(target=one) for _ in range(50)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        print(sum(ok), len(ok))
-    """)
     with ns.enter():
         echo = EchoServer()
-    with echo, converter(ns) as conv:
+    with echo, converter_in(ns) as conv:
         p = subprocess.run(ns.cmd(*pep_run_argv("--pep", conv.env_value, "--mode", "seccomp", "--",
-                                                sys.executable, "-c", code, str(echo.address[1]))),
+                                                sys.executable, "-c", ECHO_BOTH_WAYS,
+                                                str(echo.address[1]), "50", "200000")),
                            env=base_env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["50", "50"], p.stderr
@@ -861,7 +831,7 @@ def test_bypassed_destination_goes_direct(ns, static_client, no_proxy):
     """PEP_NO_PROXY as libpep.so reads it: addresses, ports, and `localhost`
     as loopback (the supervisor sees addresses, not names)."""
     http = ns.http[4]
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1",
                                                        str(http.address[1]), "1m.bin"],
                                     env=base_env(PEP_NO_PROXY=no_proxy))
@@ -870,7 +840,7 @@ def test_bypassed_destination_goes_direct(ns, static_client, no_proxy):
 
 
 def test_pep_error_reaches_the_program_as_a_reset_and_a_log_line(ns, static_client):
-    with converter(ns, error=(96, b"")) as conv:
+    with converter_in(ns, error=(96, b"")) as conv:
         rc, out, err = _fetch_bytes(ns, conv.address, [static_client, "127.0.0.1", "9", "x"])
     assert rc == 1 and "run_client: read:" in err, err
     assert "127.0.0.1:9: the PEP said:" in err, err
@@ -909,7 +879,7 @@ def test_forking_daemon_keeps_its_connections(ns, static_client, tmp_path):
     http = ns.http[4]
     out = tmp_path / "daemon.out"
     mark = uuid.uuid4().hex
-    with converter(ns) as conv:
+    with converter_in(ns) as conv:
         t0 = time.monotonic()
         rc, _, err = _fetch_bytes(ns, conv.address, [static_client, "-d", str(out), "127.0.0.1",
                                                      str(http.address[1]), "1m.bin"],

@@ -24,13 +24,6 @@ REPLY_DELAY = 0.3
 
 
 @pytest.fixture
-def ns(topology):
-    host = topology.host("tls", tfo=3)
-    with host.enter():
-        yield host
-
-
-@pytest.fixture
 def cert(tmp_path):
     return make_cert(tmp_path)
 
