@@ -185,18 +185,29 @@ class StatsServer:
         self.sock.close()
 
 
+#: How long a stats connection may take, request and answer, before it is closed.
+STATS_CLIENT_TIMEOUT = 2.0
+
+
 class _StatsClient:
+    """One stats request.  Never blocks the loop: the answer is written as
+    the socket takes it (EPOLLOUT), and a client that reads too slowly is
+    closed after STATS_CLIENT_TIMEOUT like one that never asks."""
+
     def __init__(self, loop, sock, server):
         self.loop, self.sock, self.server = loop, sock, server
         self.render = server.render
         server.clients += 1
         self.buf = b""
+        self.out = None         # the answer not yet written, once rendered
         sock.setblocking(False)
         self.fd = sock.fileno()
         loop.register(self.fd, self.on_event, select.EPOLLIN)
-        self.timer = loop.call_later(2.0, self.close)
+        self.timer = loop.call_later(STATS_CLIENT_TIMEOUT, self.close)
 
     def on_event(self, ev):
+        if self.out is not None:
+            return self._write()
         try:
             data = self.sock.recv(4096)
         except BlockingIOError:
@@ -210,13 +221,20 @@ class _StatsClient:
         body = self.render().encode()
         head = (f"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self.out = memoryview(head + body)
+        self._write()
+
+    def _write(self):
         try:
-            self.sock.setblocking(True)
-            self.sock.settimeout(1.0)
-            self.sock.sendall(head + body)
+            n = self.sock.send(self.out)
+        except BlockingIOError:
+            n = 0
         except OSError:
-            pass
-        self.close()
+            return self.close()
+        self.out = self.out[n:]
+        if not self.out:
+            return self.close()
+        self.loop.rebind(self.fd, self.on_event, select.EPOLLOUT)
 
     def close(self):
         if self.fd >= 0:
@@ -381,10 +399,11 @@ class Loop:
             now = time.monotonic()
             st[S.TUNNELS_TOTAL] += 1
             try:
-                if tfo.syn_data_acked(sock):
-                    st[S.SYN_DATA] += 1
+                handshaking, syn_data, syn_payload = routability.accept_facts(sock)
             except OSError:
-                pass
+                handshaking, syn_data, syn_payload = False, False, 0
+            if syn_data:
+                st[S.SYN_DATA] += 1
             ip = str(normalize_ip(addr[0])) if ":" in addr[0] else addr[0]
             if not adm.client_allowed(ip):
                 self._refuse(sock, addr, 32, "client not in --allow-client")
@@ -402,9 +421,11 @@ class Loop:
                 self._refuse(sock, addr, 64, why, RETRY_AFTER)
                 continue
             st[S.TUNNELS_OPEN] += 1
-            t = Tunnel.__new__(Tunnel)
+            t = Tunnel(self, sock, (ip, addr[1]), now, key, exempt, sizes,
+                       handshaking=handshaking, syn_payload=syn_payload)
+            # In the set before start(): a tunnel may end inside start().
             self.tunnels.add(t)
-            t.__init__(self, sock, (ip, addr[1]), now, key, exempt, sizes)
+            t.start()
 
     def _refuse(self, sock, addr, code, why, value=b""):
         # Counted when sent: an unverified client gets it after its handshake, or never.

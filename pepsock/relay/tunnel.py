@@ -48,6 +48,7 @@ from ..protocol import (
     MAX_MESSAGE_SIZE, ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, TLVType,
     check_request, error_for_connect_failure, error_reply, success_reply,
 )
+from .. import tfo
 from . import routability
 from . import stats as S
 from .cookies import Verdict
@@ -69,6 +70,10 @@ _SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 _splice = os.splice
 
 SUCCESS = success_reply()
+#: A direction copies through user space until one read fills this much; then
+#: it splices (Direction.bulk).  Small enough that a bulk flow pays one such
+#: copy, large enough for a request or a reply of a short exchange.
+COPY_MAX = 16384
 #: TCP options the onward connection carries because the kernel negotiates
 #: them itself: MSS, window scale, SACK-permitted, timestamps.  A Connect
 #: asking for any other (TCP-MD5 19, TCP-AO 29, MPTCP 30 -- the onward
@@ -120,7 +125,7 @@ class Direction:
     """Bytes flowing src -> dst through a (pooled) pipe."""
 
     __slots__ = ("src", "dst", "pipe", "held", "eof", "shut", "bytes", "stat", "peer", "buf",
-                 "limit")
+                 "limit", "bulk")
 
     def __init__(self, src: End, dst: End, stat: int, limit: int = 1 << 30):
         self.src = src
@@ -134,6 +139,10 @@ class Direction:
         self.peer: Direction | None = None
         self.buf = b""      # bytes held in user space (copy fallback, no pipe)
         self.limit = limit  # the most the pipe may hold for this tunnel (budget)
+        #: Has a read ever filled COPY_MAX?  Until then the direction copies
+        #: through user space (recv/send) and holds no pipe; from then on it
+        #: splices.  A request, a reply, a one-byte echo never touch a pipe.
+        self.bulk = False
 
 
 SO_SNDBUFFORCE = 32
@@ -367,10 +376,14 @@ class Tunnel:
     __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
                  "dest", "t0", "timer", "outcome", "early", "why", "flush_mark", "flush_at",
                  "client_key", "exempt", "pending_slot", "sizes", "stall_mark", "stall_at",
-                 "unverified", "held_action", "vtimer")
+                 "unverified", "held_action", "vtimer", "syn_payload", "syn_room")
 
     def __init__(self, loop, sock: socket.socket, addr, now: float, key: str | None = None,
-                 exempt: bool = False, sizes=None):
+                 exempt: bool = False, sizes=None, *, handshaking: bool | None = None,
+                 syn_payload: int = 0):
+        """`handshaking`: the client's socket is still in SYN_RECV (None: ask
+        the kernel); `syn_payload`: bytes the client's SYN carried, if known
+        (routability.accept_facts).  Nothing happens until start()."""
         self.loop = loop
         self.sizes = sizes          # budget.Sizes granted (None: unbudgeted)
         self.stall_mark = None
@@ -405,14 +418,22 @@ class Tunnel:
         self.held_action = None     # what waits for the client's handshake (HELD)
         self.vtimer = None
         self.unverified = False
+        self.syn_payload = syn_payload
+        self.syn_room = 0       # early-data bytes the onward SYN may carry (_read_header)
         if loop.clients_unverified:
-            try:
-                self.unverified = routability.in_syn_recv(sock)
-            except OSError:
-                pass            # a dead socket: the header read reports it
-            if self.unverified:
-                loop.stats.v[S.UNVERIFIED] += 1
-                self.vtimer = loop.call_later(loop.cfg.header_timeout, self._unverified_timeout)
+            if handshaking is None:
+                try:
+                    handshaking = routability.in_syn_recv(sock)
+                except OSError:
+                    handshaking = False     # a dead socket: the header read reports it
+            self.unverified = handshaking
+
+    def start(self) -> None:
+        """Register the client socket and read the header (usually in the SYN)."""
+        loop = self.loop
+        if self.unverified:
+            loop.stats.v[S.UNVERIFIED] += 1
+            self.vtimer = loop.call_later(loop.cfg.header_timeout, self._unverified_timeout)
         loop.register(self.c.fd, self.on_client, ET_MASK)
         # The header usually came in the SYN and is read right here; the
         # header timer is only armed when it has not (see _read_header).
@@ -496,6 +517,12 @@ class Tunnel:
             self.dest = (str(req.address), req.port)
             return self._fail(ErrorCode.UNSUPPORTED_TCP_OPTION, kinds,
                               f"TCP options {', '.join(map(str, kinds))} cannot be honoured")
+        dest_family = socket.AF_INET if req.address.version == 4 else socket.AF_INET6
+        if self.syn_payload and self.early and self.loop.cfg.onward_tfo:
+            # Onward TFO: the relay's SYN may carry this much of the early data.
+            self.syn_room = routability.onward_syn_room(
+                self.c.sock.family, dest_family, self.syn_payload, got - len(self.early),
+                not self.loop.clients_unverified)
         # Unverified, everything read so far came in the client's SYN: the
         # onward SYN may not be larger (RFC 8803 section 9.3).
         if self.unverified and not routability.onward_syn_fits(
@@ -567,7 +594,22 @@ class Tunnel:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_SYNCNT, cfg.syn_retries)
             if self.unverified:
                 routability.set_unverified(sock, True)
-            err = sock.connect_ex(self.dest)
+                err = sock.connect_ex(self.dest)
+            elif self.syn_room and self.early:
+                # Onward TCP Fast Open (standard cookie TFO, the kernel's cookie
+                # cache): with a cookie from this destination the SYN carries
+                # the early data, so it gets the request one round trip
+                # sooner; without one the kernel sends a plain SYN asking for
+                # a cookie and the bytes follow the handshake as usual.
+                # Never for an unverified client, never more than fits
+                # (syn_room, RFC 8803 section 9.3).
+                n = tfo.send_in_syn(sock, self.early[:self.syn_room], self.dest)
+                if n:
+                    self.early = self.early[n:]
+                    loop.stats.v[S.ONWARD_SYN_DATA] += 1
+                err = 0
+            else:
+                err = sock.connect_ex(self.dest)
         except OSError as e:
             err = e.errno
         if err not in (0, errno.EINPROGRESS):
@@ -713,6 +755,10 @@ class Tunnel:
                     return
             if d.eof or not src.readable:
                 return
+            if not d.bulk:
+                self._copy_small(d)
+                if not d.bulk or d.buf:
+                    return
             pipe = self.loop.pipe_get()
             if pipe is None:
                 return self._copy(d)
@@ -771,6 +817,46 @@ class Tunnel:
         d.shut = True
         if not d.peer.shut:
             d.dst.sock.shutdown(socket.SHUT_WR)
+
+    def _copy_small(self, d: Direction) -> None:
+        """Small transfers through user space: for a few bytes one recv() and
+        one send() cost less than splicing them into a pipe and out again (and
+        take no pipe).  A read that fills COPY_MAX marks the direction bulk:
+        it splices from then on.  Reads until EAGAIN (edge-triggered: a FIN
+        signalled with the data must not be missed)."""
+        src, dst = d.src, d.dst
+        recv, send = src.sock.recv, dst.sock.send
+        moved = 0
+        try:
+            while dst.writable:
+                try:
+                    data = recv(COPY_MAX)
+                except BlockingIOError:
+                    src.readable = False
+                    break
+                if not data:
+                    d.eof = True
+                    break
+                try:
+                    n = send(data)
+                except BlockingIOError:
+                    dst.writable = False
+                    n = 0
+                moved += n
+                if n < len(data):
+                    d.buf = data[n:]
+                    if n:
+                        dst.writable = False
+                    break
+                if len(data) == COPY_MAX:
+                    d.bulk = True
+                    break
+        finally:
+            if moved:
+                d.bytes += moved
+                self.loop.stats.v[d.stat] += moved
+        if not d.buf and d.eof and not d.shut:
+            self._shut(d)
 
     def _copy(self, d: Direction, more: bool = True) -> None:
         """Send what `d.buf` holds; with `more`, keep moving bytes through user
