@@ -87,6 +87,13 @@ def strace_relay(pid: int, fn, n: int) -> None:
                       if c / n >= 0.05))
 
 
+def cpu_us(pid: int) -> float:
+    """user + system CPU of a process, microseconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1e6 / os.sysconf("SC_CLK_TCK")
+
+
 def start_relay(procs, root: str, *args: str) -> int:
     p = subprocess.Popen([sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
                           "--allow-dest", "127.0.0.0/8", "--log-level", "warning",
@@ -214,6 +221,10 @@ def inside(args) -> int:
                     strace_relay(p.pid, ways[f"{name} raw"], args.strace)
         times: dict[str, list[int]] = {k: [] for k in ways}
         chunk = max(1, args.n // args.rounds)
+        relay_pids = {"relay": procs[2].pid}
+        if args.baseline_root:
+            relay_pids["base"] = procs[3].pid
+        cpu = {k: 0.0 for k in relay_pids}
         clock = time.perf_counter_ns
         for _ in range(args.rounds):
             for name, fn in ways.items():
@@ -221,10 +232,14 @@ def inside(args) -> int:
                     relay_port = relay if name.startswith("relay") else base
                     os.environ["PEP_PROXY"] = f"127.0.0.1:{relay_port}"
                 out = times[name]
+                who = name.split()[0]
+                c0 = cpu_us(relay_pids[who]) if who in relay_pids else 0
                 for _ in range(chunk):
                     t0 = clock()
                     fn()
                     out.append(clock() - t0)
+                if who in relay_pids:
+                    cpu[who] += cpu_us(relay_pids[who]) - c0
         med = {k: statistics.median(v) / 1000 for k, v in times.items()}
         print(f"# bench_setup  {time.strftime('%Y-%m-%d %H:%M:%S')}  n={chunk * args.rounds} "
               f"per way in {args.rounds} interleaved rounds  load={os.getloadavg()[0]:.2f}  "
@@ -236,6 +251,9 @@ def inside(args) -> int:
             p90 = statistics.quantiles(v, n=10)[-1] / 1000
             ratio = f"{added / h_added:.2f}" if k not in ("direct", "haproxy") else ""
             print(f"  {k:10s} {med[k]:10.0f} {added:9.0f} {p90:8.0f}  {ratio}")
+        for who, total in cpu.items():
+            print(f"  {who} process CPU per tunnel: {total / (2 * chunk * args.rounds):.0f} us "
+                  f"(user+system, /proc, over its raw and py tunnels)")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)

@@ -70,10 +70,6 @@ _SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 _splice = os.splice
 
 SUCCESS = success_reply()
-#: A direction copies through user space until one read fills this much; then
-#: it splices (Direction.bulk).  Small enough that a bulk flow pays one such
-#: copy, large enough for a request or a reply of a short exchange.
-COPY_MAX = 16384
 #: TCP options the onward connection carries because the kernel negotiates
 #: them itself: MSS, window scale, SACK-permitted, timestamps.  A Connect
 #: asking for any other (TCP-MD5 19, TCP-AO 29, MPTCP 30 -- the onward
@@ -125,7 +121,7 @@ class Direction:
     """Bytes flowing src -> dst through a (pooled) pipe."""
 
     __slots__ = ("src", "dst", "pipe", "held", "eof", "shut", "bytes", "stat", "peer", "buf",
-                 "limit", "bulk")
+                 "limit")
 
     def __init__(self, src: End, dst: End, stat: int, limit: int = 1 << 30):
         self.src = src
@@ -139,10 +135,6 @@ class Direction:
         self.peer: Direction | None = None
         self.buf = b""      # bytes held in user space (copy fallback, no pipe)
         self.limit = limit  # the most the pipe may hold for this tunnel (budget)
-        #: Has a read ever filled COPY_MAX?  Until then the direction copies
-        #: through user space (recv/send) and holds no pipe; from then on it
-        #: splices.  A request, a reply, a one-byte echo never touch a pipe.
-        self.bulk = False
 
 
 SO_SNDBUFFORCE = 32
@@ -755,10 +747,6 @@ class Tunnel:
                     return
             if d.eof or not src.readable:
                 return
-            if not d.bulk:
-                self._copy_small(d)
-                if not d.bulk or d.buf:
-                    return
             pipe = self.loop.pipe_get()
             if pipe is None:
                 return self._copy(d)
@@ -817,46 +805,6 @@ class Tunnel:
         d.shut = True
         if not d.peer.shut:
             d.dst.sock.shutdown(socket.SHUT_WR)
-
-    def _copy_small(self, d: Direction) -> None:
-        """Small transfers through user space: for a few bytes one recv() and
-        one send() cost less than splicing them into a pipe and out again (and
-        take no pipe).  A read that fills COPY_MAX marks the direction bulk:
-        it splices from then on.  Reads until EAGAIN (edge-triggered: a FIN
-        signalled with the data must not be missed)."""
-        src, dst = d.src, d.dst
-        recv, send = src.sock.recv, dst.sock.send
-        moved = 0
-        try:
-            while dst.writable:
-                try:
-                    data = recv(COPY_MAX)
-                except BlockingIOError:
-                    src.readable = False
-                    break
-                if not data:
-                    d.eof = True
-                    break
-                try:
-                    n = send(data)
-                except BlockingIOError:
-                    dst.writable = False
-                    n = 0
-                moved += n
-                if n < len(data):
-                    d.buf = data[n:]
-                    if n:
-                        dst.writable = False
-                    break
-                if len(data) == COPY_MAX:
-                    d.bulk = True
-                    break
-        finally:
-            if moved:
-                d.bytes += moved
-                self.loop.stats.v[d.stat] += moved
-        if not d.buf and d.eof and not d.shut:
-            self._shut(d)
 
     def _copy(self, d: Direction, more: bool = True) -> None:
         """Send what `d.buf` holds; with `more`, keep moving bytes through user
