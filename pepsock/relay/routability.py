@@ -93,13 +93,16 @@ def accept_facts(sock: socket.socket) -> tuple[bool, bool, int]:
 COOKIE_OPTION_SLACK = {True: 8, False: 20}
 
 
-def onward_syn_room(client_family: int, dest_family: int, syn_payload: int, message: int,
+def onward_syn_room(client_family: int, dest_family: int, syn_payload: int,
                     client_had_cookie: bool) -> int:
     """How many early-data bytes the relay's SYN may carry without being
-    larger than the client's SYN, which carried `syn_payload` bytes: the
-    Convert message (`message` bytes) and the early data behind it.  RFC 8803
-    section 9.3: no amplification by the SYN the relay sends."""
-    room = (syn_payload - message + _IP_HEADER[client_family] - _IP_HEADER[dest_family]
+    larger than the client's SYN, which carried `syn_payload` bytes (the
+    Convert message and the early data behind it).  RFC 8803 section 9.3: no
+    amplification by the SYN the relay sends.  The relay's SYN leaves the
+    Convert message out (at least 12 bytes, 24 for a Connect) and may add a
+    longer cookie option (COOKIE_OPTION_SLACK) and a longer IP header, so
+    usually all early data fits."""
+    room = (syn_payload + _IP_HEADER[client_family] - _IP_HEADER[dest_family]
             - COOKIE_OPTION_SLACK[client_had_cookie])
     return max(0, room)
 

@@ -401,7 +401,7 @@ class Tunnel:
         if self.syn_payload and self.early and self.ctx.cfg.onward_tfo:
             # Onward TFO: the relay's SYN may carry this much of the early data.
             self.syn_room = routability.onward_syn_room(
-                self.c.sock.family, dest_family, self.syn_payload, got - len(self.early),
+                self.c.sock.family, dest_family, self.syn_payload,
                 not self.ctx.clients_unverified)
         # Unverified, everything read so far came in the client's SYN: the
         # onward SYN may not be larger (RFC 8803 section 9.3).
