@@ -35,6 +35,7 @@ from .pipes import PipePool
 from .reactor import ACCEPT_PAUSE, Reactor
 from .sockopts import apply_side, keepalive_limit
 from .tunnel import RETRY_AFTER, Closer, Tunnel, fmt_addr
+from .workers import Supervisor
 
 log = logging.getLogger("pepsock.relay")
 
@@ -562,20 +563,6 @@ def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int,
     return 0
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        log.warning("prctl(PR_SET_PDEATHSIG) unavailable: workers may outlive a killed master")
-    if os.getppid() != parent:      # the master died before prctl took effect
-        os._exit(0)
-
-
 def _run_master(cfg: Config) -> int:
     # Resolve port 0 once: bind (no listen) with SO_REUSEPORT, keep it bound so
     # the port stays ours, and let every worker bind+listen on the same address.
@@ -583,87 +570,17 @@ def _run_master(cfg: Config) -> int:
     holders = [make_listener(h, p, cfg, reuseport=True, listen=False) for h, p in cfg.listen]
     bound = [s.getsockname() for s in holders]
     shared = S.SharedSlots(cfg.workers)
-    children: dict[int, int] = {}
 
-    master = os.getpid()
+    def work(slot: int, ready_fd: int) -> int:
+        for s in holders:
+            s.close()
+        return _worker(cfg, bound, slot, shared, ready_fd, unverified)
 
-    def spawn(slot: int) -> int:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            code = 1
-            try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                # A worker must not outlive its master (kill -9): it would keep
-                # serving the port beside a restarted relay.  SIGTERM on the
-                # master's death makes it drain and exit like a normal stop.
-                _die_with_parent(master)
-                for s in holders:
-                    s.close()
-                code = _worker(cfg, bound, slot, shared, w, unverified)
-            except BaseException:
-                log.exception("worker %d failed", slot)
-            finally:
-                os._exit(code)
-        os.close(w)
-        children[pid] = slot
-        return r
-
-    readies = [spawn(i) for i in range(cfg.workers)]
-    deadline = time.monotonic() + 10
-    for r in readies:
-        rl, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
-        if not rl or not os.read(r, 1):
-            log.error("a worker failed to start")
-        os.close(r)
-
+    sup = Supervisor(cfg.workers, cfg.drain_timeout, work)
+    sup.start()
     loop = Loop(cfg)
     loop.admission = _admission(cfg, bound)
-    stopping = {"on": False}
-
-    def on_signal(signum):
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            again = stopping["on"]
-            stopping["on"] = True
-            for pid in children:  # a second signal makes the workers reset at once
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            if not again:
-                loop.call_later(cfg.drain_timeout + 5, kill_all)
-        elif signum == signal.SIGCHLD:
-            reap()
-
-    def kill_all():
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def reap():
-        while children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            slot = children.pop(pid, None)
-            if slot is None:
-                continue
-            if not stopping["on"]:
-                log.warning("worker %d (pid %d) exited with status %d; restarting", slot, pid,
-                            status)
-                r = spawn(slot)
-                os.close(r)
-        if stopping["on"] and not children:
-            loop.running = False
-
-    loop.on_signal = on_signal
+    sup.attach(loop)
     loop.install_signals()
     signal.signal(signal.SIGCHLD, lambda n, f: None)
     stats_addr = None
@@ -672,7 +589,7 @@ def _run_master(cfg: Config) -> int:
                                  lambda: S.render(shared.total(), cfg.workers)).address
     _warnings(cfg, bound, warnings)
     _announce(bound, stats_addr)
-    reap()
+    sup.reap()
     try:
         loop.run()
     finally:
