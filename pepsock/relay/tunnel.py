@@ -256,7 +256,7 @@ class Tunnel:
     __slots__ = ("ctx", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
                  "dest", "t0", "timer", "outcome", "early", "why", "flush_mark", "flush_at",
                  "client_key", "exempt", "pending_slot", "sizes", "stall_mark", "stall_at",
-                 "unverified", "held_action", "vtimer", "syn_payload", "syn_room")
+                 "unverified", "held_action", "vtimer", "syn_room")
 
     def __init__(self, ctx, sock: socket.socket, addr, now: float, key: str | None = None,
                  exempt: bool = False, sizes=None, *, handshaking: bool | None = None,
@@ -298,8 +298,10 @@ class Tunnel:
         self.held_action = None     # what waits for the client's handshake (HELD)
         self.vtimer = None
         self.unverified = False
-        self.syn_payload = syn_payload
-        self.syn_room = 0       # early-data bytes the onward SYN may carry (_read_header)
+        #: Onward TFO: until the header is read, the bytes the client's SYN
+        #: carried; then how many early-data bytes the onward SYN may carry
+        #: (one slot for both: idle tunnels are many).
+        self.syn_room = syn_payload
         if ctx.clients_unverified:
             if handshaking is None:
                 try:
@@ -398,10 +400,11 @@ class Tunnel:
             return self._fail(ErrorCode.UNSUPPORTED_TCP_OPTION, kinds,
                               f"TCP options {', '.join(map(str, kinds))} cannot be honoured")
         dest_family = socket.AF_INET if req.address.version == 4 else socket.AF_INET6
-        if self.syn_payload and self.early and self.ctx.cfg.onward_tfo:
+        syn_payload, self.syn_room = self.syn_room, 0
+        if syn_payload and self.early and self.ctx.cfg.onward_tfo:
             # Onward TFO: the relay's SYN may carry this much of the early data.
             self.syn_room = routability.onward_syn_room(
-                self.c.sock.family, dest_family, self.syn_payload,
+                self.c.sock.family, dest_family, syn_payload,
                 not self.ctx.clients_unverified)
         # Unverified, everything read so far came in the client's SYN: the
         # onward SYN may not be larger (RFC 8803 section 9.3).
