@@ -109,14 +109,18 @@ class Procs:
             self.stop(p)
 
 
-def start_relay(procs: Procs, *args: str) -> tuple[subprocess.Popen, int]:
+#: --baseline-root: another checkout whose relay runs beside this one (conn/s).
+BASELINE_ROOT: str | None = None
+
+
+def start_relay(procs: Procs, *args: str, root: str = ROOT) -> tuple[subprocess.Popen, int]:
     cc = ["--client-cc", CC, "--server-cc", CC] if CC else []
     # --no-cookie: the clients here send their headers in the SYN without a TFO
     # cookie (a private namespace; the relay's default would make them 1-RTT).
     p = procs.start([sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
                      "--allow-dest", "127.0.0.0/8", "--no-cookie", "--log-level", "warning",
                      *cc, *args],
-                    stdout=subprocess.PIPE, cwd=ROOT)
+                    stdout=subprocess.PIPE, cwd=root, env=dict(os.environ, PYTHONPATH=root))
     r, _, _ = select.select([p.stdout], [], [], 15)
     if not r:
         raise RuntimeError("relay did not start")
@@ -276,16 +280,24 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int) 
     haproxy, hport = start_haproxy(procs, tmp, nport, threads=cpus)
     relay, rport = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
                                "--no-tunnel-log")
-    results = {"direct": [], "haproxy": [], "relay": [], "notes": {}}
+    ways = [("direct", nport, None), ("haproxy", hport, None), ("relay", nport, pep_env(rport))]
+    base = None
+    if BASELINE_ROOT:
+        base, bport = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
+                                  "--no-tunnel-log", root=BASELINE_ROOT)
+        ways.append(("base", nport, pep_env(bport)))
+    results = {name: [] for name, _, _ in ways}
+    results["notes"] = {}
     try:
         for _ in range(rounds):
-            for name, port, env in (("direct", nport, None), ("haproxy", hport, None),
-                                    ("relay", nport, pep_env(rport))):
+            for name, port, env in ways:
                 rate, note = wrk(port, seconds, env)
                 results[name].append(rate)
                 results["notes"].setdefault(name, []).append(note)
     finally:
         procs.stop(relay)
+        if base is not None:
+            procs.stop(base)
         procs.stop(haproxy)
         procs.stop(nginx)
     return results
@@ -461,8 +473,13 @@ def main(argv=None) -> int:
                          "costs a relay path of two connections far more than a direct flow; "
                          "'' keeps the kernel's default)")
     ap.add_argument("--only", choices=["bulk", "conns", "idle"], action="append")
+    ap.add_argument("--baseline-root",
+                    help="conn/s: also through the relay of this other checkout (before/after "
+                         "in one run)")
     args = ap.parse_args(argv)
     only = set(args.only or ["bulk", "conns", "idle"])
+    global BASELINE_ROOT
+    BASELINE_ROOT = args.baseline_root and os.path.abspath(args.baseline_root)
     for tool in ("iperf3", "haproxy", "nginx", "wrk"):
         if not shutil.which(tool):
             print(f"missing {tool}: apt-get install {tool}")
@@ -526,14 +543,18 @@ def main(argv=None) -> int:
                 print("conns: SKIPPED, preload/libpep.so missing")
             else:
                 r = bench_conns(procs, tmp, args.duration, args.rounds, args.proxy_cpus)
-                best = {k: max(r[k]) for k in ("direct", "haproxy", "relay")}
+                names = [k for k in ("direct", "haproxy", "relay", "base") if k in r]
+                best = {k: max(r[k]) for k in names}
                 print(f"\n## new connections/s: wrk -t2 -c64 'Connection: close' to nginx "
-                      f"(proxies on {args.proxy_cpus} cpus; best of {args.rounds})")
-                for k in ("direct", "haproxy", "relay"):
+                      f"(proxies on {args.proxy_cpus} cpus; best of {args.rounds}"
+                      + (f"; base: the relay of {BASELINE_ROOT}" if "base" in r else "") + ")")
+                for k in names:
                     print(f"  {k:8s} {best[k]:9.0f}/s   rounds: "
                           + " ".join(f"{x:.0f}" for x in r[k])
                           + "   " + "; ".join(sorted(set(r["notes"][k]))))
-                print(f"  relay/haproxy = {best['relay'] / best['haproxy']:.2f}  (target >= 0.5)")
+                print(f"  relay/haproxy = {best['relay'] / best['haproxy']:.2f}  (target >= 1.0)")
+                if "base" in best:
+                    print(f"  base/haproxy  = {best['base'] / best['haproxy']:.2f}")
         if "idle" in only and args.idle:
             r = bench_idle(procs, args.idle)
             rss0, rss1 = r["relay_rss_kb"]

@@ -19,11 +19,12 @@ so a connection costs one stat() per PEP.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import stat
 import time
+
+from .policy import normalize_ip
 
 log = logging.getLogger("pepsock")
 
@@ -67,10 +68,7 @@ def state_dir(env=None) -> str | None:
 
 def file_name(ip: str, port: int) -> str:
     """`pep-<ip>-<port>`, the address in canonical text (IPv4-mapped as IPv4)."""
-    addr = ipaddress.ip_address(ip)
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return f"pep-{addr}-{port}"
+    return f"pep-{normalize_ip(ip)}-{port}"
 
 
 def parse(text: str) -> dict[str, str] | None:

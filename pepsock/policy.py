@@ -122,12 +122,16 @@ class AddressRule:
     ports: tuple[tuple[int, int], ...] = ()
 
     def matches(self, addr, port: int | None = None) -> bool:
+        """Is addr (IPv4-mapped counts as IPv4) in the network, and port (if
+        given) in the ranges (if any)?"""
         addr = normalize_ip(addr)
-        if addr.version != self.network.version or addr not in self.network:
-            return False
-        if self.ports and port is not None:
-            return any(a <= port <= b for a, b in self.ports)
-        return not self.ports or port is None
+        return match_compiled(self.compiled(), addr.version, int(addr), port)
+
+    def compiled(self) -> tuple:
+        """(version, network int, mask int, port ranges): what match_compiled
+        takes, for matching on integers on a per-connection path."""
+        net = self.network
+        return net.version, int(net.network_address), int(net.netmask), self.ports
 
     @classmethod
     def parse(cls, text: str, what: str = "rule") -> "AddressRule":
@@ -141,6 +145,16 @@ class AddressRule:
             network = ipaddress.ip_network(
                 f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
         return cls(network, _ports(ports, what, text) if ports else ())
+
+
+def match_compiled(compiled: tuple, version: int, ip: int, port: int | None) -> bool:
+    """CIDR and port matching, the one copy: `compiled` from
+    AddressRule.compiled(), `ip` an already normalized address as an int;
+    port None matches any ranges."""
+    v, net, mask, ports = compiled
+    if v != version or ip & mask != net:
+        return False
+    return not ports or port is None or any(a <= port <= b for a, b in ports)
 
 
 def _split_port(text: str, what: str) -> tuple[str, str]:

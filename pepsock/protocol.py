@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Union
 
+from .policy import normalize_ip
+
 VERSION = 1
 MAGIC = 0x2263
 HEADER_SIZE = 4
@@ -273,10 +275,7 @@ class UnknownTLV:
 TLV = Union[Info, Connect, ExtendedTCPHeader, SupportedTCPExtensions, Cookie, Error, UnknownTLV]
 
 
-def _normalize(addr: IPAddress) -> IPAddress:
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+_normalize = normalize_ip
 
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")

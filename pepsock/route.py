@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Generator, Mapping
 
 from . import pepstate
-from .policy import Bypass, ConfigError, parse_hostport, parse_proxy_list
+from .policy import Bypass, ConfigError, normalize_ip, parse_hostport, parse_proxy_list
 
 log = logging.getLogger("pepsock")
 
@@ -164,11 +164,7 @@ def configure_logging(value: str | None) -> None:
 # Addresses
 
 
-def _canonical(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    addr = ipaddress.ip_address(addr)
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+_canonical = normalize_ip
 
 
 @functools.lru_cache(maxsize=1024)

@@ -17,6 +17,7 @@ import pytest
 from conftest import require_root
 from pepsock.protocol import ErrorCode
 from pepsock.testbed.netns import Topology
+from pepsock.tfo import TCP_FASTOPEN
 from relay_helpers import (
     Relay, Server, convert_open, echo, read_reply, recv_all, syn_data_acked,
     wait_eof_or_reset,
@@ -152,3 +153,75 @@ def test_default_relay_refuses_its_own_addresses(net, relay):
             msg, _ = read_reply(s)
             assert msg.error.code == ErrorCode.NOT_AUTHORIZED, dest
             s.close()
+
+
+# ---------------------------------------------------------------------------------
+# Onward TCP Fast Open: the relay's SYN carries a verified client's early data.
+
+
+def _tfo_server(host: str) -> Server:
+    """An echo server with TCP_FASTOPEN on its listener; each connection's
+    result is (did its SYN carry acknowledged data, bytes echoed)."""
+    def handler(conn):
+        syn = syn_data_acked(conn)
+        return syn, echo(conn)
+    srv = Server(handler, host=host)
+    srv.sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 16)
+    return srv
+
+
+def _tunnel_through(relay_addr, dest, early: bytes) -> bytes:
+    s = convert_open(relay_addr, dest, early=early, no_cookie=False)
+    msg, rest = read_reply(s)
+    assert msg.error is None
+    s.shutdown(socket.SHUT_WR)
+    got = recv_all(s, rest)
+    s.close()
+    return got
+
+
+def _wait_results(srv: Server, n: int) -> list:
+    deadline = time.monotonic() + 5
+    while len(srv.results) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not srv.errors
+    return list(srv.results)
+
+
+@pytest.mark.parametrize("onward_tfo", [True, False])
+def test_onward_syn_carries_the_early_data_from_the_second_tunnel_on(net, onward_tfo):
+    """A TFO server: the first tunnel's onward SYN asks for its cookie, the
+    second's carries the client's early data (server side TCPI_OPT_SYN_DATA);
+    with --no-onward-tfo never.  Early data larger than the room the client's
+    SYN leaves (RFC 8803 9.3) still arrives whole: the rest follows."""
+    host = net.hosts["relay"]
+    args = () if onward_tfo else ("--no-onward-tfo",)
+    # A destination address of its own per case: the kernel's TFO cookie cache
+    # is per destination, and the other case must start without a cookie.
+    dest_ip = "198.51.100.2"
+    with net.hosts["far"].enter():
+        srv = _tfo_server(dest_ip)
+    r = Relay("--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0", *args,
+              prefix=host.cmd())
+    try:
+        with host.enter():
+            # Only destination-port-specific state: flush the onward cookie cache.
+            host.run("ip", "tcp_metrics", "flush", dest_ip, check=False)
+            # The client's TFO cookie for the relay (maybe cached already).
+            assert _tunnel_through(r.addr, srv.addr, b"") == b""
+            early = [b"first request " * 3, b"second request " * 3, bytes(range(256)) * 4]
+            for data in early:
+                assert _tunnel_through(r.addr, srv.addr, data) == data
+        results = _wait_results(srv, 4)
+        syns = [syn for syn, _ in results[1:]]      # [0]: the cookie fetch, no early data
+        assert [n for _, n in results[1:]] == [len(d) for d in early]
+        metrics = _metrics(net, r)
+        if onward_tfo:
+            assert syns == [False, True, True], syns
+            assert metrics["pep_relay_onward_syn_data_total"] == 2
+        else:
+            assert syns == [False, False, False], syns
+            assert metrics["pep_relay_onward_syn_data_total"] == 0
+    finally:
+        r.stop()
+        srv.close()

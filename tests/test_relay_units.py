@@ -137,3 +137,23 @@ def test_verified_onward_socket_gets_user_timeout_back():
         assert get() == 120_000
         routability.set_unverified(s, False)
         assert get() == 0
+
+
+def test_onward_syn_room_never_makes_a_larger_syn():
+    """Onward TFO (RFC 8803 9.3): the relay's SYN, with a cookie option up to
+    the slack longer and the early data put in it, is no larger than the
+    client's SYN that carried `payload` bytes; a 24-byte Connect left out
+    makes room for all early data in the same family."""
+    import socket as so
+    from pepsock.relay.routability import COOKIE_OPTION_SLACK, _IP_HEADER, onward_syn_room
+    for cf in (so.AF_INET, so.AF_INET6):
+        for df in (so.AF_INET, so.AF_INET6):
+            for cookie in (True, False):
+                for payload in (0, 1, 24, 25, 100, 1400):
+                    room = onward_syn_room(cf, df, payload, cookie)
+                    assert room >= 0
+                    if room:
+                        assert (_IP_HEADER[df] + COOKIE_OPTION_SLACK[cookie] + room
+                                <= _IP_HEADER[cf] + payload)
+    assert onward_syn_room(so.AF_INET, so.AF_INET, 24 + 100, False) >= 100
+    assert onward_syn_room(so.AF_INET, so.AF_INET6, 24 + 100, True) == 24 + 100 - 20 - 8

@@ -24,7 +24,7 @@ import errno
 import ipaddress
 import time
 
-from ..policy import AddressRule, embedded_ipv4, normalize_ip
+from ..policy import AddressRule, embedded_ipv4, match_compiled, normalize_ip
 from ..protocol import ErrorCode
 from .ratelimit import TokenBuckets
 from .routes import DROP_TYPES, RTN_LOCAL, SELF_TYPES, Routes
@@ -104,16 +104,10 @@ def local_addresses() -> tuple[set, list]:
 
 
 def _compile(rule: AddressRule):
-    """(version, network int, mask int, port ranges) for integer matching."""
-    net = rule.network
-    return net.version, int(net.network_address), int(net.netmask), rule.ports
+    return rule.compiled()
 
 
-def _match(compiled, version: int, ip: int, port: int) -> bool:
-    v, net, mask, ports = compiled
-    if v != version or ip & mask != net:
-        return False
-    return not ports or any(a <= port <= b for a, b in ports)
+_match = match_compiled
 
 
 _BUILTIN = tuple((_compile(r), r) for r in BUILTIN_DENY)

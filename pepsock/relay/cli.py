@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first connection); only where ingress filtering stops forged "
                         "source addresses. Even then no client byte reaches a destination "
                         "before the client's handshake completes.")
+    g.add_argument("--no-onward-tfo", dest="onward_tfo", action="store_false",
+                   help="never put a client's early data in the onward SYN (by default a "
+                        "verified client's early data rides in it, standard cookie TCP Fast "
+                        "Open, toward destinations that support it; never a SYN larger than "
+                        "the client's)")
     g.add_argument("--cookie-secret", action="append", default=[], metavar="FILE",
                    help="require an RFC 8803 Cookie TLV in every Connect: none gets Error 3 "
                         "with a cookie bound to the client's address, a wrong one Error 32. "
@@ -263,6 +268,7 @@ def parse_config(argv) -> Config:
         log_level=ns.log_level,
         log_file=ns.log_file,
         no_cookie=ns.no_cookie,
+        onward_tfo=ns.onward_tfo,
         cookie_secrets=secrets,
         tfo_key=tfo_key,
     )

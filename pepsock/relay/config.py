@@ -137,6 +137,10 @@ class Config:
     #: Listener with TCP_FASTOPEN_NO_COOKIE: 0-RTT from a client's first SYN,
     #: but a forged source reaches accept() (pepsock/relay/routability.py).
     no_cookie: bool = False
+    #: Onward TCP Fast Open: a verified client's early data rides in the
+    #: relay's SYN toward destinations that gave the kernel a TFO cookie
+    #: (tunnel.py, _connect); --no-onward-tfo turns it off.
+    onward_tfo: bool = True
     #: --cookie-secret: every secret, the current one first (cookies.py); empty:
     #: no Cookie TLV required.
     cookie_secrets: list[bytes] = field(default_factory=list)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+import struct
 import subprocess
+import sys
 
 from .. import tfo
 
@@ -63,6 +65,46 @@ _IP_HEADER = {socket.AF_INET: 20, socket.AF_INET6: 40}
 def in_syn_recv(sock: socket.socket) -> bool:
     """True while an accepted TFO child still waits for the client's ACK."""
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_SYN_RECV
+
+
+#: tcp_info: tcpi_options (u8 at 5), tcpi_bytes_received (u64 at 128),
+#: tcpi_data_segs_in (u32 at 152); 160 bytes cover them (Linux >= 4.6).
+_TCP_INFO_LEN = 160
+_INFO_FIELDS = struct.Struct("=Q")
+_TCPI_OPT_SYN_DATA = 0x20
+
+
+def accept_facts(sock: socket.socket) -> tuple[bool, bool, int]:
+    """One TCP_INFO read at accept: (still in SYN_RECV, the SYN's data was
+    acknowledged, how many bytes the SYN carried if that is known: the data
+    received so far came in one segment, the SYN; else 0)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    syn_data = bool(info[5] & _TCPI_OPT_SYN_DATA)
+    payload = 0
+    if syn_data and len(info) >= 156 and int.from_bytes(info[152:156], sys.byteorder) == 1:
+        payload = _INFO_FIELDS.unpack_from(info, 128)[0]
+    return info[0] == TCP_SYN_RECV, syn_data, payload
+
+
+#: What the relay's SYN may carry beyond a client's: its TFO cookie option may
+#: be longer than the client's (a 16-byte cookie against 8: 8 bytes), or the
+#: client's SYN had none at all (a cookie-less listener: 20 bytes, the most a
+#: cookie option takes with padding).
+COOKIE_OPTION_SLACK = {True: 8, False: 20}
+
+
+def onward_syn_room(client_family: int, dest_family: int, syn_payload: int,
+                    client_had_cookie: bool) -> int:
+    """How many early-data bytes the relay's SYN may carry without being
+    larger than the client's SYN, which carried `syn_payload` bytes (the
+    Convert message and the early data behind it).  RFC 8803 section 9.3: no
+    amplification by the SYN the relay sends.  The relay's SYN leaves the
+    Convert message out (at least 12 bytes, 24 for a Connect) and may add a
+    longer cookie option (COOKIE_OPTION_SLACK) and a longer IP header, so
+    usually all early data fits."""
+    room = (syn_payload + _IP_HEADER[client_family] - _IP_HEADER[dest_family]
+            - COOKIE_OPTION_SLACK[client_had_cookie])
+    return max(0, room)
 
 
 def onward_syn_fits(client_family: int, dest_family: int, syn_data: int) -> bool:

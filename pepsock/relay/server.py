@@ -9,9 +9,6 @@ socket event.
 from __future__ import annotations
 
 import errno
-import fcntl
-import gc
-import heapq
 import ipaddress
 import logging
 import os
@@ -24,7 +21,7 @@ import time
 
 from .. import tfo
 from ..policy import normalize_ip
-from ..protocol import error_reply
+from ..protocol import ErrorCode, error_reply
 from . import routability
 from . import stats as S
 from .admission import Admission
@@ -33,12 +30,15 @@ from .clients import client_key, is_loopback
 from .cookies import TCP_FASTOPEN_KEY, Cookies
 from .ratelimit import LogLimiter, TokenBuckets
 from .config import DEFAULT_MAX_TUNNELS, Config
-from .tunnel import RETRY_AFTER, Closer, Tunnel, apply_side, fmt_addr, keepalive_limit
+from .context import TunnelContext
+from .pipes import PipePool
+from .reactor import ACCEPT_PAUSE, Reactor
+from .sockopts import apply_side, keepalive_limit
+from .tunnel import RETRY_AFTER, Closer, Tunnel, fmt_addr
+from .workers import Supervisor
 
 log = logging.getLogger("pepsock.relay")
 
-F_SETPIPE_SZ = 1031
-F_GETPIPE_SZ = 1032
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 #: accept() calls per listener wakeup: bounded so one busy listener cannot
 #: starve the tunnels already open.
@@ -53,24 +53,6 @@ FDS_PER_TUNNEL = 2
 #: fds kept for listeners, epoll, stats, signals, logs, pipes and Error
 #: replies in flight (at most a quarter of the limit).
 FD_RESERVE = 256
-#: How long a listener rests after accept() failed for lack of fds.
-ACCEPT_PAUSE = 0.1
-
-
-class Timer:
-    __slots__ = ("when", "fn", "cancelled")
-
-    def __init__(self, when, fn):
-        self.when = when
-        self.fn = fn
-        self.cancelled = False
-
-    def cancel(self):
-        self.cancelled = True
-        self.fn = None
-
-    def __lt__(self, other):
-        return self.when < other.when
 
 
 def raise_nofile(want: int) -> tuple[int, int]:
@@ -185,18 +167,29 @@ class StatsServer:
         self.sock.close()
 
 
+#: How long a stats connection may take, request and answer, before it is closed.
+STATS_CLIENT_TIMEOUT = 2.0
+
+
 class _StatsClient:
+    """One stats request.  Never blocks the loop: the answer is written as
+    the socket takes it (EPOLLOUT), and a client that reads too slowly is
+    closed after STATS_CLIENT_TIMEOUT like one that never asks."""
+
     def __init__(self, loop, sock, server):
         self.loop, self.sock, self.server = loop, sock, server
         self.render = server.render
         server.clients += 1
         self.buf = b""
+        self.out = None         # the answer not yet written, once rendered
         sock.setblocking(False)
         self.fd = sock.fileno()
         loop.register(self.fd, self.on_event, select.EPOLLIN)
-        self.timer = loop.call_later(2.0, self.close)
+        self.timer = loop.call_later(STATS_CLIENT_TIMEOUT, self.close)
 
     def on_event(self, ev):
+        if self.out is not None:
+            return self._write()
         try:
             data = self.sock.recv(4096)
         except BlockingIOError:
@@ -210,13 +203,20 @@ class _StatsClient:
         body = self.render().encode()
         head = (f"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self.out = memoryview(head + body)
+        self._write()
+
+    def _write(self):
         try:
-            self.sock.setblocking(True)
-            self.sock.settimeout(1.0)
-            self.sock.sendall(head + body)
+            n = self.sock.send(self.out)
+        except BlockingIOError:
+            n = 0
         except OSError:
-            pass
-        self.close()
+            return self.close()
+        self.out = self.out[n:]
+        if not self.out:
+            return self.close()
+        self.loop.rebind(self.fd, self.on_event, select.EPOLLOUT)
 
     def close(self):
         if self.fd >= 0:
@@ -237,122 +237,43 @@ def make_plain_listener(host, port):
     return sock
 
 
-class Loop:
-    """The event loop of one process."""
+class Loop(Reactor):
+    """One process's relay: listeners, accept, the tunnels, signals, drain.
+    Tunnels get `ctx` (context.TunnelContext), not the loop."""
 
     def __init__(self, cfg: Config, stats: S.Stats | None = None):
+        super().__init__()
         self.cfg = cfg
-        self.ep = select.epoll()
-        self.handlers: dict[int, object] = {}
-        self.closed: set[int] = set()     # fds closed during the current batch
-        self.timers: list[Timer] = []
         self.stats = stats or S.Stats()
-        self.pipe_size = cfg.pipe_size
-        self.pool: list[tuple[int, int]] = []
-        self.pipes_open = 0
+        self.pipes = PipePool(cfg.pipe_size, cfg.pipe_pool)
         self.tunnels: set[Tunnel] = set()
-        self.closers = 0
+        self.ctx = TunnelContext(
+            cfg, self.stats, self.pipes, self, self.tunnel_done,
+            cookies=Cookies(cfg.cookie_secrets) if cfg.cookie_secrets else None,
+            linger_timeout=LINGER_TIMEOUT)
         self.listeners: list[socket.socket] = []
-        self.linger_timeout = LINGER_TIMEOUT
         self._accept_warned = False
-        self._pipe_warned = False
         self.stopping = False
         self.drain_deadline = None
-        self.running = True
-        self.admission: Admission | None = None
-        #: May accepted clients be unverified (--no-cookie, or a host that
-        #: waives TFO cookies)?  Then each tunnel checks (routability.py).
-        self.clients_unverified = False
-        #: --cookie-secret: the Cookie TLV policy (cookies.py), else None.
-        self.cookies = Cookies(cfg.cookie_secrets) if cfg.cookie_secrets else None
         self.log_limit = LogLimiter()
         self.on_signal = None
         self._sig_r = self._sig_w = None
 
-    # -- registration ------------------------------------------------------------
-    def register(self, fd: int, handler, mask: int) -> None:
-        self.handlers[fd] = handler
-        self.ep.register(fd, mask)
+    @property
+    def admission(self) -> Admission | None:
+        return self.ctx.admission
 
-    def forget(self, fd: int) -> None:
-        """Drop fd's handler; the caller closes fd right away, and close()
-        takes it out of the epoll set (we never dup sockets), so no syscall.
+    @admission.setter
+    def admission(self, adm: Admission) -> None:
+        self.ctx.admission = adm
 
-        The fd number may be reused at once (the next accept() or socket() in
-        the same batch of events), so events already fetched for it belong to
-        the old socket: `closed` makes run() skip them."""
-        self.handlers.pop(fd, None)
-        self.closed.add(fd)
+    @property
+    def clients_unverified(self) -> bool:
+        return self.ctx.clients_unverified
 
-    def unregister(self, fd: int) -> None:
-        self.handlers.pop(fd, None)
-        self.closed.add(fd)
-        try:
-            self.ep.unregister(fd)
-        except (OSError, ValueError):
-            pass
-
-    def rebind(self, fd: int, handler, mask: int) -> None:
-        """A registered fd changes hands (tunnel -> Closer)."""
-        self.handlers[fd] = handler
-        self.ep.modify(fd, mask)
-
-    def call_later(self, delay: float, fn) -> Timer:
-        t = Timer(time.monotonic() + delay, fn)
-        heapq.heappush(self.timers, t)
-        return t
-
-    # -- pipes ---------------------------------------------------------------------
-    def pipe_get(self):
-        """(read fd, write fd, capacity): from the pool, or a new pipe sized
-        with F_SETPIPE_SZ.  The capacity is read back, not assumed: the kernel
-        may refuse the size (fs.pipe-max-size, per-user pipe limits), and the
-        byte count a direction keeps is only right against the real one."""
-        if self.pool:
-            return self.pool.pop()
-        try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):
-                return None
-            raise
-        try:
-            cap = fcntl.fcntl(w, F_SETPIPE_SZ, self.pipe_size)
-        except OSError:
-            cap = fcntl.fcntl(w, F_GETPIPE_SZ)
-            if not self._pipe_warned:
-                self._pipe_warned = True
-                log.warning("F_SETPIPE_SZ %d refused, pipes are %d bytes (fs.pipe-max-size, "
-                            "fs.pipe-user-pages-soft)", self.pipe_size, cap)
-        self.pipes_open += 1
-        return r, w, cap
-
-    def pipe_put(self, pipe) -> None:
-        if len(self.pool) < self.cfg.pipe_pool:
-            self.pool.append(pipe)
-        else:
-            self.pipe_close(pipe)
-
-    def pipe_close(self, pipe) -> None:
-        os.close(pipe[0])
-        os.close(pipe[1])
-        self.pipes_open -= 1
-
-    def pause_listener(self, fd: int) -> None:
-        """accept() failed for lack of fds: the listener stays readable, so
-        stop polling it for a moment instead of spinning on EMFILE."""
-        try:
-            self.ep.modify(fd, 0)
-        except OSError:
-            return
-
-        def resume():
-            if fd in self.handlers:
-                try:
-                    self.ep.modify(fd, select.EPOLLIN)
-                except OSError:
-                    pass
-        self.call_later(ACCEPT_PAUSE, resume)
+    @clients_unverified.setter
+    def clients_unverified(self, value: bool) -> None:
+        self.ctx.clients_unverified = value
 
     # -- listeners and accept ------------------------------------------------------------
     def add_listener(self, sock: socket.socket) -> None:
@@ -381,13 +302,14 @@ class Loop:
             now = time.monotonic()
             st[S.TUNNELS_TOTAL] += 1
             try:
-                if tfo.syn_data_acked(sock):
-                    st[S.SYN_DATA] += 1
+                handshaking, syn_data, syn_payload = routability.accept_facts(sock)
             except OSError:
-                pass
+                handshaking, syn_data, syn_payload = False, False, 0
+            if syn_data:
+                st[S.SYN_DATA] += 1
             ip = str(normalize_ip(addr[0])) if ":" in addr[0] else addr[0]
             if not adm.client_allowed(ip):
-                self._refuse(sock, addr, 32, "client not in --allow-client")
+                self._refuse(sock, addr, ErrorCode.NOT_AUTHORIZED, "client not in --allow-client")
                 continue
             key = client_key(ip, self.cfg.ipv6_prefix)
             exempt = is_loopback(ip)
@@ -399,19 +321,21 @@ class Loop:
                     why = "memory budget reached"
             if why is not None:
                 # Value: the delay (s) RFC 8803 lets us suggest before the next try.
-                self._refuse(sock, addr, 64, why, RETRY_AFTER)
+                self._refuse(sock, addr, ErrorCode.RESOURCE_EXCEEDED, why, RETRY_AFTER)
                 continue
             st[S.TUNNELS_OPEN] += 1
-            t = Tunnel.__new__(Tunnel)
+            t = Tunnel(self.ctx, sock, (ip, addr[1]), now, key, exempt, sizes,
+                       handshaking=handshaking, syn_payload=syn_payload)
+            # In the set before start(): a tunnel may end inside start().
             self.tunnels.add(t)
-            t.__init__(self, sock, (ip, addr[1]), now, key, exempt, sizes)
+            t.start()
 
-    def _refuse(self, sock, addr, code, why, value=b""):
+    def _refuse(self, sock, addr, code: ErrorCode, why: str, value: bytes = b""):
         # Counted when sent: an unverified client gets it after its handshake, or never.
-        Closer(self, sock, error_reply(code, value), registered=False, code=code)
+        Closer(self.ctx, sock, error_reply(code, value), registered=False, code=code)
         if self.cfg.log_tunnels and self._log_allowed(addr[0]):
             log.info("tunnel client=%s dest=- up=0 down=0 duration=0.000s outcome=error %d (%s)",
-                     fmt_addr(addr), code, why)
+                     fmt_addr(addr), int(code), why)
 
     def _log_allowed(self, ip: str) -> bool:
         """Refusals are logged within LogLimiter's rates, per client."""
@@ -495,54 +419,12 @@ class Loop:
         self.running = False
 
     # -- run ----------------------------------------------------------------------------------
-    def run(self) -> None:
-        # Tunnels leave no reference cycles behind (see Tunnel._done), so the
-        # cyclic GC only has to catch stragglers: run it rarely.
-        gc.freeze()
-        gc.set_threshold(100_000, 50, 50)
-        poll = self.ep.poll
-        handlers = self.handlers
-        closed = self.closed
-        timers = self.timers
-        monotonic = time.monotonic
-        heappop = heapq.heappop
-        while self.running:
-            # Cancelled timers stay in the heap (lazy cancellation); one at the
-            # head would only wake epoll_wait up for nothing: drop it first.
-            while timers and timers[0].fn is None:
-                heappop(timers)
-            timeout = -1
-            if timers:
-                timeout = max(0.0, timers[0].when - monotonic())
-            if self.stopping and not self.tunnels and not self.closers:
-                break
-            closed.clear()
-            try:
-                events = poll(timeout, 512)
-            except InterruptedError:
-                continue
-            for fd, ev in events:
-                if closed and fd in closed:
-                    continue        # stale: that fd was closed (maybe reused) in this batch
-                h = handlers.get(fd)
-                if h is not None:
-                    h(ev)
-            if timers:
-                now = monotonic()
-                while timers and timers[0].when <= now:
-                    t = heappop(timers)
-                    if t.fn is not None:
-                        fn, t.fn = t.fn, None
-                        fn()
+    def should_stop(self) -> bool:
+        return self.stopping and not self.tunnels and not self.ctx.closers
 
     def close(self) -> None:
-        for fd in list(self.handlers):
-            self.unregister(fd)
-        for p in self.pool:
-            os.close(p[0])
-            os.close(p[1])
-        self.pool.clear()
-        self.ep.close()
+        super().close()
+        self.pipes.close_all()
 
 
 # ------------------------------------------------------------------------------------------
@@ -631,7 +513,7 @@ def run(cfg: Config) -> int:
 def _gauges(loop: Loop) -> None:
     """Refresh the gauges kept outside the hot path."""
     v = loop.stats.v
-    v[S.PIPES] = loop.pipes_open
+    v[S.PIPES] = loop.pipes.open
     v[S.MEMORY_COMMITTED] = loop.admission.budget.committed
     v[S.PIPE_BYTES] = sum(d.held for t in loop.tunnels for d in (t.up, t.down)
                           if d is not None)
@@ -681,20 +563,6 @@ def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int,
     return 0
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        log.warning("prctl(PR_SET_PDEATHSIG) unavailable: workers may outlive a killed master")
-    if os.getppid() != parent:      # the master died before prctl took effect
-        os._exit(0)
-
-
 def _run_master(cfg: Config) -> int:
     # Resolve port 0 once: bind (no listen) with SO_REUSEPORT, keep it bound so
     # the port stays ours, and let every worker bind+listen on the same address.
@@ -702,87 +570,17 @@ def _run_master(cfg: Config) -> int:
     holders = [make_listener(h, p, cfg, reuseport=True, listen=False) for h, p in cfg.listen]
     bound = [s.getsockname() for s in holders]
     shared = S.SharedSlots(cfg.workers)
-    children: dict[int, int] = {}
 
-    master = os.getpid()
+    def work(slot: int, ready_fd: int) -> int:
+        for s in holders:
+            s.close()
+        return _worker(cfg, bound, slot, shared, ready_fd, unverified)
 
-    def spawn(slot: int) -> int:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            code = 1
-            try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                # A worker must not outlive its master (kill -9): it would keep
-                # serving the port beside a restarted relay.  SIGTERM on the
-                # master's death makes it drain and exit like a normal stop.
-                _die_with_parent(master)
-                for s in holders:
-                    s.close()
-                code = _worker(cfg, bound, slot, shared, w, unverified)
-            except BaseException:
-                log.exception("worker %d failed", slot)
-            finally:
-                os._exit(code)
-        os.close(w)
-        children[pid] = slot
-        return r
-
-    readies = [spawn(i) for i in range(cfg.workers)]
-    deadline = time.monotonic() + 10
-    for r in readies:
-        rl, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
-        if not rl or not os.read(r, 1):
-            log.error("a worker failed to start")
-        os.close(r)
-
+    sup = Supervisor(cfg.workers, cfg.drain_timeout, work)
+    sup.start()
     loop = Loop(cfg)
     loop.admission = _admission(cfg, bound)
-    stopping = {"on": False}
-
-    def on_signal(signum):
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            again = stopping["on"]
-            stopping["on"] = True
-            for pid in children:  # a second signal makes the workers reset at once
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            if not again:
-                loop.call_later(cfg.drain_timeout + 5, kill_all)
-        elif signum == signal.SIGCHLD:
-            reap()
-
-    def kill_all():
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def reap():
-        while children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            slot = children.pop(pid, None)
-            if slot is None:
-                continue
-            if not stopping["on"]:
-                log.warning("worker %d (pid %d) exited with status %d; restarting", slot, pid,
-                            status)
-                r = spawn(slot)
-                os.close(r)
-        if stopping["on"] and not children:
-            loop.running = False
-
-    loop.on_signal = on_signal
+    sup.attach(loop)
     loop.install_signals()
     signal.signal(signal.SIGCHLD, lambda n, f: None)
     stats_addr = None
@@ -791,7 +589,7 @@ def _run_master(cfg: Config) -> int:
                                  lambda: S.render(shared.total(), cfg.workers)).address
     _warnings(cfg, bound, warnings)
     _announce(bound, stats_addr)
-    reap()
+    sup.reap()
     try:
         loop.run()
     finally:

@@ -46,7 +46,8 @@ UNVERIFIED_BY_COOKIE = UNVERIFIED + 5  # unverified, but an address cookie prove
 # Gauges of the memory budget (budget.py), refreshed when published.
 MEMORY_COMMITTED = UNVERIFIED + 6     # kernel bytes tunnels may pin (worst case)
 PIPE_BYTES = MEMORY_COMMITTED + 1     # bytes sitting in pipes now
-NVALUES = PIPE_BYTES + 1
+ONWARD_SYN_DATA = PIPE_BYTES + 1      # onward connects whose SYN carried the client's bytes
+NVALUES = ONWARD_SYN_DATA + 1
 
 _SLOT = struct.Struct(f"={NVALUES}Q")
 
@@ -112,6 +113,9 @@ def render(v: list[int], workers: int = 1) -> str:
     metric("pep_relay_syn_data_total", "counter",
            "Accepted connections whose data in the SYN was acknowledged (0-RTT).",
            [("", v[SYN_DATA])])
+    metric("pep_relay_onward_syn_data_total", "counter",
+           "Onward connects that put the client's early data in their SYN (TCP Fast Open "
+           "with a cookie the destination gave).", [("", v[ONWARD_SYN_DATA])])
     metric("pep_relay_resets_total", "counter", "Tunnels ended by a reset.", [("", v[RESETS])])
     metric("pep_relay_pipes", "gauge", "Pipes held (in use or pooled).", [("", v[PIPES])])
     metric("pep_relay_unverified_total", "counter",

@@ -34,24 +34,26 @@ sockets and no pipe.
 from __future__ import annotations
 
 import errno
-import fcntl
 import ipaddress
-import logging
 import os
 import select
 import socket
-import struct
-import sys
 import time
+from enum import IntEnum
 
 from ..protocol import (
     MAX_MESSAGE_SIZE, ErrorCode, Info, MessageReader, ProtocolError, SupportedTCPExtensions, TLVType,
     check_request, error_for_connect_failure, error_reply, success_reply,
 )
+from .. import tfo
 from . import routability
 from . import stats as S
 from .cookies import Verdict
 from .onward import connect_limit
+from .sockopts import (  # noqa: F401 - apply_side, keepalive_limit: the server's too
+    TCP_CLOSE, TCP_SYNCNT, apply_side, disarm as _disarm, keepalive_limit,
+    reset_close as _reset_close, tcp_state as _tcp_state, unacked as _unacked,
+)
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -78,28 +80,25 @@ SUCCESS = success_reply()
 HONOURED_OPTIONS = frozenset((2, 3, 4, 8))
 #: What an Info request is answered with: those options.
 INFO_REPLY = success_reply((SupportedTCPExtensions(tuple(sorted(HONOURED_OPTIONS))),))
-#: SO_LINGER {1, 0}: close() resets instead of sending a FIN.  Armed on the
-#: listener (accepted sockets inherit it) and on every onward socket, so if
-#: the relay dies (kill -9, OOM, a crashed worker) the kernel's close of its
-#: fds resets both sides of every tunnel: a cut transfer never looks finished.
-LINGER_RESET = struct.pack("ii", 1, 0)
-#: Disarmed right before a clean, propagated close (and before Error replies).
-LINGER_OFF = struct.pack("ii", 0, 0)
-#: ioctl: bytes in a socket's send queue not yet acknowledged by the peer.
-SIOCOUTQ = 0x5411
 #: How often a tunnel whose destination reset checks that the client has
 #: acknowledged what the relay still held for it.
 FLUSH_POLL = 0.02
-TCP_CLOSE = 7
 
 #: States.  HELD: an unverified client's tunnel parks what would next send
 #: it a byte (or send one of its bytes onward) until its handshake completes.
-HEADER, CONNECTING, OPEN, FLUSHING, DONE, HELD = range(6)
+class State(IntEnum):
+    HEADER = 0
+    CONNECTING = 1
+    OPEN = 2
+    FLUSHING = 3
+    DONE = 4
+    HELD = 5
+
+
+HEADER, CONNECTING, OPEN, FLUSHING, DONE, HELD = State
 #: Error 64's Value when a limit refuses a client: retry after 1 s (RFC 8803
 #: 6.2.8; an empty Value would mean 30 s, too long for a rate limit).
 RETRY_AFTER = b"\x01"
-TCP_SYNCNT = 7
-TCP_USER_TIMEOUT = routability.TCP_USER_TIMEOUT
 #: Error replies lingering for the client's FIN at once; beyond, close at once.
 MAX_CLOSERS = 1024
 
@@ -136,111 +135,11 @@ class Direction:
         self.limit = limit  # the most the pipe may hold for this tunnel (budget)
 
 
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-_buf_warned: set = set()
-
-
-def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
-    """SO_RCVBUF/SO_SNDBUF are capped by net.core.rmem_max/wmem_max; with
-    CAP_NET_ADMIN the FORCE variants set the size asked for."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, force, size)
-        return
-    except PermissionError:
-        pass
-    sock.setsockopt(socket.SOL_SOCKET, opt, size)
-    got = sock.getsockopt(socket.SOL_SOCKET, opt) // 2     # the kernel doubles it
-    if got < size and opt not in _buf_warned:
-        _buf_warned.add(opt)
-        name = "rmem_max" if opt == socket.SO_RCVBUF else "wmem_max"
-        logging.getLogger("pepsock.relay").warning(
-            "asked for a %d-byte socket buffer, got %d: capped by net.core.%s "
-            "(raise it, or run with CAP_NET_ADMIN)", size, got, name)
-
-
-def apply_side(sock: socket.socket, side, nodelay: bool, keepalive: int = 0,
-               user_timeout: float = 0.0, rcvbuf: int | None = None,
-               sndbuf: int | None = None) -> None:
-    """Per-side TCP tuning; buffers must be set before connect()/listen() for
-    the window scale in the SYN to match them.  `rcvbuf`/`sndbuf` override
-    the side's sizes (a tunnel granted less by the budget)."""
-    rcvbuf = side.rcvbuf if rcvbuf is None else rcvbuf
-    sndbuf = side.sndbuf if sndbuf is None else sndbuf
-    if rcvbuf:
-        _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
-    if sndbuf:
-        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, sndbuf)
-    if user_timeout:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(user_timeout * 1000))
-    if side.cc:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, side.cc.encode())
-    if nodelay:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # A peer that vanishes without FIN or RST (a client out of coverage) must
-    # not hold an idle tunnel forever: TCP keepalive, timed by the kernel's
-    # net.ipv4.tcp_keepalive_* (accepted sockets inherit it from the listener).
-    # tests/test_reliability_vanish.py
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    # Reset semantics while the socket lives (see LINGER_RESET).
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    if keepalive:
-        # --keepalive S: first probe after S idle seconds, then every S/3
-        # (at least 1 s), 3 unanswered probes end the tunnel with a reset.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, keepalive // 3))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-
-
-def keepalive_limit(keepalive: int) -> float:
-    """Seconds after which keepalive gives up on a silent peer: --keepalive S
-    (S + 3 probes S/3 apart), else the namespace's net.ipv4.tcp_keepalive_*.
-    TCP_USER_TIMEOUT replaces keepalive's probe count when set, so the relay
-    caps --user-timeout at this: it must never keep a dead peer longer."""
-    if keepalive:
-        return keepalive + 3 * max(1, keepalive // 3)
-    values = []
-    for name in ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes"):
-        try:
-            with open(f"/proc/sys/net/ipv4/{name}") as f:
-                values.append(int(f.read()))
-        except (OSError, ValueError):
-            return float("inf")
-    idle, intvl, probes = values
-    return idle + intvl * probes
-
-
 def fmt_addr(addr) -> str:
     if addr is None:
         return "-"
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _disarm(sock: socket.socket) -> None:
-    """Back to a normal close (FIN after the queued bytes)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
-    except OSError:
-        pass
-
-
-def _tcp_state(sock: socket.socket) -> int:
-    """tcpi_state: TCP_CLOSE (7) once a reset (or error) has killed the connection."""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-    except OSError:
-        return TCP_CLOSE
-
-
-def _unacked(fd: int) -> int:
-    """Bytes in fd's send queue the peer has not acknowledged yet."""
-    buf = bytearray(4)
-    try:
-        fcntl.ioctl(fd, SIOCOUTQ, buf)
-    except OSError:
-        return 0
-    return int.from_bytes(buf, sys.byteorder)
 
 
 def _in_handshake(sock: socket.socket) -> bool:
@@ -249,16 +148,6 @@ def _in_handshake(sock: socket.socket) -> bool:
         return routability.in_syn_recv(sock)
     except OSError:
         return False
-
-
-def _reset_close(sock: socket.socket | None) -> None:
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
 
 
 class Closer:
@@ -271,76 +160,76 @@ class Closer:
     never completes it within --header-timeout is reset, having been sent
     nothing.  `code`: the Error code to count when the reply is sent."""
 
-    __slots__ = ("loop", "sock", "fd", "timer", "reply", "code")
+    __slots__ = ("ctx", "sock", "fd", "timer", "reply", "code")
 
-    def __init__(self, loop, sock: socket.socket, reply: bytes, registered: bool = True,
+    def __init__(self, ctx, sock: socket.socket, reply: bytes, registered: bool = True,
                  code: int | None = None):
-        self.loop = loop
+        self.ctx = ctx
         self.sock = sock
         self.fd = sock.fileno()
         self.timer = None
         self.reply = reply
         self.code = code
-        if loop.clients_unverified and _in_handshake(sock):
-            if loop.closers >= MAX_CLOSERS:
+        if ctx.clients_unverified and _in_handshake(sock):
+            if ctx.closers >= MAX_CLOSERS:
                 if registered:
-                    loop.forget(self.fd)
+                    ctx.forget(self.fd)
                 _reset_close(sock)
                 return
-            loop.closers += 1
+            ctx.closers += 1
             mask = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
             if registered:
-                loop.rebind(self.fd, self.on_handshake, mask)
+                ctx.rebind(self.fd, self.on_handshake, mask)
             else:
-                loop.register(self.fd, self.on_handshake, mask)
-            self.timer = loop.call_later(loop.cfg.header_timeout, self._expire)
+                ctx.register(self.fd, self.on_handshake, mask)
+            self.timer = ctx.call_later(ctx.cfg.header_timeout, self._expire)
             return
         if self._send(registered):
-            self.timer = loop.call_later(loop.linger_timeout, self.close)
+            self.timer = ctx.call_later(ctx.linger_timeout, self.close)
 
     def _send(self, registered: bool) -> bool:
         """Reply and shut down; True if now lingering for the client's FIN
-        (counted in loop.closers)."""
-        loop, sock = self.loop, self.sock
+        (counted in ctx.closers)."""
+        ctx, sock = self.ctx, self.sock
         _disarm(sock)   # a reset could overtake the reply
         try:
             sock.send(self.reply)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
-            loop.forget(self.fd)
+            ctx.forget(self.fd)
             sock.close()
             return False
         finally:
             if self.code is not None:
-                loop.stats.error(self.code)
+                ctx.stats.error(self.code)
             self.reply = None
-        if loop.closers >= MAX_CLOSERS:
+        if ctx.closers >= MAX_CLOSERS:
             # A flood of refused clients must not pin fds for the linger time:
             # past this many, close at once (a reset if the client's bytes are
             # unread, but the reply has been sent).
-            loop.forget(self.fd)
+            ctx.forget(self.fd)
             sock.close()
             return False
-        loop.closers += 1
+        ctx.closers += 1
         if registered:
-            loop.rebind(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
+            ctx.rebind(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
         else:
-            loop.register(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
+            ctx.register(self.fd, self.on_event, EPOLLIN | EPOLLRDHUP)
         return True
 
     def on_handshake(self, events: int) -> None:
         if _in_handshake(self.sock):
             return
         self.timer.cancel()
-        self.loop.closers -= 1
+        self.ctx.closers -= 1
         if self._send(registered=True):
-            self.timer = self.loop.call_later(self.loop.linger_timeout, self.close)
+            self.timer = self.ctx.call_later(self.ctx.linger_timeout, self.close)
 
     def _expire(self) -> None:
         """The handshake never completed (a forged source): reset, nothing sent."""
-        self.loop.forget(self.fd)
+        self.ctx.forget(self.fd)
         _reset_close(self.sock)
-        self.loop.closers -= 1
+        self.ctx.closers -= 1
 
     def on_event(self, events: int) -> None:
         try:
@@ -358,25 +247,29 @@ class Closer:
         if self.sock.fileno() < 0:
             return
         self.timer.cancel()
-        self.loop.forget(self.fd)
+        self.ctx.forget(self.fd)
         self.sock.close()
-        self.loop.closers -= 1
+        self.ctx.closers -= 1
 
 
 class Tunnel:
-    __slots__ = ("loop", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
+    __slots__ = ("ctx", "c", "s", "up", "down", "state", "reader", "client_addr", "client_ip",
                  "dest", "t0", "timer", "outcome", "early", "why", "flush_mark", "flush_at",
                  "client_key", "exempt", "pending_slot", "sizes", "stall_mark", "stall_at",
-                 "unverified", "held_action", "vtimer")
+                 "unverified", "held_action", "vtimer", "syn_room")
 
-    def __init__(self, loop, sock: socket.socket, addr, now: float, key: str | None = None,
-                 exempt: bool = False, sizes=None):
-        self.loop = loop
+    def __init__(self, ctx, sock: socket.socket, addr, now: float, key: str | None = None,
+                 exempt: bool = False, sizes=None, *, handshaking: bool | None = None,
+                 syn_payload: int = 0):
+        """`handshaking`: the client's socket is still in SYN_RECV (None: ask
+        the kernel); `syn_payload`: bytes the client's SYN carried, if known
+        (routability.accept_facts).  Nothing happens until start()."""
+        self.ctx = ctx
         self.sizes = sizes          # budget.Sizes granted (None: unbudgeted)
         self.stall_mark = None
         self.stall_at = now
         if sizes is not None:
-            full = loop.admission.budget.full
+            full = ctx.admission.budget.full
             # The listener's sizes (inherited) are the full ones: shrink if granted less.
             try:
                 if sizes.client_rcv < full.client_rcv:
@@ -405,15 +298,25 @@ class Tunnel:
         self.held_action = None     # what waits for the client's handshake (HELD)
         self.vtimer = None
         self.unverified = False
-        if loop.clients_unverified:
-            try:
-                self.unverified = routability.in_syn_recv(sock)
-            except OSError:
-                pass            # a dead socket: the header read reports it
-            if self.unverified:
-                loop.stats.v[S.UNVERIFIED] += 1
-                self.vtimer = loop.call_later(loop.cfg.header_timeout, self._unverified_timeout)
-        loop.register(self.c.fd, self.on_client, ET_MASK)
+        #: Onward TFO: until the header is read, the bytes the client's SYN
+        #: carried; then how many early-data bytes the onward SYN may carry
+        #: (one slot for both: idle tunnels are many).
+        self.syn_room = syn_payload
+        if ctx.clients_unverified:
+            if handshaking is None:
+                try:
+                    handshaking = routability.in_syn_recv(sock)
+                except OSError:
+                    handshaking = False     # a dead socket: the header read reports it
+            self.unverified = handshaking
+
+    def start(self) -> None:
+        """Register the client socket and read the header (usually in the SYN)."""
+        ctx = self.ctx
+        if self.unverified:
+            ctx.stats.v[S.UNVERIFIED] += 1
+            self.vtimer = ctx.call_later(ctx.cfg.header_timeout, self._unverified_timeout)
+        ctx.register(self.c.fd, self.on_client, ET_MASK)
         # The header usually came in the SYN and is read right here; the
         # header timer is only armed when it has not (see _read_header).
         self._read_header()
@@ -475,7 +378,7 @@ class Tunnel:
         except BlockingIOError:
             self.c.readable = False
             if self.timer is None:
-                self.timer = self.loop.call_later(self.loop.cfg.header_timeout,
+                self.timer = self.ctx.call_later(self.ctx.cfg.header_timeout,
                                                   self._header_timeout)
             return
         except ProtocolError as e:
@@ -488,7 +391,7 @@ class Tunnel:
         self.c.readable = True
         if isinstance(req, Info):
             return self._reply_and_close(INFO_REPLY, "info")
-        if self.loop.cookies is not None and not self._cookie_accepted(msg):
+        if self.ctx.cookies is not None and not self._cookie_accepted(msg):
             return
         refused = [o.kind for o in req.options if o.kind not in HONOURED_OPTIONS]
         if refused:
@@ -496,6 +399,13 @@ class Tunnel:
             self.dest = (str(req.address), req.port)
             return self._fail(ErrorCode.UNSUPPORTED_TCP_OPTION, kinds,
                               f"TCP options {', '.join(map(str, kinds))} cannot be honoured")
+        dest_family = socket.AF_INET if req.address.version == 4 else socket.AF_INET6
+        syn_payload, self.syn_room = self.syn_room, 0
+        if syn_payload and self.early and self.ctx.cfg.onward_tfo:
+            # Onward TFO: the relay's SYN may carry this much of the early data.
+            self.syn_room = routability.onward_syn_room(
+                self.c.sock.family, dest_family, syn_payload,
+                not self.ctx.clients_unverified)
         # Unverified, everything read so far came in the client's SYN: the
         # onward SYN may not be larger (RFC 8803 section 9.3).
         if self.unverified and not routability.onward_syn_fits(
@@ -508,7 +418,7 @@ class Tunnel:
         """--cookie-secret: a Connect needs a valid Cookie TLV (cookies.py).
         Without one: Error 3 carrying this address's cookie; a wrong one,
         or an expired token: Error 32."""
-        cookies = self.loop.cookies
+        cookies = self.ctx.cookies
         tlv = msg.get(TLVType.COOKIE)
         verdict, who = cookies.check(None if tlv is None else tlv.data, self.client_ip)
         if verdict is Verdict.OK:
@@ -517,7 +427,7 @@ class Tunnel:
                 # TFO cookie is (a token is authorization, not that proof).
                 self._verified_by_cookie()
             return True
-        st = self.loop.stats.v
+        st = self.ctx.stats.v
         if verdict is Verdict.MISSING:
             st[S.COOKIE_MISSING] += 1
             self._fail(ErrorCode.MISSING_COOKIE, b"\x00" + cookies.cookie_for(self.client_ip),
@@ -536,9 +446,9 @@ class Tunnel:
 
     # -- onward connect --------------------------------------------------------------
     def _connect(self, address, port: int) -> None:
-        loop = self.loop
+        ctx = self.ctx
         self.dest = (str(address), port)
-        adm = loop.admission
+        adm = ctx.admission
         if not self.exempt and adm.client_is_self(self.client_ip):
             # The relay reaching itself (a hairpin DNAT, an address it did not
             # know was its own): one request could nest tunnels without end.
@@ -548,7 +458,7 @@ class Tunnel:
             return self._fail(*refusal)
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
         if not self.pending_slot:   # an unverified client's retry kept its slot
-            busy = loop.admission.take_pending(self.client_key, self.exempt)
+            busy = ctx.admission.take_pending(self.client_key, self.exempt)
             if busy is not None:
                 return self._fail(ErrorCode.RESOURCE_EXCEEDED, RETRY_AFTER, busy)
             self.pending_slot = True
@@ -558,8 +468,8 @@ class Tunnel:
             return self._fail(ErrorCode.RESOURCE_EXCEEDED, b"", f"socket(): {e.strerror}")
         try:
             sizes = self.sizes
-            cfg = loop.cfg
-            if sizes is None or sizes is loop.admission.budget.levels[0]:
+            cfg = ctx.cfg
+            if sizes is None or sizes is ctx.admission.budget.levels[0]:
                 apply_side(sock, cfg.server, cfg.nodelay, cfg.keepalive, cfg.user_timeout)
             else:
                 apply_side(sock, cfg.server, cfg.nodelay, cfg.keepalive, cfg.user_timeout,
@@ -567,7 +477,22 @@ class Tunnel:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_SYNCNT, cfg.syn_retries)
             if self.unverified:
                 routability.set_unverified(sock, True)
-            err = sock.connect_ex(self.dest)
+                err = sock.connect_ex(self.dest)
+            elif self.syn_room and self.early:
+                # Onward TCP Fast Open (standard cookie TFO, the kernel's cookie
+                # cache): with a cookie from this destination the SYN carries
+                # the early data, so it gets the request one round trip
+                # sooner; without one the kernel sends a plain SYN asking for
+                # a cookie and the bytes follow the handshake as usual.
+                # Never for an unverified client, never more than fits
+                # (syn_room, RFC 8803 section 9.3).
+                n = tfo.send_in_syn(sock, self.early[:self.syn_room], self.dest)
+                if n:
+                    self.early = self.early[n:]
+                    ctx.stats.v[S.ONWARD_SYN_DATA] += 1
+                err = 0
+            else:
+                err = sock.connect_ex(self.dest)
         except OSError as e:
             err = e.errno
         if err not in (0, errno.EINPROGRESS):
@@ -581,12 +506,12 @@ class Tunnel:
         # Unverified, the onward SYN gets no retransmission: the attempt is
         # dropped just before the kernel's first one (routability.py); else
         # --connect-timeout or the --syn-retries deadline, whichever is sooner.
-        self.timer = loop.call_later(routability.UNVERIFIED_SYN_WINDOW if self.unverified
+        self.timer = ctx.call_later(routability.UNVERIFIED_SYN_WINDOW if self.unverified
                                      else self._connect_limit(), self._connect_timeout)
-        loop.register(self.s.fd, self.on_server, ET_MASK)
+        ctx.register(self.s.fd, self.on_server, ET_MASK)
 
     def _connect_limit(self) -> float:
-        cfg = self.loop.cfg
+        cfg = self.ctx.cfg
         return connect_limit(cfg.syn_retries, cfg.connect_timeout)
 
     def _connect_timeout(self) -> None:
@@ -619,16 +544,16 @@ class Tunnel:
 
     def _open(self) -> None:
         """Onward connection up, client verified: reply and start the data path."""
-        loop = self.loop
+        ctx = self.ctx
         s = self.s
         try:
             self.c.sock.send(SUCCESS)
         except OSError as e:
             return self.abort(f"client gone before reply: {e.strerror}")
         self.state = OPEN
-        st = loop.stats.v
+        st = ctx.stats.v
         st[S.ESTABLISHED] += 1
-        loop.stats.setup(time.monotonic() - self.t0)
+        ctx.stats.setup(time.monotonic() - self.t0)
         s.writable = True
         limit = self.sizes.pipe if self.sizes is not None else 1 << 30
         self.up = up = Direction(self.c, s, S.BYTES_UP, limit)
@@ -649,10 +574,10 @@ class Tunnel:
             if routability.in_syn_recv(self.c.sock):
                 return False
             if self.s is not None:
-                routability.set_unverified(self.s.sock, False, self.loop.cfg.user_timeout)
+                routability.set_unverified(self.s.sock, False, self.ctx.cfg.user_timeout)
                 if self.state == CONNECTING:    # from now on the normal connect limit
                     self.timer.cancel()
-                    self.timer = self.loop.call_later(self._connect_limit(),
+                    self.timer = self.ctx.call_later(self._connect_limit(),
                                                       self._connect_timeout)
         except OSError as e:
             self.abort(f"client error before its handshake completed: {e.strerror}")
@@ -669,14 +594,14 @@ class Tunnel:
         self.unverified = False
         self.vtimer.cancel()
         self.vtimer = None
-        self.loop.stats.v[S.UNVERIFIED_BY_COOKIE] += 1
+        self.ctx.stats.v[S.UNVERIFIED_BY_COOKIE] += 1
 
     def _retry_when_verified(self) -> None:
         """The onward SYN went unanswered and may not be retransmitted (the
         client is unverified): connect again once the client is.  The
         onward-connect slot stays taken meanwhile (the connect is not over),
         so a forged source's slots bound its onward SYNs per --header-timeout."""
-        self.loop.forget(self.s.fd)
+        self.ctx.forget(self.s.fd)
         self.s.sock.close()
         self.s = None
         self.timer.cancel()
@@ -687,7 +612,7 @@ class Tunnel:
     def _unverified_timeout(self) -> None:
         self.vtimer = None
         if self.unverified and self.state != DONE:
-            self.loop.stats.v[S.UNVERIFIED_EXPIRED] += 1
+            self.ctx.stats.v[S.UNVERIFIED_EXPIRED] += 1
             self.abort("client never completed its handshake")
 
     # -- data path ---------------------------------------------------------------------
@@ -713,7 +638,7 @@ class Tunnel:
                     return
             if d.eof or not src.readable:
                 return
-            pipe = self.loop.pipe_get()
+            pipe = self.ctx.pipes.get()
             if pipe is None:
                 return self._copy(d)
             d.pipe = pipe
@@ -757,9 +682,9 @@ class Tunnel:
         d.held = held
         if moved:
             d.bytes += moved
-            self.loop.stats.v[d.stat] += moved
+            self.ctx.stats.v[d.stat] += moved
         if held == 0:
-            self.loop.pipe_put(pipe)
+            self.ctx.pipes.put(pipe)
             d.pipe = None
             if d.eof and not d.shut:
                 self._shut(d)
@@ -807,7 +732,7 @@ class Tunnel:
         d.buf = buf
         if moved:
             d.bytes += moved
-            self.loop.stats.v[d.stat] += moved
+            self.ctx.stats.v[d.stat] += moved
         if not buf and d.eof and not d.shut:
             self._shut(d)
 
@@ -835,9 +760,9 @@ class Tunnel:
         up, down = self.up, self.down
         if up.pipe is not None:     # the client's bytes cannot reach the server any more
             if up.held:
-                self.loop.pipe_close(up.pipe)
+                self.ctx.pipes.close(up.pipe)
             else:
-                self.loop.pipe_put(up.pipe)
+                self.ctx.pipes.put(up.pipe)
             up.pipe, up.held, up.buf = None, 0, b""
         # No FIN for this direction: its end is a reset, sent once all is delivered.
         down.shut = True
@@ -846,7 +771,7 @@ class Tunnel:
         self.flush_at = time.monotonic()
         self._flush()
         if self.state == FLUSHING:
-            self.timer = self.loop.call_later(FLUSH_POLL, self._flush_poll)
+            self.timer = self.ctx.call_later(FLUSH_POLL, self._flush_poll)
 
     def _flush(self) -> None:
         d = self.down
@@ -874,12 +799,12 @@ class Tunnel:
             return self.abort(f"{self.why}; then the client's connection ended")
         now = time.monotonic()
         mark = (d.bytes, left)
-        stall = self.loop.cfg.stall_timeout
+        stall = self.ctx.cfg.stall_timeout
         if mark != self.flush_mark:
             self.flush_mark, self.flush_at = mark, now
         elif stall and now - self.flush_at > stall:
             return self.abort(f"{self.why}; client stalled, {left + d.held} bytes undelivered")
-        self.timer = self.loop.call_later(FLUSH_POLL, self._flush_poll)
+        self.timer = self.ctx.call_later(FLUSH_POLL, self._flush_poll)
 
     # -- endings -----------------------------------------------------------------------
     def _fail(self, code: int, value: bytes, why: str) -> None:
@@ -887,33 +812,33 @@ class Tunnel:
         unverified client gets it once its handshake completes, or never)."""
         self._connect_over()
         if self.s is not None:
-            self.loop.forget(self.s.fd)
+            self.ctx.forget(self.s.fd)
             self.s.sock.close()
             self.s = None
         if self.unverified:
             return self._hold(lambda: self._fail(code, value, why))
-        self.loop.stats.error(code)
+        self.ctx.stats.error(code)
         self._reply_and_close(error_reply(code, value), f"error {int(code)} ({why})")
 
     def _reply_and_close(self, reply: bytes, outcome: str) -> None:
         if self.unverified:     # not a byte to an address that has not proved itself
             return self._hold(lambda: self._reply_and_close(reply, outcome))
-        Closer(self.loop, self.c.sock, reply)
+        Closer(self.ctx, self.c.sock, reply)
         self._done(outcome)
 
     def _release_pipes(self) -> None:
         for d in (self.up, self.down):
             if d is not None and d.pipe is not None:
                 if d.held == 0:
-                    self.loop.pipe_put(d.pipe)
+                    self.ctx.pipes.put(d.pipe)
                 else:
-                    self.loop.pipe_close(d.pipe)
+                    self.ctx.pipes.close(d.pipe)
                 d.pipe = None
 
     def _finish_clean(self) -> None:
-        loop = self.loop
-        loop.forget(self.c.fd)
-        loop.forget(self.s.fd)
+        ctx = self.ctx
+        ctx.forget(self.c.fd)
+        ctx.forget(self.s.fd)
         _disarm(self.c.sock)
         _disarm(self.s.sock)
         self.c.sock.close()
@@ -926,14 +851,14 @@ class Tunnel:
         the other, and a tunnel cut short is never mistaken for a finished one."""
         if self.state == DONE:
             return
-        loop = self.loop
-        loop.forget(self.c.fd)
+        ctx = self.ctx
+        ctx.forget(self.c.fd)
         _reset_close(self.c.sock)
         if self.s is not None:
-            loop.forget(self.s.fd)
+            ctx.forget(self.s.fd)
             _reset_close(self.s.sock)
         self._release_pipes()
-        loop.stats.v[S.RESETS] += 1
+        ctx.stats.v[S.RESETS] += 1
         self._done(f"reset ({why})")
 
     def check_stall(self, now: float, timeout: float) -> None:
@@ -964,7 +889,7 @@ class Tunnel:
     def _connect_over(self) -> None:
         if self.pending_slot:
             self.pending_slot = False
-            self.loop.admission.release_pending(self.client_key)
+            self.ctx.admission.release_pending(self.client_key)
 
     def _done(self, outcome: str) -> None:
         if self.state == DONE:
@@ -981,7 +906,7 @@ class Tunnel:
             self.vtimer = None
         self.held_action = None
         self.outcome = outcome
-        self.loop.tunnel_done(self)
+        self.ctx.tunnel_done(self)
 
     def log_line(self, now: float) -> str:
         up = self.up.bytes if self.up else 0
