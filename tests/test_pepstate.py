@@ -11,19 +11,37 @@ from pepsock.policy import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-keys = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+keys = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
+    lambda k: k not in ("down_until", "rtt_us", "tfo", "cookie"))     # unknown keys: any value
 values = st.text("abcdefghijklmnopqrstuvwxyz0123456789.:-", max_size=20)
+known = st.fixed_dictionaries({}, optional={
+    "down_until": st.integers(0, 10**18 - 1).map(str), "rtt_us": st.integers(0, 10**18 - 1).map(str),
+    "tfo": st.sampled_from(["nocookie", "cookie"]), "reason": values,
+    "cookie": st.binary(min_size=1, max_size=64).map(bytes.hex)})
 
 
-@given(st.dictionaries(keys, values, max_size=8))
-def test_format_and_parse_round_trip(fields):
+@given(st.dictionaries(keys, values, max_size=8), known)
+def test_format_and_parse_round_trip(fields, known_fields):
+    fields = {**fields, **known_fields}
     assert pepstate.parse(pepstate.format_fields(fields)) == fields
 
 
 @given(st.text(max_size=80))
 def test_parse_never_raises(text):
-    result = pepstate.parse(text)
-    assert result is None or isinstance(result, dict)
+    assert isinstance(pepstate.parse(text), dict)
+
+
+@pytest.mark.parametrize("line,fields", [
+    ("tfo=cookie junk rtt_us=5", {"tfo": "cookie", "rtt_us": "5"}),   # no '=': that word only
+    ("=x down_until=7", {"down_until": "7"}),                         # no key
+    ("down_until=+7 rtt_us=1_0 cookie=abc tfo=Cookie x=1", {"x": "1"}),  # values off grammar
+    ("cookie=" + "ab" * 65 + " cookie=ab", {"cookie": "ab"}),        # 65 bytes: skipped
+    ("cookie=ab cookie=zz", {"cookie": "ab"}),                        # a bad later word keeps it
+    ("a=\u00e9 b=1\tc=2\rd=3", {"b": "1", "c": "2\rd=3"}),           # only blank/tab split
+    ("a=1\nb=2", {"a": "1"}), ("a=1\0b=2", {"a": "1"}),              # the first line, a C string
+])
+def test_malformed_words_are_skipped_and_the_rest_kept(line, fields):
+    assert pepstate.parse(line) == fields
 
 
 def test_file_names_are_canonical():
