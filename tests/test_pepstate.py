@@ -117,3 +117,41 @@ def test_pep_log_routes_the_python_client_through_logging(tmp_path):
     assert "refused (ECONNREFUSED); held down for 30 s" in text
     assert "no usable PEP" in text and "connecting directly" in text
     assert out.stderr == ""                        # to the file, not stderr
+
+
+@pytest.mark.parametrize("bad,pep_log", [
+    ({"PEP_FALLBACK": "fail "}, None), ({"PEP_REPLY_TIMEOUT": "1e3"}, None),
+    ({"PEP_COOKIE": "aa bb"}, "off"), ({"PEP_TFO_MODE": "Cookie"}, "debug"),
+    ({"PEP_LOG": "loud"}, None), ({"PEP_PROXY": "192.0.2.1"}, None),
+])
+def test_bad_value_one_line_and_runs_unproxied(tmp_path, bad, pep_log):
+    """As libpep.so: a value off the grammar prints one line naming it (even under
+    PEP_LOG=off) and the process's connections go direct; the PEP (a listener
+    here) sees nothing."""
+    code = ("import socket, pepsock\n"
+            "pep = socket.create_server(('127.0.0.1', 0)); pep.settimeout(0.5)\n"
+            "import os; os.environ.setdefault('PEP_PROXY', '127.0.0.1:%d' % pep.getsockname()[1])\n"
+            "dest = socket.create_server(('127.0.0.1', 0))\n"
+            "for _ in range(3):\n"
+            "    c = pepsock.create_connection(dest.getsockname(), timeout=5)\n"
+            "    print(type(c).__name__); c.close()\n"
+            "try:\n"
+            "    pep.accept(); print('PEP used')\n"
+            "except socket.timeout:\n"
+            "    pass\n")
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO, "PEP_STATE_DIR": str(tmp_path),
+           "PEP_NO_PROXY": "", **bad}
+    if pep_log:
+        env["PEP_LOG"] = pep_log
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["socket"] * 3, out.stdout + out.stderr
+    lines = [line for line in out.stderr.splitlines() if line]
+    assert len(lines) == 1 and lines[0].endswith("; running unproxied"), out.stderr
+    assert list(bad)[0] in lines[0]
+
+
+def test_settings_with_explicit_env_still_raise():
+    with pytest.raises(ConfigError, match="PEP_FALLBACK.*blanks"):
+        route.settings({"PEP_FALLBACK": " fail"})
