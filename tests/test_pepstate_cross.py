@@ -49,7 +49,8 @@ void pep_state_read(const void *pep, struct pep_peer_state *st);
 void pep_state_write(const void *pep, ...);
 void pep_state_name(const void *pep, char *out, size_t cap);
 """)
-C = ffi.dlopen(preload_helpers.build("libpepstate.so"))
+C = ffi.dlopen(preload_helpers.build("libpepstate-asan.so" if os.environ.get("PEP_TEST_ASAN") == "1"
+                                     else "libpepstate.so"))   # see test_preload_config.py
 TFO = {0: None, 1: "nocookie", 2: "cookie"}           # enum pep_tfo_learned
 examples = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

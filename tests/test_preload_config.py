@@ -8,6 +8,9 @@ difference, on purpose: libpep sees addresses only, so a name entry never
 matches, except `localhost`, which it reads as 127.0.0.0/8 and ::1.
 """
 import ipaddress
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -28,7 +31,9 @@ int pep_config_parse_more(void *cfg, const char *reply, const char *connect, con
 int pep_config_parse_confirm(const char *confirm, char *err, size_t errlen);
 long long pep_config_reply_timeout_ns(const void *cfg);
 """)
-C = ffi.dlopen(preload_helpers.build("libpepcfg.so"))
+# PEP_TEST_ASAN=1: the ASan/UBSan build (test_cross_tests_under_asan sets it in a child).
+ASAN = os.environ.get("PEP_TEST_ASAN") == "1"
+C = ffi.dlopen(preload_helpers.build("libpepcfg-asan.so" if ASAN else "libpepcfg.so"))
 fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -340,3 +345,22 @@ def test_formerly_different_values_refused_by_both(key, value):
 ])
 def test_documented_values_accepted_by_both(key, value):
     assert c_accepts(key, value) and py_accepts(key, value)
+
+
+@pytest.mark.skipif(ASAN, reason="already the ASan run")
+def test_cross_tests_under_asan():
+    """This module and tests/test_pepstate_cross.py's parsers again, with
+    config.c and state.c built with ASan + UBSan (halting on the first report)."""
+    preload_helpers.build("libpepcfg-asan.so")
+    preload_helpers.build("libpepstate-asan.so")
+    env = dict(os.environ, PEP_TEST_ASAN="1", LD_PRELOAD=preload_helpers.asan_runtime(),
+               ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0:halt_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        os.path.join(tests, "test_preload_config.py"),
+                        os.path.join(tests, "test_pepstate_cross.py"),
+                        "-k", "not hold_down_and_cookie"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tests)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert " passed" in p.stdout and "ERROR: AddressSanitizer" not in p.stderr
