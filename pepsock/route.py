@@ -65,7 +65,8 @@ _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
 MAX_SECONDS = 86400
 MAX_COOKIE = 64
-_SECONDS_TEXT = f"a number of seconds (plain decimal as 2 or 0.5, more than 0, at most {MAX_SECONDS})"
+_SECONDS_TEXT = (f"a number of seconds (plain decimal as 2 or 0.5, more than 0, "
+                 f"at most {MAX_SECONDS})")
 
 
 def _bad(key: str, text: str, expected: str) -> ConfigError:

@@ -15,7 +15,8 @@ keys = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
     lambda k: k not in ("down_until", "rtt_us", "tfo", "cookie"))     # unknown keys: any value
 values = st.text("abcdefghijklmnopqrstuvwxyz0123456789.:-", max_size=20)
 known = st.fixed_dictionaries({}, optional={
-    "down_until": st.integers(0, 10**18 - 1).map(str), "rtt_us": st.integers(0, 10**18 - 1).map(str),
+    "down_until": st.integers(0, 10**18 - 1).map(str),
+    "rtt_us": st.integers(0, 10**18 - 1).map(str),
     "tfo": st.sampled_from(["nocookie", "cookie"]), "reason": values,
     "cookie": st.binary(min_size=1, max_size=64).map(bytes.hex)})
 

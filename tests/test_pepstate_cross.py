@@ -11,8 +11,8 @@ hold-down and an Error 3 cookie, pepsock in the test process acts on them,
 and the reverse (a namespace of the test's own, loopback, real TFO).
 
 Both skip a malformed word of a file and keep the rest
-(test_both_read_any_line_alike). One known difference in file names, left alone: glibc's inet_ntop writes a
-deprecated IPv4-compatible address (::/96 with a nonzero seventh group, as
+(test_both_read_any_line_alike). One known difference in file names, left
+alone: glibc's inet_ntop writes a deprecated IPv4-compatible address (::/96 with a nonzero seventh group, as
 ::0.1.0.0) in dotted form, Python as ::1:0; such an address is no PEP's, so
 the names are compared for every other address.
 """
@@ -49,8 +49,9 @@ void pep_state_read(const void *pep, struct pep_peer_state *st);
 void pep_state_write(const void *pep, ...);
 void pep_state_name(const void *pep, char *out, size_t cap);
 """)
-C = ffi.dlopen(preload_helpers.build("libpepstate-asan.so" if os.environ.get("PEP_TEST_ASAN") == "1"
-                                     else "libpepstate.so"))   # see test_preload_config.py
+# PEP_TEST_ASAN=1: the ASan/UBSan build (see test_preload_config.test_cross_tests_under_asan)
+C = ffi.dlopen(preload_helpers.build(
+    "libpepstate-asan.so" if os.environ.get("PEP_TEST_ASAN") == "1" else "libpepstate.so"))
 TFO = {0: None, 1: "nocookie", 2: "cookie"}           # enum pep_tfo_learned
 examples = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
