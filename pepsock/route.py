@@ -198,7 +198,7 @@ def configure_logging(value: str | None) -> str | None:
         return None
     level_text, colon, path = value.partition(":")
     level = _LEVELS.get(level_text.lower())
-    if level is None or (colon and not path):
+    if level is None or (colon and not path) or len(os.fsencode(path)) >= 256:   # config.c's bound
         return (f"PEP_LOG={value!r} is not off, error, warn, info or debug "
                 "(optionally followed by :/path/to/file)")
     log.setLevel(level)

@@ -364,3 +364,20 @@ def test_cross_tests_under_asan():
                        env=env, capture_output=True, text=True, timeout=600, cwd=tests)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert " passed" in p.stdout and "ERROR: AddressSanitizer" not in p.stderr
+
+
+@fast
+@given(st.one_of(
+    st.sampled_from(["off", "error", "warn", "info", "debug"]).flatmap(
+        lambda w: st.sampled_from([w, w.upper(), w.title(), " " + w, w + " ", w + ":", w + "x"])),
+    st.text("offerwaindbug \t", max_size=8)))   # no ":": a path would open a file
+def test_pep_log_levels_agree(value):
+    """PEP_LOG's level: the same verdict in both (case-insensitive, no blanks)."""
+    c = Cfg(log=value)
+    try:
+        py_error = route.configure_logging(value)
+    finally:
+        route.configure_logging(None)
+    assert (c.rc == 0) == (py_error is None), (value, c.message, py_error)
+    if py_error:
+        assert "PEP_LOG" in c.message and "PEP_LOG" in py_error
