@@ -115,8 +115,12 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             raise ConfigError(str(exc).replace("PEP_NO_PROXY", "PEP_CONFIRM")) from None
     cookie_text = env.get("PEP_COOKIE", "")
     if cookie_text and (not _HEX.fullmatch(cookie_text) or len(cookie_text) > 2 * MAX_COOKIE):
-        raise _bad("PEP_COOKIE", cookie_text,
-                   f"an even number of hex digits (1 to {MAX_COOKIE} bytes)")
+        # a token: its length is said, never its value (as config.c)
+        raise ConfigError(
+            f"PEP_COOKIE ({len(cookie_text)} characters, not shown) "
+            + ("has blanks around it; write only" if cookie_text != cookie_text.strip(_BLANKS)
+               else "is not")
+            + f" an even number of hex digits (1 to {MAX_COOKIE} bytes)")
     return Settings(
         peps=parse_proxy_list(env.get("PEP_PROXY", "")),
         bypass=Bypass.parse(env.get("PEP_NO_PROXY")),

@@ -633,10 +633,11 @@ int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char 
     if (cookie && *cookie &&
         !(cfg->cookie_len = pep_hex_decode(cookie, strlen(cookie), cfg->cookie,
                                            sizeof cfg->cookie))) {
-        char what[80];
-        snprintf(what, sizeof what, "an even number of hex digits (1 to %zu bytes)",
+        /* a token: its length is said, never its value */
+        snprintf(err, errlen, "PEP_COOKIE (%zu characters, not shown) %s an even number of hex "
+                 "digits (1 to %zu bytes)", strlen(cookie),
+                 has_blanks_around(cookie) ? "has blanks around it; write only" : "is not",
                  sizeof cfg->cookie);
-        value_error(err, errlen, "PEP_COOKIE", cookie, what);
         return -1;
     }
     return 0;
