@@ -9,6 +9,7 @@ works, 1 otherwise.
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -188,7 +189,7 @@ def check_pep(pep, say, timeout: float = 5.0) -> bool:
 def main(pep=None, print_=print) -> int:
     ok = check_machine(print_)
     try:
-        conf = _route.settings()
+        conf = _route.parse_settings(os.environ)   # the error itself, not "unproxied"
     except ConfigError as exc:
         print_(f"FAIL  {exc}")
         return 1

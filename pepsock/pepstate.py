@@ -13,14 +13,16 @@ used), holding one ASCII line of space-separated `key=value`:
 
 Unknown keys are kept when rewriting. A write is read-modify-write to
 `<file>.<pid>.tmp` and rename() over the file; concurrent writers may lose
-an update (each field is a hint). Readers ignore files over 4096 bytes, not
-owned by the user, or unparsable. Reads are cached on (inode, mtime, size),
-so a connection costs one stat() per PEP.
+an update (each field is a hint). Readers ignore files over 4096 bytes or not
+owned by the user, and skip a malformed word, keeping the rest (as state.c
+does). Reads are cached on (inode, mtime, size), so a connection costs one
+stat() per PEP.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
 
@@ -71,12 +73,26 @@ def file_name(ip: str, port: int) -> str:
     return f"pep-{normalize_ip(ip)}-{port}"
 
 
-def parse(text: str) -> dict[str, str] | None:
+#: The grammar of the known keys' values; a word breaking it is malformed.
+_VALUES = {"down_until": re.compile(r"[0-9]{1,18}"), "rtt_us": re.compile(r"[0-9]{1,18}"),
+           "tfo": re.compile(r"nocookie|cookie"),
+           "cookie": re.compile(r"(?:[0-9a-fA-F]{2}){1,64}")}
+_WORD_SEPARATORS = re.compile(r"[ \t]+")
+
+
+def parse(text: str) -> dict[str, str]:
+    """The first line's `key=value` words, split at blanks and tabs. A malformed
+    word (no `=`, no key, a byte that is not ASCII, or a known key whose value
+    breaks its grammar) is skipped and the rest kept, as preload/state.c does."""
     fields = {}
-    for word in text.split():
+    line = text.split("\n", 1)[0].split("\0", 1)[0]
+    for word in _WORD_SEPARATORS.split(line):
         key, sep, value = word.partition("=")
-        if not sep or not key:
-            return None
+        if not sep or not key or not word.isascii():
+            continue
+        rule = _VALUES.get(key)
+        if rule is not None and not rule.fullmatch(value):
+            continue
         fields[key] = value
     return fields
 
@@ -107,8 +123,8 @@ def load(directory: str | None, name: str) -> dict[str, str]:
     if st.st_size <= MAX_FILE and st.st_uid == os.getuid() and stat.S_ISREG(st.st_mode):
         try:
             with open(path, "rb") as f:
-                fields = parse(f.read(MAX_FILE + 1).decode("ascii")) or {}
-        except (OSError, UnicodeDecodeError):
+                fields = parse(f.read(MAX_FILE + 1).decode("latin-1"))
+        except OSError:
             fields = {}
     _cache[path] = (now, key, fields)
     return fields

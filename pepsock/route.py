@@ -20,8 +20,11 @@ import functools
 import ipaddress
 import logging
 import os
+import re
 import socket
+import sys
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Generator, Mapping
 
 from . import pepstate
@@ -54,29 +57,55 @@ class Settings:
                                                                  port=dest.port)
 
 
+# The shared grammar of docs/protocol.md ("Environment values"), the same as
+# preload/config.c's: exact lower-case words, plain decimal seconds, hex cookies;
+# blanks around a value are an error, not trimmed.
+_BLANKS = " \t\n\r\v\f"
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+MAX_SECONDS = 86400
+MAX_COOKIE = 64
+_SECONDS_TEXT = (f"a number of seconds (plain decimal as 2 or 0.5, more than 0, "
+                 f"at most {MAX_SECONDS})")
+
+
+def _bad(key: str, text: str, expected: str) -> ConfigError:
+    if text != text.strip(_BLANKS):
+        return ConfigError(f"{key}={text!r} has blanks around it (write {expected}, nothing else)")
+    return ConfigError(f"{key}={text!r} is not {expected}")
+
+
 def _seconds(env, key: str, default):
-    text = env.get(key, "").strip()
+    text = env.get(key, "")
     if not text:
         return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value != value or value == float("inf"):
-        raise ConfigError(f"{key}={text!r}: expected a positive number of seconds")
-    return value
+    # fullmatch on ASCII digits (str.isdigit would take other scripts' digits);
+    # the bounds are decided on the exact decimal, as config.c does on the text.
+    if not _DECIMAL.fullmatch(text) or not 0 < Decimal(text) <= MAX_SECONDS:
+        raise _bad(key, text, _SECONDS_TEXT)
+    return float(text)
+
+
+def _word(env, key: str, choices: tuple[str, ...], expected: str) -> str:
+    text = env.get(key, "")
+    if not text:
+        return choices[0]
+    if text not in choices:
+        raise _bad(key, text, expected)
+    return text
 
 
 def parse_settings(env: Mapping[str, str]) -> Settings:
-    fallback = env.get("PEP_FALLBACK", "").strip().lower() or "direct"
-    if fallback not in ("direct", "fail"):
-        raise ConfigError(f"PEP_FALLBACK={fallback!r}: expected direct or fail")
-    tfo_mode = env.get("PEP_TFO_MODE", "").strip().lower() or "auto"
-    if tfo_mode not in ("auto", "nocookie", "cookie"):
-        raise ConfigError(f"PEP_TFO_MODE={tfo_mode!r}: expected auto, nocookie or cookie")
-    confirm_text = env.get("PEP_CONFIRM", "").strip()
+    """The settings, or ConfigError naming the first variable that breaks the grammar."""
+    fallback = _word(env, "PEP_FALLBACK", ("direct", "fail"), "direct or fail (lower case)")
+    tfo_mode = _word(env, "PEP_TFO_MODE", ("auto", "nocookie", "cookie"),
+                     "auto, nocookie or cookie (lower case)")
+    confirm_text = env.get("PEP_CONFIRM", "")
     if confirm_text in ("", "0"):
         confirm = None
+    elif confirm_text != confirm_text.strip(_BLANKS):
+        raise _bad("PEP_CONFIRM", confirm_text,
+                   "1 or a list of destinations in PEP_NO_PROXY syntax")
     elif confirm_text == "1":
         confirm = Bypass(everything=True)
     else:
@@ -84,11 +113,14 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             confirm = Bypass.parse(confirm_text)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("PEP_NO_PROXY", "PEP_CONFIRM")) from None
-    cookie_text = env.get("PEP_COOKIE", "").strip()
-    try:
-        cookie = bytes.fromhex(cookie_text) if cookie_text else None
-    except ValueError:
-        raise ConfigError(f"PEP_COOKIE={cookie_text!r}: expected hex digits") from None
+    cookie_text = env.get("PEP_COOKIE", "")
+    if cookie_text and (not _HEX.fullmatch(cookie_text) or len(cookie_text) > 2 * MAX_COOKIE):
+        # a token: its length is said, never its value (as config.c)
+        raise ConfigError(
+            f"PEP_COOKIE ({len(cookie_text)} characters, not shown) "
+            + ("has blanks around it; write only" if cookie_text != cookie_text.strip(_BLANKS)
+               else "is not")
+            + f" an even number of hex digits (1 to {MAX_COOKIE} bytes)")
     return Settings(
         peps=parse_proxy_list(env.get("PEP_PROXY", "")),
         bypass=Bypass.parse(env.get("PEP_NO_PROXY")),
@@ -96,7 +128,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         connect_timeout=_seconds(env, "PEP_CONNECT_TIMEOUT", None),
         reply_timeout=_seconds(env, "PEP_REPLY_TIMEOUT", DEFAULT_REPLY_TIMEOUT),
         confirm=confirm,
-        cookie=cookie,
+        cookie=bytes.fromhex(cookie_text) if cookie_text else None,
         tfo_mode=tfo_mode,
         state_dir=pepstate.state_dir(env),
     )
@@ -116,7 +148,12 @@ def _env_snapshot() -> tuple:
 
 
 def settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from `env` (default os.environ), parsed once per distinct value set."""
+    """Settings from `env` (default os.environ), parsed once per distinct value set.
+
+    From os.environ, a value that breaks the grammar does what libpep.so does:
+    one error line naming it (to stderr even under PEP_LOG=off), then every
+    connection goes direct, unproxied, until the environment changes. With an
+    explicit `env`, ConfigError is raised (as parse_settings does)."""
     global _settings_cache
     if env is not None:
         return parse_settings(env)
@@ -124,10 +161,24 @@ def settings(env: Mapping[str, str] | None = None) -> Settings:
     cached = _settings_cache
     if cached is not None and cached[0] == key:
         return cached[1]
-    configure_logging(os.environ.get("PEP_LOG"))
-    result = parse_settings(os.environ)
+    log_error = configure_logging(os.environ.get("PEP_LOG"))
+    try:
+        if log_error:
+            raise ConfigError(log_error)
+        result = parse_settings(os.environ)
+    except ConfigError as exc:
+        _say_unproxied(str(exc))
+        result = Settings()
     _settings_cache = (key, result)
     return result
+
+
+def _say_unproxied(message: str) -> None:
+    line = f"pepsock: {message}; running unproxied"
+    if log.isEnabledFor(logging.ERROR):
+        log.error(line)
+    else:               # PEP_LOG=off: like libpep, this one line still goes out
+        sys.stderr.write(line + "\n")
 
 
 _LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "warn": logging.WARNING,
@@ -135,10 +186,12 @@ _LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "warn": logging
 _log_handler: logging.Handler | None = None
 
 
-def configure_logging(value: str | None) -> None:
+def configure_logging(value: str | None) -> str | None:
     """PEP_LOG=level[:path] for the Python client: the `pepsock` logger's level and,
     when PEP_LOG is set, a handler of its own (stderr, or the file).  Unset:
-    logging is the application's (warnings reach stderr through logging's default)."""
+    logging is the application's (warnings reach stderr through logging's default).
+    The level is case-insensitive, as in libpep.so. Returns the error for a value
+    that does not parse (logging left as if unset), else None."""
     global _log_handler
     if _log_handler is not None:
         log.removeHandler(_log_handler)
@@ -146,18 +199,18 @@ def configure_logging(value: str | None) -> None:
         log.setLevel(logging.NOTSET)
         log.propagate = True
     if not value:
-        return
-    level_text, _, path = value.partition(":")
-    level = _LEVELS.get(level_text.strip().lower())
-    if level is None:
-        log.error("pepsock: PEP_LOG=%r is not off, error, warn, info or debug "
-                  "(optionally :/path)", value)
-        return
+        return None
+    level_text, colon, path = value.partition(":")
+    level = _LEVELS.get(level_text.lower())
+    if level is None or (colon and not path) or len(os.fsencode(path)) >= 256:   # config.c's bound
+        return (f"PEP_LOG={value!r} is not off, error, warn, info or debug "
+                "(optionally followed by :/path/to/file)")
     log.setLevel(level)
     _log_handler = logging.FileHandler(path) if path else logging.StreamHandler()
     _log_handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(_log_handler)
     log.propagate = False
+    return None
 
 
 # ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass
 
 from . import elf, preload
+from . import route as _route
 from .policy import ConfigError, ProxyConfig
 
 PRELOAD, SECCOMP, NONE = "preload", "seccomp", "none"
@@ -194,6 +195,10 @@ def main(argv: list[str], pep=None, mode: str = "auto", allow_direct: bool = Fal
         env["PEP_PROXY"] = preload._pep_value(pep)
     try:
         config = ProxyConfig.from_env(env)
+        # Every value by the clients' grammar (docs/protocol.md "Environment
+        # values"): pep run refuses a bad one up front rather than start a
+        # program whose libpep would then run it unproxied.
+        _route.parse_settings(env)
     except ConfigError as exc:
         _say(str(exc))
         return 2

@@ -43,6 +43,7 @@ import struct
 import threading
 import time
 
+from . import route as _route
 from . import seccomp, tfo
 from .client import PepSocket, create_connection
 from .policy import ConfigError, ProxyConfig, normalize_ip
@@ -166,15 +167,6 @@ def _relays_that_fit() -> int:
     if soft == resource.RLIM_INFINITY:
         return MAX_RELAYS
     return max(1, min(MAX_RELAYS, (soft - 64) // FDS_PER_RELAY))
-
-
-def _seconds(text: str | None, default: float) -> float:
-    """A PEP_*_TIMEOUT value; unset, empty or not a positive number: the default."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return default
-    return value if 0 < value < 1e6 else default
 
 
 # ----------------------------------------------------------------------- relaying
@@ -353,7 +345,8 @@ class Supervisor:
         self.program_pid = program_pid
         self.log = log
         self.config = ProxyConfig.from_env(env)
-        self.reply_timeout = _seconds((env or os.environ).get("PEP_REPLY_TIMEOUT"), 10.0)
+        # the clients' grammar; a bad value is a ConfigError (pep run checked it already)
+        self.reply_timeout = _route.parse_settings(env or os.environ).reply_timeout
         self.peps = _pep_addresses(self.config)
         self.handlers: dict[int, object] = {}  # fd -> what to call when it polls ready
         self.poller = select.poll()

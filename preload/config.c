@@ -501,15 +501,68 @@ size_t pep_hex_decode(const char *s, size_t n, uint8_t *out, size_t cap)
     return n / 2;
 }
 
-/* Seconds as a float > 0 and < 1 day, into nanoseconds; -1 if not. */
+/* The shared grammar (docs/protocol.md "Environment values"): a number of
+ * seconds is plain decimal, digits with an optional fraction (no sign,
+ * exponent, hex, underscores or blanks), 0 < t <= 86400, compared exactly
+ * on the text (as pepsock/route.py does with Decimal). Into nanoseconds
+ * (digits past the ninth decimal truncated, at least 1 ns); -1 if not. */
 static long long parse_seconds(const char *s)
 {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v > 0) || v > 86400)
+    const char *p = s;
+    while (*p == '0')
+        p++; /* leading zeros do not count against the bound */
+    const char *int_start = p;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    size_t int_len = (size_t)(p - int_start);
+    if (p == s) /* no digit before the point (".5", "", "x") */
         return -1;
-    return (long long)(v * 1e9);
+    const char *frac = NULL;
+    if (*p == '.') {
+        frac = ++p;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        if (p == frac) /* "5." */
+            return -1;
+    }
+    if (*p)
+        return -1;
+    if (int_len > 5)
+        return -1;
+    long long whole = 0, ns = 0, scale = 100000000;
+    int nonzero_frac = 0;
+    for (const char *q = int_start; q < int_start + int_len; q++)
+        whole = whole * 10 + (*q - '0');
+    for (const char *q = frac; q && *q; q++) {
+        if (*q != '0')
+            nonzero_frac = 1;
+        if (scale) {
+            ns += (*q - '0') * scale;
+            scale /= 10;
+        }
+    }
+    if (whole > 86400 || (whole == 86400 && nonzero_frac) || (whole == 0 && !nonzero_frac))
+        return -1;
+    ns += whole * 1000000000LL;
+    return ns > 0 ? ns : 1;
+}
+
+/* Leading or trailing blanks: an error of their own in every value. */
+static int has_blanks_around(const char *s)
+{
+    size_t n = strlen(s);
+    return n && (isspace((unsigned char)s[0]) || isspace((unsigned char)s[n - 1]));
+}
+
+/* "<VAR>=\"value\" has blanks around it" or "<VAR>=\"value\" is not <what>" */
+static void value_error(char *err, size_t errlen, const char *var, const char *value,
+                        const char *what)
+{
+    if (has_blanks_around(value))
+        snprintf(err, errlen, "%s=\"%.100s\" has blanks around it (write %s, nothing else)",
+                 var, value, what);
+    else
+        snprintf(err, errlen, "%s=\"%.100s\" is not %s", var, value, what);
 }
 
 static struct pep_config confirm_rules; /* PEP_CONFIRM: nets, or bypass_all for all */
@@ -519,6 +572,11 @@ int pep_config_parse_confirm(const char *confirm, char *err, size_t errlen)
     memset(&confirm_rules, 0, sizeof confirm_rules);
     if (!confirm || !*confirm || !strcmp(confirm, "0"))
         return 0;
+    if (has_blanks_around(confirm)) {
+        value_error(err, errlen, "PEP_CONFIRM", confirm,
+                    "1 or a list of destinations in PEP_NO_PROXY syntax");
+        return -1;
+    }
     if (!strcmp(confirm, "1")) {
         confirm_rules.bypass_all = 1;
     } else if (parse_rule_list(&confirm_rules, confirm, "PEP_CONFIRM", err, errlen)) {
@@ -543,21 +601,21 @@ int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char 
     cfg->fallback_fail = 0;
     cfg->tfo_mode = PEP_TFO_AUTO;
     cfg->cookie_len = 0;
+    static const char seconds[] = "a number of seconds (plain decimal as 2 or 0.5, more than 0, "
+                                  "at most 86400)";
     if (reply && *reply && (cfg->reply_timeout_ns = parse_seconds(reply)) < 0) {
-        snprintf(err, errlen, "PEP_REPLY_TIMEOUT=\"%.100s\" is not a number of seconds "
-                 "(more than 0, at most 86400)", reply);
+        value_error(err, errlen, "PEP_REPLY_TIMEOUT", reply, seconds);
         return -1;
     }
     if (connect && *connect && (cfg->connect_timeout_ns = parse_seconds(connect)) < 0) {
-        snprintf(err, errlen, "PEP_CONNECT_TIMEOUT=\"%.100s\" is not a number of seconds "
-                 "(more than 0, at most 86400)", connect);
+        value_error(err, errlen, "PEP_CONNECT_TIMEOUT", connect, seconds);
         return -1;
     }
     if (fallback && *fallback) {
         if (!strcmp(fallback, "fail")) {
             cfg->fallback_fail = 1;
         } else if (strcmp(fallback, "direct")) {
-            snprintf(err, errlen, "PEP_FALLBACK=\"%.100s\" is not direct or fail", fallback);
+            value_error(err, errlen, "PEP_FALLBACK", fallback, "direct or fail (lower case)");
             return -1;
         }
     }
@@ -567,19 +625,27 @@ int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char 
         } else if (!strcmp(tfo_mode, "cookie")) {
             cfg->tfo_mode = PEP_TFO_FORCE_COOKIE;
         } else if (strcmp(tfo_mode, "auto")) {
-            snprintf(err, errlen, "PEP_TFO_MODE=\"%.100s\" is not auto, nocookie or cookie",
-                     tfo_mode);
+            value_error(err, errlen, "PEP_TFO_MODE", tfo_mode,
+                        "auto, nocookie or cookie (lower case)");
             return -1;
         }
     }
     if (cookie && *cookie &&
         !(cfg->cookie_len = pep_hex_decode(cookie, strlen(cookie), cfg->cookie,
                                            sizeof cfg->cookie))) {
-        snprintf(err, errlen, "PEP_COOKIE is not an even number of hex digits (at most %zu "
-                 "bytes)", sizeof cfg->cookie);
+        /* a token: its length is said, never its value */
+        snprintf(err, errlen, "PEP_COOKIE (%zu characters, not shown) %s an even number of hex "
+                 "digits (1 to %zu bytes)", strlen(cookie),
+                 has_blanks_around(cookie) ? "has blanks around it; write only" : "is not",
+                 sizeof cfg->cookie);
         return -1;
     }
     return 0;
+}
+
+long long pep_config_reply_timeout_ns(const struct pep_config *cfg)
+{
+    return cfg->reply_timeout_ns;
 }
 
 static pthread_mutex_t resolve_lock = PTHREAD_MUTEX_INITIALIZER;

@@ -78,6 +78,8 @@ extern __thread int pep_resolving;
 int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char *connect,
                           const char *fallback, const char *tfo_mode, const char *cookie,
                           char *err, size_t errlen);
+/* cfg->reply_timeout_ns, for tests/test_preload_config.py (cffi sees cfg as bytes). */
+long long pep_config_reply_timeout_ns(const struct pep_config *cfg);
 
 /* PEP_CONFIRM (NULL = unset): "1" (every connection), "0" or empty (none),
  * or destinations in PEP_NO_PROXY syntax. 0 or -1 (err). */

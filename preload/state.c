@@ -125,6 +125,13 @@ static void read_line(const char *path, char *buf, size_t cap)
         *nl = 0;
 }
 
+/* 1 to 18 ASCII digits: the integers of the state file (no sign, no blanks). */
+static int plain_integer(const char *v)
+{
+    size_t n = strspn(v, "0123456789");
+    return n >= 1 && n <= 18 && !v[n];
+}
+
 void pep_state_read(const struct sockaddr_in6 *pep, struct pep_peer_state *st)
 {
     char path[400], line[PEP_STATE_FILE_MAX + 1];
@@ -134,26 +141,35 @@ void pep_state_read(const struct sockaddr_in6 *pep, struct pep_peer_state *st)
         read_line(path, line, sizeof line);
     else
         line[0] = 0;
+    /* A malformed word (no '=', no key, or a known key whose value breaks its
+     * grammar) is skipped and the rest kept, as pepsock/pepstate.py does. */
     char *save = NULL, *w;
     for (w = strtok_r(line, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
         char *eq = strchr(w, '=');
-        if (!eq)
+        if (!eq || eq == w)
             continue;
         *eq = 0;
         const char *v = eq + 1;
         if (!strcmp(w, "down_until")) {
-            st->down_until = strtoll(v, NULL, 10);
+            if (plain_integer(v))
+                st->down_until = strtoll(v, NULL, 10);
         } else if (!strcmp(w, "reason")) {
             snprintf(st->reason, sizeof st->reason, "%s", v);
         } else if (!strcmp(w, "tfo")) {
-            st->tfo = !strcmp(v, "cookie") ? PEP_TFO_COOKIE
-                      : !strcmp(v, "nocookie") ? PEP_TFO_NOCOOKIE : PEP_TFO_UNKNOWN;
+            if (!strcmp(v, "cookie"))
+                st->tfo = PEP_TFO_COOKIE;
+            else if (!strcmp(v, "nocookie"))
+                st->tfo = PEP_TFO_NOCOOKIE;
         } else if (!strcmp(w, "cookie")) {
-            st->cookie_len = pep_hex_decode(v, strlen(v), st->cookie, sizeof st->cookie);
+            uint8_t cookie[sizeof st->cookie];
+            size_t n = pep_hex_decode(v, strlen(v), cookie, sizeof cookie);
+            if (n) {
+                memcpy(st->cookie, cookie, n);
+                st->cookie_len = n;
+            }
         } else if (!strcmp(w, "rtt_us")) {
-            st->rtt_us = strtol(v, NULL, 10);
-            if (st->rtt_us < 0)
-                st->rtt_us = 0;
+            if (plain_integer(v))
+                st->rtt_us = strtol(v, NULL, 10);
         }
     }
     errno = saved;

@@ -103,3 +103,13 @@ def test_check_reports_cookie_modes(topology, tmp_path):
     assert "TFO cookie (0-RTT once" in second.stdout
     assert "this client holds the PEP's cookie" in second.stdout
     assert "the PEP accepted the cookie this client sent" in second.stdout
+
+
+def test_check_fails_on_a_value_off_the_grammar():
+    """pep check reports the error itself (the clients would run unproxied)."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+           "PEP_PROXY": "192.0.2.1:5124", "PEP_FALLBACK": "fail "}
+    out = pep("check", env=env)
+    assert out.returncode == 1
+    assert "FAIL  PEP_FALLBACK='fail ' has blanks around it" in out.stdout, out.stdout
+    assert "running unproxied" not in out.stdout + out.stderr

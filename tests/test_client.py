@@ -5,6 +5,7 @@ there, never on the host), on its loopback.
 """
 import asyncio
 import errno
+import logging
 import os
 import socket
 import ssl
@@ -56,10 +57,21 @@ def test_env_selects_the_pep_and_no_proxy_default_bypasses_loopback(echo, monkey
         assert len(conv.seen) == 1
 
 
-def test_bad_pep_proxy_is_a_clear_error(echo, monkeypatch):
+def test_bad_pep_proxy_is_a_clear_error_and_runs_unproxied(echo, monkeypatch, caplog):
+    """As libpep.so (docs/protocol.md "Environment values"): one error line naming
+    the variable, then direct connections, not an exception in every connect."""
     monkeypatch.setenv("PEP_PROXY", "192.0.2.1")
+    with caplog.at_level(logging.ERROR, logger="pepsock"):
+        for _ in range(2):
+            with pepsock.create_connection(echo.address, timeout=5) as s:
+                s.sendall(b"direct")
+                assert s.recv(10) == b"direct"
+    lines = [r.getMessage() for r in caplog.records if r.name == "pepsock"]
+    assert len(lines) == 1 and "PEP_PROXY='192.0.2.1'" in lines[0], lines
+    assert lines[0].endswith("; running unproxied")
+    monkeypatch.setenv("PEP_PROXY", "192.0.2.1:0")
     with pytest.raises(ValueError, match="PEP_PROXY"):
-        pepsock.create_connection(echo.address, timeout=5)
+        pepsock.route.parse_settings(os.environ)
 
 
 def test_ipv6_pep_and_ipv4_destination(echo, ns):

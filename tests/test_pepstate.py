@@ -11,19 +11,38 @@ from pepsock.policy import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-keys = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+keys = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
+    lambda k: k not in ("down_until", "rtt_us", "tfo", "cookie"))     # unknown keys: any value
 values = st.text("abcdefghijklmnopqrstuvwxyz0123456789.:-", max_size=20)
+known = st.fixed_dictionaries({}, optional={
+    "down_until": st.integers(0, 10**18 - 1).map(str),
+    "rtt_us": st.integers(0, 10**18 - 1).map(str),
+    "tfo": st.sampled_from(["nocookie", "cookie"]), "reason": values,
+    "cookie": st.binary(min_size=1, max_size=64).map(bytes.hex)})
 
 
-@given(st.dictionaries(keys, values, max_size=8))
-def test_format_and_parse_round_trip(fields):
+@given(st.dictionaries(keys, values, max_size=8), known)
+def test_format_and_parse_round_trip(fields, known_fields):
+    fields = {**fields, **known_fields}
     assert pepstate.parse(pepstate.format_fields(fields)) == fields
 
 
 @given(st.text(max_size=80))
 def test_parse_never_raises(text):
-    result = pepstate.parse(text)
-    assert result is None or isinstance(result, dict)
+    assert isinstance(pepstate.parse(text), dict)
+
+
+@pytest.mark.parametrize("line,fields", [
+    ("tfo=cookie junk rtt_us=5", {"tfo": "cookie", "rtt_us": "5"}),   # no '=': that word only
+    ("=x down_until=7", {"down_until": "7"}),                         # no key
+    ("down_until=+7 rtt_us=1_0 cookie=abc tfo=Cookie x=1", {"x": "1"}),  # values off grammar
+    ("cookie=" + "ab" * 65 + " cookie=ab", {"cookie": "ab"}),        # 65 bytes: skipped
+    ("cookie=ab cookie=zz", {"cookie": "ab"}),                        # a bad later word keeps it
+    ("a=\u00e9 b=1\tc=2\rd=3", {"b": "1", "c": "2\rd=3"}),           # only blank/tab split
+    ("a=1\nb=2", {"a": "1"}), ("a=1\0b=2", {"a": "1"}),              # the first line, a C string
+])
+def test_malformed_words_are_skipped_and_the_rest_kept(line, fields):
+    assert pepstate.parse(line) == fields
 
 
 def test_file_names_are_canonical():
@@ -99,3 +118,41 @@ def test_pep_log_routes_the_python_client_through_logging(tmp_path):
     assert "refused (ECONNREFUSED); held down for 30 s" in text
     assert "no usable PEP" in text and "connecting directly" in text
     assert out.stderr == ""                        # to the file, not stderr
+
+
+@pytest.mark.parametrize("bad,pep_log", [
+    ({"PEP_FALLBACK": "fail "}, None), ({"PEP_REPLY_TIMEOUT": "1e3"}, None),
+    ({"PEP_COOKIE": "aa bb"}, "off"), ({"PEP_TFO_MODE": "Cookie"}, "debug"),
+    ({"PEP_LOG": "loud"}, None), ({"PEP_PROXY": "192.0.2.1"}, None),
+])
+def test_bad_value_one_line_and_runs_unproxied(tmp_path, bad, pep_log):
+    """As libpep.so: a value off the grammar prints one line naming it (even under
+    PEP_LOG=off) and the process's connections go direct; the PEP (a listener
+    here) sees nothing."""
+    code = ("import socket, pepsock\n"
+            "pep = socket.create_server(('127.0.0.1', 0)); pep.settimeout(0.5)\n"
+            "import os; os.environ.setdefault('PEP_PROXY', '127.0.0.1:%d' % pep.getsockname()[1])\n"
+            "dest = socket.create_server(('127.0.0.1', 0))\n"
+            "for _ in range(3):\n"
+            "    c = pepsock.create_connection(dest.getsockname(), timeout=5)\n"
+            "    print(type(c).__name__); c.close()\n"
+            "try:\n"
+            "    pep.accept(); print('PEP used')\n"
+            "except socket.timeout:\n"
+            "    pass\n")
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO, "PEP_STATE_DIR": str(tmp_path),
+           "PEP_NO_PROXY": "", **bad}
+    if pep_log:
+        env["PEP_LOG"] = pep_log
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["socket"] * 3, out.stdout + out.stderr
+    lines = [line for line in out.stderr.splitlines() if line]
+    assert len(lines) == 1 and lines[0].endswith("; running unproxied"), out.stderr
+    assert list(bad)[0] in lines[0]
+
+
+def test_settings_with_explicit_env_still_raise():
+    with pytest.raises(ConfigError, match="PEP_FALLBACK.*blanks"):
+        route.settings({"PEP_FALLBACK": " fail"})

@@ -10,8 +10,9 @@ The last tests do the same end to end: a program under libpep.so learns a
 hold-down and an Error 3 cookie, pepsock in the test process acts on them,
 and the reverse (a namespace of the test's own, loopback, real TFO).
 
-One known difference in file names, left alone: glibc's inet_ntop writes a
-deprecated IPv4-compatible address (::/96 with a nonzero seventh group, as
+Both skip a malformed word of a file and keep the rest
+(test_both_read_any_line_alike). One known difference in file names, left
+alone: glibc's inet_ntop writes a deprecated IPv4-compatible address (::/96 with a nonzero seventh group, as
 ::0.1.0.0) in dotted form, Python as ::1:0; such an address is no PEP's, so
 the names are compared for every other address.
 """
@@ -48,7 +49,9 @@ void pep_state_read(const void *pep, struct pep_peer_state *st);
 void pep_state_write(const void *pep, ...);
 void pep_state_name(const void *pep, char *out, size_t cap);
 """)
-C = ffi.dlopen(preload_helpers.build("libpepstate.so"))
+# PEP_TEST_ASAN=1: the ASan/UBSan build (see test_preload_config.test_cross_tests_under_asan)
+C = ffi.dlopen(preload_helpers.build(
+    "libpepstate-asan.so" if os.environ.get("PEP_TEST_ASAN") == "1" else "libpepstate.so"))
 TFO = {0: None, 1: "nocookie", 2: "cookie"}           # enum pep_tfo_learned
 examples = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -187,6 +190,55 @@ def test_each_side_keeps_the_others_keys(state_dir, first, second, extra):
     want.update(tfo="cookie", x_later="1")
     assert c_read(pep) == {k: v for k, v in want.items() if not k.startswith("x_")}
     assert py_load(state_dir, name) == {k: str(v) for k, v in want.items()}
+
+
+good_words = st.one_of(
+    st.integers(0, 10**18 - 1).map(lambda v: f"down_until={v}"),
+    st.integers(0, 10**18 - 1).map(lambda v: f"rtt_us={v}"),
+    st.sampled_from(["tfo=cookie", "tfo=nocookie", "reason=refused", "reason=timeout",
+                     "x_other=1", "x_empty="]),
+    st.binary(min_size=1, max_size=64).map(lambda b: "cookie=" + b.hex()),
+    st.binary(min_size=1, max_size=64).map(lambda b: "cookie=" + b.hex().upper()))
+bad_words = st.one_of(
+    st.sampled_from(["junk", "=5", "=", "down_until=+5", "down_until=-5", "down_until=5x",
+                     "down_until=1_0", "down_until=", "down_until=" + "9" * 19, "rtt_us=0x10",
+                     "rtt_us= ", "tfo=Cookie", "tfo=", "cookie=abc", "cookie=zz", "cookie=",
+                     "cookie=" + "ab" * 65, "down_until=5\r", "tfo=cookie\x1c",
+                     "rtt_us=\u00e9", "x_\u00e9=1"]),
+    st.text("abcdefghijklmnopqrstuvwxyz_=0123456789+-", max_size=12))
+separators = st.sampled_from([" ", "\t", "  ", " \t "])
+
+
+@st.composite
+def raw_lines(draw):
+    """A state line anyone could have written: good and malformed words, blanks
+    and tabs between them, maybe a second line or a NUL after."""
+    words = draw(st.lists(st.one_of(good_words, bad_words), max_size=8))
+    line = draw(st.sampled_from(["", " ", "\t"]))
+    for word in words:
+        line += word + draw(separators)
+    return line + draw(st.sampled_from(["", "\n", "\ndown_until=1 tfo=cookie\n",
+                                        "\0tfo=cookie"]))
+
+
+def py_meaning(fields: dict) -> dict:
+    """What pepsock makes of the known fields, in c_read()'s terms."""
+    out = {"down_until": int(fields.get("down_until", 0)), "reason": fields.get("reason", "")[:15],
+           "tfo": fields.get("tfo"), "cookie": fields.get("cookie", "").lower(),
+           "rtt_us": int(fields.get("rtt_us", 0))}
+    return {k: v for k, v in out.items() if v not in (0, "", None)}
+
+
+@examples
+@given(raw_lines())
+def test_both_read_any_line_alike(state_dir, line):
+    """Both sides skip a malformed word (no '=', no key, a known key's value off
+    its grammar, a byte that is not ASCII) and keep every other word."""
+    name = pepstate.file_name("192.0.2.11", 4004)
+    fresh(state_dir, name)
+    with open(os.path.join(state_dir, name), "wb") as f:
+        f.write(line.encode("utf-8"))
+    assert c_read(sockaddr("192.0.2.11", 4004)) == py_meaning(py_load(state_dir, name)), line
 
 
 # -- end to end: libpep.so in a program and pepsock in this process -----------------------

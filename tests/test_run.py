@@ -923,3 +923,14 @@ def test_go_and_static_clients_across_client_pep_server_hosts(topology, static_c
     finally:
         relay.stop()
         http.close()
+
+
+def test_refuses_a_value_off_the_grammar():
+    """Any PEP_* value the clients would refuse (docs/protocol.md "Environment
+    values"): pep run says which in one line and does not start the program."""
+    for bad in ({"PEP_FALLBACK": "FAIL"}, {"PEP_REPLY_TIMEOUT": "1e3"},
+                {"PEP_COOKIE": " aabb"}):
+        rc, out, err = finish(popen(pep_run_argv("--pep", "192.0.2.1:9", "--", "sh", "-c",
+                                                 "echo ran"), env=base_env(**bad)))
+        assert rc == 2 and out == "", err
+        assert err.startswith(f"pep run: {list(bad)[0]}=") and err.count("\n") == 1, err
