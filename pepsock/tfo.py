@@ -47,6 +47,16 @@ def allow_data_without_cookie(sock: socket.socket) -> bool:
         return False
 
 
+def defer_connect(sock: socket.socket, on: bool) -> bool:
+    """TCP_FASTOPEN_CONNECT: connect() returns at once and the SYN leaves with the
+    first write, carrying it (when the kernel may send SYN data to that peer)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1 if on else 0)
+        return True
+    except OSError:
+        return False
+
+
 def send_in_syn(sock: socket.socket, data: bytes, address) -> int:
     """Start connecting a non-blocking socket to `address` with `data` in the SYN.
 

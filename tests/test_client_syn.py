@@ -1,0 +1,254 @@
+"""The request in the SYN: pepsock.create_connection defers the SYN to the first write.
+
+Against the test converter (tests/converter.py records whether the header came
+in the SYN and which application bytes came with it) in a fresh namespace with
+TFO on, and through delay lines for the round trip it saves.
+"""
+import errno
+import os
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+import pepsock
+from pepsock import protocol, tfo
+from converter import Converter, EchoServer
+
+REQUEST = b"GET / HTTP/1.0\r\nHost: example\r\n\r\n"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path, monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("PEP_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PEP_STATE_DIR", str(tmp_path / "pepstate"))
+    monkeypatch.setenv("PEP_NO_PROXY", "")      # loopback destinations go through the PEP
+
+
+@pytest.fixture
+def ns(topology):
+    host = topology.host("cli", tfo=3)
+    with host.enter():
+        yield host
+
+
+@pytest.fixture
+def echo(ns):
+    with EchoServer() as server:
+        yield server
+
+
+def recv_exactly(sock, n):
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, got
+        got += chunk
+    return got
+
+
+def dead_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Banner:
+    """A server that speaks first (SMTP-style) and then echoes one line."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"220 hello\r\n")
+                conn.settimeout(5)
+                try:
+                    conn.sendall(conn.recv(100))
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("kw", [{}, {"timeout": None}, {"request_in_syn": True, "timeout": 5}])
+def test_request_rides_in_the_syn_with_the_header(echo, kw):
+    with Converter() as conv:
+        sock = pepsock.create_connection(echo.address, pep=conv.address, **kw)
+        with sock:
+            assert sock.getpeername() == echo.address
+            sock.sendall(REQUEST)
+            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+            assert tfo.syn_data_acked(sock)
+    assert conv.seen[0].syn_data
+    assert conv.seen[0].early_data == REQUEST       # header + request in one SYN
+
+
+def test_create_connection_sends_nothing_until_the_first_write(echo):
+    with Converter() as conv:
+        sock = pepsock.create_connection(echo.address, pep=conv.address)
+        with sock:
+            time.sleep(pepsock.client.FLUSH_AFTER / 4)
+            assert conv.seen == []                  # no SYN yet
+            sock.sendall(REQUEST)
+            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+
+
+def test_server_speaks_first_read_flushes_the_header(ns):
+    banner = Banner()
+    try:
+        with Converter() as conv:
+            with pepsock.create_connection(banner.address, pep=conv.address) as sock:
+                assert sock.recv(100) == b"220 hello\r\n"
+                sock.sendall(b"x\r\n")
+                assert recv_exactly(sock, 3) == b"x\r\n"
+            assert conv.seen[0].syn_data and conv.seen[0].early_data == b""
+    finally:
+        banner.close()
+
+
+def test_server_speaks_first_select_only_gets_the_banner(ns):
+    """An application that waits in select() before any read or write: the flusher
+    sends the header alone after FLUSH_AFTER, so the banner comes."""
+    banner = Banner()
+    try:
+        with Converter() as conv:
+            with pepsock.create_connection(banner.address, pep=conv.address) as sock:
+                ready, _, _ = select.select([sock], [], [], 3)
+                assert ready == [sock]
+                assert sock.recv(100) == b"220 hello\r\n"
+    finally:
+        banner.close()
+
+
+def test_refused_pep_fails_over_at_the_first_write_with_the_request(echo, monkeypatch):
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", f"127.0.0.1:{dead_port()},127.0.0.1:{conv.address[1]}")
+        with pepsock.create_connection(echo.address) as sock:
+            sock.sendall(REQUEST)
+            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+            assert sock.pep == conv.address
+        assert conv.seen[0].early_data == REQUEST   # replayed in the next PEP's SYN
+
+
+def test_no_pep_left_falls_back_direct_with_the_request(echo, monkeypatch):
+    monkeypatch.setenv("PEP_PROXY", f"127.0.0.1:{dead_port()}")
+    with pepsock.create_connection(echo.address) as sock:
+        sock.sendall(REQUEST)
+        assert recv_exactly(sock, len(REQUEST)) == REQUEST
+        assert sock.pep is None
+
+
+def test_no_pep_left_and_fallback_fail_raises_at_the_first_write(echo, monkeypatch):
+    monkeypatch.setenv("PEP_PROXY", f"127.0.0.1:{dead_port()}")
+    monkeypatch.setenv("PEP_FALLBACK", "fail")
+    with pepsock.create_connection(echo.address) as sock:
+        with pytest.raises(ConnectionRefusedError):
+            sock.sendall(REQUEST)
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(10)
+
+
+def test_cookie_retry_replays_the_request(echo):
+    with Converter(cookie=b"\x01\x02\x03\x04") as conv:
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            sock.sendall(REQUEST)
+            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+        assert len(conv.seen) == 2
+        assert conv.seen[0].early_data == REQUEST
+        assert conv.seen[1].cookie == b"\x01\x02\x03\x04"
+        assert conv.seen[1].early_data == REQUEST
+
+
+def test_error_reply_surfaces_at_the_read(echo):
+    with Converter(error=(protocol.ErrorCode.DESTINATION_UNREACHABLE, b"")) as conv:
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            sock.sendall(REQUEST)
+            with pytest.raises(OSError) as info:
+                sock.recv(10)
+            assert info.value.errno == errno.ENETUNREACH
+        assert conv.seen[0].early_data == REQUEST
+
+
+def test_pep_confirm_still_waits_for_the_verdict(echo, monkeypatch):
+    monkeypatch.setenv("PEP_CONFIRM", "1")
+    with Converter(error=(protocol.ErrorCode.DESTINATION_UNREACHABLE, b"")) as conv:
+        with pytest.raises(OSError) as info:
+            pepsock.create_connection(echo.address, pep=conv.address)
+        assert info.value.errno == errno.ENETUNREACH
+        assert conv.seen[0].early_data == b""
+
+
+def test_large_first_write_goes_whole(echo):
+    payload = os.urandom(200_000)
+    with Converter() as conv:
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            threading.Thread(target=sock.sendall, args=(payload,), daemon=True).start()
+            assert recv_exactly(sock, len(payload)) == payload
+        assert conv.seen[0].syn_data and payload.startswith(conv.seen[0].early_data)
+
+
+def test_non_blocking_first_write(echo):
+    with Converter() as conv:
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            sock.setblocking(False)
+            assert sock.send(REQUEST) == len(REQUEST)
+            got = b""
+            deadline = time.monotonic() + 5
+            while len(got) < len(REQUEST) and time.monotonic() < deadline:
+                select.select([sock], [], [], 0.5)
+                try:
+                    got += sock.recv(100)
+                except BlockingIOError:
+                    pass
+            assert got == REQUEST
+        assert conv.seen[0].early_data == REQUEST
+
+
+def test_shutdown_before_any_write_sends_the_header(echo):
+    with Converter() as conv:
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(10) == b""
+        assert conv.seen[0].connect.port == echo.address[1]
+
+
+def test_close_before_any_write_sends_nothing(echo):
+    with Converter() as conv:
+        pepsock.create_connection(echo.address, pep=conv.address).close()
+        time.sleep(pepsock.client.FLUSH_AFTER * 3)
+        assert conv.seen == []
+
+
+def test_no_tfo_on_the_client_nodelay_until_the_reply(topology, tmp_path):
+    """TFO off on the client host (sysctl 2: server only): a plain SYN, the header
+    after the handshake, TCP_NODELAY held until the reply so that Nagle does not keep
+    the first write behind it; the application's own setting comes back after."""
+    host = topology.host("cli", tfo=2)
+    with host.enter(), EchoServer() as echo, Converter() as conv:
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0   # the app's
+            assert socket.socket.getsockopt(sock, socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            sock.sendall(REQUEST)
+            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+            assert not socket.socket.getsockopt(sock, socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # the app wants it
+            sock.sendall(REQUEST)
+            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+            assert socket.socket.getsockopt(sock, socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert not conv.seen[0].syn_data
