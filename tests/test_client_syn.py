@@ -59,32 +59,6 @@ def dead_port():
     return port
 
 
-class Banner:
-    """A server that speaks first (SMTP-style) and then echoes one line."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"220 hello\r\n")
-                conn.settimeout(5)
-                try:
-                    conn.sendall(conn.recv(100))
-                except OSError:
-                    pass
-
-    def close(self):
-        self.listener.close()
-
-
 @pytest.mark.parametrize("kw", [{}, {"timeout": None}, {"request_in_syn": True, "timeout": 5}])
 def test_request_rides_in_the_syn_with_the_header(echo, kw):
     with Converter() as conv:
@@ -109,30 +83,22 @@ def test_create_connection_sends_nothing_until_the_first_write(echo):
 
 
 def test_server_speaks_first_read_flushes_the_header(ns):
-    banner = Banner()
-    try:
-        with Converter() as conv:
-            with pepsock.create_connection(banner.address, pep=conv.address) as sock:
-                assert sock.recv(100) == b"220 hello\r\n"
-                sock.sendall(b"x\r\n")
-                assert recv_exactly(sock, 3) == b"x\r\n"
-            assert conv.seen[0].syn_data and conv.seen[0].early_data == b""
-    finally:
-        banner.close()
+    with EchoServer(greeting=b"220 hello\r\n") as banner, Converter() as conv:
+        with pepsock.create_connection(banner.address, pep=conv.address) as sock:
+            assert recv_exactly(sock, 11) == b"220 hello\r\n"
+            sock.sendall(b"x\r\n")
+            assert recv_exactly(sock, 3) == b"x\r\n"
+        assert conv.seen[0].syn_data and conv.seen[0].early_data == b""
 
 
 def test_server_speaks_first_select_only_gets_the_banner(ns):
     """An application that waits in select() before any read or write: the flusher
     sends the header alone after FLUSH_AFTER, so the banner comes."""
-    banner = Banner()
-    try:
-        with Converter() as conv:
-            with pepsock.create_connection(banner.address, pep=conv.address) as sock:
-                ready, _, _ = select.select([sock], [], [], 3)
-                assert ready == [sock]
-                assert sock.recv(100) == b"220 hello\r\n"
-    finally:
-        banner.close()
+    with EchoServer(greeting=b"220 hello\r\n") as banner, Converter() as conv:
+        with pepsock.create_connection(banner.address, pep=conv.address) as sock:
+            ready, _, _ = select.select([sock], [], [], 3)
+            assert ready == [sock]
+            assert recv_exactly(sock, 11) == b"220 hello\r\n"
 
 
 def test_refused_pep_fails_over_at_the_first_write_with_the_request(echo, monkeypatch):
@@ -252,3 +218,47 @@ def test_no_tfo_on_the_client_nodelay_until_the_reply(topology, tmp_path):
             assert recv_exactly(sock, len(REQUEST)) == REQUEST
             assert socket.socket.getsockopt(sock, socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert not conv.seen[0].syn_data
+
+
+# -- through delay lines: the round trip saved ---------------------------------------------
+
+def test_ttfb_through_delay_lines_drops_by_r1(tmp_path, monkeypatch):
+    """R1 (client-PEP) = 200 ms, R2 (PEP-server) = 20 ms, `pep relay` in the middle.
+    Before (header in the SYN, request after the handshake): R1 + R2 + max(R1, R2) =
+    420 ms; the request in the SYN: R1 + 2 R2 = 240 ms. Without TFO on the client
+    (plain SYN, header after the handshake, TCP_NODELAY until the reply): 2 R1 + R2 =
+    420 ms, not 3 R1 + R2 (Nagle holding the request behind the unacked header)."""
+    from conftest import require_root
+    from pepsock.testbed.topology import ADDR, Settings, Testbed
+    from relay_helpers import Relay
+    require_root()
+    with Testbed(Settings(r1_ms=200, r2_ms=20, wireless_mbit=50), prefix="ts") as tb:
+        with tb.server.enter():
+            echo = EchoServer(host="0.0.0.0")
+        relay = Relay("--listen", f"{ADDR['pep_w']}:5124", prefix=tb.pep.cmd())
+        dest = (ADDR["server"], echo.address[1])
+        times = {"before": [], "in_syn": [], "no_tfo": []}
+        try:
+            with tb.client.enter():
+                for rep in range(3):     # rep 0 learns that the relay wants TFO cookies
+                    for how in times:
+                        if how == "no_tfo":
+                            tb.client.sysctl("net.ipv4.tcp_fastopen", 2)
+                        t0 = time.monotonic()
+                        kw = {"timeout": 5} if how == "before" else {}
+                        with pepsock.create_connection(dest, pep=relay.addr, **kw) as sock:
+                            t_connect = time.monotonic() - t0
+                            sock.sendall(REQUEST)
+                            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+                            times[how].append(time.monotonic() - t0)
+                        if how == "in_syn" and rep > 0:
+                            assert t_connect < 0.05, t_connect      # returned at once
+                        tb.client.sysctl("net.ipv4.tcp_fastopen", 3)
+        finally:
+            relay.stop()
+            echo.close()
+    before, in_syn, no_tfo = (min(times[k]) for k in ("before", "in_syn", "no_tfo"))
+    assert before > 0.40 and in_syn > 0.23, times          # what the delays allow at best
+    assert before - in_syn > 0.14, times                   # about R1 = 200 ms saved
+    assert in_syn < 0.33, times
+    assert no_tfo < 0.55, times                            # 2 R1 + R2, not 3 R1 + R2
