@@ -35,7 +35,7 @@ class _Link:
     """Per-connection state of a PepSocket, shared by its dup()s."""
 
     __slots__ = ("session", "pending", "plain", "reply_deadline", "reply_timeout", "callbacks",
-                 "dial_deadline", "on_deadlines", "prefix", "syn", "lock", "nodelay")
+                 "dial_deadline", "on_deadlines", "prefix", "syn", "lock", "fd_lock", "nodelay")
 
     def __init__(self, session: ClientSession, reply_timeout: float, reply_deadline: float):
         self.session = session
@@ -51,6 +51,7 @@ class _Link:
         self.prefix: bytes | None = None
         self.syn = None          # (dial with what the SYN carried, started, taken, error)
         self.lock = threading.Lock()             # the first write vs the flusher thread
+        self.fd_lock = threading.Lock()          # the flusher's send vs close()
         self.nodelay: int | None = None          # the app's TCP_NODELAY while pepsock holds it
 
 
@@ -255,20 +256,25 @@ class PepSocket(socket.socket):
         return super().getsockopt(level, option, *args)
 
     def _flush_from_timer(self) -> None:
+        """The flusher thread: the SYN with the Convert message alone (never blocks; the
+        application's next read or write sees the handshake through)."""
         link = self._link
-        if link is None or link.prefix is None or not link.lock.acquire(blocking=False):
+        if link is None or link.prefix is None:
             return
-        try:
-            if link.prefix is not None and not self._closed:
-                self._start_syn(link, b"")
-        finally:
-            link.lock.release()
+        with link.fd_lock:
+            if self._closed or not link.lock.acquire(blocking=False):
+                return          # closed, or the application is sending it right now
+            try:
+                if link.prefix is not None:
+                    self._start_syn(link, b"")
+            finally:
+                link.lock.release()
 
     def _real_close(self, *args):
         link = self._link
         if link is None:
             return super()._real_close(*args)
-        with link.lock:         # never while the flusher sends on this fd
+        with link.fd_lock:      # never while the flusher sends on this fd (a reused number)
             return super()._real_close(*args)
 
     def shutdown(self, how):

@@ -262,3 +262,23 @@ def test_ttfb_through_delay_lines_drops_by_r1(tmp_path, monkeypatch):
     assert before - in_syn > 0.14, times                   # about R1 = 200 ms saved
     assert in_syn < 0.33, times
     assert no_tfo < 0.55, times                            # 2 R1 + R2, not 3 R1 + R2
+
+
+def test_tls_client_hello_rides_in_the_syn(ns, tmp_path):
+    """create_tls_connection without a timeout: the ClientHello is the first write,
+    so it goes in the SYN with the Convert header."""
+    import ssl
+    from tls_helpers import TLSEchoServer, make_cert
+    cert, key = make_cert(tmp_path)
+    ctx = ssl.create_default_context(cafile=cert)
+    server = TLSEchoServer(cert, key)
+    try:
+        with Converter() as conv:
+            with pepsock.create_tls_connection(server.address, ctx, server_hostname="localhost",
+                                               pep=conv.address) as tls:
+                tls.sendall(b"ping\n")
+                assert tls.recv(10) == b"PING\n"
+            assert conv.seen[0].syn_data
+            assert conv.seen[0].early_data[:1] == b"\x16"     # a TLS handshake record
+    finally:
+        server.close()
