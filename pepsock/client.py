@@ -175,20 +175,23 @@ class PepSocket(socket.socket):
 
     def _start_syn(self, link: _Link, data) -> int:
         """The SYN leaves now (never blocks): prefix + data, as much as the kernel puts
-        in it (the rest after the handshake).  Returns the bytes of `data` taken."""
+        in it (the rest after the handshake).  Returns the bytes of `data` taken (a
+        non-blocking socket: those the kernel took; 0 means try again when writable)."""
         session = link.session
         prefix, link.prefix = link.prefix, None
         data = bytes(memoryview(data).cast("B")[:REPLAY_LIMIT])   # replayable if it fails
-        attempt = dataclasses.replace(session.dial, payload=prefix + data)
         started, error, taken = time.monotonic(), None, 0
         try:
-            taken = socket.socket.send(self, attempt.payload, socket.MSG_DONTWAIT)
+            taken = socket.socket.send(self, prefix + data, socket.MSG_DONTWAIT)
         except BlockingIOError:
             pass                   # the kernel sent a plain SYN: the payload follows it
         except OSError as exc:
             error = exc
+        if error is None and taken >= len(prefix) and self.gettimeout() == 0.0:
+            data = data[:taken - len(prefix)]
         session.sent(data)
-        link.syn = (attempt, started, taken, error)
+        link.syn = (dataclasses.replace(session.dial, payload=prefix + data), started, taken,
+                    error)
         return len(data)
 
     def _finish_syn(self, link: _Link) -> None:
@@ -428,8 +431,10 @@ class PepSocket(socket.socket):
             raise session.error
         if link.prefix is not None or link.syn is not None:
             taken = self._syn_ready(link, data)
-            if taken >= 0:
+            if taken > 0 or (taken == 0 and not len(data)):
                 return taken
+            if taken == 0:
+                raise BlockingIOError(errno.EAGAIN, "the SYN is on its way")
         try:
             n = super().send(data, flags)
         except BlockingIOError:

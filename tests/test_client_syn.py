@@ -7,6 +7,7 @@ TFO on, and through delay lines for the round trip it saves.
 import errno
 import os
 import select
+import subprocess
 import socket
 import threading
 import time
@@ -282,3 +283,67 @@ def test_tls_client_hello_rides_in_the_syn(ns, tmp_path):
             assert conv.seen[0].early_data[:1] == b"\x16"     # a TLS handshake record
     finally:
         server.close()
+
+
+def test_black_holed_pep_fails_over_inside_the_first_write(echo, ns, monkeypatch):
+    """The first PEP drops SYNs: the first write waits for its connect timeout,
+    then the request goes in the next PEP's SYN; create_connection itself returned
+    at once."""
+    r = subprocess.run(ns.cmd("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9",
+                              "-j", "DROP"), capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"iptables unusable here: {r.stderr.strip()}")
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", f"127.0.0.1:9,127.0.0.1:{conv.address[1]}")
+        monkeypatch.setenv("PEP_CONNECT_TIMEOUT", "0.4")
+        started = time.monotonic()
+        with pepsock.create_connection(echo.address) as sock:
+            assert time.monotonic() - started < 0.2
+            sock.sendall(REQUEST)
+            assert 0.35 < time.monotonic() - started < 3
+            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+            assert sock.pep == conv.address
+        assert conv.seen[0].early_data == REQUEST
+
+
+def test_http_client_under_the_patch_sends_its_request_in_the_syn(echo, monkeypatch):
+    """http.client passes no timeout: under pepsock.patch() its GET rides in the SYN."""
+    import http.client
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", f"127.0.0.1:{conv.address[1]}")
+        pepsock.patch()
+        try:
+            c = http.client.HTTPConnection(*echo.address)
+            c.request("GET", "/x")        # the echo server answers with the request itself
+            c.sock.settimeout(5)
+            assert c.sock.recv(4) == b"GET "
+            c.close()
+        finally:
+            pepsock.unpatch()
+        assert conv.seen[0].early_data.startswith(b"GET /x HTTP/1.1\r\n")
+
+
+def test_non_blocking_large_first_write_takes_what_the_syn_carries(echo):
+    payload = os.urandom(100_000)
+    with Converter() as conv:
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            sock.setblocking(False)
+            first = sock.send(payload)
+            assert 0 < first < len(payload)          # the SYN's share, no waiting
+            sent, got = first, b""
+            deadline = time.monotonic() + 10
+            while len(got) < len(payload) and time.monotonic() < deadline:
+                want_write = [sock] if sent < len(payload) else []
+                readable, writable, _ = select.select([sock], want_write, [], 0.5)
+                if writable:
+                    try:
+                        sent += sock.send(payload[sent:])
+                    except BlockingIOError:
+                        pass
+                if readable:
+                    try:
+                        got += sock.recv(65536)
+                    except BlockingIOError:
+                        pass
+            assert got == payload
+        assert conv.seen[0].syn_data and payload.startswith(conv.seen[0].early_data)
