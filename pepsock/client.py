@@ -142,6 +142,11 @@ class PepSocket(socket.socket):
             return
         link = self._link
         session = link.session
+        if link.dial_deadline is not None and tfo.established(self):
+            link.dial_deadline = None       # the PEP answered; its reply is what is late
+            if link.on_deadlines is not None:
+                link.on_deadlines()
+            return
         try:
             if link.dial_deadline is not None and time.monotonic() >= link.dial_deadline:
                 self._dial_failed(link, TimeoutError(
@@ -352,6 +357,8 @@ class PepSocket(socket.socket):
             try:
                 data = super().recv(n)
             except BlockingIOError:
+                if link.dial_deadline is not None and tfo.established(self):
+                    link.dial_deadline = None
                 if link.dial_deadline is not None and time.monotonic() >= link.dial_deadline:
                     self._dial_failed(link, TimeoutError(
                         errno.ETIMEDOUT, f"the PEP at {link.session.dial.pep} did not answer"), True)

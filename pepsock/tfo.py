@@ -38,6 +38,15 @@ def syn_data_acked(sock: socket.socket) -> bool:
     return bool(info[5] & TCPI_OPT_SYN_DATA)
 
 
+def established(sock: socket.socket) -> bool:
+    """The TCP handshake of this socket completed (tcpi_state past SYN_SENT)."""
+    try:
+        info = socket.socket.getsockopt(sock, socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return False
+    return info[0] not in (2, 7)    # TCP_SYN_SENT, TCP_CLOSE (never connected / failed)
+
+
 def allow_data_without_cookie(sock: socket.socket) -> bool:
     """Ask the kernel to send SYN data even before it holds a cookie for the peer."""
     try:

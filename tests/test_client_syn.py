@@ -238,7 +238,7 @@ def test_ttfb_through_delay_lines_drops_by_r1(tmp_path, monkeypatch):
             echo = EchoServer(host="0.0.0.0")
         relay = Relay("--listen", f"{ADDR['pep_w']}:5124", prefix=tb.pep.cmd())
         dest = (ADDR["server"], echo.address[1])
-        times = {"before": [], "in_syn": [], "no_tfo": []}
+        times = {"before": [], "in_syn": [], "no_tfo": [], "asyncio": []}
         try:
             with tb.client.enter():
                 for rep in range(3):     # rep 0 learns that the relay wants TFO cookies
@@ -246,6 +246,10 @@ def test_ttfb_through_delay_lines_drops_by_r1(tmp_path, monkeypatch):
                         if how == "no_tfo":
                             tb.client.sysctl("net.ipv4.tcp_fastopen", 2)
                         t0 = time.monotonic()
+                        if how == "asyncio":
+                            assert _aio(_aio_get(dest, relay.addr)) == REQUEST
+                            times[how].append(time.monotonic() - t0)
+                            continue
                         kw = {"timeout": 5} if how == "before" else {}
                         with pepsock.create_connection(dest, pep=relay.addr, **kw) as sock:
                             t_connect = time.monotonic() - t0
@@ -263,6 +267,15 @@ def test_ttfb_through_delay_lines_drops_by_r1(tmp_path, monkeypatch):
     assert before - in_syn > 0.14, times                   # about R1 = 200 ms saved
     assert in_syn < 0.33, times
     assert no_tfo < 0.55, times                            # 2 R1 + 2 R2, not 3 R1 + R2
+    assert min(times["asyncio"]) < 0.33, times             # open_connection: R1 + 2 R2 too
+
+
+async def _aio_get(dest, pep):
+    reader, writer = await pepsock.open_connection(*dest, pep=pep)
+    writer.write(REQUEST)
+    got = await reader.readexactly(len(REQUEST))
+    writer.close()
+    return got
 
 
 def test_tls_client_hello_rides_in_the_syn(ns, tmp_path):
@@ -347,3 +360,79 @@ def test_non_blocking_large_first_write_takes_what_the_syn_carries(echo):
                         pass
             assert got == payload
         assert conv.seen[0].syn_data and payload.startswith(conv.seen[0].early_data)
+
+
+# -- asyncio: open_connection without a timeout ----------------------------------------------
+
+def _aio(coro):
+    import asyncio
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def _tcp_state(writer) -> int:
+    """tcpi_state of the transport's socket: 2 SYN_SENT (the SYN waits for the first
+    write), 1 ESTABLISHED."""
+    return writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def test_asyncio_request_rides_in_the_syn(echo):
+    async def main(conv):
+        reader, writer = await pepsock.open_connection(*echo.address, pep=conv.address)
+        state = _tcp_state(writer)
+        writer.write(REQUEST)
+        got = await reader.readexactly(len(REQUEST))
+        writer.close()
+        return got, state
+    with Converter() as conv:
+        assert _aio(main(conv)) == (REQUEST, 2)          # no SYN before the write
+    assert conv.seen[0].syn_data and conv.seen[0].early_data == REQUEST
+
+
+def test_asyncio_with_a_timeout_waits_for_the_handshake_as_before(echo):
+    async def main(conv):
+        reader, writer = await pepsock.open_connection(*echo.address, pep=conv.address,
+                                                       timeout=5)
+        state = _tcp_state(writer)
+        writer.write(REQUEST)
+        got = await reader.readexactly(len(REQUEST))
+        writer.close()
+        return got, state
+    with Converter() as conv:
+        assert _aio(main(conv)) == (REQUEST, 1)          # the handshake was done
+
+
+def test_asyncio_refused_pep_fails_over_with_the_request(echo, monkeypatch):
+    async def main():
+        reader, writer = await pepsock.open_connection(*echo.address)
+        writer.write(REQUEST)
+        got = await reader.readexactly(len(REQUEST))
+        writer.close()
+        return got
+    with Converter() as conv:
+        monkeypatch.setenv("PEP_PROXY", f"127.0.0.1:{dead_port()},127.0.0.1:{conv.address[1]}")
+        assert _aio(main()) == REQUEST
+    assert conv.seen[0].early_data == REQUEST
+
+
+def test_asyncio_server_speaks_first(ns):
+    async def main(conv, banner):
+        reader, writer = await pepsock.open_connection(*banner.address, pep=conv.address)
+        got = await reader.readexactly(11)
+        writer.close()
+        return got
+    with EchoServer(greeting=b"220 hello\r\n") as banner, Converter() as conv:
+        assert _aio(main(conv, banner)) == b"220 hello\r\n"
+
+
+def test_asyncio_error_reply_surfaces_at_the_read(echo):
+    async def main(conv):
+        reader, writer = await pepsock.open_connection(*echo.address, pep=conv.address)
+        writer.write(REQUEST)
+        try:
+            with pytest.raises(OSError) as info:
+                await reader.read(10)
+        finally:
+            writer.close()
+        return info.value
+    with Converter(error=(protocol.ErrorCode.DESTINATION_UNREACHABLE, b"")) as conv:
+        assert _aio(main(conv)).errno == errno.ENETUNREACH
