@@ -12,6 +12,7 @@ one connection after another, ttfb = connect called -> first byte of the answer:
                   the SYN, the request after the handshake (the old way)
   pepsock         pepsock.create_connection(): header + request in the   R1+2R2
                   SYN (TCP_FASTOPEN_CONNECT)
+  asyncio         pepsock.open_connection() + write(GET): the same      R1+2R2
   pepsock-notfo   pepsock.create_connection() with client TFO off:        2R1+2R2
                   plain SYN, header then request (TCP_NODELAY until the reply;
                   with Nagle in the way: 3R1+R2 or more)
@@ -24,6 +25,7 @@ Prints medians, the formula and ratios against direct, side by side in one run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import select
@@ -40,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SERVER_PORT, PEP_PORT = 8080, 5124
-MODES = ["direct", "libpep.so", "curl+libpep.so", "pepsock-before", "pepsock", "pepsock-notfo"]
+MODES = ["direct", "libpep.so", "curl+libpep.so", "pepsock-before", "pepsock", "asyncio",
+         "pepsock-notfo"]
 REQUEST = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
 ANSWER = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -82,6 +85,8 @@ def _once(mode, server, pep) -> float:
                              text=True, timeout=30, check=True).stdout
         return float(out)
     import pepsock
+    if mode == "asyncio":
+        return asyncio.run(_aio_once(server, pep))
     t0 = time.perf_counter()
     if mode in ("direct", "libpep.so"):
         sock = socket.create_connection(server)
@@ -93,6 +98,17 @@ def _once(mode, server, pep) -> float:
     assert sock.recv(100)
     t = time.perf_counter() - t0
     sock.close()
+    return t
+
+
+async def _aio_once(server, pep) -> float:
+    import pepsock
+    t0 = time.perf_counter()
+    reader, writer = await pepsock.open_connection(*server, pep=pep)
+    writer.write(REQUEST)
+    assert await reader.read(100)
+    t = time.perf_counter() - t0
+    writer.close()
     return t
 
 

@@ -35,7 +35,7 @@ class _Link:
     """Per-connection state of a PepSocket, shared by its dup()s."""
 
     __slots__ = ("session", "pending", "plain", "reply_deadline", "reply_timeout", "callbacks",
-                 "dial_deadline", "on_deadlines", "prefix", "syn", "lock", "fd_lock", "nodelay")
+                 "dial_deadline", "on_deadlines", "prefix", "syn", "lock", "fd_lock", "nodelay", "learn")
 
     def __init__(self, session: ClientSession, reply_timeout: float, reply_deadline: float):
         self.session = session
@@ -53,6 +53,7 @@ class _Link:
         self.lock = threading.Lock()             # the first write vs the flusher thread
         self.fd_lock = threading.Lock()          # the flusher's send vs close()
         self.nodelay: int | None = None          # the app's TCP_NODELAY while pepsock holds it
+        self.learn = None        # (dial, taken) of a handshake nobody waited for: learn from it
 
 
 class PepSocket(socket.socket):
@@ -143,7 +144,7 @@ class PepSocket(socket.socket):
         link = self._link
         session = link.session
         if link.dial_deadline is not None and tfo.established(self):
-            link.dial_deadline = None       # the PEP answered; its reply is what is late
+            self._handshake_done(link)      # the PEP answered; its reply is what is late
             if link.on_deadlines is not None:
                 link.on_deadlines()
             return
@@ -212,6 +213,7 @@ class PepSocket(socket.socket):
         link.reply_deadline = started + link.reply_timeout
         if error is None and timeout == 0.0 and taken >= len(attempt.payload):
             link.dial_deadline = started + (attempt.connect_timeout or math.inf)
+            link.learn = (attempt, taken)
             if link.on_deadlines is not None:
                 link.on_deadlines()
             return
@@ -345,9 +347,23 @@ class PepSocket(socket.socket):
         if link.on_deadlines is not None:
             link.on_deadlines()
 
+    def _handshake_done(self, link: _Link) -> None:
+        """A non-blocking dial's handshake is over: no connect deadline any more, and
+        learn from it (TFO cookie mode, RTT) when it was the request-in-the-SYN's."""
+        link.dial_deadline = None
+        if link.learn is not None:
+            attempt, taken = link.learn
+            link.learn = None
+            try:
+                acked = bool(taken) and tfo.syn_data_acked(self)
+                link.session.connected(attempt, bool(taken), acked, tfo.rtt_seconds(self))
+            except OSError:
+                pass
+
     def _dial_failed(self, link: _Link, exc: OSError, timed_out: bool = False) -> None:
         """A non-blocking retry's handshake failed: on to the next PEP (or raise)."""
         link.dial_deadline = None
+        link.learn = None
         self._retry(link, link.session.connect_failed(exc, timed_out=timed_out))
 
     def _recv_reply_bytes(self, link: _Link, n: int) -> bytes:
@@ -358,7 +374,7 @@ class PepSocket(socket.socket):
                 data = super().recv(n)
             except BlockingIOError:
                 if link.dial_deadline is not None and tfo.established(self):
-                    link.dial_deadline = None
+                    self._handshake_done(link)
                 if link.dial_deadline is not None and time.monotonic() >= link.dial_deadline:
                     self._dial_failed(link, TimeoutError(
                         errno.ETIMEDOUT, f"the PEP at {link.session.dial.pep} did not answer"), True)
@@ -370,7 +386,8 @@ class PepSocket(socket.socket):
                     raise
                 self._dial_failed(link, exc)
                 raise BlockingIOError(errno.EAGAIN, "retrying with the next PEP") from None
-            link.dial_deadline = None
+            if link.dial_deadline is not None:
+                self._handshake_done(link)
             return data
         if timeout is not None and timeout < left:
             if not _wait(self, select.POLLIN, timeout):

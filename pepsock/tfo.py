@@ -47,6 +47,12 @@ def established(sock: socket.socket) -> bool:
     return info[0] not in (2, 7)    # TCP_SYN_SENT, TCP_CLOSE (never connected / failed)
 
 
+def rtt_seconds(sock: socket.socket) -> float:
+    """The kernel's smoothed RTT of this connected socket (tcpi_rtt)."""
+    info = socket.socket.getsockopt(sock, socket.IPPROTO_TCP, socket.TCP_INFO, 72)
+    return struct.unpack_from("I", info, 68)[0] / 1e6
+
+
 def allow_data_without_cookie(sock: socket.socket) -> bool:
     """Ask the kernel to send SYN data even before it holds a cookie for the peer."""
     try:

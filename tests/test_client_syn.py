@@ -436,3 +436,19 @@ def test_asyncio_error_reply_surfaces_at_the_read(echo):
         return info.value
     with Converter(error=(protocol.ErrorCode.DESTINATION_UNREACHABLE, b"")) as conv:
         assert _aio(main(conv)).errno == errno.ENETUNREACH
+
+
+def test_asyncio_request_in_the_syn_learns_tfo_mode_and_rtt(echo, tmp_path):
+    """Nobody waits for the handshake of a non-blocking first write: what it shows
+    (SYN data acked, RTT) is learnt when the first bytes come back."""
+    async def main(conv):
+        reader, writer = await pepsock.open_connection(*echo.address, pep=conv.address)
+        writer.write(REQUEST)
+        await reader.readexactly(len(REQUEST))
+        writer.close()
+    with Converter() as conv:
+        _aio(main(conv))
+    files = list((tmp_path / "pepstate").iterdir())
+    assert len(files) == 1
+    fields = dict(kv.split("=", 1) for kv in files[0].read_text().split())
+    assert fields["tfo"] == "nocookie" and int(fields["rtt_us"]) > 0
