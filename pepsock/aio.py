@@ -179,7 +179,9 @@ async def open_connection(host: str, port: int, *, pep=None, limit: int = _DEFAU
     handshake starts right after the TCP handshake with the PEP, before its
     reply: the transport reads through PepSocket.recv, which strips the reply
     beneath asyncio's TLS.  `timeout` bounds reaching the PEP and counts until
-    its reply, as for create_connection.
+    its reply, as for create_connection.  Without a timeout (and PEP_CONFIRM),
+    it returns before any packet: the first write goes in the SYN with the
+    Convert message (docs/python.md, "The request in the SYN").
     """
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -1,7 +1,9 @@
 """create_connection(): a TCP connection through an RFC 8803 PEP in 0-RTT.
 
 The Convert header + Connect TLV ride in the SYN (TCP Fast Open), so reaching
-the PEP costs no round trip more than reaching the server would.  The socket
+the PEP costs no round trip more than reaching the server would.  Without a
+timeout the SYN waits for the application's first write (TCP_FASTOPEN_CONNECT)
+and carries it too (PepSocket.defer_syn; docs/python.md).  The socket
 returned is a real `socket.socket` (PepSocket) whose reads drop the PEP's
 reply before the application's first byte; an Error TLV in that reply
 surfaces as an OSError (ConvertError) on the first read, and on every read or
