@@ -497,10 +497,15 @@ class PepSocket(socket.socket):
         if link.session.error is not None:
             raise link.session.error
         data = b"".join(buffers)
-        if (link.prefix is not None or link.syn is not None) and not ancdata and address is None:
-            taken = self._syn_ready(link, data)
-            if taken >= 0:
-                return taken
+        if link.prefix is not None or link.syn is not None:
+            if ancdata or address is not None:
+                self._syn_ready(link)           # the Convert message first, alone
+            else:
+                taken = self._syn_ready(link, data)
+                if taken > 0 or (taken == 0 and not data):
+                    return taken
+                if taken == 0:
+                    raise BlockingIOError(errno.EAGAIN, "the SYN is on its way")
         n = super().sendmsg([data], ancdata, flags, *extra)
         if not link.session.done:
             link.session.sent(data[:n])
@@ -664,6 +669,12 @@ class _Flusher:
     within FLUSH_AFTER (libpep.so does the same from its wait hooks)."""
 
     def __init__(self):
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        """Fresh state (and a fresh lock: a fork may copy it held); the thread starts
+        on the next add()."""
         self._cond = threading.Condition()
         self._heap: list = []
         self._seq = 0

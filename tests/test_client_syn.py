@@ -452,3 +452,29 @@ def test_asyncio_request_in_the_syn_learns_tfo_mode_and_rtt(echo, tmp_path):
     assert len(files) == 1
     fields = dict(kv.split("=", 1) for kv in files[0].read_text().split())
     assert fields["tfo"] == "nocookie" and int(fields["rtt_us"]) > 0
+
+
+def test_sendmsg_first_write_rides_in_the_syn(echo):
+    with Converter() as conv:
+        with pepsock.create_connection(echo.address, pep=conv.address) as sock:
+            assert sock.sendmsg([REQUEST[:4], REQUEST[4:]]) == len(REQUEST)
+            assert recv_exactly(sock, len(REQUEST)) == REQUEST
+    assert conv.seen[0].early_data == REQUEST
+
+
+def test_fork_child_gets_a_working_flusher(ns):
+    """The flusher's lock and thread are fresh in a forked child: a server-speaks-first
+    connection made there still gets its header out."""
+    with EchoServer(greeting=b"220 hello\r\n") as banner, Converter() as conv:
+        with pepsock.create_connection(banner.address, pep=conv.address) as warm:
+            select.select([warm], [], [], 3)            # the parent's flusher has run
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with pepsock.create_connection(banner.address, pep=conv.address) as sock:
+                    code = 0 if select.select([sock], [], [], 3)[0] else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
