@@ -37,7 +37,8 @@ class _Link:
     """Per-connection state of a PepSocket, shared by its dup()s."""
 
     __slots__ = ("session", "pending", "plain", "reply_deadline", "reply_timeout", "callbacks",
-                 "dial_deadline", "on_deadlines", "prefix", "syn", "lock", "fd_lock", "nodelay", "learn")
+                 "dial_deadline", "on_deadlines", "prefix", "syn", "lock", "fd_lock", "nodelay",
+                 "learn")
 
     def __init__(self, session: ClientSession, reply_timeout: float, reply_deadline: float):
         self.session = session
