@@ -12,7 +12,9 @@ answers one line per connection. For each mode, one connection after another:
 Modes: direct (no PEP); libpep.so (the same stdlib client under LD_PRELOAD);
 pepsock-wait (pepsock.create_connection + the stdlib's wrap_socket, which has to
 wait for the PEP's reply: the behaviour before pepsock.tls); pepsock
-(pepsock.create_tls_connection); asyncio-wait (open_connection(ssl=) under
+(pepsock.create_tls_connection(timeout=10): the header in the SYN, the ClientHello
+after the handshake); pepsock-syn (create_tls_connection() without a timeout: the
+ClientHello in the SYN with the header); asyncio-wait (open_connection(ssl=) under
 PEP_CONFIRM=1, which awaits the reply before start_tls: the behaviour before
 pepsock.tls); asyncio (open_connection(ssl=), no wait);
 patched (the stdlib's socket.create_connection + SSLContext.wrap_socket, as
@@ -40,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SERVER_PORT, PEP_PORT = 8443, 5124
-MODES = ["direct", "libpep.so", "pepsock-wait", "pepsock", "patched", "asyncio-wait", "asyncio"]
+MODES = ["direct", "libpep.so", "pepsock-wait", "pepsock", "pepsock-syn", "patched",
+         "asyncio-wait", "asyncio"]
 
 
 # -- inside the namespaces ----------------------------------------------------------------
@@ -72,6 +75,8 @@ def _sync_once(mode, server, pep, ctx):
     if mode in ("direct", "libpep.so", "patched"):   # the stdlib's calls, as http.client makes them
         tls = ctx.wrap_socket(socket.create_connection(server, timeout=10),
                               server_hostname=server[0])
+    elif mode == "pepsock-syn":     # no timeout: the ClientHello rides in the SYN
+        tls = pepsock.create_tls_connection(server, ctx, pep=pep)
     elif mode == "pepsock-wait":
         tls = ctx.wrap_socket(pepsock.create_connection(server, timeout=10, pep=pep),
                               server_hostname=server[0])
@@ -105,7 +110,7 @@ def client(args) -> None:
     server = (args.server.rsplit(":", 1)[0], int(args.server.rsplit(":", 1)[1]))
     pep = (args.pep.rsplit(":", 1)[0], int(args.pep.rsplit(":", 1)[1]))
     ctx = ssl.create_default_context(cafile=args.cert)
-    if args.mode == "patched":
+    if args.mode == "patched":   # http.client passes no timeout: the ClientHello in the SYN
         import pepsock
         os.environ["PEP_PROXY"] = args.pep
         pepsock.patch()

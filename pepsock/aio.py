@@ -28,7 +28,7 @@ import ssl as _ssl
 import time
 
 from . import route as _route
-from .client import PepSocket, connected, handshake_error, start_dial
+from .client import PepSocket, connected, handshake_error, start_deferred, start_dial
 from .session import ClientSession, Dial
 
 _DEFAULT_LIMIT = 2 ** 16
@@ -44,8 +44,10 @@ async def _writable(loop, sock: socket.socket) -> None:
 
 
 async def _connect(loop, session: ClientSession, dial: Dial, deadline: float | None,
-                   local_addr=None):
-    """Dial PEPs until one completes the handshake: (sock, None), or (None, direct Dial)."""
+                   local_addr=None, defer: bool = False):
+    """Dial PEPs until one completes the handshake: (sock, None, None), or (None, direct
+    Dial, None); defer: a PEP whose SYN can wait for the first write (the request in
+    the SYN, client.start_deferred) gives (sock, None, the Convert message to send)."""
     while dial.pep is not None:
         # proto IPPROTO_TCP, as getaddrinfo gives: asyncio sets TCP_NODELAY only then
         sock = PepSocket(dial.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -54,7 +56,14 @@ async def _connect(loop, session: ClientSession, dial: Dial, deadline: float | N
             if local_addr is not None:
                 sock.bind(local_addr)
             started = time.monotonic()
-            taken = start_dial(sock, dial)
+            how = start_deferred(sock, dial) if defer else "no"
+            if how == "deferred":
+                return sock, None, dial.payload
+            if isinstance(how, OSError):
+                sock.close()
+                dial = session.connect_failed(how)
+                continue
+            taken = 0 if how == "plain" else start_dial(sock, dial)
             limit = dial.connect_timeout
             caller_first = deadline is not None and (limit is None or deadline <= started + limit)
             wait = deadline - started if caller_first else limit
@@ -70,13 +79,13 @@ async def _connect(loop, session: ClientSession, dial: Dial, deadline: float | N
                 connected(sock, session, dial, taken, started)
                 if taken < len(dial.payload):
                     await loop.sock_sendall(sock, dial.payload[taken:])
-                return sock, None
+                return sock, None, None
         except BaseException:
             sock.close()
             raise
         sock.close()
         dial = session.connect_failed(err, timed_out=isinstance(err, TimeoutError))
-    return None, dial
+    return None, dial, None
 
 
 async def connect(host: str, port: int, *, pep=None, timeout: float | None = None,
@@ -102,10 +111,16 @@ async def _dial(host, port, pep, timeout, local_addr):
     if route.direct is not None:
         return None, route.direct, None
     session = ClientSession(route, conf)
-    sock, fallback = await _connect(loop, session, session.first_dial(), deadline, local_addr)
+    # No timeout and no PEP_CONFIRM: the request in the SYN (docs/python.md), as the
+    # blocking create_connection does; the transport's first write sends the SYN.
+    defer = timeout is None and not conf.confirms(session.destination)
+    sock, fallback, prefix = await _connect(loop, session, session.first_dial(), deadline,
+                                            local_addr, defer)
     if sock is None:
         return None, fallback.sockaddr[:2], None
     reply = watch_reply(loop, sock, session, conf, deadline)
+    if prefix is not None:
+        sock.defer_syn(prefix)
     if not conf.confirms(session.destination):
         reply = None
     return sock, None, reply
@@ -164,7 +179,9 @@ async def open_connection(host: str, port: int, *, pep=None, limit: int = _DEFAU
     handshake starts right after the TCP handshake with the PEP, before its
     reply: the transport reads through PepSocket.recv, which strips the reply
     beneath asyncio's TLS.  `timeout` bounds reaching the PEP and counts until
-    its reply, as for create_connection.
+    its reply, as for create_connection.  Without a timeout (and PEP_CONFIRM),
+    it returns before any packet: the first write goes in the SYN with the
+    Convert message (docs/python.md, "The request in the SYN").
     """
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else time.monotonic() + timeout

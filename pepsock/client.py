@@ -1,7 +1,9 @@
 """create_connection(): a TCP connection through an RFC 8803 PEP in 0-RTT.
 
 The Convert header + Connect TLV ride in the SYN (TCP Fast Open), so reaching
-the PEP costs no round trip more than reaching the server would.  The socket
+the PEP costs no round trip more than reaching the server would.  Without a
+timeout the SYN waits for the application's first write (TCP_FASTOPEN_CONNECT)
+and carries it too (PepSocket.defer_syn; docs/python.md).  The socket
 returned is a real `socket.socket` (PepSocket) whose reads drop the PEP's
 reply before the application's first byte; an Error TLV in that reply
 surfaces as an OSError (ConvertError) on the first read, and on every read or
@@ -13,16 +15,20 @@ next); asyncio (aio.py) drives the same two and the same PepSocket.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import heapq
 import math
 import os
 import select
 import socket
+import threading
 import time
+import weakref
 
 from . import route as _route
 from . import tfo
-from .session import ClientSession, Dial
+from .session import REPLAY_LIMIT, ClientSession, Dial
 
 _GLOBAL_DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # the stdlib's sentinel
 
@@ -31,7 +37,8 @@ class _Link:
     """Per-connection state of a PepSocket, shared by its dup()s."""
 
     __slots__ = ("session", "pending", "plain", "reply_deadline", "reply_timeout", "callbacks",
-                 "dial_deadline", "on_deadlines")
+                 "dial_deadline", "on_deadlines", "prefix", "syn", "lock", "fd_lock", "nodelay",
+                 "learn")
 
     def __init__(self, session: ClientSession, reply_timeout: float, reply_deadline: float):
         self.session = session
@@ -42,6 +49,14 @@ class _Link:
         self.callbacks: list = []
         self.dial_deadline: float | None = None  # a retry's handshake still in progress
         self.on_deadlines = None                 # called when next_deadline() moved
+        # The request in the SYN (connect deferred, TCP_FASTOPEN_CONNECT): the Convert
+        # message not sent yet, the SYN not either; it leaves with the first write.
+        self.prefix: bytes | None = None
+        self.syn = None          # (dial with what the SYN carried, started, taken, error)
+        self.lock = threading.Lock()             # the first write vs the flusher thread
+        self.fd_lock = threading.Lock()          # the flusher's send vs close()
+        self.nodelay: int | None = None          # the app's TCP_NODELAY while pepsock holds it
+        self.learn = None        # (dial, taken) of a handshake nobody waited for: learn from it
 
 
 class PepSocket(socket.socket):
@@ -131,6 +146,11 @@ class PepSocket(socket.socket):
             return
         link = self._link
         session = link.session
+        if link.dial_deadline is not None and tfo.established(self):
+            self._handshake_done(link)      # the PEP answered; its reply is what is late
+            if link.on_deadlines is not None:
+                link.on_deadlines()
+            return
         try:
             if link.dial_deadline is not None and time.monotonic() >= link.dial_deadline:
                 self._dial_failed(link, TimeoutError(
@@ -141,6 +161,140 @@ class PepSocket(socket.socket):
             self._failed(link, session.fail(exc))
 
     check_reply_deadline = check_deadlines
+
+    # -- the request in the SYN ---------------------------------------------------------
+
+    def defer_syn(self, prefix: bytes) -> None:
+        """The connect was deferred (TCP_FASTOPEN_CONNECT): `prefix` (the Convert message)
+        goes with the application's first write in one SYN; a read, shutdown, detach or
+        FLUSH_AFTER seconds without a write send it alone (server-speaks-first)."""
+        self._link.prefix = prefix
+        _flusher.add(self)
+
+    def _syn_ready(self, link: _Link, data=b"") -> int:
+        """Send the deferred SYN with the prefix and `data` if not sent yet, and see the
+        handshake through (as create_connection did before: failover, Error-free
+        retries with replay, fallback).  Returns how many bytes of `data` were taken
+        (-1: the SYN had left already; write `data` the ordinary way)."""
+        with link.lock:
+            taken = self._start_syn(link, data) if link.prefix is not None else -1
+            if link.syn is not None:
+                self._finish_syn(link)
+        return taken
+
+    def _start_syn(self, link: _Link, data) -> int:
+        """The SYN leaves now (never blocks): prefix + data, as much as the kernel puts
+        in it (the rest after the handshake).  Returns the bytes of `data` taken (a
+        non-blocking socket: those the kernel took; 0 means try again when writable)."""
+        session = link.session
+        prefix, link.prefix = link.prefix, None
+        data = bytes(memoryview(data).cast("B")[:REPLAY_LIMIT])   # replayable if it fails
+        started, error, taken = time.monotonic(), None, 0
+        try:
+            taken = socket.socket.send(self, prefix + data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass                   # the kernel sent a plain SYN: the payload follows it
+        except OSError as exc:
+            error = exc
+        if error is None and taken >= len(prefix) and self.gettimeout() == 0.0:
+            data = data[:taken - len(prefix)]
+        session.sent(data)
+        link.syn = (dataclasses.replace(session.dial, payload=prefix + data), started, taken,
+                    error)
+        return len(data)
+
+    def _finish_syn(self, link: _Link) -> None:
+        """Wait for the handshake of the SYN _start_syn sent, within the socket's timeout
+        and the PEP's connect timeout, and send what the SYN did not carry; a failed
+        handshake goes to the next PEP, the payload replayed.  A non-blocking socket
+        whose whole payload went in the SYN does not wait (check_deadlines and the
+        next read or write see how it ends, as for a retry)."""
+        attempt, started, taken, error = link.syn
+        link.syn = None
+        session = link.session
+        timeout = self.gettimeout()
+        link.reply_deadline = started + link.reply_timeout
+        if error is None and timeout == 0.0 and taken >= len(attempt.payload):
+            link.dial_deadline = started + (attempt.connect_timeout or math.inf)
+            link.learn = (attempt, taken)
+            if link.on_deadlines is not None:
+                link.on_deadlines()
+            return
+        deadline = link.reply_deadline if timeout == 0.0 else _deadline(timeout)
+        try:
+            if error is None:
+                error = connect_blocking(self, attempt, deadline, session, started, taken)
+                if error is None and not tfo.syn_data_acked(self):
+                    self._hold_nodelay(link)
+            if error is not None:
+                self._retry(link, session.connect_failed(
+                    error, timed_out=isinstance(error, TimeoutError)))
+        except OSError as exc:
+            raise self._failed(link, session.fail(exc)) from None
+
+    def _hold_nodelay(self, link: _Link) -> None:
+        """The Convert message went after the handshake (or the PEP did not take the
+        SYN's data): Nagle would hold the application's first write until the PEP acks
+        it, one round trip more.  TCP_NODELAY until the reply is in, then the
+        application's own setting back."""
+        try:
+            link.nodelay = super().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            if not link.nodelay:
+                super().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            link.nodelay = None
+
+    def _release_nodelay(self, link: _Link) -> None:
+        own, link.nodelay = link.nodelay, None
+        if own is not None and not own and not self._closed:
+            try:
+                super().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, own)
+            except OSError:
+                pass
+
+    def setsockopt(self, level, option, value, *args):
+        link = self._link
+        if (link is not None and link.nodelay is not None and not args
+                and (level, option) == (socket.IPPROTO_TCP, socket.TCP_NODELAY)):
+            link.nodelay = int(bool(value)) if isinstance(value, int) else link.nodelay
+            if not value:
+                return None     # applied when the reply is in
+        return super().setsockopt(level, option, value, *args)
+
+    def getsockopt(self, level, option, *args):
+        link = self._link
+        if (link is not None and link.nodelay is not None and not args
+                and (level, option) == (socket.IPPROTO_TCP, socket.TCP_NODELAY)):
+            return link.nodelay
+        return super().getsockopt(level, option, *args)
+
+    def _flush_from_timer(self) -> None:
+        """The flusher thread: the SYN with the Convert message alone (never blocks; the
+        application's next read or write sees the handshake through)."""
+        link = self._link
+        if link is None or link.prefix is None:
+            return
+        with link.fd_lock:
+            if self._closed or not link.lock.acquire(blocking=False):
+                return          # closed, or the application is sending it right now
+            try:
+                if link.prefix is not None:
+                    self._start_syn(link, b"")
+            finally:
+                link.lock.release()
+
+    def _real_close(self, *args):
+        link = self._link
+        if link is None:
+            return super()._real_close(*args)
+        with link.fd_lock:      # never while the flusher sends on this fd (a reused number)
+            return super()._real_close(*args)
+
+    def shutdown(self, how):
+        link = self._link
+        if link is not None and (link.prefix is not None or link.syn is not None):
+            self._syn_ready(link)
+        return super().shutdown(how)
 
     # -- the reply ---------------------------------------------------------------------
 
@@ -160,6 +314,8 @@ class PepSocket(socket.socket):
         """
         link = self._link
         session = link.session
+        if link.prefix is not None or link.syn is not None:
+            self._syn_ready(link)
         try:
             while not session.done:
                 if session.error is not None:
@@ -176,6 +332,8 @@ class PepSocket(socket.socket):
             if exc is session.error:
                 raise self._failed(link, exc) from None
             raise
+        if link.nodelay is not None:
+            self._release_nodelay(link)
         callbacks, link.callbacks = link.callbacks, []
         for cb in callbacks or ():
             cb(None)
@@ -192,9 +350,23 @@ class PepSocket(socket.socket):
         if link.on_deadlines is not None:
             link.on_deadlines()
 
+    def _handshake_done(self, link: _Link) -> None:
+        """A non-blocking dial's handshake is over: no connect deadline any more, and
+        learn from it (TFO cookie mode, RTT) when it was the request-in-the-SYN's."""
+        link.dial_deadline = None
+        if link.learn is not None:
+            attempt, taken = link.learn
+            link.learn = None
+            try:
+                acked = bool(taken) and tfo.syn_data_acked(self)
+                link.session.connected(attempt, bool(taken), acked, tfo.rtt_seconds(self))
+            except OSError:
+                pass
+
     def _dial_failed(self, link: _Link, exc: OSError, timed_out: bool = False) -> None:
         """A non-blocking retry's handshake failed: on to the next PEP (or raise)."""
         link.dial_deadline = None
+        link.learn = None
         self._retry(link, link.session.connect_failed(exc, timed_out=timed_out))
 
     def _recv_reply_bytes(self, link: _Link, n: int) -> bytes:
@@ -204,6 +376,8 @@ class PepSocket(socket.socket):
             try:
                 data = super().recv(n)
             except BlockingIOError:
+                if link.dial_deadline is not None and tfo.established(self):
+                    self._handshake_done(link)
                 if link.dial_deadline is not None and time.monotonic() >= link.dial_deadline:
                     self._dial_failed(link, TimeoutError(
                         errno.ETIMEDOUT, f"the PEP at {link.session.dial.pep} did not answer"), True)
@@ -215,7 +389,8 @@ class PepSocket(socket.socket):
                     raise
                 self._dial_failed(link, exc)
                 raise BlockingIOError(errno.EAGAIN, "retrying with the next PEP") from None
-            link.dial_deadline = None
+            if link.dial_deadline is not None:
+                self._handshake_done(link)
             return data
         if timeout is not None and timeout < left:
             if not _wait(self, select.POLLIN, timeout):
@@ -281,6 +456,12 @@ class PepSocket(socket.socket):
         session = link.session
         if session.error is not None:
             raise session.error
+        if link.prefix is not None or link.syn is not None:
+            taken = self._syn_ready(link, data)
+            if taken > 0 or (taken == 0 and not len(data)):
+                return taken
+            if taken == 0:
+                raise BlockingIOError(errno.EAGAIN, "the SYN is on its way")
         try:
             n = super().send(data, flags)
         except BlockingIOError:
@@ -303,7 +484,7 @@ class PepSocket(socket.socket):
             return super().sendall(data, flags)
         if link.session.error is not None:
             raise link.session.error
-        if link.session.done:
+        if link.session.done and link.prefix is None and link.syn is None:
             return super().sendall(data, flags)
         view = memoryview(data).cast("B")
         while view:
@@ -317,6 +498,15 @@ class PepSocket(socket.socket):
         if link.session.error is not None:
             raise link.session.error
         data = b"".join(buffers)
+        if link.prefix is not None or link.syn is not None:
+            if ancdata or address is not None:
+                self._syn_ready(link)           # the Convert message first, alone
+            else:
+                taken = self._syn_ready(link, data)
+                if taken > 0 or (taken == 0 and not data):
+                    return taken
+                if taken == 0:
+                    raise BlockingIOError(errno.EAGAIN, "the SYN is on its way")
         n = super().sendmsg([data], ancdata, flags, *extra)
         if not link.session.done:
             link.session.sent(data[:n])
@@ -432,6 +622,9 @@ def restart_dial(sock: socket.socket, session: ClientSession, dial: Dial,
     Returns (time.monotonic() at the start, payload bytes the kernel took)."""
     if not fresh:
         tfo.reset(sock)
+    if isinstance(sock, PepSocket) and sock._link is not None:
+        sock._link.prefix = None         # a retry carries the Convert message itself
+    tfo.defer_connect(sock, False)
     if dial.family != sock.family:
         raise session.fail(OSError(errno.EAFNOSUPPORT, f"cannot retry {dial.pep or 'direct'}"
                                                         f" on this socket's address family"))
@@ -467,12 +660,83 @@ def redial(sock: PepSocket, session: ClientSession, dial: Dial, deadline: float 
         socket.socket.settimeout(sock, timeout)
 
 
+#: Seconds a deferred SYN waits for the application's first write before the Convert
+#: message goes alone (an application that waits for the server to speak first).
+FLUSH_AFTER = 0.02
+
+
+class _Flusher:
+    """One daemon thread that sends the deferred SYN of PepSockets not written to
+    within FLUSH_AFTER (libpep.so does the same from its wait hooks)."""
+
+    def __init__(self):
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        """Fresh state (and a fresh lock: a fork may copy it held); the thread starts
+        on the next add()."""
+        self._cond = threading.Condition()
+        self._heap: list = []
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, sock: PepSocket) -> None:
+        with self._cond:
+            self._seq += 1
+            heapq.heappush(self._heap, (time.monotonic() + FLUSH_AFTER, self._seq,
+                                        weakref.ref(sock)))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="pepsock-flush",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                when, _, ref = self._heap[0]
+                left = when - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+            sock = ref()
+            if sock is not None:
+                sock._flush_from_timer()
+
+
+_flusher = _Flusher()
+
+
+def start_deferred(sock: PepSocket, dial: Dial) -> str | OSError:
+    """Connect `sock` (non-blocking) to dial's PEP with the SYN deferred to the first
+    write (TCP_FASTOPEN_CONNECT): "deferred"; "plain" when the kernel sent a plain SYN
+    at once (no cookie for a PEP that wants one: go on as an ordinary dial); "no" when
+    it cannot defer here (the client side of TFO off: a deferred connect's first write
+    would fail with EOPNOTSUPP); an OSError when the connect failed."""
+    if not (tfo.sysctl_value() or 0) & tfo.CLIENT_ENABLE or not tfo.defer_connect(sock, True):
+        return "no"
+    if dial.no_cookie:
+        tfo.allow_data_without_cookie(sock)
+    err = sock.connect_ex(dial.sockaddr)
+    tfo.defer_connect(sock, False)
+    if err == 0:
+        return "deferred"
+    if err == errno.EINPROGRESS:
+        return "plain"
+    return OSError(err, f"{errno.errorcode.get(err, err)} connecting to the PEP at {dial.pep}: "
+                        f"{os.strerror(err)}")
+
+
 def _deadline(timeout) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
 def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *,
-                      all_errors=False, pep=None):
+                      all_errors=False, pep=None, request_in_syn=None):
     """Like socket.create_connection, through an RFC 8803 PEP in 0-RTT.
 
     pep=(host, port) forces that PEP; otherwise PEP_PROXY and PEP_NO_PROXY
@@ -483,6 +747,13 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     reply (a late reply fails the first read with ETIMEDOUT).  all_errors is
     passed to socket.create_connection for a direct connection; through PEPs the
     error raised is the one that decided (see docs/protocol.md).
+
+    request_in_syn: return at once and send the SYN with the Convert message and
+    the application's first write together (RFC 8803's 0-RTT, as libpep.so does);
+    the PEP's errors (refused, timeouts, failover, fallback) then surface in that
+    first write or read.  None (default): only when `timeout` is None (a caller
+    with a timeout expects connect errors from here) and PEP_CONFIRM does not
+    name the destination.  See docs/python.md "The request in the SYN".
     """
     host, port = address[0], int(address[1])
     conf = _route.settings()
@@ -490,11 +761,13 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     if route.direct is not None:
         direct_kw = {"all_errors": True} if all_errors else {}
         return socket.create_connection(route.direct, timeout, source_address, **direct_kw)
-    return connect_route(route, conf, timeout, source_address, all_errors=all_errors)
+    return connect_route(route, conf, timeout, source_address, all_errors=all_errors,
+                         request_in_syn=request_in_syn)
 
 
 def connect_route(route: _route.Route, conf: _route.Settings, timeout=_GLOBAL_DEFAULT_TIMEOUT,
-                  source_address=None, *, all_errors=False, socket_options=()):
+                  source_address=None, *, all_errors=False, socket_options=(),
+                  request_in_syn=None):
     """create_connection() for a route that goes through PEPs (route.direct is None).
     socket_options: (level, name, value) tuples set on each socket before it connects."""
     direct_kw = {"all_errors": True} if all_errors else {}
@@ -503,6 +776,9 @@ def connect_route(route: _route.Route, conf: _route.Settings, timeout=_GLOBAL_DE
     deadline = _deadline(timeout)
     session = ClientSession(route, conf)
     dial = session.first_dial()
+    defer = timeout is None if request_in_syn is None else bool(request_in_syn)
+    defer = defer and not conf.confirms(session.destination)
+    deferred = False
     while dial.pep is not None:
         sock = PepSocket(dial.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
@@ -511,7 +787,13 @@ def connect_route(route: _route.Route, conf: _route.Settings, timeout=_GLOBAL_DE
             if source_address:
                 sock.bind(source_address)
             sock.setblocking(False)
-            err = connect_blocking(sock, dial, deadline, session)
+            how = start_deferred(sock, dial) if defer else "no"
+            err = how if isinstance(how, OSError) else None
+            deferred = how == "deferred"
+            if how == "no":
+                err = connect_blocking(sock, dial, deadline, session)
+            elif how == "plain":             # the Convert message follows the handshake
+                err = connect_blocking(sock, dial, deadline, session, time.monotonic(), 0)
         except BaseException:
             sock.close()
             raise
@@ -532,7 +814,11 @@ def connect_route(route: _route.Route, conf: _route.Settings, timeout=_GLOBAL_DE
     if deadline is not None:
         reply_deadline = min(reply_deadline, deadline)
     sock.attach(session, conf.reply_timeout, reply_deadline)
+    if not deferred and not tfo.syn_data_acked(sock):
+        sock._hold_nodelay(sock._link)
     sock.settimeout(timeout)
+    if deferred:
+        sock.defer_syn(dial.payload)
     if conf.confirms(session.destination):
         try:
             sock._consume_reply()       # PEP_CONFIRM: the verdict before connect returns

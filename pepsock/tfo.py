@@ -38,10 +38,35 @@ def syn_data_acked(sock: socket.socket) -> bool:
     return bool(info[5] & TCPI_OPT_SYN_DATA)
 
 
+def established(sock: socket.socket) -> bool:
+    """The TCP handshake of this socket completed (tcpi_state past SYN_SENT)."""
+    try:
+        info = socket.socket.getsockopt(sock, socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return False
+    return info[0] not in (2, 7)    # TCP_SYN_SENT, TCP_CLOSE (never connected / failed)
+
+
+def rtt_seconds(sock: socket.socket) -> float:
+    """The kernel's smoothed RTT of this connected socket (tcpi_rtt)."""
+    info = socket.socket.getsockopt(sock, socket.IPPROTO_TCP, socket.TCP_INFO, 72)
+    return struct.unpack_from("I", info, 68)[0] / 1e6
+
+
 def allow_data_without_cookie(sock: socket.socket) -> bool:
     """Ask the kernel to send SYN data even before it holds a cookie for the peer."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+        return True
+    except OSError:
+        return False
+
+
+def defer_connect(sock: socket.socket, on: bool) -> bool:
+    """TCP_FASTOPEN_CONNECT: connect() returns at once and the SYN leaves with the
+    first write, carrying it (when the kernel may send SYN data to that peer)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1 if on else 0)
         return True
     except OSError:
         return False
