@@ -933,4 +933,6 @@ def test_refuses_a_value_off_the_grammar():
         rc, out, err = finish(popen(pep_run_argv("--pep", "192.0.2.1:9", "--", "sh", "-c",
                                                  "echo ran"), env=base_env(**bad)))
         assert rc == 2 and out == "", err
-        assert err.startswith(f"pep run: {list(bad)[0]}=") and err.count("\n") == 1, err
+        # the variable is named; a cookie's value is a secret and is not shown
+        name = list(bad)[0]
+        assert re.match(rf"pep run: {name}[= ]", err) and err.count("\n") == 1, err
