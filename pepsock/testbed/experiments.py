@@ -387,8 +387,8 @@ class Runner:
         proxies = self._start_proxies()
         modes = [("direct", None), ("tfo", None)]
         if self.pep_ok:
-            modes += [("pep", f"{ADDR['pep_w']}:{PEP_PORT}"), ("pep-syn", f"{ADDR['pep_w']}:{PEP_PORT}"),
-                      ("pep-notfo", f"{ADDR['pep_w']}:{PEP_PORT}")]
+            pep = f"{ADDR['pep_w']}:{PEP_PORT}"
+            modes += [("pep", pep), ("aio", pep), ("pep-syn", pep), ("pep-hs", pep), ("pep-notfo", pep)]
         else:
             self.notes.append("ttfb: PEP modes skipped: relay " + self.pep_status)
         if proxies.get("connect"):
@@ -453,7 +453,7 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0, timeout: float 
     pep = f"{ADDR['pep_w']}:{PEP_PORT}"
     modes = [("direct", None), ("curl", None)]
     if runner.pep_ok:
-        modes += [("pep", pep), ("aio", pep), ("pep-wait", pep)]
+        modes += [("pep", pep), ("aio", pep), ("pep-hs", pep), ("pep-wait", pep)]
         lib = _libpep()
         if lib:
             modes.append(("curl-libpep", pep))
