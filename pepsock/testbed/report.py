@@ -680,19 +680,25 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         L.append("## Time to first byte\n")
         L.append(f"R1 = {r1:.2f} ms and R2 = {r2:.2f} ms as measured by the calibration pings; no other "
                  "traffic; wireless link at 75 Mbit/s. Request: a few bytes; TTFB runs from the start of "
-                 "connecting to the first byte of the answer.\n")
+                 "connecting to the first byte of the answer. pepsock's rows put the request in the SYN "
+                 "behind the Convert header (docs/python.md, \"The request in the SYN\"); the pep-hs row "
+                 "is the old way (create_connection with a timeout returns after the TCP handshake with "
+                 "the PEP, then the request), which differs only when R1 > R2.\n")
         _ttfb_table(L, S["ttfb"])
     if S["tls"]:
         L.append("## HTTPS time to first byte\n")
         L.append("A TLS 1.3 handshake (self-signed certificate, not verified), then the request; TTFB from "
                  "the start of connecting to the first byte of the answer; the link idle at 75 Mbit/s. "
                  "curl's number is its time_starttransfer. Formula: TCP handshake + one TLS round trip + the "
-                 "request. Through the PEP, curl + libpep.so and pepsock (sync with its context made "
-                 "pepsock.tls.pep_aware, asyncio open_connection(ssl=)) send the ClientHello right after "
-                 "the TCP handshake with the PEP, before its reply, which overlaps the PEP's onward connect "
-                 "(2R1+2R2+max(R1,R2): 2R1+3R2 when R2 > R1). The stdlib's own wrap_socket of a PepSocket "
-                 "waits for the reply (the pep-wait row): 3R1+3R2, as direct. With the ClientHello in the "
-                 "SYN every PEP method would be 2R1+3R2.\n")
+                 "request. Through the PEP, pepsock (sync with its context made pepsock.tls.pep_aware, "
+                 "asyncio open_connection(ssl=)) puts the ClientHello in the SYN behind the Convert header "
+                 "(create_connection(request_in_syn=True), open_connection without a timeout): the PEP "
+                 "forwards it once its onward connect is done, 2R1+3R2. curl + libpep.so and pepsock's old "
+                 "way (create_connection with a timeout, the pep-hs row) send it right after the TCP "
+                 "handshake with the PEP, before its reply, which overlaps the PEP's onward connect "
+                 "(2R1+2R2+max(R1,R2): the same 2R1+3R2 when R2 >= R1, R1-R2 more when R1 > R2). The "
+                 "stdlib's own wrap_socket of a PepSocket waits for the reply (the pep-wait row): 3R1+3R2, "
+                 "as direct.\n")
         _ttfb_table(L, S["tls"], TLS_NAME)
     sat = S.get("satellite")
     if sat:
@@ -749,14 +755,14 @@ def _ttfb_targets(t: dict, r1: float, where: str) -> list[str]:
     """RFC 8803's 0-RTT (the request in the SYN, when measured) within 10% of R1+2R2, and
     how far each PEP method is below direct (about R1 is the protocol's gain)."""
     lines = []
-    key = "pep-syn" if "pep-syn" in t and t["pep-syn"]["ci"][2] else "pep"
+    key = "pep" if "pep" in t and t["pep"]["ci"][2] else "pep-syn"
     if key in t and t[key]["ci"][2]:
         m, f = t[key]["ci"][0], t[key]["formula"]
         dev = (m - f) / f * 100
         lines.append(f"| {where}TTFB {TTFB_NAME[key]} within 10% of {TTFB_TEXT[key]} | {m:.1f} ms vs {f:.1f} ms "
                      f"({dev:+.1f}%) | {'met' if abs(dev) <= 10 else '**missed**'} |")
         if "direct" in t and t["direct"]["ci"][2]:
-            for k in dict.fromkeys((key, "pep")):
+            for k in dict.fromkeys((key, "aio")):
                 if k in t and t[k]["ci"][2]:
                     gain = t["direct"]["ci"][0] - t[k]["ci"][0]
                     lines.append(f"| {where}TTFB {TTFB_NAME[k]} at least 0.9 R1 below direct | {gain:.1f} ms below "
