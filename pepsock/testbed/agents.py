@@ -466,7 +466,7 @@ def _aio_first_bytes(server, pep, timeout: float, request: bytes) -> bytes:
 def cmd_ttfb(a) -> None:
     server = parse_hostport(a.server, "--server")
     proxy = parse_hostport(a.proxy, "--proxy") if a.proxy else None
-    if a.mode in ("pep-syn", "aio"):
+    if a.mode in ("pep-syn", "aio") and not a.tls:
         first_bytes = (_aio_first_bytes if a.mode == "aio" else
                        lambda sv, pp, to, rq: _pep_syn_first_bytes(sv, pp, a.cc, to, rq))
         res = []

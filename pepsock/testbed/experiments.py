@@ -155,10 +155,14 @@ class Runner:
         if self.plan.pep_cmd:
             return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
         s = self.tb.s
-        # --no-cookie: the testbed is a managed network without forged sources,
-        # and the thesis's PEP serves 0-RTT from a client's first connection.
+        # The default TFO-cookie mode: a client's warm-up connections get the relay's TFO
+        # cookie, then its SYN's data is served at once (0-RTT).  --no-cookie would hold an
+        # unverified client's data until its handshake completes, one R1 that the satellite
+        # hop shows (docs/relay.md, "What each mode costs").  --no-onward-tfo: the relay's
+        # own SYN to the server carries no data, so the PEP rows measure RFC 8803's R1+2R2
+        # rather than the relay's onward TFO (R1+R2 once it holds the server's cookie).
         return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
-                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--no-cookie",
+                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--no-onward-tfo",
                 "--client-cc", s.pep_client_cc or s.cc, "--server-cc", s.pep_server_cc or s.cc]
 
     def _start_relay(self) -> None:
