@@ -499,15 +499,20 @@ def test_eval_ttfb_rows_send_the_request_in_the_syn(echo, mode, in_syn):
 def test_eval_https_rows_send_the_client_hello_in_the_syn(ns, tmp_path, mode, in_syn):
     """pep eval's HTTPS TTFB rows: the ClientHello rides in the SYN for pepsock sync and
     asyncio; pep-hs (old way) and pep-wait (the stdlib's wrap_socket) send it later."""
-    from types import SimpleNamespace
+    import contextlib
+    import io
+    import json
     from pepsock.testbed import agents
     from tls_helpers import TLSEchoServer, make_cert
     cert, key = make_cert(tmp_path)
     server = TLSEchoServer(cert, key)
     try:
         with Converter() as conv:
-            a = SimpleNamespace(mode=mode, size=100, timeout=5, cc=None)
-            assert agents._ttfb_tls_once(a, server.address, conv.address, agents._tls_context())
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):      # the agent's command line, as pep eval runs it
+                agents.main(["ttfb", "--tls", "--mode", mode, "--reps", "1", "--warmup", "0",
+                             "--server", "%s:%d" % server.address, "--proxy", "%s:%d" % conv.address])
+            assert json.loads(printed.getvalue())["results"][0]["ttfb_ms"]
         assert conv.seen[0].syn_data
         assert (conv.seen[0].early_data[:1] == b"\x16") == in_syn     # a TLS handshake record
     finally:

@@ -418,35 +418,6 @@ def _ttfb_tls_once(a, server, proxy, ctx) -> float:
     return (t1 - t0) * 1000 if d else None
 
 
-def _pep_syn_first_bytes(server, pep, cc, timeout: float, request: bytes) -> bytes:
-    """RFC 8803 0-RTT with the request in the SYN too (header + request in one TFO SYN, as
-    libpep.so does when the program writes before the handshake ends): the first bytes of
-    the answer, after the PEP's reply is stripped."""
-    from pepsock import protocol, tfo
-    s = socket.socket(socket.AF_INET6 if ":" in pep[0] else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        set_cc(s, cc)
-        tfo.allow_data_without_cookie(s)
-        s.setblocking(False)
-        data = protocol.connect_request(server[0], server[1]) + request
-        taken = tfo.send_in_syn(s, data, pep)
-        select.select([], [s], [], timeout)
-        s.settimeout(timeout)
-        if taken < len(data):
-            s.sendall(data[taken:])
-        reader = protocol.MessageReader()
-        while not reader.done:
-            d = s.recv(4096)
-            if not d:
-                raise ConnectionError("PEP closed before its reply")
-            reader.feed(d)
-        if any(type(t).__name__ == "Error" for t in reader.message.tlvs):
-            raise ConnectionError(f"PEP error: {reader.message}")
-        return reader.rest or s.recv(16)
-    finally:
-        s.close()
-
-
 def _aio_first_bytes(server, pep, timeout: float, request: bytes) -> bytes:
     """pepsock.open_connection without a timeout (bounded from outside): the first write
     goes in the SYN with the Convert header.  The first bytes of the answer."""
@@ -466,14 +437,12 @@ def _aio_first_bytes(server, pep, timeout: float, request: bytes) -> bytes:
 def cmd_ttfb(a) -> None:
     server = parse_hostport(a.server, "--server")
     proxy = parse_hostport(a.proxy, "--proxy") if a.proxy else None
-    if a.mode in ("pep-syn", "aio") and not a.tls:
-        first_bytes = (_aio_first_bytes if a.mode == "aio" else
-                       lambda sv, pp, to, rq: _pep_syn_first_bytes(sv, pp, a.cc, to, rq))
+    if a.mode == "aio" and not a.tls:
         res = []
         for i in range(a.warmup + a.reps):
             t0 = time.monotonic()
             try:
-                d = first_bytes(server, proxy, a.timeout, f"{a.size}\n".encode())
+                d = _aio_first_bytes(server, proxy, a.timeout, f"{a.size}\n".encode())
                 if i >= a.warmup:
                     res.append({"ttfb_ms": (time.monotonic() - t0) * 1000 if d else None})
             except Exception as e:

@@ -150,6 +150,20 @@ class Runner:
         self.server = procs.agent(self.tb.server, "server", "--port", SERVER_PORT, "--cc", self.tb.s.cc)
         procs.wait_ready(self.server, what="bulk server")
         self._start_relay()
+        if self.pep_ok:
+            self._warm_pep()
+
+    def _warm_pep(self) -> None:
+        """Two connections through the relay before any experiment, so the client's kernel
+        holds the relay's TFO cookie (and pepsock's state its cookie mode), as for any
+        client after its first connection: the measured ones get their SYN data served."""
+        try:
+            p = procs.agent(self.tb.client, "ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}",
+                            "--proxy", f"{ADDR['pep_w']}:{PEP_PORT}", "--mode", "pep", "--reps", 0,
+                            "--warmup", 2, "--timeout", 10, env=self.client_env)
+            procs.result(p, 40)
+        except Exception as e:
+            self.notes.append(f"warm-up connections through the PEP failed: {e!r}")
 
     def relay_argv(self) -> list[str]:
         if self.plan.pep_cmd:
@@ -392,7 +406,7 @@ class Runner:
         modes = [("direct", None), ("tfo", None)]
         if self.pep_ok:
             pep = f"{ADDR['pep_w']}:{PEP_PORT}"
-            modes += [("pep", pep), ("aio", pep), ("pep-syn", pep), ("pep-hs", pep), ("pep-notfo", pep)]
+            modes += [("pep", pep), ("aio", pep), ("pep-hs", pep), ("pep-notfo", pep)]
         else:
             self.notes.append("ttfb: PEP modes skipped: relay " + self.pep_status)
         if proxies.get("connect"):
