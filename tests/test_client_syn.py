@@ -478,3 +478,42 @@ def test_fork_child_gets_a_working_flusher(ns):
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("mode, in_syn", [("pep", True), ("aio", True), ("pep-hs", False)])
+def test_eval_ttfb_rows_send_the_request_in_the_syn(echo, mode, in_syn):
+    """pep eval's TTFB rows (testbed/agents.py): pepsock sync (request_in_syn=True with a
+    timeout) and asyncio put the request in the SYN; pep-hs is the old way."""
+    from pepsock.testbed import agents
+    with Converter() as conv:
+        if mode == "aio":
+            assert agents._aio_first_bytes(echo.address, conv.address, 5, REQUEST) == REQUEST[:16]
+        else:
+            with agents.open_flow(mode, echo.address, conv.address, None, 5, REQUEST) as sock:
+                assert recv_exactly(sock, len(REQUEST)) == REQUEST
+    assert conv.seen[0].syn_data
+    assert conv.seen[0].early_data == (REQUEST if in_syn else b"")
+
+
+@pytest.mark.parametrize("mode, in_syn", [("pep", True), ("aio", True), ("pep-hs", False), ("pep-wait", False)])
+def test_eval_https_rows_send_the_client_hello_in_the_syn(ns, tmp_path, mode, in_syn):
+    """pep eval's HTTPS TTFB rows: the ClientHello rides in the SYN for pepsock sync and
+    asyncio; pep-hs (old way) and pep-wait (the stdlib's wrap_socket) send it later."""
+    import contextlib
+    import io
+    import json
+    from pepsock.testbed import agents
+    from tls_helpers import TLSEchoServer, make_cert
+    cert, key = make_cert(tmp_path)
+    server = TLSEchoServer(cert, key)
+    try:
+        with Converter() as conv:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):      # the agent's command line, as pep eval runs it
+                agents.main(["ttfb", "--tls", "--mode", mode, "--reps", "1", "--warmup", "0",
+                             "--server", "%s:%d" % server.address, "--proxy", "%s:%d" % conv.address])
+            assert json.loads(printed.getvalue())["results"][0]["ttfb_ms"]
+        assert conv.seen[0].syn_data
+        assert (conv.seen[0].early_data[:1] == b"\x16") == in_syn     # a TLS handshake record
+    finally:
+        server.close()

@@ -314,7 +314,7 @@ def test_ipv6_pep_and_destination(ns, cert, client_ctx):
         assert [str(s.connect.address) for s in conv.seen] == ["::1", "::1"]
 
 
-@pytest.mark.parametrize("mode, before", [("pep", True), ("aio", True), ("pep-wait", False)])
+@pytest.mark.parametrize("mode, before", [("pep", True), ("aio", True), ("pep-hs", True), ("pep-wait", False)])
 def test_eval_https_rows_send_the_client_hello_before_the_reply(server, mode, before):
     """pep eval's HTTPS TTFB rows (testbed/agents.py): pepsock sync (pep_aware context) and
     asyncio do not wait for the PEP's reply; the row labelled pep-wait does."""

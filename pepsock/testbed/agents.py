@@ -159,9 +159,12 @@ def open_flow(mode: str, server: tuple[str, int], pep: tuple[str, int] | None,
         s.sendto(request, MSG_FASTOPEN, server)   # blocking: SYN carries the request
         s.settimeout(timeout)
         return s
-    if mode in ("pep", "pep-notfo"):
+    if mode in ("pep", "pep-notfo", "pep-hs"):
+        # pep: the request in the SYN with the Convert header (docs/python.md "The request in
+        # the SYN"; request_in_syn because a timeout alone would keep the old way); pep-hs: the
+        # old way, create_connection returns after the TCP handshake with the PEP
         import pepsock
-        s = pepsock.create_connection(server, timeout=timeout, pep=pep)
+        s = pepsock.create_connection(server, timeout=timeout, pep=pep, request_in_syn=mode != "pep-hs")
         set_cc(s, cc)
         s.sendall(request)
         return s
@@ -364,10 +367,12 @@ def _tls_context():
 def _ttfb_tls_once(a, server, proxy, ctx) -> float:
     """One HTTPS-like exchange (TLS 1.3 handshake, then "<size>\\n"), by a.mode:
     direct, pep (pepsock sync: the context made pepsock.tls.pep_aware, so wrap_socket of
-    the PepSocket sends the ClientHello before the PEP's reply), pep-wait (the stdlib's
-    wrap_socket of the PepSocket, which waits for the reply), connect, socks5 (TLS inside
-    the tunnel), aio (pepsock.open_connection(ssl=...), no wait), curl / curl-libpep
-    (curl, the latter with LD_PRELOAD=libpep.so)."""
+    the PepSocket sends the ClientHello in the SYN, behind the Convert header), pep-hs (the
+    same with create_connection returning after the TCP handshake, the ClientHello right
+    after it: the old way), pep-wait (the stdlib's wrap_socket of the PepSocket, which
+    waits for the reply), connect, socks5 (TLS inside the tunnel), aio
+    (pepsock.open_connection(ssl=...) without a timeout: the ClientHello in the SYN),
+    curl / curl-libpep (curl, the latter with LD_PRELOAD=libpep.so)."""
     req = f"{a.size}\n".encode()
     if a.mode.startswith("curl"):
         import subprocess
@@ -387,19 +392,21 @@ def _ttfb_tls_once(a, server, proxy, ctx) -> float:
 
         async def once():
             t0 = time.monotonic()
-            r, w = await pepsock.open_connection(server[0], server[1], pep=proxy, ssl=ctx,
-                                                 server_hostname="server", timeout=a.timeout)
+            # no timeout, so the ClientHello goes in the SYN; bounded from outside instead
+            r, w = await asyncio.wait_for(pepsock.open_connection(
+                server[0], server[1], pep=proxy, ssl=ctx, server_hostname="server"), a.timeout)
             w.write(req)
             d = await asyncio.wait_for(r.read(16), a.timeout)
             t1 = time.monotonic()
             w.close()
             return (t1 - t0) * 1000 if d else None
         return asyncio.run(once())
-    if a.mode == "pep":
+    if a.mode in ("pep", "pep-hs"):
         import pepsock.tls
         ctx = pepsock.tls.pep_aware(ctx)   # idempotent; the waiting row is pep-wait
     t0 = time.monotonic()
-    s = open_flow("pep" if a.mode == "pep-wait" else a.mode, server, proxy, a.cc, a.timeout, b"")
+    # pep-wait: the stdlib's SSLSocket takes the descriptor, so the old way underneath too
+    s = open_flow("pep-hs" if a.mode == "pep-wait" else a.mode, server, proxy, a.cc, a.timeout, b"")
     # as curl and asyncio do: without it, Nagle holds the request behind the unacked
     # client Finished, one more round trip
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -411,44 +418,31 @@ def _ttfb_tls_once(a, server, proxy, ctx) -> float:
     return (t1 - t0) * 1000 if d else None
 
 
-def _pep_syn_first_bytes(server, pep, cc, timeout: float, request: bytes) -> bytes:
-    """RFC 8803 0-RTT with the request in the SYN too (header + request in one TFO SYN, as
-    libpep.so does when the program writes before the handshake ends): the first bytes of
-    the answer, after the PEP's reply is stripped."""
-    from pepsock import protocol, tfo
-    s = socket.socket(socket.AF_INET6 if ":" in pep[0] else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        set_cc(s, cc)
-        tfo.allow_data_without_cookie(s)
-        s.setblocking(False)
-        data = protocol.connect_request(server[0], server[1]) + request
-        taken = tfo.send_in_syn(s, data, pep)
-        select.select([], [s], [], timeout)
-        s.settimeout(timeout)
-        if taken < len(data):
-            s.sendall(data[taken:])
-        reader = protocol.MessageReader()
-        while not reader.done:
-            d = s.recv(4096)
-            if not d:
-                raise ConnectionError("PEP closed before its reply")
-            reader.feed(d)
-        if any(type(t).__name__ == "Error" for t in reader.message.tlvs):
-            raise ConnectionError(f"PEP error: {reader.message}")
-        return reader.rest or s.recv(16)
-    finally:
-        s.close()
+def _aio_first_bytes(server, pep, timeout: float, request: bytes) -> bytes:
+    """pepsock.open_connection without a timeout (bounded from outside): the first write
+    goes in the SYN with the Convert header.  The first bytes of the answer."""
+    import asyncio
+    import pepsock
+
+    async def once():
+        r, w = await asyncio.wait_for(pepsock.open_connection(server[0], server[1], pep=pep), timeout)
+        try:
+            w.write(request)
+            return await asyncio.wait_for(r.read(16), timeout)
+        finally:
+            w.close()
+    return asyncio.run(once())
 
 
 def cmd_ttfb(a) -> None:
     server = parse_hostport(a.server, "--server")
     proxy = parse_hostport(a.proxy, "--proxy") if a.proxy else None
-    if a.mode == "pep-syn":
+    if a.mode == "aio" and not a.tls:
         res = []
         for i in range(a.warmup + a.reps):
             t0 = time.monotonic()
             try:
-                d = _pep_syn_first_bytes(server, proxy, a.cc, a.timeout, f"{a.size}\n".encode())
+                d = _aio_first_bytes(server, proxy, a.timeout, f"{a.size}\n".encode())
                 if i >= a.warmup:
                     res.append({"ttfb_ms": (time.monotonic() - t0) * 1000 if d else None})
             except Exception as e:

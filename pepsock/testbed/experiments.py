@@ -150,15 +150,33 @@ class Runner:
         self.server = procs.agent(self.tb.server, "server", "--port", SERVER_PORT, "--cc", self.tb.s.cc)
         procs.wait_ready(self.server, what="bulk server")
         self._start_relay()
+        if self.pep_ok:
+            self._warm_pep()
+
+    def _warm_pep(self) -> None:
+        """Two connections through the relay before any experiment, so the client's kernel
+        holds the relay's TFO cookie (and pepsock's state its cookie mode), as for any
+        client after its first connection: the measured ones get their SYN data served."""
+        try:
+            p = procs.agent(self.tb.client, "ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}",
+                            "--proxy", f"{ADDR['pep_w']}:{PEP_PORT}", "--mode", "pep", "--reps", 0,
+                            "--warmup", 2, "--timeout", 10, env=self.client_env)
+            procs.result(p, 40)
+        except Exception as e:
+            self.notes.append(f"warm-up connections through the PEP failed: {e!r}")
 
     def relay_argv(self) -> list[str]:
         if self.plan.pep_cmd:
             return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
         s = self.tb.s
-        # --no-cookie: the testbed is a managed network without forged sources,
-        # and the thesis's PEP serves 0-RTT from a client's first connection.
+        # The default TFO-cookie mode: a client's warm-up connections get the relay's TFO
+        # cookie, then its SYN's data is served at once (0-RTT).  --no-cookie would hold an
+        # unverified client's data until its handshake completes, one R1 that the satellite
+        # hop shows (docs/relay.md, "What each mode costs").  --no-onward-tfo: the relay's
+        # own SYN to the server carries no data, so the PEP rows measure RFC 8803's R1+2R2
+        # rather than the relay's onward TFO (R1+R2 once it holds the server's cookie).
         return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
-                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--no-cookie",
+                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--no-onward-tfo",
                 "--client-cc", s.pep_client_cc or s.cc, "--server-cc", s.pep_server_cc or s.cc]
 
     def _start_relay(self) -> None:
@@ -387,8 +405,8 @@ class Runner:
         proxies = self._start_proxies()
         modes = [("direct", None), ("tfo", None)]
         if self.pep_ok:
-            modes += [("pep", f"{ADDR['pep_w']}:{PEP_PORT}"), ("pep-syn", f"{ADDR['pep_w']}:{PEP_PORT}"),
-                      ("pep-notfo", f"{ADDR['pep_w']}:{PEP_PORT}")]
+            pep = f"{ADDR['pep_w']}:{PEP_PORT}"
+            modes += [("pep", pep), ("aio", pep), ("pep-hs", pep), ("pep-notfo", pep)]
         else:
             self.notes.append("ttfb: PEP modes skipped: relay " + self.pep_status)
         if proxies.get("connect"):
@@ -453,7 +471,7 @@ def exp_tls(runner: "Runner", progress, rate_mbit: float = 75.0, timeout: float 
     pep = f"{ADDR['pep_w']}:{PEP_PORT}"
     modes = [("direct", None), ("curl", None)]
     if runner.pep_ok:
-        modes += [("pep", pep), ("aio", pep), ("pep-wait", pep)]
+        modes += [("pep", pep), ("aio", pep), ("pep-hs", pep), ("pep-wait", pep)]
         lib = _libpep()
         if lib:
             modes.append(("curl-libpep", pep))

@@ -329,41 +329,53 @@ def plot_flows(res, path: str) -> bool:
     return True
 
 
-TTFB_ORDER = ["direct", "tfo", "pep", "pep-syn", "pep-notfo", "connect", "socks5"]
-TTFB_NAME = {"direct": "direct", "tfo": "direct + TFO", "pep": "PEP 0-RTT (pepsock.create_connection)",
-             "pep-syn": "PEP 0-RTT, request in the SYN", "pep-notfo": "PEP, no TFO",
+TTFB_ORDER = ["direct", "tfo", "pep", "aio", "pep-syn", "pep-hs", "pep-notfo", "connect", "socks5"]
+TTFB_NAME = {"direct": "direct", "tfo": "direct + TFO",
+             "pep": "PEP 0-RTT, request in the SYN (pepsock.create_connection, request_in_syn=True)",
+             "aio": "PEP 0-RTT, request in the SYN (pepsock.open_connection + write)",
+             "pep-syn": "PEP 0-RTT, request in the SYN (hand-built RFC 8803 SYN)",
+             "pep-hs": "PEP 0-RTT, old way (create_connection returns after the handshake)",
+             "pep-notfo": "PEP, client TFO off (request_in_syn=True)",
              "connect": "HTTP CONNECT", "socks5": "SOCKS5"}
 
 
 def ttfb_formula(mode: str, r1: float, r2: float) -> float:
-    # pepsock.create_connection returns once the handshake with the PEP is done, so the
-    # request leaves one R1 after the header and waits for that or the PEP's onward connect
-    # (R2), whichever is later.  Without TFO, the request also waits (Nagle) for the ACK of
-    # the header sent just before it.  With the request in the SYN: R1 + 2 R2 (RFC 8803).
-    return {"direct": 2 * r1 + 2 * r2, "tfo": r1 + r2, "pep": r1 + r2 + max(r1, r2), "pep-syn": r1 + 2 * r2,
-            "pep-notfo": 2 * r1 + r2 + max(r1, r2),
+    # With the request in the SYN behind the Convert header (RFC 8803's 0-RTT), the PEP
+    # forwards it once its onward connect is done: R1 + 2 R2.  The old way (pep-hs):
+    # create_connection returns once the handshake with the PEP is done, so the request
+    # leaves one R1 after the header and waits for that or the PEP's onward connect (R2),
+    # whichever is later.  Without client TFO there is no SYN data: the header and the
+    # request follow the handshake (TCP_NODELAY until the reply, so no Nagle wait): 2R1+2R2.
+    return {"direct": 2 * r1 + 2 * r2, "tfo": r1 + r2, "pep": r1 + 2 * r2, "aio": r1 + 2 * r2,
+            "pep-syn": r1 + 2 * r2, "pep-hs": r1 + r2 + max(r1, r2), "pep-notfo": 2 * r1 + 2 * r2,
             "connect": 3 * r1 + 2 * r2, "socks5": 4 * r1 + 2 * r2}[mode]
 
 
-# HTTPS (TLS 1.3): TCP handshake, TLS handshake (1 RTT), request -> first byte. Through the PEP
-# the ClientHello leaves right after the TCP handshake with the PEP, before its reply (libpep.so,
-# pepsock.tls, asyncio's TLS over a PepSocket), so it waits for that handshake or the PEP's onward
-# connect, whichever is later: 2R1+2R2+max(R1,R2) (2R1+3R2 when R2 > R1). pep-wait is the stdlib's
-# wrap_socket of a PepSocket, which waits for the reply: 3R1+3R2, as direct. With the ClientHello
-# in the SYN every PEP method would be 2R1+3R2.
+# HTTPS (TLS 1.3): TCP handshake, TLS handshake (1 RTT), request -> first byte. pepsock's
+# no-wait paths put the ClientHello in the SYN behind the Convert header: the PEP forwards it
+# once its onward connect is done, the ServerHello is back at R1+2R2, the Finished and the
+# request take one more R1+R2: 2R1+3R2. libpep.so (curl-libpep) and pepsock's old way (pep-hs:
+# create_connection with a timeout) send the ClientHello right after the TCP handshake with the
+# PEP, before its reply, so it waits for that handshake or the PEP's onward connect, whichever
+# is later: 2R1+2R2+max(R1,R2) (equal to 2R1+3R2 when R2 >= R1). pep-wait is the stdlib's
+# wrap_socket of a PepSocket, which waits for the reply: 3R1+3R2, as direct.
+_PEP_TLS_SYN = ("2R1+3R2", lambda a, b: 2 * a + 3 * b)
 _PEP_TLS = ("2R1+2R2+max(R1,R2)", lambda a, b: 2 * a + 2 * b + max(a, b))
-TLS_ORDER = ["direct", "curl", "pep", "aio", "curl-libpep", "pep-wait", "connect", "socks5"]
-TLS_NAME = {"direct": "direct (Python ssl)", "curl": "direct (curl)", "pep": "pepsock sync + ssl (pep_aware)",
-            "aio": "pepsock asyncio (ssl=)", "curl-libpep": "curl + libpep.so",
+TLS_ORDER = ["direct", "curl", "pep", "aio", "pep-hs", "curl-libpep", "pep-wait", "connect", "socks5"]
+TLS_NAME = {"direct": "direct (Python ssl)", "curl": "direct (curl)",
+            "pep": "pepsock sync + ssl (pep_aware), ClientHello in the SYN",
+            "aio": "pepsock asyncio (ssl=), ClientHello in the SYN",
+            "pep-hs": "pepsock sync + ssl (pep_aware), old way (connect returns after the handshake)",
+            "curl-libpep": "curl + libpep.so",
             "pep-wait": "pepsock sync + stdlib wrap_socket (waits for the reply)",
             "connect": "HTTP CONNECT + TLS", "socks5": "SOCKS5 + TLS"}
 TLS_FORMULA = {"direct": ("3R1+3R2", lambda a, b: 3 * a + 3 * b), "curl": ("3R1+3R2", lambda a, b: 3 * a + 3 * b),
-               "pep": _PEP_TLS, "aio": _PEP_TLS, "curl-libpep": _PEP_TLS,
+               "pep": _PEP_TLS_SYN, "aio": _PEP_TLS_SYN, "pep-hs": _PEP_TLS, "curl-libpep": _PEP_TLS,
                "pep-wait": ("3R1+3R2", lambda a, b: 3 * a + 3 * b),
                "connect": ("4R1+3R2", lambda a, b: 4 * a + 3 * b), "socks5": ("5R1+3R2", lambda a, b: 5 * a + 3 * b)}
 
-TTFB_TEXT = {"direct": "2R1+2R2", "tfo": "R1+R2", "pep": "R1+R2+max(R1,R2)", "pep-syn": "R1+2R2",
-             "pep-notfo": "2R1+R2+max(R1,R2)",
+TTFB_TEXT = {"direct": "2R1+2R2", "tfo": "R1+R2", "pep": "R1+2R2", "aio": "R1+2R2", "pep-syn": "R1+2R2",
+             "pep-hs": "R1+R2+max(R1,R2)", "pep-notfo": "2R1+2R2",
              "connect": "3R1+2R2", "socks5": "4R1+2R2"}
 
 
@@ -668,19 +680,25 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         L.append("## Time to first byte\n")
         L.append(f"R1 = {r1:.2f} ms and R2 = {r2:.2f} ms as measured by the calibration pings; no other "
                  "traffic; wireless link at 75 Mbit/s. Request: a few bytes; TTFB runs from the start of "
-                 "connecting to the first byte of the answer.\n")
+                 "connecting to the first byte of the answer. pepsock's rows put the request in the SYN "
+                 "behind the Convert header (docs/python.md, \"The request in the SYN\"); the pep-hs row "
+                 "is the old way (create_connection with a timeout returns after the TCP handshake with "
+                 "the PEP, then the request), which differs only when R1 > R2.\n")
         _ttfb_table(L, S["ttfb"])
     if S["tls"]:
         L.append("## HTTPS time to first byte\n")
         L.append("A TLS 1.3 handshake (self-signed certificate, not verified), then the request; TTFB from "
                  "the start of connecting to the first byte of the answer; the link idle at 75 Mbit/s. "
                  "curl's number is its time_starttransfer. Formula: TCP handshake + one TLS round trip + the "
-                 "request. Through the PEP, curl + libpep.so and pepsock (sync with its context made "
-                 "pepsock.tls.pep_aware, asyncio open_connection(ssl=)) send the ClientHello right after "
-                 "the TCP handshake with the PEP, before its reply, which overlaps the PEP's onward connect "
-                 "(2R1+2R2+max(R1,R2): 2R1+3R2 when R2 > R1). The stdlib's own wrap_socket of a PepSocket "
-                 "waits for the reply (the pep-wait row): 3R1+3R2, as direct. With the ClientHello in the "
-                 "SYN every PEP method would be 2R1+3R2.\n")
+                 "request. Through the PEP, pepsock (sync with its context made pepsock.tls.pep_aware, "
+                 "asyncio open_connection(ssl=)) puts the ClientHello in the SYN behind the Convert header "
+                 "(create_connection(request_in_syn=True), open_connection without a timeout): the PEP "
+                 "forwards it once its onward connect is done, 2R1+3R2. curl + libpep.so and pepsock's old "
+                 "way (create_connection with a timeout, the pep-hs row) send it right after the TCP "
+                 "handshake with the PEP, before its reply, which overlaps the PEP's onward connect "
+                 "(2R1+2R2+max(R1,R2): the same 2R1+3R2 when R2 >= R1, R1-R2 more when R1 > R2). The "
+                 "stdlib's own wrap_socket of a PepSocket waits for the reply (the pep-wait row): 3R1+3R2, "
+                 "as direct.\n")
         _ttfb_table(L, S["tls"], TLS_NAME)
     sat = S.get("satellite")
     if sat:
@@ -737,14 +755,14 @@ def _ttfb_targets(t: dict, r1: float, where: str) -> list[str]:
     """RFC 8803's 0-RTT (the request in the SYN, when measured) within 10% of R1+2R2, and
     how far each PEP method is below direct (about R1 is the protocol's gain)."""
     lines = []
-    key = "pep-syn" if "pep-syn" in t and t["pep-syn"]["ci"][2] else "pep"
+    key = "pep" if "pep" in t and t["pep"]["ci"][2] else "pep-syn"
     if key in t and t[key]["ci"][2]:
         m, f = t[key]["ci"][0], t[key]["formula"]
         dev = (m - f) / f * 100
         lines.append(f"| {where}TTFB {TTFB_NAME[key]} within 10% of {TTFB_TEXT[key]} | {m:.1f} ms vs {f:.1f} ms "
                      f"({dev:+.1f}%) | {'met' if abs(dev) <= 10 else '**missed**'} |")
         if "direct" in t and t["direct"]["ci"][2]:
-            for k in dict.fromkeys((key, "pep")):
+            for k in dict.fromkeys((key, "aio")):
                 if k in t and t[k]["ci"][2]:
                     gain = t["direct"]["ci"][0] - t[k]["ci"][0]
                     lines.append(f"| {where}TTFB {TTFB_NAME[k]} at least 0.9 R1 below direct | {gain:.1f} ms below "
