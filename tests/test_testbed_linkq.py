@@ -19,34 +19,11 @@ cffi = pytest.importorskip("cffi")
 
 from pepsock.testbed.delayline import build_linkq_lib  # noqa: E402
 
-CDEF = """
-struct lq_stats {
-    uint64_t in, out, out_bytes, drop_overflow, drop_codel, drop_loss, drop_nobuf, drop_flush,
-             backlog_max_bytes;
-};
-struct lq;
-struct lq *lq_new(size_t slots);
-void lq_free(struct lq *q);
-int lq_set_qdisc(struct lq *q, const char *kind, uint64_t limit);
-const char *lq_qdisc_name(const struct lq *q);
-void lq_set_codel(struct lq *q, uint64_t target_ns, uint64_t interval_ns);
-void lq_set_quantum(struct lq *q, uint32_t quantum);
-void lq_set_delay(struct lq *q, uint64_t delay_ns);
-void lq_set_overhead(struct lq *q, uint32_t bytes);
-void lq_set_loss(struct lq *q, double p, uint64_t seed);
-void lq_set_rate(struct lq *q, uint64_t now, uint64_t rate_bps);
-int lq_set_schedule(struct lq *q, uint64_t now, uint64_t t0, uint64_t period_ns, size_t n,
-                    const uint64_t *at_ns, const uint64_t *rate_bps);
-uint64_t lq_rate_at(const struct lq *q, uint64_t t);
-int lq_push(struct lq *q, uint64_t now, const uint8_t *pkt, size_t len);
-int lq_pop(struct lq *q, uint64_t now, const uint8_t **data, size_t *len, uint64_t *t_in,
-           uint64_t *t_due);
-uint64_t lq_next_event(struct lq *q, uint64_t now);
-void lq_get_stats(const struct lq *q, struct lq_stats *st);
-size_t lq_backlog_packets(const struct lq *q);
-uint64_t lq_backlog_bytes(const struct lq *q);
-uint32_t lq_flow_of(const struct lq *q, const uint8_t *pkt, size_t len);
-"""
+# The declarations are linkq.h's own (its preprocessor lines aside: cffi's cdef
+# takes none), so the test cannot drift from the header.
+HEADER = os.path.join(os.path.dirname(__file__), os.pardir, "pepsock", "testbed", "linkq.h")
+with open(HEADER) as f:
+    CDEF = "".join(line for line in f if not line.startswith("#"))
 
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
