@@ -202,6 +202,9 @@ class Converter:
                 server = _direct_connection((str(target.address), target.port), timeout=5)
             except OSError as exc:
                 code, value = protocol.error_for_connect_failure(exc.errno or 0)
+                self._hold_reply()      # reply_delay holds an Error reply too
+                if self._stop:
+                    return
                 self._reply(client, protocol.error_reply(code, value))
                 return
             with server:
