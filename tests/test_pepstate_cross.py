@@ -241,6 +241,36 @@ def test_both_read_any_line_alike(state_dir, line):
     assert c_read(sockaddr("192.0.2.11", 4004)) == py_meaning(py_load(state_dir, name)), line
 
 
+@pytest.mark.parametrize("size, read", [(4096, True), (4097, False)])
+def test_both_ignore_a_file_over_4096_bytes(state_dir, size, read):
+    """The read bound (docs/reliability.md): a file of up to 4,096 bytes is
+    read, a larger one ignored whole, by both sides alike."""
+    name = pepstate.file_name("192.0.2.12", 4005)
+    fresh(state_dir, name)
+    line = "down_until=1234 rtt_us=5678 "
+    line += "x=" + "a" * (size - len(line) - 3) + "\n"
+    assert len(line) == size
+    with open(os.path.join(state_dir, name), "w") as f:
+        f.write(line)
+    want = {"down_until": 1234, "rtt_us": 5678} if read else {}
+    assert c_read(sockaddr("192.0.2.12", 4005)) == want
+    assert py_meaning(py_load(state_dir, name)) == want
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_both_ignore_a_file_they_do_not_own(state_dir):
+    """Another user's file (a planted hold-down or cookie) is ignored by both."""
+    name = pepstate.file_name("192.0.2.13", 4006)
+    fresh(state_dir, name)
+    path = os.path.join(state_dir, name)
+    with open(path, "w") as f:
+        f.write("down_until=99999999999 cookie=00112233445566778899aabb\n")
+    assert c_read(sockaddr("192.0.2.13", 4006)) != {}      # owned: read
+    os.chown(path, 12345, 12345)
+    assert c_read(sockaddr("192.0.2.13", 4006)) == {}
+    assert py_meaning(py_load(state_dir, name)) == {}
+
+
 # -- end to end: libpep.so in a program and pepsock in this process -----------------------
 
 COOKIE = bytes(range(1, 13))
