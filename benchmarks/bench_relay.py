@@ -479,6 +479,23 @@ def _meminfo_kb(key: str = "MemAvailable") -> int:
     return 0
 
 
+def _slab_in_use() -> int:
+    """Bytes of kernel slab objects in use, machine-wide (/proc/slabinfo, root
+    only; else the Slab line of /proc/meminfo in bytes).  In-use objects, not
+    slab pages: freed sockets of a way measured before leave pages behind that
+    the next way reuses, which page counts would hide."""
+    try:
+        total = 0
+        with open("/proc/slabinfo") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[1].isdigit():
+                    total += int(parts[1]) * int(parts[3])
+        return total
+    except OSError:
+        return _meminfo_kb("Slab") * 1024
+
+
 def _tree_rss_kb(pid: int) -> int:
     return sum(_rss_kb(p) for p in [pid, *_children(pid)])
 
@@ -518,17 +535,17 @@ def bench_idle(procs: Procs, tmp: str, n: int, ways) -> dict:
         h.stdout.readline()
     out = {"workers": workers, "ways": {}}
 
-    def measure(name: str, proxy, port: int, tunnel_dest: int) -> None:
+    def measure(name: str, proxy, port: int, tunnel_dest: int, n: int = n) -> None:
         time.sleep(0.5)
         rss0 = _tree_rss_kb(proxy.pid) if proxy else 0
-        slab0 = _meminfo_kb("Slab")
+        slab0 = _slab_in_use()
         clients, opened, failed, took = _hold_connections(procs, port, tunnel_dest, n, parts)
         time.sleep(1.0)
         rss1 = _tree_rss_kb(proxy.pid) if proxy else 0
-        slab1 = _meminfo_kb("Slab")
+        slab1 = _slab_in_use()
         row = {"open": opened, "failed": failed, "seconds": took,
                "rss_b": (rss1 - rss0) * 1024 / max(1, opened),
-               "slab_b": (slab1 - slab0) * 1024 / max(1, opened)}
+               "slab_b": (slab1 - slab0) / max(1, opened)}
         if tunnel_dest:
             row["alive"] = proxy.poll() is None and all(_rss_kb(p) for p in _children(proxy.pid))
             row["probe"] = _probe(port, tunnel_dest)     # still usable with all held?
@@ -539,8 +556,13 @@ def bench_idle(procs: Procs, tmp: str, n: int, ways) -> dict:
 
     try:
         measure("direct", None, dest, 0)
-        haproxy, hport = start_haproxy(procs, tmp, dest, threads=1, maxconn=n + 100)
-        measure("haproxy", haproxy, hport, 0)
+        # haproxy (one process) wants 2 fds per maxconn, 2 per pipe (splice-auto:
+        # maxconn/4 pipes) and ~220 of its own within the hard fd limit, or it
+        # refuses to start.
+        import resource
+        hn = min(n, int((resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 600) / 2.5) - 100)
+        haproxy, hport = start_haproxy(procs, tmp, dest, threads=1, maxconn=hn + 100)
+        measure("haproxy", haproxy, hport, 0, hn)
         procs.stop(haproxy)
         for name, args, root in ways:
             relay, rport = start_relay(procs, "--workers", str(workers), "--max-per-client",
@@ -569,9 +591,10 @@ def print_idle(r: dict, n: int) -> None:
         rss = "" if name == "direct" else f"{w['rss_b']:9.0f}"
         print(f"  {name:10s} {w['open']:6d} {w['failed']:6d} {rss:>9s} {w['slab_b']:7.0f} "
               f"{extra:>13s}  {notes}")
-    print("  user RSS: the proxy's processes' resident memory growth; Slab: the machine's "
-          "kernel slab growth (all sockets of the path); Slab - direct: what the proxy's own "
-          "two sockets add (machine-wide, so other load shows up as noise)")
+    print("  user RSS: the proxy's processes' resident memory growth; Slab: growth of the "
+          "machine's kernel slab objects in use (every socket of the path, both ends); "
+          "Slab - direct: what the proxy's own two sockets and its epoll entries add "
+          "(machine-wide: other load shows up as noise)")
 
 
 def _probe(rport: int, dest: int) -> str:
