@@ -1,23 +1,28 @@
 #!/usr/bin/env python3
 """Benchmark `pep relay` against direct and haproxy, side by side in one run.
 
-    python3 benchmarks/bench_relay.py [--duration 5] [--rounds 2] [--idle 10000]
+    python3 benchmarks/bench_relay.py [--duration 5] [--rounds 3] [--idle 10000]
+        [--baseline-root DIR] [--relay-way NAME=ARGS ...] [--only bulk|conns|idle]
 
 Prints ratios, not just absolute numbers: on a shared machine only numbers
 taken in the same run, interleaved, are comparable.
 
-1. bulk: one iperf3 flow on loopback, three ways, interleaved per round:
-   direct; through haproxy (mode tcp, option splice-auto); through the relay
-   with the client under LD_PRELOAD=preload/libpep.so (PEP_PROXY=relay,
-   PEP_NO_PROXY= so loopback is not bypassed).  Best of the rounds.
-   Targets: relay >= 0.75x direct and >= 1.0x haproxy.
+1. bulk: one iperf3 flow on loopback: direct; through haproxy (mode tcp,
+   option splice-auto); through each relay with the client under
+   LD_PRELOAD=preload/libpep.so (PEP_PROXY=relay, PEP_NO_PROXY= so loopback is
+   not bypassed).  The relays: this checkout's (--relay-args), one per
+   --relay-way NAME=ARGS (e.g. other buffer sizes), and 'base' (the relay of
+   --baseline-root), all running at once.  Every proxy run sits between two
+   direct runs and is compared with their mean; medians and spread over the
+   rounds, plus each proxy's CPU seconds per GB.
+   Targets (issue 12): relay >= 0.95x direct and >= 1.5x haproxy.
 2. conn/s: wrk -c64 with `Connection: close` to nginx, through haproxy and
    through libpep.so + relay.  Both proxies get the same number of cores
-   (--proxy-cpus: haproxy nbthread N, relay --workers N).  Target >= 0.5x.
-3. idle: N tunnels opened through the relay (TFO client with the Convert
-   header, reply read) to a server that holds them; the relay's RSS per
-   tunnel, and the whole machine's memory per tunnel (all three sockets
-   ends and both test processes included: an upper bound).
+   (--proxy-cpus: haproxy nbthread N, relay --workers N).  Target >= 1.0x.
+3. idle: N connections held through each way in turn (direct, haproxy, each
+   relay as in bulk; tunnels through the relays): per connection, the
+   proxy's user-space RSS growth and the kernel slab objects in use, minus
+   what the direct way's two sockets take (so: the proxy's own two sockets).
 
 Needs iperf3, haproxy, nginx, wrk; libpep.so is built with `make -C preload`
 if missing.  Nothing is changed on the host (no sysctls).
