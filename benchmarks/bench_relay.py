@@ -17,7 +17,7 @@ taken in the same run, interleaved, are comparable.
    rounds, plus each proxy's CPU seconds per GB.
    Targets (issue 12): relay >= 0.95x direct and >= 1.5x haproxy.
 2. conn/s: wrk -c64 with `Connection: close` to nginx, through haproxy and
-   through libpep.so + relay.  Both proxies get the same number of cores
+   through libpep.so + each relay (as in bulk).  The proxies get the same number of cores
    (--proxy-cpus: haproxy nbthread N, relay --workers N).  Target >= 1.0x.
 3. idle: N connections held through each way in turn (direct, haproxy, each
    relay as in bulk; tunnels through the relays): per connection, the
@@ -375,17 +375,18 @@ def wrk(port: int, seconds: float, env=None) -> tuple[float, str]:
     return float(m.group(1)), note
 
 
-def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int) -> dict:
+def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int,
+                relays) -> dict:
+    """wrk rates per round: direct, haproxy, and each relay way (relay_ways)."""
     nginx, nport = start_nginx(procs, tmp)
     haproxy, hport = start_haproxy(procs, tmp, nport, threads=cpus)
-    relay, rport = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
-                               "--no-tunnel-log")
-    ways = [("direct", nport, None), ("haproxy", hport, None), ("relay", nport, pep_env(rport))]
-    base = None
-    if BASELINE_ROOT:
-        base, bport = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
-                                  "--no-tunnel-log", root=BASELINE_ROOT)
-        ways.append(("base", nport, pep_env(bport)))
+    ways = [("direct", nport, None), ("haproxy", hport, None)]
+    started = []
+    for name, args, root in relays:
+        p, port = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
+                              "--no-tunnel-log", *args, root=root)
+        started.append(p)
+        ways.append((name, nport, pep_env(port)))
     results = {name: [] for name, _, _ in ways}
     results["notes"] = {}
     try:
@@ -395,9 +396,8 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int) 
                 results[name].append(rate)
                 results["notes"].setdefault(name, []).append(note)
     finally:
-        procs.stop(relay)
-        if base is not None:
-            procs.stop(base)
+        for p in started:
+            procs.stop(p)
         procs.stop(haproxy)
         procs.stop(nginx)
     return results
@@ -632,10 +632,10 @@ def main(argv=None) -> int:
     ap.add_argument("--proxy-cpus", type=int, default=2,
                     help="haproxy threads = relay workers for conn/s")
     ap.add_argument("--relay-args", default="",
-                    help="extra options for the relay (and the baseline's) in bulk and idle, "
+                    help="extra options for the relay (and the baseline's) in every test, "
                          "e.g. '--pipe-size 256k'")
     ap.add_argument("--relay-way", action="append", metavar="NAME=ARGS",
-                    help="bulk, idle: one more relay of this checkout, run side by side with its "
+                    help="one more relay of this checkout, run side by side with its "
                          "own options, e.g. 'auto=--client-rcvbuf 0 --client-sndbuf 0' "
                          "(repeatable)")
     ap.add_argument("--no-netns", action="store_true",
@@ -700,19 +700,20 @@ def main(argv=None) -> int:
             if not libpep:
                 print("conns: SKIPPED, preload/libpep.so missing")
             else:
-                r = bench_conns(procs, tmp, args.duration, args.rounds, args.proxy_cpus)
-                names = [k for k in ("direct", "haproxy", "relay", "base") if k in r]
+                ways = relay_ways(args.relay_args.split(), args.relay_way or [])
+                r = bench_conns(procs, tmp, args.duration, args.rounds, args.proxy_cpus, ways)
+                names = ["direct", "haproxy"] + [name for name, _, _ in ways]
                 best = {k: max(r[k]) for k in names}
                 print(f"\n## new connections/s: wrk -t2 -c64 'Connection: close' to nginx "
                       f"(proxies on {args.proxy_cpus} cpus; best of {args.rounds}"
-                      + (f"; base: the relay of {BASELINE_ROOT}" if "base" in r else "") + ")")
+                      + (f"; base: the relay of {BASELINE_ROOT}" if BASELINE_ROOT else "") + ")")
                 for k in names:
                     print(f"  {k:8s} {best[k]:9.0f}/s   rounds: "
                           + " ".join(f"{x:.0f}" for x in r[k])
                           + "   " + "; ".join(sorted(set(r["notes"][k]))))
-                print(f"  relay/haproxy = {best['relay'] / best['haproxy']:.2f}  (target >= 1.0)")
-                if "base" in best:
-                    print(f"  base/haproxy  = {best['base'] / best['haproxy']:.2f}")
+                for k in names[2:]:
+                    print(f"  {k}/haproxy = {best[k] / best['haproxy']:.2f}"
+                          + ("  (target >= 1.0)" if k == "relay" else ""))
         if "idle" in only and args.idle:
             ways = relay_ways(args.relay_args.split(), args.relay_way or [])
             print_idle(bench_idle(procs, tmp, args.idle, ways), args.idle)
