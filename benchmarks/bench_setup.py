@@ -2,6 +2,7 @@
 """Connection set-up latency through `pep relay`, against direct and haproxy.
 
     sudo python3 benchmarks/bench_setup.py [-n 2000] [--rounds 4] [--baseline-root DIR]
+        [--relay-args ARGS] [--relay-way NAME=ARGS ...] [--strace N]
 
 Sequential connections on loopback, each: connect, 1 byte each way, close.
 Medians of N per way, the ways interleaved in --rounds chunks, all in one run:
@@ -13,8 +14,13 @@ Medians of N per way, the ways interleaved in --rounds chunks, all in one run:
   relay py   pepsock.create_connection (PEP_PROXY = the relay), send, recv
   base raw / base py   the same through a relay run from --baseline-root (an
              older checkout), so before/after numbers come from one run
+  NAME raw / NAME py   the same through a relay of this checkout started with
+             --relay-way NAME=ARGS (e.g. another engine), one pair per way
 
 "added" is the way's median minus direct's: what the proxy adds to a connection.
+Each proxy's process CPU per connection (haproxy's and each relay's) follows.
+The proxies are started with bench_relay.py's helpers (the same haproxy
+configuration, the same relay command line).
 As root everything runs in a private network namespace with net.ipv4.tcp_fastopen=3
 set inside it (the relay serves 0-RTT as deployed); the host is not touched.
 The echo server runs in its own process with TCP_FASTOPEN on its listener.
