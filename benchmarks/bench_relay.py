@@ -33,10 +33,12 @@ import argparse
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -408,6 +410,12 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int,
 # per process, so the load is split over several).
 
 
+#: SO_LINGER {1, 0}: the idle test's helpers end their connections with a
+#: reset, so no TIME_WAIT sockets are left to expire (and shrink the machine's
+#: slab) while the next way is measured.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
 def _hold_server(port: int) -> None:
     """Accept and hold connections on 127.0.0.1:port (SO_REUSEPORT group)."""
     ls = socket.socket()
@@ -418,6 +426,7 @@ def _hold_server(port: int) -> None:
     print("ready", flush=True)
     while True:
         c, _ = ls.accept()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         held.append(c)
 
 
@@ -444,6 +453,7 @@ def _clients(port: int, dest_port: int, n: int) -> None:
     for _ in range(n):
         s = socket.socket()
         s.settimeout(10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         try:
             if header is None:
                 s.connect(("127.0.0.1", port))
@@ -534,13 +544,16 @@ def bench_idle(procs: Procs, tmp: str, n: int, ways) -> dict:
     parts = max(2, -(-n // per_proc))
     workers = max(2, -(-n * 2 // 15000))
     dest = free_port()
-    holders = [procs.start([sys.executable, __file__, "_hold", str(dest)],
-                           stdout=subprocess.PIPE) for _ in range(parts)]
-    for h in holders:
-        h.stdout.readline()
     out = {"workers": workers, "ways": {}}
 
     def measure(name: str, proxy, port: int, tunnel_dest: int, n: int = n) -> None:
+        # Fresh destination processes per way; they and the clients end every
+        # connection with a reset (destinations first, so the proxy's onward
+        # sides are reset too), leaving no TIME_WAIT behind.
+        holders = [procs.start([sys.executable, __file__, "_hold", str(dest)],
+                               stdout=subprocess.PIPE) for _ in range(parts)]
+        for h in holders:
+            h.stdout.readline()
         time.sleep(0.5)
         rss0 = _tree_rss_kb(proxy.pid) if proxy else 0
         slab0 = _slab_in_use()
@@ -554,30 +567,27 @@ def bench_idle(procs: Procs, tmp: str, n: int, ways) -> dict:
         if tunnel_dest:
             row["alive"] = proxy.poll() is None and all(_rss_kb(p) for p in _children(proxy.pid))
             row["probe"] = _probe(port, tunnel_dest)     # still usable with all held?
+        for h in holders:
+            procs.stop(h)
         for c in clients:
             c.stdin.close()
             procs.stop(c)
         out["ways"][name] = row
 
-    try:
-        measure("direct", None, dest, 0)
-        # haproxy (one process) wants 2 fds per maxconn, 2 per pipe (splice-auto:
-        # maxconn/4 pipes) and ~220 of its own within the hard fd limit, or it
-        # refuses to start.
-        import resource
-        hn = min(n, int((resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 600) / 2.5) - 100)
-        haproxy, hport = start_haproxy(procs, tmp, dest, threads=1, maxconn=hn + 100)
-        measure("haproxy", haproxy, hport, 0, hn)
-        procs.stop(haproxy)
-        for name, args, root in ways:
-            relay, rport = start_relay(procs, "--workers", str(workers), "--max-per-client",
-                                       "0", "--no-tunnel-log", "--max-tunnels", str(n), *args,
-                                       root=root)
-            measure(name, relay, rport, dest)
-            procs.stop(relay)
-    finally:
-        for h in holders:
-            procs.stop(h)
+    measure("direct", None, dest, 0)
+    # haproxy (one process) wants 2 fds per maxconn, 2 per pipe (splice-auto:
+    # maxconn/4 pipes) and ~220 of its own within the hard fd limit, or it
+    # refuses to start.
+    hn = min(n, int((resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 600) / 2.5) - 100)
+    haproxy, hport = start_haproxy(procs, tmp, dest, threads=1, maxconn=hn + 100)
+    measure("haproxy", haproxy, hport, 0, hn)
+    procs.stop(haproxy)
+    for name, args, root in ways:
+        relay, rport = start_relay(procs, "--workers", str(workers), "--max-per-client",
+                                   "0", "--no-tunnel-log", "--max-tunnels", str(n), *args,
+                                   root=root)
+        measure(name, relay, rport, dest)
+        procs.stop(relay)
     return out
 
 
