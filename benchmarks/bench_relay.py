@@ -1,23 +1,28 @@
 #!/usr/bin/env python3
 """Benchmark `pep relay` against direct and haproxy, side by side in one run.
 
-    python3 benchmarks/bench_relay.py [--duration 5] [--rounds 2] [--idle 10000]
+    python3 benchmarks/bench_relay.py [--duration 5] [--rounds 3] [--idle 10000]
+        [--baseline-root DIR] [--relay-way NAME=ARGS ...] [--only bulk|conns|idle]
 
 Prints ratios, not just absolute numbers: on a shared machine only numbers
 taken in the same run, interleaved, are comparable.
 
-1. bulk: one iperf3 flow on loopback, three ways, interleaved per round:
-   direct; through haproxy (mode tcp, option splice-auto); through the relay
-   with the client under LD_PRELOAD=preload/libpep.so (PEP_PROXY=relay,
-   PEP_NO_PROXY= so loopback is not bypassed).  Best of the rounds.
-   Targets: relay >= 0.75x direct and >= 1.0x haproxy.
+1. bulk: one iperf3 flow on loopback: direct; through haproxy (mode tcp,
+   option splice-auto); through each relay with the client under
+   LD_PRELOAD=preload/libpep.so (PEP_PROXY=relay, PEP_NO_PROXY= so loopback is
+   not bypassed).  The relays: this checkout's (--relay-args), one per
+   --relay-way NAME=ARGS (e.g. other buffer sizes), and 'base' (the relay of
+   --baseline-root), all running at once.  Every proxy run sits between two
+   direct runs and is compared with their mean; medians and spread over the
+   rounds, plus each proxy's CPU seconds per GB.
+   Targets (issue 12): relay >= 0.95x direct and >= 1.5x haproxy.
 2. conn/s: wrk -c64 with `Connection: close` to nginx, through haproxy and
-   through libpep.so + relay.  Both proxies get the same number of cores
-   (--proxy-cpus: haproxy nbthread N, relay --workers N).  Target >= 0.5x.
-3. idle: N tunnels opened through the relay (TFO client with the Convert
-   header, reply read) to a server that holds them; the relay's RSS per
-   tunnel, and the whole machine's memory per tunnel (all three sockets
-   ends and both test processes included: an upper bound).
+   through libpep.so + each relay (as in bulk).  The proxies get the same number of cores
+   (--proxy-cpus: haproxy nbthread N, relay --workers N).  Target >= 1.0x.
+3. idle: N connections held through each way in turn (direct, haproxy, each
+   relay as in bulk; tunnels through the relays): per connection, the
+   proxy's user-space RSS growth and the kernel slab objects in use, minus
+   what the direct way's two sockets take (so: the proxy's own two sockets).
 
 Needs iperf3, haproxy, nginx, wrk; libpep.so is built with `make -C preload`
 if missing.  Nothing is changed on the host (no sysctls).
@@ -28,10 +33,12 @@ import argparse
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -113,12 +120,29 @@ class Procs:
 BASELINE_ROOT: str | None = None
 
 
-def start_relay(procs: Procs, *args: str, root: str = ROOT) -> tuple[subprocess.Popen, int]:
+_relay_help: dict[str, str] = {}
+
+
+def relay_knows(option: str, root: str = ROOT) -> bool:
+    """Whether the relay of checkout `root` has `option` (an older baseline may not)."""
+    if root not in _relay_help:
+        _relay_help[root] = subprocess.run(
+            [sys.executable, "-m", "pepsock.relay", "--help"], capture_output=True, text=True,
+            cwd=root, env=dict(os.environ, PYTHONPATH=root)).stdout
+    return option in _relay_help[root]
+
+
+def start_relay(procs: Procs, *args: str, root: str = ROOT,
+                no_cookie: bool = True) -> tuple[subprocess.Popen, int]:
+    """A relay of checkout `root` on 127.0.0.1:0 (loopback destinations allowed,
+    warnings only): (process, port); with --stats, p.stats_port too."""
     cc = ["--client-cc", CC, "--server-cc", CC] if CC else []
     # --no-cookie: the clients here send their headers in the SYN without a TFO
     # cookie (a private namespace; the relay's default would make them 1-RTT).
+    # Relays from before --no-cookie existed took cookie-less SYN data anyway.
+    no_cookie = ["--no-cookie"] if no_cookie and relay_knows("--no-cookie", root) else []
     p = procs.start([sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                     "--allow-dest", "127.0.0.0/8", "--no-cookie", "--log-level", "warning",
+                     "--allow-dest", "127.0.0.0/8", *no_cookie, "--log-level", "warning",
                      *cc, *args],
                     stdout=subprocess.PIPE, cwd=root, env=dict(os.environ, PYTHONPATH=root))
     r, _, _ = select.select([p.stdout], [], [], 15)
@@ -179,7 +203,7 @@ def pep_env(relay_port: int) -> dict:
 # 1. bulk
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """user + system CPU of a process (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -199,35 +223,113 @@ def iperf(port: int, seconds: float, env=None) -> float:
         raise RuntimeError(f"iperf3 failed: {out.stdout[-500:]} {out.stderr[-500:]}")
 
 
-def bench_bulk(procs: Procs, tmp: str, seconds: float, rounds: int, relay_args=()) -> dict:
+def relay_ways(relay_args: list[str], extra: list[str],
+               baseline_root: str | None = None) -> list[tuple[str, list[str], str]]:
+    """(name, relay options, checkout) for every relay a test runs side by side:
+    this checkout's relay with --relay-args, each --relay-way NAME=ARGS (this
+    checkout, its own options), and 'base' (--baseline-root) with --relay-args.
+    Shared with bench_setup.py: one more way is one more list entry."""
+    ways = [("relay", list(relay_args), ROOT)]
+    for spec in extra:
+        name, sep, opts = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--relay-way wants NAME=ARGS, got {spec!r}")
+        ways.append((name, opts.split(), ROOT))
+    baseline_root = baseline_root or BASELINE_ROOT
+    if baseline_root:
+        ways.append(("base", list(relay_args), baseline_root))
+    return ways
+
+
+def bench_bulk(procs: Procs, tmp: str, seconds: float, rounds: int,
+               ways: list[tuple[str, list[str], str]]) -> dict:
+    """Gbit/s per round for direct, haproxy and each relay way (interleaved,
+    the order rotated each round so no way always follows the same one), the
+    proxies' CPU seconds per GB moved, and for each relay the fraction of
+    iperf3's bytes it counted itself (proof the flow went through it)."""
     iperf_port = free_port()
     server = procs.start(["iperf3", "-s", "-p", str(iperf_port)])
     wait_port(iperf_port)
     time.sleep(0.3)
     haproxy, hport = start_haproxy(procs, tmp, iperf_port, threads=1)
-    relay, rport = start_relay(procs, "--stats", "127.0.0.1:0", *relay_args)
-    results = {"direct": [], "haproxy": [], "relay": [], "cpu_per_gb": {"haproxy": [],
-                                                                      "relay": []},
-               "relayed_fraction": []}
+    runs = [("direct", iperf_port, None, None), ("haproxy", hport, None, haproxy)]
+    relays = []
+    for name, args, root in ways:
+        relay, rport = start_relay(procs, "--stats", "127.0.0.1:0", *args, root=root)
+        relays.append(relay)
+        runs.append((name, iperf_port, pep_env(rport), relay))
+    results = {name: [] for name, _, _, _ in runs}
+    ratio = {name: [] for name, _, _, _ in runs[1:]}
+    cpu = {name: [] for name, _, _, p in runs if p is not None}
+    relayed = {name: [] for name, _, _, _ in runs[2:]}
+
+    def one(name, port, env, proc) -> float:
+        c0 = cpu_seconds(proc.pid) if proc is not None else 0
+        b0 = relay_bytes_up(proc) if name in relayed else 0
+        gbps = iperf(port, seconds, env=env)
+        results[name].append(gbps)
+        gb = gbps * seconds / 8
+        if proc is not None:
+            cpu[name].append((cpu_seconds(proc.pid) - c0) / gb)
+        if name in relayed:
+            relayed[name].append((relay_bytes_up(proc) - b0) / (gb * 1e9))
+        return gbps
+
     try:
-        for _ in range(rounds):
-            results["direct"].append(iperf(iperf_port, seconds))
-            c0 = _cpu_seconds(haproxy.pid)
-            results["haproxy"].append(iperf(hport, seconds))
-            results["cpu_per_gb"]["haproxy"].append(
-                (_cpu_seconds(haproxy.pid) - c0) / (results["haproxy"][-1] * seconds / 8))
-            c0 = _cpu_seconds(relay.pid)
-            b0 = relay_bytes_up(relay)
-            results["relay"].append(iperf(iperf_port, seconds, env=pep_env(rport)))
-            results["relayed_fraction"].append(
-                (relay_bytes_up(relay) - b0) / (results["relay"][-1] * 1e9 * seconds / 8))
-            results["cpu_per_gb"]["relay"].append(
-                (_cpu_seconds(relay.pid) - c0) / (results["relay"][-1] * seconds / 8))
+        proxies = runs[1:]
+        for r in range(rounds):
+            # Every proxy run is bracketed by direct runs and compared with
+            # their mean: the machine's load changes on the scale of seconds,
+            # so only neighbours are comparable.  The order rotates per round.
+            k = r % len(proxies)
+            before = one(*runs[0])
+            for way in proxies[k:] + proxies[:k]:
+                gbps = one(*way)
+                after = one(*runs[0])
+                ratio[way[0]].append(gbps / ((before + after) / 2))
+                before = after
     finally:
-        procs.stop(relay)
+        for p in relays:
+            procs.stop(p)
         procs.stop(haproxy)
         procs.stop(server)
-    return results
+    return {"gbps": results, "vs_direct": ratio, "cpu_per_gb": cpu, "relayed_fraction": relayed}
+
+
+def _spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    """median [min-max] of a few noisy repeats."""
+    import statistics
+    return (fmt.format(statistics.median(xs)) + " [" + fmt.format(min(xs)) + "-"
+            + fmt.format(max(xs)) + "]")
+
+
+def print_bulk(r: dict, ways, rounds: int, seconds: float) -> None:
+    import statistics
+    g, vs, cpu, relayed = r["gbps"], r["vs_direct"], r["cpu_per_gb"], r["relayed_fraction"]
+    print(f"\n## bulk: one iperf3 flow on loopback, Gbit/s, median [min-max] of {rounds} "
+          f"rounds of {seconds:g}s; each proxy run sits between two direct runs and /direct "
+          f"is its ratio to their mean (median [min-max] over the rounds)")
+    hap = statistics.median(vs["haproxy"])
+    for name, args, root in [("direct", [], ""), ("haproxy", [], "")] + list(ways):
+        what = ""
+        if name not in ("direct", "haproxy"):
+            what = " ".join(args) or "(defaults)"
+            if root != ROOT:
+                what += f"  [{root}]"
+        line = f"  {name:10s} {_spread(g[name]):>20s}"
+        if name != "direct":
+            line += f"   /direct {_spread(vs[name])}"
+        if name not in ("direct", "haproxy"):
+            line += f"  /haproxy {statistics.median(vs[name]) / hap:.2f}"
+        if name in cpu:
+            line += f"   CPU {_spread(cpu[name], '{:.3f}')} s/GB"
+        if name in relayed:
+            line += f"   relayed {statistics.median(relayed[name]):.2f}"
+        print(line + (f"   {what}" if what else ""))
+    print("  targets (issue 12): relay/direct >= 0.95, relay/haproxy >= 1.5 (the ratio of the "
+          "two /direct medians); 'relayed': bytes the relay counted / bytes iperf3 reported "
+          "(1.00: the flow went through it); CPU: the proxy process's user+system seconds per "
+          "GB moved")
 
 
 # ------------------------------------------------------------------------------------
@@ -275,17 +377,18 @@ def wrk(port: int, seconds: float, env=None) -> tuple[float, str]:
     return float(m.group(1)), note
 
 
-def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int) -> dict:
+def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int,
+                relays) -> dict:
+    """wrk rates per round: direct, haproxy, and each relay way (relay_ways)."""
     nginx, nport = start_nginx(procs, tmp)
     haproxy, hport = start_haproxy(procs, tmp, nport, threads=cpus)
-    relay, rport = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
-                               "--no-tunnel-log")
-    ways = [("direct", nport, None), ("haproxy", hport, None), ("relay", nport, pep_env(rport))]
-    base = None
-    if BASELINE_ROOT:
-        base, bport = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
-                                  "--no-tunnel-log", root=BASELINE_ROOT)
-        ways.append(("base", nport, pep_env(bport)))
+    ways = [("direct", nport, None), ("haproxy", hport, None)]
+    started = []
+    for name, args, root in relays:
+        p, port = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
+                              "--no-tunnel-log", *args, root=root)
+        started.append(p)
+        ways.append((name, nport, pep_env(port)))
     results = {name: [] for name, _, _ in ways}
     results["notes"] = {}
     try:
@@ -295,9 +398,8 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int) 
                 results[name].append(rate)
                 results["notes"].setdefault(name, []).append(note)
     finally:
-        procs.stop(relay)
-        if base is not None:
-            procs.stop(base)
+        for p in started:
+            procs.stop(p)
         procs.stop(haproxy)
         procs.stop(nginx)
     return results
@@ -306,6 +408,12 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int) 
 # ------------------------------------------------------------------------------------
 # 3. idle tunnels: helpers run as subprocesses of this script (fd limits are
 # per process, so the load is split over several).
+
+
+#: SO_LINGER {1, 0}: the idle test's helpers end their connections with a
+#: reset, so no TIME_WAIT sockets are left to expire (and shrink the machine's
+#: slab) while the next way is measured.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def _hold_server(port: int) -> None:
@@ -318,6 +426,7 @@ def _hold_server(port: int) -> None:
     print("ready", flush=True)
     while True:
         c, _ = ls.accept()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         held.append(c)
 
 
@@ -334,16 +443,21 @@ def _tunnel(s: socket.socket, relay_port: int, header: bytes):
     return reader.message
 
 
-def _clients(relay_port: int, dest_port: int, n: int) -> None:
-    """Open n tunnels through the relay and hold them until stdin closes."""
+def _clients(port: int, dest_port: int, n: int) -> None:
+    """Open n connections to 127.0.0.1:port and hold them until stdin closes:
+    tunnels (Convert header in the SYN, reply read) when dest_port is given,
+    plain connections (direct, haproxy) when it is 0."""
     socks = []
-    header = connect_request("127.0.0.1", dest_port)
+    header = connect_request("127.0.0.1", dest_port) if dest_port else None
     failed = 0
     for _ in range(n):
         s = socket.socket()
         s.settimeout(10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         try:
-            if _tunnel(s, relay_port, header).error is not None:
+            if header is None:
+                s.connect(("127.0.0.1", port))
+            elif _tunnel(s, port, header).error is not None:
                 failed += 1
                 s.close()
                 continue
@@ -380,57 +494,122 @@ def _meminfo_kb(key: str = "MemAvailable") -> int:
     return 0
 
 
-def _mem_available_kb() -> int:
-    return _meminfo_kb("MemAvailable")
+def _slab_in_use() -> int:
+    """Bytes of kernel slab objects in use, machine-wide (/proc/slabinfo, root
+    only; else the Slab line of /proc/meminfo in bytes).  In-use objects, not
+    slab pages: freed sockets of a way measured before leave pages behind that
+    the next way reuses, which page counts would hide."""
+    try:
+        total = 0
+        with open("/proc/slabinfo") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[1].isdigit():
+                    total += int(parts[1]) * int(parts[3])
+        return total
+    except OSError:
+        return _meminfo_kb("Slab") * 1024
 
 
-def bench_idle(procs: Procs, n: int) -> dict:
+def _tree_rss_kb(pid: int) -> int:
+    return sum(_rss_kb(p) for p in [pid, *_children(pid)])
+
+
+def _hold_connections(procs: Procs, port: int, dest: int, n: int, parts: int):
+    """n connections to `port` (tunnels to `dest` if dest, else plain), opened by
+    `parts` client processes: (clients, opened, failed, seconds)."""
+    t0 = time.monotonic()
+    clients = [procs.start([sys.executable, __file__, "_clients", str(port), str(dest),
+                            str(n // parts + (1 if i < n % parts else 0))],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+               for i in range(parts)]
+    opened = failed = 0
+    for c in clients:
+        m = re.match(r"open (\d+) failed (\d+)", c.stdout.readline().decode())
+        if m:
+            opened += int(m.group(1))
+            failed += int(m.group(2))
+    return clients, opened, failed, time.monotonic() - t0
+
+
+def bench_idle(procs: Procs, tmp: str, n: int, ways) -> dict:
+    """N idle connections held through each way in turn (one at a time, so the
+    machine-wide Slab growth is that way's): direct (client and server sockets
+    only: subtracted from the others to leave the proxy's own two sockets),
+    haproxy (plain connections), and each relay way (tunnels).  Per way: the
+    proxy's user-space RSS growth and the kernel Slab growth, per connection."""
     # Per-process fd limits (20000 here, and no CAP_SYS_RESOURCE) decide the
     # split: ~2 fds per tunnel in the relay, 1 per socket in the helpers.
     per_proc = 4000
     parts = max(2, -(-n // per_proc))
     workers = max(2, -(-n * 2 // 15000))
     dest = free_port()
-    holders = [procs.start([sys.executable, __file__, "_hold", str(dest)],
-                           stdout=subprocess.PIPE) for _ in range(parts)]
-    for h in holders:
-        h.stdout.readline()
-    relay, rport = start_relay(procs, "--workers", str(workers), "--max-per-client", "0",
-                               "--no-tunnel-log", "--max-tunnels", str(n))
-    time.sleep(0.5)
-    wpids = _children(relay.pid)
-    rss0 = sum(_rss_kb(p) for p in [relay.pid, *wpids])
-    avail0 = _mem_available_kb()
-    slab0 = _meminfo_kb("Slab")
-    t0 = time.monotonic()
-    clients = [procs.start([sys.executable, __file__, "_clients", str(rport), str(dest),
-                            str(n // parts + (1 if i < n % parts else 0))],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-               for i in range(parts)]
-    opened = failed = 0
-    for c in clients:
-        line = c.stdout.readline().decode()
-        m = re.match(r"open (\d+) failed (\d+)", line)
-        if m:
-            opened += int(m.group(1))
-            failed += int(m.group(2))
-    took = time.monotonic() - t0
-    time.sleep(1.0)
-    rss1 = sum(_rss_kb(p) for p in [relay.pid, *wpids])
-    avail1 = _mem_available_kb()
-    slab1 = _meminfo_kb("Slab")
-    alive = relay.poll() is None and all(_rss_kb(p) for p in wpids)
-    # Still usable with all of them open?
-    probe_ok = _probe(rport, dest)
-    for c in clients:
-        c.stdin.close()
-        procs.stop(c)
-    procs.stop(relay)
-    for h in holders:
-        procs.stop(h)
-    return {"tunnels": opened, "failed": failed, "seconds": took, "workers": workers,
-            "relay_rss_kb": (rss0, rss1), "avail_kb": (avail0, avail1), "slab_kb": (slab0, slab1), "alive": alive,
-            "probe_ok": probe_ok}
+    out = {"workers": workers, "ways": {}}
+
+    def measure(name: str, proxy, port: int, tunnel_dest: int, n: int = n) -> None:
+        # Fresh destination processes per way; they and the clients end every
+        # connection with a reset (destinations first, so the proxy's onward
+        # sides are reset too), leaving no TIME_WAIT behind.
+        holders = [procs.start([sys.executable, __file__, "_hold", str(dest)],
+                               stdout=subprocess.PIPE) for _ in range(parts)]
+        for h in holders:
+            h.stdout.readline()
+        time.sleep(0.5)
+        rss0 = _tree_rss_kb(proxy.pid) if proxy else 0
+        slab0 = _slab_in_use()
+        clients, opened, failed, took = _hold_connections(procs, port, tunnel_dest, n, parts)
+        time.sleep(1.0)
+        rss1 = _tree_rss_kb(proxy.pid) if proxy else 0
+        slab1 = _slab_in_use()
+        row = {"open": opened, "failed": failed, "seconds": took,
+               "rss_b": (rss1 - rss0) * 1024 / max(1, opened),
+               "slab_b": (slab1 - slab0) / max(1, opened)}
+        if tunnel_dest:
+            row["alive"] = proxy.poll() is None and all(_rss_kb(p) for p in _children(proxy.pid))
+            row["probe"] = _probe(port, tunnel_dest)     # still usable with all held?
+        for h in holders:
+            procs.stop(h)
+        for c in clients:
+            c.stdin.close()
+            procs.stop(c)
+        out["ways"][name] = row
+
+    measure("direct", None, dest, 0)
+    # haproxy (one process) wants 2 fds per maxconn, 2 per pipe (splice-auto:
+    # maxconn/4 pipes) and ~220 of its own within the hard fd limit, or it
+    # refuses to start.
+    hn = min(n, int((resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 600) / 2.5) - 100)
+    haproxy, hport = start_haproxy(procs, tmp, dest, threads=1, maxconn=hn + 100)
+    measure("haproxy", haproxy, hport, 0, hn)
+    procs.stop(haproxy)
+    for name, args, root in ways:
+        relay, rport = start_relay(procs, "--workers", str(workers), "--max-per-client",
+                                   "0", "--no-tunnel-log", "--max-tunnels", str(n), *args,
+                                   root=root)
+        measure(name, relay, rport, dest)
+        procs.stop(relay)
+    return out
+
+
+def print_idle(r: dict, n: int) -> None:
+    ways = r["ways"]
+    direct = ways.get("direct", {}).get("slab_b", 0.0)
+    print(f"\n## idle connections: {n} held through each way in turn (relays: "
+          f"{r['workers']} workers), bytes per connection")
+    print(f"  {'way':10s} {'open':>6s} {'failed':>6s} {'user RSS':>9s} {'Slab':>7s} "
+          f"{'Slab - direct':>13s}  notes")
+    for name, w in ways.items():
+        extra = "" if name == "direct" else f"{w['slab_b'] - direct:13.0f}"
+        notes = f"opened in {w['seconds']:.1f}s"
+        if "alive" in w:
+            notes += f", relay alive: {w['alive']}, a new tunnel while held: {w['probe']}"
+        rss = "" if name == "direct" else f"{w['rss_b']:9.0f}"
+        print(f"  {name:10s} {w['open']:6d} {w['failed']:6d} {rss:>9s} {w['slab_b']:7.0f} "
+              f"{extra:>13s}  {notes}")
+    print("  user RSS: the proxy's processes' resident memory growth; Slab: growth of the "
+          "machine's kernel slab objects in use (every socket of the path, both ends); "
+          "Slab - direct: what the proxy's own two sockets and its epoll entries add "
+          "(machine-wide: other load shows up as noise)")
 
 
 def _probe(rport: int, dest: int) -> str:
@@ -458,12 +637,17 @@ def have_libpep() -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--idle", type=int, default=10000, help="idle tunnels to hold (0: skip)")
     ap.add_argument("--proxy-cpus", type=int, default=2,
                     help="haproxy threads = relay workers for conn/s")
     ap.add_argument("--relay-args", default="",
-                    help="extra relay options for the bulk test, e.g. '--pipe-size 256k'")
+                    help="extra options for the relay (and the baseline's) in every test, "
+                         "e.g. '--pipe-size 256k'")
+    ap.add_argument("--relay-way", action="append", metavar="NAME=ARGS",
+                    help="one more relay of this checkout, run side by side with its "
+                         "own options, e.g. 'auto=--client-rcvbuf 0 --client-sndbuf 0' "
+                         "(repeatable)")
     ap.add_argument("--no-netns", action="store_true",
                     help="run on the host's loopback even as root (TFO server bit as the "
                          "host has it)")
@@ -519,60 +703,30 @@ def main(argv=None) -> int:
             if not libpep:
                 print("bulk: SKIPPED, preload/libpep.so missing (make -C preload failed)")
             else:
-                r = bench_bulk(procs, tmp, args.duration, args.rounds, args.relay_args.split())
-                cpu = r.pop("cpu_per_gb")
-                relayed = r.pop("relayed_fraction")
-                best = {k: max(v) for k, v in r.items()}
-                print("\n## bulk: one iperf3 flow on loopback, Gbit/s (best of "
-                      f"{args.rounds} interleaved rounds of {args.duration:g}s)")
-                for k in ("direct", "haproxy", "relay"):
-                    print(f"  {k:8s} {best[k]:7.2f}   rounds: "
-                          + " ".join(f"{x:.2f}" for x in r[k]))
-                print(f"  relay/direct  = {best['relay'] / best['direct']:.2f}  (target >= 0.75)")
-                print(f"  relay/haproxy = {best['relay'] / best['haproxy']:.2f}  (target >= 1.0)")
-                per_round = [a / b for a, b in zip(r["relay"], r["haproxy"])]
-                print("  relay/haproxy per round: " + " ".join(f"{x:.2f}" for x in per_round))
-                print("  bytes the relay counted / bytes iperf3 reported, per round: "
-                      + " ".join(f"{x:.2f}" for x in relayed) + "  (1.00: the flow went "
-                      "through the relay)")
-                print("  proxy CPU per GB moved (s/GB, lower is better; independent of how "
-                      "busy the machine is): haproxy " + " ".join(f"{x:.3f}" for x in cpu["haproxy"])
-                      + "  relay " + " ".join(f"{x:.3f}" for x in cpu["relay"]))
+                ways = relay_ways(args.relay_args.split(), args.relay_way or [])
+                r = bench_bulk(procs, tmp, args.duration, args.rounds, ways)
+                print_bulk(r, ways, args.rounds, args.duration)
         if "conns" in only:
             if not libpep:
                 print("conns: SKIPPED, preload/libpep.so missing")
             else:
-                r = bench_conns(procs, tmp, args.duration, args.rounds, args.proxy_cpus)
-                names = [k for k in ("direct", "haproxy", "relay", "base") if k in r]
+                ways = relay_ways(args.relay_args.split(), args.relay_way or [])
+                r = bench_conns(procs, tmp, args.duration, args.rounds, args.proxy_cpus, ways)
+                names = ["direct", "haproxy"] + [name for name, _, _ in ways]
                 best = {k: max(r[k]) for k in names}
                 print(f"\n## new connections/s: wrk -t2 -c64 'Connection: close' to nginx "
                       f"(proxies on {args.proxy_cpus} cpus; best of {args.rounds}"
-                      + (f"; base: the relay of {BASELINE_ROOT}" if "base" in r else "") + ")")
+                      + (f"; base: the relay of {BASELINE_ROOT}" if BASELINE_ROOT else "") + ")")
                 for k in names:
                     print(f"  {k:8s} {best[k]:9.0f}/s   rounds: "
                           + " ".join(f"{x:.0f}" for x in r[k])
                           + "   " + "; ".join(sorted(set(r["notes"][k]))))
-                print(f"  relay/haproxy = {best['relay'] / best['haproxy']:.2f}  (target >= 1.0)")
-                if "base" in best:
-                    print(f"  base/haproxy  = {best['base'] / best['haproxy']:.2f}")
+                for k in names[2:]:
+                    print(f"  {k}/haproxy = {best[k] / best['haproxy']:.2f}"
+                          + ("  (target >= 1.0)" if k == "relay" else ""))
         if "idle" in only and args.idle:
-            r = bench_idle(procs, args.idle)
-            rss0, rss1 = r["relay_rss_kb"]
-            a0, a1 = r["avail_kb"]
-            n = max(1, r["tunnels"])
-            print(f"\n## idle tunnels: {r['tunnels']} open, {r['failed']} failed, "
-                  f"opened in {r['seconds']:.1f}s, relay alive: {r['alive']}, "
-                  f"new tunnel while held: {r['probe_ok']}")
-            print(f"  relay RSS ({r['workers']} workers): {rss0 / 1024:.1f} MiB -> "
-                  f"{rss1 / 1024:.1f} MiB = {(rss1 - rss0) * 1024 / n:.0f} bytes/tunnel "
-                  "(user space)")
-            s0, s1 = r["slab_kb"]
-            print(f"  kernel Slab growth: {(s1 - s0) / 1024:.1f} MiB = {(s1 - s0) * 1024 / n:.0f} "
-                  "bytes/tunnel for the 4 sockets of a tunnel's path (client, relay x2, "
-                  "server); the relay's share is about half")
-            print(f"  machine MemAvailable drop: {(a0 - a1) / 1024:.1f} MiB = "
-                  f"{(a0 - a1) * 1024 / n:.0f} bytes/tunnel (upper bound: includes kernel "
-                  "sockets at all 4 ends and the test client/server processes)")
+            ways = relay_ways(args.relay_args.split(), args.relay_way or [])
+            print_idle(bench_idle(procs, tmp, args.idle, ways), args.idle)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

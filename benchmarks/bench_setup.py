@@ -2,6 +2,7 @@
 """Connection set-up latency through `pep relay`, against direct and haproxy.
 
     sudo python3 benchmarks/bench_setup.py [-n 2000] [--rounds 4] [--baseline-root DIR]
+        [--relay-args ARGS] [--relay-way NAME=ARGS ...] [--strace N]
 
 Sequential connections on loopback, each: connect, 1 byte each way, close.
 Medians of N per way, the ways interleaved in --rounds chunks, all in one run:
@@ -13,8 +14,13 @@ Medians of N per way, the ways interleaved in --rounds chunks, all in one run:
   relay py   pepsock.create_connection (PEP_PROXY = the relay), send, recv
   base raw / base py   the same through a relay run from --baseline-root (an
              older checkout), so before/after numbers come from one run
+  NAME raw / NAME py   the same through a relay of this checkout started with
+             --relay-way NAME=ARGS (e.g. another engine), one pair per way
 
 "added" is the way's median minus direct's: what the proxy adds to a connection.
+Each proxy's process CPU per connection (haproxy's and each relay's) follows.
+The proxies are started with bench_relay.py's helpers (the same haproxy
+configuration, the same relay command line).
 As root everything runs in a private network namespace with net.ipv4.tcp_fastopen=3
 set inside it (the relay serves 0-RTT as deployed); the host is not touched.
 The echo server runs in its own process with TCP_FASTOPEN on its listener.
@@ -23,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import select
 import shutil
 import signal
 import socket
@@ -34,8 +38,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# (bench_relay also puts this checkout first on sys.path, for pepsock.)
+from bench_relay import Procs, cpu_seconds, relay_ways, start_haproxy, start_relay
 
 MSG_FASTOPEN = 0x20000000
 TCP_FASTOPEN = 23
@@ -87,62 +91,6 @@ def strace_relay(pid: int, fn, n: int) -> None:
                       if c / n >= 0.05))
 
 
-def cpu_us(pid: int) -> float:
-    """user + system CPU of a process, microseconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1e6 / os.sysconf("SC_CLK_TCK")
-
-
-def start_relay(procs, root: str, *args: str) -> int:
-    p = subprocess.Popen([sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                          "--allow-dest", "127.0.0.0/8", "--log-level", "warning",
-                          "--no-tunnel-log", "--max-per-client", "0", *args],
-                         stdout=subprocess.PIPE, cwd=root,
-                         env=dict(os.environ, PYTHONPATH=root))
-    procs.append(p)
-    r, _, _ = select.select([p.stdout], [], [], 15)
-    line = p.stdout.readline().decode() if r else ""
-    m = re.match(r"listening on 127\.0\.0\.1:(\d+)", line)
-    if not m:
-        raise RuntimeError(f"relay in {root} said {line!r}")
-    return int(m.group(1))
-
-
-def start_haproxy(procs, tmp: str, backend: int) -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    cfg = os.path.join(tmp, "haproxy.cfg")
-    with open(cfg, "w") as f:
-        f.write(f"""global
-  maxconn 4000
-  nbthread 1
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option splice-auto
-frontend f
-  bind 127.0.0.1:{port}
-  default_backend b
-backend b
-  server s1 127.0.0.1:{backend}
-""")
-    procs.append(subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("haproxy did not start")
-
-
 def one_direct(port: int) -> None:
     s = socket.create_connection(("127.0.0.1", port))
     s.send(b"x")
@@ -185,61 +133,64 @@ def make_py(relay: int, dest: int):
 
 
 def inside(args) -> int:
-    procs: list[subprocess.Popen] = []
+    procs = Procs()
     tmp = tempfile.mkdtemp(prefix="bench-setup-")
     os.environ.update(PEP_NO_PROXY="", PEP_STATE_DIR=tmp, PEP_FALLBACK="fail")
     try:
         r, w = os.pipe()
-        srv = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_echo"],
-                               stdout=w)
-        procs.append(srv)
+        procs.start([sys.executable, os.path.abspath(__file__), "_echo"], stdout=w)
         os.close(w)
         with os.fdopen(r) as f:
             dest = int(f.readline())
-        extra = args.relay_args.split()
-        ways = {"direct": lambda: one_direct(dest),
-                "haproxy": (lambda p: lambda: one_direct(p))(start_haproxy(procs, tmp, dest))}
-        relay = start_relay(procs, ROOT, *extra)
-        ways["relay raw"] = make_raw(relay, dest)
-        ways["relay py"] = make_py(relay, dest)
-        if args.baseline_root:
-            base = start_relay(procs, args.baseline_root, *extra)
-            ways["base raw"] = make_raw(base, dest)
-            ways["base py"] = make_py(base, dest)
+        haproxy, hport = start_haproxy(procs, tmp, dest, threads=1)
+        ways = {"direct": lambda: one_direct(dest), "haproxy": lambda: one_direct(hport)}
+        #: process whose CPU each way's connections are charged to
+        pids = {"haproxy": haproxy.pid}
+        #: relay port a "NAME py" way's PEP_PROXY names
+        py_port: dict[str, int] = {}
+        # One relay per way (--relay-args for this checkout's and the baseline's,
+        # each --relay-way NAME=ARGS its own): two client ways through each.
+        # The default TFO mode (cookie): the clients use the kernel's cookie cache.
+        for name, extra, root in relay_ways(args.relay_args.split(), args.relay_way or [],
+                                            args.baseline_root):
+            p, port = start_relay(procs, "--no-tunnel-log", "--max-per-client", "0", *extra,
+                                  root=root, no_cookie=False)
+            pids[name] = p.pid
+            ways[f"{name} raw"] = make_raw(port, dest)
+            ways[f"{name} py"] = make_py(port, dest)
+            py_port[f"{name} py"] = port
+
+        def select_way(name: str) -> None:
+            if name in py_port:
+                os.environ["PEP_PROXY"] = f"127.0.0.1:{py_port[name]}"
         # Warm-up: TFO cookies, the PEP state file, caches.
         for name, fn in ways.items():
-            if name.endswith("py"):
-                relay_port = relay if name.startswith("relay") else base
-                os.environ["PEP_PROXY"] = f"127.0.0.1:{relay_port}"
+            select_way(name)
             for _ in range(20):
                 fn()
         if args.strace and shutil.which("strace"):
-            for name, p in (("relay", procs[2]), ("base", procs[3] if args.baseline_root
-                                                   else None)):
-                if p is not None:
-                    print(f"# {name}:")
-                    strace_relay(p.pid, ways[f"{name} raw"], args.strace)
+            for who, pid in pids.items():
+                if f"{who} raw" in ways:
+                    print(f"# {who}:")
+                    strace_relay(pid, ways[f"{who} raw"], args.strace)
         times: dict[str, list[int]] = {k: [] for k in ways}
         chunk = max(1, args.n // args.rounds)
-        relay_pids = {"relay": procs[2].pid}
-        if args.baseline_root:
-            relay_pids["base"] = procs[3].pid
-        cpu = {k: 0.0 for k in relay_pids}
+        cpu = {k: 0.0 for k in pids}
+        conns = {k: 0 for k in pids}
         clock = time.perf_counter_ns
         for _ in range(args.rounds):
             for name, fn in ways.items():
-                if name.endswith("py"):
-                    relay_port = relay if name.startswith("relay") else base
-                    os.environ["PEP_PROXY"] = f"127.0.0.1:{relay_port}"
+                select_way(name)
                 out = times[name]
                 who = name.split()[0]
-                c0 = cpu_us(relay_pids[who]) if who in relay_pids else 0
+                c0 = cpu_seconds(pids[who]) if who in pids else 0
                 for _ in range(chunk):
                     t0 = clock()
                     fn()
                     out.append(clock() - t0)
-                if who in relay_pids:
-                    cpu[who] += cpu_us(relay_pids[who]) - c0
+                if who in pids:
+                    cpu[who] += cpu_seconds(pids[who]) - c0
+                    conns[who] += chunk
         med = {k: statistics.median(v) / 1000 for k, v in times.items()}
         print(f"# bench_setup  {time.strftime('%Y-%m-%d %H:%M:%S')}  n={chunk * args.rounds} "
               f"per way in {args.rounds} interleaved rounds  load={os.getloadavg()[0]:.2f}  "
@@ -252,15 +203,11 @@ def inside(args) -> int:
             ratio = f"{added / h_added:.2f}" if k not in ("direct", "haproxy") else ""
             print(f"  {k:10s} {med[k]:10.0f} {added:9.0f} {p90:8.0f}  {ratio}")
         for who, total in cpu.items():
-            print(f"  {who} process CPU per tunnel: {total / (2 * chunk * args.rounds):.0f} us "
-                  f"(user+system, /proc, over its raw and py tunnels)")
+            over = "its raw and py tunnels" if who != "haproxy" else "its connections"
+            print(f"  {who} process CPU per connection: {total * 1e6 / conns[who]:.0f} us "
+                  f"(user+system, /proc, over {over})")
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
@@ -271,6 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--baseline-root", help="another checkout whose relay runs beside this one")
     ap.add_argument("--relay-args", default="", help="extra options for both relays")
+    ap.add_argument("--relay-way", action="append", metavar="NAME=ARGS",
+                    help="one more relay of this checkout with its own options, measured "
+                         "as 'NAME raw' and 'NAME py' (repeatable)")
     ap.add_argument("--strace", type=int, default=0, metavar="N",
                     help="first count the relay's syscalls over N raw tunnels (strace -c)")
     ap.add_argument("--no-netns", action="store_true")
@@ -290,6 +240,8 @@ def main(argv=None) -> int:
                 "--strace", str(args.strace)]
         if args.baseline_root:
             argv += ["--baseline-root", os.path.abspath(args.baseline_root)]
+        for way in args.relay_way or []:
+            argv += ["--relay-way", way]
         return subprocess.run(ns.cmd(*argv)).returncode
 
 

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import select
 import socket
 import ssl
 import statistics
@@ -38,8 +37,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import testbed_bench as tb_bench
 
 SERVER_PORT, PEP_PORT = 8443, 5124
 MODES = ["direct", "libpep.so", "pepsock-wait", "pepsock", "pepsock-syn", "patched",
@@ -128,81 +126,40 @@ def client(args) -> None:
 
 # -- the driver ------------------------------------------------------------------------------
 
-def _env(extra=None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(extra or {})
-    return env
-
-
 def run(args) -> int:
-    from pepsock.preload import library_path
-    from pepsock.testbed.topology import ADDR, Settings, Testbed
-
-    try:
-        libpep = library_path()
-    except Exception as exc:   # noqa: BLE001 - reported, the row is skipped
-        libpep, why = None, str(exc)
-    tmp = tempfile.mkdtemp(prefix="pepsock-bench-tls-")
-    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "1", "-subj", f"/CN={ADDR['server']}",
-                    "-addext", f"subjectAltName=IP:{ADDR['server']}"],
-                   check=True, capture_output=True)
-    procs = []
+    from pepsock.testbed.topology import ADDR
+    libpep, why = tb_bench.libpep()
     rows = {}
-    with Testbed(Settings(r1_ms=args.r1, r2_ms=args.r2, wireless_mbit=50.0), prefix="bt") as tb:
-        srv = tb.server.popen(sys.executable, __file__, "--serve", "--cert", cert, "--key", key,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env())
-        procs.append(srv)
-        relay_log = open(os.path.join(tmp, "relay.log"), "w")
-        relay = tb.pep.popen(sys.executable, "-m", "pepsock.cli", "relay", "--listen",
-                             f"{ADDR['pep_w']}:{PEP_PORT}", stdout=subprocess.PIPE,
-                             stderr=relay_log, text=True, env=_env())
-        procs.append(relay)
-        try:
-            ready, _, _ = select.select([srv.stdout], [], [], 10)
-            assert ready and srv.stdout.readline().strip() == "ready", "TLS server did not start"
-            _wait_line(relay, "listening on", "relay")
+    with tempfile.TemporaryDirectory(prefix="pepsock-bench-tls-") as keys:
+        cert, key = os.path.join(keys, "cert.pem"), os.path.join(keys, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", f"/CN={ADDR['server']}",
+                        "-addext", f"subjectAltName=IP:{ADDR['server']}"],
+                       check=True, capture_output=True)
+        with tb_bench.testbed(args, "bt", __file__, PEP_PORT,
+                              ["--cert", cert, "--key", key]) as (tb, pep_addr, tmp):
             for mode in MODES:
                 extra = {"PEP_STATE_DIR": os.path.join(tmp, "state")}
                 if mode == "libpep.so":
                     if libpep is None:
                         print(f"libpep.so: skipped ({why})")
                         continue
-                    extra.update(LD_PRELOAD=libpep, PEP_PROXY=f"{ADDR['pep_w']}:{PEP_PORT}")
+                    extra.update(LD_PRELOAD=libpep, PEP_PROXY=pep_addr)
                 p = tb.client.popen(sys.executable, __file__, "--client", "--mode", mode,
                                     "--server", f"{ADDR['server']}:{SERVER_PORT}",
-                                    "--pep", f"{ADDR['pep_w']}:{PEP_PORT}", "--cert", cert,
+                                    "--pep", pep_addr, "--cert", cert,
                                     "--reps", str(args.reps), "--warmup", "2",
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=_env(extra))
+                                    env=tb_bench.env(extra))
                 o, e = p.communicate(timeout=60 + args.reps * 5)
                 lines = [ln for ln in o.splitlines() if ln.startswith("{")]
                 if not lines:
                     print(f"{mode}: failed: {e[-800:]}")
                     continue
                 rows[mode] = json.loads(lines[-1])["results"]
-        finally:
-            for p in procs:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            relay_log.close()
     _report(rows, args)
     return 0
-
-
-def _wait_line(proc, text: str, what: str, timeout: float = 30) -> None:
-    """Wait for a stdout line holding `text` (the relay's logs go to a file)."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else ""
-    if text not in line:
-        raise RuntimeError(f"{what} did not start: {line!r}")
 
 
 def _report(rows, args) -> None:
@@ -221,26 +178,10 @@ def _report(rows, args) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--r1", type=float, default=40.0, help="client-PEP RTT, ms")
-    ap.add_argument("--r2", type=float, default=80.0, help="PEP-server RTT, ms")
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--server", help=argparse.SUPPRESS)
-    ap.add_argument("--pep", help=argparse.SUPPRESS)
+    ap = tb_bench.parser(__doc__.splitlines()[0])
     ap.add_argument("--cert", help=argparse.SUPPRESS)
     ap.add_argument("--key", help=argparse.SUPPRESS)
-    ap.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.serve:
-        serve(args)
-        return 0
-    if args.client:
-        client(args)
-        return 0
-    return run(args)
+    return tb_bench.dispatch(ap.parse_args(argv), serve, client, run)
 
 
 if __name__ == "__main__":

@@ -24,22 +24,18 @@ Prints medians, the formula and ratios against direct, side by side in one run.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import select
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import testbed_bench as tb_bench
 
 SERVER_PORT, PEP_PORT = 8080, 5124
 MODES = ["direct", "libpep.so", "curl+libpep.so", "pepsock-before", "pepsock", "asyncio",
@@ -126,68 +122,34 @@ def client(args) -> None:
 
 # -- the driver ------------------------------------------------------------------------------
 
-def _env(extra=None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(extra or {})
-    return env
-
-
 def run(args) -> int:
-    from pepsock.preload import library_path
-    from pepsock.testbed.topology import ADDR, Settings, Testbed
-
-    try:
-        libpep, why = library_path(), ""
-    except Exception as exc:   # noqa: BLE001 - reported, the rows are skipped
-        libpep, why = None, str(exc)
-    tmp = tempfile.mkdtemp(prefix="pepsock-bench-ttfb-")
-    procs, rows = [], {}
-    pep_addr = f"{ADDR['pep_w']}:{PEP_PORT}"
-    with Testbed(Settings(r1_ms=args.r1, r2_ms=args.r2, wireless_mbit=50.0), prefix="bf") as tb:
-        srv = tb.server.popen(sys.executable, __file__, "--serve", stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env())
-        procs.append(srv)
-        relay_log = open(os.path.join(tmp, "relay.log"), "w")
-        relay = tb.pep.popen(sys.executable, "-m", "pepsock.cli", "relay", "--listen", pep_addr,
-                             stdout=subprocess.PIPE, stderr=relay_log, text=True, env=_env())
-        procs.append(relay)
-        try:
-            ready, _, _ = select.select([srv.stdout], [], [], 10)
-            assert ready and srv.stdout.readline().strip() == "ready", "server did not start"
-            line = relay.stdout.readline() if select.select([relay.stdout], [], [], 30)[0] else ""
-            assert "listening on" in line, f"relay did not start: {line!r}"
-            for mode in MODES:
-                extra = {"PEP_STATE_DIR": os.path.join(tmp, "state-" + mode)}
-                if "libpep" in mode:
-                    if libpep is None or (mode.startswith("curl") and not shutil.which("curl")):
-                        print(f"{mode}: skipped ({why or 'no curl'})")
-                        continue
-                    extra.update(LD_PRELOAD=libpep, PEP_PROXY=pep_addr)
-                if mode == "pepsock-notfo":
-                    tb.client.sysctl("net.ipv4.tcp_fastopen", 2)
-                try:
-                    p = tb.client.popen(sys.executable, __file__, "--client", "--mode", mode,
-                                        "--server", f"{ADDR['server']}:{SERVER_PORT}",
-                                        "--pep", pep_addr, "--reps", str(args.reps),
-                                        "--warmup", "2", stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env=_env(extra))
-                    o, e = p.communicate(timeout=60 + args.reps * 10)
-                finally:
-                    tb.client.sysctl("net.ipv4.tcp_fastopen", 3)
-                lines = [ln for ln in o.splitlines() if ln.startswith("{")]
-                if not lines:
-                    print(f"{mode}: failed: {e[-800:]}")
+    from pepsock.testbed.topology import ADDR
+    libpep, why = tb_bench.libpep()
+    rows = {}
+    with tb_bench.testbed(args, "bf", __file__, PEP_PORT) as (tb, pep_addr, tmp):
+        for mode in MODES:
+            extra = {"PEP_STATE_DIR": os.path.join(tmp, "state-" + mode)}
+            if "libpep" in mode:
+                if libpep is None or (mode.startswith("curl") and not shutil.which("curl")):
+                    print(f"{mode}: skipped ({why or 'no curl'})")
                     continue
-                rows[mode] = json.loads(lines[-1])["ttfb_ms"]
-        finally:
-            for p in procs:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            relay_log.close()
+                extra.update(LD_PRELOAD=libpep, PEP_PROXY=pep_addr)
+            if mode == "pepsock-notfo":
+                tb.client.sysctl("net.ipv4.tcp_fastopen", 2)
+            try:
+                p = tb.client.popen(sys.executable, __file__, "--client", "--mode", mode,
+                                    "--server", f"{ADDR['server']}:{SERVER_PORT}",
+                                    "--pep", pep_addr, "--reps", str(args.reps),
+                                    "--warmup", "2", stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=tb_bench.env(extra))
+                o, e = p.communicate(timeout=60 + args.reps * 10)
+            finally:
+                tb.client.sysctl("net.ipv4.tcp_fastopen", 3)
+            lines = [ln for ln in o.splitlines() if ln.startswith("{")]
+            if not lines:
+                print(f"{mode}: failed: {e[-800:]}")
+                continue
+            rows[mode] = json.loads(lines[-1])["ttfb_ms"]
     med = {m: statistics.median(v) for m, v in rows.items()}
     print(f"\nHTTP GET through pep relay, R1 (client-PEP) {args.r1:g} ms, R2 (PEP-server) "
           f"{args.r2:g} ms, {args.reps} connections per mode, medians:")
@@ -201,24 +163,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--r1", type=float, default=40.0, help="client-PEP RTT, ms")
-    ap.add_argument("--r2", type=float, default=80.0, help="PEP-server RTT, ms")
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--server", help=argparse.SUPPRESS)
-    ap.add_argument("--pep", help=argparse.SUPPRESS)
-    ap.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.serve:
-        serve(args)
-        return 0
-    if args.client:
-        client(args)
-        return 0
-    return run(args)
+    args = tb_bench.parser(__doc__.splitlines()[0]).parse_args(argv)
+    return tb_bench.dispatch(args, serve, client, run)
 
 
 if __name__ == "__main__":
