@@ -282,6 +282,30 @@ def test_fq_overflow_drops_from_the_fattest_queue():
     assert len(L.delays_ms("sparse")) == 3
 
 
+def test_fq_overflow_drops_half_the_fattest_queue_in_one_batch():
+    """As Linux's fq_codel_drop(): one overflow drops from the head of the fattest queue
+    until half its bytes are gone, at most 64 packets (drop_batch_size), not one packet;
+    the other flows keep everything.  The link is in an outage, so nothing leaves but the
+    first packet, which sits in the serializer (not in the queue)."""
+    fat, thin, other = _distinct_ports(3)
+    L = Link("fq_codel", limit=50, rate=0, delay=0)
+    for _ in range(40):
+        assert L.push(0, ip4(fat), "fat") == 0
+    for _ in range(11):
+        L.push(0, ip4(thin), "thin")
+    assert L.stats()["drop_overflow"] == 0 and C.lq_backlog_packets(L.q) == 50
+    L.push(0, ip4(other, size=100), "other")      # the 51st queued packet: over the limit
+    # half of the fat flow's 39 x 1500 queued bytes, rounded up to packets: 20 packets
+    # (19 would leave more than half); thin and other lose nothing
+    assert L.stats()["drop_overflow"] == 20
+    assert C.lq_backlog_packets(L.q) == 31 and C.lq_backlog_bytes(L.q) == 30 * 1500 + 100
+    # a flood bigger than 128 packets: the batch stops at 64
+    L = Link("fq_codel", limit=300, rate=0, delay=0)
+    for _ in range(302):
+        L.push(0, ip4(fat), "fat")
+    assert L.stats()["drop_overflow"] == 64 and C.lq_backlog_packets(L.q) == 301 - 64
+
+
 def test_changing_the_qdisc_flushes_and_counts():
     L = Link("fifo", rate=1_000_000, delay=0)
     for _ in range(10):

@@ -194,11 +194,11 @@ def _run(args, plan, settings, exps) -> int:
         total = sum(reps * modes * len(opts.get("flows_list", (1,))) * len(opts.get("qdiscs", plan.qdiscs))
                     for _, _, _, reps, opts in transfers)
         if "ttfb" in exps:
-            total += 8      # exp_ttfb's modes
+            total += 9      # exp_ttfb's modes
         if "tls" in exps:
             total += 9      # exp_tls's modes
         if "satellite" in exps:
-            total += len(plan.sat_sizes) * plan.sat_reps * modes + 8 + (9 if "tls" in exps else 0)
+            total += len(plan.sat_sizes) * plan.sat_reps * modes + 9 + (9 if "tls" in exps else 0)
         progress = Progress(total)
         for name, schedule, nbytes, reps, opts in transfers:
             res["runs"] += runner.exp_transfers(name, schedule, nbytes, reps, progress, **opts)

@@ -31,6 +31,8 @@ from .traces import Schedule, load, step_schedule
 SERVER_PORT = 5001
 UDP_PORT = 6001
 PEP_PORT = 5124
+#: A second relay in the PEP namespace, with onward TFO (its default): the TTFB "pep-otfo" rows
+PEP_OTFO_PORT = 5125
 CONNECT_PORT = 8888
 SOCKS_PORT = 1080
 #: Absolute slack (ms) an RTT calibration row may be off by (see the calibration).
@@ -136,6 +138,7 @@ class Runner:
         self.tb, self.plan = tb, plan
         self.server = None
         self.relay = None
+        self.relay_otfo = None      # the onward-TFO relay, started for the TTFB rows
         self.daemons: list[subprocess.Popen] = []
         self._proxies: dict | None = None
         self.tmp = tempfile.mkdtemp(prefix="pepsock-eval-")
@@ -165,34 +168,51 @@ class Runner:
         except Exception as e:
             self.notes.append(f"warm-up connections through the PEP failed: {e!r}")
 
-    def relay_argv(self) -> list[str]:
+    def relay_argv(self, port: int = PEP_PORT, onward_tfo: bool = False) -> list[str]:
         if self.plan.pep_cmd:
-            return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
+            return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{port}"))
         s = self.tb.s
         # The default TFO-cookie mode: a client's warm-up connections get the relay's TFO
         # cookie, then its SYN's data is served at once (0-RTT).  --no-cookie would hold an
         # unverified client's data until its handshake completes, one R1 that the satellite
-        # hop shows (docs/relay.md, "What each mode costs").  --no-onward-tfo: the relay's
-        # own SYN to the server carries no data, so the PEP rows measure RFC 8803's R1+2R2
-        # rather than the relay's onward TFO (R1+R2 once it holds the server's cookie).
-        return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
-                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--no-onward-tfo",
+        # hop shows (docs/relay.md, "What each mode costs").  --no-onward-tfo (the main
+        # relay): its own SYN to the server carries no data, so the PEP rows measure RFC
+        # 8803's R1+2R2; the second relay (onward_tfo, the TTFB pep-otfo row) keeps the
+        # default onward TFO: once it holds the server's cookie, R1+R2.
+        return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{port}",
+                "--listen", f"[{ADDR6['pep_w']}]:{port}", *([] if onward_tfo else ["--no-onward-tfo"]),
                 "--client-cc", s.pep_client_cc or s.cc, "--server-cc", s.pep_server_cc or s.cc]
 
     def _start_relay(self) -> None:
-        argv = self.relay_argv()
-        log_path = os.path.join(self.tmp, "relay.log")
+        self.relay, self.pep_status = self._spawn_relay(self.relay_argv(), PEP_PORT, "relay.log")
+
+    def _spawn_relay(self, argv: list[str], port: int, log_name: str):
+        """(process, status): the relay listening on `port`, or (None, why not)."""
+        log_path = os.path.join(self.tmp, log_name)
         with open(log_path, "w") as relay_log:   # the relay keeps its own descriptor
-            self.relay = self.tb.pep.popen(*argv, stdout=relay_log, stderr=subprocess.STDOUT,
-                                           env=procs._env())
-        if wait_port(self.tb.pep, ADDR["pep_w"], PEP_PORT, timeout=10):
-            self.pep_status = "running: " + " ".join(shlex.quote(a) for a in argv)
-        else:
-            procs.stop(self.relay)
-            with open(log_path) as f:
-                tail = f.read()[-600:]
-            self.pep_status = f"unavailable: `{' '.join(argv)}` did not listen: {tail.strip()}"
-            self.relay = None
+            proc = self.tb.pep.popen(*argv, stdout=relay_log, stderr=subprocess.STDOUT, env=procs._env())
+        if wait_port(self.tb.pep, ADDR["pep_w"], port, timeout=10):
+            return proc, "running: " + " ".join(shlex.quote(a) for a in argv)
+        procs.stop(proc)
+        with open(log_path) as f:
+            tail = f.read()[-600:]
+        return None, f"unavailable: `{' '.join(argv)}` did not listen: {tail.strip()}"
+
+    def start_onward_tfo_relay(self) -> str | None:
+        """The second relay, with onward TFO, for the TTFB rows (once): its address, or None
+        (a note says why).  The server's listener takes TFO (agents.py), so once this relay
+        holds the server's cookie (the agent's warm-up connections) its SYN to the server
+        carries the client's Convert payload: the first byte at R1+R2."""
+        if self.relay_otfo is None:
+            if self.plan.pep_cmd:
+                self.notes.append("ttfb: the onward-TFO row skipped: --pep-cmd names its own relay")
+                return None
+            self.relay_otfo, status = self._spawn_relay(self.relay_argv(PEP_OTFO_PORT, onward_tfo=True),
+                                                        PEP_OTFO_PORT, "relay-otfo.log")
+            if self.relay_otfo is None:
+                self.notes.append("ttfb: the onward-TFO relay " + status)
+                return None
+        return f"{ADDR['pep_w']}:{PEP_OTFO_PORT}"
 
     @property
     def pep_ok(self) -> bool:
@@ -220,7 +240,7 @@ class Runner:
         return status
 
     def stop(self) -> None:
-        for p in [self.server, self.relay, *self.daemons]:
+        for p in [self.server, self.relay, self.relay_otfo, *self.daemons]:
             procs.stop(p)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -407,6 +427,9 @@ class Runner:
         if self.pep_ok:
             pep = f"{ADDR['pep_w']}:{PEP_PORT}"
             modes += [("pep", pep), ("aio", pep), ("pep-hs", pep), ("pep-notfo", pep)]
+            otfo = self.start_onward_tfo_relay()
+            if otfo:
+                modes.append(("pep-otfo", otfo))
         else:
             self.notes.append("ttfb: PEP modes skipped: relay " + self.pep_status)
         if proxies.get("connect"):
@@ -419,7 +442,7 @@ class Runner:
             self.notes.append("ttfb: SOCKS5 skipped (microsocks missing or did not start)")
         for mode, proxy in modes:
             progress.step(f"ttfb {mode}")
-            agent_mode = "pep" if mode == "pep-notfo" else mode
+            agent_mode = "pep" if mode in ("pep-notfo", "pep-otfo") else mode
             if mode == "pep-notfo":
                 tb.client.sysctl("net.ipv4.tcp_fastopen", 0)   # the client sends a plain SYN
             try:

@@ -329,13 +329,14 @@ def plot_flows(res, path: str) -> bool:
     return True
 
 
-TTFB_ORDER = ["direct", "tfo", "pep", "aio", "pep-syn", "pep-hs", "pep-notfo", "connect", "socks5"]
+TTFB_ORDER = ["direct", "tfo", "pep", "aio", "pep-otfo", "pep-syn", "pep-hs", "pep-notfo", "connect", "socks5"]
 TTFB_NAME = {"direct": "direct", "tfo": "direct + TFO",
              "pep": "PEP 0-RTT, request in the SYN (pepsock.create_connection, request_in_syn=True)",
              "aio": "PEP 0-RTT, request in the SYN (pepsock.open_connection + write)",
              "pep-syn": "PEP 0-RTT, request in the SYN (hand-built RFC 8803 SYN)",
              "pep-hs": "PEP 0-RTT, old way (create_connection returns after the handshake)",
              "pep-notfo": "PEP, client TFO off (request_in_syn=True)",
+             "pep-otfo": "PEP 0-RTT + onward TFO to a TFO server (request_in_syn=True, the relay's default)",
              "connect": "HTTP CONNECT", "socks5": "SOCKS5"}
 
 
@@ -346,7 +347,11 @@ def ttfb_formula(mode: str, r1: float, r2: float) -> float:
     # leaves one R1 after the header and waits for that or the PEP's onward connect (R2),
     # whichever is later.  Without client TFO there is no SYN data: the header and the
     # request follow the handshake (TCP_NODELAY until the reply, so no Nagle wait): 2R1+2R2.
+    # pep-otfo: the relay also puts the client's payload in its own SYN to the server (TFO,
+    # once it holds the server's cookie): the request reaches the server R1/2+R2/2 after the
+    # start and the answer is back at R1+R2, as direct TFO, with the PEP in the middle.
     return {"direct": 2 * r1 + 2 * r2, "tfo": r1 + r2, "pep": r1 + 2 * r2, "aio": r1 + 2 * r2,
+            "pep-otfo": r1 + r2,
             "pep-syn": r1 + 2 * r2, "pep-hs": r1 + r2 + max(r1, r2), "pep-notfo": 2 * r1 + 2 * r2,
             "connect": 3 * r1 + 2 * r2, "socks5": 4 * r1 + 2 * r2}[mode]
 
@@ -375,6 +380,7 @@ TLS_FORMULA = {"direct": ("3R1+3R2", lambda a, b: 3 * a + 3 * b), "curl": ("3R1+
                "connect": ("4R1+3R2", lambda a, b: 4 * a + 3 * b), "socks5": ("5R1+3R2", lambda a, b: 5 * a + 3 * b)}
 
 TTFB_TEXT = {"direct": "2R1+2R2", "tfo": "R1+R2", "pep": "R1+2R2", "aio": "R1+2R2", "pep-syn": "R1+2R2",
+             "pep-otfo": "R1+R2",
              "pep-hs": "R1+R2+max(R1,R2)", "pep-notfo": "2R1+2R2",
              "connect": "3R1+2R2", "socks5": "4R1+2R2"}
 
@@ -683,7 +689,11 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
                  "connecting to the first byte of the answer. pepsock's rows put the request in the SYN "
                  "behind the Convert header (docs/python.md, \"The request in the SYN\"); the pep-hs row "
                  "is the old way (create_connection with a timeout returns after the TCP handshake with "
-                 "the PEP, then the request), which differs only when R1 > R2.\n")
+                 "the PEP, then the request), which differs only when R1 > R2. The server's listener "
+                 "takes TFO; the PEP rows go through a relay with --no-onward-tfo (R1+2R2: its SYN to "
+                 "the server carries nothing), except the onward-TFO row: a second relay in its default "
+                 "mode, which puts the client's payload in its own SYN once it holds the server's TFO "
+                 "cookie (after the warm-up connections): R1+R2.\n")
         _ttfb_table(L, S["ttfb"])
     if S["tls"]:
         L.append("## HTTPS time to first byte\n")
@@ -770,6 +780,11 @@ def _ttfb_targets(t: dict, r1: float, where: str) -> list[str]:
     else:
         lines.append(f"| {where}TTFB PEP 0-RTT within 10% of R1+2R2, about R1 below direct | not measured | "
                      "**not measured** |")
+    if "pep-otfo" in t and t["pep-otfo"]["ci"][2]:
+        m, f = t["pep-otfo"]["ci"][0], t["pep-otfo"]["formula"]
+        dev = (m - f) / f * 100
+        lines.append(f"| {where}TTFB through the PEP with onward TFO (a TFO server) within 10% of R1+R2 | "
+                     f"{m:.1f} ms vs {f:.1f} ms ({dev:+.1f}%) | {'met' if abs(dev) <= 10 else '**missed**'} |")
     return lines
 
 
