@@ -346,3 +346,28 @@ def test_eval_rejects_bad_options():
     assert ev.main(["--qdisc", "sfq", "--experiments", "step"]) == 2
     assert ev.main(["--experiments", "stepp"]) == 2
     assert ev.main(["--qdisc", "fq_codel", "--delay-impl", "py", "--experiments", "step"]) == 2
+
+
+def test_eval_plans_queues_and_duration():
+    """The full run compares FIFO, CoDel and FQ-CoDel (bigq only the byte-limited FIFO, the
+    competing flows not CoDel alone); --quick keeps every experiment, FIFO vs FQ-CoDel for
+    the thesis's comparison, one queue elsewhere.  Their estimated durations stay within
+    the budgets (quick about 5 minutes, full an hour) on the model's per-run costs."""
+    from pepsock.testbed.eval import ALL, QUICK
+    from pepsock.testbed.experiments import Plan, estimate
+    from pepsock.testbed.traces import load, spike_outage_schedule, step_schedule
+    full, quick = Plan(), Plan.quick_plan()
+    assert full.qdiscs_for("step") == ["fifo", "codel", "fq_codel"]
+    assert full.qdiscs_for("bigq") == ["fifo"] and full.qdiscs_for("validate") == ["kernel", "fifo"]
+    assert full.qdiscs_for("flows") == ["fifo", "fq_codel"]
+    assert quick.qdiscs_for("spike") == ["fifo", "fq_codel"] and quick.qdiscs_for("flows") == ["fifo"]
+    assert quick.qdiscs_for("upload") == ["fq_codel"]
+    assert QUICK == ALL
+    st = step_schedule()
+    schedules = {e: st for e in ("validate", "step", "bigq", "flows", "upload", "ipv6")}
+    schedules.update(spike=spike_outage_schedule(), mmwave=load("mmwave-blockage"))
+    q = estimate(quick, ALL, 10, 40, 550, schedules)
+    f = estimate(full, ALL, 10, 40, 550, schedules)
+    assert set(ALL) <= set(q) and set(ALL) <= set(f)
+    assert sum(q.values()) <= 300 and sum(f.values()) <= 3600, (sum(q.values()), sum(f.values()))
+    assert sum(f.values()) > 3 * sum(q.values())

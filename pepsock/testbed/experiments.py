@@ -56,7 +56,14 @@ class Plan:
     bigq_factor: int = 4          # "bigq": the step case with a bottleneck queue this many times larger
     trace: str | None = None
     pep_cmd: str | None = None    # override the relay command line (a string, split by shlex)
-    qdiscs: list[str] = field(default_factory=lambda: ["fifo", "fq_codel"])   # bottleneck queues compared
+    # bottleneck queues compared: FIFO, CoDel alone (RFC 8289) and FQ-CoDel (RFC 8290)
+    qdiscs: list[str] = field(default_factory=lambda: ["fifo", "codel", "fq_codel"])
+    # experiments run over one queue only, whatever `qdiscs` says (quick: all but the
+    # thesis's comparison step / spike / mmwave)
+    single_qdisc: dict = field(default_factory=dict)
+    ttfb_warmup: int = 2          # connections before the measured ones (TFO cookies, ARP/ND)
+    sat_ttfb_warmup: int = 2
+    sat_tls: bool = True          # the HTTPS rows on the satellite hop too (with `tls`)
     validate_reps: int = 3        # "validate": the step case on the kernel TBF+bfifo and the user-space FIFO
     upload_bytes: int = 20_000_000
     ipv6_reps: int = 2            # "ipv6": the step case over IPv6
@@ -73,9 +80,92 @@ class Plan:
 
     @classmethod
     def quick_plan(cls) -> "Plan":
-        return cls(quick=True, reps=2, bigq_reps=1, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
-                   mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0, validate_reps=1,
-                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=3, ipv6_reps=1, upload_reps=1)
+        """Every experiment kind, once, in about five minutes: one repetition, shorter
+        transfers that still straddle the schedule's event (the step at 4 s, the spike's
+        outage at 5-6 s, the mmWave trace's first blockages), FIFO against FQ-CoDel only
+        for the thesis's comparison (step, spike, mmwave) and one queue for the rest, and
+        the satellite's TTFB rows without HTTPS."""
+        return cls(quick=True, reps=1, step_bytes=12_000_000, bigq_reps=1, flows=[1, 4], flows_reps=1,
+                   spike_bytes=22_000_000, mmwave_bytes=20_000_000, upload_bytes=12_000_000,
+                   ttfb_reps=4, calib_seconds=2.0, validate_reps=1, qdiscs=["fifo", "fq_codel"],
+                   single_qdisc={"flows": "fifo", "upload": "fq_codel", "ipv6": "fq_codel"},
+                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=2, sat_ttfb_warmup=1,
+                   sat_tls=False, ipv6_reps=1, upload_reps=1)
+
+    def qdiscs_for(self, exp: str) -> list[str]:
+        """The queues `exp` runs over.  bigq only changes a byte limit, which only the
+        FIFOs have (CoDel's and FQ-CoDel's limit is 10240 packets): the byte-limited ones.
+        flows: not CoDel alone (the single-flow cases show it; 1..10 flows over a third
+        queue would be a quarter of the full run)."""
+        if exp == "validate":
+            return ["kernel", "fifo"]
+        qs = list(self.qdiscs)
+        if exp == "bigq":
+            qs = [q for q in qs if q in ("fifo", "kernel")] or ["fifo"]
+        if exp == "flows":
+            qs = [q for q in qs if q != "codel"] or qs
+        one = self.single_qdisc.get(exp)
+        if one:
+            qs = [one] if one in self.qdiscs else qs[:1]
+        return qs
+
+
+#: Wall time a transfer run costs beyond its last byte: agents starting, the 1.5 s lead
+#: before the schedule, the interactive flow's tail (measured: 2.0 s, loaded 2-core host)
+RUN_OVERHEAD_S = 2.2
+#: FCT over the fluid bound, averaged over paths and queues (measured in the quick runs)
+FCT_OVER_IDEAL = 1.35
+
+
+def estimate(plan: "Plan", exps: list[str], r1_ms: float, r2_ms: float, sat_r1_ms: float,
+             schedules: dict, pep: bool = True) -> dict:
+    """Seconds each experiment of `plan` should take on this machine (printed at the start,
+    so a run that would not fit is seen before it starts): a transfer run costs its
+    expected FCT (FCT_OVER_IDEAL x the fluid bound of its schedule) + RUN_OVERHEAD_S; a
+    TTFB method (reps + warm-up) x (its formula + the 50 ms gap) + 0.7 s to start its agent."""
+    from .report import TLS_FORMULA, ideal_fct, ttfb_formula
+    modes = 2 if pep else 1
+    est: dict[str, float] = {"setup": 12.0 + 2 * (plan.calib_seconds * 2 + RUN_OVERHEAD_S)}
+    sizes = {"validate": plan.step_bytes, "step": plan.step_bytes, "bigq": plan.step_bytes,
+             "spike": plan.spike_bytes, "mmwave": plan.mmwave_bytes, "upload": plan.upload_bytes,
+             "ipv6": plan.step_bytes, "flows": plan.flow_bytes}
+    reps = {"validate": plan.validate_reps, "bigq": plan.bigq_reps, "flows": plan.flows_reps,
+            "upload": plan.upload_reps, "ipv6": plan.ipv6_reps}
+    for e in exps:
+        if e not in sizes:
+            continue
+        sched = schedules[e]
+        flows = plan.flows if e == "flows" else [1]
+        t = 0.0
+        for n in flows:
+            fct = ideal_fct(sched.steps, sizes[e] * n, 0.1)
+            fct = fct if fct == fct else 30.0
+            t += reps.get(e, plan.reps) * len(plan.qdiscs_for(e)) * modes * (FCT_OVER_IDEAL * fct + RUN_OVERHEAD_S)
+        est[e] = t
+
+    def ttfb(formulas, r1, r2, reps, warmup, handshake=0.0):
+        return sum((reps + warmup) * (f(r1, r2) / 1000 + 0.05 + handshake) + 0.7 for f in formulas)
+    plain = [lambda a, b, m=m: ttfb_formula(m, a, b) for m in
+             ("direct", "tfo", "pep", "aio", "pep-otfo", "pep-hs", "pep-notfo", "connect", "socks5")]
+    tls = [f for _, f in TLS_FORMULA.values()]
+    if "ttfb" in exps:
+        est["ttfb"] = ttfb(plain, r1_ms, r2_ms, plan.ttfb_reps, plan.ttfb_warmup)
+    if "tls" in exps:
+        est["tls"] = 5.0 + ttfb(tls, r1_ms, r2_ms, plan.ttfb_reps, 2, 0.02)
+    if "satellite" in exps:
+        r1, r2 = sat_r1_ms / 1000, plan.sat_r2_ms / 1000
+        t = 15.0 + 3 * r1      # a second testbed, the relay, its warm-up, the pings
+        for size in plan.sat_sizes:
+            # slow start over R1 on both paths, then about 10 (end to end, loss-capped cubic)
+            # and 35 Mbit/s (through the PEP) of the 50
+            e2e = 4 * (r1 + r2) + size * 8 / 10e6
+            thru = 4 * (r1 + r2) + size * 8 / 35e6
+            t += plan.sat_reps * (e2e + thru * modes / 2 + 2 * RUN_OVERHEAD_S)
+        t += ttfb(plain, sat_r1_ms, plan.sat_r2_ms, plan.sat_ttfb_reps, plan.sat_ttfb_warmup)
+        if plan.sat_tls and "tls" in exps:
+            t += ttfb(tls, sat_r1_ms, plan.sat_r2_ms, plan.sat_ttfb_reps, 2, 0.02)
+        est["satellite"] = t
+    return est
 
 
 class Progress:
@@ -393,7 +483,7 @@ class Runner:
         out = []
         try:
             self._transfers(out, name, schedule, nbytes, reps, progress, flows_list, interactive,
-                            qdiscs or self.plan.qdiscs, queue_bytes, upload, timeout, v6)
+                            qdiscs or self.plan.qdiscs_for(name), queue_bytes, upload, timeout, v6)
         finally:
             self.tb.bottleneck.set_queue(self.tb.s.queue_bytes)
             if self.tb.uplink is not None:
@@ -419,7 +509,7 @@ class Runner:
                             self.notes.append(f"{name} {qd} {mode} n={n} rep {rep}: failed: {e!r}")
                         progress.advance()
 
-    def exp_ttfb(self, progress, rate_mbit: float = 75.0, timeout: float = 5.0) -> list[dict]:
+    def exp_ttfb(self, progress, rate_mbit: float = 75.0, timeout: float = 5.0, warmup: int | None = None) -> list[dict]:
         tb, rows = self.tb, []
         tb.reset(rate_mbit)
         proxies = self._start_proxies()
@@ -447,7 +537,8 @@ class Runner:
                 tb.client.sysctl("net.ipv4.tcp_fastopen", 0)   # the client sends a plain SYN
             try:
                 args = ["ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}", "--mode", agent_mode,
-                        "--reps", self.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc,
+                        "--reps", self.plan.ttfb_reps, "--warmup",
+                        self.plan.ttfb_warmup if warmup is None else warmup, "--cc", tb.s.cc,
                         "--timeout", timeout]
                 if proxy:
                     args += ["--proxy", proxy]
