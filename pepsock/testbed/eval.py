@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "step-10-75, spike-outage, mmwave-blockage")
     p.add_argument("--reps", type=int, help="repetitions of step/spike/mmwave (default 5; quick 1) and, when "
                                             "given, of validate/upload/ipv6 too (default 3/3/2; quick 1)")
-    p.add_argument("--ttfb-reps", type=int, help="TTFB samples per method (default 20; quick 4)")
+    p.add_argument("--ttfb-reps", type=int, help="TTFB samples per method (default 20; quick 3)")
     p.add_argument("--flows", help="numbers of competing flows, e.g. 1,2,4,6,8,10")
     p.add_argument("--r1", type=float, default=10.0, help="client-PEP RTT in ms (default 10)")
     p.add_argument("--r2", type=float, default=40.0, help="PEP-server RTT in ms (default 40)")
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sat-loss", type=float, default=0.001,
                    help="satellite: random loss on the satellite hop, each direction (default 0.001)")
     p.add_argument("--sat-sizes", help="satellite: transfer sizes in bytes, comma-separated "
-                                       "(default 100000,1000000,10000000; quick 100000,2000000)")
+                                       "(default 100000,1000000,10000000; quick 100000,1000000)")
     p.add_argument("--sat-cc", default="bbr",
                    help="satellite: the PEP's congestion control on the satellite side (default bbr; "
                         "the endpoints and the PEP's ground side use --cc)")

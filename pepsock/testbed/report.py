@@ -612,6 +612,7 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         "flows_reps": "repetitions (flows)", "ttfb_reps": "repetitions (ttfb, per method)",
         "interactive": "interactive flow", "pep": "PEP (relay)",
         "qdiscs": "bottleneck queues compared (validate: kernel TBF+bfifo and FIFO)",
+        "qdiscs_per_experiment": "queues per experiment",
         "uplink_mbit": "uplink, client -> PEP (Mbit/s, user-space link, same queue kind)",
     }
     for k, name in nice.items():
