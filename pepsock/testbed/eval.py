@@ -1,6 +1,6 @@
 """`pep eval`: reproduce the thesis's evaluation (chapter 5) in network namespaces.
 
-    pep eval [--quick] [--out DIR] [--experiments step,flows,spike,mmwave,ttfb,...] [--qdisc fifo,fq_codel]
+    pep eval [--quick] [--out DIR] [--experiments step,flows,spike,mmwave,ttfb,...] [--qdisc fifo,codel,fq_codel]
              [--trace FILE] [--reps N]
     python -m pepsock.testbed.eval ...
 

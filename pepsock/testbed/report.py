@@ -590,6 +590,10 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
     L.append("# pep eval: end to end vs through the PEP\n")
     L.append(f"Run {res.get('started', '')}, {res.get('duration_s', 0):.0f} s of wall time, "
              f"{'quick' if s.get('quick') else 'full'} mode.\n")
+    if res.get("timings_s"):
+        est = res.get("estimate_s", {})
+        L.append("Wall time per part (s, measured / estimated at the start): " + ", ".join(
+            f"{k} {v:.0f} / {est.get(k, float('nan')):.0f}" for k, v in res["timings_s"].items()) + ".\n")
     if narrative:
         L.append(narrative.strip() + "\n")
     L.append("## Targets\n")
