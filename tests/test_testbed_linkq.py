@@ -352,7 +352,8 @@ def test_eval_plans_queues_and_duration():
     """The full run compares FIFO, CoDel and FQ-CoDel (bigq only the byte-limited FIFO, the
     competing flows not CoDel alone); --quick keeps every experiment, FIFO vs FQ-CoDel for
     the thesis's comparison, one queue elsewhere.  Their estimated durations stay within
-    the budgets (quick about 5 minutes, full an hour) on the model's per-run costs (which run 5-20 % above what a quick run measured)."""
+    the budgets (quick about 5 minutes, full an hour) on the model's per-run costs (which
+    run 5-20 % above what a quick run measured)."""
     from pepsock.testbed.eval import ALL, QUICK
     from pepsock.testbed.experiments import Plan, estimate
     from pepsock.testbed.traces import load, spike_outage_schedule, step_schedule

@@ -5,8 +5,9 @@
 2. flows     1..10 competing bulk flows on the same schedule; e2e vs PEP.
 3. spike     a 1 s spike to 75 Mbit/s and a 1 s outage on a 20 Mbit/s link;
    mmwave    a mmWave-like trace with human-blockage outages.
-4. ttfb      time to first byte: direct, direct TFO, PEP 0-RTT, PEP without
-             TFO, HTTP CONNECT (tinyproxy), SOCKS5 (microsocks).
+4. ttfb      time to first byte: direct, direct TFO, PEP 0-RTT, PEP 0-RTT with
+             the relay's onward TFO to the (TFO) server, PEP without client TFO,
+             HTTP CONNECT (tinyproxy), SOCKS5 (microsocks).
 
 Each returns plain dicts (rows); report.py turns them into tables and plots.
 """
@@ -247,13 +248,15 @@ class Runner:
         if self.pep_ok:
             self._warm_pep()
 
-    def _warm_pep(self) -> None:
+    def _warm_pep(self, port: int = PEP_PORT) -> None:
         """Two connections through the relay before any experiment, so the client's kernel
         holds the relay's TFO cookie (and pepsock's state its cookie mode), as for any
-        client after its first connection: the measured ones get their SYN data served."""
+        client after its first connection: the measured ones get their SYN data served.
+        For the onward-TFO relay the second one also gets the relay the server's cookie
+        (the first, from a client still unverified, connects onward without TFO)."""
         try:
             p = procs.agent(self.tb.client, "ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}",
-                            "--proxy", f"{ADDR['pep_w']}:{PEP_PORT}", "--mode", "pep", "--reps", 0,
+                            "--proxy", f"{ADDR['pep_w']}:{port}", "--mode", "pep", "--reps", 0,
                             "--warmup", 2, "--timeout", 10, env=self.client_env)
             procs.result(p, 40)
         except Exception as e:
@@ -303,6 +306,7 @@ class Runner:
             if self.relay_otfo is None:
                 self.notes.append("ttfb: the onward-TFO relay " + status)
                 return None
+            self._warm_pep(PEP_OTFO_PORT)
         return f"{ADDR['pep_w']}:{PEP_OTFO_PORT}"
 
     @property
@@ -510,7 +514,8 @@ class Runner:
                             self.notes.append(f"{name} {qd} {mode} n={n} rep {rep}: failed: {e!r}")
                         progress.advance()
 
-    def exp_ttfb(self, progress, rate_mbit: float = 75.0, timeout: float = 5.0, warmup: int | None = None) -> list[dict]:
+    def exp_ttfb(self, progress, rate_mbit: float = 75.0, timeout: float = 5.0,
+                 warmup: int | None = None) -> list[dict]:
         tb, rows = self.tb, []
         tb.reset(rate_mbit)
         proxies = self._start_proxies()

@@ -833,8 +833,8 @@ def targets(S) -> list[str]:
         fq, fi = _get(S, e, "fq_codel"), _get(S, e, base)
         if "ratio" in fq:
             r, lo, hi = fq["ratio"]
-            lines.append(f"| {e}, FQ-CoDel: FCT through the PEP ≤ 0.7 × end to end | {fmt(r, 3)} (CI {fmt(lo, 3)}–{fmt(hi, 3)})"
-                         f"{_reach(fq)} | {'met' if r <= 0.7 else '**missed**'} |")
+            lines.append(f"| {e}, FQ-CoDel: FCT through the PEP ≤ 0.7 × end to end | {fmt(r, 3)} "
+                         f"(CI {fmt(lo, 3)}–{fmt(hi, 3)}){_reach(fq)} | {'met' if r <= 0.7 else '**missed**'} |")
         fq_owd = "e2e" in fq and "pep" in fq and fq["pep"]["owd_p99"] == fq["pep"]["owd_p99"]
         if fq_owd:
             a, b = fq["pep"]["owd_p99"], fq["e2e"]["owd_p99"]
