@@ -313,12 +313,17 @@ def plot_flows(res, path: str) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     ns = sorted({r["flows_n"] for r in runs})
-    for mode in ("e2e", "pep"):
-        pts = [(n, *mean_ci(run_fct(r) for r in runs if r["flows_n"] == n and r["mode"] == mode)) for n in ns]
-        pts = [p for p in pts if p[3] > 0]
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if p[2] != p[2] else p[2] for p in pts],
-                        marker="o", capsize=4, color=MODE_COLOR[mode], label=MODE_NAME[mode])
+    qs = [q for q in QDISC_ORDER if any(qd(r) == q for r in runs)]
+    styles = {"kernel": ":", "fifo": "-", "codel": "-.", "fq_codel": "--"}
+    for q in qs:
+        for mode in ("e2e", "pep"):
+            pts = [(n, *mean_ci(run_fct(r) for r in runs if r["flows_n"] == n and r["mode"] == mode and qd(r) == q))
+                   for n in ns]
+            pts = [p for p in pts if p[3] > 0]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                            yerr=[0 if p[2] != p[2] else p[2] for p in pts], marker="o", capsize=4,
+                            color=MODE_COLOR[mode], ls=styles[q], label=f"{MODE_NAME[mode]}, {QDISC_NAME[q]}")
     ax.set_xlabel("competing bulk flows")
     ax.set_ylabel("time until all flows finished (s)")
     ax.set_ylim(bottom=0)
@@ -473,10 +478,10 @@ def summarize(res: dict) -> dict:
             out["transfers"][(e, q)] = d
     fr = [r for r in runs if r["experiment"] == "flows"]
     for n in sorted({r["flows_n"] for r in fr}):
-        for mode in ("e2e", "pep"):
-            rs = [r for r in fr if r["flows_n"] == n and r["mode"] == mode]
+        for q, mode in ((q, m) for q in QDISC_ORDER for m in ("e2e", "pep")):
+            rs = [r for r in fr if r["flows_n"] == n and r["mode"] == mode and qd(r) == q]
             if rs:
-                out["flows"][(n, mode)] = {"all": mean_ci(run_fct(r) for r in rs),
+                out["flows"][(n, q, mode)] = {"all": mean_ci(run_fct(r) for r in rs),
                                            "mean": mean_ci(mean_flow_fct(r) for r in rs),
                                            "jain": mean_ci(jain(r) for r in rs)}
     out["ttfb"] = summarize_ttfb(res.get("ttfb", []), r1, r2)
@@ -682,9 +687,9 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         L.append("## Competing bulk flows (1..10), step schedule\n")
         L.append("Time until all flows finished, mean per-flow FCT, and Jain's fairness index of the flows' "
                  "goodputs (1 = fair); mean ± 95% CI over repetitions.\n")
-        L.append("| flows | path | all done (s) | mean flow FCT (s) | Jain |\n|---|---|---|---|---|")
-        for (n, mode), x in sorted(S["flows"].items()):
-            L.append(f"| {n} | {MODE_NAME[mode]} | {fmt_ci(*x['all'][:2])} | {fmt_ci(*x['mean'][:2])} | "
+        L.append("| flows | queue | path | all done (s) | mean flow FCT (s) | Jain |\n|---|---|---|---|---|---|")
+        for (n, q, mode), x in S["flows"].items():
+            L.append(f"| {n} | {QDISC_NAME[q]} | {MODE_NAME[mode]} | {fmt_ci(*x['all'][:2])} | {fmt_ci(*x['mean'][:2])} | "
                      f"{fmt_ci(*x['jain'][:2], nd=3)} |")
         L.append("")
     if S["ttfb"]:
@@ -847,11 +852,15 @@ def targets(S) -> list[str]:
                              f"{'met' if a <= c / 2 else '**missed**'} |")
         cd = _get(S, e, "codel")
         if "ratio" in cd:
-            others = ", ".join(f"{QDISC_NAME[q]} {fmt(_get(S, e, q)['pep']['owd_p99'])} ms"
-                               for q in (base, "fq_codel") if "pep" in _get(S, e, q))
-            lines.append(f"| {e}, CoDel alone (no target; for comparison): FCT through the PEP / end to end; "
-                         f"interactive p99 through the PEP | {fmt(cd['ratio'][0], 3)}; "
-                         f"{fmt(cd['pep']['owd_p99'])} ms ({others}) | – |")
+            if cd["pep"]["owd_p99"] == cd["pep"]["owd_p99"]:     # an interactive flow ran
+                others = ", ".join(f"{QDISC_NAME[q]} {fmt(_get(S, e, q)['pep']['owd_p99'])} ms"
+                                   for q in (base, "fq_codel") if "pep" in _get(S, e, q))
+                lines.append(f"| {e}, CoDel alone (no target; for comparison): FCT through the PEP / end to "
+                             f"end; interactive p99 through the PEP | {fmt(cd['ratio'][0], 3)}; "
+                             f"{fmt(cd['pep']['owd_p99'])} ms ({others}) | – |")
+            else:
+                lines.append(f"| {e}, CoDel alone (no target; for comparison): FCT through the PEP / end to "
+                             f"end | {fmt(cd['ratio'][0], 3)} | – |")
         if not fq_owd and "e2e" in fi and "pep" in fi and e in ("step", "spike", "mmwave"):
             a, b = fi["pep"]["owd_p99"], fi["e2e"]["owd_p99"]
             lines.append(f"| {e}, {QDISC_NAME[base]}: interactive p99 OWD through the PEP ≤ end to end | {fmt(a)} ms vs "
