@@ -282,6 +282,30 @@ def test_fq_overflow_drops_from_the_fattest_queue():
     assert len(L.delays_ms("sparse")) == 3
 
 
+def test_fq_overflow_drops_half_the_fattest_queue_in_one_batch():
+    """As Linux's fq_codel_drop(): one overflow drops from the head of the fattest queue
+    until half its bytes are gone, at most 64 packets (drop_batch_size), not one packet;
+    the other flows keep everything.  The link is in an outage, so nothing leaves but the
+    first packet, which sits in the serializer (not in the queue)."""
+    fat, thin, other = _distinct_ports(3)
+    L = Link("fq_codel", limit=50, rate=0, delay=0)
+    for _ in range(40):
+        assert L.push(0, ip4(fat), "fat") == 0
+    for _ in range(11):
+        L.push(0, ip4(thin), "thin")
+    assert L.stats()["drop_overflow"] == 0 and C.lq_backlog_packets(L.q) == 50
+    L.push(0, ip4(other, size=100), "other")      # the 51st queued packet: over the limit
+    # half of the fat flow's 39 x 1500 queued bytes, rounded up to packets: 20 packets
+    # (19 would leave more than half); thin and other lose nothing
+    assert L.stats()["drop_overflow"] == 20
+    assert C.lq_backlog_packets(L.q) == 31 and C.lq_backlog_bytes(L.q) == 30 * 1500 + 100
+    # a flood bigger than 128 packets: the batch stops at 64
+    L = Link("fq_codel", limit=300, rate=0, delay=0)
+    for _ in range(302):
+        L.push(0, ip4(fat), "fat")
+    assert L.stats()["drop_overflow"] == 64 and C.lq_backlog_packets(L.q) == 301 - 64
+
+
 def test_changing_the_qdisc_flushes_and_counts():
     L = Link("fifo", rate=1_000_000, delay=0)
     for _ in range(10):
@@ -322,3 +346,29 @@ def test_eval_rejects_bad_options():
     assert ev.main(["--qdisc", "sfq", "--experiments", "step"]) == 2
     assert ev.main(["--experiments", "stepp"]) == 2
     assert ev.main(["--qdisc", "fq_codel", "--delay-impl", "py", "--experiments", "step"]) == 2
+
+
+def test_eval_plans_queues_and_duration():
+    """The full run compares FIFO, CoDel and FQ-CoDel (bigq only the byte-limited FIFO, the
+    competing flows not CoDel alone); --quick keeps every experiment, FIFO vs FQ-CoDel for
+    the thesis's comparison, one queue elsewhere.  Their estimated durations stay within
+    the budgets (quick about 5 minutes, full an hour) on the model's per-run costs (which
+    run 5-20 % above what a quick run measured)."""
+    from pepsock.testbed.eval import ALL, QUICK
+    from pepsock.testbed.experiments import Plan, estimate
+    from pepsock.testbed.traces import load, spike_outage_schedule, step_schedule
+    full, quick = Plan(), Plan.quick_plan()
+    assert full.qdiscs_for("step") == ["fifo", "codel", "fq_codel"]
+    assert full.qdiscs_for("bigq") == ["fifo"] and full.qdiscs_for("validate") == ["kernel", "fifo"]
+    assert full.qdiscs_for("flows") == ["fifo", "fq_codel"]
+    assert quick.qdiscs_for("spike") == ["fifo", "fq_codel"] and quick.qdiscs_for("flows") == ["fifo"]
+    assert quick.qdiscs_for("upload") == ["fq_codel"]
+    assert QUICK == ALL
+    st = step_schedule()
+    schedules = {e: st for e in ("validate", "step", "bigq", "flows", "upload", "ipv6")}
+    schedules.update(spike=spike_outage_schedule(), mmwave=load("mmwave-blockage"))
+    q = estimate(quick, ALL, 10, 40, 550, schedules)
+    f = estimate(full, ALL, 10, 40, 550, schedules)
+    assert set(ALL) <= set(q) and set(ALL) <= set(f)
+    assert sum(q.values()) <= 330 and sum(f.values()) <= 3600, (sum(q.values()), sum(f.values()))
+    assert sum(f.values()) > 3 * sum(q.values())

@@ -118,6 +118,34 @@ def test_user_space_link_loss_uplink_and_upload():
         tb.close()
 
 
+def test_bulk_first_byte_through_the_pep_after_reset():
+    """A transfer through the PEP gets its request in the SYN (first byte at R1+2R2) after
+    the testbed's between-runs reset too: the reset keeps the client's TFO cookie for the
+    relay.  (It used to flush the TCP metrics, cookies with them, so the satellite case's
+    bulk SYN carried a cookie request and the first byte came one R1 late, at 2R1+2R2.)
+    A long R1 so that the round trip shows above the loaded machine's noise."""
+    require_root()
+    require_tool("cc")
+    from pepsock.testbed.experiments import Plan, Runner
+    r1, r2 = 200.0, 20.0
+    tb = Testbed(Settings(r1_ms=r1, r2_ms=r2, wireless_mbit=50, qdisc="fifo"), prefix="evt")
+    runner = Runner(tb, Plan())
+    try:
+        runner.start()          # the relay, the server and the warm-up connections
+        assert runner.pep_ok, runner.pep_status
+        firsts = []
+        for _ in range(2):
+            tb.reset()
+            f = runner.bulk("pep", 20_000, 1, start_in=0.2, timeout=15)["flows"][0]
+            assert f["complete"], f
+            firsts.append(f["t_first"] - f["t_start"])
+        # R1+2R2 = 240 ms; one more R1 (the handshake before the request) would be 440 ms
+        assert all(t < r1 + 2 * r2 + r1 / 2 for t in (x * 1000 for x in firsts)), firsts
+    finally:
+        runner.stop()
+        tb.close()
+
+
 def test_teardown_leaves_nothing():
     require_root()
     require_tool("cc")

@@ -1,6 +1,6 @@
 """`pep eval`: reproduce the thesis's evaluation (chapter 5) in network namespaces.
 
-    pep eval [--quick] [--out DIR] [--experiments step,flows,spike,mmwave,ttfb,...] [--qdisc fifo,fq_codel]
+    pep eval [--quick] [--out DIR] [--experiments step,flows,spike,mmwave,ttfb,...] [--qdisc fifo,codel,fq_codel]
              [--trace FILE] [--reps N]
     python -m pepsock.testbed.eval ...
 
@@ -25,7 +25,7 @@ import time
 from .topology import ADDR, Settings  # noqa: E402  (pure Python, no root needed to import)
 
 ALL = ["validate", "step", "bigq", "flows", "spike", "mmwave", "upload", "ipv6", "ttfb", "tls", "satellite"]
-QUICK = ["validate", "step", "spike", "upload", "ipv6", "ttfb", "tls", "satellite"]
+QUICK = ALL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-report", help="report folder (default: ./eval-report)")
     p.add_argument("--experiments",
                    help=f"comma-separated subset of {','.join(ALL)} (default: all; --quick: {','.join(QUICK)})")
-    p.add_argument("--qdisc", default="fifo,fq_codel",
+    p.add_argument("--qdisc",
                    help="bottleneck queues to compare, comma-separated: fifo (drop-tail, --queue bytes), "
-                        "codel, fq_codel (RFC 8290) in the user-space link, or kernel (TBF + bfifo) "
-                        "(default fifo,fq_codel; `validate` always runs kernel and fifo)")
+                        "codel (RFC 8289), fq_codel (RFC 8290) in the user-space link, or kernel (TBF + "
+                        "bfifo) (default fifo,codel,fq_codel; --quick fifo,fq_codel; `validate` always "
+                        "runs kernel and fifo, `bigq` only the byte-limited FIFOs)")
     p.add_argument("--uplink", type=float, default=10.0,
                    help="uplink (client -> PEP) rate in Mbit/s, shaped in the user-space link with the "
                         "same queue; 0 leaves it unshaped (default 10; the upload case steps it 10 -> 75)")
@@ -46,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "timestamp per 1500-byte delivery opportunity) or a schedule "
                                    "(`<time_ms> <rate_mbit>` lines), or a shipped name: "
                                    "step-10-75, spike-outage, mmwave-blockage")
-    p.add_argument("--reps", type=int, help="repetitions of step/spike/mmwave (default 5; quick 2) and, when "
+    p.add_argument("--reps", type=int, help="repetitions of step/spike/mmwave (default 5; quick 1) and, when "
                                             "given, of validate/upload/ipv6 too (default 3/3/2; quick 1)")
-    p.add_argument("--ttfb-reps", type=int, help="TTFB samples per method (default 20; quick 8)")
+    p.add_argument("--ttfb-reps", type=int, help="TTFB samples per method (default 20; quick 3)")
     p.add_argument("--flows", help="numbers of competing flows, e.g. 1,2,4,6,8,10")
     p.add_argument("--r1", type=float, default=10.0, help="client-PEP RTT in ms (default 10)")
     p.add_argument("--r2", type=float, default=40.0, help="PEP-server RTT in ms (default 40)")
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sat-loss", type=float, default=0.001,
                    help="satellite: random loss on the satellite hop, each direction (default 0.001)")
     p.add_argument("--sat-sizes", help="satellite: transfer sizes in bytes, comma-separated "
-                                       "(default 100000,1000000,10000000; quick 100000,2000000)")
+                                       "(default 100000,1000000,10000000; quick 100000,1000000)")
     p.add_argument("--sat-cc", default="bbr",
                    help="satellite: the PEP's congestion control on the satellite side (default bbr; "
                         "the endpoints and the PEP's ground side use --cc)")
@@ -112,7 +113,9 @@ def main(argv=None) -> int:
             plan.sat_reps = args.reps
     plan.pep_cmd = args.pep_cmd
     from .shaping import QDISCS
-    plan.qdiscs = [q.strip() for q in args.qdisc.split(",") if q.strip()]
+    if args.qdisc:
+        plan.qdiscs = [q.strip() for q in args.qdisc.split(",") if q.strip()]
+        plan.single_qdisc = {}      # the queues asked for, for every experiment
     if not plan.qdiscs or any(q not in QDISCS for q in plan.qdiscs):
         print(f"pep eval: --qdisc: choose from {', '.join(QDISCS)}", file=sys.stderr)
         return 2
@@ -147,6 +150,22 @@ def _run(args, plan, settings, exps) -> int:
     res: dict = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": [], "ttfb": [],
                  "calibration": [], "notes": []}
     tb = runner = progress = None
+    from .experiments import estimate
+    from .traces import spike_outage_schedule, step_schedule
+    step = load(plan.trace) if plan.trace else step_schedule()
+    schedules = {e: step for e in ("validate", "step", "bigq", "flows", "upload", "ipv6")}
+    schedules.update(spike=spike_outage_schedule(), mmwave=load("mmwave-blockage"))
+    est = estimate(plan, exps, settings.r1_ms, settings.r2_ms, args.sat_rtt, schedules)
+    res["estimate_s"] = est
+    log(f"pep eval: estimated {sum(est.values()) / 60:.0f} min on a 2-core host ("
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items()) + " min)")
+    timings = res["timings_s"] = {}
+    mark = [time.time()]
+
+    def took(name: str) -> None:
+        now = time.time()
+        timings[name] = timings.get(name, 0.0) + now - mark[0]
+        mark[0] = now
     try:
         tb = Testbed(settings)
         runner = Runner(tb, plan)
@@ -164,12 +183,11 @@ def _run(args, plan, settings, exps) -> int:
                     f"{r['error_pct']:+6.1f}%  {'ok' if r['ok'] else 'OUT OF TOLERANCE'}")
             else:
                 log(f"  {r['metric']:<40} {r['measured']}")
-        from .traces import spike_outage_schedule
+        took("setup")
         # (name, schedule, bytes, repetitions, options), in the order they run
         transfers = []
         if "validate" in exps:
-            transfers.append(("validate", runner.step_schedule(), plan.step_bytes, plan.validate_reps,
-                              {"qdiscs": ["kernel", "fifo"]}))
+            transfers.append(("validate", runner.step_schedule(), plan.step_bytes, plan.validate_reps, {}))
         if "step" in exps:
             transfers.append(("step", runner.step_schedule(), plan.step_bytes, plan.reps, {}))
         if "bigq" in exps:
@@ -191,28 +209,32 @@ def _run(args, plan, settings, exps) -> int:
         if "ipv6" in exps:
             transfers.append(("ipv6", runner.step_schedule(), plan.step_bytes, plan.ipv6_reps, {"v6": True}))
         modes = len(runner.modes())
-        total = sum(reps * modes * len(opts.get("flows_list", (1,))) * len(opts.get("qdiscs", plan.qdiscs))
-                    for _, _, _, reps, opts in transfers)
+        total = sum(reps * modes * len(opts.get("flows_list", (1,))) * len(plan.qdiscs_for(name))
+                    for name, _, _, reps, opts in transfers)
         if "ttfb" in exps:
-            total += 8      # exp_ttfb's modes
+            total += 9      # exp_ttfb's modes
         if "tls" in exps:
             total += 9      # exp_tls's modes
         if "satellite" in exps:
-            total += len(plan.sat_sizes) * plan.sat_reps * modes + 8 + (9 if "tls" in exps else 0)
+            total += len(plan.sat_sizes) * plan.sat_reps * modes + 9 + (9 if "tls" in exps and plan.sat_tls else 0)
         progress = Progress(total)
         for name, schedule, nbytes, reps, opts in transfers:
             res["runs"] += runner.exp_transfers(name, schedule, nbytes, reps, progress, **opts)
+            took(name)
         if "ttfb" in exps:
             res["ttfb"] = runner.exp_ttfb(progress)
+            took("ttfb")
         if "tls" in exps:
             from .experiments import exp_tls
             res["tls"] = exp_tls(runner, progress)
+            took("tls")
         if "satellite" in exps:
             # one testbed at a time: the terrestrial one goes before the satellite one is built
             _teardown(tb, runner, res)
             tb = runner = None
             res["satellite"] = {}
             tb, runner = _satellite(args, plan, settings, progress, res["satellite"])
+            took("satellite")
         progress.close()
     except KeyboardInterrupt:
         if progress:
@@ -234,7 +256,8 @@ def _run(args, plan, settings, exps) -> int:
         json.dump(res, f, default=str)
     report.write_report(res, args.out)
     S = report.summarize(res)
-    log(f"pep eval: report in {os.path.join(args.out, 'report.md')} ({res['duration_s']:.0f} s)")
+    log(f"pep eval: report in {os.path.join(args.out, 'report.md')} ({res['duration_s']:.0f} s; "
+        + ", ".join(f"{k} {v:.0f} s (estimated {est.get(k, 0):.0f})" for k, v in timings.items()) + ")")
     for line in report.targets(S):
         log("  " + line.strip("|").replace(" | ", ": ", 1).replace(" | ", " -> "))
     return 0
@@ -273,8 +296,9 @@ def _satellite(args, plan, ground, progress, out: dict):
     saved = plan.ttfb_reps
     plan.ttfb_reps = plan.sat_ttfb_reps
     try:
-        out["ttfb"] = runner.exp_ttfb(progress, rate_mbit=sat.wireless_mbit, timeout=10)
-        if "tls" in args.experiments_list:
+        out["ttfb"] = runner.exp_ttfb(progress, rate_mbit=sat.wireless_mbit, timeout=10,
+                                      warmup=plan.sat_ttfb_warmup)
+        if "tls" in args.experiments_list and plan.sat_tls:
             from .experiments import exp_tls
             out["tls"] = exp_tls(runner, progress, rate_mbit=sat.wireless_mbit, timeout=10)
     finally:

@@ -5,8 +5,9 @@
 2. flows     1..10 competing bulk flows on the same schedule; e2e vs PEP.
 3. spike     a 1 s spike to 75 Mbit/s and a 1 s outage on a 20 Mbit/s link;
    mmwave    a mmWave-like trace with human-blockage outages.
-4. ttfb      time to first byte: direct, direct TFO, PEP 0-RTT, PEP without
-             TFO, HTTP CONNECT (tinyproxy), SOCKS5 (microsocks).
+4. ttfb      time to first byte: direct, direct TFO, PEP 0-RTT, PEP 0-RTT with
+             the relay's onward TFO to the (TFO) server, PEP without client TFO,
+             HTTP CONNECT (tinyproxy), SOCKS5 (microsocks).
 
 Each returns plain dicts (rows); report.py turns them into tables and plots.
 """
@@ -31,6 +32,8 @@ from .traces import Schedule, load, step_schedule
 SERVER_PORT = 5001
 UDP_PORT = 6001
 PEP_PORT = 5124
+#: A second relay in the PEP namespace, with onward TFO (its default): the TTFB "pep-otfo" rows
+PEP_OTFO_PORT = 5125
 CONNECT_PORT = 8888
 SOCKS_PORT = 1080
 #: Absolute slack (ms) an RTT calibration row may be off by (see the calibration).
@@ -54,7 +57,14 @@ class Plan:
     bigq_factor: int = 4          # "bigq": the step case with a bottleneck queue this many times larger
     trace: str | None = None
     pep_cmd: str | None = None    # override the relay command line (a string, split by shlex)
-    qdiscs: list[str] = field(default_factory=lambda: ["fifo", "fq_codel"])   # bottleneck queues compared
+    # bottleneck queues compared: FIFO, CoDel alone (RFC 8289) and FQ-CoDel (RFC 8290)
+    qdiscs: list[str] = field(default_factory=lambda: ["fifo", "codel", "fq_codel"])
+    # experiments run over one queue only, whatever `qdiscs` says (quick: all but the
+    # thesis's comparison step / spike / mmwave)
+    single_qdisc: dict = field(default_factory=dict)
+    ttfb_warmup: int = 2          # connections before the measured ones (TFO cookies, ARP/ND)
+    sat_ttfb_warmup: int = 2
+    sat_tls: bool = True          # the HTTPS rows on the satellite hop too (with `tls`)
     validate_reps: int = 3        # "validate": the step case on the kernel TBF+bfifo and the user-space FIFO
     upload_bytes: int = 20_000_000
     ipv6_reps: int = 2            # "ipv6": the step case over IPv6
@@ -71,9 +81,93 @@ class Plan:
 
     @classmethod
     def quick_plan(cls) -> "Plan":
-        return cls(quick=True, reps=2, bigq_reps=1, flows=[1, 4], flows_reps=1, spike_bytes=25_000_000,
-                   mmwave_bytes=30_000_000, ttfb_reps=8, calib_seconds=2.0, validate_reps=1,
-                   sat_sizes=[100_000, 2_000_000], sat_reps=1, sat_ttfb_reps=3, ipv6_reps=1, upload_reps=1)
+        """Every experiment kind, once, in about five minutes: one repetition, shorter
+        transfers that still straddle the schedule's event (the step at 4 s, the spike's
+        outage at 5-6 s, the mmWave trace's first blockages), FIFO against FQ-CoDel only
+        for the thesis's comparison (step, spike, mmwave) and one queue for the rest, and
+        the satellite's TTFB rows without HTTPS."""
+        return cls(quick=True, reps=1, step_bytes=12_000_000, bigq_reps=1, flows=[1, 4], flows_reps=1,
+                   spike_bytes=20_000_000, mmwave_bytes=20_000_000, upload_bytes=12_000_000,
+                   ttfb_reps=3, calib_seconds=2.0, validate_reps=1, qdiscs=["fifo", "fq_codel"],
+                   single_qdisc={"flows": "fifo", "upload": "fq_codel", "ipv6": "fq_codel"},
+                   sat_sizes=[100_000, 1_000_000], sat_reps=1, sat_ttfb_reps=1, sat_ttfb_warmup=1,
+                   sat_tls=False, ipv6_reps=1, upload_reps=1)
+
+    def qdiscs_for(self, exp: str) -> list[str]:
+        """The queues `exp` runs over.  bigq only changes a byte limit, which only the
+        FIFOs have (CoDel's and FQ-CoDel's limit is 10240 packets): the byte-limited ones.
+        flows: not CoDel alone (the single-flow cases show it; 1..10 flows over a third
+        queue would be a quarter of the full run)."""
+        if exp == "validate":
+            return ["kernel", "fifo"]
+        qs = list(self.qdiscs)
+        if exp == "bigq":
+            qs = [q for q in qs if q in ("fifo", "kernel")] or ["fifo"]
+        if exp == "flows":
+            qs = [q for q in qs if q != "codel"] or qs
+        one = self.single_qdisc.get(exp)
+        if one:
+            qs = [one] if one in self.qdiscs else qs[:1]
+        return qs
+
+
+#: Wall time a transfer run costs beyond its last byte: agents starting, the 1.5 s lead
+#: before the schedule, the interactive flow's tail (measured: 2.0 s, loaded 2-core host)
+RUN_OVERHEAD_S = 2.0
+#: FCT over the fluid bound, averaged over paths and queues (measured in the quick runs)
+FCT_OVER_IDEAL = 1.35
+
+
+def estimate(plan: "Plan", exps: list[str], r1_ms: float, r2_ms: float, sat_r1_ms: float,
+             schedules: dict, pep: bool = True) -> dict:
+    """Seconds each experiment of `plan` should take on this machine (printed at the start,
+    so a run that would not fit is seen before it starts): a transfer run costs its
+    expected FCT (FCT_OVER_IDEAL x the fluid bound of its schedule) + RUN_OVERHEAD_S; a
+    TTFB method (reps + warm-up) x (its formula + the 50 ms gap) + 0.4 s to start its agent.
+    Checked against a quick run on the loaded 2-core host: 5 to 20 % above what each took."""
+    from .report import TLS_FORMULA, ideal_fct, ttfb_formula
+    modes = 2 if pep else 1
+    est: dict[str, float] = {"setup": 3.0 + 2 * (plan.calib_seconds + RUN_OVERHEAD_S)}
+    sizes = {"validate": plan.step_bytes, "step": plan.step_bytes, "bigq": plan.step_bytes,
+             "spike": plan.spike_bytes, "mmwave": plan.mmwave_bytes, "upload": plan.upload_bytes,
+             "ipv6": plan.step_bytes, "flows": plan.flow_bytes}
+    reps = {"validate": plan.validate_reps, "bigq": plan.bigq_reps, "flows": plan.flows_reps,
+            "upload": plan.upload_reps, "ipv6": plan.ipv6_reps}
+    for e in exps:
+        if e not in sizes:
+            continue
+        sched = schedules[e]
+        flows = plan.flows if e == "flows" else [1]
+        t = 0.0
+        for n in flows:
+            fct = ideal_fct(sched.steps, sizes[e] * n, 0.1)
+            fct = fct if fct == fct else 30.0
+            t += reps.get(e, plan.reps) * len(plan.qdiscs_for(e)) * modes * (FCT_OVER_IDEAL * fct + RUN_OVERHEAD_S)
+        est[e] = t
+
+    def ttfb(formulas, r1, r2, reps, warmup, handshake=0.0):
+        return sum((reps + warmup) * (f(r1, r2) / 1000 + 0.05 + handshake) + 0.4 for f in formulas)
+    plain = [lambda a, b, m=m: ttfb_formula(m, a, b) for m in
+             ("direct", "tfo", "pep", "aio", "pep-otfo", "pep-hs", "pep-notfo", "connect", "socks5")]
+    tls = [f for _, f in TLS_FORMULA.values()]
+    if "ttfb" in exps:
+        est["ttfb"] = ttfb(plain, r1_ms, r2_ms, plan.ttfb_reps, plan.ttfb_warmup)
+    if "tls" in exps:
+        est["tls"] = 1.0 + ttfb(tls, r1_ms, r2_ms, plan.ttfb_reps, 2)
+    if "satellite" in exps:
+        r1, r2 = sat_r1_ms / 1000, plan.sat_r2_ms / 1000
+        t = 6.0 + 3 * r1       # a second testbed, the relay, its warm-up, the pings
+        for size in plan.sat_sizes:
+            # slow start over R1 on both paths, then about 10 (end to end, loss-capped cubic)
+            # and 35 Mbit/s (through the PEP) of the 50
+            e2e = 4 * (r1 + r2) + size * 8 / 10e6
+            thru = 4 * (r1 + r2) + size * 8 / 35e6
+            t += plan.sat_reps * (e2e + thru * modes / 2 + 2 * RUN_OVERHEAD_S)
+        t += ttfb(plain, sat_r1_ms, plan.sat_r2_ms, plan.sat_ttfb_reps, plan.sat_ttfb_warmup)
+        if plan.sat_tls and "tls" in exps:
+            t += ttfb(tls, sat_r1_ms, plan.sat_r2_ms, plan.sat_ttfb_reps, 2)
+        est["satellite"] = t
+    return est
 
 
 class Progress:
@@ -136,6 +230,7 @@ class Runner:
         self.tb, self.plan = tb, plan
         self.server = None
         self.relay = None
+        self.relay_otfo = None      # the onward-TFO relay, started for the TTFB rows
         self.daemons: list[subprocess.Popen] = []
         self._proxies: dict | None = None
         self.tmp = tempfile.mkdtemp(prefix="pepsock-eval-")
@@ -153,46 +248,66 @@ class Runner:
         if self.pep_ok:
             self._warm_pep()
 
-    def _warm_pep(self) -> None:
+    def _warm_pep(self, port: int = PEP_PORT) -> None:
         """Two connections through the relay before any experiment, so the client's kernel
         holds the relay's TFO cookie (and pepsock's state its cookie mode), as for any
-        client after its first connection: the measured ones get their SYN data served."""
+        client after its first connection: the measured ones get their SYN data served.
+        For the onward-TFO relay the second one also gets the relay the server's cookie
+        (the first, from a client still unverified, connects onward without TFO)."""
         try:
             p = procs.agent(self.tb.client, "ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}",
-                            "--proxy", f"{ADDR['pep_w']}:{PEP_PORT}", "--mode", "pep", "--reps", 0,
+                            "--proxy", f"{ADDR['pep_w']}:{port}", "--mode", "pep", "--reps", 0,
                             "--warmup", 2, "--timeout", 10, env=self.client_env)
             procs.result(p, 40)
         except Exception as e:
             self.notes.append(f"warm-up connections through the PEP failed: {e!r}")
 
-    def relay_argv(self) -> list[str]:
+    def relay_argv(self, port: int = PEP_PORT, onward_tfo: bool = False) -> list[str]:
         if self.plan.pep_cmd:
-            return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{PEP_PORT}"))
+            return shlex.split(self.plan.pep_cmd.format(listen=f"{ADDR['pep_w']}:{port}"))
         s = self.tb.s
         # The default TFO-cookie mode: a client's warm-up connections get the relay's TFO
         # cookie, then its SYN's data is served at once (0-RTT).  --no-cookie would hold an
         # unverified client's data until its handshake completes, one R1 that the satellite
-        # hop shows (docs/relay.md, "What each mode costs").  --no-onward-tfo: the relay's
-        # own SYN to the server carries no data, so the PEP rows measure RFC 8803's R1+2R2
-        # rather than the relay's onward TFO (R1+R2 once it holds the server's cookie).
-        return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{PEP_PORT}",
-                "--listen", f"[{ADDR6['pep_w']}]:{PEP_PORT}", "--no-onward-tfo",
+        # hop shows (docs/relay.md, "What each mode costs").  --no-onward-tfo (the main
+        # relay): its own SYN to the server carries no data, so the PEP rows measure RFC
+        # 8803's R1+2R2; the second relay (onward_tfo, the TTFB pep-otfo row) keeps the
+        # default onward TFO: once it holds the server's cookie, R1+R2.
+        return [sys.executable, "-m", "pepsock.cli", "relay", "--listen", f"{ADDR['pep_w']}:{port}",
+                "--listen", f"[{ADDR6['pep_w']}]:{port}", *([] if onward_tfo else ["--no-onward-tfo"]),
                 "--client-cc", s.pep_client_cc or s.cc, "--server-cc", s.pep_server_cc or s.cc]
 
     def _start_relay(self) -> None:
-        argv = self.relay_argv()
-        log_path = os.path.join(self.tmp, "relay.log")
+        self.relay, self.pep_status = self._spawn_relay(self.relay_argv(), PEP_PORT, "relay.log")
+
+    def _spawn_relay(self, argv: list[str], port: int, log_name: str):
+        """(process, status): the relay listening on `port`, or (None, why not)."""
+        log_path = os.path.join(self.tmp, log_name)
         with open(log_path, "w") as relay_log:   # the relay keeps its own descriptor
-            self.relay = self.tb.pep.popen(*argv, stdout=relay_log, stderr=subprocess.STDOUT,
-                                           env=procs._env())
-        if wait_port(self.tb.pep, ADDR["pep_w"], PEP_PORT, timeout=10):
-            self.pep_status = "running: " + " ".join(shlex.quote(a) for a in argv)
-        else:
-            procs.stop(self.relay)
-            with open(log_path) as f:
-                tail = f.read()[-600:]
-            self.pep_status = f"unavailable: `{' '.join(argv)}` did not listen: {tail.strip()}"
-            self.relay = None
+            proc = self.tb.pep.popen(*argv, stdout=relay_log, stderr=subprocess.STDOUT, env=procs._env())
+        if wait_port(self.tb.pep, ADDR["pep_w"], port, timeout=10):
+            return proc, "running: " + " ".join(shlex.quote(a) for a in argv)
+        procs.stop(proc)
+        with open(log_path) as f:
+            tail = f.read()[-600:]
+        return None, f"unavailable: `{' '.join(argv)}` did not listen: {tail.strip()}"
+
+    def start_onward_tfo_relay(self) -> str | None:
+        """The second relay, with onward TFO, for the TTFB rows (once): its address, or None
+        (a note says why).  The server's listener takes TFO (agents.py), so once this relay
+        holds the server's cookie (the agent's warm-up connections) its SYN to the server
+        carries the client's Convert payload: the first byte at R1+R2."""
+        if self.relay_otfo is None:
+            if self.plan.pep_cmd:
+                self.notes.append("ttfb: the onward-TFO row skipped: --pep-cmd names its own relay")
+                return None
+            self.relay_otfo, status = self._spawn_relay(self.relay_argv(PEP_OTFO_PORT, onward_tfo=True),
+                                                        PEP_OTFO_PORT, "relay-otfo.log")
+            if self.relay_otfo is None:
+                self.notes.append("ttfb: the onward-TFO relay " + status)
+                return None
+            self._warm_pep(PEP_OTFO_PORT)
+        return f"{ADDR['pep_w']}:{PEP_OTFO_PORT}"
 
     @property
     def pep_ok(self) -> bool:
@@ -220,7 +335,7 @@ class Runner:
         return status
 
     def stop(self) -> None:
-        for p in [self.server, self.relay, *self.daemons]:
+        for p in [self.server, self.relay, self.relay_otfo, *self.daemons]:
             procs.stop(p)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -373,7 +488,7 @@ class Runner:
         out = []
         try:
             self._transfers(out, name, schedule, nbytes, reps, progress, flows_list, interactive,
-                            qdiscs or self.plan.qdiscs, queue_bytes, upload, timeout, v6)
+                            qdiscs or self.plan.qdiscs_for(name), queue_bytes, upload, timeout, v6)
         finally:
             self.tb.bottleneck.set_queue(self.tb.s.queue_bytes)
             if self.tb.uplink is not None:
@@ -399,7 +514,8 @@ class Runner:
                             self.notes.append(f"{name} {qd} {mode} n={n} rep {rep}: failed: {e!r}")
                         progress.advance()
 
-    def exp_ttfb(self, progress, rate_mbit: float = 75.0, timeout: float = 5.0) -> list[dict]:
+    def exp_ttfb(self, progress, rate_mbit: float = 75.0, timeout: float = 5.0,
+                 warmup: int | None = None) -> list[dict]:
         tb, rows = self.tb, []
         tb.reset(rate_mbit)
         proxies = self._start_proxies()
@@ -407,6 +523,9 @@ class Runner:
         if self.pep_ok:
             pep = f"{ADDR['pep_w']}:{PEP_PORT}"
             modes += [("pep", pep), ("aio", pep), ("pep-hs", pep), ("pep-notfo", pep)]
+            otfo = self.start_onward_tfo_relay()
+            if otfo:
+                modes.append(("pep-otfo", otfo))
         else:
             self.notes.append("ttfb: PEP modes skipped: relay " + self.pep_status)
         if proxies.get("connect"):
@@ -419,12 +538,13 @@ class Runner:
             self.notes.append("ttfb: SOCKS5 skipped (microsocks missing or did not start)")
         for mode, proxy in modes:
             progress.step(f"ttfb {mode}")
-            agent_mode = "pep" if mode == "pep-notfo" else mode
+            agent_mode = "pep" if mode in ("pep-notfo", "pep-otfo") else mode
             if mode == "pep-notfo":
                 tb.client.sysctl("net.ipv4.tcp_fastopen", 0)   # the client sends a plain SYN
             try:
                 args = ["ttfb", "--server", f"{ADDR['server']}:{SERVER_PORT}", "--mode", agent_mode,
-                        "--reps", self.plan.ttfb_reps, "--warmup", 2, "--cc", tb.s.cc,
+                        "--reps", self.plan.ttfb_reps, "--warmup",
+                        self.plan.ttfb_warmup if warmup is None else warmup, "--cc", tb.s.cc,
                         "--timeout", timeout]
                 if proxy:
                     args += ["--proxy", proxy]
@@ -521,6 +641,8 @@ def settings_dict(tb: Testbed, plan: Plan, runner: Runner) -> dict:
         "ttfb_reps": plan.ttfb_reps,
         "trace": plan.trace or "step-10-75 (built in)",
         "qdiscs": plan.qdiscs,
+        "qdiscs_per_experiment": ", ".join(f"{e}: {'/'.join(plan.qdiscs_for(e))}" for e in plan.experiments
+                                           if e not in ("ttfb", "tls", "satellite")),
         "interactive": "UDP, 100-byte datagrams every 50 ms, server -> client, through the bottleneck",
     })
     return s

@@ -362,15 +362,26 @@ static void fq_enqueue(struct lq *q, int32_t i)
         fl_append(q, &q->newf, f, IN_NEW);
         fl->deficit = q->quantum;
     }
-    if (q->qpkts > q->limit) {         /* overflow: drop from the head of the fattest queue */
+    if (q->qpkts > q->limit) {
+        /* Overflow, as Linux's fq_codel_drop(): from the head of the fattest queue (most
+         * bytes), a batch until half of its backlog is gone, at most LQ_DROP_BATCH packets
+         * and at least one.  One packet a time would make every later arrival pay the
+         * 1024-queue scan again while a flood lasts; the batch also tells that flow's
+         * sender at once.  Dropping less than half leaves the flow non-empty. */
         int32_t fat = 0;
         for (int32_t k = 1; k < LQ_FLOWS; k++)
             if (q->flows[k].q.bytes > q->flows[fat].q.bytes) fat = k;
-        int32_t d = pq_take(q, &q->flows[fat].q);
-        q->qpkts--;
-        q->qbytes -= q->len[d];
-        q->st.drop_overflow++;
-        slot_put(q, d);
+        struct pq *fq = &q->flows[fat].q;
+        uint64_t threshold = fq->bytes >> 1, dropped = 0;
+        uint32_t n = 0;
+        do {
+            int32_t d = pq_take(q, fq);
+            q->qpkts--;
+            q->qbytes -= q->len[d];
+            dropped += q->len[d];
+            q->st.drop_overflow++;
+            slot_put(q, d);
+        } while (++n < LQ_DROP_BATCH && dropped < threshold && fq->n);
     }
 }
 

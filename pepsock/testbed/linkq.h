@@ -16,12 +16,13 @@
 #define LQ_SLOT 2048                 /* bytes per packet slot (links run at MTU 1500) */
 #define LQ_RATE_INF UINT64_MAX       /* no serialization: the link only delays */
 #define LQ_FLOWS 1024                /* FQ-CoDel queues (RFC 8290 default) */
+#define LQ_DROP_BATCH 64             /* FQ-CoDel overflow: most packets dropped at once (Linux drop_batch) */
 
 enum lq_kind { LQ_FIFO = 0, LQ_CODEL = 1, LQ_FQ_CODEL = 2 };
 
 struct lq_stats {
     uint64_t in, out, out_bytes;
-    uint64_t drop_overflow;          /* FIFO tail drop / FQ-CoDel fattest-queue drop / limit */
+    uint64_t drop_overflow;          /* FIFO tail drop / FQ-CoDel fattest-queue batch / limit */
     uint64_t drop_codel;             /* dropped by the CoDel control law */
     uint64_t drop_loss;              /* random loss at the ingress */
     uint64_t drop_nobuf;             /* no free slot (the pool is full) */

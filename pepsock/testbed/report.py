@@ -313,12 +313,17 @@ def plot_flows(res, path: str) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     ns = sorted({r["flows_n"] for r in runs})
-    for mode in ("e2e", "pep"):
-        pts = [(n, *mean_ci(run_fct(r) for r in runs if r["flows_n"] == n and r["mode"] == mode)) for n in ns]
-        pts = [p for p in pts if p[3] > 0]
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if p[2] != p[2] else p[2] for p in pts],
-                        marker="o", capsize=4, color=MODE_COLOR[mode], label=MODE_NAME[mode])
+    qs = [q for q in QDISC_ORDER if any(qd(r) == q for r in runs)]
+    styles = {"kernel": ":", "fifo": "-", "codel": "-.", "fq_codel": "--"}
+    for q in qs:
+        for mode in ("e2e", "pep"):
+            pts = [(n, *mean_ci(run_fct(r) for r in runs if r["flows_n"] == n and r["mode"] == mode and qd(r) == q))
+                   for n in ns]
+            pts = [p for p in pts if p[3] > 0]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                            yerr=[0 if p[2] != p[2] else p[2] for p in pts], marker="o", capsize=4,
+                            color=MODE_COLOR[mode], ls=styles[q], label=f"{MODE_NAME[mode]}, {QDISC_NAME[q]}")
     ax.set_xlabel("competing bulk flows")
     ax.set_ylabel("time until all flows finished (s)")
     ax.set_ylim(bottom=0)
@@ -329,13 +334,14 @@ def plot_flows(res, path: str) -> bool:
     return True
 
 
-TTFB_ORDER = ["direct", "tfo", "pep", "aio", "pep-syn", "pep-hs", "pep-notfo", "connect", "socks5"]
+TTFB_ORDER = ["direct", "tfo", "pep", "aio", "pep-otfo", "pep-syn", "pep-hs", "pep-notfo", "connect", "socks5"]
 TTFB_NAME = {"direct": "direct", "tfo": "direct + TFO",
              "pep": "PEP 0-RTT, request in the SYN (pepsock.create_connection, request_in_syn=True)",
              "aio": "PEP 0-RTT, request in the SYN (pepsock.open_connection + write)",
              "pep-syn": "PEP 0-RTT, request in the SYN (hand-built RFC 8803 SYN)",
              "pep-hs": "PEP 0-RTT, old way (create_connection returns after the handshake)",
              "pep-notfo": "PEP, client TFO off (request_in_syn=True)",
+             "pep-otfo": "PEP 0-RTT + onward TFO to a TFO server (request_in_syn=True, the relay's default)",
              "connect": "HTTP CONNECT", "socks5": "SOCKS5"}
 
 
@@ -346,7 +352,11 @@ def ttfb_formula(mode: str, r1: float, r2: float) -> float:
     # leaves one R1 after the header and waits for that or the PEP's onward connect (R2),
     # whichever is later.  Without client TFO there is no SYN data: the header and the
     # request follow the handshake (TCP_NODELAY until the reply, so no Nagle wait): 2R1+2R2.
+    # pep-otfo: the relay also puts the client's payload in its own SYN to the server (TFO,
+    # once it holds the server's cookie): the request reaches the server R1/2+R2/2 after the
+    # start and the answer is back at R1+R2, as direct TFO, with the PEP in the middle.
     return {"direct": 2 * r1 + 2 * r2, "tfo": r1 + r2, "pep": r1 + 2 * r2, "aio": r1 + 2 * r2,
+            "pep-otfo": r1 + r2,
             "pep-syn": r1 + 2 * r2, "pep-hs": r1 + r2 + max(r1, r2), "pep-notfo": 2 * r1 + 2 * r2,
             "connect": 3 * r1 + 2 * r2, "socks5": 4 * r1 + 2 * r2}[mode]
 
@@ -375,6 +385,7 @@ TLS_FORMULA = {"direct": ("3R1+3R2", lambda a, b: 3 * a + 3 * b), "curl": ("3R1+
                "connect": ("4R1+3R2", lambda a, b: 4 * a + 3 * b), "socks5": ("5R1+3R2", lambda a, b: 5 * a + 3 * b)}
 
 TTFB_TEXT = {"direct": "2R1+2R2", "tfo": "R1+R2", "pep": "R1+2R2", "aio": "R1+2R2", "pep-syn": "R1+2R2",
+             "pep-otfo": "R1+R2",
              "pep-hs": "R1+R2+max(R1,R2)", "pep-notfo": "2R1+2R2",
              "connect": "3R1+2R2", "socks5": "4R1+2R2"}
 
@@ -467,10 +478,10 @@ def summarize(res: dict) -> dict:
             out["transfers"][(e, q)] = d
     fr = [r for r in runs if r["experiment"] == "flows"]
     for n in sorted({r["flows_n"] for r in fr}):
-        for mode in ("e2e", "pep"):
-            rs = [r for r in fr if r["flows_n"] == n and r["mode"] == mode]
+        for q, mode in ((q, m) for q in QDISC_ORDER for m in ("e2e", "pep")):
+            rs = [r for r in fr if r["flows_n"] == n and r["mode"] == mode and qd(r) == q]
             if rs:
-                out["flows"][(n, mode)] = {"all": mean_ci(run_fct(r) for r in rs),
+                out["flows"][(n, q, mode)] = {"all": mean_ci(run_fct(r) for r in rs),
                                            "mean": mean_ci(mean_flow_fct(r) for r in rs),
                                            "jain": mean_ci(jain(r) for r in rs)}
     out["ttfb"] = summarize_ttfb(res.get("ttfb", []), r1, r2)
@@ -584,6 +595,10 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
     L.append("# pep eval: end to end vs through the PEP\n")
     L.append(f"Run {res.get('started', '')}, {res.get('duration_s', 0):.0f} s of wall time, "
              f"{'quick' if s.get('quick') else 'full'} mode.\n")
+    if res.get("timings_s"):
+        est = res.get("estimate_s", {})
+        L.append("Wall time per part (s, measured / estimated at the start): " + ", ".join(
+            f"{k} {v:.0f} / {est.get(k, float('nan')):.0f}" for k, v in res["timings_s"].items()) + ".\n")
     if narrative:
         L.append(narrative.strip() + "\n")
     L.append("## Targets\n")
@@ -606,6 +621,7 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         "flows_reps": "repetitions (flows)", "ttfb_reps": "repetitions (ttfb, per method)",
         "interactive": "interactive flow", "pep": "PEP (relay)",
         "qdiscs": "bottleneck queues compared (validate: kernel TBF+bfifo and FIFO)",
+        "qdiscs_per_experiment": "queues per experiment",
         "uplink_mbit": "uplink, client -> PEP (Mbit/s, user-space link, same queue kind)",
     }
     for k, name in nice.items():
@@ -671,9 +687,9 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
         L.append("## Competing bulk flows (1..10), step schedule\n")
         L.append("Time until all flows finished, mean per-flow FCT, and Jain's fairness index of the flows' "
                  "goodputs (1 = fair); mean ± 95% CI over repetitions.\n")
-        L.append("| flows | path | all done (s) | mean flow FCT (s) | Jain |\n|---|---|---|---|---|")
-        for (n, mode), x in sorted(S["flows"].items()):
-            L.append(f"| {n} | {MODE_NAME[mode]} | {fmt_ci(*x['all'][:2])} | {fmt_ci(*x['mean'][:2])} | "
+        L.append("| flows | queue | path | all done (s) | mean flow FCT (s) | Jain |\n|---|---|---|---|---|---|")
+        for (n, q, mode), x in S["flows"].items():
+            L.append(f"| {n} | {QDISC_NAME[q]} | {MODE_NAME[mode]} | {fmt_ci(*x['all'][:2])} | {fmt_ci(*x['mean'][:2])} | "
                      f"{fmt_ci(*x['jain'][:2], nd=3)} |")
         L.append("")
     if S["ttfb"]:
@@ -683,7 +699,11 @@ def write_report(res: dict, out: str, *, narrative: str | None = None) -> str:
                  "connecting to the first byte of the answer. pepsock's rows put the request in the SYN "
                  "behind the Convert header (docs/python.md, \"The request in the SYN\"); the pep-hs row "
                  "is the old way (create_connection with a timeout returns after the TCP handshake with "
-                 "the PEP, then the request), which differs only when R1 > R2.\n")
+                 "the PEP, then the request), which differs only when R1 > R2. The server's listener "
+                 "takes TFO; the PEP rows go through a relay with --no-onward-tfo (R1+2R2: its SYN to "
+                 "the server carries nothing), except the onward-TFO row: a second relay in its default "
+                 "mode, which puts the client's payload in its own SYN once it holds the server's TFO "
+                 "cookie (after the warm-up connections): R1+R2.\n")
         _ttfb_table(L, S["ttfb"])
     if S["tls"]:
         L.append("## HTTPS time to first byte\n")
@@ -770,7 +790,23 @@ def _ttfb_targets(t: dict, r1: float, where: str) -> list[str]:
     else:
         lines.append(f"| {where}TTFB PEP 0-RTT within 10% of R1+2R2, about R1 below direct | not measured | "
                      "**not measured** |")
+    if "pep-otfo" in t and t["pep-otfo"]["ci"][2]:
+        m, f = t["pep-otfo"]["ci"][0], t["pep-otfo"]["formula"]
+        dev = (m - f) / f * 100
+        lines.append(f"| {where}TTFB through the PEP with onward TFO (a TFO server) within 10% of R1+R2 | "
+                     f"{m:.1f} ms vs {f:.1f} ms ({dev:+.1f}%) | {'met' if abs(dev) <= 10 else '**missed**'} |")
     return lines
+
+
+def _reach(d: dict) -> str:
+    """For an FCT ratio over 0.7: what even a perfect PEP could give, the fluid bound (the
+    link's own schedule from the 0-RTT first byte on) over the measured end-to-end FCT."""
+    if not ("ratio" in d and d["ratio"][0] > 0.7 and "pep" in d and "e2e" in d):
+        return ""
+    bound = d["pep"]["ideal"] / d["e2e"]["fct"][0]
+    if bound != bound:
+        return ""
+    return f"; the fluid bound allows at best {fmt(bound, 3)}" + (" (out of reach)" if bound > 0.7 else "")
 
 
 def targets(S) -> list[str]:
@@ -802,9 +838,10 @@ def targets(S) -> list[str]:
         fq, fi = _get(S, e, "fq_codel"), _get(S, e, base)
         if "ratio" in fq:
             r, lo, hi = fq["ratio"]
-            lines.append(f"| {e}, FQ-CoDel: FCT through the PEP ≤ 0.7 × end to end | {fmt(r, 3)} (CI {fmt(lo, 3)}–{fmt(hi, 3)}) | "
-                         f"{'met' if r <= 0.7 else '**missed**'} |")
-        if "e2e" in fq and "pep" in fq and fq["pep"]["owd_p99"] == fq["pep"]["owd_p99"]:
+            lines.append(f"| {e}, FQ-CoDel: FCT through the PEP ≤ 0.7 × end to end | {fmt(r, 3)} "
+                         f"(CI {fmt(lo, 3)}–{fmt(hi, 3)}){_reach(fq)} | {'met' if r <= 0.7 else '**missed**'} |")
+        fq_owd = "e2e" in fq and "pep" in fq and fq["pep"]["owd_p99"] == fq["pep"]["owd_p99"]
+        if fq_owd:
             a, b = fq["pep"]["owd_p99"], fq["e2e"]["owd_p99"]
             lines.append(f"| {e}, FQ-CoDel: interactive p99 OWD through the PEP within 5 ms of end to end | "
                          f"{fmt(a)} ms vs {fmt(b)} ms ({a - b:+.1f} ms) | {'met' if a - b <= 5 else '**missed**'} |")
@@ -813,7 +850,18 @@ def targets(S) -> list[str]:
                 lines.append(f"| {e}: interactive p99 through the PEP with FQ-CoDel far below FIFO's (≤ ½) | "
                              f"{fmt(a)} ms vs {fmt(c)} ms ({fmt(a / c * 100 if c else float('nan'), 0)}%) | "
                              f"{'met' if a <= c / 2 else '**missed**'} |")
-        elif "e2e" in fi and "pep" in fi and e in ("step", "spike", "mmwave"):
+        cd = _get(S, e, "codel")
+        if "ratio" in cd:
+            if cd["pep"]["owd_p99"] == cd["pep"]["owd_p99"]:     # an interactive flow ran
+                others = ", ".join(f"{QDISC_NAME[q]} {fmt(_get(S, e, q)['pep']['owd_p99'])} ms"
+                                   for q in (base, "fq_codel") if "pep" in _get(S, e, q))
+                lines.append(f"| {e}, CoDel alone (no target; for comparison): FCT through the PEP / end to "
+                             f"end; interactive p99 through the PEP | {fmt(cd['ratio'][0], 3)}; "
+                             f"{fmt(cd['pep']['owd_p99'])} ms ({others}) | – |")
+            else:
+                lines.append(f"| {e}, CoDel alone (no target; for comparison): FCT through the PEP / end to "
+                             f"end | {fmt(cd['ratio'][0], 3)} | – |")
+        if not fq_owd and "e2e" in fi and "pep" in fi and e in ("step", "spike", "mmwave"):
             a, b = fi["pep"]["owd_p99"], fi["e2e"]["owd_p99"]
             lines.append(f"| {e}, {QDISC_NAME[base]}: interactive p99 OWD through the PEP ≤ end to end | {fmt(a)} ms vs "
                          f"{fmt(b)} ms ({a - b:+.1f} ms) | {'met' if a <= b else '**missed**'} |")
