@@ -1,0 +1,756 @@
+/* One tunnel: the header, the onward connect, the data path, the endings.
+ * The same life as pepsock/relay/tunnel.py (the Python engine):
+ *
+ *   HEADER -> DECIDE (Python) -> CONNECTING -> DECIDE on failure -> CLOSER
+ *                 |                  |
+ *                 +-> CLOSER         +-> OPEN -> (both directions shut: closed)
+ *                                          +-> FLUSHING (destination reset:
+ *                                              deliver what is held, then reset)
+ *
+ * Every socket has SO_LINGER {1, 0} while its tunnel lives (the listener's,
+ * inherited; the onward socket's, set here), so a dying relay resets both
+ * sides; a clean close and an Error reply disarm it first.
+ *
+ * The data path, per direction (struct dir): bytes are copied through a
+ * COPY_BUF buffer while transfers are small (recv + send, no pipe); a read
+ * that fills the buffer switches the direction to splice() through a pooled
+ * pipe for good.  Readiness is remembered per socket (edge-triggered, one
+ * registration) and cleared only by EAGAIN, so the steady state makes no
+ * epoll_ctl.  A direction reads only when what it holds is delivered
+ * (nothing in the buffer, room in the pipe), so a slow receiver never spins
+ * the loop; an idle tunnel holds no pipe and no buffer.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core.h"
+
+#define READ_EV (EPOLLIN | EPOLLRDHUP | EPOLLHUP)
+#define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+#define TCPI_OPT_SYN_DATA_BIT 0x20
+
+static const struct linger LINGER_RESET = {1, 0};
+static const struct linger LINGER_OFF = {0, 0};
+
+/* -- small helpers ------------------------------------------------------------------ */
+
+static void disarm(int fd)
+{
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &LINGER_OFF, sizeof LINGER_OFF);
+}
+
+static void reset_close(int fd)
+{
+    if (fd < 0)
+        return;
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &LINGER_RESET, sizeof LINGER_RESET);
+    close(fd);
+}
+
+static int tcp_state(int fd)
+{
+    struct tcp_info ti;
+    socklen_t l = sizeof ti;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &l) < 0)
+        return TCP_CLOSE;
+    return ti.tcpi_state;
+}
+
+static uint32_t unacked(int fd)
+{
+    int n = 0;
+    if (ioctl(fd, SIOCOUTQ, &n) < 0)
+        return 0;
+    return (uint32_t)n;
+}
+
+static void ended(struct rc_core *core, struct tunnel *t, bool reset, const char *fmt,
+                  const char *arg)
+{
+    struct rc_record *r = record(core, RC_ENDED, t);
+    r->up = t->up.bytes;
+    r->down = t->down.bytes;
+    r->elapsed_ns = now_ns() - t->t0;
+    r->reset = reset;
+    snprintf(r->why, sizeof r->why, fmt, arg);
+}
+
+/* -- endings -------------------------------------------------------------------------- */
+
+/* Reset both sides: a reset on one side becomes a reset on the other, and a
+ * tunnel cut short is never mistaken for a finished one. */
+void tunnel_abort(struct rc_core *core, struct tunnel *t, const char *why)
+{
+    reset_close(t->c.fd);
+    reset_close(t->s.fd);
+    core->n.resets++;
+    ended(core, t, true, "reset (%s)", why);
+    tunnel_free(core, t);
+}
+
+static void finish_clean(struct rc_core *core, struct tunnel *t)
+{
+    disarm(t->c.fd);
+    disarm(t->s.fd);
+    close(t->c.fd);
+    close(t->s.fd);
+    ended(core, t, false, "ok%s", "");
+    tunnel_free(core, t);
+}
+
+/* An Error (or Info) reply, then a clean close: disarm the reset, send,
+ * SHUT_WR, discard what the client still sends until its FIN or the linger
+ * timeout.  Past max_closers at once, close right after sending. */
+void tunnel_refuse(struct rc_core *core, struct tunnel *t, const uint8_t *reply, size_t len)
+{
+    if (t->s.fd >= 0) {
+        reset_close(t->s.fd);
+        t->s.fd = -1;
+    }
+    int fd = t->c.fd;
+    disarm(fd);
+    bool ok = send(fd, reply, len, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0
+              && shutdown(fd, SHUT_WR) == 0;
+    if (!ok || core->n.closers >= core->cfg.max_closers) {
+        close(fd);
+        t->c.fd = -1;
+        tunnel_free(core, t);
+        return;
+    }
+    /* Now counted as a closer, no longer as a tunnel. */
+    core->n.tunnels--;
+    core->n.closers++;
+    t->state = T_CLOSER;
+    free(t->reader);
+    t->reader = NULL;
+    t->c.readable = true;
+    timer_set(core, t, Q_LINGER);
+    /* Whatever is already queued (the rest of a refused header) is discarded now. */
+    tunnel_event(core, t, false, EPOLLIN);
+}
+
+static void closer_event(struct rc_core *core, struct tunnel *t)
+{
+    char sink[4096];
+    for (;;) {
+        ssize_t n = recv(t->c.fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (n > 0)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        break;  /* FIN or an error */
+    }
+    close(t->c.fd);
+    t->c.fd = -1;
+    tunnel_free(core, t);
+}
+
+/* -- header ---------------------------------------------------------------------------- */
+
+/* Read what the client sent: the header (usually all in the SYN) and the
+ * early data behind it, which goes to up.buf to be sent onward first.
+ * Returns the header state for the record. */
+static int read_header(struct rc_core *core, struct tunnel *t, struct rc_record *r)
+{
+    struct dir *up = &t->up;
+    if (!t->reader) {
+        t->reader = malloc(sizeof *t->reader);
+        if (!t->reader)
+            return RC_HDR_GONE;
+        pep_reader_init(t->reader);
+    }
+    if (!up->buf && !(up->buf = buf_get(core)))
+        return RC_HDR_GONE;
+    for (;;) {
+        ssize_t n = recv(t->c.fd, up->buf, COPY_BUF, 0);
+        int code = 0, rc;
+        size_t used = 0;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN) {
+                t->c.readable = false;
+                return RC_HDR_NONE;
+            }
+            snprintf(t->why, sizeof t->why, "client error in header: %s", strerror(errno));
+            return RC_HDR_GONE;
+        }
+        if (n == 0) {
+            r->err = pep_reader_eof(t->reader);
+            return RC_HDR_BAD;
+        }
+        rc = pep_reader_feed(t->reader, up->buf, (size_t)n, &used, &t->msg, &code);
+        if (rc == PEP_NEED_MORE)
+            continue;
+        if (rc == PEP_OK && pep_check_request(&t->msg, &code) == PEP_OK) {
+            up->off = 0;
+            up->len = (uint32_t)((size_t)n - used);
+            memmove(up->buf, up->buf + used, up->len);
+            r->early = up->len;
+            if (t->msg.has_info && !t->msg.has_connect)
+                return RC_HDR_INFO;
+            r->dest_port = t->msg.port;
+            memcpy(r->dest_addr, t->msg.addr, 16);
+            r->nkinds = (uint32_t)pep_option_kinds(&t->msg, r->kinds, sizeof r->kinds);
+            r->cookie = t->msg.cookie;
+            r->cookie_len = (uint32_t)t->msg.cookie_len;
+            /* A FIN may sit behind the bytes read: keep trying to read. */
+            t->c.readable = true;
+            return RC_HDR_CONNECT;
+        }
+        r->err = code;
+        return RC_HDR_BAD;
+    }
+}
+
+/* Report the header's state to Python, or go on waiting if incomplete. */
+static void header_progress(struct rc_core *core, struct tunnel *t, int kind)
+{
+    struct rc_record *r = record(core, kind, t);
+    int hdr = read_header(core, t, r);
+    if (hdr == RC_HDR_NONE && kind == RC_HEADER) {
+        core->nrec--;   /* nothing to report yet */
+        return;
+    }
+    r->hdr = hdr;
+    if (hdr == RC_HDR_GONE) {
+        if (kind == RC_NEW) {   /* Python never saw it: it only counts it */
+            reset_close(t->c.fd);
+            t->c.fd = -1;
+            tunnel_free(core, t);
+            return;
+        }
+        core->nrec--;
+        tunnel_abort(core, t, t->why[0] ? t->why : "out of memory");
+        return;
+    }
+    timer_clear(core, t);
+    t->state = T_DECIDE;
+}
+
+/* tcp_info as the kernel lays it out (glibc's struct is older): tcpi_state
+ * (u8 at 0), tcpi_options (u8 at 5), tcpi_bytes_received (u64 at 128),
+ * tcpi_data_segs_in (u32 at 152); Linux >= 4.6. */
+#define TI_LEN 160
+
+void tunnel_accepted(struct rc_core *core, struct tunnel *t)
+{
+    uint8_t ti[TI_LEN];
+    socklen_t l = sizeof ti;
+    t->state = T_HEADER;
+    t->c.readable = t->c.writable = true;
+    /* One TCP_INFO read at accept (routability.accept_facts), before the
+     * header read can change what it says. */
+    memset(ti, 0, sizeof ti);
+    int got = getsockopt(t->c.fd, IPPROTO_TCP, TCP_INFO, ti, &l) == 0;
+    int id = t->id;
+    header_progress(core, t, RC_NEW);   /* may free t (RC_HDR_GONE) */
+    if (core->nrec == 0 || !got)
+        return;
+    struct rc_record *r = &core->rec[core->nrec - 1];
+    if (r->kind != RC_NEW || r->id != id || r->hdr == RC_HDR_GONE)
+        return;
+    r->handshaking = ti[0] == TCP_SYN_RECV;
+    r->syn_data = (ti[5] & TCPI_OPT_SYN_DATA_BIT) != 0;
+    if (r->syn_data && l >= 156) {
+        uint32_t segs;
+        uint64_t bytes;
+        memcpy(&segs, ti + 152, sizeof segs);
+        memcpy(&bytes, ti + 128, sizeof bytes);
+        if (segs == 1)
+            r->syn_payload = (uint32_t)bytes;
+    }
+}
+
+void tunnel_wait_header(struct rc_core *core, struct tunnel *t)
+{
+    t->state = T_HEADER;
+    timer_set(core, t, Q_HEADER);
+}
+
+/* -- onward connect ------------------------------------------------------------------ */
+
+static void set_int(int fd, int level, int opt, int v)
+{
+    setsockopt(fd, level, opt, &v, sizeof v);
+}
+
+static void set_buffer(int fd, int opt, int force, int size)
+{
+    if (size <= 0)
+        return;
+    if (setsockopt(fd, SOL_SOCKET, force, &size, sizeof size) < 0)
+        setsockopt(fd, SOL_SOCKET, opt, &size, sizeof size);
+}
+
+/* The server side's options (sockopts.apply_side), before the SYN. */
+static void server_options(const struct rc_config *cfg, int fd, const struct rc_connect *c)
+{
+    set_buffer(fd, SO_RCVBUF, SO_RCVBUFFORCE, c->server_rcvbuf ? c->server_rcvbuf
+                                                               : cfg->server_rcvbuf);
+    set_buffer(fd, SO_SNDBUF, SO_SNDBUFFORCE, c->server_sndbuf ? c->server_sndbuf
+                                                               : cfg->server_sndbuf);
+    if (cfg->user_timeout_ms)
+        set_int(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, cfg->user_timeout_ms);
+    if (cfg->server_cc[0])
+        setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, cfg->server_cc, strlen(cfg->server_cc));
+    if (cfg->nodelay)
+        set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1);
+    set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &LINGER_RESET, sizeof LINGER_RESET);
+    if (cfg->keepalive) {
+        set_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, cfg->keepalive);
+        set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, cfg->keepalive / 3 > 1 ? cfg->keepalive / 3 : 1);
+        set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, 3);
+    }
+    set_int(fd, IPPROTO_TCP, TCP_SYNCNT, cfg->syn_retries);
+}
+
+/* Returns 0 (connecting), or the errno of a connect that failed at once. */
+int tunnel_connect(struct rc_core *core, struct tunnel *t, const struct rc_connect *c)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    memset(&ss, 0, sizeof ss);
+    if (c->family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        a->sin_family = AF_INET;
+        a->sin_port = htons(c->port);
+        memcpy(&a->sin_addr, c->addr, 4);
+        sl = sizeof *a;
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons(c->port);
+        memcpy(&a->sin6_addr, c->addr, 16);
+        sl = sizeof *a;
+    }
+    int fd = socket(c->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return errno;
+    server_options(&core->cfg, fd, c);
+    struct dir *up = &t->up;
+    int err = 0;
+    bool syn_data = false;
+    if (c->syn_room && up->len) {
+        /* Onward TCP Fast Open (the kernel's cookie cache): with a cookie
+         * from this destination the SYN carries the early data; without, a
+         * plain SYN and the bytes follow the handshake. */
+        uint32_t n = up->len < c->syn_room ? up->len : c->syn_room;
+        ssize_t sent = sendto(fd, up->buf + up->off, n, MSG_FASTOPEN | MSG_NOSIGNAL,
+                              (struct sockaddr *)&ss, sl);
+        if (sent > 0) {
+            up->off += (uint32_t)sent;
+            up->len -= (uint32_t)sent;
+            syn_data = true;
+        } else if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOPROTOOPT) {
+            if (connect(fd, (struct sockaddr *)&ss, sl) < 0 && errno != EINPROGRESS)
+                err = errno;
+        } else if (errno != EINPROGRESS && errno != EAGAIN) {
+            err = errno;
+        }
+    } else if (connect(fd, (struct sockaddr *)&ss, sl) < 0 && errno != EINPROGRESS) {
+        err = errno;
+    }
+    if (err) {
+        close(fd);
+        return err;
+    }
+    if (syn_data)
+        core->n.onward_syn_data++;
+    t->syn_room = syn_data;     /* reported in the CONNECTED record */
+    t->s.fd = fd;
+    t->s.readable = false;
+    t->s.writable = false;
+    t->state = T_CONNECTING;
+    t->up.limit = t->down.limit = c->pipe_limit ? c->pipe_limit : UINT32_MAX;
+    free(t->reader);    /* the cookie pointer Python read is gone with it */
+    t->reader = NULL;
+    timer_set(core, t, Q_CONNECT);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                             .data.u64 = ((uint64_t)t->id << 2) | 2};
+    epoll_ctl(core->ep, EPOLL_CTL_ADD, fd, &ev);
+    return 0;
+}
+
+static void run(struct rc_core *core, struct tunnel *t);
+
+static void connect_failed(struct rc_core *core, struct tunnel *t, int err, bool timeout)
+{
+    timer_clear(core, t);
+    reset_close(t->s.fd);
+    t->s.fd = -1;
+    struct rc_record *r = record(core, RC_CONNECT_FAILED, t);
+    r->err = err;
+    r->timeout = timeout;
+    t->state = T_DECIDE;
+}
+
+static void connected(struct rc_core *core, struct tunnel *t, uint32_t ev)
+{
+    /* A clean EPOLLOUT is a completed connect(); SO_ERROR only when flagged. */
+    if ((ev & (EPOLLERR | EPOLLHUP)) || !(ev & EPOLLOUT)) {
+        int err = 0;
+        socklen_t l = sizeof err;
+        getsockopt(t->s.fd, SOL_SOCKET, SO_ERROR, &err, &l);
+        if (err)
+            return connect_failed(core, t, err, false);
+        if (!(ev & EPOLLOUT))
+            return;
+    }
+    timer_clear(core, t);
+    if (send(t->c.fd, core->success, core->success_len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+        char why[80];
+        snprintf(why, sizeof why, "client gone before reply: %s", strerror(errno));
+        return tunnel_abort(core, t, why);
+    }
+    struct rc_record *r = record(core, RC_CONNECTED, t);
+    r->elapsed_ns = now_ns() - t->t0;
+    r->onward_syn_data = (int32_t)t->syn_room;
+    t->state = T_OPEN;
+    t->s.writable = true;
+    /* Edge-triggered: bytes the server sends after this poll raise a new edge. */
+    t->s.readable = (ev & READ_EV) != 0;
+    t->up.src = &t->c;
+    t->up.dst = &t->s;
+    t->up.counter = &core->n.bytes_up;
+    t->down.src = &t->s;
+    t->down.dst = &t->c;
+    t->down.counter = &core->n.bytes_down;
+    run(core, t);
+}
+
+/* -- data path ----------------------------------------------------------------------- */
+
+/* Move what can be moved src -> dst.  Contract: returns 0 when the direction
+ * is idle (EAGAIN on the side it waits for, or EOF carried), -errno when a
+ * socket failed (the caller decides between FLUSHING and a reset).  `*which`
+ * says which socket failed: 0 the source, 1 the destination. */
+static int pump(struct rc_core *core, struct dir *d, int *which)
+{
+    struct end *src = d->src, *dst = d->dst;
+    uint64_t moved = 0;
+    int rc = 0;
+    for (;;) {
+        bool progress = false;
+        /* 1. deliver: the pipe, else the buffer */
+        if (d->held && dst->writable) {
+            ssize_t n = splice(d->pipe_r, NULL, dst->fd, NULL, d->held, SPLICE_FLAGS);
+            if (n > 0) {
+                d->held -= (uint32_t)n;
+                moved += (uint64_t)n;
+                progress = true;
+            } else if (n < 0 && errno == EAGAIN) {
+                dst->writable = false;
+            } else if (n < 0) {
+                rc = -errno;
+                *which = 1;
+                break;
+            }
+        } else if (d->len && dst->writable) {
+            ssize_t n = send(dst->fd, d->buf + d->off, d->len, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n > 0) {
+                d->off += (uint32_t)n;
+                d->len -= (uint32_t)n;
+                moved += (uint64_t)n;
+                progress = true;
+            } else if (n < 0 && errno == EAGAIN) {
+                dst->writable = false;
+            } else if (n < 0) {
+                rc = -errno;
+                *which = 1;
+                break;
+            }
+        }
+        /* 2. read, once what is buffered is delivered */
+        if (!d->eof && src->readable && d->len == 0) {
+            if (d->splice_mode && d->pipe_r < 0 && d->held == 0 && !pipe_get(core, d))
+                d->splice_mode = false;     /* out of fds: copy instead */
+            if (d->splice_mode) {
+                uint32_t cap = d->pipe_cap < d->limit ? d->pipe_cap : d->limit;
+                if (d->held < cap) {
+                    ssize_t n = splice(src->fd, NULL, d->pipe_w, NULL, cap - d->held,
+                                       SPLICE_FLAGS);
+                    if (n > 0) {
+                        d->held += (uint32_t)n;
+                        progress = true;
+                    } else if (n == 0) {
+                        d->eof = true;
+                    } else if (errno == EAGAIN) {
+                        /* Ambiguous while the pipe holds bytes (it may be out
+                         * of slots): stay "readable", retry once it drains. */
+                        if (d->held == 0)
+                            src->readable = false;
+                    } else {
+                        rc = -errno;
+                        *which = 0;
+                        break;
+                    }
+                }
+            } else if (d->held == 0) {
+                if (!d->buf && !(d->buf = buf_get(core))) {
+                    rc = -ENOMEM;
+                    *which = 0;
+                    break;
+                }
+                ssize_t n = recv(src->fd, d->buf, COPY_BUF, MSG_DONTWAIT);
+                if (n > 0) {
+                    d->off = 0;
+                    d->len = (uint32_t)n;
+                    progress = true;
+                    if (n == COPY_BUF)
+                        d->splice_mode = true;  /* a bulk transfer: splice from now on */
+                } else if (n == 0) {
+                    d->eof = true;
+                } else if (errno == EAGAIN) {
+                    src->readable = false;
+                } else {
+                    rc = -errno;
+                    *which = 0;
+                    break;
+                }
+            }
+        }
+        if (!progress)
+            break;
+    }
+    if (moved) {
+        d->bytes += moved;
+        *d->counter += moved;
+    }
+    if (rc)
+        return rc;
+    if (d->held == 0 && d->pipe_r >= 0)
+        pipe_put(core, d);
+    if (d->len == 0 && d->buf) {
+        buf_put(core, d->buf);
+        d->buf = NULL;
+        d->off = 0;
+    }
+    if (d->eof && !d->held && !d->len && !d->shut) {
+        /* Half-close: the source's EOF becomes the destination's EOF.  If the
+         * other direction is already shut, the close() that follows sends
+         * the FIN. */
+        d->shut = true;
+        if (!d->peer->shut && shutdown(dst->fd, SHUT_WR) < 0) {
+            *which = 1;
+            return -errno;
+        }
+    }
+    return 0;
+}
+
+/* -- a destination reset: deliver, then reset ----------------------------------------- */
+
+/* Pump what the relay holds for the client; a read error from the dead
+ * server ends its stream.  False if the tunnel ended (t is freed). */
+static bool flush(struct rc_core *core, struct tunnel *t)
+{
+    for (int k = 0; k < 3; k++) {
+        int which = 0;
+        int rc = pump(core, &t->down, &which);
+        if (rc == 0)
+            return true;
+        if (tcp_state(t->c.fd) == TCP_CLOSE) {
+            char why[200];
+            snprintf(why, sizeof why, "%s; then client %s", t->why, strerror(-rc));
+            tunnel_abort(core, t, why);
+            return false;
+        }
+        t->down.eof = true;     /* the dead server's queue is read to its end */
+    }
+    return true;
+}
+
+/* The client gets every byte the relay already holds for it (the dead
+ * socket's queue, the pipe, the client socket's send queue) before the
+ * reset: the destination sent them and they were acknowledged, so dropping
+ * them would lose data a direct connection delivers. */
+static void start_flush(struct rc_core *core, struct tunnel *t, const char *why)
+{
+    t->state = T_FLUSHING;
+    snprintf(t->why, sizeof t->why, "server %s", why);
+    pipe_put(core, &t->up);     /* the client's bytes cannot reach the server any more */
+    t->up.len = 0;
+    t->down.shut = true;        /* no FIN: this direction ends with the reset */
+    t->s.readable = true;
+    t->marked = false;
+    t->mark_at = now_ns();
+    if (flush(core, t))
+        timer_set(core, t, Q_FLUSH);
+}
+
+static void flush_poll(struct rc_core *core, struct tunnel *t)
+{
+    char why[200];
+    if (!flush(core, t))
+        return;
+    struct dir *d = &t->down;
+    uint32_t left = unacked(t->c.fd);
+    if (d->eof && !d->held && !d->len && left == 0) {
+        snprintf(why, sizeof why, "%s; %llu bytes delivered in all", t->why,
+                 (unsigned long long)d->bytes);
+        return tunnel_abort(core, t, why);
+    }
+    if (tcp_state(t->c.fd) == TCP_CLOSE) {
+        snprintf(why, sizeof why, "%s; then the client's connection ended", t->why);
+        return tunnel_abort(core, t, why);
+    }
+    int64_t now = now_ns();
+    if (!t->marked || t->mark[0] != d->bytes || t->mark[1] != left) {
+        t->marked = true;
+        t->mark[0] = d->bytes;
+        t->mark[1] = left;
+        t->mark_at = now;
+    } else if (core->cfg.stall_timeout > 0
+               && now - t->mark_at > (int64_t)(core->cfg.stall_timeout * 1e9)) {
+        snprintf(why, sizeof why, "%s; client stalled, %u bytes undelivered", t->why,
+                 left + d->held + d->len);
+        return tunnel_abort(core, t, why);
+    }
+    timer_set(core, t, Q_FLUSH);
+}
+
+/* One side failed (err: -errno).  A destination reset while the client is
+ * fine: FLUSHING.  Anything else: reset both now. */
+static void broken(struct rc_core *core, struct tunnel *t, int err)
+{
+    const char *why = err ? strerror(-err) : "error";
+    if (t->state == T_OPEN && !t->down.shut && tcp_state(t->s.fd) == TCP_CLOSE
+        && tcp_state(t->c.fd) != TCP_CLOSE)
+        return start_flush(core, t, why);
+    tunnel_abort(core, t, why);
+}
+
+static void run(struct rc_core *core, struct tunnel *t)
+{
+    int which = 0, rc;
+    if ((rc = pump(core, &t->up, &which)) != 0)
+        return broken(core, t, rc);
+    if ((rc = pump(core, &t->down, &which)) != 0)
+        return broken(core, t, rc);
+    if (t->up.shut && t->down.shut)
+        finish_clean(core, t);
+}
+
+static void on_error(struct rc_core *core, struct tunnel *t, struct end *e, const char *who)
+{
+    int err = 0;
+    socklen_t l = sizeof err;
+    char why[120];
+    getsockopt(e->fd, SOL_SOCKET, SO_ERROR, &err, &l);
+    snprintf(why, sizeof why, "%s %s", who, err ? strerror(err) : "error");
+    if (t->state == T_OPEN && !t->down.shut && tcp_state(t->s.fd) == TCP_CLOSE
+        && tcp_state(t->c.fd) != TCP_CLOSE)
+        return start_flush(core, t, err ? strerror(err) : "error");
+    tunnel_abort(core, t, why);
+}
+
+/* -- events and timers ---------------------------------------------------------------- */
+
+void tunnel_event(struct rc_core *core, struct tunnel *t, bool server, uint32_t ev)
+{
+    if (t->state == T_CLOSER) {
+        if (!server)
+            closer_event(core, t);
+        return;
+    }
+    struct end *e = server ? &t->s : &t->c;
+    if (server && t->state == T_CONNECTING)
+        return connected(core, t, ev);
+    if (server && t->state == T_FLUSHING)
+        return;     /* the server is gone; flush() reads its last bytes */
+    if (ev & READ_EV)
+        e->readable = true;
+    if (ev & EPOLLOUT)
+        e->writable = true;
+    if (ev & EPOLLERR && t->state != T_DECIDE)
+        return on_error(core, t, e, server ? "server" : "client");
+    switch (t->state) {
+    case T_OPEN:
+        run(core, t);
+        break;
+    case T_FLUSHING:
+        if (flush(core, t) && t->state == T_FLUSHING && t->tq == Q_NONE)
+            timer_set(core, t, Q_FLUSH);
+        break;
+    case T_HEADER:
+        /* Not on a bare EPOLLOUT: recv() would only EAGAIN. */
+        if (t->c.readable)
+            header_progress(core, t, RC_HEADER);
+        break;
+    default:
+        break;
+    }
+}
+
+void tunnel_timer(struct rc_core *core, struct tunnel *t)
+{
+    switch (t->state) {
+    case T_HEADER: {
+        struct rc_record *r = record(core, RC_HEADER, t);
+        r->hdr = RC_HDR_TIMEOUT;
+        t->state = T_DECIDE;
+        break;
+    }
+    case T_CONNECTING:
+        connect_failed(core, t, ETIMEDOUT, true);
+        break;
+    case T_CLOSER:
+        close(t->c.fd);
+        t->c.fd = -1;
+        tunnel_free(core, t);
+        break;
+    case T_FLUSHING:
+        flush_poll(core, t);
+        break;
+    default:
+        break;
+    }
+}
+
+/* Called every stall_timeout/4: a tunnel that holds bytes it cannot deliver
+ * (a pipe, a buffer, a socket's unacknowledged send queue) while nothing
+ * moves and nothing is acknowledged for stall_timeout is reset, so a peer
+ * that stops reading cannot pin its buffers forever.  Idle ones are fine. */
+void tunnel_stall_check(struct rc_core *core, struct tunnel *t, int64_t now)
+{
+    uint64_t up = t->up.bytes, down = t->down.bytes;
+    if (t->marked && t->mark[0] == up && t->mark[1] == down) {
+        uint64_t held = (uint64_t)t->up.held + t->down.held + t->up.len + t->down.len;
+        uint64_t q0 = unacked(t->c.fd), q1 = unacked(t->s.fd);
+        if (!held && !q0 && !q1) {
+            t->marked = false;  /* idle, nothing owed */
+            return;
+        }
+        if (t->mark[2] != q0 || t->mark[3] != q1) {
+            t->mark[2] = q0;
+            t->mark[3] = q1;
+            t->mark_at = now;
+        } else if (now - t->mark_at >= (int64_t)(core->cfg.stall_timeout * 1e9)) {
+            char why[160];
+            snprintf(why, sizeof why,
+                     "stalled %.0fs with %llu bytes in the relay and %llu unacknowledged",
+                     (double)(now - t->mark_at) / 1e9, (unsigned long long)held,
+                     (unsigned long long)(q0 + q1));
+            tunnel_abort(core, t, why);
+        }
+        return;
+    }
+    t->marked = true;
+    t->mark[0] = up;
+    t->mark[1] = down;
+    t->mark[2] = t->mark[3] = UINT64_MAX;
+    t->mark_at = now;
+}
