@@ -117,7 +117,7 @@ uint8_t *buf_get(struct rc_core *core);
 void buf_put(struct rc_core *core, uint8_t *buf);
 
 /* tunnel.c */
-void tunnel_accepted(struct rc_core *core, struct tunnel *t);
+void tunnel_accepted(struct rc_core *core, struct tunnel *t, const struct sockaddr_storage *ss);
 void tunnel_event(struct rc_core *core, struct tunnel *t, bool server, uint32_t ev);
 void tunnel_timer(struct rc_core *core, struct tunnel *t);
 void tunnel_stall_check(struct rc_core *core, struct tunnel *t, int64_t now);

@@ -259,21 +259,10 @@ static void on_accept(struct rc_core *core, int lfd)
         t->c.fd = fd;
         t->family = ss.ss_family;
         t->t0 = now_ns();
-        struct rc_record *r = record(core, RC_NEW, t);
-        r->family = ss.ss_family;
-        if (ss.ss_family == AF_INET) {
-            struct sockaddr_in *a = (struct sockaddr_in *)&ss;
-            memcpy(r->client_addr, &a->sin_addr, 4);
-            r->client_port = ntohs(a->sin_port);
-        } else {
-            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
-            memcpy(r->client_addr, &a->sin6_addr, 16);
-            r->client_port = ntohs(a->sin6_port);
-        }
         struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                                  .data.u64 = ((uint64_t)t->id << 2) | EV_CLIENT};
         epoll_ctl(core->ep, EPOLL_CTL_ADD, fd, &ev);
-        tunnel_accepted(core, t);
+        tunnel_accepted(core, t, &ss);
     }
 }
 

@@ -214,29 +214,31 @@ static int read_header(struct rc_core *core, struct tunnel *t, struct rc_record 
     }
 }
 
-/* Report the header's state to Python, or go on waiting if incomplete. */
-static void header_progress(struct rc_core *core, struct tunnel *t, int kind)
+/* Read the header into record r (NEW or HEADER) and settle the tunnel:
+ * DECIDE if Python has something to decide.  False if t is gone (freed). */
+static bool header_progress(struct rc_core *core, struct tunnel *t, struct rc_record *r)
 {
-    struct rc_record *r = record(core, kind, t);
     int hdr = read_header(core, t, r);
-    if (hdr == RC_HDR_NONE && kind == RC_HEADER) {
-        core->nrec--;   /* nothing to report yet */
-        return;
-    }
     r->hdr = hdr;
     if (hdr == RC_HDR_GONE) {
-        if (kind == RC_NEW) {   /* Python never saw it: it only counts it */
+        if (r->kind == RC_NEW) {   /* Python never saw it: it only logs it */
+            core->n.resets++;
             reset_close(t->c.fd);
             t->c.fd = -1;
             tunnel_free(core, t);
-            return;
+            return false;
         }
         core->nrec--;
         tunnel_abort(core, t, t->why[0] ? t->why : "out of memory");
-        return;
+        return false;
+    }
+    if (hdr == RC_HDR_NONE && r->kind == RC_HEADER) {
+        core->nrec--;   /* nothing to report yet */
+        return true;
     }
     timer_clear(core, t);
     t->state = T_DECIDE;
+    return true;
 }
 
 /* tcp_info as the kernel lays it out (glibc's struct is older): tcpi_state
@@ -244,33 +246,39 @@ static void header_progress(struct rc_core *core, struct tunnel *t, int kind)
  * tcpi_data_segs_in (u32 at 152); Linux >= 4.6. */
 #define TI_LEN 160
 
-void tunnel_accepted(struct rc_core *core, struct tunnel *t)
+void tunnel_accepted(struct rc_core *core, struct tunnel *t, const struct sockaddr_storage *ss)
 {
     uint8_t ti[TI_LEN];
     socklen_t l = sizeof ti;
     t->state = T_HEADER;
     t->c.readable = t->c.writable = true;
-    /* One TCP_INFO read at accept (routability.accept_facts), before the
-     * header read can change what it says. */
-    memset(ti, 0, sizeof ti);
-    int got = getsockopt(t->c.fd, IPPROTO_TCP, TCP_INFO, ti, &l) == 0;
-    int id = t->id;
-    header_progress(core, t, RC_NEW);   /* may free t (RC_HDR_GONE) */
-    if (core->nrec == 0 || !got)
-        return;
-    struct rc_record *r = &core->rec[core->nrec - 1];
-    if (r->kind != RC_NEW || r->id != id || r->hdr == RC_HDR_GONE)
-        return;
-    r->handshaking = ti[0] == TCP_SYN_RECV;
-    r->syn_data = (ti[5] & TCPI_OPT_SYN_DATA_BIT) != 0;
-    if (r->syn_data && l >= 156) {
-        uint32_t segs;
-        uint64_t bytes;
-        memcpy(&segs, ti + 152, sizeof segs);
-        memcpy(&bytes, ti + 128, sizeof bytes);
-        if (segs == 1)
-            r->syn_payload = (uint32_t)bytes;
+    struct rc_record *r = record(core, RC_NEW, t);
+    r->family = ss->ss_family;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        memcpy(r->client_addr, &a->sin_addr, 4);
+        r->client_port = ntohs(a->sin_port);
+    } else {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        memcpy(r->client_addr, &a->sin6_addr, 16);
+        r->client_port = ntohs(a->sin6_port);
     }
+    /* One TCP_INFO read at accept (routability.accept_facts), before the
+     * header read. */
+    memset(ti, 0, sizeof ti);
+    if (getsockopt(t->c.fd, IPPROTO_TCP, TCP_INFO, ti, &l) == 0) {
+        r->handshaking = ti[0] == TCP_SYN_RECV;
+        r->syn_data = (ti[5] & TCPI_OPT_SYN_DATA_BIT) != 0;
+        if (r->syn_data && l >= 156) {
+            uint32_t segs;
+            uint64_t bytes;
+            memcpy(&segs, ti + 152, sizeof segs);
+            memcpy(&bytes, ti + 128, sizeof bytes);
+            if (segs == 1)
+                r->syn_payload = (uint32_t)bytes;
+        }
+    }
+    header_progress(core, t, r);
 }
 
 void tunnel_wait_header(struct rc_core *core, struct tunnel *t)
@@ -428,6 +436,8 @@ static void connected(struct rc_core *core, struct tunnel *t, uint32_t ev)
     t->down.src = &t->s;
     t->down.dst = &t->c;
     t->down.counter = &core->n.bytes_down;
+    t->up.peer = &t->down;
+    t->down.peer = &t->up;
     run(core, t);
 }
 
@@ -688,7 +698,7 @@ void tunnel_event(struct rc_core *core, struct tunnel *t, bool server, uint32_t 
     case T_HEADER:
         /* Not on a bare EPOLLOUT: recv() would only EAGAIN. */
         if (t->c.readable)
-            header_progress(core, t, RC_HEADER);
+            header_progress(core, t, record(core, RC_HEADER, t));
         break;
     default:
         break;
