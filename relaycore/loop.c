@@ -94,8 +94,11 @@ bool pipe_get(struct rc_core *core, struct dir *d)
         if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
             return false;
         int cap = fcntl(p[1], F_SETPIPE_SZ, (int)core->cfg.pipe_size);
-        if (cap < 0)
+        if (cap < 0) {
             cap = fcntl(p[1], F_GETPIPE_SZ);
+            core->n.pipe_refused++;     /* Python warns once */
+            core->n.pipe_cap = (uint64_t)cap;
+        }
         p[2] = cap > 0 ? cap : 65536;
         core->n.pipes_open++;
     }

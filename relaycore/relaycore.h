@@ -96,6 +96,8 @@ struct rc_counters {
     uint64_t pipes_open;
     uint64_t closers;  /* Error replies lingering for the client's FIN */
     uint64_t tunnels;  /* tunnels alive (all states but closers) */
+    uint64_t pipe_refused; /* F_SETPIPE_SZ refused: pipes are pipe_cap bytes */
+    uint64_t pipe_cap;
 };
 
 struct rc_connect {

@@ -102,6 +102,7 @@ class CoreLoop(Loop):
         self.ctunnels: dict[int, CTunnel] = {}
         self._timer = None
         self._timer_when = 0.0
+        self._pipe_warned = False
         self.register(self.lib.rc_fd(self.core), self._on_core, select.EPOLLIN)
 
     # -- listeners ---------------------------------------------------------------------
@@ -116,6 +117,10 @@ class CoreLoop(Loop):
         n = self.lib.rc_step(self.core)
         if n:
             self._records(n)
+        if not self._pipe_warned and self.counters.pipe_refused:
+            self._pipe_warned = True
+            log.warning("F_SETPIPE_SZ %d refused, pipes are %d bytes (fs.pipe-max-size, "
+                        "fs.pipe-user-pages-soft)", self.cfg.pipe_size, self.counters.pipe_cap)
         self._arm_timer()
 
     def _arm_timer(self) -> None:
