@@ -8,13 +8,17 @@ Medians of N per way, the ways interleaved in --rounds chunks, all in one run:
 
   direct     plain connect() to the echo server
   haproxy    through haproxy (mode tcp, nbthread 1)
-  relay raw  a minimal client: Convert header + the byte in the SYN (MSG_FASTOPEN,
-             the kernel's TFO cookie cache), reads the 4-byte reply and the echo
-  relay py   pepsock.create_connection (PEP_PROXY = the relay), send, recv
+  relay-c raw / relay-python raw
+             a minimal client through the relay on each engine (--engines):
+             Convert header + the byte in the SYN (MSG_FASTOPEN, the kernel's
+             TFO cookie cache), reads the 4-byte reply and the echo
+  relay-c py / relay-python py
+             pepsock.create_connection (PEP_PROXY = the relay), send, recv
   base raw / base py   the same through a relay run from --baseline-root (an
              older checkout), so before/after numbers come from one run
 
 "added" is the way's median minus direct's: what the proxy adds to a connection.
+CPU per tunnel is each proxy process's user+system time over its own ways.
 As root everything runs in a private network namespace with net.ipv4.tcp_fastopen=3
 set inside it (the relay serves 0-RTT as deployed); the host is not touched.
 The echo server runs in its own process with TCP_FASTOPEN on its listener.
@@ -197,63 +201,70 @@ def inside(args) -> int:
         with os.fdopen(r) as f:
             dest = int(f.readline())
         extra = args.relay_args.split()
+        hport = start_haproxy(procs, tmp, dest)
+        haproxy_pid = procs[-1].pid
         ways = {"direct": lambda: one_direct(dest),
-                "haproxy": (lambda p: lambda: one_direct(p))(start_haproxy(procs, tmp, dest))}
-        relay = start_relay(procs, ROOT, *extra)
-        ways["relay raw"] = make_raw(relay, dest)
-        ways["relay py"] = make_py(relay, dest)
+                "haproxy": lambda: one_direct(hport)}
+        # One relay per engine (and the baseline's): ways "<relay> raw" / "<relay> py".
+        relays: dict[str, tuple[int, int]] = {}     # name -> (port, pid)
+        for engine in args.engines.split(","):
+            port = start_relay(procs, ROOT, "--engine", engine, *extra)
+            relays[f"relay-{engine}"] = (port, procs[-1].pid)
         if args.baseline_root:
-            base = start_relay(procs, args.baseline_root, *extra)
-            ways["base raw"] = make_raw(base, dest)
-            ways["base py"] = make_py(base, dest)
+            relays["base"] = (start_relay(procs, args.baseline_root, *extra), procs[-1].pid)
+        for name, (port, _) in relays.items():
+            ways[f"{name} raw"] = make_raw(port, dest)
+            if not args.no_py:
+                ways[f"{name} py"] = make_py(port, dest)
+
+        def select_proxy(way: str) -> None:
+            if way.endswith(" py"):
+                os.environ["PEP_PROXY"] = f"127.0.0.1:{relays[way.split()[0]][0]}"
         # Warm-up: TFO cookies, the PEP state file, caches.
         for name, fn in ways.items():
-            if name.endswith("py"):
-                relay_port = relay if name.startswith("relay") else base
-                os.environ["PEP_PROXY"] = f"127.0.0.1:{relay_port}"
+            select_proxy(name)
             for _ in range(20):
                 fn()
         if args.strace and shutil.which("strace"):
-            for name, p in (("relay", procs[2]), ("base", procs[3] if args.baseline_root
-                                                   else None)):
-                if p is not None:
-                    print(f"# {name}:")
-                    strace_relay(p.pid, ways[f"{name} raw"], args.strace)
+            for name, (_, pid) in relays.items():
+                print(f"# {name}:")
+                strace_relay(pid, ways[f"{name} raw"], args.strace)
         times: dict[str, list[int]] = {k: [] for k in ways}
         chunk = max(1, args.n // args.rounds)
-        relay_pids = {"relay": procs[2].pid}
-        if args.baseline_root:
-            relay_pids["base"] = procs[3].pid
-        cpu = {k: 0.0 for k in relay_pids}
+        pids = {name: pid for name, (_, pid) in relays.items()}
+        pids["haproxy"] = haproxy_pid
+        cpu = {k: 0.0 for k in pids}
+        count = {k: 0 for k in pids}
         clock = time.perf_counter_ns
         for _ in range(args.rounds):
             for name, fn in ways.items():
-                if name.endswith("py"):
-                    relay_port = relay if name.startswith("relay") else base
-                    os.environ["PEP_PROXY"] = f"127.0.0.1:{relay_port}"
+                select_proxy(name)
                 out = times[name]
                 who = name.split()[0]
-                c0 = cpu_us(relay_pids[who]) if who in relay_pids else 0
+                c0 = cpu_us(pids[who]) if who in pids else 0
                 for _ in range(chunk):
                     t0 = clock()
                     fn()
                     out.append(clock() - t0)
-                if who in relay_pids:
-                    cpu[who] += cpu_us(relay_pids[who]) - c0
+                if who in pids:
+                    cpu[who] += cpu_us(pids[who]) - c0
+                    count[who] += chunk
         med = {k: statistics.median(v) / 1000 for k, v in times.items()}
         print(f"# bench_setup  {time.strftime('%Y-%m-%d %H:%M:%S')}  n={chunk * args.rounds} "
               f"per way in {args.rounds} interleaved rounds  load={os.getloadavg()[0]:.2f}  "
               f"relay args: {args.relay_args or '(defaults)'}")
-        print(f"  {'way':10s} {'median us':>10s} {'added us':>9s} {'p90 us':>8s}  added/haproxy's")
+        print(f"  {'way':16s} {'median us':>10s} {'added us':>9s} {'p90 us':>8s}  added/haproxy's")
         h_added = med["haproxy"] - med["direct"]
         for k, v in times.items():
             added = med[k] - med["direct"]
             p90 = statistics.quantiles(v, n=10)[-1] / 1000
             ratio = f"{added / h_added:.2f}" if k not in ("direct", "haproxy") else ""
-            print(f"  {k:10s} {med[k]:10.0f} {added:9.0f} {p90:8.0f}  {ratio}")
+            print(f"  {k:16s} {med[k]:10.0f} {added:9.0f} {p90:8.0f}  {ratio}")
+        h_cpu = cpu["haproxy"] / max(1, count["haproxy"])
         for who, total in cpu.items():
-            print(f"  {who} process CPU per tunnel: {total / (2 * chunk * args.rounds):.0f} us "
-                  f"(user+system, /proc, over its raw and py tunnels)")
+            per = total / max(1, count[who])
+            ratio = f"  ({per / h_cpu:.2f}x haproxy's)" if who != "haproxy" and h_cpu else ""
+            print(f"  {who} process CPU per tunnel: {per:.0f} us (user+system, /proc){ratio}")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
@@ -269,6 +280,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=2000, help="connections per way")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--engines", default="c,python",
+                    help="relay engines to run side by side (pep relay --engine)")
+    ap.add_argument("--no-py", action="store_true",
+                    help="only the raw client through each relay (no pepsock client rows)")
     ap.add_argument("--baseline-root", help="another checkout whose relay runs beside this one")
     ap.add_argument("--relay-args", default="", help="extra options for both relays")
     ap.add_argument("--strace", type=int, default=0, metavar="N",
@@ -287,7 +302,9 @@ def main(argv=None) -> int:
         ns.run("ip", "link", "set", "lo", "up", check=False)
         argv = [sys.executable, os.path.abspath(__file__), "--inside", "-n", str(args.n),
                 "--rounds", str(args.rounds), "--relay-args", args.relay_args,
-                "--strace", str(args.strace)]
+                "--strace", str(args.strace), "--engines", args.engines]
+        if args.no_py:
+            argv.append("--no-py")
         if args.baseline_root:
             argv += ["--baseline-root", os.path.abspath(args.baseline_root)]
         return subprocess.run(ns.cmd(*argv)).returncode
