@@ -41,6 +41,11 @@ enum tqueue { Q_NONE = -1, Q_HEADER, Q_CONNECT, Q_LINGER, Q_FLUSH, NQUEUES };
 struct end {
     int fd;
     bool readable, writable;
+    /* A short recv() means "drained" (haproxy's raw_sock.c takes the same
+     * shortcut) only once every later arrival is sure to raise an event:
+     * after an EAGAIN (`armed`; an onward socket is armed from its connect),
+     * and while no event said the peer's FIN is in (`fin_seen`). */
+    bool armed, fin_seen;
 };
 
 struct dir {

@@ -2,7 +2,8 @@
  * the pipe and buffer pools, and the API Python calls (relaycore.h).
  *
  * epoll data: (id << 2) | what, what = 0 listener (id: its index), 1 the
- * client socket, 2 the server socket of tunnel `id`.  A freed id is reused
+ * client socket, 2 the server socket of tunnel `id`, 3 the external fd
+ * (Python's own epoll set, rc_set_external: one blocking wait per turn).  A freed id is reused
  * only after the step that freed it, so a stale event in the same
  * epoll_wait batch never reaches a new tunnel.
  */
@@ -19,7 +20,7 @@
 
 #include "core.h"
 
-enum { EV_LISTENER = 0, EV_CLIENT = 1, EV_SERVER = 2 };
+enum { EV_LISTENER = 0, EV_CLIENT = 1, EV_SERVER = 2, EV_EXTERNAL = 3 };
 
 int64_t now_ns(void)
 {
@@ -383,31 +384,7 @@ static void run_timers(struct rc_core *core)
         pause_listeners(core, false);
 }
 
-/* Handle what is ready (events and due timers); returns the records made. */
-RC_API int rc_step(struct rc_core *core)
-{
-    struct epoll_event evs[EVENTS_PER_STEP];
-    core->nrec = 0;
-    run_timers(core);
-    int n = epoll_wait(core->ep, evs, EVENTS_PER_STEP, 0);
-    for (int i = 0; i < n; i++) {
-        uint64_t u = evs[i].data.u64;
-        int what = (int)(u & 3), id = (int)(u >> 2);
-        if (what == EV_LISTENER) {
-            if (id < core->nlisteners && core->listeners[id] >= 0)
-                on_accept(core, core->listeners[id]);
-            continue;
-        }
-        struct tunnel *t = lookup(core, id);
-        if (t)
-            tunnel_event(core, t, what == EV_SERVER, evs[i].events);
-    }
-    release_freed(core);
-    return core->nrec;
-}
-
-/* CLOCK_MONOTONIC seconds (time.monotonic()) of the next timer; 0: none. */
-RC_API double rc_next_deadline(const struct rc_core *core)
+static int64_t next_deadline_ns(const struct rc_core *core)
 {
     int64_t next = INT64_MAX;
     for (int q = 0; q < NQUEUES; q++)
@@ -417,6 +394,76 @@ RC_API double rc_next_deadline(const struct rc_core *core)
         next = core->next_stall;
     if (core->paused_until && core->paused_until < next)
         next = core->paused_until;
+    return next;
+}
+
+/* One turn: due timers, then what epoll reports within timeout_ms (shortened
+ * to the core's next deadline), then the timers that came due meanwhile. */
+static int step(struct rc_core *core, int timeout_ms, int *external)
+{
+    struct epoll_event evs[EVENTS_PER_STEP];
+    core->nrec = 0;
+    run_timers(core);
+    if (core->nrec)
+        timeout_ms = 0;
+    int64_t next = next_deadline_ns(core);
+    if (timeout_ms != 0 && next != INT64_MAX) {
+        int64_t ms = (next - now_ns() + 999999) / 1000000;
+        if (ms < 0)
+            ms = 0;
+        if (timeout_ms < 0 || ms < timeout_ms)
+            timeout_ms = (int)ms;
+    }
+    int n = epoll_wait(core->ep, evs, EVENTS_PER_STEP, timeout_ms);
+    for (int i = 0; i < n; i++) {
+        uint64_t u = evs[i].data.u64;
+        int what = (int)(u & 3), id = (int)(u >> 2);
+        if (what == EV_LISTENER) {
+            if (id < core->nlisteners && core->listeners[id] >= 0)
+                on_accept(core, core->listeners[id]);
+            continue;
+        }
+        if (what == EV_EXTERNAL) {
+            if (external)
+                *external = 1;
+            continue;
+        }
+        struct tunnel *t = lookup(core, id);
+        if (t)
+            tunnel_event(core, t, what == EV_SERVER, evs[i].events);
+    }
+    if (timeout_ms != 0)
+        run_timers(core);
+    release_freed(core);
+    return core->nrec;
+}
+
+/* Handle what is ready now (events and due timers); returns the records made. */
+RC_API int rc_step(struct rc_core *core)
+{
+    return step(core, 0, NULL);
+}
+
+/* As rc_step, but wait up to timeout_ms (-1: no limit but the core's own
+ * deadlines) for something to do; *external is set when the external fd
+ * is readable (Python then polls its own set). */
+RC_API int rc_wait(struct rc_core *core, int timeout_ms, int *external)
+{
+    *external = 0;
+    return step(core, timeout_ms, external);
+}
+
+/* Watch fd (Python's epoll set) in the core's wait. */
+RC_API int rc_set_external(struct rc_core *core, int fd)
+{
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EV_EXTERNAL};
+    return epoll_ctl(core->ep, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+/* CLOCK_MONOTONIC seconds (time.monotonic()) of the next timer; 0: none. */
+RC_API double rc_next_deadline(const struct rc_core *core)
+{
+    int64_t next = next_deadline_ns(core);
     return next == INT64_MAX ? 0.0 : (double)next / 1e9;
 }
 

@@ -14,6 +14,10 @@
  * then calls rc_connect() or rc_refuse().  Logging, stats rendering, signals,
  * drain, workers and the stats server are Python's too.
  *
+ * The loop: rc_wait() blocks in the core's epoll set, where Python's own
+ * set (signals, the stats server) is one fd (rc_set_external); or Python
+ * polls the core's fd (rc_fd) and calls rc_step() when it is readable.
+ *
  * Records: rc_step() handles what is ready and fills core->rec[0..n); they
  * stay valid (and so do the pointers in them) until the next rc_step() or
  * rc_abort_all().  A tunnel id in a NEW / HEADER / CONNECT_FAILED record
@@ -85,7 +89,7 @@ struct rc_config {
     int32_t nodelay;
     int32_t keepalive;       /* seconds, 0: kernel timing */
     int32_t user_timeout_ms; /* 0: kernel default */
-    int32_t syn_retries;
+    int32_t syn_retries;      /* TCP_SYNCNT; -1: leave the kernel's */
     char server_cc[16];      /* "" : the default */
 };
 
@@ -117,6 +121,8 @@ int rc_fd(const struct rc_core *core);
 int rc_add_listener(struct rc_core *core, int fd);
 void rc_stop_accepting(struct rc_core *core);
 int rc_step(struct rc_core *core);
+int rc_wait(struct rc_core *core, int timeout_ms, int *external);
+int rc_set_external(struct rc_core *core, int fd);
 double rc_next_deadline(const struct rc_core *core);
 const struct rc_counters *rc_counters(const struct rc_core *core);
 uint64_t rc_pipe_bytes(const struct rc_core *core);

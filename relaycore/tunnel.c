@@ -181,6 +181,7 @@ static int read_header(struct rc_core *core, struct tunnel *t, struct rc_record 
                 continue;
             if (errno == EAGAIN) {
                 t->c.readable = false;
+                t->c.armed = true;
                 return RC_HDR_NONE;
             }
             snprintf(t->why, sizeof t->why, "client error in header: %s", strerror(errno));
@@ -322,7 +323,8 @@ static void server_options(const struct rc_config *cfg, int fd, const struct rc_
         set_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, cfg->keepalive / 3 > 1 ? cfg->keepalive / 3 : 1);
         set_int(fd, IPPROTO_TCP, TCP_KEEPCNT, 3);
     }
-    set_int(fd, IPPROTO_TCP, TCP_SYNCNT, cfg->syn_retries);
+    if (cfg->syn_retries >= 0)
+        set_int(fd, IPPROTO_TCP, TCP_SYNCNT, cfg->syn_retries);
 }
 
 /* Returns 0 (connecting), or the errno of a connect that failed at once. */
@@ -381,6 +383,7 @@ int tunnel_connect(struct rc_core *core, struct tunnel *t, const struct rc_conne
     t->s.fd = fd;
     t->s.readable = false;
     t->s.writable = false;
+    t->s.armed = true;      /* registered before any byte can arrive */
     t->state = T_CONNECTING;
     t->up.limit = t->down.limit = c->pipe_limit ? c->pipe_limit : UINT32_MAX;
     free(t->reader);    /* the cookie pointer Python read is gone with it */
@@ -430,6 +433,7 @@ static void connected(struct rc_core *core, struct tunnel *t, uint32_t ev)
     t->s.writable = true;
     /* Edge-triggered: bytes the server sends after this poll raise a new edge. */
     t->s.readable = (ev & READ_EV) != 0;
+    t->s.fin_seen = (ev & (EPOLLRDHUP | EPOLLHUP)) != 0;
     t->up.src = &t->c;
     t->up.dst = &t->s;
     t->up.counter = &core->n.bytes_up;
@@ -500,8 +504,10 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                     } else if (errno == EAGAIN) {
                         /* Ambiguous while the pipe holds bytes (it may be out
                          * of slots): stay "readable", retry once it drains. */
-                        if (d->held == 0)
+                        if (d->held == 0) {
                             src->readable = false;
+                            src->armed = true;
+                        }
                     } else {
                         rc = -errno;
                         *which = 0;
@@ -521,10 +527,13 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                     progress = true;
                     if (n == COPY_BUF)
                         d->splice_mode = true;  /* a bulk transfer: splice from now on */
+                    else if (src->armed && !src->fin_seen)
+                        src->readable = false;  /* drained: saves the EAGAIN recv */
                 } else if (n == 0) {
                     d->eof = true;
                 } else if (errno == EAGAIN) {
                     src->readable = false;
+                    src->armed = true;
                 } else {
                     rc = -errno;
                     *which = 0;
@@ -683,6 +692,8 @@ void tunnel_event(struct rc_core *core, struct tunnel *t, bool server, uint32_t 
         return;     /* the server is gone; flush() reads its last bytes */
     if (ev & READ_EV)
         e->readable = true;
+    if (ev & (EPOLLRDHUP | EPOLLHUP))
+        e->fin_seen = true;
     if (ev & EPOLLOUT)
         e->writable = true;
     if (ev & EPOLLERR && t->state != T_DECIDE)

@@ -16,8 +16,11 @@ covered by one reactor timer set to the core's next deadline.
 from __future__ import annotations
 
 import errno
+import gc
+import heapq
 import ipaddress
 import logging
+import math
 import os
 import select
 import socket
@@ -60,6 +63,14 @@ class CTunnel:
         self.syn_payload = syn_payload
 
 
+def _sysctl_int(name: str) -> int | None:
+    try:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def available() -> str | None:
     """None if the C engine can run here, else why not."""
     try:
@@ -89,7 +100,10 @@ class CoreLoop(Loop):
         c.nodelay = int(cfg.nodelay)
         c.keepalive = cfg.keepalive
         c.user_timeout_ms = int(cfg.user_timeout * 1000)
-        c.syn_retries = cfg.syn_retries
+        # TCP_SYNCNT only when it differs from the namespace's default: one
+        # setsockopt less per tunnel.
+        c.syn_retries = -1 if cfg.syn_retries == _sysctl_int("tcp_syn_retries") \
+            else cfg.syn_retries
         cc = (cfg.server.cc or "").encode()[:15]
         c.server_cc = cc
         recs = ffi.new("struct rc_record **")
@@ -118,10 +132,62 @@ class CoreLoop(Loop):
         if n:
             self._records(n)
         if not self._pipe_warned and self.counters.pipe_refused:
-            self._pipe_warned = True
-            log.warning("F_SETPIPE_SZ %d refused, pipes are %d bytes (fs.pipe-max-size, "
-                        "fs.pipe-user-pages-soft)", self.cfg.pipe_size, self.counters.pipe_cap)
+            self._warn_pipe()
         self._arm_timer()
+
+    def run(self) -> None:
+        """The reactor's loop, with one wait per turn: the core's epoll set
+        holds this reactor's own set as one fd (signals, the stats server),
+        so a turn is one epoll_wait in C, not one here and one in C."""
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 50)
+        ffi, lib, core = self.ffi, self.lib, self.core
+        self.unregister(lib.rc_fd(core))
+        err = lib.rc_set_external(core, self.ep.fileno())
+        if err:
+            raise OSError(-err, os.strerror(-err))
+        external = ffi.new("int *")
+        rc_wait = lib.rc_wait
+        poll = self.ep.poll
+        handlers = self.handlers
+        closed = self.closed
+        timers = self.timers
+        monotonic = time.monotonic
+        heappop = heapq.heappop
+        counters = self.counters
+        while self.running:
+            while timers and timers[0].fn is None:
+                heappop(timers)
+            timeout = -1
+            if timers:
+                timeout = max(0, math.ceil((timers[0].when - monotonic()) * 1000))
+            if self.should_stop():
+                break
+            n = rc_wait(core, timeout, external)
+            if n:
+                self._records(n)
+            if external[0]:
+                closed.clear()
+                for fd, ev in poll(0, 64):
+                    if closed and fd in closed:
+                        continue
+                    h = handlers.get(fd)
+                    if h is not None:
+                        h(ev)
+            if timers:
+                now = monotonic()
+                while timers and timers[0].when <= now:
+                    t = heappop(timers)
+                    if t.fn is not None:
+                        fn, t.fn = t.fn, None
+                        fn()
+            if not self._pipe_warned and counters.pipe_refused:
+                self._warn_pipe()
+
+    def _warn_pipe(self) -> None:
+        self._pipe_warned = True
+        log.warning("F_SETPIPE_SZ %d refused, pipes are %d bytes (fs.pipe-max-size, "
+                    "fs.pipe-user-pages-soft)", self.cfg.pipe_size, self.counters.pipe_cap)
 
     def _arm_timer(self) -> None:
         when = self.lib.rc_next_deadline(self.core)
