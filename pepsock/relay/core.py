@@ -18,6 +18,12 @@ HEADER = "relaycore.h"
 
 _lock = threading.Lock()
 _loaded = None
+_loaded_path = ""
+
+
+def loaded_path() -> str:
+    """The library load() loaded for the engine."""
+    return _loaded_path
 
 
 def _paths(name: str) -> tuple[str, str]:
@@ -80,4 +86,6 @@ def load(name: str | None = None):
         lib = ffi.dlopen(path)
         if name is None or name == ASAN_NAME:
             _loaded = (ffi, lib)
+            global _loaded_path
+            _loaded_path = path
         return ffi, lib

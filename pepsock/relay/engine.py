@@ -31,7 +31,7 @@ from . import routability
 from . import stats as S
 from .clients import client_key, is_loopback
 from .cookies import Verdict
-from .core import load
+from .core import load, loaded_path
 from .onward import connect_limit
 from .server import LINGER_TIMEOUT, Loop
 from .tunnel import HONOURED_OPTIONS, INFO_REPLY, MAX_CLOSERS, RETRY_AFTER, fmt_addr
@@ -86,6 +86,7 @@ class CoreLoop(Loop):
     def __init__(self, cfg, stats=None):
         super().__init__(cfg, stats)
         self.ffi, self.lib = load()
+        self.library = loaded_path()
         ffi = self.ffi
         c = ffi.new("struct rc_config *")
         c.header_timeout = cfg.header_timeout

@@ -486,7 +486,9 @@ def make_loop(cfg: Config, unverified: bool) -> Loop:
         from .engine import CoreLoop, available
         why = "clients may be unverified (--no-cookie)" if unverified else available()
         if why is None:
-            return CoreLoop(cfg)
+            loop = CoreLoop(cfg)
+            log.debug("engine: c (%s)", loop.library)
+            return loop
         log.info("engine: python (%s)", why)
     loop = Loop(cfg)
     loop.clients_unverified = unverified
