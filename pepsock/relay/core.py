@@ -6,6 +6,7 @@ what is C and what stays in Python); pepsock/relay/engine.py drives it.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import threading
@@ -18,7 +19,7 @@ HEADER = "relaycore.h"
 
 _lock = threading.Lock()
 _loaded = None
-_loaded_path = ""
+_loaded_path = ""   # what load() loaded for the engine
 
 
 def loaded_path() -> str:
@@ -49,9 +50,12 @@ def library_path(name: str = NAME) -> str:
         return installed
     if os.path.isfile(os.path.join(_SOURCE, "Makefile")):
         if _stale(source):
-            target = "librelaycore-asan.so" if "asan" in name else name
-            subprocess.run(["make", "-s", "-C", _SOURCE, target], check=False,
-                           capture_output=True)
+            # One build at a time: the workers of a relay start together.
+            with open(os.path.join(_SOURCE, ".build-lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if _stale(source):
+                    subprocess.run(["make", "-s", "-C", _SOURCE, name], check=False,
+                                   capture_output=True)
         if os.path.isfile(source):
             return source
     raise FileNotFoundError(f"{name} not found: neither {installed} (pip install .) nor "
@@ -73,7 +77,7 @@ ASAN_NAME = "librelaycore-asan.so"
 def load(name: str | None = None):
     """(ffi, lib) for librelaycore.so; `name` picks another build (the ASan
     one: ASAN_NAME).  Raises ImportError (no cffi) or OSError."""
-    global _loaded
+    global _loaded, _loaded_path
     if name is None and os.environ.get("PEP_RELAYCORE") == "asan":
         name = ASAN_NAME
     with _lock:
@@ -86,6 +90,5 @@ def load(name: str | None = None):
         lib = ffi.dlopen(path)
         if name is None or name == ASAN_NAME:
             _loaded = (ffi, lib)
-            global _loaded_path
             _loaded_path = path
         return ffi, lib
