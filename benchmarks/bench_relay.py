@@ -111,14 +111,19 @@ class Procs:
 
 #: --baseline-root: another checkout whose relay runs beside this one (conn/s).
 BASELINE_ROOT: str | None = None
+#: Options every relay of this checkout gets: --engine, and --no-cookie if asked.
+RELAY_MODE: list[str] = []
 
 
 def start_relay(procs: Procs, *args: str, root: str = ROOT) -> tuple[subprocess.Popen, int]:
     cc = ["--client-cc", CC, "--server-cc", CC] if CC else []
-    # --no-cookie: the clients here send their headers in the SYN without a TFO
-    # cookie (a private namespace; the relay's default would make them 1-RTT).
+    # The relay's default (TFO cookies): libpep.so's first connection learns
+    # the cookie (PEP_TFO_MODE=auto), the rest are 0-RTT.  --no-cookie (this
+    # script's option) runs the relays cookie-less, as before issue 12; that
+    # mode runs the Python engine.
+    mode = RELAY_MODE if root == ROOT else [a for a in RELAY_MODE if a == "--no-cookie"]
     p = procs.start([sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
-                     "--allow-dest", "127.0.0.0/8", "--no-cookie", "--log-level", "warning",
+                     "--allow-dest", "127.0.0.0/8", *mode, "--log-level", "warning",
                      *cc, *args],
                     stdout=subprocess.PIPE, cwd=root, env=dict(os.environ, PYTHONPATH=root))
     r, _, _ = select.select([p.stdout], [], [], 15)
@@ -169,9 +174,14 @@ backend b
     return p, port
 
 
+#: The clients' shared PEP state (learned TFO modes), this run's own.
+STATE_DIR = tempfile.mkdtemp(prefix="bench-relay-state-")
+
+
 def pep_env(relay_port: int) -> dict:
     env = dict(os.environ)
-    env.update(LD_PRELOAD=LIBPEP, PEP_PROXY=f"127.0.0.1:{relay_port}", PEP_NO_PROXY="")
+    env.update(LD_PRELOAD=LIBPEP, PEP_PROXY=f"127.0.0.1:{relay_port}", PEP_NO_PROXY="",
+               PEP_STATE_DIR=STATE_DIR)
     return env
 
 
@@ -275,6 +285,22 @@ def wrk(port: int, seconds: float, env=None) -> tuple[float, str]:
     return float(m.group(1)), note
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (the relay's workers)."""
+    total = _cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    for k in kids:
+        try:
+            total += _cpu_seconds(k)
+        except OSError:
+            pass
+    return total
+
+
 def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int) -> dict:
     nginx, nport = start_nginx(procs, tmp)
     haproxy, hport = start_haproxy(procs, tmp, nport, threads=cpus)
@@ -288,10 +314,19 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int) 
         ways.append(("base", nport, pep_env(bport)))
     results = {name: [] for name, _, _ in ways}
     results["notes"] = {}
+    results["cpu_us"] = {}
+    pids = {"haproxy": haproxy.pid, "relay": relay.pid}
+    if base is not None:
+        pids["base"] = base.pid
     try:
         for _ in range(rounds):
             for name, port, env in ways:
+                c0 = _tree_cpu(pids[name]) if name in pids else 0.0
                 rate, note = wrk(port, seconds, env)
+                if name in pids:    # the proxy's CPU per connection, microseconds
+                    used = _tree_cpu(pids[name]) - c0
+                    results["cpu_us"].setdefault(name, []).append(
+                        used * 1e6 / max(1.0, rate * int(seconds)))
                 results[name].append(rate)
                 results["notes"].setdefault(name, []).append(note)
     finally:
@@ -473,6 +508,11 @@ def main(argv=None) -> int:
                          "costs a relay path of two connections far more than a direct flow; "
                          "'' keeps the kernel's default)")
     ap.add_argument("--only", choices=["bulk", "conns", "idle"], action="append")
+    ap.add_argument("--engine", choices=["c", "python"], default="c",
+                    help="the relay's engine (pep relay --engine; default c)")
+    ap.add_argument("--no-cookie", action="store_true",
+                    help="run the relays with --no-cookie (cookie-less 0-RTT from the first "
+                         "SYN; the Python engine serves that mode)")
     ap.add_argument("--baseline-root",
                     help="conn/s: also through the relay of this other checkout (before/after "
                          "in one run)")
@@ -480,6 +520,7 @@ def main(argv=None) -> int:
     only = set(args.only or ["bulk", "conns", "idle"])
     global BASELINE_ROOT
     BASELINE_ROOT = args.baseline_root and os.path.abspath(args.baseline_root)
+    RELAY_MODE[:] = ["--engine", args.engine] + (["--no-cookie"] if args.no_cookie else [])
     for tool in ("iperf3", "haproxy", "nginx", "wrk"):
         if not shutil.which(tool):
             print(f"missing {tool}: apt-get install {tool}")
@@ -513,7 +554,8 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
     print(f"# bench_relay  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}  "
           f"load={os.getloadavg()[0]:.2f}  kernel={os.uname().release}")
-    print(f"# on {where}; libpep.so: {'yes' if libpep else 'MISSING'}")
+    print(f"# on {where}; libpep.so: {'yes' if libpep else 'MISSING'}; relay: "
+          f"{' '.join(RELAY_MODE)}")
     try:
         if "bulk" in only:
             if not libpep:
@@ -553,6 +595,9 @@ def main(argv=None) -> int:
                           + " ".join(f"{x:.0f}" for x in r[k])
                           + "   " + "; ".join(sorted(set(r["notes"][k]))))
                 print(f"  relay/haproxy = {best['relay'] / best['haproxy']:.2f}  (target >= 1.0)")
+                print("  proxy CPU per connection (us, all its processes; per round): "
+                      + "  ".join(f"{k} " + " ".join(f"{x:.0f}" for x in v)
+                                  for k, v in r["cpu_us"].items()))
                 if "base" in best:
                     print(f"  base/haproxy  = {best['base'] / best['haproxy']:.2f}")
         if "idle" in only and args.idle:
