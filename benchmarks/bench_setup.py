@@ -67,7 +67,7 @@ def echo_server(port_out) -> None:
 
 
 def strace_relay(pid: int, fn, n: int) -> None:
-    """Syscalls the relay makes per tunnel (strace -c while n tunnels run)."""
+    """Syscalls a proxy makes per tunnel (strace -c while n tunnels run)."""
     out = tempfile.mktemp(prefix="bench-setup-strace-")
     st = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(pid)],
                           stderr=subprocess.DEVNULL)
@@ -229,6 +229,8 @@ def inside(args) -> int:
             for name, (_, pid) in relays.items():
                 print(f"# {name}:")
                 strace_relay(pid, ways[f"{name} raw"], args.strace)
+            print("# haproxy:")
+            strace_relay(haproxy_pid, ways["haproxy"], args.strace)
         times: dict[str, list[int]] = {k: [] for k in ways}
         chunk = max(1, args.n // args.rounds)
         pids = {name: pid for name, (_, pid) in relays.items()}

@@ -20,7 +20,7 @@
  * epoll_wait are sized so one step never overflows it. */
 #define MAX_RECORDS 2048
 #define ACCEPT_BATCH 64
-#define EVENTS_PER_STEP 16
+#define EVENTS_PER_STEP 8  /* x ACCEPT_BATCH new tunnels, each up to 3 records */
 #define ACCEPT_PAUSE_NS 100000000LL /* 0.1 s, as the Python reactor */
 #define FLUSH_POLL_NS 20000000LL    /* 20 ms: a flushing tunnel checks the client's ACKs */
 #define MAX_LISTENERS 16

@@ -467,6 +467,12 @@ RC_API double rc_next_deadline(const struct rc_core *core)
     return next == INT64_MAX ? 0.0 : (double)next / 1e9;
 }
 
+/* Records made so far: rc_step()'s, and those rc_connect() added after them. */
+RC_API int rc_count(const struct rc_core *core)
+{
+    return core->nrec;
+}
+
 RC_API const struct rc_counters *rc_counters(const struct rc_core *core)
 {
     return &core->n;

@@ -20,7 +20,9 @@
  *
  * Records: rc_step() handles what is ready and fills core->rec[0..n); they
  * stay valid (and so do the pointers in them) until the next rc_step() or
- * rc_abort_all().  A tunnel id in a NEW / HEADER / CONNECT_FAILED record
+ * rc_abort_all().  rc_connect() may add records behind them (a destination
+ * that answered inside connect()): rc_count() says how many there are now.
+ * A tunnel id in a NEW / HEADER / CONNECT_FAILED record
  * waits for exactly one decision from Python before the next rc_step().
  *
  * This header is read by cffi (pepsock/relay/core.py): declarations below
@@ -124,6 +126,7 @@ int rc_step(struct rc_core *core);
 int rc_wait(struct rc_core *core, int timeout_ms, int *external);
 int rc_set_external(struct rc_core *core, int fd);
 double rc_next_deadline(const struct rc_core *core);
+int rc_count(const struct rc_core *core);
 const struct rc_counters *rc_counters(const struct rc_core *core);
 uint64_t rc_pipe_bytes(const struct rc_core *core);
 

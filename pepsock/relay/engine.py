@@ -208,26 +208,34 @@ class CoreLoop(Loop):
 
     def _records(self, n: int) -> None:
         recs = self.recs
-        for i in range(n):
-            r = recs[i]
-            kind = r.kind
-            if kind == RC_ENDED:
-                self._ended(r)
-            elif kind == RC_NEW:
-                self._new(r)
-            elif kind == RC_CONNECTED:
-                self._connected(r)
-            elif kind == RC_HEADER:
-                t = self.ctunnels.get(r.id)
-                if t is not None:
-                    self._header(t, r)
-            elif kind == RC_CONNECT_FAILED:
-                self._connect_failed(r)
-            elif kind == RC_ACCEPT_ERROR:
-                if not self._accept_warned:
-                    self._accept_warned = True
-                    log.warning("accept: %s (pausing the listener 0.1s at a time)",
-                                os.strerror(r.err))
+        i = 0
+        while True:
+            while i < n:
+                r = recs[i]
+                i += 1
+                kind = r.kind
+                if kind == RC_ENDED:
+                    self._ended(r)
+                elif kind == RC_NEW:
+                    self._new(r)
+                elif kind == RC_CONNECTED:
+                    self._connected(r)
+                elif kind == RC_HEADER:
+                    t = self.ctunnels.get(r.id)
+                    if t is not None:
+                        self._header(t, r)
+                elif kind == RC_CONNECT_FAILED:
+                    self._connect_failed(r)
+                elif kind == RC_ACCEPT_ERROR:
+                    if not self._accept_warned:
+                        self._accept_warned = True
+                        log.warning("accept: %s (pausing the listener 0.1s at a time)",
+                                    os.strerror(r.err))
+            # rc_connect() may have added records (a destination that answered
+            # inside connect()).
+            n = self.lib.rc_count(self.core)
+            if i >= n:
+                return
 
     # -- a new tunnel: the accept-time policy (server.Loop.on_accept) --------------------
     def _new(self, r) -> None:
