@@ -32,11 +32,38 @@ enum tstate {
     T_OPEN,       /* data flows */
     T_FLUSHING,   /* the destination reset: deliver what is held, then reset */
     T_CLOSER,     /* an Error reply sent: discard until the client's FIN */
+    T_HELD,       /* unverified client: `held` waits for its handshake */
+};
+
+/* What an unverified client's tunnel holds until the client's ACK
+ * (pepsock/relay/routability.py): nothing is sent to the client, and none
+ * of its bytes onward, before it. */
+enum held {
+    H_NONE,
+    H_CONNECT, /* connect (again) to `conn` */
+    H_OPEN,    /* onward connection up: the Success reply and the data path */
+    H_REPLY,   /* an Error reply (`reply`), then the closer */
 };
 
 /* The timer queues.  Each has one fixed duration, so appending keeps a
  * queue sorted by deadline: the timers are O(1) without a heap. */
-enum tqueue { Q_NONE = -1, Q_HEADER, Q_CONNECT, Q_LINGER, Q_FLUSH, NQUEUES };
+enum tqueue {
+    Q_NONE = -1,
+    Q_HEADER,      /* header_timeout */
+    Q_CONNECT,     /* connect_limit */
+    Q_LINGER,      /* linger_timeout */
+    Q_FLUSH,       /* FLUSH_POLL_NS */
+    Q_SYN_WINDOW,  /* an unverified client's onward SYN: unverified_syn_window */
+    Q_VERIFY,      /* an unverified client's handshake: header_timeout (link 1) */
+    NQUEUES
+};
+
+/* A tunnel sits in at most two queues: its state's (link 0) and Q_VERIFY (link 1). */
+struct tlink {
+    int q;
+    int64_t deadline;
+    struct tunnel *prev, *next;
+};
 
 struct end {
     int fd;
@@ -71,16 +98,22 @@ struct tunnel {
     struct pep_msg msg;        /* the decoded header (points into reader) */
     int64_t t0;                /* accept time, ns */
     int family;
-    /* timers */
-    int tq;
-    int64_t deadline;
-    struct tunnel *tprev, *tnext;
+    struct tlink tl[2];         /* timers */
+    /* unverified clients */
+    bool unverified;
+    bool tracked;               /* Python keeps a tunnel for it (not an accept-time refusal) */
+    enum held held;
+    struct rc_connect conn;     /* H_CONNECT */
+    uint8_t *reply;             /* H_REPLY */
+    uint32_t reply_len;
+    int reply_code;
     /* FLUSHING and stall bookkeeping */
     char why[80];
     uint64_t mark[4];
     bool marked;
     int64_t mark_at;
     uint32_t syn_room;
+    uint32_t got;               /* bytes read while reading the header */
 };
 
 struct tqueue_head {
@@ -114,7 +147,8 @@ struct rc_core {
 int64_t now_ns(void);
 struct rc_record *record(struct rc_core *core, int kind, struct tunnel *t);
 void timer_set(struct rc_core *core, struct tunnel *t, int queue);
-void timer_clear(struct rc_core *core, struct tunnel *t);
+void timer_clear(struct rc_core *core, struct tunnel *t);     /* link 0 */
+void verify_clear(struct rc_core *core, struct tunnel *t);    /* link 1 */
 void tunnel_free(struct rc_core *core, struct tunnel *t);
 bool pipe_get(struct rc_core *core, struct dir *d);
 void pipe_put(struct rc_core *core, struct dir *d);
@@ -125,9 +159,12 @@ void buf_put(struct rc_core *core, uint8_t *buf);
 void tunnel_accepted(struct rc_core *core, struct tunnel *t, const struct sockaddr_storage *ss);
 void tunnel_event(struct rc_core *core, struct tunnel *t, bool server, uint32_t ev);
 void tunnel_timer(struct rc_core *core, struct tunnel *t);
+void tunnel_verify_expired(struct rc_core *core, struct tunnel *t);
+void tunnel_verified(struct rc_core *core, struct tunnel *t);
 void tunnel_stall_check(struct rc_core *core, struct tunnel *t, int64_t now);
 int tunnel_connect(struct rc_core *core, struct tunnel *t, const struct rc_connect *c);
-void tunnel_refuse(struct rc_core *core, struct tunnel *t, const uint8_t *reply, size_t len);
+int tunnel_refuse(struct rc_core *core, struct tunnel *t, const uint8_t *reply, size_t len,
+                  int code, bool tracked);
 void tunnel_abort(struct rc_core *core, struct tunnel *t, const char *why);
 void tunnel_wait_header(struct rc_core *core, struct tunnel *t);
 

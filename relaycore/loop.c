@@ -50,33 +50,51 @@ struct rc_record *record(struct rc_core *core, int kind, struct tunnel *t)
 
 /* -- timers --------------------------------------------------------------------- */
 
+static void link_clear(struct rc_core *core, struct tunnel *t, int which)
+{
+    struct tlink *l = &t->tl[which];
+    if (l->q == Q_NONE)
+        return;
+    struct tqueue_head *q = &core->q[l->q];
+    if (l->prev)
+        l->prev->tl[which].next = l->next;
+    else
+        q->head = l->next;
+    if (l->next)
+        l->next->tl[which].prev = l->prev;
+    else
+        q->tail = l->prev;
+    l->prev = l->next = NULL;
+    l->q = Q_NONE;
+}
+
 void timer_clear(struct rc_core *core, struct tunnel *t)
 {
-    if (t->tq == Q_NONE)
-        return;
-    struct tqueue_head *q = &core->q[t->tq];
-    if (t->tprev)
-        t->tprev->tnext = t->tnext;
-    else
-        q->head = t->tnext;
-    if (t->tnext)
-        t->tnext->tprev = t->tprev;
-    else
-        q->tail = t->tprev;
-    t->tprev = t->tnext = NULL;
-    t->tq = Q_NONE;
+    link_clear(core, t, 0);
+}
+
+void verify_clear(struct rc_core *core, struct tunnel *t)
+{
+    link_clear(core, t, 1);
+}
+
+static int link_of(int queue)
+{
+    return queue == Q_VERIFY;
 }
 
 void timer_set(struct rc_core *core, struct tunnel *t, int queue)
 {
-    timer_clear(core, t);
+    int which = link_of(queue);
+    link_clear(core, t, which);
     struct tqueue_head *q = &core->q[queue];
-    t->tq = queue;
-    t->deadline = now_ns() + q->duration;
-    t->tprev = q->tail;
-    t->tnext = NULL;
+    struct tlink *l = &t->tl[which];
+    l->q = queue;
+    l->deadline = now_ns() + q->duration;
+    l->prev = q->tail;
+    l->next = NULL;
     if (q->tail)
-        q->tail->tnext = t;
+        q->tail->tl[which].next = t;
     else
         q->head = t;
     q->tail = t;
@@ -176,7 +194,7 @@ static struct tunnel *tunnel_alloc(struct rc_core *core)
         return NULL;
     }
     t->id = id;
-    t->tq = Q_NONE;
+    t->tl[0].q = t->tl[1].q = Q_NONE;
     t->c.fd = t->s.fd = -1;
     t->up.pipe_r = t->up.pipe_w = t->down.pipe_r = t->down.pipe_w = -1;
     core->slots[id] = t;
@@ -188,11 +206,15 @@ static struct tunnel *tunnel_alloc(struct rc_core *core)
 void tunnel_free(struct rc_core *core, struct tunnel *t)
 {
     timer_clear(core, t);
+    verify_clear(core, t);
     pipe_put(core, &t->up);
     pipe_put(core, &t->down);
     buf_put(core, t->up.buf);
     buf_put(core, t->down.buf);
     free(t->reader);
+    if (t->reply && !t->tracked)
+        core->n.held_replies--;
+    free(t->reply);
     core->slots[t->id] = NULL;
     if (nfreed_now == capfreed_now) {
         int n = capfreed_now ? capfreed_now * 2 : 256;
@@ -291,6 +313,8 @@ RC_API struct rc_core *rc_new(const struct rc_config *cfg, struct rc_record **re
     core->q[Q_CONNECT].duration = secs_ns(cfg->connect_limit);
     core->q[Q_LINGER].duration = secs_ns(cfg->linger_timeout);
     core->q[Q_FLUSH].duration = FLUSH_POLL_NS;
+    core->q[Q_SYN_WINDOW].duration = secs_ns(cfg->unverified_syn_window);
+    core->q[Q_VERIFY].duration = secs_ns(cfg->header_timeout);
     if (cfg->stall_timeout > 0) {
         double every = cfg->stall_timeout / 4;
         core->stall_every = secs_ns(every < 0.25 ? 0.25 : every);
@@ -365,11 +389,15 @@ static void run_timers(struct rc_core *core)
     int64_t now = now_ns();
     for (int q = 0; q < NQUEUES; q++) {
         /* Leave room for a full round of events after the timers. */
-        while (core->q[q].head && core->q[q].head->deadline <= now
+        int which = link_of(q);
+        while (core->q[q].head && core->q[q].head->tl[which].deadline <= now
                && core->nrec < MAX_RECORDS / 2) {
             struct tunnel *t = core->q[q].head;
-            timer_clear(core, t);
-            tunnel_timer(core, t);
+            link_clear(core, t, which);
+            if (q == Q_VERIFY)
+                tunnel_verify_expired(core, t);
+            else
+                tunnel_timer(core, t);
         }
     }
     if (core->stall_every && now >= core->next_stall) {
@@ -388,8 +416,8 @@ static int64_t next_deadline_ns(const struct rc_core *core)
 {
     int64_t next = INT64_MAX;
     for (int q = 0; q < NQUEUES; q++)
-        if (core->q[q].head && core->q[q].head->deadline < next)
-            next = core->q[q].head->deadline;
+        if (core->q[q].head && core->q[q].head->tl[link_of(q)].deadline < next)
+            next = core->q[q].head->tl[link_of(q)].deadline;
     if (core->stall_every && core->next_stall < next)
         next = core->next_stall;
     if (core->paused_until && core->paused_until < next)
@@ -524,12 +552,26 @@ RC_API int rc_connect(struct rc_core *core, int id, const struct rc_connect *c)
     return tunnel_connect(core, t, c);
 }
 
-RC_API int rc_refuse(struct rc_core *core, int id, const uint8_t *reply, size_t len)
+/* 0: sent; 1: held until the client's handshake completes (an RC_REPLIED
+ * record, or an RC_ENDED one if it never does).  `code`: the Error code (-1
+ * for an Info reply); `tracked`: Python keeps a tunnel for it. */
+RC_API int rc_refuse(struct rc_core *core, int id, const uint8_t *reply, size_t len, int code,
+                     int tracked)
 {
     struct tunnel *t = deciding(core, id);
     if (!t)
         return -EINVAL;
-    tunnel_refuse(core, t, reply, len);
+    return tunnel_refuse(core, t, reply, len, code, tracked != 0);
+}
+
+/* The client proved its address another way (an address cookie, cookies.py). */
+RC_API int rc_verified(struct rc_core *core, int id)
+{
+    struct tunnel *t = lookup(core, id);
+    if (!t)
+        return -EINVAL;
+    if (t->unverified)
+        tunnel_verified(core, t);
     return 0;
 }
 
@@ -539,7 +581,7 @@ RC_API int rc_abort_all(struct rc_core *core, const char *why)
     core->nrec = 0;
     for (int i = 0; i < core->nslots && core->nrec < MAX_RECORDS; i++) {
         struct tunnel *t = core->slots[i];
-        if (t && t->state != T_CLOSER)
+        if (t && t->state != T_CLOSER && (t->tracked || !t->reply))
             tunnel_abort(core, t, why);
     }
     release_freed(core);

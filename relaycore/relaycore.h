@@ -42,6 +42,7 @@ enum rc_record_kind {
     RC_CONNECT_FAILED = 4, /* `err`: errno (ETIMEDOUT with timeout=1): refuse it */
     RC_ENDED = 5,          /* the tunnel is gone: `why`, bytes, duration */
     RC_ACCEPT_ERROR = 6,   /* accept() failed with `err`; the listener pauses */
+    RC_REPLIED = 7,        /* a held reply went out (handshake done): `err` its code */
 };
 
 enum rc_header_state {
@@ -60,6 +61,9 @@ struct rc_record {
     int32_t err;           /* see the kinds */
     int32_t timeout;       /* RC_CONNECT_FAILED: the connect deadline passed */
     int32_t handshaking;   /* NEW: still in SYN_RECV */
+    int32_t unverified;    /* NEW, HEADER, CONNECT_FAILED: the client's handshake is
+                            * not complete (clients_unverified only) */
+    uint32_t got;          /* NEW, HEADER: bytes read from the client so far */
     int32_t syn_data;      /* NEW: the SYN's data was acknowledged (0-RTT) */
     uint32_t syn_payload;  /* NEW: bytes the SYN carried, when known */
     int32_t family;        /* NEW: the client's address family */
@@ -76,6 +80,7 @@ struct rc_record {
     uint64_t up, down;     /* ENDED: bytes delivered each way */
     int64_t elapsed_ns;    /* CONNECTED: set-up time; ENDED: the tunnel's age */
     int32_t reset;         /* ENDED: 1 if it ended with a reset */
+    int32_t expired;       /* ENDED: an unverified client never completed its handshake */
     char why[120];         /* ENDED: the outcome text */
 };
 
@@ -93,6 +98,9 @@ struct rc_config {
     int32_t user_timeout_ms; /* 0: kernel default */
     int32_t syn_retries;      /* TCP_SYNCNT; -1: leave the kernel's */
     char server_cc[16];      /* "" : the default */
+    int32_t clients_unverified;   /* the listeners may hand over clients still in SYN_RECV */
+    double unverified_syn_window; /* an unverified client's onward SYN may wait this long */
+    int32_t unverified_user_timeout_ms; /* its TCP_USER_TIMEOUT meanwhile */
 };
 
 struct rc_counters {
@@ -104,6 +112,7 @@ struct rc_counters {
     uint64_t tunnels;  /* tunnels alive (all states but closers) */
     uint64_t pipe_refused; /* F_SETPIPE_SZ refused: pipes are pipe_cap bytes */
     uint64_t pipe_cap;
+    uint64_t held_replies; /* accept-time refusals waiting for a client's handshake */
 };
 
 struct rc_connect {
@@ -112,6 +121,7 @@ struct rc_connect {
     uint16_t port;
     uint32_t syn_room;   /* early-data bytes the onward SYN may carry (0: no TFO) */
     uint32_t pipe_limit; /* the most a pipe may hold for this tunnel */
+    int32_t hold;        /* unverified: connect only once the client is verified */
     int32_t server_rcvbuf, server_sndbuf; /* 0: the config's */
 };
 
@@ -133,7 +143,9 @@ uint64_t rc_pipe_bytes(const struct rc_core *core);
 int rc_wait_header(struct rc_core *core, int id);
 int rc_client_buffers(struct rc_core *core, int id, int rcvbuf, int sndbuf);
 int rc_connect(struct rc_core *core, int id, const struct rc_connect *c);
-int rc_refuse(struct rc_core *core, int id, const uint8_t *reply, size_t len);
+int rc_refuse(struct rc_core *core, int id, const uint8_t *reply, size_t len, int code,
+              int tracked);
+int rc_verified(struct rc_core *core, int id);
 int rc_abort_all(struct rc_core *core, const char *why);
 /* CFFI-END */
 

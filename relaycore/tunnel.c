@@ -42,6 +42,8 @@
 #define TCPI_OPT_SYN_DATA_BIT 0x20
 
 static void connected(struct rc_core *core, struct tunnel *t, uint32_t ev);
+static int verify_now(struct rc_core *core, struct tunnel *t);
+static void set_int(int fd, int level, int opt, int v);
 
 static const struct linger LINGER_RESET = {1, 0};
 static const struct linger LINGER_OFF = {0, 0};
@@ -112,15 +114,11 @@ static void finish_clean(struct rc_core *core, struct tunnel *t)
     tunnel_free(core, t);
 }
 
-/* An Error (or Info) reply, then a clean close: disarm the reset, send,
- * SHUT_WR, discard what the client still sends until its FIN or the linger
- * timeout.  Past max_closers at once, close right after sending. */
-void tunnel_refuse(struct rc_core *core, struct tunnel *t, const uint8_t *reply, size_t len)
+/* Send the reply and become a closer: disarm the reset, send, SHUT_WR,
+ * discard what the client still sends until its FIN or the linger timeout.
+ * Past max_closers at once, close right after sending. */
+static void send_reply(struct rc_core *core, struct tunnel *t, const uint8_t *reply, size_t len)
 {
-    if (t->s.fd >= 0) {
-        reset_close(t->s.fd);
-        t->s.fd = -1;
-    }
     int fd = t->c.fd;
     disarm(fd);
     bool ok = send(fd, reply, len, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0
@@ -141,6 +139,45 @@ void tunnel_refuse(struct rc_core *core, struct tunnel *t, const uint8_t *reply,
     timer_set(core, t, Q_LINGER);
     /* Whatever is already queued (the rest of a refused header) is discarded now. */
     tunnel_event(core, t, false, EPOLLIN);
+}
+
+/* An Error (or Info) reply, then a clean close.  An unverified client gets
+ * no byte before its handshake completes: the reply is held (returns 1),
+ * and a client that never completes it is reset, having been sent nothing.
+ * Accept-time refusals held that way are bounded by max_closers too. */
+int tunnel_refuse(struct rc_core *core, struct tunnel *t, const uint8_t *reply, size_t len,
+                  int code, bool tracked)
+{
+    if (t->s.fd >= 0) {
+        reset_close(t->s.fd);
+        t->s.fd = -1;
+    }
+    t->tracked = tracked;
+    if (t->unverified) {
+        if (!tracked && core->n.closers + core->n.held_replies >= core->cfg.max_closers) {
+            reset_close(t->c.fd);
+            t->c.fd = -1;
+            tunnel_free(core, t);
+            return 1;
+        }
+        free(t->reply);
+        t->reply = malloc(len ? len : 1);
+        if (!t->reply) {
+            tunnel_abort(core, t, "out of memory");
+            return 1;
+        }
+        memcpy(t->reply, reply, len);
+        t->reply_len = (uint32_t)len;
+        t->reply_code = code;
+        if (!tracked)
+            core->n.held_replies++;
+        timer_clear(core, t);
+        t->state = T_HELD;
+        t->held = H_REPLY;
+        return 1;
+    }
+    send_reply(core, t, reply, len);
+    return 0;
 }
 
 static void closer_event(struct rc_core *core, struct tunnel *t)
@@ -194,6 +231,8 @@ static int read_header(struct rc_core *core, struct tunnel *t, struct rc_record 
             r->err = pep_reader_eof(t->reader);
             return RC_HDR_BAD;
         }
+        t->got += (uint32_t)n;
+        r->got = t->got;
         rc = pep_reader_feed(t->reader, up->buf, (size_t)n, &used, &t->msg, &code);
         if (rc == PEP_NEED_MORE)
             continue;
@@ -224,6 +263,7 @@ static bool header_progress(struct rc_core *core, struct tunnel *t, struct rc_re
 {
     int hdr = read_header(core, t, r);
     r->hdr = hdr;
+    r->unverified = t->unverified;
     if (hdr == RC_HDR_GONE) {
         if (r->kind == RC_NEW) {   /* Python never saw it: it only logs it */
             core->n.resets++;
@@ -281,6 +321,12 @@ void tunnel_accepted(struct rc_core *core, struct tunnel *t, const struct sockad
             if (segs == 1)
                 r->syn_payload = (uint32_t)bytes;
         }
+        if (core->cfg.clients_unverified && r->handshaking) {
+            /* Unverified (routability.py): nothing goes to it, nor onward
+             * from it, until its ACK; reset if that never comes. */
+            t->unverified = true;
+            timer_set(core, t, Q_VERIFY);
+        }
     }
     header_progress(core, t, r);
 }
@@ -330,9 +376,22 @@ static void server_options(const struct rc_config *cfg, int fd, const struct rc_
         set_int(fd, IPPROTO_TCP, TCP_SYNCNT, cfg->syn_retries);
 }
 
-/* Returns 0 (connecting), or the errno of a connect that failed at once. */
+/* Returns 0 (connecting, or held), or the errno of a connect that failed at
+ * once.  An unverified client's onward SYN: only if Python found it no
+ * larger than the client's (else `hold`: connect once verified), no TFO, and
+ * dropped before the kernel would retransmit it (Q_SYN_WINDOW). */
 int tunnel_connect(struct rc_core *core, struct tunnel *t, const struct rc_connect *c)
 {
+    if (t->unverified) {
+        if (c != &t->conn)
+            t->conn = *c;
+        if (c->hold) {
+            timer_clear(core, t);
+            t->state = T_HELD;
+            t->held = H_CONNECT;
+            return 0;
+        }
+    }
     struct sockaddr_storage ss;
     socklen_t sl;
     memset(&ss, 0, sizeof ss);
@@ -353,10 +412,12 @@ int tunnel_connect(struct rc_core *core, struct tunnel *t, const struct rc_conne
     if (fd < 0)
         return errno;
     server_options(&core->cfg, fd, c);
+    if (t->unverified)
+        set_int(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, core->cfg.unverified_user_timeout_ms);
     struct dir *up = &t->up;
     int err = 0;
     bool syn_data = false;
-    if (c->syn_room && up->len) {
+    if (c->syn_room && up->len && !t->unverified) {
         /* Onward TCP Fast Open (the kernel's cookie cache): with a cookie
          * from this destination the SYN carries the early data; without, a
          * plain SYN and the bytes follow the handshake. */
@@ -391,7 +452,8 @@ int tunnel_connect(struct rc_core *core, struct tunnel *t, const struct rc_conne
     t->up.limit = t->down.limit = c->pipe_limit ? c->pipe_limit : UINT32_MAX;
     free(t->reader);    /* the cookie pointer Python read is gone with it */
     t->reader = NULL;
-    timer_set(core, t, Q_CONNECT);
+    t->held = H_NONE;
+    timer_set(core, t, t->unverified ? Q_SYN_WINDOW : Q_CONNECT);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                              .data.u64 = ((uint64_t)t->id << 2) | 2};
     epoll_ctl(core->ep, EPOLL_CTL_ADD, fd, &ev);
@@ -411,10 +473,44 @@ static void connect_failed(struct rc_core *core, struct tunnel *t, int err, bool
     timer_clear(core, t);
     reset_close(t->s.fd);
     t->s.fd = -1;
+    if (t->unverified && (timeout || err == ETIMEDOUT)) {
+        /* The onward SYN went unanswered and may not be retransmitted: try
+         * again once the client is verified (closing a SYN_SENT socket sends
+         * nothing).  Python's pending-connect slot stays taken meanwhile. */
+        t->state = T_HELD;
+        t->held = H_CONNECT;
+        return;
+    }
     struct rc_record *r = record(core, RC_CONNECT_FAILED, t);
     r->err = err;
     r->timeout = timeout;
+    r->unverified = t->unverified;
     t->state = T_DECIDE;
+}
+
+/* Onward connection up, client verified: the Success reply, then data. */
+static void open_tunnel(struct rc_core *core, struct tunnel *t)
+{
+    if (send(t->c.fd, core->success, core->success_len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+        char why[80];
+        snprintf(why, sizeof why, "client gone before reply: %s", strerror(errno));
+        return tunnel_abort(core, t, why);
+    }
+    struct rc_record *r = record(core, RC_CONNECTED, t);
+    r->elapsed_ns = now_ns() - t->t0;
+    r->onward_syn_data = (int32_t)t->syn_room;
+    t->state = T_OPEN;
+    t->held = H_NONE;
+    t->s.writable = true;
+    t->up.src = &t->c;
+    t->up.dst = &t->s;
+    t->up.counter = &core->n.bytes_up;
+    t->down.src = &t->s;
+    t->down.dst = &t->c;
+    t->down.counter = &core->n.bytes_down;
+    t->up.peer = &t->down;
+    t->down.peer = &t->up;
+    run(core, t);
 }
 
 static void connected(struct rc_core *core, struct tunnel *t, uint32_t ev)
@@ -430,28 +526,15 @@ static void connected(struct rc_core *core, struct tunnel *t, uint32_t ev)
             return;
     }
     timer_clear(core, t);
-    if (send(t->c.fd, core->success, core->success_len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
-        char why[80];
-        snprintf(why, sizeof why, "client gone before reply: %s", strerror(errno));
-        return tunnel_abort(core, t, why);
-    }
-    struct rc_record *r = record(core, RC_CONNECTED, t);
-    r->elapsed_ns = now_ns() - t->t0;
-    r->onward_syn_data = (int32_t)t->syn_room;
-    t->state = T_OPEN;
-    t->s.writable = true;
     /* Edge-triggered: bytes the server sends after this poll raise a new edge. */
     t->s.readable = (ev & READ_EV) != 0;
     t->s.fin_seen = (ev & (EPOLLRDHUP | EPOLLHUP)) != 0;
-    t->up.src = &t->c;
-    t->up.dst = &t->s;
-    t->up.counter = &core->n.bytes_up;
-    t->down.src = &t->s;
-    t->down.dst = &t->c;
-    t->down.counter = &core->n.bytes_down;
-    t->up.peer = &t->down;
-    t->down.peer = &t->up;
-    run(core, t);
+    if (t->unverified) {
+        t->state = T_HELD;
+        t->held = H_OPEN;
+        return;
+    }
+    open_tunnel(core, t);
 }
 
 /* -- data path ----------------------------------------------------------------------- */
@@ -685,6 +768,74 @@ static void on_error(struct rc_core *core, struct tunnel *t, struct end *e, cons
     tunnel_abort(core, t, why);
 }
 
+/* -- unverified clients (routability.py) --------------------------------------------- */
+
+/* The client's handshake completed (or Python says its address is proven):
+ * the onward socket gets its normal user timeout and connect deadline back,
+ * and what was held runs. */
+void tunnel_verified(struct rc_core *core, struct tunnel *t)
+{
+    t->unverified = false;
+    verify_clear(core, t);
+    if (t->s.fd >= 0)
+        set_int(t->s.fd, IPPROTO_TCP, TCP_USER_TIMEOUT, core->cfg.user_timeout_ms);
+    if (t->state == T_CONNECTING)
+        timer_set(core, t, Q_CONNECT);
+    enum held held = t->held;
+    t->held = H_NONE;
+    switch (held) {
+    case H_CONNECT: {
+        int err = tunnel_connect(core, t, &t->conn);
+        if (err) {
+            struct rc_record *r = record(core, RC_CONNECT_FAILED, t);
+            r->err = err;
+            t->state = T_DECIDE;
+        }
+        break;
+    }
+    case H_OPEN:
+        open_tunnel(core, t);
+        break;
+    case H_REPLY: {
+        uint8_t *reply = t->reply;
+        t->reply = NULL;
+        if (!t->tracked)
+            core->n.held_replies--;
+        struct rc_record *r = record(core, RC_REPLIED, t);
+        r->err = t->reply_code;
+        send_reply(core, t, reply, t->reply_len);
+        free(reply);
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+/* 1: verified now (t alive), 0: not yet, -1: verified and t is gone. */
+static int verify_now(struct rc_core *core, struct tunnel *t)
+{
+    if (tcp_state(t->c.fd) == TCP_SYN_RECV)
+        return 0;
+    int id = t->id;
+    tunnel_verified(core, t);
+    return core->slots[id] == t ? 1 : -1;
+}
+
+/* header_timeout passed and the client never completed its handshake (a
+ * forged source): reset, having sent it nothing. */
+void tunnel_verify_expired(struct rc_core *core, struct tunnel *t)
+{
+    if (t->held == H_REPLY && !t->tracked) {    /* an accept-time refusal: no tunnel */
+        reset_close(t->c.fd);
+        t->c.fd = -1;
+        tunnel_free(core, t);
+        return;
+    }
+    tunnel_abort(core, t, "client never completed its handshake");
+    core->rec[core->nrec - 1].expired = 1;
+}
+
 /* -- events and timers ---------------------------------------------------------------- */
 
 void tunnel_event(struct rc_core *core, struct tunnel *t, bool server, uint32_t ev)
@@ -707,12 +858,17 @@ void tunnel_event(struct rc_core *core, struct tunnel *t, bool server, uint32_t 
         e->writable = true;
     if (ev & EPOLLERR && t->state != T_DECIDE)
         return on_error(core, t, e, server ? "server" : "client");
+    if (!server && t->unverified && t->state != T_DECIDE) {
+        /* The client's ACK raises an edge (EPOLLOUT at least): the moment to look. */
+        if (verify_now(core, t) <= 0 || t->state != T_HEADER)
+            return;
+    }
     switch (t->state) {
     case T_OPEN:
         run(core, t);
         break;
     case T_FLUSHING:
-        if (flush(core, t) && t->state == T_FLUSHING && t->tq == Q_NONE)
+        if (flush(core, t) && t->state == T_FLUSHING && t->tl[0].q == Q_NONE)
             timer_set(core, t, Q_FLUSH);
         break;
     case T_HEADER:

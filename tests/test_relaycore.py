@@ -9,8 +9,9 @@ ASan/UBSan.
 * A relay subprocess on the ASan/UBSan build of the core (PEP_RELAYCORE=asan,
   libasan preloaded) through the paths that matter: copy and splice, both
   half-closes, resets each way, the destination's reset with bytes still to
-  deliver, refusals, bad headers, a refused connect, the drain.  Any
-  sanitizer report fails the test.
+  deliver, refusals, bad headers, a refused connect, the drain; with and
+  without --no-cookie (clients that may be unverified, HELD).  Any sanitizer
+  report fails the test.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def test_new_record_says_who_where_and_what_came_with_the_header(core):
     assert cookie.rstrip(b"\0") == b"\x01cookie!"
     # Refused: the Error reply arrives whole, then a clean EOF (no reset).
     reply = error_reply(32)
-    assert core.lib.rc_refuse(core.core, r.id, reply, len(reply)) == 0
+    assert core.lib.rc_refuse(core.core, r.id, reply, len(reply), 32, 0) == 0
     assert core.lib.rc_counters(core.core).closers == 1
     assert error_code(s) == 32
     assert wait_eof_or_reset(s) == "eof"
@@ -140,7 +141,7 @@ def test_header_in_two_pieces_then_a_header_record(core):
     r = core.wait(RC_HEADER)
     assert (r.id, r.hdr, r.dest_port, r.early) == (tid, HDR_CONNECT, 443, 3)
     reply = error_reply(64, b"\x01")
-    core.lib.rc_refuse(core.core, tid, reply, len(reply))
+    core.lib.rc_refuse(core.core, tid, reply, len(reply), 64, 0)
     assert error_code(s) == 64
     s.close()
 
@@ -156,7 +157,7 @@ def test_header_that_breaks_the_rules(core, garbage, code):
         r = core.wait(RC_HEADER)
     assert (r.hdr, r.err) == (HDR_BAD, code)
     reply = error_reply(code)
-    core.lib.rc_refuse(core.core, r.id, reply, len(reply))
+    core.lib.rc_refuse(core.core, r.id, reply, len(reply), code, 0)
     assert error_code(s) == code
     s.close()
 
@@ -252,8 +253,9 @@ def _exercise(relay: Relay) -> None:
         s.close()
 
 
-def test_relay_on_the_sanitized_core():
-    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--pipe-size", "65536",
+@pytest.mark.parametrize("mode", [(), ("--no-cookie",)], ids=["cookie", "no-cookie"])
+def test_relay_on_the_sanitized_core(mode):
+    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--pipe-size", "65536", *mode,
                "--log-level", "debug", env=_asan_env()) as relay:
         _exercise(relay)
         assert relay.stop(15) == 0, relay.log

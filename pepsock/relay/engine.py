@@ -39,7 +39,8 @@ from .tunnel import HONOURED_OPTIONS, INFO_REPLY, MAX_CLOSERS, RETRY_AFTER, fmt_
 log = logging.getLogger("pepsock.relay")
 
 # enum rc_record_kind / rc_header_state (relaycore.h)
-RC_NEW, RC_HEADER, RC_CONNECTED, RC_CONNECT_FAILED, RC_ENDED, RC_ACCEPT_ERROR = range(1, 7)
+RC_NEW, RC_HEADER, RC_CONNECTED, RC_CONNECT_FAILED, RC_ENDED, RC_ACCEPT_ERROR, RC_REPLIED = \
+    range(1, 8)
 HDR_NONE, HDR_CONNECT, HDR_INFO, HDR_BAD, HDR_TIMEOUT, HDR_GONE = range(6)
 
 
@@ -47,7 +48,7 @@ class CTunnel:
     """What Python keeps of a tunnel the core runs: its policy state."""
 
     __slots__ = ("id", "client_addr", "client_ip", "client_key", "exempt", "sizes", "dest",
-                 "t0", "pending_slot", "family", "syn_payload")
+                 "t0", "pending_slot", "family", "syn_payload", "held_outcome")
 
     def __init__(self, tid, client_addr, key, exempt, sizes, now, family, syn_payload):
         self.id = tid
@@ -61,6 +62,9 @@ class CTunnel:
         self.pending_slot = False
         self.family = family
         self.syn_payload = syn_payload
+        #: (Error code, log outcome) of a reply the core holds until the
+        #: client's handshake completes (an unverified client).
+        self.held_outcome = None
 
 
 def _sysctl_int(name: str) -> int | None:
@@ -83,8 +87,9 @@ def available() -> str | None:
 class CoreLoop(Loop):
     """A relay process whose tunnels run in librelaycore.so."""
 
-    def __init__(self, cfg, stats=None):
+    def __init__(self, cfg, stats=None, clients_unverified: bool = False):
         super().__init__(cfg, stats)
+        self.clients_unverified = clients_unverified
         self.ffi, self.lib = load()
         self.library = loaded_path()
         ffi = self.ffi
@@ -107,6 +112,9 @@ class CoreLoop(Loop):
             else cfg.syn_retries
         cc = (cfg.server.cc or "").encode()[:15]
         c.server_cc = cc
+        c.clients_unverified = int(clients_unverified)
+        c.unverified_syn_window = routability.UNVERIFIED_SYN_WINDOW
+        c.unverified_user_timeout_ms = routability.UNVERIFIED_USER_TIMEOUT_MS
         recs = ffi.new("struct rc_record **")
         self.core = ffi.gc(self.lib.rc_new(c, recs), self.lib.rc_free)
         if self.core == ffi.NULL:
@@ -226,6 +234,8 @@ class CoreLoop(Loop):
                         self._header(t, r)
                 elif kind == RC_CONNECT_FAILED:
                     self._connect_failed(r)
+                elif kind == RC_REPLIED:
+                    self._replied(r)
                 elif kind == RC_ACCEPT_ERROR:
                     if not self._accept_warned:
                         self._accept_warned = True
@@ -273,6 +283,8 @@ class CoreLoop(Loop):
         if why is not None:
             return self._refuse(r.id, addr, ErrorCode.RESOURCE_EXCEEDED, why, RETRY_AFTER)
         st[S.TUNNELS_OPEN] += 1
+        if r.unverified:
+            st[S.UNVERIFIED] += 1
         t = CTunnel(r.id, addr, key, exempt, sizes, now, r.family, r.syn_payload)
         self.ctunnels[r.id] = t
         if sizes is not None:
@@ -284,10 +296,12 @@ class CoreLoop(Loop):
         self._header(t, r)
 
     def _refuse(self, tid, addr, code, why, value=b""):
-        """A refusal at accept: the reply, logged within the log limiter."""
-        self.stats.error(code)
+        """A refusal at accept: the reply, logged within the log limiter.
+        Counted when sent: an unverified client gets it after its handshake,
+        or never (RC_REPLIED)."""
         reply = error_reply(code, value)
-        self.lib.rc_refuse(self.core, tid, reply, len(reply))
+        if not self.lib.rc_refuse(self.core, tid, reply, len(reply), int(code), 0):
+            self.stats.error(code)
         if self.cfg.log_tunnels and self._log_allowed(addr[0]):
             log.info("tunnel client=%s dest=- up=0 down=0 duration=0.000s outcome=error %d (%s)",
                      fmt_addr(addr), int(code), why)
@@ -296,7 +310,7 @@ class CoreLoop(Loop):
     def _header(self, t: CTunnel, r) -> None:
         hdr = r.hdr
         if hdr == HDR_CONNECT:
-            return self._connect(t, r)
+            return self._connect(t, r, bool(r.unverified))
         if hdr == HDR_NONE:
             self.lib.rc_wait_header(self.core, t.id)
         elif hdr == HDR_INFO:
@@ -307,7 +321,7 @@ class CoreLoop(Loop):
         elif hdr == HDR_TIMEOUT:
             self._fail(t, ErrorCode.MALFORMED_MESSAGE, b"", "header timeout")
 
-    def _connect(self, t: CTunnel, r) -> None:
+    def _connect(self, t: CTunnel, r, unverified: bool) -> None:
         ffi = self.ffi
         raw = bytes(ffi.buffer(r.dest_addr, 16))
         if raw[:12] == b"\0" * 10 + b"\xff\xff":
@@ -316,7 +330,7 @@ class CoreLoop(Loop):
             address = ipaddress.IPv6Address(raw)
         port = r.dest_port
         t.dest = (str(address), port)
-        if self.ctx.cookies is not None and not self._cookie_accepted(t, r):
+        if self.ctx.cookies is not None and not self._cookie_accepted(t, r, unverified):
             return
         if r.nkinds:
             kinds = bytes(ffi.buffer(r.kinds, r.nkinds))
@@ -347,8 +361,13 @@ class CoreLoop(Loop):
         c.syn_room = 0
         if t.syn_payload and r.early and cfg.onward_tfo:
             # Onward TFO: the relay's SYN may carry this much of the early data
-            # (never more than the client's SYN: RFC 8803 section 9.3).
-            c.syn_room = routability.onward_syn_room(t.family, c.family, t.syn_payload, True)
+            # (never more than the client's SYN: RFC 8803 section 9.3; never
+            # for an unverified client, the core sees to that).
+            c.syn_room = routability.onward_syn_room(t.family, c.family, t.syn_payload,
+                                                     not self.clients_unverified)
+        # Unverified, everything read so far came in the client's SYN: the
+        # onward SYN may not be larger (RFC 8803 section 9.3); else it waits.
+        c.hold = unverified and not routability.onward_syn_fits(t.family, c.family, r.got)
         sizes = t.sizes
         if sizes is None or sizes is adm.budget.levels[0]:
             c.pipe_limit = sizes.pipe if sizes is not None else 0
@@ -362,14 +381,18 @@ class CoreLoop(Loop):
             code, value = error_for_connect_failure(err)
             self._fail(t, code, value, f"connect: {os.strerror(err)}")
 
-    def _cookie_accepted(self, t: CTunnel, r) -> bool:
-        """--cookie-secret: as tunnel.Tunnel._cookie_accepted (clients are
-        verified here: the C engine does not serve --no-cookie)."""
+    def _cookie_accepted(self, t: CTunnel, r, unverified: bool) -> bool:
+        """--cookie-secret: as tunnel.Tunnel._cookie_accepted."""
         cookies = self.ctx.cookies
         value = None if r.cookie == self.ffi.NULL else bytes(self.ffi.buffer(r.cookie,
                                                                             r.cookie_len))
         verdict, who = cookies.check(value, t.client_ip)
         if verdict is Verdict.OK:
+            if unverified and who == "address":
+                # This address once received our Error 3: proof enough, as a
+                # TFO cookie is (a token is authorization, not that proof).
+                self.lib.rc_verified(self.core, t.id)
+                self.stats.v[S.UNVERIFIED_BY_COOKIE] += 1
             return True
         st = self.stats.v
         if verdict is Verdict.MISSING:
@@ -403,20 +426,35 @@ class CoreLoop(Loop):
         code, value = error_for_connect_failure(r.err)
         self._fail(t, code, value, f"connect: {os.strerror(r.err)}")
 
+    def _replied(self, r) -> None:
+        """A reply the core held for an unverified client went out."""
+        if r.err >= 0:
+            self.stats.error(r.err)
+        t = self.ctunnels.get(r.id)
+        if t is not None and t.held_outcome is not None:
+            self._done(t, t.held_outcome, 0, 0, time.monotonic() - t.t0)
+
     def _ended(self, r) -> None:
         t = self.ctunnels.get(r.id)
         if t is None:
             return
+        if r.expired:
+            self.stats.v[S.UNVERIFIED_EXPIRED] += 1
         self._done(t, self.ffi.string(r.why).decode(errors="replace"), r.up, r.down,
                    r.elapsed_ns / 1e9)
 
     # -- endings -------------------------------------------------------------------------------
     def _fail(self, t: CTunnel, code, value: bytes, why: str) -> None:
-        self.stats.error(code)
-        self._reply(t, error_reply(code, value), f"error {int(code)} ({why})")
+        self._reply(t, error_reply(code, value), f"error {int(code)} ({why})", int(code))
 
-    def _reply(self, t: CTunnel, reply: bytes, outcome: str) -> None:
-        self.lib.rc_refuse(self.core, t.id, reply, len(reply))
+    def _reply(self, t: CTunnel, reply: bytes, outcome: str, code: int = -1) -> None:
+        """Answer and close cleanly.  An unverified client's reply waits for
+        its handshake (the tunnel ends then, RC_REPLIED, or is reset)."""
+        if self.lib.rc_refuse(self.core, t.id, reply, len(reply), code, 1):
+            t.held_outcome = outcome
+            return
+        if code >= 0:
+            self.stats.error(code)
         self._done(t, outcome, 0, 0, time.monotonic() - t.t0)
 
     def _connect_over(self, t: CTunnel) -> None:
@@ -474,7 +512,8 @@ class CoreLoop(Loop):
         self.running = False
 
     def should_stop(self) -> bool:
-        return self.stopping and not self.ctunnels and not self.counters.closers
+        return self.stopping and not self.ctunnels and not self.counters.closers \
+            and not self.counters.held_replies
 
     def close(self) -> None:
         super().close()

@@ -479,14 +479,13 @@ def _announce(bound, stats_addr, out=None) -> None:
 
 
 def make_loop(cfg: Config, unverified: bool) -> Loop:
-    """One process's loop on the engine asked for (--engine).  The C engine
-    does not serve unverified clients (--no-cookie, or a route that waives
-    TFO cookies): those get the Python engine, said once at startup."""
+    """One process's loop on the engine asked for (--engine); the Python
+    engine when the C one cannot load (no cffi, no library), said at startup."""
     if cfg.engine == "c":
         from .engine import CoreLoop, available
-        why = "clients may be unverified (--no-cookie)" if unverified else available()
+        why = available()
         if why is None:
-            loop = CoreLoop(cfg)
+            loop = CoreLoop(cfg, clients_unverified=unverified)
             log.debug("engine: c (%s)", loop.library)
             return loop
         log.info("engine: python (%s)", why)
