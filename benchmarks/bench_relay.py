@@ -119,8 +119,7 @@ def start_relay(procs: Procs, *args: str, root: str = ROOT) -> tuple[subprocess.
     cc = ["--client-cc", CC, "--server-cc", CC] if CC else []
     # The relay's default (TFO cookies): libpep.so's first connection learns
     # the cookie (PEP_TFO_MODE=auto), the rest are 0-RTT.  --no-cookie (this
-    # script's option) runs the relays cookie-less, as before issue 12; that
-    # mode runs the Python engine.
+    # script's option) runs the relays cookie-less, as before issue 12.
     mode = RELAY_MODE if root == ROOT else [a for a in RELAY_MODE if a == "--no-cookie"]
     p = procs.start([sys.executable, "-m", "pepsock.relay", "--listen", "127.0.0.1:0",
                      "--allow-dest", "127.0.0.0/8", *mode, "--log-level", "warning",
@@ -512,7 +511,7 @@ def main(argv=None) -> int:
                     help="the relay's engine (pep relay --engine; default c)")
     ap.add_argument("--no-cookie", action="store_true",
                     help="run the relays with --no-cookie (cookie-less 0-RTT from the first "
-                         "SYN; the Python engine serves that mode)")
+                         "SYN, unverified clients)")
     ap.add_argument("--baseline-root",
                     help="conn/s: also through the relay of this other checkout (before/after "
                          "in one run)")

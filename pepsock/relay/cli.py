@@ -114,9 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=("c", "python"),
                    default=os.environ.get("PEP_RELAY_ENGINE") or "c",
                    help="tunnel engine: c (librelaycore.so: accept, header, connect and data "
-                        "path in C, every decision in Python) or python (all in Python); "
-                        "--no-cookie always runs the Python engine (default: "
-                        "$PEP_RELAY_ENGINE, else c)")
+                        "path in C, every decision in Python) or python (all in Python) "
+                        "(default: $PEP_RELAY_ENGINE, else c)")
     g = p.add_argument_group("proof of the client's address (docs/relay.md, threat model)")
     g.add_argument("--no-cookie", action="store_true",
                    help="accept data in a client's first SYN without a TFO cookie (0-RTT from "

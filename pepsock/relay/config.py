@@ -145,9 +145,8 @@ class Config:
     #: no Cookie TLV required.
     cookie_secrets: list[bytes] = field(default_factory=list)
     #: The tunnel engine: "c" (librelaycore.so, relaycore/: the mechanics in
-    #: C, every decision here in Python) or "python" (tunnel.py).  The C
-    #: engine does not serve unverified clients (--no-cookie): those runs use
-    #: the Python engine (docs/relay.md, "Engines").
+    #: C, every decision here in Python) or "python" (tunnel.py); see
+    #: docs/relay.md, "Engines".
     engine: str = "c"
     #: --tfo-key: 16 bytes (primary) or 32 (primary + backup) for TCP_FASTOPEN_KEY.
     tfo_key: bytes | None = None

@@ -10,8 +10,12 @@ pending connects), the memory budget, the Cookie TLV check, the route rules,
 the TCP options a Connect may ask for.  Python answers each new tunnel with
 one call: rc_connect() or rc_refuse().
 
-The core's epoll fd is one fd of this process's reactor; its timers are
-covered by one reactor timer set to the core's next deadline.
+Unverified clients (--no-cookie) are held in the core (T_HELD) until their
+handshake completes; Python learns of it when a held reply goes out
+(RC_REPLIED), the tunnel opens (RC_CONNECTED) or expires (RC_ENDED, expired).
+
+One loop turn is one wait in the core (run(): rc_wait, with this reactor's
+own epoll set as one fd of the core's); the core's timers live in C.
 """
 from __future__ import annotations
 
