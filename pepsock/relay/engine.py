@@ -26,7 +26,6 @@ import ipaddress
 import logging
 import math
 import os
-import select
 import socket
 import time
 
@@ -127,10 +126,7 @@ class CoreLoop(Loop):
         self.counters = self.lib.rc_counters(self.core)
         self.conn = ffi.new("struct rc_connect *")
         self.ctunnels: dict[int, CTunnel] = {}
-        self._timer = None
-        self._timer_when = 0.0
         self._pipe_warned = False
-        self.register(self.lib.rc_fd(self.core), self._on_core, select.EPOLLIN)
 
     # -- listeners ---------------------------------------------------------------------
     def add_listener(self, sock: socket.socket) -> None:
@@ -139,15 +135,7 @@ class CoreLoop(Loop):
         if err:
             raise OSError(-err, os.strerror(-err))
 
-    # -- the core's turns ----------------------------------------------------------------
-    def _on_core(self, ev=0) -> None:
-        n = self.lib.rc_step(self.core)
-        if n:
-            self._records(n)
-        if not self._pipe_warned and self.counters.pipe_refused:
-            self._warn_pipe()
-        self._arm_timer()
-
+    # -- the core's turns ---------------------------------------------------------------
     def run(self) -> None:
         """The reactor's loop, with one wait per turn: the core's epoll set
         holds this reactor's own set as one fd (signals, the stats server),
@@ -155,7 +143,6 @@ class CoreLoop(Loop):
         gc.freeze()
         gc.set_threshold(100_000, 50, 50)
         ffi, lib, core = self.ffi, self.lib, self.core
-        self.unregister(lib.rc_fd(core))
         err = lib.rc_set_external(core, self.ep.fileno())
         if err:
             raise OSError(-err, os.strerror(-err))
@@ -201,22 +188,6 @@ class CoreLoop(Loop):
         self._pipe_warned = True
         log.warning("F_SETPIPE_SZ %d refused, pipes are %d bytes (fs.pipe-max-size, "
                     "fs.pipe-user-pages-soft)", self.cfg.pipe_size, self.counters.pipe_cap)
-
-    def _arm_timer(self) -> None:
-        when = self.lib.rc_next_deadline(self.core)
-        if not when:
-            return
-        if self._timer is not None and self._timer.fn is not None \
-                and self._timer_when <= when:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_when = when
-        self._timer = self.call_later(max(0.0, when - time.monotonic()), self._core_due)
-
-    def _core_due(self) -> None:
-        self._timer = None
-        self._on_core()
 
     def _records(self, n: int) -> None:
         recs = self.recs
