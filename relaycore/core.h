@@ -16,11 +16,13 @@
  * recv/send (two syscalls, no pipe); a read that fills it switches the
  * direction to splice for good. */
 #define COPY_BUF 16384
-/* Records one rc_step() may produce; the accept batch and the events per
- * epoll_wait are sized so one step never overflows it. */
+/* Records one rc_step() may produce, with what rc_connect() adds: due
+ * timers make at most a quarter, and EVENTS_PER_STEP events at most
+ * ACCEPT_BATCH new tunnels each, each up to 3 records (NEW, then CONNECTED
+ * and ENDED from rc_connect): 512 + 8 * 64 * 3 = 2048. */
 #define MAX_RECORDS 2048
 #define ACCEPT_BATCH 64
-#define EVENTS_PER_STEP 8  /* x ACCEPT_BATCH new tunnels, each up to 3 records */
+#define EVENTS_PER_STEP 8
 #define ACCEPT_PAUSE_NS 100000000LL /* 0.1 s, as the Python reactor */
 #define FLUSH_POLL_NS 20000000LL    /* 20 ms: a flushing tunnel checks the client's ACKs */
 #define MAX_LISTENERS 16
@@ -112,7 +114,7 @@ struct tunnel {
     uint64_t mark[4];
     bool marked;
     int64_t mark_at;
-    uint32_t syn_room;
+    bool onward_syn_data;       /* the onward SYN carried early data */
     uint32_t got;               /* bytes read while reading the header */
 };
 

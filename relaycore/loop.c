@@ -388,10 +388,11 @@ static void run_timers(struct rc_core *core)
 {
     int64_t now = now_ns();
     for (int q = 0; q < NQUEUES; q++) {
-        /* Leave room for a full round of events after the timers. */
+        /* Leave room for a full round of events after the timers (and for
+         * what rc_connect adds behind them): the rest wait for the next turn. */
         int which = link_of(q);
         while (core->q[q].head && core->q[q].head->tl[which].deadline <= now
-               && core->nrec < MAX_RECORDS / 2) {
+               && core->nrec < MAX_RECORDS / 4) {
             struct tunnel *t = core->q[q].head;
             link_clear(core, t, which);
             if (q == Q_VERIFY)

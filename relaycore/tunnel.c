@@ -443,7 +443,7 @@ int tunnel_connect(struct rc_core *core, struct tunnel *t, const struct rc_conne
     }
     if (syn_data)
         core->n.onward_syn_data++;
-    t->syn_room = syn_data;     /* reported in the CONNECTED record */
+    t->onward_syn_data = syn_data;      /* reported in the CONNECTED record */
     t->s.fd = fd;
     t->s.readable = false;
     t->s.writable = false;
@@ -498,7 +498,7 @@ static void open_tunnel(struct rc_core *core, struct tunnel *t)
     }
     struct rc_record *r = record(core, RC_CONNECTED, t);
     r->elapsed_ns = now_ns() - t->t0;
-    r->onward_syn_data = (int32_t)t->syn_room;
+    r->onward_syn_data = t->onward_syn_data;
     t->state = T_OPEN;
     t->held = H_NONE;
     t->s.writable = true;

@@ -481,8 +481,8 @@ class CoreLoop(Loop):
         self.call_later(self.cfg.drain_timeout, self.abort_all)
 
     def abort_all(self) -> None:
-        n = self.lib.rc_abort_all(self.core, b"drain timeout")
-        if n:
+        # A batch of records at a time (the core's record array is bounded).
+        while n := self.lib.rc_abort_all(self.core, b"drain timeout"):
             self._records(n)
         self.running = False
 
