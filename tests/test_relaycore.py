@@ -262,3 +262,46 @@ def test_relay_on_the_sanitized_core(mode):
         log = relay.log
     assert "AddressSanitizer" not in log and "runtime error" not in log, log
     assert "engine: c (" in log and relaycore.ASAN_NAME in log, log
+
+
+@pytest.fixture(scope="module")
+def asan_relay():
+    # Short timeouts: a random Connect that parses gets its Error 65 in a second.
+    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--header-timeout", "1", "--connect-timeout", "1",
+               env=_asan_env()) as relay:
+        yield relay
+        assert relay.stop(15) == 0, relay.log
+        assert "AddressSanitizer" not in relay.log and "runtime error" not in relay.log
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.one_of(
+    st.binary(min_size=1, max_size=64),
+    # A valid header's start with arbitrary bytes after it: lengths, TLVs, options.
+    st.binary(max_size=1100).map(lambda b: b"\x01" + bytes([len(b) // 4 % 256]) + b"\x22\x63" + b),
+))
+def test_any_first_bytes_get_an_answer_and_nothing_breaks(asan_relay, data):
+    """Whatever a client sends first, the core answers (an Error, or a
+    Success for a Connect that happens to parse) or closes; it never
+    crashes or hangs, and a good tunnel works right after."""
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        tfo_send(s, data, asan_relay.addr)
+        s.shutdown(socket.SHUT_WR)
+        reader = MessageReader()
+        while not reader.done:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reader.feed(chunk)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    finally:
+        s.close()
+    assert asan_relay.proc.poll() is None, asan_relay.log
