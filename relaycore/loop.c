@@ -303,7 +303,7 @@ RC_API struct rc_core *rc_new(const struct rc_config *cfg, struct rc_record **re
     core->ep = epoll_create1(EPOLL_CLOEXEC);
     core->rec = calloc(MAX_RECORDS, sizeof *core->rec);
     core->pipes = calloc(cfg->pipe_pool ? cfg->pipe_pool : 1, sizeof *core->pipes);
-    core->maxbufs = 256;
+    core->maxbufs = 64;     /* 1 MiB of idle copy buffers at most */
     core->bufs = calloc(core->maxbufs, sizeof *core->bufs);
     if (core->ep < 0 || !core->rec || !core->pipes || !core->bufs) {
         rc_free(core);

@@ -267,8 +267,8 @@ def test_relay_on_the_sanitized_core(mode):
 @pytest.fixture(scope="module")
 def asan_relay():
     # Short timeouts: a random Connect that parses gets its Error 65 in a second.
-    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--header-timeout", "1", "--connect-timeout", "1",
-               env=_asan_env()) as relay:
+    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--header-timeout", "1",
+               "--connect-timeout", "1", env=_asan_env()) as relay:
         yield relay
         assert relay.stop(15) == 0, relay.log
         assert "AddressSanitizer" not in relay.log and "runtime error" not in relay.log
@@ -278,8 +278,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.one_of(
     st.binary(min_size=1, max_size=64),
     # A valid header's start with arbitrary bytes after it: lengths, TLVs, options.
