@@ -248,8 +248,13 @@ static int read_header(struct rc_core *core, struct tunnel *t, struct rc_record 
             r->nkinds = (uint32_t)pep_option_kinds(&t->msg, r->kinds, sizeof r->kinds);
             r->cookie = t->msg.cookie;
             r->cookie_len = (uint32_t)t->msg.cookie_len;
-            /* A FIN may sit behind the bytes read: keep trying to read. */
-            t->c.readable = true;
+            /* A short read drained the socket.  The socket was registered
+             * before this read, so a FIN already behind these bytes (or any
+             * byte after them) is reported by the next epoll_wait (the
+             * mask is taken when the event is collected): no EAGAIN read
+             * needed.  A full read may have left bytes: keep reading. */
+            t->c.readable = n == COPY_BUF;
+            t->c.armed = true;
             return RC_HDR_CONNECT;
         }
         r->err = code;
