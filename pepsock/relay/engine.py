@@ -65,8 +65,8 @@ class CTunnel:
         self.pending_slot = False
         self.family = family
         self.syn_payload = syn_payload
-        #: (Error code, log outcome) of a reply the core holds until the
-        #: client's handshake completes (an unverified client).
+        #: The log outcome of a reply the core holds until the client's
+        #: handshake completes (an unverified client); None: none held.
         self.held_outcome = None
 
 
