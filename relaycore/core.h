@@ -131,6 +131,7 @@ struct rc_core {
     int64_t paused_until;  /* listeners paused after EMFILE & co (0: not) */
     struct tunnel **slots;
     int nslots, *free_ids, nfree;
+    int *freed_now, nfreed_now, capfreed_now; /* ids freed in this step, reusable after it */
     struct tqueue_head q[NQUEUES];
     int64_t stall_every, next_stall;
     struct rc_record *rec;

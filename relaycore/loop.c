@@ -166,9 +166,6 @@ void buf_put(struct rc_core *core, uint8_t *buf)
 
 /* -- slots ---------------------------------------------------------------------- */
 
-static int *freed_now;   /* ids freed during this step, reusable after it */
-static int nfreed_now, capfreed_now;
-
 static struct tunnel *tunnel_alloc(struct rc_core *core)
 {
     int id;
@@ -216,30 +213,29 @@ void tunnel_free(struct rc_core *core, struct tunnel *t)
         core->n.held_replies--;
     free(t->reply);
     core->slots[t->id] = NULL;
-    if (nfreed_now == capfreed_now) {
-        int n = capfreed_now ? capfreed_now * 2 : 256;
-        int *f = realloc(freed_now, n * sizeof *f);
-        if (!f) {   /* cannot remember it: leak the id, never reuse it early */
-            core->n.tunnels--;
-            free(t);
-            return;
-        }
-        freed_now = f;
-        capfreed_now = n;
-    }
-    freed_now[nfreed_now++] = t->id;
     if (t->state != T_CLOSER)
         core->n.tunnels--;
     else
         core->n.closers--;
+    if (core->nfreed_now == core->capfreed_now) {
+        int n = core->capfreed_now ? core->capfreed_now * 2 : 256;
+        int *f = realloc(core->freed_now, n * sizeof *f);
+        if (!f) {   /* cannot remember the id: leak it rather than reuse it early */
+            free(t);
+            return;
+        }
+        core->freed_now = f;
+        core->capfreed_now = n;
+    }
+    core->freed_now[core->nfreed_now++] = t->id;
     free(t);
 }
 
 static void release_freed(struct rc_core *core)
 {
-    for (int i = 0; i < nfreed_now; i++)
-        core->free_ids[core->nfree++] = freed_now[i];
-    nfreed_now = 0;
+    for (int i = 0; i < core->nfreed_now; i++)
+        core->free_ids[core->nfree++] = core->freed_now[i];
+    core->nfreed_now = 0;
 }
 
 static struct tunnel *lookup(struct rc_core *core, int id)
@@ -352,9 +348,7 @@ RC_API void rc_free(struct rc_core *core)
     free(core->rec);
     free(core->slots);
     free(core->free_ids);
-    free(freed_now);
-    freed_now = NULL;
-    nfreed_now = capfreed_now = 0;
+    free(core->freed_now);
     free(core);
 }
 
