@@ -1,4 +1,5 @@
-"""Build hook: compile preload/ (libpep.so) into the package, and tag the wheel
+"""Build hook: compile preload/ (libpep.so) and relaycore/ (librelaycore.so,
+the relay's C engine) into the package, and tag the wheel
 with the platform that binary is for.
 
 Everything else lives in pyproject.toml. The C library is built with the
@@ -27,6 +28,10 @@ except ImportError:  # older setuptools: the wheel package's
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRELOAD = os.path.join(HERE, "preload")
 LIBRARY = os.path.join(PRELOAD, "libpep.so")
+# The relay's C engine (relaycore/relaycore.h): the library and the header
+# cffi reads its declarations from, installed side by side.
+RELAYCORE = os.path.join(HERE, "relaycore")
+RELAYCORE_FILES = ("librelaycore.so", "relaycore.h")
 # What a manylinux library may link to besides itself: glibc's parts and its loader
 GLIBC_LIBS = re.compile(r"^(libc|libdl|libpthread|librt|libm)\.so\.\d+$|^ld-linux[-\w.]*\.so\.\d+$")
 
@@ -40,6 +45,10 @@ class BuildWithPreload(build_py):
         target = os.path.join(self.build_lib, "pepsock")
         os.makedirs(target, exist_ok=True)
         shutil.copy2(LIBRARY, os.path.join(target, "libpep.so"))
+        if os.path.exists(os.path.join(RELAYCORE, "Makefile")):
+            subprocess.check_call(["make", "-C", RELAYCORE, "librelaycore.so"])
+            for name in RELAYCORE_FILES:
+                shutil.copy2(os.path.join(RELAYCORE, name), os.path.join(target, name))
 
 
 def _readelf(*args):

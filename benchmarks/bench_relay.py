@@ -223,6 +223,22 @@ def iperf(port: int, seconds: float, env=None) -> float:
         raise RuntimeError(f"iperf3 failed: {out.stdout[-500:]} {out.stderr[-500:]}")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its children (a relay's workers)."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    for k in kids:
+        try:
+            total += cpu_seconds(k)
+        except OSError:
+            pass        # a worker that just ended
+    return total
+
+
 def relay_ways(relay_args: list[str], extra: list[str],
                baseline_root: str | None = None) -> list[tuple[str, list[str], str]]:
     """(name, relay options, checkout) for every relay a test runs side by side:
@@ -384,19 +400,27 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int,
     haproxy, hport = start_haproxy(procs, tmp, nport, threads=cpus)
     ways = [("direct", nport, None), ("haproxy", hport, None)]
     started = []
+    #: the process (tree) each way's proxy CPU is read from
+    pids = {"haproxy": haproxy.pid}
     for name, args, root in relays:
         p, port = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
                               "--no-tunnel-log", *args, root=root)
         started.append(p)
+        pids[name] = p.pid
         ways.append((name, nport, pep_env(port)))
     results = {name: [] for name, _, _ in ways}
     results["notes"] = {}
+    results["cpu_us"] = {name: [] for name in pids}
     try:
         for _ in range(rounds):
             for name, port, env in ways:
+                c0 = tree_cpu_seconds(pids[name]) if name in pids else 0.0
                 rate, note = wrk(port, seconds, env)
                 results[name].append(rate)
                 results["notes"].setdefault(name, []).append(note)
+                if name in pids and rate > 0:
+                    used = tree_cpu_seconds(pids[name]) - c0
+                    results["cpu_us"][name].append(used * 1e6 / (rate * seconds))
     finally:
         for p in started:
             procs.stop(p)
@@ -724,6 +748,9 @@ def main(argv=None) -> int:
                 for k in names[2:]:
                     print(f"  {k}/haproxy = {best[k] / best['haproxy']:.2f}"
                           + ("  (target >= 1.0)" if k == "relay" else ""))
+                print("  proxy CPU per connection (us, the process and its workers; per round): "
+                      + "  ".join(f"{k} " + " ".join(f"{x:.0f}" for x in v)
+                                  for k, v in r["cpu_us"].items()))
         if "idle" in only and args.idle:
             ways = relay_ways(args.relay_args.split(), args.relay_way or [])
             print_idle(bench_idle(procs, tmp, args.idle, ways), args.idle)

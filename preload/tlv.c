@@ -222,8 +222,11 @@ int pep_decode(const uint8_t *buf, size_t len, struct pep_msg *m, int *code)
             m->error_value = t + 3;
             m->error_len = tlen - 3;
             break;
-        case PEP_TLV_EXTENDED_HEADER:
         case PEP_TLV_COOKIE:
+            m->cookie = t + 4;
+            m->cookie_len = tlen - 4;
+            break;
+        case PEP_TLV_EXTENDED_HEADER:
             break;
         default:
             m->has_unknown = 1;
@@ -234,6 +237,20 @@ int pep_decode(const uint8_t *buf, size_t len, struct pep_msg *m, int *code)
         off += tlen;
     }
     return PEP_OK;
+}
+
+size_t pep_option_kinds(const struct pep_msg *m, uint8_t *out, size_t cap)
+{
+    size_t i = 0, n = 0;
+
+    /* check_connect validated the walk: kinds >= 2, lengths in bounds. */
+    while (i < m->optlen && m->opts[i] != 0) {
+        if (n < cap)
+            out[n] = m->opts[i];
+        n++;
+        i += m->opts[i + 1];
+    }
+    return n < cap ? n : cap;
 }
 
 int pep_check_request(const struct pep_msg *m, int *code)

@@ -63,6 +63,8 @@ struct pep_msg {
     size_t error_len;
     const uint8_t *supported; /* Supported TCP Extensions: kinds, padding dropped */
     size_t nsupported;
+    const uint8_t *cookie; /* Cookie: the value after the 16 zero bits, padding included */
+    size_t cookie_len;
 };
 
 /* Encoders: return the message length, or 0 if it does not fit in cap or
@@ -104,6 +106,10 @@ int pep_reader_feed(struct pep_reader *r, const uint8_t *data, size_t len, size_
 /* End of stream before the message was complete: always PEP_E_MALFORMED,
  * except PEP_E_UNSUPPORTED_VERSION already decided by the first byte. */
 int pep_reader_eof(const struct pep_reader *r);
+
+/* The kinds of a decoded Connect's TCP options, in order (at most cap):
+ * how many there are.  Only for a message pep_decode accepted. */
+size_t pep_option_kinds(const struct pep_msg *msg, uint8_t *out, size_t cap);
 
 /* errno an application sees for an Error TLV (docs/protocol.md table). */
 int pep_errno_for(uint8_t code, const uint8_t *value, size_t len);

@@ -29,6 +29,7 @@ struct pep_msg {
     uint16_t port; uint8_t addr[16]; const uint8_t *opts; size_t optlen;
     uint8_t error_code; const uint8_t *error_value; size_t error_len;
     const uint8_t *supported; size_t nsupported;
+    const uint8_t *cookie; size_t cookie_len;
 };
 struct pep_reader { uint16_t have; uint8_t buf[1020]; };
 size_t pep_encode_connect(uint8_t *out, size_t cap, const uint8_t addr[16], uint16_t port,
@@ -44,6 +45,7 @@ int pep_reader_feed(struct pep_reader *r, const uint8_t *data, size_t len, size_
 int pep_reader_eof(const struct pep_reader *r);
 int pep_errno_for(uint8_t code, const uint8_t *value, size_t len);
 size_t pep_add_cookie(uint8_t *msg, size_t len, size_t cap, const uint8_t *cookie, size_t clen);
+size_t pep_option_kinds(const struct pep_msg *msg, uint8_t *out, size_t cap);
 """
 PEP_OK, PEP_REJECT, PEP_NEED_MORE = 0, -1, 1
 
@@ -79,6 +81,10 @@ def _msg_view(m, buf_base, data: bytes) -> dict:
     view = {"total": m.total, "types": sorted(t for t in range(256) if m.seen[t // 32] >> (t % 32) & 1)}
     if m.has_connect:
         view["connect"] = (bytes(m.addr), m.port, sl(int(ffi.cast("uintptr_t", m.opts)), m.optlen))
+        kinds = ffi.new("uint8_t[256]")
+        view["kinds"] = tuple(kinds[0:C.pep_option_kinds(m, kinds, 256)])
+    if m.cookie != ffi.NULL:
+        view["cookie"] = sl(int(ffi.cast("uintptr_t", m.cookie)), m.cookie_len)
     if m.has_error:
         view["error"] = (m.error_code, sl(int(ffi.cast("uintptr_t", m.error_value)), m.error_len))
     if m.has_supported:
@@ -117,11 +123,14 @@ def py_decode(data: bytes):
                 off += raw[off + 1] * 4
             tlv = raw[off: off + raw[off + 1] * 4]
             view["connect"] = (packed, t.port, tlv[20:])
+            view["kinds"] = tuple(o.kind for o in t.options)
             # and the options Python understood must re-encode to that area
             enc = b"".join(bytes((o.kind, len(o.value) + 2)) + o.value for o in t.options)
             assert tlv[20:].startswith(enc) and not any(tlv[20 + len(enc):])
         elif isinstance(t, protocol.Error):
             view["error"] = (t.code, t.value)
+        elif isinstance(t, protocol.Cookie):
+            view["cookie"] = t.data
         elif isinstance(t, protocol.SupportedTCPExtensions):
             view["supported"] = tuple(t.kinds)
     try:

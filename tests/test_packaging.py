@@ -194,7 +194,8 @@ def test_sdist_carries_the_c_sources_and_no_binaries(built):
     sdist, _ = built
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     for src in ("preload/Makefile", "preload/hooks.c", "preload/tlv.c", "preload/tlv.h",
-                "pepsock/testbed/delayline.c", "setup.py", "pyproject.toml"):
+                "relaycore/Makefile", "relaycore/relaycore.h", "relaycore/loop.c",
+                "relaycore/tunnel.c", "pepsock/testbed/delayline.c", "setup.py", "pyproject.toml"):
         assert src in names, src
     assert not [n for n in names if n.endswith((".so", ".o"))]
 
@@ -214,7 +215,11 @@ def test_wheel_is_tagged_for_the_platform_libpep_is_built_for(built, tmp_path):
         assert "Root-Is-Purelib: false" in z.read(f"pepsock-{version}.dist-info/WHEEL").decode()
         lib = tmp_path / "libpep.so"
         lib.write_bytes(z.read("pepsock/libpep.so"))
+        core = tmp_path / "librelaycore.so"     # the relay's C engine, with its declarations
+        core.write_bytes(z.read("pepsock/librelaycore.so"))
+        assert b"rc_step" in z.read("pepsock/relaycore.h")
     assert elf_machine(lib) == elf_machine(os.path.realpath(sys.executable))
+    assert elf_machine(core) == elf_machine(lib)
     print(f"wheel: {wheel.name}")
 
 

@@ -4,6 +4,9 @@ test client from relay_helpers, destination servers on loopback.
 Loopback destinations are refused by default, so these relays run with
 --allow-dest 127.0.0.0/8 (the default-deny itself is tested in
 test_relay_policy.py).
+
+The tests on the shared `relay` fixture run on both engines (--engine c, the
+default, and python); the rest on the default one.
 """
 import hashlib
 import re
@@ -23,9 +26,9 @@ pytestmark = pytest.mark.timeout(60)
 ALLOW_LO = ("--allow-dest", "127.0.0.0/8", "--allow-dest", "::1")
 
 
-@pytest.fixture(scope="module")
-def relay():
-    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO) as r:
+@pytest.fixture(scope="module", params=["c", "python"])
+def relay(request):
+    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--engine", request.param) as r:
         yield r
 
 

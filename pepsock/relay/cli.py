@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 
 from ..policy import NAT64_LENGTHS, AddressRule, ConfigError, parse_hostport
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipe-pool", type=int, default=C.DEFAULT_PIPE_POOL,
                    help="idle pipes kept for reuse (default %(default)s)")
 
+    g.add_argument("--engine", choices=("c", "python"),
+                   default=os.environ.get("PEP_RELAY_ENGINE") or "c",
+                   help="tunnel engine: c (librelaycore.so: accept, header, connect and data "
+                        "path in C, every decision in Python) or python (all in Python) "
+                        "(default: $PEP_RELAY_ENGINE, else c)")
     g = p.add_argument_group("proof of the client's address (docs/relay.md, threat model)")
     g.add_argument("--no-cookie", action="store_true",
                    help="accept data in a client's first SYN without a TFO cookie (0-RTT from "
@@ -271,6 +277,7 @@ def parse_config(argv) -> Config:
         onward_tfo=ns.onward_tfo,
         cookie_secrets=secrets,
         tfo_key=tfo_key,
+        engine=ns.engine,
     )
 
 

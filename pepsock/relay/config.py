@@ -144,5 +144,9 @@ class Config:
     #: --cookie-secret: every secret, the current one first (cookies.py); empty:
     #: no Cookie TLV required.
     cookie_secrets: list[bytes] = field(default_factory=list)
+    #: The tunnel engine: "c" (librelaycore.so, relaycore/: the mechanics in
+    #: C, every decision here in Python) or "python" (tunnel.py); see
+    #: docs/relay.md, "Engines".
+    engine: str = "c"
     #: --tfo-key: 16 bytes (primary) or 32 (primary + backup) for TCP_FASTOPEN_KEY.
     tfo_key: bytes | None = None

@@ -418,6 +418,14 @@ class Loop(Reactor):
             t.abort("drain timeout")
         self.running = False
 
+    def gauges(self) -> None:
+        """Refresh the gauges kept outside the hot path."""
+        v = self.stats.v
+        v[S.PIPES] = self.pipes.open
+        v[S.MEMORY_COMMITTED] = self.admission.budget.committed
+        v[S.PIPE_BYTES] = sum(d.held for t in self.tunnels for d in (t.up, t.down)
+                              if d is not None)
+
     # -- run ----------------------------------------------------------------------------------
     def should_stop(self) -> bool:
         return self.stopping and not self.tunnels and not self.ctx.closers
@@ -470,6 +478,22 @@ def _announce(bound, stats_addr, out=None) -> None:
     out.flush()
 
 
+def make_loop(cfg: Config, unverified: bool) -> Loop:
+    """One process's loop on the engine asked for (--engine); the Python
+    engine when the C one cannot load (no cffi, no library), said at startup."""
+    if cfg.engine == "c":
+        from .engine import CoreLoop, available
+        why = available()
+        if why is None:
+            loop = CoreLoop(cfg, clients_unverified=unverified)
+            log.debug("engine: c (%s)", loop.library)
+            return loop
+        log.info("engine: python (%s)", why)
+    loop = Loop(cfg)
+    loop.clients_unverified = unverified
+    return loop
+
+
 def run(cfg: Config) -> int:
     if cfg.user_timeout:
         cfg.user_timeout = min(cfg.user_timeout, keepalive_limit(cfg.keepalive))
@@ -488,8 +512,7 @@ def run(cfg: Config) -> int:
     if cfg.workers > 1:
         return _run_master(cfg)
     warnings, unverified = routability.startup_warnings(cfg.no_cookie)
-    loop = Loop(cfg)
-    loop.clients_unverified = unverified
+    loop = make_loop(cfg, unverified)
     listeners = [make_listener(h, p, cfg, reuseport=False) for h, p in cfg.listen]
     bound = [s.getsockname() for s in listeners]
     loop.admission = _admission(cfg, bound)
@@ -512,11 +535,7 @@ def run(cfg: Config) -> int:
 
 def _gauges(loop: Loop) -> None:
     """Refresh the gauges kept outside the hot path."""
-    v = loop.stats.v
-    v[S.PIPES] = loop.pipes.open
-    v[S.MEMORY_COMMITTED] = loop.admission.budget.committed
-    v[S.PIPE_BYTES] = sum(d.held for t in loop.tunnels for d in (t.up, t.down)
-                          if d is not None)
+    loop.gauges()
 
 
 def _live(loop: Loop) -> list[int]:
@@ -526,8 +545,7 @@ def _live(loop: Loop) -> list[int]:
 
 def _worker(cfg: Config, bound, slot: int, shared: S.SharedSlots, ready_fd: int,
             unverified: bool) -> int:
-    loop = Loop(cfg)
-    loop.clients_unverified = unverified
+    loop = make_loop(cfg, unverified)
     listeners = [make_listener(a[0], a[1], cfg, reuseport=True) for a in bound]
     loop.admission = _admission(cfg, bound)
     for s in listeners:
