@@ -130,6 +130,41 @@ def test_new_record_says_who_where_and_what_came_with_the_header(core):
     assert core.lib.rc_counters(core.core).tunnels == 0
 
 
+def test_error_replies_lingering_at_once_are_bounded(core):
+    """MAX_CLOSERS (16 here): Error replies waiting for their client's FIN are
+    bounded; past the bound each still gets its whole reply, then the close
+    at once; the lingering ones end at the linger timeout."""
+    clients = []
+    reply = error_reply(32)
+    for i in range(20):
+        s = convert_open(core.addr, ("192.0.2.7", 80 + i))
+        r = core.wait(RC_NEW)
+        assert core.lib.rc_refuse(core.core, r.id, reply, len(reply), 32, 0) == 0
+        clients.append(s)
+    assert core.lib.rc_counters(core.core).closers == 16
+    for s in clients:       # none has sent its FIN: the first 16 linger for it
+        assert error_code(s) == 32
+        s.send(b"more")     # discarded by a lingering closer, reset by a closed socket
+    time.sleep(0.2)
+    core.lib.rc_step(core.core)
+
+    def reset(s) -> bool:
+        """After its FIN, a reset shows in the next send (recv says EOF first)."""
+        try:
+            s.send(b"again")
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+        return False
+    assert [reset(s) for s in clients].count(True) == 4
+    deadline = time.monotonic() + 5     # cfg.linger_timeout = 2 s
+    while core.lib.rc_counters(core.core).closers and time.monotonic() < deadline:
+        core.lib.rc_step(core.core)
+        time.sleep(0.02)
+    assert core.lib.rc_counters(core.core).closers == 0
+    for s in clients:
+        s.close()
+
+
 def test_header_in_two_pieces_then_a_header_record(core):
     header = Message((Connect("198.51.100.1", 443),)).encode()
     s = convert_open(core.addr, ("198.51.100.1", 443), header=header[:5])
