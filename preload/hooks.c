@@ -361,9 +361,16 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
     int r = pep_real.getpeername(fd, sa, len);
     if (!pep_fd_tracked(fd) || !len || !sa)
         return r;
+    int saved = errno;
+    /* The PEP refused and reset at once, before its reply was read (curl asks
+     * right after connect): the socket is closed with an Error TLV waiting.
+     * Take the reply now, without blocking, so the program hears its errno
+     * from the next read or write rather than ENOTCONN here. */
+    struct tcp_info ti;
+    if (r < 0 && saved == ENOTCONN && pep_tcp_state(fd, &ti) == TCP_CLOSE)
+        pep_settle(fd, PEP_FOR_READ, 1);
     /* Connected (or connected, then reset by us for an Error TLV, which the
      * program learns from its next read or write): the real destination. */
-    int saved = errno;
     pep_lock();
     struct pep_conn *c = pep_conn_get(fd);
     if (c && (r == 0 || c->state == PEP_ST_FAILED) && pep_same_socket(fd, c)) {

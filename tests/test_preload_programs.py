@@ -119,6 +119,34 @@ def test_error_96_makes_curl_and_wget_say_connection_refused(lo, lib, close):
         assert len(conv.seen) == 4
 
 
+def test_getpeername_after_the_pep_refused_and_reset(lo, lib):
+    """The PEP's Error TLV and its reset arrive between the program's connect
+    and its getpeername (curl's order): getpeername still names the
+    destination and the next read says why (it said ENOTCONN before, and
+    curl "getpeername() failed")."""
+    url = lo.http[4].url("/")
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    with converter_in(lo, error=(96, b""), reset_delay=0) as conv:
+        p = pyrun(lo, f"""
+            import select, socket, time
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("{host}", {port}))
+            select.select([], [s], [], 5)
+            time.sleep(0.3)                 # the Error TLV and the reset are in
+            print(s.getpeername())
+            s.setblocking(True)
+            try:
+                s.recv(10)
+            except OSError as e:
+                print(type(e).__name__)
+            """, ph.preload_env(conv.address, lib))
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split("\n")[:2] == [f"('{host}', {port})", "ConnectionRefusedError"], \
+            (p.stdout, p.stderr)
+        assert len(conv.seen) == 1
+
+
 @pytest.mark.parametrize("code,value,name", [
     (96, b"", "ConnectionRefusedError"),
     (32, b"", "PermissionError"),

@@ -342,9 +342,17 @@ SH_SIGNALS = ('trap "echo HUP" HUP; trap "echo TERM; exit 7" TERM; echo "pid $$"
               'i=0; while [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done')
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _signals_reach_it(argv, env=None):
     """pid line, HUP reported, TERM ends it with 7: the pid is pep run's."""
-    p = popen(argv, env=env)
+    # Default dispositions for the program: a shell started with SIGHUP ignored
+    # (a test run under nohup) may not trap it, and pep run rightly passes the
+    # caller's dispositions on.
+    p = popen(argv, env=env, preexec_fn=_default_signals)
     try:
         line = p.stdout.readline()
         assert line.startswith("pid "), (line, p.stderr.read() if p.poll() is not None else "")
