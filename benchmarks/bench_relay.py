@@ -402,12 +402,19 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int,
     started = []
     #: the process (tree) each way's proxy CPU is read from
     pids = {"haproxy": haproxy.pid}
+    # The relays run as deployed (TFO cookies required): libpep.so's first
+    # connections learn that (PEP_TFO_MODE=auto, in a state directory of
+    # this run's), the rest are 0-RTT.
     for name, args, root in relays:
         p, port = start_relay(procs, "--workers", str(cpus), "--max-per-client", "0",
-                              "--no-tunnel-log", *args, root=root)
+                              "--no-tunnel-log", *args, root=root, no_cookie=False)
         started.append(p)
         pids[name] = p.pid
-        ways.append((name, nport, pep_env(port)))
+        env = pep_env(port)
+        env["PEP_STATE_DIR"] = os.path.join(tmp, f"pepstate-{name}")
+        os.makedirs(env["PEP_STATE_DIR"], mode=0o700, exist_ok=True)
+        wrk(nport, 1, env)      # warm-up: the TFO cookie and the PEP's mode learnt
+        ways.append((name, nport, env))
     results = {name: [] for name, _, _ in ways}
     results["notes"] = {}
     results["cpu_us"] = {name: [] for name in pids}
