@@ -26,6 +26,7 @@ import time
 
 from ..policy import AddressRule, embedded_ipv4, match_compiled, normalize_ip
 from ..protocol import ErrorCode
+from .clients import client_key, is_loopback
 from .ratelimit import TokenBuckets
 from .routes import DROP_TYPES, RTN_LOCAL, SELF_TYPES, Routes
 
@@ -111,6 +112,11 @@ _match = match_compiled
 
 
 _BUILTIN = tuple((_compile(r), r) for r in BUILTIN_DENY)
+
+
+#: Error 64's Value when a limit refuses a client: retry after 1 s (RFC 8803
+#: 6.2.8; an empty Value would mean 30 s, too long for a rate limit).
+RETRY_AFTER = b"\x01"
 
 
 class Admission:
@@ -204,6 +210,15 @@ class Admission:
             return ErrorCode.NOT_AUTHORIZED, b"", f"{addr} is an address of this host, denied"
         return None
 
+    def judge_connect(self, client_ip: str, exempt: bool, address, port: int):
+        """A Connect from `client_ip` to address:port, as both engines judge it
+        before connecting: None, or (Error code, Value, why)."""
+        if not exempt and self.client_is_self(client_ip):
+            # The relay reaching itself (a hairpin DNAT, an address it did not
+            # know was its own): one request could nest tunnels without end.
+            return ErrorCode.NOT_AUTHORIZED, b"", "client is this host itself"
+        return self.judge_dest(address, port)
+
     def client_is_self(self, ip: str) -> bool:
         """A client whose source address is one of this host's own (a
         connection the relay made to itself, e.g. through a hairpin DNAT)."""
@@ -222,6 +237,30 @@ class Admission:
         if not self.allow_clients:
             return True
         return any(r.matches(addr) for r in self.allow_clients)
+
+    def admit(self, ip: str, now: float, ipv6_prefix: int):
+        """A new client connection from `ip` (IPv4-mapped already normalised),
+        as both engines judge it at accept: (key, exempt, sizes, refusal).
+        Admitted: refusal is None, and the tunnel slot (take) and the memory
+        grant (budget.reserve, `sizes`) are held until release() and
+        budget.release(). Refused: nothing is held and refusal is the
+        (Error code, its Value, why) to reply with."""
+        if not self.client_allowed(ip):
+            return None, False, None, (ErrorCode.NOT_AUTHORIZED, b"",
+                                       "client not in --allow-client")
+        key = client_key(ip, ipv6_prefix)
+        exempt = is_loopback(ip)
+        why = self.take(key, now, exempt)
+        sizes = None
+        if why is None:
+            sizes = self.budget.reserve(key, exempt)
+            if sizes is None:
+                self.release(key)
+                why = "memory budget reached"
+        if why is not None:
+            # Value: the delay (s) RFC 8803 lets us suggest before the next try.
+            return key, exempt, None, (ErrorCode.RESOURCE_EXCEEDED, RETRY_AFTER, why)
+        return key, exempt, sizes, None
 
     def take(self, key: str, now: float = 0.0, exempt: bool = False) -> str | None:
         """Reserve a tunnel slot for client `key` (see clients.client_key);

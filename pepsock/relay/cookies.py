@@ -36,6 +36,8 @@ import struct
 import time
 
 from ..policy import normalize_ip
+from ..protocol import ErrorCode
+from . import stats as S
 
 ADDRESS_COOKIE, TOKEN = 0x01, 0x02
 ADDRESS_MAC = 15
@@ -191,6 +193,27 @@ class Cookies:
         if expires and self.clock() >= expires:
             return Verdict.EXPIRED, f"token {ident}"
         return Verdict.OK, f"token {ident}"
+
+
+    def judge(self, value: bytes | None, ip, counters) -> tuple[tuple | None, str]:
+        """A Connect's Cookie TLV value as both relay engines answer it:
+        (None, who) if accepted, else ((Error code, Value, why), "") to fail
+        the tunnel with, counted in `counters` (stats.Stats.v).  No Cookie
+        TLV: Error 3 carrying this address's cookie; a wrong one or an
+        expired token: Error 32.  who == "address" means the address once
+        received our Error 3: proof of its routability, as a TFO cookie is
+        (a token is authorization, not that proof)."""
+        verdict, who = self.check(value, ip)
+        if verdict is Verdict.OK:
+            return None, who
+        if verdict is Verdict.MISSING:
+            counters[S.COOKIE_MISSING] += 1
+            return (ErrorCode.MISSING_COOKIE, b"\x00" + self.cookie_for(ip), "no Cookie TLV"), ""
+        if verdict is Verdict.EXPIRED:
+            counters[S.TOKEN_EXPIRED] += 1
+            return (ErrorCode.NOT_AUTHORIZED, b"", f"{who} expired"), ""
+        counters[S.COOKIE_BAD] += 1
+        return (ErrorCode.NOT_AUTHORIZED, b"", "Cookie TLV not valid for this client"), ""
 
 
 #: TCP_FASTOPEN_KEY (include/uapi/linux/tcp.h): 16 bytes set the primary key,

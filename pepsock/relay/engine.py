@@ -20,8 +20,6 @@ own epoll set as one fd of the core's); the core's timers live in C.
 from __future__ import annotations
 
 import errno
-import gc
-import heapq
 import ipaddress
 import logging
 import math
@@ -29,15 +27,15 @@ import os
 import socket
 import time
 
+from ..policy import normalize_ip
 from ..protocol import ErrorCode, error_for_connect_failure, error_reply
 from . import routability
 from . import stats as S
-from .clients import client_key, is_loopback
-from .cookies import Verdict
+from .admission import RETRY_AFTER
 from .core import load, loaded_path
 from .onward import connect_limit
 from .server import LINGER_TIMEOUT, Loop
-from .tunnel import HONOURED_OPTIONS, INFO_REPLY, MAX_CLOSERS, RETRY_AFTER, fmt_addr
+from .tunnel import INFO_REPLY, MAX_CLOSERS, fmt_addr, options_refusal
 
 log = logging.getLogger("pepsock.relay")
 
@@ -140,8 +138,7 @@ class CoreLoop(Loop):
         """The reactor's loop, with one wait per turn: the core's epoll set
         holds this reactor's own set as one fd (signals, the stats server),
         so a turn is one epoll_wait in C, not one here and one in C."""
-        gc.freeze()
-        gc.set_threshold(100_000, 50, 50)
+        self.quiet_gc()
         ffi, lib, core = self.ffi, self.lib, self.core
         err = lib.rc_set_external(core, self.ep.fileno())
         if err:
@@ -149,38 +146,18 @@ class CoreLoop(Loop):
         external = ffi.new("int *")
         rc_wait = lib.rc_wait
         poll = self.ep.poll
-        handlers = self.handlers
-        closed = self.closed
-        timers = self.timers
-        monotonic = time.monotonic
-        heappop = heapq.heappop
         counters = self.counters
         while self.running:
-            while timers and timers[0].fn is None:
-                heappop(timers)
-            timeout = -1
-            if timers:
-                timeout = max(0, math.ceil((timers[0].when - monotonic()) * 1000))
+            timeout = self.next_timeout()
             if self.should_stop():
                 break
-            n = rc_wait(core, timeout, external)
+            n = rc_wait(core, -1 if timeout is None else math.ceil(timeout * 1000), external)
             if n:
                 self._records(n)
             if external[0]:
-                closed.clear()
-                for fd, ev in poll(0, 64):
-                    if closed and fd in closed:
-                        continue
-                    h = handlers.get(fd)
-                    if h is not None:
-                        h(ev)
-            if timers:
-                now = monotonic()
-                while timers and timers[0].when <= now:
-                    t = heappop(timers)
-                    if t.fn is not None:
-                        fn, t.fn = t.fn, None
-                        fn()
+                self.closed.clear()
+                self.dispatch(poll(0, 64))
+            self.run_due_timers()
             if not self._pipe_warned and counters.pipe_refused:
                 self._warn_pipe()
 
@@ -232,9 +209,8 @@ class CoreLoop(Loop):
         if r.family == socket.AF_INET:
             ip = socket.inet_ntop(socket.AF_INET, ffi.buffer(r.client_addr, 4))
         else:
-            ip = socket.inet_ntop(socket.AF_INET6, ffi.buffer(r.client_addr, 16))
-            if ip.startswith("::ffff:") and "." in ip:
-                ip = ip[7:]
+            ip = str(normalize_ip(socket.inet_ntop(socket.AF_INET6,
+                                                   ffi.buffer(r.client_addr, 16))))
         addr = (ip, r.client_port)
         if r.hdr == HDR_GONE:   # failed before a byte; the core closed it
             if self.cfg.log_tunnels and self._log_allowed(ip):
@@ -243,20 +219,10 @@ class CoreLoop(Loop):
             return
         adm = self.admission
         now = time.monotonic()
-        if not adm.client_allowed(ip):
-            return self._refuse(r.id, addr, ErrorCode.NOT_AUTHORIZED,
-                                "client not in --allow-client")
-        key = client_key(ip, self.cfg.ipv6_prefix)
-        exempt = is_loopback(ip)
-        why = adm.take(key, now, exempt)
-        sizes = None
-        if why is None:
-            sizes = adm.budget.reserve(key, exempt)
-            if sizes is None:
-                adm.release(key)
-                why = "memory budget reached"
-        if why is not None:
-            return self._refuse(r.id, addr, ErrorCode.RESOURCE_EXCEEDED, why, RETRY_AFTER)
+        key, exempt, sizes, refusal = adm.admit(ip, now, self.cfg.ipv6_prefix)
+        if refusal is not None:
+            code, value, why = refusal
+            return self._refuse(r.id, addr, code, why, value)
         st[S.TUNNELS_OPEN] += 1
         if r.unverified:
             st[S.UNVERIFIED] += 1
@@ -309,15 +275,11 @@ class CoreLoop(Loop):
             return
         if r.nkinds:
             kinds = bytes(ffi.buffer(r.kinds, r.nkinds))
-            refused = [k for k in kinds if k not in HONOURED_OPTIONS]
-            if refused:
-                kinds = bytes(dict.fromkeys(refused))
-                return self._fail(t, ErrorCode.UNSUPPORTED_TCP_OPTION, kinds,
-                                  f"TCP options {', '.join(map(str, kinds))} cannot be honoured")
+            refusal = options_refusal(kinds)
+            if refusal is not None:
+                return self._fail(t, *refusal)
         adm = self.admission
-        if not t.exempt and adm.client_is_self(t.client_ip):
-            return self._fail(t, ErrorCode.NOT_AUTHORIZED, b"", "client is this host itself")
-        refusal = adm.judge_dest(address, port)
+        refusal = adm.judge_connect(t.client_ip, t.exempt, address, port)
         if refusal is not None:
             return self._fail(t, *refusal)
         busy = adm.take_pending(t.client_key, t.exempt)
@@ -357,30 +319,17 @@ class CoreLoop(Loop):
             self._fail(t, code, value, f"connect: {os.strerror(err)}")
 
     def _cookie_accepted(self, t: CTunnel, r, unverified: bool) -> bool:
-        """--cookie-secret: as tunnel.Tunnel._cookie_accepted."""
-        cookies = self.ctx.cookies
+        """--cookie-secret: a Connect needs a valid Cookie TLV (Cookies.judge)."""
         value = None if r.cookie == self.ffi.NULL else bytes(self.ffi.buffer(r.cookie,
                                                                             r.cookie_len))
-        verdict, who = cookies.check(value, t.client_ip)
-        if verdict is Verdict.OK:
-            if unverified and who == "address":
-                # This address once received our Error 3: proof enough, as a
-                # TFO cookie is (a token is authorization, not that proof).
-                self.lib.rc_verified(self.core, t.id)
-                self.stats.v[S.UNVERIFIED_BY_COOKIE] += 1
-            return True
-        st = self.stats.v
-        if verdict is Verdict.MISSING:
-            st[S.COOKIE_MISSING] += 1
-            self._fail(t, ErrorCode.MISSING_COOKIE, b"\x00" + cookies.cookie_for(t.client_ip),
-                       "no Cookie TLV")
-        elif verdict is Verdict.EXPIRED:
-            st[S.TOKEN_EXPIRED] += 1
-            self._fail(t, ErrorCode.NOT_AUTHORIZED, b"", f"{who} expired")
-        else:
-            st[S.COOKIE_BAD] += 1
-            self._fail(t, ErrorCode.NOT_AUTHORIZED, b"", "Cookie TLV not valid for this client")
-        return False
+        refusal, who = self.ctx.cookies.judge(value, t.client_ip, self.stats.v)
+        if refusal is not None:
+            self._fail(t, *refusal)
+            return False
+        if unverified and who == "address":
+            self.lib.rc_verified(self.core, t.id)
+            self.stats.v[S.UNVERIFIED_BY_COOKIE] += 1
+        return True
 
     # -- results of the core ------------------------------------------------------------------
     def _connected(self, r) -> None:

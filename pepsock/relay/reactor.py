@@ -106,44 +106,58 @@ class Reactor:
         return False
 
     def run(self) -> None:
-        # Handlers leave no reference cycles behind (see Tunnel._done), so the
-        # cyclic GC only has to catch stragglers: run it rarely.
-        gc.freeze()
-        gc.set_threshold(100_000, 50, 50)
+        self.quiet_gc()
         poll = self.ep.poll
-        handlers = self.handlers
-        closed = self.closed
-        timers = self.timers
-        monotonic = time.monotonic
-        heappop = heapq.heappop
         while self.running:
-            # Cancelled timers stay in the heap (lazy cancellation); one at the
-            # head would only wake epoll_wait up for nothing: drop it first.
-            while timers and timers[0].fn is None:
-                heappop(timers)
-            timeout = -1
-            if timers:
-                timeout = max(0.0, timers[0].when - monotonic())
+            timeout = self.next_timeout()
             if self.should_stop():
                 break
-            closed.clear()
+            self.closed.clear()
             try:
-                events = poll(timeout, 512)
+                events = poll(-1 if timeout is None else timeout, 512)
             except InterruptedError:
                 continue
-            for fd, ev in events:
-                if closed and fd in closed:
-                    continue        # stale: that fd was closed (maybe reused) in this batch
-                h = handlers.get(fd)
-                if h is not None:
-                    h(ev)
-            if timers:
-                now = monotonic()
-                while timers and timers[0].when <= now:
-                    t = heappop(timers)
-                    if t.fn is not None:
-                        fn, t.fn = t.fn, None
-                        fn()
+            self.dispatch(events)
+            self.run_due_timers()
+
+    # -- the parts of a loop turn (also engine.CoreLoop.run's) ---------------------------
+    @staticmethod
+    def quiet_gc() -> None:
+        """Handlers leave no reference cycles behind (see Tunnel._done), so the
+        cyclic GC only has to catch stragglers: run it rarely."""
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 50)
+
+    def next_timeout(self) -> float | None:
+        """Seconds until the first timer is due; None: no timer."""
+        timers = self.timers
+        # Cancelled timers stay in the heap (lazy cancellation); one at the
+        # head would only wake the wait up for nothing: drop it first.
+        while timers and timers[0].fn is None:
+            heapq.heappop(timers)
+        return max(0.0, timers[0].when - time.monotonic()) if timers else None
+
+    def dispatch(self, events) -> None:
+        """Call the handlers of a batch of (fd, mask); the caller cleared
+        `closed` before the wait that produced it."""
+        handlers, closed = self.handlers, self.closed
+        for fd, ev in events:
+            if closed and fd in closed:
+                continue        # stale: that fd was closed (maybe reused) in this batch
+            h = handlers.get(fd)
+            if h is not None:
+                h(ev)
+
+    def run_due_timers(self) -> None:
+        timers = self.timers
+        if not timers:
+            return
+        now = time.monotonic()
+        while timers and timers[0].when <= now:
+            t = heapq.heappop(timers)
+            if t.fn is not None:
+                fn, t.fn = t.fn, None
+                fn()
 
     def close(self) -> None:
         for fd in list(self.handlers):

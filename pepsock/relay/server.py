@@ -26,7 +26,7 @@ from . import routability
 from . import stats as S
 from .admission import Admission
 from .budget import make_budget
-from .clients import client_key, is_loopback
+from .clients import client_key
 from .cookies import TCP_FASTOPEN_KEY, Cookies
 from .ratelimit import LogLimiter, TokenBuckets
 from .config import DEFAULT_MAX_TUNNELS, Config
@@ -34,7 +34,7 @@ from .context import TunnelContext
 from .pipes import PipePool
 from .reactor import ACCEPT_PAUSE, Reactor
 from .sockopts import apply_side, keepalive_limit
-from .tunnel import RETRY_AFTER, Closer, Tunnel, fmt_addr
+from .tunnel import Closer, Tunnel, fmt_addr
 from .workers import Supervisor
 
 log = logging.getLogger("pepsock.relay")
@@ -308,20 +308,10 @@ class Loop(Reactor):
             if syn_data:
                 st[S.SYN_DATA] += 1
             ip = str(normalize_ip(addr[0])) if ":" in addr[0] else addr[0]
-            if not adm.client_allowed(ip):
-                self._refuse(sock, addr, ErrorCode.NOT_AUTHORIZED, "client not in --allow-client")
-                continue
-            key = client_key(ip, self.cfg.ipv6_prefix)
-            exempt = is_loopback(ip)
-            why = adm.take(key, now, exempt)
-            if why is None:
-                sizes = adm.budget.reserve(key, exempt)
-                if sizes is None:
-                    adm.release(key)
-                    why = "memory budget reached"
-            if why is not None:
-                # Value: the delay (s) RFC 8803 lets us suggest before the next try.
-                self._refuse(sock, addr, ErrorCode.RESOURCE_EXCEEDED, why, RETRY_AFTER)
+            key, exempt, sizes, refusal = adm.admit(ip, now, self.cfg.ipv6_prefix)
+            if refusal is not None:
+                code, value, why = refusal
+                self._refuse(sock, addr, code, why, value)
                 continue
             st[S.TUNNELS_OPEN] += 1
             t = Tunnel(self.ctx, sock, (ip, addr[1]), now, key, exempt, sizes,

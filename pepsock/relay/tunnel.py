@@ -48,10 +48,10 @@ from ..protocol import (
 from .. import tfo
 from . import routability
 from . import stats as S
-from .cookies import Verdict
+from .admission import RETRY_AFTER
 from .onward import connect_limit
-from .sockopts import (  # noqa: F401 - apply_side, keepalive_limit: the server's too
-    TCP_CLOSE, TCP_SYNCNT, apply_side, disarm as _disarm, keepalive_limit,
+from .sockopts import (
+    TCP_CLOSE, TCP_SYNCNT, apply_side, disarm as _disarm,
     reset_close as _reset_close, tcp_state as _tcp_state, unacked as _unacked,
 )
 
@@ -78,6 +78,18 @@ SUCCESS = success_reply()
 #: (RFC 8803 6.2.8; for TCP-AO a MUST): connecting without them would
 #: silently give the client less than it asked for, e.g. no authentication.
 HONOURED_OPTIONS = frozenset((2, 3, 4, 8))
+
+
+def options_refusal(kinds) -> tuple | None:
+    """The Connect's TCP option kinds, in order: None if all are honoured,
+    else (Error 33, the refused kinds once each, why)."""
+    refused = bytes(dict.fromkeys(k for k in kinds if k not in HONOURED_OPTIONS))
+    if not refused:
+        return None
+    return (ErrorCode.UNSUPPORTED_TCP_OPTION, refused,
+            f"TCP options {', '.join(map(str, refused))} cannot be honoured")
+
+
 #: What an Info request is answered with: those options.
 INFO_REPLY = success_reply((SupportedTCPExtensions(tuple(sorted(HONOURED_OPTIONS))),))
 #: How often a tunnel whose destination reset checks that the client has
@@ -96,9 +108,6 @@ class State(IntEnum):
 
 
 HEADER, CONNECTING, OPEN, FLUSHING, DONE, HELD = State
-#: Error 64's Value when a limit refuses a client: retry after 1 s (RFC 8803
-#: 6.2.8; an empty Value would mean 30 s, too long for a rate limit).
-RETRY_AFTER = b"\x01"
 #: Error replies lingering for the client's FIN at once; beyond, close at once.
 MAX_CLOSERS = 1024
 
@@ -393,12 +402,10 @@ class Tunnel:
             return self._reply_and_close(INFO_REPLY, "info")
         if self.ctx.cookies is not None and not self._cookie_accepted(msg):
             return
-        refused = [o.kind for o in req.options if o.kind not in HONOURED_OPTIONS]
-        if refused:
-            kinds = bytes(dict.fromkeys(refused))
+        refusal = options_refusal(o.kind for o in req.options)
+        if refusal is not None:
             self.dest = (str(req.address), req.port)
-            return self._fail(ErrorCode.UNSUPPORTED_TCP_OPTION, kinds,
-                              f"TCP options {', '.join(map(str, kinds))} cannot be honoured")
+            return self._fail(*refusal)
         dest_family = socket.AF_INET if req.address.version == 4 else socket.AF_INET6
         syn_payload, self.syn_room = self.syn_room, 0
         if syn_payload and self.early and self.ctx.cfg.onward_tfo:
@@ -415,30 +422,16 @@ class Tunnel:
         self._connect(req.address, req.port)
 
     def _cookie_accepted(self, msg) -> bool:
-        """--cookie-secret: a Connect needs a valid Cookie TLV (cookies.py).
-        Without one: Error 3 carrying this address's cookie; a wrong one,
-        or an expired token: Error 32."""
-        cookies = self.ctx.cookies
+        """--cookie-secret: a Connect needs a valid Cookie TLV (Cookies.judge)."""
         tlv = msg.get(TLVType.COOKIE)
-        verdict, who = cookies.check(None if tlv is None else tlv.data, self.client_ip)
-        if verdict is Verdict.OK:
-            if self.unverified and who == "address":
-                # This address once received our Error 3: proof enough, as a
-                # TFO cookie is (a token is authorization, not that proof).
-                self._verified_by_cookie()
-            return True
-        st = self.ctx.stats.v
-        if verdict is Verdict.MISSING:
-            st[S.COOKIE_MISSING] += 1
-            self._fail(ErrorCode.MISSING_COOKIE, b"\x00" + cookies.cookie_for(self.client_ip),
-                       "no Cookie TLV")
-        elif verdict is Verdict.EXPIRED:
-            st[S.TOKEN_EXPIRED] += 1
-            self._fail(ErrorCode.NOT_AUTHORIZED, b"", f"{who} expired")
-        else:
-            st[S.COOKIE_BAD] += 1
-            self._fail(ErrorCode.NOT_AUTHORIZED, b"", "Cookie TLV not valid for this client")
-        return False
+        refusal, who = self.ctx.cookies.judge(None if tlv is None else tlv.data, self.client_ip,
+                                              self.ctx.stats.v)
+        if refusal is not None:
+            self._fail(*refusal)
+            return False
+        if self.unverified and who == "address":
+            self._verified_by_cookie()
+        return True
 
     def _header_timeout(self) -> None:
         if self.state == HEADER:
@@ -448,12 +441,7 @@ class Tunnel:
     def _connect(self, address, port: int) -> None:
         ctx = self.ctx
         self.dest = (str(address), port)
-        adm = ctx.admission
-        if not self.exempt and adm.client_is_self(self.client_ip):
-            # The relay reaching itself (a hairpin DNAT, an address it did not
-            # know was its own): one request could nest tunnels without end.
-            return self._fail(ErrorCode.NOT_AUTHORIZED, b"", "client is this host itself")
-        refusal = adm.judge_dest(address, port)
+        refusal = ctx.admission.judge_connect(self.client_ip, self.exempt, address, port)
         if refusal is not None:
             return self._fail(*refusal)
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
