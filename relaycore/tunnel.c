@@ -556,24 +556,18 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
     for (;;) {
         bool progress = false;
         /* 1. deliver: the pipe, else the buffer */
-        if (d->held && dst->writable) {
-            ssize_t n = splice(d->pipe_r, NULL, dst->fd, NULL, d->held, SPLICE_FLAGS);
+        if ((d->held || d->len) && dst->writable) {
+            bool from_pipe = d->held != 0;
+            ssize_t n = from_pipe
+                ? splice(d->pipe_r, NULL, dst->fd, NULL, d->held, SPLICE_FLAGS)
+                : send(dst->fd, d->buf + d->off, d->len, MSG_NOSIGNAL | MSG_DONTWAIT);
             if (n > 0) {
-                d->held -= (uint32_t)n;
-                moved += (uint64_t)n;
-                progress = true;
-            } else if (n < 0 && errno == EAGAIN) {
-                dst->writable = false;
-            } else if (n < 0) {
-                rc = -errno;
-                *which = 1;
-                break;
-            }
-        } else if (d->len && dst->writable) {
-            ssize_t n = send(dst->fd, d->buf + d->off, d->len, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (n > 0) {
-                d->off += (uint32_t)n;
-                d->len -= (uint32_t)n;
+                if (from_pipe) {
+                    d->held -= (uint32_t)n;
+                } else {
+                    d->off += (uint32_t)n;
+                    d->len -= (uint32_t)n;
+                }
                 moved += (uint64_t)n;
                 progress = true;
             } else if (n < 0 && errno == EAGAIN) {
