@@ -41,6 +41,7 @@ from pepsock.protocol import Connect, Cookie, ErrorCode, Message, MessageReader 
 from pepsock.testbed.topology import ADDR, Settings, Testbed  # noqa: E402
 from pepsock.tfo import MSG_FASTOPEN, TCP_FASTOPEN_NO_COOKIE  # noqa: E402
 from relay_helpers import Relay  # noqa: E402
+from testbed_bench import answer_one_request  # noqa: E402
 
 PORT, DEST_PORT = 5124, 8080
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
@@ -67,18 +68,7 @@ def responder(host, addr):
                 c, _ = ls.accept()
             except OSError:
                 return
-            c.settimeout(5)
-            buf = b""
-            try:
-                while b"\r\n\r\n" not in buf:
-                    chunk = c.recv(4096)
-                    if not chunk:
-                        break
-                    buf += chunk
-                c.sendall(RESPONSE)
-            except OSError:
-                pass
-            c.close()
+            answer_one_request(c, RESPONSE, 5)
     threading.Thread(target=serve, daemon=True).start()
     return ls
 

@@ -55,23 +55,10 @@ def serve(args) -> None:
     listener = socket.create_server(("0.0.0.0", SERVER_PORT), backlog=64)
     print("ready", flush=True)
 
-    def one(conn):
-        with conn:
-            conn.settimeout(10)
-            data = b""
-            try:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        return
-                    data += chunk
-                conn.sendall(ANSWER)
-            except OSError:
-                pass
-
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=one, args=(conn,), daemon=True).start()
+        threading.Thread(target=tb_bench.answer_one_request, args=(conn, ANSWER, 10),
+                         daemon=True).start()
 
 
 def _once(mode, server, pep) -> float:

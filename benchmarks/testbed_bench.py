@@ -22,6 +22,23 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def answer_one_request(conn, answer: bytes, timeout: float) -> None:
+    """The benchmarks' HTTP server, one connection: read the request's head,
+    send `answer`, close; a client that leaves early is no error."""
+    with conn:
+        conn.settimeout(timeout)
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            conn.sendall(answer)
+        except OSError:
+            pass
+
+
 def parser(description: str, r1: float = 40.0, r2: float = 80.0) -> argparse.ArgumentParser:
     """--reps/--r1/--r2, and the hidden options of the --serve/--client roles."""
     ap = argparse.ArgumentParser(description=description)

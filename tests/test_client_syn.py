@@ -363,30 +363,26 @@ def _tcp_state(writer) -> int:
     return writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
 
 
+async def _echo_request(echo, conv, **kw):
+    """open_connection through `conv`, then the request echoed: (the echo,
+    the TCP state right after open_connection returned)."""
+    reader, writer = await pepsock.open_connection(*echo.address, pep=conv.address, **kw)
+    state = _tcp_state(writer)
+    writer.write(REQUEST)
+    got = await reader.readexactly(len(REQUEST))
+    writer.close()
+    return got, state
+
+
 def test_asyncio_request_rides_in_the_syn(echo):
-    async def main(conv):
-        reader, writer = await pepsock.open_connection(*echo.address, pep=conv.address)
-        state = _tcp_state(writer)
-        writer.write(REQUEST)
-        got = await reader.readexactly(len(REQUEST))
-        writer.close()
-        return got, state
     with Converter() as conv:
-        assert _aio(main(conv)) == (REQUEST, 2)          # no SYN before the write
+        assert _aio(_echo_request(echo, conv)) == (REQUEST, 2)     # no SYN before the write
     assert conv.seen[0].syn_data and conv.seen[0].early_data == REQUEST
 
 
 def test_asyncio_with_a_timeout_waits_for_the_handshake_as_before(echo):
-    async def main(conv):
-        reader, writer = await pepsock.open_connection(*echo.address, pep=conv.address,
-                                                       timeout=5)
-        state = _tcp_state(writer)
-        writer.write(REQUEST)
-        got = await reader.readexactly(len(REQUEST))
-        writer.close()
-        return got, state
     with Converter() as conv:
-        assert _aio(main(conv)) == (REQUEST, 1)          # the handshake was done
+        assert _aio(_echo_request(echo, conv, timeout=5)) == (REQUEST, 1)  # handshake done
 
 
 def test_asyncio_refused_pep_fails_over_with_the_request(echo, monkeypatch):
