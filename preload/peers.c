@@ -14,10 +14,16 @@
 
 /* Re-read a PEP's shared file at most this often (ns). */
 #define REFRESH_NS 1000000000LL
+/* A changed RTT is written at most this often per PEP and process (ns), as
+ * pepsock.session does: a hint for the connect timeout, and rewriting the
+ * file for each wobble of it cost more than the connect (loopback RTTs
+ * swing by 2x from one connection to the next). */
+#define RTT_REWRITE_NS 10000000000LL
 
 struct health {
     struct sockaddr_in6 addr;   /* the address this was read for */
     long long read_at;          /* CLOCK_MONOTONIC ns; 0: never */
+    long long rtt_written_at;   /* CLOCK_MONOTONIC ns this process last wrote rtt_us; 0: never */
     struct pep_peer_state st;
 };
 
@@ -61,6 +67,8 @@ static struct health *get(unsigned i, const struct sockaddr_in6 *addr)
     struct health *h = &health[i];
     long long now = mono_ns();
     if (!h->read_at || now - h->read_at > REFRESH_NS || !same_addr(&h->addr, addr)) {
+        if (!same_addr(&h->addr, addr))
+            h->rtt_written_at = 0;
         h->addr = *addr;
         pep_state_read(addr, &h->st);
         h->read_at = now;
@@ -170,9 +178,15 @@ void pep_peer_note_rtt(unsigned i, const struct sockaddr_in6 *addr, long rtt_us)
     pthread_mutex_lock(&lock);
     struct health *h = get(i, &k);
     long old = h->st.rtt_us;
-    /* written when unknown or off by more than half: a hint, not a log */
-    int write = !old || rtt_us > old + old / 2 || rtt_us < old / 2;
-    h->st.rtt_us = rtt_us;
+    long long now = mono_ns();
+    /* written when unknown, or off by more than 2x and not written by this
+     * process in the last RTT_REWRITE_NS: a hint, not a log */
+    int write = !old || ((rtt_us > 2 * old || 2 * rtt_us < old) &&
+                         (!h->rtt_written_at || now - h->rtt_written_at > RTT_REWRITE_NS));
+    if (write) {
+        h->st.rtt_us = rtt_us;
+        h->rtt_written_at = now;
+    }
     pthread_mutex_unlock(&lock);
     if (write) {
         char v[24];

@@ -18,6 +18,7 @@ the names are compared for every other address.
 """
 import ipaddress
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -323,3 +324,40 @@ def test_hold_down_and_cookie_learnt_by_one_client_used_by_the_other(ns, echo, p
                 assert "refused" not in err, err
             assert revived.seen == []
         assert [s.cookie for s in conv.seen] == [None, COOKIE, COOKIE]
+
+
+WILD_RTT = re.compile(r"\brtt_us=1\b")
+
+
+def test_libpep_writes_a_changed_rtt_at_most_once_per_interval(ns, echo, pep_state):
+    """libpep.so rewrites a PEP's rtt_us as pepsock.session.learn does: when
+    unknown, or off by more than 2x and not written by this process in the
+    last 10 s (a file rewrite per connection cost more than the connect).
+    One program: its first round trip replaces a wild rtt_us=1; the file is
+    set back to rtt_us=1 and re-read after a second (libpep's refresh), and
+    the second round trip, as far off, leaves it alone.  A new process
+    writes again."""
+    with Converter() as conv:
+        proxy = f"127.0.0.1:{conv.address[1]}"
+        path = pep_state / pepstate.file_name("127.0.0.1", conv.address[1])
+        pep_state.mkdir(mode=0o700)
+        path.write_text("rtt_us=1 keep=me\n")
+        env = preload_helpers.preload_env(None, PEP_PROXY=proxy, PEP_STATE_DIR=str(pep_state))
+        code = ("import re, socket, sys, time\n"
+                "def trip():\n"
+                f"    with socket.create_connection(('127.0.0.1', {echo.address[1]}), timeout=10) as s:\n"
+                "        s.sendall(b'x'); assert s.recv(1) == b'x'\n"
+                "path = sys.argv[1]\n"
+                "trip(); first = open(path).read()\n"
+                "wild = re.sub(r'rtt_us=\\d+', 'rtt_us=1', first)\n"
+                "open(path, 'w').write(wild); time.sleep(1.2)\n"
+                "trip(); print(repr(first)); print(repr(wild)); print(repr(open(path).read()))\n")
+        p = subprocess.run(ns.cmd(sys.executable, "-c", code, str(path)), env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        first, wild, second = (eval(x) for x in p.stdout.splitlines())
+        assert "keep=me" in first and not WILD_RTT.search(first), first
+        assert WILD_RTT.search(wild), wild
+        assert second == wild      # off by > 2x, yet not rewritten
+        libpep_round_trip(ns, pep_state, proxy, echo.address[1])
+        assert not WILD_RTT.search(path.read_text())         # another process: written
