@@ -7,6 +7,7 @@ import struct
 
 from hypothesis import given, strategies as st
 
+from pepsock.policy import normalize_ip
 from pepsock.relay.budget import Budget, Sizes
 from pepsock.relay.clients import client_key
 from pepsock.relay.onward import syn_deadline
@@ -157,3 +158,72 @@ def test_onward_syn_room_never_makes_a_larger_syn():
                                 <= _IP_HEADER[cf] + payload)
     assert onward_syn_room(so.AF_INET, so.AF_INET, 24 + 100, False) >= 100
     assert onward_syn_room(so.AF_INET, so.AF_INET6, 24 + 100, True) == 24 + 100 - 20 - 8
+
+
+# -- ConnectVerdicts: judge_connect remembered while its route answers hold --------
+
+def _verdicts(*rules):
+    from pepsock.policy import AddressRule
+    from pepsock.relay.admission import Admission, ConnectVerdicts
+    adm = Admission([(allow, AddressRule.parse(r)) for allow, r in rules], [], 100, 0)
+    adm.listen_ports = {8443}
+    return adm, ConnectVerdicts(adm)
+
+
+def _raw(addr) -> bytes:
+    a = ipaddress.ip_address(addr)
+    return (b"\0" * 10 + b"\xff\xff" + a.packed) if a.version == 4 else a.packed
+
+
+addresses = st.one_of(
+    st.sampled_from(["127.0.0.1", "127.0.0.2", "::1", "192.0.2.7", "198.51.100.1", "10.1.2.3",
+                     "169.254.169.254", "224.0.0.1", "2001:db8::1", "64:ff9b::7f00:1",
+                     "::ffff:127.0.0.1", "0.0.0.0", "203.0.113.9"]),
+    st.ip_addresses().map(str))
+
+
+@given(addresses, st.sampled_from([80, 443, 8443]),
+       st.sampled_from([("127.0.0.1", True), ("192.0.2.50", False), ("2001:db8::5", False),
+                        ("127.0.0.1", False)]))
+def test_connect_verdicts_say_what_judge_connect_says(dest, port, client):
+    adm, verdicts = _verdicts((True, "127.0.0.0/8"), (False, "198.51.100.0/24"))
+    ip, exempt = client
+    now = __import__("time").monotonic()
+    for _ in range(2):      # the first call judges, the second remembers
+        refusal, address, text = verdicts.judge(ip, exempt, _raw(dest), port, now)
+        want = adm.judge_connect(ip, exempt, address, port)
+        assert refusal == want
+        assert address == ipaddress.ip_address(text)
+        assert normalize_ip(address) == normalize_ip(dest)
+
+
+def test_connect_verdicts_last_no_longer_than_the_route_answers():
+    """An entry ends when the first route answer it used ends: past it,
+    the destination is judged anew (a route that changed counts as soon as
+    the route cache says so, as without the verdict cache)."""
+    import time
+    adm, verdicts = _verdicts()
+    now = time.monotonic()
+    refusal, address, _ = verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, now)
+    until = verdicts.cache[("192.0.2.50", _raw("192.0.2.7"), 80)][0]
+    route_expiries = [adm.routes.cache[k][0] for k in
+                      ((4, int(ipaddress.ip_address("192.0.2.7"))),
+                       (4, int(ipaddress.ip_address("192.0.2.50"))))]
+    assert until <= min(route_expiries) and until <= now + 1.0
+    # Past it, a changed answer is taken: the route cache now says "local".
+    for k in list(adm.routes.cache):
+        adm.routes.cache[k] = (until + 10, (2, 0))       # RTN_LOCAL from now on
+    refusal, _, _ = verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, until - 1e-6)
+    assert refusal is None or "this host" not in refusal[2]      # still the remembered one
+    refusal, _, _ = verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, until + 1e-3)
+    assert refusal is not None and "host" in refusal[2], refusal
+
+
+def test_connect_verdicts_hold_at_most_cache_max():
+    import time
+    adm, verdicts = _verdicts((True, "192.0.2.0/24"))
+    verdicts.CACHE_MAX = 50
+    now = time.monotonic()
+    for port in range(1, 200):
+        verdicts.judge("127.0.0.1", True, _raw("192.0.2.7"), port, now)
+        assert len(verdicts.cache) <= 50

@@ -28,7 +28,7 @@ from ..policy import AddressRule, embedded_ipv4, match_compiled, normalize_ip
 from ..protocol import ErrorCode
 from .clients import client_key, is_loopback
 from .ratelimit import TokenBuckets
-from .routes import DROP_TYPES, RTN_LOCAL, SELF_TYPES, Routes
+from .routes import CACHE_TTL as ROUTE_TTL, DROP_TYPES, RTN_LOCAL, SELF_TYPES, Routes
 
 BUILTIN_DENY = tuple(AddressRule.parse(t) for t in (
     "0.0.0.0/8",          # "this network"; 0.0.0.0 reaches the host itself on Linux
@@ -295,6 +295,51 @@ class Admission:
     def release_pending(self, key: str) -> None:
         self.pending_total -= 1
         _dec(self.pending, key)
+
+
+class ConnectVerdicts:
+    """Admission.judge_connect for the C engine, remembered per (client,
+    destination, port) for as long as every kernel route answer it rested on
+    is trusted (Routes.valid_until, at most routes.CACHE_TTL), and, without
+    netlink, the /proc view of this host's addresses (LOCAL_REFRESH): the
+    verdict is what judge_connect would say at that moment, without building
+    address objects and walking the rules for every tunnel.  The rules and
+    listen ports are fixed while the relay runs.  A destination arrives as
+    its 16 Connect bytes (IPv4 as ::ffff:a.b.c.d); an exempt (loopback)
+    client is not judged as a client, so all of them share one entry.
+    At most CACHE_MAX entries: a flood of distinct destinations empties it."""
+
+    CACHE_MAX = 4096
+
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self.cache: dict = {}
+
+    def judge(self, client_ip: str, exempt: bool, raw: bytes, port: int, now: float):
+        """(refusal or None, address, its text) for a Connect to raw:port."""
+        key = (None if exempt else client_ip, raw, port)
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if raw[:12] == _V4_MAPPED:
+            address = ipaddress.IPv4Address(raw[12:])
+        else:
+            address = ipaddress.IPv6Address(raw)
+        adm = self.admission
+        routes = adm.routes
+        routes.valid_until = now + ROUTE_TTL
+        refusal = adm.judge_connect(client_ip, exempt, address, port)
+        until = routes.valid_until
+        if not routes.usable:
+            until = min(until, adm._local_at + LOCAL_REFRESH)
+        verdict = (refusal, address, str(address))
+        if len(self.cache) >= self.CACHE_MAX:
+            self.cache.clear()
+        self.cache[key] = (until, verdict)
+        return verdict
+
+
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def _dec(counts: dict, key) -> None:

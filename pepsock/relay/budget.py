@@ -25,7 +25,7 @@ process, and its buffers are *sized* to what it was granted:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: Floors: a 16 KiB kernel buffer (8 KiB of window) and 4 KiB in a pipe keep
 #: a tunnel working, slowly, however many a client opens.
@@ -46,11 +46,12 @@ class Sizes:
     server_rcv: int
     server_snd: int
     pipe: int           # per direction
+    #: the total, charged and released once per tunnel (computed, not given)
+    cost: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def cost(self) -> int:
-        return self.client_rcv + self.client_snd + self.server_rcv + self.server_snd \
-            + 2 * self.pipe
+    def __post_init__(self):
+        object.__setattr__(self, "cost", self.client_rcv + self.client_snd + self.server_rcv
+                           + self.server_snd + 2 * self.pipe)
 
     def level(self, k: int) -> "Sizes":
         b = lambda n: max(MIN_BUFFER, n >> k)   # noqa: E731

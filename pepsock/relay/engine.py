@@ -20,7 +20,6 @@ own epoll set as one fd of the core's); the core's timers live in C.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from ..policy import normalize_ip
 from ..protocol import ErrorCode, error_for_connect_failure, error_reply
 from . import routability
 from . import stats as S
-from .admission import RETRY_AFTER
+from .admission import RETRY_AFTER, ConnectVerdicts
 from .core import load, loaded_path
 from .onward import connect_limit
 from .server import LINGER_TIMEOUT, Loop
@@ -124,7 +123,13 @@ class CoreLoop(Loop):
         self.counters = self.lib.rc_counters(self.core)
         self.conn = ffi.new("struct rc_connect *")
         self.ctunnels: dict[int, CTunnel] = {}
+        self.verdicts: ConnectVerdicts | None = None
         self._pipe_warned = False
+
+    @Loop.admission.setter
+    def admission(self, adm) -> None:
+        self.ctx.admission = adm
+        self.verdicts = ConnectVerdicts(adm)
 
     # -- listeners ---------------------------------------------------------------------
     def add_listener(self, sock: socket.socket) -> None:
@@ -264,24 +269,20 @@ class CoreLoop(Loop):
 
     def _connect(self, t: CTunnel, r, unverified: bool) -> None:
         ffi = self.ffi
-        raw = bytes(ffi.buffer(r.dest_addr, 16))
-        if raw[:12] == b"\0" * 10 + b"\xff\xff":
-            address = ipaddress.IPv4Address(raw[12:])
-        else:
-            address = ipaddress.IPv6Address(raw)
         port = r.dest_port
-        t.dest = (str(address), port)
+        # Admission.judge_connect, remembered while its route answers hold.
+        refusal, address, text = self.verdicts.judge(
+            t.client_ip, t.exempt, bytes(ffi.buffer(r.dest_addr, 16)), port, time.monotonic())
+        t.dest = (text, port)
         if self.ctx.cookies is not None and not self._cookie_accepted(t, r, unverified):
             return
         if r.nkinds:
-            kinds = bytes(ffi.buffer(r.kinds, r.nkinds))
-            refusal = options_refusal(kinds)
-            if refusal is not None:
-                return self._fail(t, *refusal)
-        adm = self.admission
-        refusal = adm.judge_connect(t.client_ip, t.exempt, address, port)
+            refused = options_refusal(bytes(ffi.buffer(r.kinds, r.nkinds)))
+            if refused is not None:
+                return self._fail(t, *refused)
         if refusal is not None:
             return self._fail(t, *refusal)
+        adm = self.admission
         busy = adm.take_pending(t.client_key, t.exempt)
         if busy is not None:
             return self._fail(t, ErrorCode.RESOURCE_EXCEEDED, RETRY_AFTER, busy)

@@ -82,6 +82,11 @@ class Routes:
         self.usable = True
         self.cache: dict = {}
         self.seq = itertools.count(1)
+        #: Lowered to the expiry of every answer route_of hands out: a caller
+        #: that sets it to "never" before a judgement and reads it after
+        #: knows how long that judgement rests on answers still trusted
+        #: (admission.ConnectVerdicts).
+        self.valid_until = float("inf")
         try:    # opened now: one fd for the process's life, not one that appears later
             self.sock = self._open()
         except OSError:
@@ -98,11 +103,15 @@ class Routes:
         now = time.monotonic()
         hit = self.cache.get(key)
         if hit is not None and hit[0] > now:
+            if hit[0] < self.valid_until:
+                self.valid_until = hit[0]
             return hit[1]
         answer = self._query(addr)
         if len(self.cache) >= CACHE_MAX:
             self.cache.clear()
         self.cache[key] = (now + CACHE_TTL, answer)
+        if now + CACHE_TTL < self.valid_until:
+            self.valid_until = now + CACHE_TTL
         return answer
 
     def _query(self, addr) -> tuple[int, int]:
