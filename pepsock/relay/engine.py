@@ -365,8 +365,9 @@ class CoreLoop(Loop):
             return
         if r.expired:
             self.stats.v[S.UNVERIFIED_EXPIRED] += 1
-        self._done(t, self.ffi.string(r.why).decode(errors="replace"), r.up, r.down,
-                   r.elapsed_ns / 1e9)
+        # The outcome's text is only ever logged.
+        outcome = self.ffi.string(r.why).decode(errors="replace") if self.cfg.log_tunnels else ""
+        self._done(t, outcome, r.up, r.down, r.elapsed_ns / 1e9)
 
     # -- endings -------------------------------------------------------------------------------
     def _fail(self, t: CTunnel, code, value: bytes, why: str) -> None:
