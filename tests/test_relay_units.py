@@ -3,6 +3,7 @@ netlink route reply parser, the memory budget, token buckets, the client key
 and the SYN deadline.  Property tests where there is a parser or an
 invariant."""
 import ipaddress
+import socket
 import struct
 
 from hypothesis import given, strategies as st
@@ -190,11 +191,12 @@ def test_connect_verdicts_say_what_judge_connect_says(dest, port, client):
     ip, exempt = client
     now = __import__("time").monotonic()
     for _ in range(2):      # the first call judges, the second remembers
-        refusal, address, text = verdicts.judge(ip, exempt, _raw(dest), port, now)
-        want = adm.judge_connect(ip, exempt, address, port)
-        assert refusal == want
-        assert address == ipaddress.ip_address(text)
+        refusal, family, packed, text = verdicts.judge(ip, exempt, _raw(dest), port, now)
+        address = ipaddress.ip_address(text)
+        assert address.packed == packed and family == (socket.AF_INET if address.version == 4
+                                                       else socket.AF_INET6)
         assert normalize_ip(address) == normalize_ip(dest)
+        assert refusal == adm.judge_connect(ip, exempt, address, port)
 
 
 def test_connect_verdicts_last_no_longer_than_the_route_answers():
@@ -204,7 +206,7 @@ def test_connect_verdicts_last_no_longer_than_the_route_answers():
     import time
     adm, verdicts = _verdicts()
     now = time.monotonic()
-    refusal, address, _ = verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, now)
+    verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, now)
     until = verdicts.cache[("192.0.2.50", _raw("192.0.2.7"), 80)][0]
     route_expiries = [adm.routes.cache[k][0] for k in
                       ((4, int(ipaddress.ip_address("192.0.2.7"))),
@@ -213,9 +215,9 @@ def test_connect_verdicts_last_no_longer_than_the_route_answers():
     # Past it, a changed answer is taken: the route cache now says "local".
     for k in list(adm.routes.cache):
         adm.routes.cache[k] = (until + 10, (2, 0))       # RTN_LOCAL from now on
-    refusal, _, _ = verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, until - 1e-6)
+    refusal = verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, until - 1e-6)[0]
     assert refusal is None or "this host" not in refusal[2]      # still the remembered one
-    refusal, _, _ = verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, until + 1e-3)
+    refusal = verdicts.judge("192.0.2.50", False, _raw("192.0.2.7"), 80, until + 1e-3)[0]
     assert refusal is not None and "host" in refusal[2], refusal
 
 

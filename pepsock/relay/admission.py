@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 import time
 
 from ..policy import AddressRule, embedded_ipv4, match_compiled, normalize_ip
@@ -316,7 +317,8 @@ class ConnectVerdicts:
         self.cache: dict = {}
 
     def judge(self, client_ip: str, exempt: bool, raw: bytes, port: int, now: float):
-        """(refusal or None, address, its text) for a Connect to raw:port."""
+        """(refusal or None, family, packed address, its text) for a Connect
+        to raw:port."""
         key = (None if exempt else client_ip, raw, port)
         hit = self.cache.get(key)
         if hit is not None and hit[0] > now:
@@ -332,7 +334,8 @@ class ConnectVerdicts:
         until = routes.valid_until
         if not routes.usable:
             until = min(until, adm._local_at + LOCAL_REFRESH)
-        verdict = (refusal, address, str(address))
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        verdict = (refusal, family, address.packed, str(address))
         if len(self.cache) >= self.CACHE_MAX:
             self.cache.clear()
         self.cache[key] = (until, verdict)

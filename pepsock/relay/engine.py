@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import time
+from socket import AF_INET, AF_INET6, inet_ntop
 
 from ..policy import normalize_ip
 from ..protocol import ErrorCode, error_for_connect_failure, error_reply
@@ -124,11 +125,13 @@ class CoreLoop(Loop):
         self.conn = ffi.new("struct rc_connect *")
         self.ctunnels: dict[int, CTunnel] = {}
         self.verdicts: ConnectVerdicts | None = None
+        self._adm = None
         self._pipe_warned = False
 
     @Loop.admission.setter
     def admission(self, adm) -> None:
         self.ctx.admission = adm
+        self._adm = adm         # the per-tunnel paths read it without the property
         self.verdicts = ConnectVerdicts(adm)
 
     # -- listeners ---------------------------------------------------------------------
@@ -211,18 +214,17 @@ class CoreLoop(Loop):
         if r.syn_data:
             st[S.SYN_DATA] += 1
         ffi = self.ffi
-        if r.family == socket.AF_INET:
-            ip = socket.inet_ntop(socket.AF_INET, ffi.buffer(r.client_addr, 4))
+        if r.family == AF_INET:
+            ip = inet_ntop(AF_INET, ffi.buffer(r.client_addr, 4))
         else:
-            ip = str(normalize_ip(socket.inet_ntop(socket.AF_INET6,
-                                                   ffi.buffer(r.client_addr, 16))))
+            ip = str(normalize_ip(inet_ntop(AF_INET6, ffi.buffer(r.client_addr, 16))))
         addr = (ip, r.client_port)
         if r.hdr == HDR_GONE:   # failed before a byte; the core closed it
             if self.cfg.log_tunnels and self._log_allowed(ip):
                 log.info("tunnel client=%s dest=- up=0 down=0 duration=0.000s "
                          "outcome=reset (client error in header)", fmt_addr(addr))
             return
-        adm = self.admission
+        adm = self._adm
         now = time.monotonic()
         key, exempt, sizes, refusal = adm.admit(ip, now, self.cfg.ipv6_prefix)
         if refusal is not None:
@@ -271,7 +273,7 @@ class CoreLoop(Loop):
         ffi = self.ffi
         port = r.dest_port
         # Admission.judge_connect, remembered while its route answers hold.
-        refusal, address, text = self.verdicts.judge(
+        refusal, family, packed, text = self.verdicts.judge(
             t.client_ip, t.exempt, bytes(ffi.buffer(r.dest_addr, 16)), port, time.monotonic())
         t.dest = (text, port)
         if self.ctx.cookies is not None and not self._cookie_accepted(t, r, unverified):
@@ -282,19 +284,15 @@ class CoreLoop(Loop):
                 return self._fail(t, *refused)
         if refusal is not None:
             return self._fail(t, *refusal)
-        adm = self.admission
+        adm = self._adm
         busy = adm.take_pending(t.client_key, t.exempt)
         if busy is not None:
             return self._fail(t, ErrorCode.RESOURCE_EXCEEDED, RETRY_AFTER, busy)
         t.pending_slot = True
         c = self.conn
         cfg = self.cfg
-        if address.version == 4:
-            c.family = socket.AF_INET
-            ffi.memmove(c.addr, address.packed, 4)
-        else:
-            c.family = socket.AF_INET6
-            ffi.memmove(c.addr, address.packed, 16)
+        c.family = family
+        ffi.memmove(c.addr, packed, len(packed))
         c.port = port
         c.syn_room = 0
         if t.syn_payload and r.early and cfg.onward_tfo:
@@ -386,13 +384,13 @@ class CoreLoop(Loop):
     def _connect_over(self, t: CTunnel) -> None:
         if t.pending_slot:
             t.pending_slot = False
-            self.admission.release_pending(t.client_key)
+            self._adm.release_pending(t.client_key)
 
     def _done(self, t: CTunnel, outcome: str, up: int, down: int, duration: float) -> None:
         if self.ctunnels.pop(t.id, None) is None:
             return
         self._connect_over(t)
-        adm = self.admission
+        adm = self._adm
         adm.release(t.client_key)
         adm.budget.release(t.client_key, t.sizes)
         self.stats.v[S.TUNNELS_OPEN] -= 1
