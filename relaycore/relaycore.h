@@ -2,7 +2,8 @@
  *
  * What the core does (C): accept on the listeners, read and parse the
  * Convert header (preload/tlv.c), create and connect the onward socket
- * (onward TFO when allowed), send the Success reply, move the bytes (copy
+ * (onward TFO when allowed), send the Success reply (with the destination's
+ * first bytes when the client sent early data: tunnel.c), move the bytes (copy
  * small transfers, splice large ones through pooled pipes), carry half-close
  * and resets, deliver what it holds before carrying a destination's reset
  * (FLUSHING), send Error replies with a clean close (the closer), and the

@@ -16,7 +16,8 @@ ASan/UBSan.
   sent early data (tunnel.c): one segment fewer (the client's TCP_INFO), sent
   alone at once for a header-only client or when the client sends more,
   alone after REPLY_HOLD_NS for a silent destination, before the FIN of one
-  that closes without a byte, and a spliced download behind it intact.
+  that closes without a byte and before a destination's reset, and a
+  spliced download behind it intact.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from pepsock.protocol import (  # noqa: E402
 from pepsock.relay import core as relaycore  # noqa: E402
 from relay_helpers import (  # noqa: E402
     Relay, Server, convert_open, echo, error_code, read_reply, recv_all, recv_exact,
-    tfo_send, wait_eof_or_reset,
+    recv_to_the_end, tfo_send, wait_eof_or_reset,
 )
 import preload_helpers  # noqa: E402
 
@@ -518,3 +519,25 @@ def test_spliced_download_behind_a_coalesced_success(stats_relay):
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         s.close()
     assert _coalesced(stats_relay) == before + 1
+
+
+@pytest.mark.parametrize("size", [0, 200_000], ids=["nothing", "200KB"])
+def test_destination_reset_the_held_success_then_what_it_sent_then_the_reset(
+        stats_relay, size):
+    """The reset handling (FLUSHING) sends a held reply first: the client
+    gets the Success, every byte the destination sent, then the reset."""
+    data = os.urandom(size)
+
+    def reset_after(conn):
+        conn.recv(100)
+        conn.sendall(data)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    with Server(reset_after) as srv:
+        s = convert_open(stats_relay.addr, srv.addr, b"ping")
+        msg, rest = read_reply(s)
+        assert msg.error is None
+        got, how = recv_to_the_end(s, rest)
+        assert (len(got), how) == (size, "reset")
+        assert got == data
+        s.close()
