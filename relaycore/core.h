@@ -25,6 +25,9 @@
 #define EVENTS_PER_STEP 8
 #define ACCEPT_PAUSE_NS 100000000LL /* 0.1 s, as the Python reactor */
 #define FLUSH_POLL_NS 20000000LL    /* 20 ms: a flushing tunnel checks the client's ACKs */
+/* How long a held Success reply waits for the destination's first bytes to
+ * ride with (tunnel.c): far below the clients' reply timeout (10 s). */
+#define REPLY_HOLD_NS 200000000LL   /* 0.2 s */
 #define MAX_LISTENERS 16
 
 enum tstate {
@@ -56,6 +59,7 @@ enum tqueue {
     Q_LINGER,      /* linger_timeout */
     Q_FLUSH,       /* FLUSH_POLL_NS */
     Q_SYN_WINDOW,  /* an unverified client's onward SYN: unverified_syn_window */
+    Q_REPLY,       /* OPEN with the Success reply held: REPLY_HOLD_NS */
     Q_VERIFY,      /* an unverified client's handshake: header_timeout (link 1) */
     NQUEUES
 };
@@ -88,6 +92,9 @@ struct dir {
     bool eof, shut, splice_mode;
     uint64_t bytes;       /* delivered to dst */
     uint64_t *counter;    /* core counter of this direction */
+    uint32_t reply;       /* down only: bytes of the held Success reply, to go in
+                           * front of the first bytes read (0: none held) */
+    uint32_t lead;        /* bytes at buf[off] that are the reply, not data */
     uint32_t limit;       /* budget: the most a pipe may hold */
 };
 
@@ -116,6 +123,7 @@ struct tunnel {
     int64_t mark_at;
     bool onward_syn_data;       /* the onward SYN carried early data */
     uint32_t got;               /* bytes read while reading the header */
+    uint32_t early;             /* bytes of early data read with the header */
 };
 
 struct tqueue_head {

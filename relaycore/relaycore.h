@@ -2,7 +2,8 @@
  *
  * What the core does (C): accept on the listeners, read and parse the
  * Convert header (preload/tlv.c), create and connect the onward socket
- * (onward TFO when allowed), send the Success reply, move the bytes (copy
+ * (onward TFO when allowed), send the Success reply (with the destination's
+ * first bytes when the client sent early data: tunnel.c), move the bytes (copy
  * small transfers, splice large ones through pooled pipes), carry half-close
  * and resets, deliver what it holds before carrying a destination's reset
  * (FLUSHING), send Error replies with a clean close (the closer), and the
@@ -38,7 +39,7 @@
 enum rc_record_kind {
     RC_NEW = 1,            /* accepted; `hdr` says how far the header got */
     RC_HEADER = 2,         /* the header finished (or failed) after the accept */
-    RC_CONNECTED = 3,      /* onward connect done, Success sent: data flows */
+    RC_CONNECTED = 3,      /* onward connect done, Success sent (or held, tunnel.c): data flows */
     RC_CONNECT_FAILED = 4, /* `err`: errno (ETIMEDOUT with timeout=1): refuse it */
     RC_ENDED = 5,          /* the tunnel is gone: `why`, bytes, duration */
     RC_ACCEPT_ERROR = 6,   /* accept() failed with `err`; the listener pauses */
@@ -113,6 +114,7 @@ struct rc_counters {
     uint64_t pipe_refused; /* F_SETPIPE_SZ refused: pipes are pipe_cap bytes */
     uint64_t pipe_cap;
     uint64_t held_replies; /* accept-time refusals waiting for a client's handshake */
+    uint64_t replies_coalesced; /* Success replies sent with the destination's first bytes */
 };
 
 struct rc_connect {

@@ -19,6 +19,19 @@
  * epoll_ctl.  A direction reads only when what it holds is delivered
  * (nothing in the buffer, room in the pipe), so a slow receiver never spins
  * the loop; an idle tunnel holds no pipe and no buffer.
+ *
+ * The Success reply rides with the destination's first bytes when the
+ * client is not waiting for it: a client that sent early data behind its
+ * header (`early`) gets the 4 bytes in front of those first bytes, one send
+ * (down.reply, then down.lead: reply bytes in the buffer, not counted as
+ * data), so the reply takes no segment (no slot of the initial window) of
+ * its own.  The hold ends, and the reply goes alone at once, on the first
+ * of: more bytes or a FIN from the client (it may stream until the reply),
+ * the destination's FIN (the reply still goes before it), any error or
+ * reset path, REPLY_HOLD_NS (Q_REPLY: OPEN uses no other link-0 timer).  A
+ * client that sent only the header may be waiting for the reply (PEP_CONFIRM,
+ * a server-speaks-first protocol): it gets it at open, as the Python engine
+ * does for every client.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -80,6 +93,19 @@ static uint32_t unacked(int fd)
     return (uint32_t)n;
 }
 
+/* The held Success reply, now and alone (see the top): 0, or -errno if the
+ * client's socket failed.  Nothing was read for the client while it was
+ * held, so nothing can overtake it. */
+static int reply_alone(struct rc_core *core, struct dir *down)
+{
+    if (!down->reply)
+        return 0;
+    down->reply = 0;
+    if (send(down->dst->fd, core->success, core->success_len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+        return -errno;
+    return 0;
+}
+
 static void ended(struct rc_core *core, struct tunnel *t, bool reset, const char *fmt,
                   const char *arg)
 {
@@ -97,6 +123,7 @@ static void ended(struct rc_core *core, struct tunnel *t, bool reset, const char
  * tunnel cut short is never mistaken for a finished one. */
 void tunnel_abort(struct rc_core *core, struct tunnel *t, const char *why)
 {
+    reply_alone(core, &t->down);    /* the reply, then the reset: as if never held */
     reset_close(t->c.fd);
     reset_close(t->s.fd);
     core->n.resets++;
@@ -240,7 +267,7 @@ static int read_header(struct rc_core *core, struct tunnel *t, struct rc_record 
             up->off = 0;
             up->len = (uint32_t)((size_t)n - used);
             memmove(up->buf, up->buf + used, up->len);
-            r->early = up->len;
+            r->early = t->early = up->len;
             if (t->msg.has_info && !t->msg.has_connect)
                 return RC_HDR_INFO;
             r->dest_port = t->msg.port;
@@ -493,10 +520,12 @@ static void connect_failed(struct rc_core *core, struct tunnel *t, int err, bool
     t->state = T_DECIDE;
 }
 
-/* Onward connection up, client verified: the Success reply, then data. */
+/* Onward connection up, client verified: the Success reply (held for the
+ * destination's first bytes if the client sent early data), then data. */
 static void open_tunnel(struct rc_core *core, struct tunnel *t)
 {
-    if (send(t->c.fd, core->success, core->success_len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+    if (!t->early
+        && send(t->c.fd, core->success, core->success_len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
         char why[80];
         snprintf(why, sizeof why, "client gone before reply: %s", strerror(errno));
         return tunnel_abort(core, t, why);
@@ -515,6 +544,10 @@ static void open_tunnel(struct rc_core *core, struct tunnel *t)
     t->down.counter = &core->n.bytes_down;
     t->up.peer = &t->down;
     t->down.peer = &t->up;
+    if (t->early) {
+        t->down.reply = (uint32_t)core->success_len;
+        timer_set(core, t, Q_REPLY);
+    }
     run(core, t);
 }
 
@@ -562,13 +595,16 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                 ? splice(d->pipe_r, NULL, dst->fd, NULL, d->held, SPLICE_FLAGS)
                 : send(dst->fd, d->buf + d->off, d->len, MSG_NOSIGNAL | MSG_DONTWAIT);
             if (n > 0) {
+                uint32_t lead = 0;
                 if (from_pipe) {
                     d->held -= (uint32_t)n;
                 } else {
+                    lead = d->lead < (uint32_t)n ? d->lead : (uint32_t)n;
+                    d->lead -= lead;
                     d->off += (uint32_t)n;
                     d->len -= (uint32_t)n;
                 }
-                moved += (uint64_t)n;
+                moved += (uint64_t)n - lead;
                 progress = true;
             } else if (n < 0 && errno == EAGAIN) {
                 dst->writable = false;
@@ -587,6 +623,10 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                 if (d->held < cap) {
                     ssize_t n = splice(src->fd, NULL, d->pipe_w, NULL, cap - d->held,
                                        SPLICE_FLAGS);
+                    if (n >= 0 && (rc = reply_alone(core, d->peer)) != 0) {
+                        *which = 0;     /* the client streams: its reply goes now */
+                        break;
+                    }
                     if (n > 0) {
                         d->held += (uint32_t)n;
                         progress = true;
@@ -611,16 +651,32 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                     *which = 0;
                     break;
                 }
-                ssize_t n = recv(src->fd, d->buf, COPY_BUF, MSG_DONTWAIT);
+                /* A held reply goes in front of the first bytes, one send. */
+                uint32_t lead = d->reply;
+                ssize_t n = recv(src->fd, d->buf + lead, COPY_BUF - lead, MSG_DONTWAIT);
+                if (n >= 0 && (rc = reply_alone(core, d->peer)) != 0) {
+                    *which = 0;     /* the client streams: its reply goes now */
+                    break;
+                }
                 if (n > 0) {
+                    if (lead) {
+                        memcpy(d->buf, core->success, lead);
+                        d->reply = 0;
+                        d->lead = lead;
+                        core->n.replies_coalesced++;
+                    }
                     d->off = 0;
-                    d->len = (uint32_t)n;
+                    d->len = (uint32_t)n + lead;
                     progress = true;
-                    if (n == COPY_BUF)
+                    if (d->len == COPY_BUF)
                         d->splice_mode = true;  /* a bulk transfer: splice from now on */
                     else if (src->armed && !src->fin_seen)
                         src->readable = false;  /* drained: saves the EAGAIN recv */
                 } else if (n == 0) {
+                    if ((rc = reply_alone(core, d)) != 0) {
+                        *which = 1;     /* the reply precedes the destination's FIN */
+                        break;
+                    }
                     d->eof = true;
                 } else if (errno == EAGAIN) {
                     src->readable = false;
@@ -689,6 +745,7 @@ static bool flush(struct rc_core *core, struct tunnel *t)
  * them would lose data a direct connection delivers. */
 static void start_flush(struct rc_core *core, struct tunnel *t, const char *why)
 {
+    reply_alone(core, &t->down);    /* first: a client gone shows in flush() */
     t->state = T_FLUSHING;
     snprintf(t->why, sizeof t->why, "server %s", why);
     pipe_put(core, &t->up);     /* the client's bytes cannot reach the server any more */
@@ -750,6 +807,8 @@ static void run(struct rc_core *core, struct tunnel *t)
         return broken(core, t, rc);
     if ((rc = pump(core, &t->down, &which)) != 0)
         return broken(core, t, rc);
+    if (t->tl[0].q == Q_REPLY && !t->down.reply)
+        timer_clear(core, t);   /* the held reply went */
     if (t->up.shut && t->down.shut)
         finish_clean(core, t);
 }
@@ -900,6 +959,12 @@ void tunnel_timer(struct rc_core *core, struct tunnel *t)
     case T_FLUSHING:
         flush_poll(core, t);
         break;
+    case T_OPEN: {  /* Q_REPLY: the destination is slow to answer, the reply goes alone */
+        int rc = reply_alone(core, &t->down);
+        if (rc)
+            broken(core, t, rc);
+        break;
+    }
     default:
         break;
     }

@@ -12,11 +12,20 @@ ASan/UBSan.
   deliver, refusals, bad headers, a refused connect, the drain; with and
   without --no-cookie (clients that may be unverified, HELD).  Any sanitizer
   report fails the test.
+* The Success reply held for the destination's first bytes when the client
+  sent early data (tunnel.c): one segment fewer (the client's TCP_INFO), sent
+  alone at once for a header-only client or when the client sends more,
+  alone after REPLY_HOLD_NS for a silent destination, before the FIN of one
+  that closes without a byte and before a destination's reset, and a
+  spliced download behind it intact.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import select
 import socket
+import struct
 import threading
 import time
 
@@ -25,12 +34,12 @@ import pytest
 cffi = pytest.importorskip("cffi")
 
 from pepsock.protocol import (  # noqa: E402
-    Connect, Cookie, Message, MessageReader, TCPOption, error_reply,
+    Connect, Cookie, Message, MessageReader, TCPOption, error_reply, success_reply,
 )
 from pepsock.relay import core as relaycore  # noqa: E402
 from relay_helpers import (  # noqa: E402
-    Relay, Server, convert_open, echo, error_code, read_reply, recv_all, tfo_send,
-    wait_eof_or_reset,
+    Relay, Server, convert_open, echo, error_code, read_reply, recv_all, recv_exact,
+    recv_to_the_end, tfo_send, wait_eof_or_reset,
 )
 import preload_helpers  # noqa: E402
 
@@ -218,6 +227,108 @@ def test_header_timeout_is_a_record():
 
 
 # ---------------------------------------------------------------------------------
+# The Success reply rides with the destination's first bytes (early-data clients)
+
+SUCCESS = success_reply()
+
+
+def _rc_connect(core: Core, rid: int, dest: tuple[str, int]) -> None:
+    """rc_connect to a loopback destination; on loopback the handshake runs
+    inside connect(), so the tunnel opens (CONNECTED) inside the call."""
+    c = core.ffi.new("struct rc_connect *")
+    c.family = socket.AF_INET
+    c.addr[0:4] = list(socket.inet_aton(dest[0]))
+    c.port = dest[1]
+    assert core.lib.rc_connect(core.core, rid, c) == 0
+    kinds = [core.recs[i].kind for i in range(core.lib.rc_count(core.core))]
+    assert RC_CONNECTED in kinds, kinds
+
+
+def _pending(s: socket.socket, wait: float = 0.05) -> bytes:
+    """What the client has now (the core is not stepped meanwhile)."""
+    return s.recv(4096) if select.select([s], [], [], wait)[0] else b""
+
+
+def _step_until_readable(core: Core, s: socket.socket, timeout: float = 3.0) -> float:
+    """Step the core until the client has bytes; returns when (monotonic)."""
+    deadline = time.monotonic() + timeout
+    ext = core.ffi.new("int *")
+    while time.monotonic() < deadline:
+        core.lib.rc_wait(core.core, 10, ext)
+        if select.select([s], [], [], 0)[0]:
+            return time.monotonic()
+    raise AssertionError("nothing reached the client")
+
+
+@pytest.fixture
+def silent():
+    """A destination that completes handshakes and says nothing."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    yield ls
+    ls.close()
+
+
+def test_header_only_client_gets_the_success_at_once(core, silent):
+    """No early data: the client may be waiting for the reply (PEP_CONFIRM,
+    a server that speaks first), so it is sent inside rc_connect, before the
+    core runs again (a held reply could only come from a later step)."""
+    s = convert_open(core.addr, silent.getsockname())
+    r = core.wait(RC_NEW)
+    assert (r.hdr, r.early) == (HDR_CONNECT, 0)
+    _rc_connect(core, r.id, silent.getsockname())
+    assert _pending(s, 1.0) == SUCCESS
+    assert core.lib.rc_counters(core.core).replies_coalesced == 0
+    core.lib.rc_abort_all(core.core, b"test")
+    s.close()
+
+
+def test_early_data_and_a_silent_destination_the_success_goes_alone_after_the_hold(
+        core, silent):
+    s = convert_open(core.addr, silent.getsockname(), b"GET")
+    r = core.wait(RC_NEW)
+    assert r.early == 3
+    _rc_connect(core, r.id, silent.getsockname())
+    opened = time.monotonic()
+    assert _pending(s) == b""           # held
+    conn, _ = silent.accept()
+    conn.settimeout(5)
+    assert conn.recv(100) == b"GET"     # the early data went on meanwhile
+    waited = _step_until_readable(core, s) - opened
+    assert 0.15 < waited < 2, waited    # REPLY_HOLD_NS = 0.2 s
+    assert _pending(s) == SUCCESS       # alone
+    conn.sendall(b"late")               # then the destination's bytes, as ever
+    _step_until_readable(core, s)
+    assert _pending(s) == b"late"
+    assert core.lib.rc_counters(core.core).replies_coalesced == 0
+    conn.close()
+    core.lib.rc_abort_all(core.core, b"test")
+    s.close()
+
+
+def test_early_data_then_more_from_the_client_the_success_goes_at_once(core, silent):
+    """A client that streams (an upload it bounds by the reply) gets the
+    reply as soon as its next bytes come, not after the hold."""
+    s = convert_open(core.addr, silent.getsockname(), b"up1")
+    r = core.wait(RC_NEW)
+    _rc_connect(core, r.id, silent.getsockname())
+    assert _pending(s, 0) == b""        # held
+    sent = time.monotonic()
+    s.sendall(b"up2")
+    waited = _step_until_readable(core, s) - sent
+    assert waited < 0.15, waited
+    assert _pending(s) == SUCCESS
+    conn, _ = silent.accept()
+    conn.settimeout(5)
+    assert recv_exact(conn, 6) == b"up1up2"
+    assert core.lib.rc_counters(core.core).replies_coalesced == 0
+    conn.close()
+    core.lib.rc_abort_all(core.core, b"test")
+    s.close()
+
+
+# ---------------------------------------------------------------------------------
 # The relay on the ASan/UBSan core
 
 ALLOW_LO = ("--allow-dest", "127.0.0.0/8", "--deny-dest", "192.0.2.0/24")
@@ -340,3 +451,93 @@ def test_any_first_bytes_get_an_answer_and_nothing_breaks(asan_relay, data):
     finally:
         s.close()
     assert asan_relay.proc.poll() is None, asan_relay.log
+
+
+# ---------------------------------------------------------------------------------
+# The same on the relay (ASan/UBSan core): segments, order, splice behind it
+
+
+def _data_segs_in(s: socket.socket) -> int:
+    """tcpi_data_segs_in (u32 at 152 of the kernel's tcp_info, Linux >= 4.6)."""
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return struct.unpack_from("I", info, 152)[0]
+
+
+@pytest.fixture(scope="module")
+def stats_relay():
+    with Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--stats", "127.0.0.1:0",
+               env=_asan_env()) as relay:
+        yield relay
+        assert relay.stop(15) == 0, relay.log
+        assert "AddressSanitizer" not in relay.log and "runtime error" not in relay.log
+
+
+def _coalesced(relay: Relay) -> float:
+    return relay.metrics()["pep_relay_replies_coalesced_total"]
+
+
+def test_success_rides_with_the_first_response_bytes(stats_relay):
+    """Early data and a destination that answers at once: the client's first
+    recv has the Success and the response, which came in ONE data segment
+    (the reply alone would be a segment of its own: two)."""
+    def answer(conn):
+        conn.recv(100)
+        conn.sendall(b"pong")
+        conn.recv(100)          # until the client closes
+    before = _coalesced(stats_relay)
+    with Server(answer) as srv:
+        s = convert_open(stats_relay.addr, srv.addr, b"ping")
+        assert s.recv(1024) == SUCCESS + b"pong"
+        assert _data_segs_in(s) == 1
+        s.close()
+    assert _coalesced(stats_relay) == before + 1
+
+
+def test_destination_closing_without_a_byte_success_then_eof(stats_relay):
+    with Server(lambda c: c.recv(100)) as srv:
+        s = convert_open(stats_relay.addr, srv.addr, b"ping")
+        msg, rest = read_reply(s)
+        assert msg.error is None and rest == b""
+        assert wait_eof_or_reset(s) == "eof"
+        s.close()
+
+
+def test_spliced_download_behind_a_coalesced_success(stats_relay):
+    """The reply in front of a buffer that fills (then splice): a few MB intact."""
+    data = os.urandom(4 << 20)
+
+    def download(conn):
+        conn.recv(100)
+        conn.sendall(data)
+    before = _coalesced(stats_relay)
+    with Server(download) as srv:
+        s = convert_open(stats_relay.addr, srv.addr, b"GET /big")
+        s.settimeout(10)
+        msg, rest = read_reply(s)
+        assert msg.error is None
+        got = recv_all(s, rest)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        s.close()
+    assert _coalesced(stats_relay) == before + 1
+
+
+@pytest.mark.parametrize("size", [0, 200_000], ids=["nothing", "200KB"])
+def test_destination_reset_the_held_success_then_what_it_sent_then_the_reset(
+        stats_relay, size):
+    """The reset handling (FLUSHING) sends a held reply first: the client
+    gets the Success, every byte the destination sent, then the reset."""
+    data = os.urandom(size)
+
+    def reset_after(conn):
+        conn.recv(100)
+        conn.sendall(data)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    with Server(reset_after) as srv:
+        s = convert_open(stats_relay.addr, srv.addr, b"ping")
+        msg, rest = read_reply(s)
+        assert msg.error is None
+        got, how = recv_to_the_end(s, rest)
+        assert (len(got), how) == (size, "reset")
+        assert got == data
+        s.close()

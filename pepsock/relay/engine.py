@@ -402,13 +402,14 @@ class CoreLoop(Loop):
     # -- stats, drain ------------------------------------------------------------------------
     def gauges(self) -> None:
         """The core's counters into stats.v (the C engine's bytes, resets,
-        onward SYN data and pipes are counted in C)."""
+        onward SYN data, coalesced replies and pipes are counted in C)."""
         v = self.stats.v
         n = self.counters
         v[S.BYTES_UP] = n.bytes_up
         v[S.BYTES_DOWN] = n.bytes_down
         v[S.RESETS] = n.resets
         v[S.ONWARD_SYN_DATA] = n.onward_syn_data
+        v[S.REPLIES_COALESCED] = n.replies_coalesced
         v[S.PIPES] = n.pipes_open
         v[S.PIPE_BYTES] = self.lib.rc_pipe_bytes(self.core)
         v[S.MEMORY_COMMITTED] = self.admission.budget.committed

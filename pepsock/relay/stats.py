@@ -47,7 +47,8 @@ UNVERIFIED_BY_COOKIE = UNVERIFIED + 5  # unverified, but an address cookie prove
 MEMORY_COMMITTED = UNVERIFIED + 6     # kernel bytes tunnels may pin (worst case)
 PIPE_BYTES = MEMORY_COMMITTED + 1     # bytes sitting in pipes now
 ONWARD_SYN_DATA = PIPE_BYTES + 1      # onward connects whose SYN carried the client's bytes
-NVALUES = ONWARD_SYN_DATA + 1
+REPLIES_COALESCED = ONWARD_SYN_DATA + 1  # C engine: Success replies sent with the first bytes
+NVALUES = REPLIES_COALESCED + 1
 
 _SLOT = struct.Struct(f"={NVALUES}Q")
 
@@ -116,6 +117,9 @@ def render(v: list[int], workers: int = 1) -> str:
     metric("pep_relay_onward_syn_data_total", "counter",
            "Onward connects that put the client's early data in their SYN (TCP Fast Open "
            "with a cookie the destination gave).", [("", v[ONWARD_SYN_DATA])])
+    metric("pep_relay_replies_coalesced_total", "counter",
+           "Success replies sent in one segment with the destination's first bytes (C engine: "
+           "clients that sent early data).", [("", v[REPLIES_COALESCED])])
     metric("pep_relay_resets_total", "counter", "Tunnels ended by a reset.", [("", v[RESETS])])
     metric("pep_relay_pipes", "gauge", "Pipes held (in use or pooled).", [("", v[PIPES])])
     metric("pep_relay_unverified_total", "counter",
