@@ -231,8 +231,9 @@ static void pep_reply_error(int fd, struct pep_conn *c, const struct pep_msg *m,
 /* ---- the bounded wait for the reply ------------------------------------- */
 
 /* When c's reply must be complete (CLOCK_MONOTONIC ns): PEP_REPLY_TIMEOUT
- * after the handshake with the PEP was first seen done; 0 while it is not
- * (the handshake has its own bound). Under the lock. */
+ * after the handshake with the PEP was first seen done (pep_handshake_check
+ * sets it as it sees that; looked up here only if it has not); 0 while it
+ * is not (the handshake has its own bound). Under the lock. */
 static long long reply_deadline(int fd, struct pep_conn *c)
 {
     if (!c->reply_deadline) {

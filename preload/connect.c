@@ -71,13 +71,14 @@ static int goes_direct(const struct dest *d)
 }
 
 /* Only IPv4/IPv6 TCP stream sockets of the destination's family, not yet
- * connected. */
+ * connected. SO_TYPE is not asked: protocol IPPROTO_TCP in an inet family
+ * is SOCK_STREAM, or SOCK_RAW, whose TCP_INFO fails (EOPNOTSUPP/ENOPROTOOPT);
+ * MPTCP (262) and SMC (256) answer TCP_INFO but not SO_PROTOCOL 6. */
 static int socket_eligible(int fd, int family)
 {
     int v;
     struct tcp_info ti;
     return pep_sockopt_int(fd, SOL_SOCKET, SO_DOMAIN, &v) == 0 && v == family &&
-           pep_sockopt_int(fd, SOL_SOCKET, SO_TYPE, &v) == 0 && v == SOCK_STREAM &&
            pep_sockopt_int(fd, SOL_SOCKET, SO_PROTOCOL, &v) == 0 && v == IPPROTO_TCP &&
            pep_tcp_state(fd, &ti) == TCP_CLOSE;
 }
@@ -443,8 +444,11 @@ int pep_handshake_check(int fd, struct pep_conn *c, long long now)
         return c->state == PEP_ST_FAILED || !c->hs_deadline;
     }
     /* done (and maybe over already: a PEP that sent its reply and reset is
-     * the reply's story): what it tells about the PEP */
+     * the reply's story): what it tells about the PEP; and the reply's
+     * clock starts (conn.c, reply_deadline: one TCP_INFO less) */
     pep_conn_set_hs_deadline(c, 0);
+    if (!c->reply_deadline && (st == TCP_ESTABLISHED || st == TCP_CLOSE_WAIT))
+        c->reply_deadline = now + pep_cfg.reply_timeout_ns;
     pep_peer_note_rtt(c->peer, &c->pep, (long)ti.tcpi_rtt);
     pep_peer_note_tfo(c->peer, &c->pep, c->nocookie, !!(ti.tcpi_options & TCPI_OPT_SYN_DATA));
     return 1;
