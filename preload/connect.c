@@ -23,9 +23,6 @@
 #include "real.h"
 #include "tlv.h"
 
-#ifndef TCP_FASTOPEN_NO_COOKIE
-#define TCP_FASTOPEN_NO_COOKIE 34
-#endif
 #ifndef TCPI_OPT_SYN_DATA
 #define TCPI_OPT_SYN_DATA 32
 #endif
@@ -134,6 +131,7 @@ static struct pep_conn *register_conn(int fd, const struct stat *st, const struc
     c->v6only = v6only;
     c->confirm = pep_config_confirm(d->addr, d->port);
     c->ep_fd = -1;
+    c->nocookie_set = pep_fresh_socket_nocookie();
     pep_conn_set_state(c, PEP_ST_CONNECTING);
     return c;
 }
@@ -184,12 +182,12 @@ static void dissolve(int fd, int rst)
     socklen_t l = sizeof old;
     int had = rst && pep_real.getsockopt(fd, SOL_SOCKET, SO_LINGER, &old, &l) == 0;
     if (rst)
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        pep_real.setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     memset(&unspec, 0, sizeof unspec);
     unspec.sa_family = AF_UNSPEC;
     pep_real.connect(fd, &unspec, sizeof unspec);
     if (had)
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &old, sizeof old);
+        pep_real.setsockopt(fd, SOL_SOCKET, SO_LINGER, &old, sizeof old);
 }
 
 /* The Convert message for c's destination, with the Cookie TLV PEP i wants. */
@@ -266,7 +264,7 @@ static int attempt_pep(int fd, struct pep_conn *c, unsigned i, const struct sock
         return -1;
     }
     c->nocookie = pep_peer_use_nocookie(i, addr);
-    setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &c->nocookie, sizeof c->nocookie);
+    pep_nocookie_set(fd, c, c->nocookie);
     if (!c->confirm) /* PEP_CONFIRM: the reply is awaited as POLLIN, whatever its size */
         pep_lowat_hold(fd, c);
     ssize_t n = send_prefix_in_syn(fd, c, addr, len);
@@ -299,8 +297,7 @@ static int attempt_direct(int fd, struct pep_conn *c)
     c->direct = 1;
     c->hdr_len = 0;
     pep_lowat_release(fd, c);
-    int off = 0;
-    setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &off, sizeof off);
+    pep_nocookie_set(fd, c, 0);
     memcpy(&c->pep, &c->dest, sizeof c->pep);
     c->peplen = c->destlen;
     ssize_t n;
@@ -512,7 +509,7 @@ static int wait_handshake(int fd, struct pep_conn *c, int saved)
         int err = 0;
         pep_sockopt_int(fd, SOL_SOCKET, SO_ERROR, &err);
         if (err) {
-            pep_forget(fd);
+            pep_forget_open(fd);
             errno = err;
             return -1;
         }
@@ -524,7 +521,7 @@ static int wait_handshake(int fd, struct pep_conn *c, int saved)
          * again (a program may connect it anew) */
         int e = errno;
         if (e != EAGAIN && e != EINTR)
-            pep_forget(fd);
+            pep_forget_open(fd);
         errno = e == EAGAIN ? EINPROGRESS : e;
         return -1;
     }
@@ -616,8 +613,12 @@ enum pep_taken pep_connect_again(int fd, const struct sockaddr *sa, socklen_t le
     int saved = errno;
 
     if (sa && len >= sizeof(sa_family_t) && sa->sa_family == AF_UNSPEC) {
-        pep_forget(fd); /* the program disconnects the socket to reuse it */
+        /* the program disconnects the socket to reuse it (disconnected
+         * first: TCP_FASTOPEN_NO_COOKIE can only change on a closed socket) */
         *ret = pep_real.connect(fd, sa, len);
+        int e = errno;
+        pep_forget_open(fd);
+        errno = e;
         return PEP_TAKEN;
     }
     pep_lock();
@@ -657,7 +658,7 @@ enum pep_taken pep_connect_again(int fd, const struct sockaddr *sa, socklen_t le
         return PEP_TAKEN;
     }
     if (pep_tcp_state(fd, &ti) == TCP_CLOSE && !c->hs_deadline) {
-        pep_fd_forget(fd); /* a fresh start on this socket */
+        pep_fd_forget_open(fd); /* a fresh start on this socket */
         pep_unlock();
         errno = saved;
         return PEP_PASS;

@@ -59,6 +59,7 @@ struct pep_conn {
     unsigned tried;             /* bitmask of the PEPs tried for this connection */
     int direct;                 /* fell back to the destination: no header, no reply */
     int nocookie;               /* TCP_FASTOPEN_NO_COOKIE on this attempt */
+    int nocookie_set;           /* the value the socket has: 0, 1; -1 unknown (conn.c) */
     int cookie_retried;         /* reconnected once already for an Error 3 */
     int failed_connecting;      /* FAILED before connect() completed: SO_ERROR says err */
     /* PEP_CONFIRM: connect() completes on the PEP's verdict */
