@@ -234,7 +234,7 @@ static void conn_open(int fd, struct pep_conn *c)
     pep_conn_set_state(c, PEP_ST_OPEN);
     free(c->replay); /* nothing to replay any more */
     c->replay = NULL;
-    c->replay_len = 0;
+    c->replay_len = c->replay_cap = 0;
     /* Under PEP_TFO_MODE=auto, a PEP that wants TFO cookies costs the first
      * connections their 0-RTT by design (learning, then the cookie request):
      * peers.c records it; only a forced mode deserves the warning. */
