@@ -12,7 +12,9 @@ relay for both.  Each libpep has its own PEP_STATE_DIR and a 1 s warm-up run
 (libpep learns the PEP's TFO mode, the kernel gets the cookie).
 
 Prints, per round and as medians: wrk's CPU (user + system, from
-getrusage(RUSAGE_CHILDREN) around each run) per request, and new/base.
+getrusage(RUSAGE_CHILDREN) around each run) per request, and new/base; and,
+for scale, wrk without libpep through haproxy (one thread) to the same
+nginx in the same rounds (--no-haproxy: not).
 --strace also counts wrk's system calls per request (`strace -f -c`, wrk -t1
 -c1 -d2s; strace's own overhead makes that run's rate meaningless).
 
@@ -80,12 +82,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=3)
     ap.add_argument("--connections", type=int, default=8, help="wrk -c (one thread)")
+    ap.add_argument("--no-haproxy", action="store_true",
+                    help="no round through haproxy (wrk without libpep)")
     ap.add_argument("--strace", action="store_true",
                     help="also count system calls per request (wrk -t1 -c1 -d2s)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (a network namespace)")
         return 2
+    if not args.no_haproxy and not shutil.which("haproxy"):
+        args.no_haproxy = True
     for tool in ("nginx", "wrk") + (("strace",) if args.strace else ()):
         if not shutil.which(tool):
             print(f"missing {tool}")
@@ -101,19 +107,24 @@ def main(argv=None) -> int:
         _, nport = bench_relay.start_nginx(procs, tmp)
         _, rport = bench_relay.start_relay(procs, "--max-per-client", "0", "--no-tunnel-log",
                                            no_cookie=False)
-        envs = {}
+        envs, ports = {}, {}
         for name, lib in libs.items():
             env = bench_relay.pep_env(rport)
             env["LD_PRELOAD"] = lib
             env["PEP_STATE_DIR"] = os.path.join(tmp, f"state-{name}")
             os.makedirs(env["PEP_STATE_DIR"], mode=0o700)
             run_wrk(nport, env, 1, 1)  # warm-up: TFO mode learnt, cookie in the kernel
-            envs[name] = env
+            envs[name], ports[name] = env, nport
+        if not args.no_haproxy:
+            _, hport = bench_relay.start_haproxy(procs, tmp, nport, threads=1)
+            envs["haproxy"], ports["haproxy"] = dict(os.environ), hport
         print(f"# bench_preload_conns  load={os.getloadavg()[0]:.2f}  kernel={os.uname().release}"
               f"\n# base: {libs['base']}\n# new:  {libs['new']}")
         if args.strace:
             counts = {}
             for name, env in envs.items():
+                if name == "haproxy":
+                    continue
                 out = os.path.join(tmp, f"strace-{name}")
                 reqs, _ = run_wrk(nport, env, 2, 1, strace_out=out)
                 counts[name] = (reqs, strace_calls(out))
@@ -134,15 +145,21 @@ def main(argv=None) -> int:
         for i in range(args.rounds):
             order = list(envs) if i % 2 == 0 else list(reversed(envs))
             for name in order:
-                reqs, cpu = run_wrk(nport, envs[name], args.duration, args.connections)
+                reqs, cpu = run_wrk(ports[name], envs[name], args.duration, args.connections)
                 per[name].append(cpu * 1e6 / reqs)
-                print(f"  round {i + 1} {name:4s} {reqs / args.duration:8.0f} req/s  "
+                print(f"  round {i + 1} {name:7s} {reqs / args.duration:8.0f} req/s  "
                       f"{per[name][-1]:6.1f} us/request")
         ratios = [n / b for n, b in zip(per["new"], per["base"])]
         print(f"  median: base {statistics.median(per['base']):.1f} us  "
               f"new {statistics.median(per['new']):.1f} us  new/base per round: "
               + " ".join(f"{r:.2f}" for r in ratios)
               + f"  median {statistics.median(ratios):.2f}")
+        if "haproxy" in per:
+            vs = {n: statistics.median([a / h for a, h in zip(per[n], per["haproxy"])])
+                  for n in ("base", "new")}
+            print(f"  for scale, wrk without libpep through haproxy (1 thread): "
+                  f"{statistics.median(per['haproxy']):.1f} us; per round, median "
+                  + "  ".join(f"{n}/haproxy {v:.2f}" for n, v in vs.items()))
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
