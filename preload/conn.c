@@ -127,27 +127,86 @@ void pep_warn_0rtt_lost(const char *why)
 }
 
 /*
+ * What a socket libpep registers carries, without asking the kernel.
+ * SO_RCVLOWAT and TCP_FASTOPEN_NO_COOKIE are the kernel's defaults (1, 0) on
+ * a socket libpep sees for the first time, unless the program set either
+ * itself: the setsockopt hook (hooks.c) notes that it did, on any socket,
+ * and from then on libpep asks (SO_RCVLOWAT) or sets regardless
+ * (TCP_FASTOPEN_NO_COOKIE), as it always did. What libpep set on a socket
+ * it lets go of while the program keeps it (pep_forget_open) goes back to
+ * the defaults, so a later connect() on it finds them. (A socket that came
+ * through exec or SCM_RIGHTS unconnected, with either option set through a
+ * raw syscall, is the case left: the worst it gets is one attempt in the
+ * other TFO mode, or SO_RCVLOWAT 1 after its reply.)
+ */
+static int app_set_lowat, app_set_nocookie;
+
+void pep_note_app_sockopt(int level, int name)
+{
+    if (level == SOL_SOCKET && name == SO_RCVLOWAT)
+        __atomic_store_n(&app_set_lowat, 1, __ATOMIC_RELAXED);
+    else if (level == IPPROTO_TCP && name == TCP_FASTOPEN_NO_COOKIE)
+        __atomic_store_n(&app_set_nocookie, 1, __ATOMIC_RELAXED);
+}
+
+int pep_fresh_socket_nocookie(void)
+{
+    return __atomic_load_n(&app_set_nocookie, __ATOMIC_RELAXED) ? -1 : 0;
+}
+
+void pep_nocookie_set(int fd, struct pep_conn *c, int on)
+{
+    if (c->nocookie_set == on)
+        return;
+    c->nocookie_set = pep_real.setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &on,
+                                          sizeof on) == 0 ? on : -1;
+}
+
+/*
  * While the reply is outstanding the socket carries SO_RCVLOWAT = 5: a
  * success reply alone (4 bytes) does not make it readable, so poll/epoll do
  * not wake the program for bytes it will never see (wrk counts a read that
  * finds nothing after EPOLLIN as an error). An Error reply (8 bytes), data,
  * FIN or RST still wake it. The program's own value comes back after.
+ * c->lowat is that value while 5 is held (0: not held).
  */
 void pep_lowat_hold(int fd, struct pep_conn *c)
 {
     int v = 1, five = PEP_HDR_LEN + 1;
-    if (pep_sockopt_int(fd, SOL_SOCKET, SO_RCVLOWAT, &v) == 0 && v < five &&
-        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &five, sizeof five) == 0)
+    if (c->lowat)
+        return; /* held already (an attempt after a failover) */
+    if (__atomic_load_n(&app_set_lowat, __ATOMIC_RELAXED) &&
+        pep_sockopt_int(fd, SOL_SOCKET, SO_RCVLOWAT, &v) < 0)
+        return;
+    if (v < five && pep_real.setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &five, sizeof five) == 0)
         c->lowat = v;
-    else
-        c->lowat = 0;
 }
 
 void pep_lowat_release(int fd, struct pep_conn *c)
 {
     if (c->lowat) {
-        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &c->lowat, sizeof c->lowat);
+        pep_real.setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &c->lowat, sizeof c->lowat);
         c->lowat = 0;
+    }
+}
+
+void pep_fd_forget_open(int fd)
+{
+    struct pep_conn *c = pep_conn_get(fd);
+    /* no dup of fd keeps the connection going, and fd is still its socket */
+    if (c && c->refs == 1 && (c->lowat || c->nocookie_set == 1) && pep_same_socket(fd, c)) {
+        pep_lowat_release(fd, c);
+        pep_nocookie_set(fd, c, 0);
+    }
+    pep_fd_forget(fd);
+}
+
+void pep_forget_open(int fd)
+{
+    if (PEP_UNLIKELY(pep_fd_tracked(fd))) {
+        pep_lock();
+        pep_fd_forget_open(fd);
+        pep_unlock();
     }
 }
 
@@ -161,7 +220,7 @@ static void conn_fail(int fd, struct pep_conn *c, int err, const char *why)
     c->err = err;
     pep_log(PEP_LOG_INFO, "fd %d: %s: %s", fd, why, strerror(err));
     struct linger lg = {1, 0};
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    pep_real.setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     struct sockaddr unspec;
     memset(&unspec, 0, sizeof unspec);
     unspec.sa_family = AF_UNSPEC;
@@ -175,7 +234,7 @@ static void conn_open(int fd, struct pep_conn *c)
     pep_conn_set_state(c, PEP_ST_OPEN);
     free(c->replay); /* nothing to replay any more */
     c->replay = NULL;
-    c->replay_len = 0;
+    c->replay_len = c->replay_cap = 0;
     /* Under PEP_TFO_MODE=auto, a PEP that wants TFO cookies costs the first
      * connections their 0-RTT by design (learning, then the cookie request):
      * peers.c records it; only a forced mode deserves the warning. */
@@ -231,8 +290,10 @@ static void pep_reply_error(int fd, struct pep_conn *c, const struct pep_msg *m,
 /* ---- the bounded wait for the reply ------------------------------------- */
 
 /* When c's reply must be complete (CLOCK_MONOTONIC ns): PEP_REPLY_TIMEOUT
- * after the handshake with the PEP was first seen done; 0 while it is not
- * (the handshake has its own bound). Under the lock. */
+ * after the handshake with the PEP was first seen done (pep_handshake_check
+ * sets it as it sees that; looked up here only if it has not); 0 while it
+ * is not (the handshake has its own bound).
+ * Under the lock. */
 static long long reply_deadline(int fd, struct pep_conn *c)
 {
     if (!c->reply_deadline) {

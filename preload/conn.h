@@ -12,6 +12,10 @@
 
 #include "fdstate.h"
 
+#ifndef TCP_FASTOPEN_NO_COOKIE
+#define TCP_FASTOPEN_NO_COOKIE 34
+#endif
+
 /* What the caller of pep_settle() is about to do. */
 enum pep_settle_for {
     PEP_FOR_READ,        /* an application read: the reply must be gone first */
@@ -97,11 +101,24 @@ void pep_peer_text(const struct sockaddr_in6 *sa, char *out, size_t cap);
 void pep_lowat_hold(int fd, struct pep_conn *c);
 void pep_lowat_release(int fd, struct pep_conn *c);
 
+/* TCP_FASTOPEN_NO_COOKIE on fd, unless c says the socket has it already;
+ * what a socket seen for the first time has (0, or -1: unknown); and the
+ * setsockopt hook's note that the program set one of the two options
+ * libpep assumes at their defaults on a new socket (conn.c says why). */
+void pep_nocookie_set(int fd, struct pep_conn *c, int on);
+int pep_fresh_socket_nocookie(void);
+void pep_note_app_sockopt(int level, int name);
+
 /* Said once per process, at PEP_LOG=warn. */
 void pep_warn_0rtt_lost(const char *why);
 
 /* Drop fd's state, if any (takes the lock). */
 void pep_forget(int fd);
+/* The same where the program keeps using fd's socket (a disconnect, a failed
+ * connect), once it is closed (TCP_CLOSE): what libpep set on it goes back
+ * first (takes the lock; the second under it). */
+void pep_forget_open(int fd);
+void pep_fd_forget_open(int fd);
 
 /* Small socket helpers (the real getsockopt/fcntl). */
 int pep_sockopt_int(int fd, int level, int name, int *v);

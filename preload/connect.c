@@ -23,9 +23,6 @@
 #include "real.h"
 #include "tlv.h"
 
-#ifndef TCP_FASTOPEN_NO_COOKIE
-#define TCP_FASTOPEN_NO_COOKIE 34
-#endif
 #ifndef TCPI_OPT_SYN_DATA
 #define TCPI_OPT_SYN_DATA 32
 #endif
@@ -71,13 +68,14 @@ static int goes_direct(const struct dest *d)
 }
 
 /* Only IPv4/IPv6 TCP stream sockets of the destination's family, not yet
- * connected. */
+ * connected. SO_TYPE is not asked: protocol IPPROTO_TCP in an inet family
+ * is SOCK_STREAM, or SOCK_RAW, whose TCP_INFO fails (EOPNOTSUPP/ENOPROTOOPT);
+ * MPTCP (262) and SMC (256) answer TCP_INFO but not SO_PROTOCOL 6. */
 static int socket_eligible(int fd, int family)
 {
     int v;
     struct tcp_info ti;
     return pep_sockopt_int(fd, SOL_SOCKET, SO_DOMAIN, &v) == 0 && v == family &&
-           pep_sockopt_int(fd, SOL_SOCKET, SO_TYPE, &v) == 0 && v == SOCK_STREAM &&
            pep_sockopt_int(fd, SOL_SOCKET, SO_PROTOCOL, &v) == 0 && v == IPPROTO_TCP &&
            pep_tcp_state(fd, &ti) == TCP_CLOSE;
 }
@@ -133,6 +131,7 @@ static struct pep_conn *register_conn(int fd, const struct stat *st, const struc
     c->v6only = v6only;
     c->confirm = pep_config_confirm(d->addr, d->port);
     c->ep_fd = -1;
+    c->nocookie_set = pep_fresh_socket_nocookie();
     pep_conn_set_state(c, PEP_ST_CONNECTING);
     return c;
 }
@@ -155,13 +154,28 @@ void pep_replay_keep(struct pep_conn *c, const struct iovec *iov, size_t n, size
     size_t i;
     if (c->replay_lost || !r)
         return;
-    if (c->replay_len + r > PEP_REPLAY_MAX) {
+    size_t need = c->replay_len + r;
+    if (need > PEP_REPLAY_MAX) {
         c->replay_lost = 1; /* too much to replay: no more attempts for this one */
         return;
     }
-    if (!c->replay && !(c->replay = malloc(PEP_REPLAY_MAX))) {
-        c->replay_lost = 1;
-        return;
+    /* Grown as needed: a request of a few hundred bytes takes a small block
+     * from malloc's caches, where 64 KiB a connection grew and trimmed the
+     * heap (page faults, madvise) on every connection whose program wrote
+     * before the reply (wrk through a loaded PEP: ~2.5% of its CPU). */
+    if (need > c->replay_cap) {
+        size_t cap = c->replay_cap ? c->replay_cap : PEP_REPLAY_MIN;
+        while (cap < need)
+            cap *= 2;
+        if (cap > PEP_REPLAY_MAX)
+            cap = PEP_REPLAY_MAX;
+        uint8_t *grown = realloc(c->replay, cap);
+        if (!grown) {
+            c->replay_lost = 1;
+            return;
+        }
+        c->replay = grown;
+        c->replay_cap = cap;
     }
     for (i = 0; i < n && r; i++) {
         size_t k = iov[i].iov_len < r ? iov[i].iov_len : r;
@@ -183,12 +197,12 @@ static void dissolve(int fd, int rst)
     socklen_t l = sizeof old;
     int had = rst && pep_real.getsockopt(fd, SOL_SOCKET, SO_LINGER, &old, &l) == 0;
     if (rst)
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        pep_real.setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     memset(&unspec, 0, sizeof unspec);
     unspec.sa_family = AF_UNSPEC;
     pep_real.connect(fd, &unspec, sizeof unspec);
     if (had)
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &old, sizeof old);
+        pep_real.setsockopt(fd, SOL_SOCKET, SO_LINGER, &old, sizeof old);
 }
 
 /* The Convert message for c's destination, with the Cookie TLV PEP i wants. */
@@ -265,7 +279,7 @@ static int attempt_pep(int fd, struct pep_conn *c, unsigned i, const struct sock
         return -1;
     }
     c->nocookie = pep_peer_use_nocookie(i, addr);
-    setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &c->nocookie, sizeof c->nocookie);
+    pep_nocookie_set(fd, c, c->nocookie);
     if (!c->confirm) /* PEP_CONFIRM: the reply is awaited as POLLIN, whatever its size */
         pep_lowat_hold(fd, c);
     ssize_t n = send_prefix_in_syn(fd, c, addr, len);
@@ -298,8 +312,7 @@ static int attempt_direct(int fd, struct pep_conn *c)
     c->direct = 1;
     c->hdr_len = 0;
     pep_lowat_release(fd, c);
-    int off = 0;
-    setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &off, sizeof off);
+    pep_nocookie_set(fd, c, 0);
     memcpy(&c->pep, &c->dest, sizeof c->pep);
     c->peplen = c->destlen;
     ssize_t n;
@@ -443,8 +456,11 @@ int pep_handshake_check(int fd, struct pep_conn *c, long long now)
         return c->state == PEP_ST_FAILED || !c->hs_deadline;
     }
     /* done (and maybe over already: a PEP that sent its reply and reset is
-     * the reply's story): what it tells about the PEP */
+     * the reply's story): what it tells about the PEP; and the reply's
+     * clock starts (conn.c, reply_deadline: one TCP_INFO less) */
     pep_conn_set_hs_deadline(c, 0);
+    if (!c->reply_deadline && (st == TCP_ESTABLISHED || st == TCP_CLOSE_WAIT))
+        c->reply_deadline = now + pep_cfg.reply_timeout_ns;
     pep_peer_note_rtt(c->peer, &c->pep, (long)ti.tcpi_rtt);
     pep_peer_note_tfo(c->peer, &c->pep, c->nocookie, !!(ti.tcpi_options & TCPI_OPT_SYN_DATA));
     return 1;
@@ -508,7 +524,7 @@ static int wait_handshake(int fd, struct pep_conn *c, int saved)
         int err = 0;
         pep_sockopt_int(fd, SOL_SOCKET, SO_ERROR, &err);
         if (err) {
-            pep_forget(fd);
+            pep_forget_open(fd);
             errno = err;
             return -1;
         }
@@ -520,7 +536,7 @@ static int wait_handshake(int fd, struct pep_conn *c, int saved)
          * again (a program may connect it anew) */
         int e = errno;
         if (e != EAGAIN && e != EINTR)
-            pep_forget(fd);
+            pep_forget_open(fd);
         errno = e == EAGAIN ? EINPROGRESS : e;
         return -1;
     }
@@ -612,8 +628,12 @@ enum pep_taken pep_connect_again(int fd, const struct sockaddr *sa, socklen_t le
     int saved = errno;
 
     if (sa && len >= sizeof(sa_family_t) && sa->sa_family == AF_UNSPEC) {
-        pep_forget(fd); /* the program disconnects the socket to reuse it */
+        /* the program disconnects the socket to reuse it (disconnected
+         * first: TCP_FASTOPEN_NO_COOKIE can only change on a closed socket) */
         *ret = pep_real.connect(fd, sa, len);
+        int e = errno;
+        pep_forget_open(fd);
+        errno = e;
         return PEP_TAKEN;
     }
     pep_lock();
@@ -653,7 +673,7 @@ enum pep_taken pep_connect_again(int fd, const struct sockaddr *sa, socklen_t le
         return PEP_TAKEN;
     }
     if (pep_tcp_state(fd, &ti) == TCP_CLOSE && !c->hs_deadline) {
-        pep_fd_forget(fd); /* a fresh start on this socket */
+        pep_fd_forget_open(fd); /* a fresh start on this socket */
         pep_unlock();
         errno = saved;
         return PEP_PASS;

@@ -165,6 +165,7 @@ void pep_conn_put(struct pep_conn *c)
         }
         free(c->replay);
         c->replay = NULL;
+        c->replay_cap = 0;
         c->free_next = unused;
         unused = c;
     }

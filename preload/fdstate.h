@@ -21,6 +21,7 @@
 
 #define PEP_HDR_CAP 128             /* Connect TLV 24 bytes + a Cookie TLV of up to 64 */
 #define PEP_REPLAY_MAX (64 * 1024)  /* bytes kept for a replay on the next PEP */
+#define PEP_REPLAY_MIN 1024         /* the replay buffer's first size (it doubles) */
 #define PEP_FD_CHUNK_BITS 12
 #define PEP_FD_CHUNK (1u << PEP_FD_CHUNK_BITS)
 #define PEP_FD_CHUNKS (1u << 18)
@@ -59,6 +60,7 @@ struct pep_conn {
     unsigned tried;             /* bitmask of the PEPs tried for this connection */
     int direct;                 /* fell back to the destination: no header, no reply */
     int nocookie;               /* TCP_FASTOPEN_NO_COOKIE on this attempt */
+    int nocookie_set;           /* the value the socket has: 0, 1; -1 unknown (conn.c) */
     int cookie_retried;         /* reconnected once already for an Error 3 */
     int failed_connecting;      /* FAILED before connect() completed: SO_ERROR says err */
     /* PEP_CONFIRM: connect() completes on the PEP's verdict */
@@ -71,7 +73,7 @@ struct pep_conn {
     /* The program's bytes written before the reply, for the next attempt
      * (at most PEP_REPLAY_MAX; past it, replay_lost and no more attempts) */
     uint8_t *replay;
-    size_t replay_len;
+    size_t replay_len, replay_cap;
     int replay_lost;
     struct pep_conn *all_next;  /* every connection ever allocated (pep_conn_next) */
     struct pep_conn *free_next; /* free list */

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <stdarg.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -383,6 +384,17 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
     pep_unlock();
     errno = saved;
     return r;
+}
+
+/* Two options libpep takes at their defaults on a socket it sees for the
+ * first time, until the program sets either (conn.c, pep_note_app_sockopt). */
+EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    INIT();
+    if (UNLIKELY((level == SOL_SOCKET && name == SO_RCVLOWAT) ||
+                 (level == IPPROTO_TCP && name == TCP_FASTOPEN_NO_COOKIE)))
+        pep_note_app_sockopt(level, name);
+    return pep_real.setsockopt(fd, level, name, val, len);
 }
 
 EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)

@@ -38,6 +38,7 @@ static void init_once_fn(void)
     BIND_AS(recvfrom_chk, "__recvfrom_chk");
     BIND(getpeername);
     BIND(getsockopt);
+    BIND(setsockopt);
     BIND(close);
     BIND(dup);
     BIND(dup2);

@@ -41,6 +41,7 @@ struct pep_real {
     ssize_t (*recvfrom_chk)(int, void *, size_t, size_t, int, struct sockaddr *, socklen_t *);
     int (*getpeername)(int, struct sockaddr *, socklen_t *);
     int (*getsockopt)(int, int, int, void *, socklen_t *);
+    int (*setsockopt)(int, int, int, const void *, socklen_t);
     int (*close)(int);
     int (*dup)(int);
     int (*dup2)(int, int);

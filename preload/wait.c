@@ -644,6 +644,10 @@ void pep_confirm_adopt_epoll(int fd, struct pep_conn *c)
 PEP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 {
     PEP_INIT();
+    /* Registrations are followed for PEP_CONFIRM only (no connection has
+     * c->confirm without it): otherwise the real call, no lock. */
+    if (PEP_LIKELY(!pep_cfg.confirm_configured))
+        return pep_real.epoll_ctl(epfd, op, fd, ev);
     if (PEP_LIKELY(!pep_fd_tracked(fd))) {
         int r = pep_real.epoll_ctl(epfd, op, fd, ev);
         if (PEP_UNLIKELY(pep_cfg.confirm_configured) && r == 0)

@@ -346,6 +346,30 @@ def test_error_64_pep_replays_early_bytes_on_the_next(net, tmp_path, build):
         assert len(busy.seen) == 1
 
 
+@pytest.mark.parametrize("build", ["libpep.so", "libpep-asan.so"])
+def test_error_64_replay_grows_across_many_writes(net, tmp_path, build):
+    """The replay buffer grows as the program writes (1 KiB, doubling, at
+    most 64 KiB): 20 writes of 300 distinct bytes before and around an
+    Error 64 all reach the echo server behind the second PEP, in order."""
+    chunks = [bytes([65 + i]) * 300 for i in range(20)]
+    code = f"""
+        import socket
+        s = socket.create_connection(("{SRV}", {net.echo.address[1]}), timeout=10)
+        for c in {chunks!r}:
+            s.send(c)
+        got = b""
+        while len(got) < 6000:
+            got += s.recv(8192)
+        print(got == b"".join({chunks!r}), len(got))
+        """
+    with converter(net, host=PEP1, error=(64, b"\x07")) as busy, \
+            converter(net, host=PEP2) as conv:
+        p, _ = pyrun(net, code, env_for([busy.address, conv.address], tmp_path, build))
+        assert p.stdout.strip() == "True 6000", p.stdout + p.stderr
+        assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr
+        assert len(conv.seen) == 1 and len(busy.seen) == 1
+
+
 def test_destination_errors_never_fall_back(net, tmp_path):
     """Error 96 is the destination's answer: no second PEP, no direct path."""
     with converter(net, host=PEP1, error=(96, b"")) as first, \

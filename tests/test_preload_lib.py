@@ -88,7 +88,7 @@ def test_exports_and_build_flags():
                           timeout=20).stdout.split()
     for name in ("connect", "read", "recv", "recvmsg", "readv", "__read_chk", "__recv_chk",
                  "__recvfrom_chk", "sendto", "sendmsg", "write", "getpeername", "close", "dup",
-                 "dup2", "dup3", "fcntl", "fcntl64", "close_range", "epoll_wait", "poll"):
+                 "dup2", "dup3", "fcntl", "fcntl64", "close_range", "epoll_wait", "poll", "setsockopt"):
         assert name in syms, name
     # -fvisibility=hidden: nothing internal leaks out
     assert not any(s.startswith("pep_") for s in syms)

@@ -1356,3 +1356,125 @@ def test_repeated_log_lines_are_rate_limited(lo, lib):
     lines = [x for x in p.stderr.splitlines() if "PEP Error TLV code 96" in x]
     assert 1 <= len(lines) <= 5, p.stderr
     assert len(conv.seen) == 100
+
+
+# ---------------------------------------------------------------- lean connect
+# libpep asks the kernel as little as it can per connection (docs/preload.md,
+# "Cost per connection"); each test below guards one thing it no longer asks.
+
+def test_raw_tcp_socket_is_not_taken(lo, lib):
+    """SO_TYPE is not asked: a SOCK_RAW socket of protocol IPPROTO_TCP has
+    SO_PROTOCOL 6 too, but its TCP_INFO fails, so its connect() is the
+    kernel's (it only sets the default destination)."""
+    with converter_in(lo) as conv:
+        p = pyrun(lo, """
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+            print(s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL), s.connect_ex(("127.0.0.1", 9)),
+                  s.getpeername())
+            """, ph.preload_env(conv.address, lib))
+        assert p.stdout.strip() == "6 0 ('127.0.0.1', 9)", p.stdout + p.stderr
+        assert conv.seen == []
+
+
+_SOCKOPTS = """
+    import ctypes, socket, sys
+    NO_COOKIE = 34
+    mode = sys.argv[1]
+    s = socket.socket()
+    s.settimeout(5)
+    if mode == "program-set":   # the program's own values, set before connect()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 3)
+        s.setsockopt(socket.IPPROTO_TCP, NO_COOKIE, 1)
+    s.connect(("127.0.0.1", PORT))
+    if mode == "disconnect":    # the program lets the attempt go before its reply
+        unspec = (ctypes.c_ubyte * 16)()
+        ctypes.CDLL(None).connect(s.fileno(), unspec, 16)
+    else:
+        s.recv(2)
+    print(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT),
+          s.getsockopt(socket.IPPROTO_TCP, NO_COOKIE))
+"""
+
+
+@pytest.mark.parametrize("mode, tfo_mode, expect", [
+    # libpep assumes the kernel's defaults (SO_RCVLOWAT 1, NO_COOKIE 0) on a
+    # socket it sees first; once the program set either, it asks / sets as
+    # before: its SO_RCVLOWAT comes back after the reply, and a cookie PEP
+    # gets plain TFO whatever the program set
+    ("program-set", "cookie", "3 0"),
+    ("plain", "cookie", "1 0"),
+    ("plain", "nocookie", "1 1"),
+    # what libpep set on a socket it lets go while the program keeps it
+    # (SO_RCVLOWAT 5 with the reply outstanding, NO_COOKIE 1) goes back
+    ("disconnect", "nocookie", "1 0"),
+])
+def test_socket_options_libpep_assumes_at_their_defaults(lo, lib, mode, tfo_mode, expect):
+    with _echo(lo, greeting=b"hi") as echo, converter_in(lo) as conv:
+        p = run(lo, [sys.executable, "-c",
+                     textwrap.dedent(_SOCKOPTS).replace("PORT", str(echo.address[1])), mode],
+                ph.preload_env(conv.address, lib, PEP_TFO_MODE=tfo_mode))
+        assert p.stdout.strip() == expect, p.stdout + p.stderr
+
+
+REPLACED_C = r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+/* A proxied socket, connected without waiting (its reply outstanding), then
+ * replaced at its fd number before the program's first write: by dup2()
+ * (libpep sees it) or by a raw close and a socketpair() that gets the same
+ * number (libpep does not: the fd's st_dev/st_ino tell). The write and the
+ * read on the fd are the socketpair's, untouched. */
+int main(int argc, char **argv) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(atoi(argv[1]));
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) && errno != EINPROGRESS) {
+        perror("connect");
+        return 1;
+    }
+    struct pollfd p = {fd, POLLOUT, 0};
+    poll(&p, 1, 5000); /* handshake done, reply on its way */
+    usleep(100000);
+    int sv[2];
+    if (!strcmp(argv[2], "raw-close")) {
+        syscall(SYS_close, fd);
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) || sv[0] != fd)
+            return 2;
+    } else {
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) || dup2(sv[0], fd) != fd)
+            return 2;
+    }
+    char buf[16] = {0};
+    ssize_t w = write(fd, "to-pair", 7);
+    ssize_t r = read(sv[1], buf, sizeof buf);
+    printf("%zd %zd %.*s", w, r, (int)(r > 0 ? r : 0), buf);
+    if (write(sv[1], "back", 4) != 4)
+        return 3;
+    r = read(fd, buf, sizeof buf);
+    printf(" %zd %.*s\n", r, (int)(r > 0 ? r : 0), buf);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("how", ["dup2", "raw-close"])
+def test_fd_replaced_between_connect_and_first_write(lo, lib, tmp_path, how):
+    """The check libpep keeps on a connection's first write (is the fd still
+    the socket it connected?): without it the write would try to read the
+    PEP's reply from the socketpair (ENOTSOCK)."""
+    exe = ph.compile_c(REPLACED_C, str(tmp_path / "replaced"))
+    with _echo(lo) as echo, converter_in(lo) as conv:
+        p = run(lo, [exe, str(echo.address[1]), how], ph.preload_env(conv.address, lib))
+        assert p.stdout.strip() == "7 7 to-pair 4 back", p.stdout + p.stderr
+        assert len(conv.seen) == 1
