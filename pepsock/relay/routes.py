@@ -83,9 +83,9 @@ class Routes:
         self.cache: dict = {}
         self.seq = itertools.count(1)
         #: Lowered to the expiry of every answer route_of hands out: a caller
-        #: that sets it to "never" before a judgement and reads it after
-        #: knows how long that judgement rests on answers still trusted
-        #: (admission.ConnectVerdicts).
+        #: that sets it (to the longest it would trust a judgement) before a
+        #: judgement and reads it after knows how long that judgement rests
+        #: on answers still trusted (admission.ConnectVerdicts).
         self.valid_until = float("inf")
         try:    # opened now: one fd for the process's life, not one that appears later
             self.sock = self._open()
