@@ -808,6 +808,9 @@ def _tlvs():
 
 
 def test_error_on_a_write_first(lo, lib):
+    """The SYN leaves at connect (PEP_SYN_WRITE=0: the socket has a timeout,
+    so it is non-blocking, and its write would otherwise carry the SYN; see
+    tests/test_preload_syn_write.py for that case)."""
     with converter_in(lo, error=(32, b"")) as conv:
         p = pyrun(lo, f"""
             import errno, socket, time
@@ -818,7 +821,7 @@ def test_error_on_a_write_first(lo, lib):
                 print("sent")
             except OSError as e:
                 print(type(e).__name__, errno.errorcode[e.errno])
-            """, ph.preload_env(conv.address, lib))
+            """, ph.preload_env(conv.address, lib, PEP_SYN_WRITE=0))
         assert p.stdout.strip() == "PermissionError EACCES", p.stdout + p.stderr
 
 
