@@ -421,6 +421,22 @@ void pep_syn_flush_connected(int fd)
     errno = saved;
 }
 
+void pep_syn_flush_every(void)
+{
+    int saved = errno;
+    struct pep_conn *c;
+    for (c = pep_conn_next(NULL); c && pep_syn_pending(); c = pep_conn_next(c)) {
+        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_DEFERRED)
+            continue;
+        pep_lock();
+        int fd = c->fd;
+        if (c->state == PEP_ST_DEFERRED && fd >= 0 && pep_conn_get(fd) == c)
+            syn_send(fd, c, NULL, 0, 0);
+        pep_unlock();
+    }
+    errno = saved;
+}
+
 int pep_syn_flush_waited(int all)
 {
     int saved = errno, left = 0;

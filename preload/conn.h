@@ -71,6 +71,9 @@ enum pep_taken pep_syn_write(int fd, const struct iovec *iov, size_t n, ssize_t 
 void pep_syn_flush(int fd);
 void pep_syn_flush_connected(int fd);
 int pep_syn_flush_waited(int all);
+/* Every deferred connection of every thread gets its header sent (before a
+ * blocking accept: the program may wait for its own connection). */
+void pep_syn_flush_every(void);
 #define PEP_SYN_WAITS 2               /* wrk: connected at one wait, writes at the next */
 #define PEP_SYN_STALE_NS 50000000LL   /* another thread's deferred socket: 50 ms */
 static inline int pep_syn_pending(void)

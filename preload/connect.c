@@ -283,6 +283,11 @@ static int attempt_deferred(int fd, struct pep_conn *c, unsigned i,
     if (pep_real.setsockopt(fd, IPPROTO_TCP, PEP_TCP_FASTOPEN_CONNECT, &one, sizeof one) < 0)
         return -2;
     c->fo_connect = 1;
+    /* A socket disconnected (AF_UNSPEC) keeps the old connection's error
+     * (ECONNRESET) until a SYN goes (tcp_connect_init clears it): taken
+     * now, or the program's SO_ERROR would report it for this connect. */
+    int stale = 0;
+    pep_sockopt_int(fd, SOL_SOCKET, SO_ERROR, &stale);
     struct sockaddr_in6 dst = *addr;
     int rc = pep_real.connect(fd, (struct sockaddr *)&dst, len);
     int e = errno;

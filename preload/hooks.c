@@ -61,9 +61,19 @@ EXPORT int socket(int domain, int type, int protocol)
     return fd;
 }
 
+/* A blocking accept while a connection of ours holds its SYN for a write:
+ * the program may be waiting for that very connection (a listener of its
+ * own): every held SYN goes first. */
+static void before_accept(int fd)
+{
+    if (UNLIKELY(pep_syn_pending()) && !pep_is_nonblocking(fd))
+        pep_syn_flush_every();
+}
+
 EXPORT int accept(int fd, struct sockaddr *sa, socklen_t *len)
 {
     INIT();
+    before_accept(fd);
     int r = pep_real.accept(fd, sa, len);
     if (r >= 0)
         pep_forget(r);
@@ -73,6 +83,7 @@ EXPORT int accept(int fd, struct sockaddr *sa, socklen_t *len)
 EXPORT int accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags)
 {
     INIT();
+    before_accept(fd);
     int r = pep_real.accept4(fd, sa, len, flags);
     if (r >= 0)
         pep_forget(r);
