@@ -330,6 +330,17 @@ static ssize_t syn_send(int fd, struct pep_conn *c, const struct iovec *app, siz
         iov[k++].iov_len = l;
         total += l;
     }
+    /* A copy of c in another process (fork) may have sent the SYN (and the
+     * header) already: the kernel's socket is not deferred any more. */
+    struct tcp_info ti;
+    if (pep_tcp_state(fd, &ti) != TCP_SYN_SENT || ti.tcpi_unacked) { /* the SYN is out */
+        pep_reader_init(&c->rd);
+        c->reply_deadline = 0;
+        c->pre_len = c->pre_sent = c->hdr_len;
+        pep_conn_set_state(c, PEP_ST_AWAIT);
+        pep_conn_set_hs_deadline(c, pep_now_ns() + pep_peer_connect_timeout_ns(c->peer, &c->pep));
+        return 0;
+    }
     struct msghdr m;
     memset(&m, 0, sizeof m);
     m.msg_iov = iov;
@@ -437,7 +448,7 @@ void pep_syn_flush_every(void)
     errno = saved;
 }
 
-int pep_syn_flush_waited(int all)
+int pep_syn_flush_waited(int all, int blocking)
 {
     int saved = errno, left = 0;
     unsigned long me = (unsigned long)pthread_self();
@@ -450,11 +461,11 @@ int pep_syn_flush_waited(int all)
         int fd = c->fd;
         if (c->state == PEP_ST_DEFERRED && fd >= 0 && pep_conn_get(fd) == c) {
             int mine = c->defer_thread == me;
-            if (mine ? all || c->defer_waits >= PEP_SYN_WAITS
-                     : now - c->defer_since >= PEP_SYN_STALE_NS) {
+            if (now - c->defer_since >= PEP_SYN_STALE_NS ||
+                (mine && (all || c->defer_waits >= PEP_SYN_WAITS))) {
                 syn_send(fd, c, NULL, 0, 0);
             } else {
-                c->defer_waits += mine;
+                c->defer_waits += mine && blocking;
                 left = 1;
             }
         }

@@ -62,20 +62,21 @@ int pep_failed_by_reply(int fd);
  * pep_syn_flush_connected: the same, then wait for the handshake (shutdown:
  * a FIN in SYN_SENT would close the socket). pep_syn_flush_waited: the
  * epoll rule (wait.c, docs/preload.md): the calling thread's deferred
- * connections that went through PEP_SYN_WAITS of its waits (all: every one
- * of them), and any other thread's older than PEP_SYN_STALE_NS, get their
- * header sent; the calling thread's others count one wait more. 1 if any
- * deferred connection is left. All keep errno.
+ * connections that went through PEP_SYN_WAITS of its waits that could
+ * block (all: every one of them), and any deferred connection older than
+ * PEP_SYN_STALE_NS, get their header sent; the calling thread's others
+ * count one wait more if this one may block (`blocking`: its timeout is
+ * not 0). 1 if any deferred connection is left. All keep errno.
  */
 enum pep_taken pep_syn_write(int fd, const struct iovec *iov, size_t n, ssize_t *ret);
 void pep_syn_flush(int fd);
 void pep_syn_flush_connected(int fd);
-int pep_syn_flush_waited(int all);
+int pep_syn_flush_waited(int all, int blocking);
 /* Every deferred connection of every thread gets its header sent (before a
  * blocking accept: the program may wait for its own connection). */
 void pep_syn_flush_every(void);
 #define PEP_SYN_WAITS 2               /* wrk: connected at one wait, writes at the next */
-#define PEP_SYN_STALE_NS 50000000LL   /* another thread's deferred socket: 50 ms */
+#define PEP_SYN_STALE_NS 50000000LL   /* any deferred socket, at any wait: 50 ms */
 static inline int pep_syn_pending(void)
 {
     return __atomic_load_n(&pep_ndeferred, __ATOMIC_RELAXED) != 0;

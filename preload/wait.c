@@ -778,16 +778,17 @@ static void epoll_time_left(struct epoll_call *c, long long timeout)
  * PEP_SYN_WRITE under epoll, which does not say what the program waits
  * for (libpep follows registrations only for PEP_CONFIRM): a deferred
  * socket stays deferred through PEP_SYN_WAITS waits of the thread that
- * connected it (wrk: told writable at one, writes at the next); at the
- * next one its header goes. While one is deferred, a wait that would block
- * runs in slices of PEP_SYN_WAIT_CAP_NS; a slice that ends with nothing
- * sends the headers (a server-speaks-first program waits that long more).
- * Another thread's deferred socket goes after PEP_SYN_STALE_NS.
+ * connected it that may block (wrk: told writable at one, writes at the
+ * next; a timeout of 0 does not count); at the next one its header goes.
+ * While one is deferred, a wait that would block runs in slices of
+ * PEP_SYN_WAIT_CAP_NS; a slice that ends with nothing sends the calling
+ * thread's headers (a server-speaks-first program waits that long more).
+ * Any deferred socket goes after PEP_SYN_STALE_NS.
  * Returns the wait's result, or ALL_HIDDEN: go on with the time left in c.
  */
 static int syn_epoll(struct epoll_call *c, long long *timeout)
 {
-    if (!pep_syn_flush_waited(0) || *timeout == 0 ||
+    if (!pep_syn_flush_waited(0, *timeout != 0) || *timeout == 0 ||
         (*timeout > 0 && *timeout <= PEP_SYN_WAIT_CAP_NS))
         return ALL_HIDDEN;
     long long deadline = *timeout < 0 ? -1 : now_ns() + *timeout;
@@ -800,7 +801,7 @@ static int syn_epoll(struct epoll_call *c, long long *timeout)
         int r = epoll_confirm_after(c->epfd, c->ev, epoll_once(c, slice));
         if (r != 0 && r != ALL_HIDDEN)
             return r;
-        int left = pep_syn_flush_waited(1);
+        int left = pep_syn_flush_waited(1, 1);
         if (deadline >= 0) {
             *timeout = deadline - now_ns();
             if (*timeout <= 0)
