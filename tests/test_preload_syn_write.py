@@ -444,3 +444,33 @@ def test_bad_value_one_line_and_runs_unproxied(lo, lib):
     assert p.stdout.strip() == "b'ping-once'", p.stdout + p.stderr
     assert "PEP_SYN_WRITE" in p.stderr and "running unproxied" in p.stderr
     assert conv.seen == []
+
+
+# ------------------------------------------------------------------ ASan/UBSan
+
+ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:verify_asan_link_order=0:halt_on_error=1",
+            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+
+
+@pytest.mark.parametrize("mode", ["write", "poll-in", "epoll-in", "epoll-inout", "shutdown"])
+def test_under_asan_ubsan(lo, prog, mode):
+    """The C program's paths through the held SYN under the ASan/UBSan build."""
+    preload = f"{ph.asan_runtime()} {ph.build('libpep-asan.so')}"
+    greeting = b"" if mode in ("write", "shutdown") else b"220 hello\r\n"
+    with echo_in(lo, greeting=greeting) as echo, converter_in(lo) as conv:
+        p = run(lo, [prog, str(echo.address[1]), mode],
+                ph.preload_env(conv.address, preload, **ASAN_ENV))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr
+    assert p.stdout.strip().split("|")[0] in ("ping", "220 hello/ok", "eof")
+
+
+def test_failover_under_asan_ubsan(lo):
+    from converter import dead_port
+    preload = f"{ph.asan_runtime()} {ph.build('libpep-asan.so')}"
+    with echo_in(lo) as echo, converter_in(lo) as conv:
+        env = ph.preload_env(None, preload, PEP_PROXY=f"127.0.0.1:{dead_port()},{conv.env_value}",
+                             **ASAN_ENV)
+        p = pyrun(lo, NONBLOCKING_PING.format(port=echo.address[1]), env)
+    assert p.stdout.strip() == "b'ping-once'", p.stdout + p.stderr
+    assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr
