@@ -127,6 +127,57 @@ def test_curl_request_rides_the_syn_after_the_header(lo, lib, tmp_path, syn_writ
     assert conv.seen[0].syn_data
 
 
+def test_wrk_every_request_rides_its_syn(lo, lib):
+    """wrk (epoll; told writable at one wait, it writes at the next): with
+    `Connection: close` every connection's request is in its SYN."""
+    wrk = require_tool("wrk")
+    with converter_in(lo) as conv:
+        cap = syns_to(lo, conv.address[1])
+        cap.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        try:
+            p = run(lo, [wrk, "-t", "2", "-c", "8", "-d", "1s", "-H", "Connection: close",
+                         lo.http[4].url("/")],
+                    ph.preload_env(conv.address, lib), timeout=40)
+            syns = cap.read()
+        finally:
+            cap.close()
+    # (wrk counts every close of the HTTP/1.0 test server as a read error,
+    # with or without libpep: not asserted)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(syns) >= 20, p.stdout
+    # SYN 0: wrk's probe of the address (wrk.connect(): a blocking connect()
+    # it closes at once), today's path: the header alone
+    assert header_and_rest(syns[0])[1] == b""
+    without = [i for i, x in enumerate(syns[1:], 1)
+               if not header_and_rest(x)[1].startswith(b"GET / HTTP/1.1")]
+    assert not without, f"{len(without)} of {len(syns)} SYNs without the request: {without}"
+
+
+def test_program_msg_fastopen_on_a_held_socket(lo, lib):
+    """connect(), then the program's own sendto(MSG_FASTOPEN): its bytes ride
+    the held SYN after the header."""
+    with echo_in(lo) as echo, converter_in(lo) as conv:
+        cap = syns_to(lo, conv.address[1])
+        try:
+            p = pyrun(lo, f"""
+                import select, socket
+                s = socket.socket()
+                s.setblocking(False)
+                addr = ("127.0.0.1", {echo.address[1]})
+                assert s.connect_ex(addr) == 115
+                print(s.sendto(b"hello", socket.MSG_FASTOPEN, addr))
+                po = select.poll()
+                po.register(s, select.POLLIN)
+                po.poll(5000)
+                print(s.recv(10))
+                """, ph.preload_env(conv.address, lib))
+            syns = cap.read()
+        finally:
+            cap.close()
+    assert p.stdout.split() == ["5", "b'hello'"], p.stdout + p.stderr
+    assert len(syns) == 1 and header_and_rest(syns[0])[1] == b"hello"
+
+
 def test_wget_connects_blocking_and_keeps_todays_path(lo, lib, tmp_path):
     """wget connects with a blocking socket: connect() semantics stay, the
     header goes alone in the SYN."""
