@@ -397,6 +397,7 @@ def test_server_speaks_first(lo, lib, prog, mode):
     assert "SYN deferred" in p.stderr and "SYN sent with 24 header and 0 program bytes" in p.stderr
     got, took = p.stdout.strip().split("|")
     assert got == "220 hello/ok"
+    print(mode, "first byte after", took, "s")
     assert float(took) < 1.0  # a loaded machine; the wait itself is capped at 2 ms
     assert len(syns) == 1 and header_and_rest(syns[0])[1] == b""
 
