@@ -473,9 +473,12 @@ def test_failover_replays_the_syn_write_once(lo, lib):
     from converter import dead_port
     dead = dead_port()
     with echo_in(lo) as echo, converter_in(lo) as conv:
-        env = ph.preload_env(None, lib, PEP_PROXY=f"127.0.0.1:{dead},{conv.env_value}")
+        env = ph.preload_env(None, lib, PEP_PROXY=f"127.0.0.1:{dead},{conv.env_value}",
+                             log="debug")
         p = pyrun(lo, NONBLOCKING_PING.format(port=echo.address[1]), env)
     assert p.stdout.strip() == "b'ping-once'", p.stdout + p.stderr
+    assert "SYN sent with 24 header and 9 program bytes" in p.stderr, p.stderr
+    assert f"PEP 127.0.0.1:{dead} refused; using" in p.stderr, p.stderr
     assert len(conv.seen) == 1 and conv.seen[0].early_data.startswith(b"ping-once")
 
 
