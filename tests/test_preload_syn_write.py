@@ -153,6 +153,33 @@ def test_wrk_every_request_rides_its_syn(lo, lib):
     assert not without, f"{len(without)} of {len(syns)} SYNs without the request: {without}"
 
 
+@pytest.mark.parametrize("syn_write", ["1", "0"])
+def test_pep_relay_coalesces_its_reply_for_every_connection(lo, lib, syn_write):
+    """wrk (Connection: close) through the real `pep relay`: with the request
+    in the SYN, the relay sends its Success reply with the response on every
+    tunnel (pep_relay_replies_coalesced_total); with PEP_SYN_WRITE=0 it can
+    only when the request happens to be in before the response."""
+    from relay_helpers import Relay
+    wrk = require_tool("wrk")
+    relay = Relay("--listen", "127.0.0.1:0", "--allow-dest", "127.0.0.0/8",
+                  "--stats", "127.0.0.1:0", prefix=["ip", "netns", "exec", lo.name])
+    try:
+        p = run(lo, [wrk, "-t", "1", "-c", "4", "-d", "1s", "-H", "Connection: close",
+                     lo.http[4].url("/")],
+                ph.preload_env(relay.addr, lib, PEP_SYN_WRITE=syn_write), timeout=40)
+        assert p.returncode == 0, p.stdout + p.stderr
+        with lo.enter():
+            m = relay.metrics()
+    finally:
+        relay.kill()
+    established = m["pep_relay_tunnels_established_total"]
+    coalesced = m["pep_relay_replies_coalesced_total"]
+    print(f"PEP_SYN_WRITE={syn_write}: {coalesced:.0f} of {established:.0f} replies coalesced")
+    assert established >= 20
+    if syn_write == "1":
+        assert coalesced >= established - 1  # wrk's blocking probe: the header alone
+
+
 def test_program_msg_fastopen_on_a_held_socket(lo, lib):
     """connect(), then the program's own sendto(MSG_FASTOPEN): its bytes ride
     the held SYN after the header."""
