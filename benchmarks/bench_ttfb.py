@@ -6,8 +6,13 @@ the PEP namespace; a tiny HTTP/1.0 server in the server namespace. For each mode
 one connection after another, ttfb = connect called -> first byte of the answer:
 
   direct          socket.create_connection + sendall(GET), no PEP       2R1+2R2
-  libpep.so       the same Python client under LD_PRELOAD                R1+2R2
-  curl+libpep.so  curl under LD_PRELOAD (its time_starttransfer)         R1+2R2
+  libpep.so       the same Python client under LD_PRELOAD: a blocking    R1+R2+max(R1,R2)
+                  connect, so the header alone in the SYN (PEP_SYN_WRITE
+                  holds the SYN only for non-blocking sockets)
+  curl+libpep.so  curl under LD_PRELOAD (its time_starttransfer): its    R1+2R2
+                  request rides the SYN after the header (PEP_SYN_WRITE)
+  curl+libpep-0   the same with PEP_SYN_WRITE=0: the header alone in the  R1+R2+max(R1,R2)
+                  SYN, the request after the handshake
   pepsock-before  pepsock.create_connection(timeout=10): the header in   R1+R2+max(R1,R2)
                   the SYN, the request after the handshake (the old way)
   pepsock         pepsock.create_connection(): header + request in the   R1+2R2
@@ -38,7 +43,7 @@ import time
 import testbed_bench as tb_bench
 
 SERVER_PORT, PEP_PORT = 8080, 5124
-MODES = ["direct", "libpep.so", "curl+libpep.so", "pepsock-before", "pepsock", "asyncio",
+MODES = ["direct", "libpep.so", "curl+libpep.so", "curl+libpep-0", "pepsock-before", "pepsock", "asyncio",
          "pepsock-notfo"]
 REQUEST = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
 ANSWER = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -46,6 +51,7 @@ ANSWER = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 def formula(mode: str, r1: float, r2: float) -> float:
     return {"direct": 2 * r1 + 2 * r2, "pepsock-before": r1 + r2 + max(r1, r2),
+            "curl+libpep-0": r1 + r2 + max(r1, r2), "libpep.so": r1 + r2 + max(r1, r2),
             "pepsock-notfo": 2 * r1 + 2 * r2}.get(mode, r1 + 2 * r2)
 
 
@@ -121,6 +127,8 @@ def run(args) -> int:
                     print(f"{mode}: skipped ({why or 'no curl'})")
                     continue
                 extra.update(LD_PRELOAD=libpep, PEP_PROXY=pep_addr)
+                if mode == "curl+libpep-0":
+                    extra["PEP_SYN_WRITE"] = "0"
             if mode == "pepsock-notfo":
                 tb.client.sysctl("net.ipv4.tcp_fastopen", 2)
             try:

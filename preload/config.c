@@ -643,6 +643,19 @@ int pep_config_parse_more(struct pep_config *cfg, const char *reply, const char 
     return 0;
 }
 
+int pep_config_parse_syn_write(struct pep_config *cfg, const char *v, char *err, size_t errlen)
+{
+    cfg->syn_write = 1;
+    if (!v || !*v || !strcmp(v, "1"))
+        return 0;
+    if (!strcmp(v, "0")) {
+        cfg->syn_write = 0;
+        return 0;
+    }
+    value_error(err, errlen, "PEP_SYN_WRITE", v, "0 or 1");
+    return -1;
+}
+
 long long pep_config_reply_timeout_ns(const struct pep_config *cfg)
 {
     return cfg->reply_timeout_ns;
@@ -664,7 +677,8 @@ void pep_config_load(void)
         pep_config_parse_more(&pep_cfg, getenv("PEP_REPLY_TIMEOUT"), getenv("PEP_CONNECT_TIMEOUT"),
                               getenv("PEP_FALLBACK"), getenv("PEP_TFO_MODE"), getenv("PEP_COOKIE"),
                               err, sizeof err) ||
-        pep_config_parse_confirm(getenv("PEP_CONFIRM"), err, sizeof err)) {
+        pep_config_parse_confirm(getenv("PEP_CONFIRM"), err, sizeof err) ||
+        pep_config_parse_syn_write(&pep_cfg, getenv("PEP_SYN_WRITE"), err, sizeof err)) {
         confirm_rules.enabled = 0;
         /* The one line always goes out, and to stderr. */
         int level = pep_cfg.level;

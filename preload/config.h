@@ -46,6 +46,7 @@ struct pep_config {
     uint8_t cookie[64];          /* PEP_COOKIE, decoded */
     size_t cookie_len;
     int confirm_configured;      /* PEP_CONFIRM names any destination */
+    int syn_write;               /* PEP_SYN_WRITE (default 1): the first write rides the SYN */
 };
 
 #define PEP_REPLY_TIMEOUT_DEFAULT_S 10
@@ -84,6 +85,8 @@ long long pep_config_reply_timeout_ns(const struct pep_config *cfg);
 /* PEP_CONFIRM (NULL = unset): "1" (every connection), "0" or empty (none),
  * or destinations in PEP_NO_PROXY syntax. 0 or -1 (err). */
 int pep_config_parse_confirm(const char *confirm, char *err, size_t errlen);
+/* PEP_SYN_WRITE: unset or "1": on; "0": off; anything else an error. */
+int pep_config_parse_syn_write(struct pep_config *cfg, const char *v, char *err, size_t errlen);
 /* Must a connect() to this destination wait for the PEP's verdict? */
 int pep_config_confirm(const uint8_t addr[16], uint16_t port);
 

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -194,9 +195,11 @@ void pep_fd_forget_open(int fd)
 {
     struct pep_conn *c = pep_conn_get(fd);
     /* no dup of fd keeps the connection going, and fd is still its socket */
-    if (c && c->refs == 1 && (c->lowat || c->nocookie_set == 1) && pep_same_socket(fd, c)) {
+    if (c && c->refs == 1 && (c->lowat || c->nocookie_set == 1 || c->fo_connect) &&
+        pep_same_socket(fd, c)) {
         pep_lowat_release(fd, c);
         pep_nocookie_set(fd, c, 0);
+        pep_fo_connect_off(fd, c);
     }
     pep_fd_forget(fd);
 }
@@ -285,6 +288,191 @@ static void pep_reply_error(int fd, struct pep_conn *c, const struct pep_msg *m,
             pep_peer_store_cookie(c->peer, &c->pep, NULL, 0); /* the next Error 3 brings one */
     }
     conn_fail(fd, c, e, "PEP refused the connection");
+}
+
+/* ---- PEP_SYN_WRITE: the first write rides the SYN ----------------------- */
+
+void pep_fo_connect_off(int fd, struct pep_conn *c)
+{
+    int zero = 0;
+    if (c->fo_connect &&
+        pep_real.setsockopt(fd, IPPROTO_TCP, PEP_TCP_FASTOPEN_CONNECT, &zero, sizeof zero) == 0)
+        c->fo_connect = 0;
+}
+
+#define SYN_IOV_MAX 64
+
+/*
+ * Under the lock, c DEFERRED: one sendmsg of [header, the program's bytes]
+ * on the deferred socket; the kernel sends the SYN with as much as fits
+ * (the rest is the program's to write again after the handshake). The
+ * attempt starts now: the handshake deadline, then the reply's, as after
+ * attempt_pep's send. Returns how many of the program's bytes went (kept
+ * for a replay); -1 if the attempt failed at once and no other could start
+ * (c FAILED, c->err).
+ */
+static ssize_t syn_send(int fd, struct pep_conn *c, const struct iovec *app, size_t n,
+                        size_t want)
+{
+    struct iovec iov[SYN_IOV_MAX];
+    size_t k = 0, i, room = PEP_REPLAY_MAX - c->replay_len, total = 0;
+    iov[k].iov_base = c->hdr;
+    iov[k++].iov_len = c->hdr_len;
+    for (i = 0; i < n && k < SYN_IOV_MAX && total < want && total < room; i++) {
+        size_t l = app[i].iov_len;
+        if (l > want - total)
+            l = want - total;
+        if (l > room - total)
+            l = room - total;
+        if (!l)
+            continue;
+        iov[k].iov_base = app[i].iov_base;
+        iov[k++].iov_len = l;
+        total += l;
+    }
+    /* A copy of c in another process (fork) may have sent the SYN (and the
+     * header) already: the kernel's socket is not deferred any more. */
+    struct tcp_info ti;
+    if (pep_tcp_state(fd, &ti) != TCP_SYN_SENT || ti.tcpi_unacked) { /* the SYN is out */
+        pep_reader_init(&c->rd);
+        c->reply_deadline = 0;
+        c->pre_len = c->pre_sent = c->hdr_len;
+        pep_conn_set_state(c, PEP_ST_AWAIT);
+        pep_conn_set_hs_deadline(c, pep_now_ns() + pep_peer_connect_timeout_ns(c->peer, &c->pep));
+        return 0;
+    }
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = iov;
+    m.msg_iovlen = k;
+    /* No MSG_FASTOPEN: the socket's deferred connect makes this send the
+     * SYN. -1/EINPROGRESS: the SYN left without data. */
+    ssize_t r = pep_real.sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    int e = errno;
+    pep_reader_init(&c->rd);
+    c->reply_deadline = 0;
+    c->pre_len = c->hdr_len;
+    if (r < 0 && e != EINPROGRESS && e != EAGAIN && e != EINTR) {
+        /* the PEP is unreachable at once: the program's bytes go with the
+         * next attempt (or the destination) */
+        size_t keep = total;
+        pep_replay_keep(c, iov + 1, k - 1, keep);
+        pep_conn_set_state(c, PEP_ST_SENDING);
+        c->pre_sent = 0;
+        pep_log(PEP_LOG_DEBUG, "fd %d: deferred SYN failed: %s", fd, strerror(e));
+        pep_failover(fd, c, PEP_DOWN_REFUSED, 0, e);
+        return c->state == PEP_ST_FAILED ? -1 : (ssize_t)keep;
+    }
+    size_t sent = r > 0 ? (size_t)r : 0;
+    size_t took = sent > c->hdr_len ? sent - c->hdr_len : 0;
+    c->pre_sent = sent < c->hdr_len ? sent : c->hdr_len;
+    pep_replay_keep(c, iov + 1, k - 1, took);
+    pep_conn_set_state(c, c->pre_sent == c->pre_len ? PEP_ST_AWAIT : PEP_ST_SENDING);
+    pep_conn_set_hs_deadline(c, pep_now_ns() + pep_peer_connect_timeout_ns(c->peer, &c->pep));
+    pep_log(PEP_LOG_DEBUG, "fd %d: SYN sent with %zu header and %zu program bytes", fd,
+            c->pre_sent, took);
+    return (ssize_t)took;
+}
+
+enum pep_taken pep_syn_write(int fd, const struct iovec *iov, size_t n, ssize_t *ret)
+{
+    size_t want = 0, i;
+    for (i = 0; i < n; i++)
+        want += iov[i].iov_len;
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    if (!c || c->state != PEP_ST_DEFERRED || !pep_same_socket(fd, c)) {
+        pep_unlock();
+        return PEP_PASS;
+    }
+    int saved = errno;
+    ssize_t took = syn_send(fd, c, iov, n, want);
+    int e = c->err;
+    pep_unlock();
+    if (took < 0) {
+        *ret = -1;
+        errno = e;
+        return PEP_TAKEN;
+    }
+    if (took == 0 && want)
+        return PEP_PASS; /* the SYN left without the bytes: the usual write path */
+    *ret = took;
+    errno = saved;
+    return PEP_TAKEN;
+}
+
+void pep_syn_flush(int fd)
+{
+    int saved = errno;
+    pep_lock();
+    struct pep_conn *c = pep_conn_get(fd);
+    if (c && c->state == PEP_ST_DEFERRED && pep_same_socket(fd, c))
+        syn_send(fd, c, NULL, 0, 0);
+    pep_unlock();
+    errno = saved;
+}
+
+void pep_syn_flush_connected(int fd)
+{
+    int saved = errno;
+    pep_syn_flush(fd);
+    for (;;) {
+        struct tcp_info ti;
+        pep_lock();
+        struct pep_conn *c = pep_conn_get(fd);
+        long long until = 0;
+        if (c && c->hs_deadline && pep_same_socket(fd, c) &&
+            !pep_handshake_check(fd, c, pep_now_ns()))
+            until = c->hs_deadline;
+        pep_unlock();
+        if (!until || pep_tcp_state(fd, &ti) != TCP_SYN_SENT ||
+            pep_wait_fd(fd, POLLOUT, until) < 0)
+            break;
+    }
+    errno = saved;
+}
+
+void pep_syn_flush_every(void)
+{
+    int saved = errno;
+    struct pep_conn *c;
+    for (c = pep_conn_next(NULL); c && pep_syn_pending(); c = pep_conn_next(c)) {
+        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_DEFERRED)
+            continue;
+        pep_lock();
+        int fd = c->fd;
+        if (c->state == PEP_ST_DEFERRED && fd >= 0 && pep_conn_get(fd) == c)
+            syn_send(fd, c, NULL, 0, 0);
+        pep_unlock();
+    }
+    errno = saved;
+}
+
+int pep_syn_flush_waited(int all, int blocking)
+{
+    int saved = errno, left = 0;
+    unsigned long me = (unsigned long)pthread_self();
+    long long now = pep_now_ns();
+    struct pep_conn *c;
+    for (c = pep_conn_next(NULL); c && pep_syn_pending(); c = pep_conn_next(c)) {
+        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_DEFERRED)
+            continue;
+        pep_lock();
+        int fd = c->fd;
+        if (c->state == PEP_ST_DEFERRED && fd >= 0 && pep_conn_get(fd) == c) {
+            int mine = c->defer_thread == me;
+            if (now - c->defer_since >= PEP_SYN_STALE_NS ||
+                (mine && (all || c->defer_waits >= PEP_SYN_WAITS))) {
+                syn_send(fd, c, NULL, 0, 0);
+            } else {
+                c->defer_waits += mine && blocking;
+                left = 1;
+            }
+        }
+        pep_unlock();
+    }
+    errno = saved;
+    return left;
 }
 
 /* ---- the bounded wait for the reply ------------------------------------- */
@@ -451,7 +639,12 @@ enum pep_settled pep_settle(int fd, enum pep_settle_for why, int dontwait)
                 c = NULL;
             }
         }
-        if (!c || c->state == PEP_ST_OPEN ||
+        if (c && c->state == PEP_ST_DEFERRED && why != PEP_FOR_HEADER_ONLY) {
+            /* a read (or a write the hook did not put in the SYN): the
+             * header goes alone, the SYN with it */
+            syn_send(fd, c, NULL, 0, 0);
+            s = STEP_AGAIN;
+        } else if (!c || c->state == PEP_ST_OPEN ||
             (why == PEP_FOR_HEADER_ONLY && c->state != PEP_ST_SENDING)) {
             s = STEP_GO;
         } else if (c->state == PEP_ST_FAILED) {

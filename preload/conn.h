@@ -10,11 +10,14 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include "connect.h"
 #include "fdstate.h"
 
 #ifndef TCP_FASTOPEN_NO_COOKIE
 #define TCP_FASTOPEN_NO_COOKIE 34
 #endif
+
+#define PEP_TCP_FASTOPEN_CONNECT 30 /* TCP_FASTOPEN_CONNECT (Linux 4.11) */
 
 /* What the caller of pep_settle() is about to do. */
 enum pep_settle_for {
@@ -47,6 +50,40 @@ int pep_failed_by_pep(int fd);
 /* Has the PEP's reply (an Error TLV, a bad reply) already failed fd's
  * connection? (no I/O) */
 int pep_failed_by_reply(int fd);
+
+/*
+ * PEP_SYN_WRITE (PEP_ST_DEFERRED: connect() left the SYN to the first
+ * write). pep_syn_write: the program writes iov (n entries) on fd: if fd
+ * is deferred, one sendmsg puts the header and as much of the bytes as fit
+ * in the SYN. PEP_TAKEN: *ret is the program's result (errno set on -1);
+ * PEP_PASS: not deferred (any more), the hook goes on its usual way.
+ * pep_syn_flush: fd's header goes alone (a read, a wait for reading,
+ * shutdown, sendfile: anything but a write); no-op unless deferred.
+ * pep_syn_flush_connected: the same, then wait for the handshake (shutdown:
+ * a FIN in SYN_SENT would close the socket). pep_syn_flush_waited: the
+ * epoll rule (wait.c, docs/preload.md): the calling thread's deferred
+ * connections that went through PEP_SYN_WAITS of its waits that could
+ * block (all: every one of them), and any deferred connection older than
+ * PEP_SYN_STALE_NS, get their header sent; the calling thread's others
+ * count one wait more if this one may block (`blocking`: its timeout is
+ * not 0). 1 if any deferred connection is left. All keep errno.
+ */
+enum pep_taken pep_syn_write(int fd, const struct iovec *iov, size_t n, ssize_t *ret);
+void pep_syn_flush(int fd);
+void pep_syn_flush_connected(int fd);
+int pep_syn_flush_waited(int all, int blocking);
+/* Every deferred connection of every thread gets its header sent (before a
+ * blocking accept: the program may wait for its own connection). */
+void pep_syn_flush_every(void);
+#define PEP_SYN_WAITS 2               /* wrk: connected at one wait, writes at the next */
+#define PEP_SYN_STALE_NS 50000000LL   /* any deferred socket, at any wait: 50 ms */
+static inline int pep_syn_pending(void)
+{
+    return __atomic_load_n(&pep_ndeferred, __ATOMIC_RELAXED) != 0;
+}
+#define PEP_SYN_WAIT_CAP_NS 2000000LL /* an epoll wait with a deferred socket: 2 ms */
+/* Clear TCP_FASTOPEN_CONNECT if libpep set it (the socket is closed). */
+void pep_fo_connect_off(int fd, struct pep_conn *c);
 
 /* Send every header that missed its SYN, where the handshake is done. */
 void pep_flush_sending(void);

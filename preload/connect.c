@@ -10,6 +10,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -190,7 +191,7 @@ void pep_replay_keep(struct pep_conn *c, const struct iovec *iov, size_t n, size
 /* Dissolve whatever association the socket has (keeps the open file, its
  * options and epoll registrations). rst: abort an established connection
  * with a RST (the PEP sees the attempt is over). */
-static void dissolve(int fd, int rst)
+static void dissolve(int fd, struct pep_conn *c, int rst)
 {
     struct sockaddr unspec;
     struct linger old, lg = {1, 0};
@@ -203,6 +204,7 @@ static void dissolve(int fd, int rst)
     pep_real.connect(fd, &unspec, sizeof unspec);
     if (had)
         pep_real.setsockopt(fd, SOL_SOCKET, SO_LINGER, &old, sizeof old);
+    pep_fo_connect_off(fd, c); /* the next attempt's connect() must send its SYN */
 }
 
 /* The Convert message for c's destination, with the Cookie TLV PEP i wants. */
@@ -264,8 +266,59 @@ static void attempt_started(struct pep_conn *c, ssize_t n)
                           : c->pre_sent == c->pre_len ? PEP_ST_OPEN : PEP_ST_SENDING);
 }
 
-/* Start an attempt to PEP i. 0: the SYN is out; -1: it failed at once
- * (errno). Under the lock; never blocks. */
+/*
+ * PEP_SYN_WRITE: the kernel's TCP_FASTOPEN_CONNECT holds the SYN back
+ * until the first write (connect() returns 0, the socket polls writable),
+ * so the program's first bytes ride the SYN after the header
+ * (conn.c, pep_syn_write). 0: deferred (DEFERRED), or the kernel sent a
+ * SYN without data at once (no TFO cookie for this PEP: the header follows
+ * the handshake, as today's path would); -1: the connect failed (errno);
+ * -2: not deferred (the option is refused: old kernel, TFO client off),
+ * today's path. The program's connect() says EINPROGRESS either way.
+ */
+static int attempt_deferred(int fd, struct pep_conn *c, unsigned i,
+                            const struct sockaddr_in6 *addr, socklen_t len)
+{
+    int one = 1;
+    if (pep_real.setsockopt(fd, IPPROTO_TCP, PEP_TCP_FASTOPEN_CONNECT, &one, sizeof one) < 0)
+        return -2;
+    c->fo_connect = 1;
+    /* A socket disconnected (AF_UNSPEC) keeps the old connection's error
+     * (ECONNRESET) until a SYN goes (tcp_connect_init clears it): taken
+     * now, or the program's SO_ERROR would report it for this connect. */
+    int stale = 0;
+    pep_sockopt_int(fd, SOL_SOCKET, SO_ERROR, &stale);
+    struct sockaddr_in6 dst = *addr;
+    int rc = pep_real.connect(fd, (struct sockaddr *)&dst, len);
+    int e = errno;
+    c->pre_len = c->hdr_len;
+    if (rc == 0) {
+        c->pre_sent = 0;
+        pep_reader_init(&c->rd);
+        c->reply_deadline = 0;
+        c->defer_waits = 0;
+        c->defer_thread = (unsigned long)pthread_self();
+        c->defer_since = pep_now_ns();
+        pep_conn_set_state(c, PEP_ST_DEFERRED);
+        pep_log(PEP_LOG_DEBUG, "fd %d: SYN deferred to the first write (TCP_FASTOPEN_CONNECT)",
+                fd);
+        return 0;
+    }
+    if (e == EINPROGRESS || e == EINTR) {
+        if (c->nocookie)
+            pep_warn_0rtt_lost("the kernel sent the SYN without data");
+        attempt_started(c, -1);
+        pep_conn_set_hs_deadline(c, pep_now_ns() + pep_peer_connect_timeout_ns(i, addr));
+        return 0;
+    }
+    pep_fo_connect_off(fd, c);
+    pep_lowat_release(fd, c);
+    errno = e;
+    return -1;
+}
+
+/* Start an attempt to PEP i. 0: the SYN is out (or deferred to the first
+ * write); -1: it failed at once (errno). Under the lock; never blocks. */
 static int attempt_pep(int fd, struct pep_conn *c, unsigned i, const struct sockaddr_in6 *addr,
                        socklen_t len)
 {
@@ -282,6 +335,12 @@ static int attempt_pep(int fd, struct pep_conn *c, unsigned i, const struct sock
     pep_nocookie_set(fd, c, c->nocookie);
     if (!c->confirm) /* PEP_CONFIRM: the reply is awaited as POLLIN, whatever its size */
         pep_lowat_hold(fd, c);
+    if (c->defer) {
+        c->defer = 0;
+        int d = attempt_deferred(fd, c, i, addr, len);
+        if (d >= 0)
+            return d;
+    }
     ssize_t n = send_prefix_in_syn(fd, c, addr, len);
     int e = errno;
     if (n < 0 && e == EOPNOTSUPP) {
@@ -355,7 +414,7 @@ static int move_on(int fd, struct pep_conn *c, const char *failed, const char *w
     char peer[80];
     while ((i = next_peer(c, 0, &addr, &len, &why)) >= 0) {
         if (c->state != PEP_ST_CONNECTING)
-            dissolve(fd, 0);
+            dissolve(fd, c, 0);
         if (attempt_pep(fd, c, (unsigned)i, &addr, len) == 0) {
             if (failed) {
                 pep_peer_text(&addr, peer, sizeof peer);
@@ -371,7 +430,7 @@ static int move_on(int fd, struct pep_conn *c, const char *failed, const char *w
     }
     long long now = pep_now_ns();
     if (!pep_cfg.fallback_fail) {
-        dissolve(fd, 0);
+        dissolve(fd, c, 0);
         if (now >= fallback_said_until) {
             fallback_said_until = now + PEP_HOLD_DOWN_S * 1000000000LL;
             pep_log(PEP_LOG_ERROR, "no PEP usable (%s%s%s); connecting directly "
@@ -395,7 +454,7 @@ static int move_on(int fd, struct pep_conn *c, const char *failed, const char *w
     c->err = err ? err : ECONNREFUSED;
     c->failed_connecting = 1;
     pep_conn_set_state(c, PEP_ST_FAILED);
-    dissolve(fd, 1);
+    dissolve(fd, c, 1);
     return -1;
 }
 
@@ -412,12 +471,12 @@ void pep_failover(int fd, struct pep_conn *c, enum pep_down_reason why, unsigned
         pep_conn_set_hs_deadline(c, 0);
         c->err = err;
         pep_conn_set_state(c, PEP_ST_FAILED);
-        dissolve(fd, 1);
+        dissolve(fd, c, 1);
         pep_log(PEP_LOG_ERROR, "PEP %s %s; %s", peer, down_words[why],
                 c->direct ? "" : "too much written before its reply to move the connection");
         return;
     }
-    dissolve(fd, why == PEP_DOWN_ERROR64 || why == PEP_DOWN_ERROR65);
+    dissolve(fd, c, why == PEP_DOWN_ERROR64 || why == PEP_DOWN_ERROR65);
     move_on(fd, c, peer, down_words[why], err);
 }
 
@@ -426,7 +485,7 @@ void pep_retry_same(int fd, struct pep_conn *c)
     struct sockaddr_in6 addr = c->pep;
     socklen_t len = c->peplen;
     char peer[80];
-    dissolve(fd, 1);
+    dissolve(fd, c, 1);
     if (attempt_pep(fd, c, c->peer, &addr, len) == 0)
         return;
     pep_peer_text(&addr, peer, sizeof peer);
@@ -595,6 +654,10 @@ enum pep_taken pep_connect_via_pep(int fd, const struct sockaddr *sa, socklen_t 
         errno = saved;
         return PEP_PASS;
     }
+    int nonblock = (appflags & MSG_DONTWAIT) || pep_is_nonblocking(fd);
+    /* PEP_SYN_WRITE: a non-blocking connect() to a PEP may hold its SYN for
+     * the program's first write (attempt_deferred) */
+    c->defer = pep_cfg.syn_write && nonblock && !app && !c->confirm;
     if (move_on(fd, c, NULL, NULL, 0) < 0) {
         int e = c->err;
         pep_unlock();
@@ -603,7 +666,6 @@ enum pep_taken pep_connect_via_pep(int fd, const struct sockaddr *sa, socklen_t 
         return PEP_TAKEN;
     }
     pep_confirm_adopt_epoll(fd, c);
-    int nonblock = (appflags & MSG_DONTWAIT) || pep_is_nonblocking(fd);
     if (nonblock) {
         pep_unlock();
         if (app) {

@@ -11,6 +11,7 @@ struct pep_conn **pep_fd_chunks[PEP_FD_CHUNKS];
 unsigned pep_nmapped;
 unsigned pep_nsending;
 unsigned pep_nawait;
+unsigned pep_ndeferred;
 unsigned pep_nhandshake;
 unsigned pep_nconfirm;
 unsigned pep_nepswapped;
@@ -186,10 +187,14 @@ void pep_conn_set_state(struct pep_conn *c, int state)
         __atomic_sub_fetch(&pep_nsending, 1, __ATOMIC_RELAXED);
     else if (c->state == PEP_ST_AWAIT)
         __atomic_sub_fetch(&pep_nawait, 1, __ATOMIC_RELAXED);
+    else if (c->state == PEP_ST_DEFERRED)
+        __atomic_sub_fetch(&pep_ndeferred, 1, __ATOMIC_RELAXED);
     if (state == PEP_ST_SENDING)
         __atomic_add_fetch(&pep_nsending, 1, __ATOMIC_RELAXED);
     else if (state == PEP_ST_AWAIT)
         __atomic_add_fetch(&pep_nawait, 1, __ATOMIC_RELAXED);
+    else if (state == PEP_ST_DEFERRED)
+        __atomic_add_fetch(&pep_ndeferred, 1, __ATOMIC_RELAXED);
     __atomic_store_n(&c->state, state, __ATOMIC_RELEASE);
 }
 

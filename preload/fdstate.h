@@ -34,6 +34,8 @@ enum pep_state {
     PEP_ST_AWAIT,     /* header sent, the PEP's reply not all read */
     PEP_ST_OPEN,      /* reply stripped: plain pass-through */
     PEP_ST_FAILED,    /* Error TLV or bad reply: every read/write fails with err */
+    PEP_ST_DEFERRED,  /* TCP_FASTOPEN_CONNECT: neither the SYN nor the header sent; the
+                       * program's first write takes both (conn.c, pep_syn_write) */
 };
 
 struct pep_conn {
@@ -63,6 +65,11 @@ struct pep_conn {
     int nocookie_set;           /* the value the socket has: 0, 1; -1 unknown (conn.c) */
     int cookie_retried;         /* reconnected once already for an Error 3 */
     int failed_connecting;      /* FAILED before connect() completed: SO_ERROR says err */
+    int defer;                  /* connect(): this attempt may wait for the first write */
+    int fo_connect;             /* TCP_FASTOPEN_CONNECT is set on the socket */
+    int defer_waits;            /* DEFERRED: epoll waits of its thread seen (conn.c) */
+    unsigned long defer_thread; /* DEFERRED: pthread_self() of the connect */
+    long long defer_since;      /* DEFERRED: CLOCK_MONOTONIC ns of the connect */
     /* PEP_CONFIRM: connect() completes on the PEP's verdict */
     int confirm;
     int ep_fd;                  /* the program's epoll registration of this fd (-1: none) */
@@ -86,6 +93,7 @@ extern unsigned pep_nawait;          /* conns in PEP_ST_AWAIT */
 extern unsigned pep_nhandshake;      /* conns whose handshake is not seen done (hs_deadline) */
 extern unsigned pep_nconfirm;        /* PEP_CONFIRM conns still waiting for the verdict */
 extern unsigned pep_nepswapped;      /* conns with ep_swapped (wait.c) */
+extern unsigned pep_ndeferred;       /* conns in PEP_ST_DEFERRED */
 
 static inline int pep_confirm_pending_in(int confirm, int state)
 {
@@ -112,6 +120,13 @@ static inline struct pep_conn *pep_fd_peek(int fd)
 static inline int pep_fd_tracked(int fd)
 {
     return pep_fd_peek(fd) != 0;
+}
+
+/* Is fd's SYN held for the program's first write? (no lock) */
+static inline int pep_fd_deferred(int fd)
+{
+    struct pep_conn *c = pep_fd_peek(fd);
+    return c && __atomic_load_n(&c->state, __ATOMIC_ACQUIRE) == PEP_ST_DEFERRED;
 }
 
 /* The fast path: does fd need the slow path (not plain pass-through)? */

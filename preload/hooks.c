@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <string.h>
 #include <netinet/in.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -60,9 +61,19 @@ EXPORT int socket(int domain, int type, int protocol)
     return fd;
 }
 
+/* A blocking accept while a connection of ours holds its SYN for a write:
+ * the program may be waiting for that very connection (a listener of its
+ * own): every held SYN goes first. */
+static void before_accept(int fd)
+{
+    if (UNLIKELY(pep_syn_pending()) && !pep_is_nonblocking(fd))
+        pep_syn_flush_every();
+}
+
 EXPORT int accept(int fd, struct sockaddr *sa, socklen_t *len)
 {
     INIT();
+    before_accept(fd);
     int r = pep_real.accept(fd, sa, len);
     if (r >= 0)
         pep_forget(r);
@@ -72,6 +83,7 @@ EXPORT int accept(int fd, struct sockaddr *sa, socklen_t *len)
 EXPORT int accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags)
 {
     INIT();
+    before_accept(fd);
     int r = pep_real.accept4(fd, sa, len, flags);
     if (r >= 0)
         pep_forget(r);
@@ -249,6 +261,17 @@ EXPORT int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, struct
             keep_for_replay(fd, iov, n, (size_t)(r));               \
     } while (0)
 
+/* PEP_SYN_WRITE: the first write on a socket whose SYN waits for it goes
+ * in the SYN, after the header (conn.c, pep_syn_write). */
+#define SYN_WRITE(fd, iov, n)                                       \
+    do {                                                            \
+        ssize_t synr_;                                              \
+        INIT();                                                     \
+        if (UNLIKELY(pep_fd_deferred(fd)) &&                        \
+            pep_syn_write(fd, iov, n, &synr_) == PEP_TAKEN)         \
+            return synr_;                                           \
+    } while (0)
+
 static void keep_for_replay(int fd, const struct iovec *iov, size_t n, size_t r)
 {
     pep_lock();
@@ -271,15 +294,18 @@ static void no_replay(int fd)
 
 EXPORT ssize_t write(int fd, const void *buf, size_t n)
 {
+    struct iovec one = {(void *)buf, n};
+    SYN_WRITE(fd, &one, 1);
     BEFORE_WRITE(fd, 0);
     ssize_t r = pep_real.write(fd, buf, n);
-    struct iovec one = {(void *)buf, n};
     AFTER_WRITE(fd, r, &one, 1);
     return r;
 }
 
 EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
 {
+    if (cnt > 0)
+        SYN_WRITE(fd, iov, (size_t)cnt);
     BEFORE_WRITE(fd, 0);
     ssize_t r = pep_real.writev(fd, iov, cnt);
     AFTER_WRITE(fd, r, iov, cnt < 0 ? 0 : (size_t)cnt);
@@ -288,9 +314,11 @@ EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
 
 EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
 {
+    struct iovec one = {(void *)buf, n};
+    if (!(flags & MSG_OOB))
+        SYN_WRITE(fd, &one, 1);
     BEFORE_WRITE(fd, flags & MSG_DONTWAIT);
     ssize_t r = pep_real.send(fd, buf, n, flags);
-    struct iovec one = {(void *)buf, n};
     AFTER_WRITE(fd, r, &one, 1);
     return r;
 }
@@ -320,9 +348,11 @@ EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct
         if (fastopen_send(fd, sa, len, &m, flags, &ret) != PEP_PASS)
             return ret;
     }
+    struct iovec one = {(void *)buf, n};
+    if (!(flags & MSG_OOB))
+        SYN_WRITE(fd, &one, 1);
     BEFORE_WRITE(fd, flags & MSG_DONTWAIT);
     ssize_t r = pep_real.sendto(fd, buf, n, flags, sa, len);
-    struct iovec one = {(void *)buf, n};
     AFTER_WRITE(fd, r, &one, 1);
     return r;
 }
@@ -334,6 +364,9 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     if (UNLIKELY(flags & MSG_FASTOPEN) && msg && msg->msg_name &&
         fastopen_send(fd, msg->msg_name, msg->msg_namelen, msg, flags, &ret) != PEP_PASS)
         return ret;
+    /* (ancillary data, MSG_OOB: the header goes alone first) */
+    if (msg && !msg->msg_controllen && !(flags & MSG_OOB))
+        SYN_WRITE(fd, msg->msg_iov, msg->msg_iovlen);
     BEFORE_WRITE(fd, flags & MSG_DONTWAIT);
     ssize_t r = pep_real.sendmsg(fd, msg, flags);
     AFTER_WRITE(fd, r, msg ? msg->msg_iov : NULL, msg ? msg->msg_iovlen : 0);
@@ -352,6 +385,62 @@ EXPORT int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
     int r = pep_real.sendmmsg(fd, v, n, flags);
     AFTER_WRITE(fd, r, NULL, 0);
     return r;
+}
+
+/* Bytes from a file or a pipe (sendfile, splice): the header first (on a
+ * deferred socket the kernel would put the file's bytes in the SYN without
+ * it), as for any write; they are not kept for a replay (as sendmmsg). */
+static int before_file_write(int fd)
+{
+    INIT();
+    if (UNLIKELY(pep_fd_busy(fd))) {
+        if (pep_settle(fd, PEP_FOR_WRITE, 0) < 0)
+            return -1;
+        if (pep_fd_busy(fd))
+            no_replay(fd);
+    }
+    return 0;
+}
+
+EXPORT ssize_t sendfile(int out, int in, off_t *off, size_t n)
+{
+    if (before_file_write(out) < 0)
+        return -1;
+    ssize_t r = pep_real.sendfile(out, in, off, n);
+    AFTER_WRITE(out, r, NULL, 0);
+    return r;
+}
+
+EXPORT ssize_t sendfile64(int out, int in, off64_t *off, size_t n)
+{
+    if (before_file_write(out) < 0)
+        return -1;
+    ssize_t r = pep_real.sendfile64(out, in, off, n);
+    AFTER_WRITE(out, r, NULL, 0);
+    return r;
+}
+
+EXPORT ssize_t splice(int in, loff_t *off_in, int out, loff_t *off_out, size_t n,
+                      unsigned int flags)
+{
+    INIT();
+    if (UNLIKELY(pep_fd_busy(in)) && pep_settle(in, PEP_FOR_READ, flags & SPLICE_F_NONBLOCK) < 0)
+        return -1;
+    if (before_file_write(out) < 0)
+        return -1;
+    ssize_t r = pep_real.splice(in, off_in, out, off_out, n, flags);
+    AFTER_WRITE(out, r, NULL, 0);
+    return r;
+}
+
+/* shutdown before any write: the header first, and the handshake (a FIN
+ * cannot follow a SYN that is still out: the kernel would close). */
+EXPORT int shutdown(int fd, int how)
+{
+    INIT();
+    if (UNLIKELY(pep_fd_deferred(fd)))
+        pep_syn_flush_connected(fd);
+    return pep_real.shutdown(fd, how);
 }
 
 /* ---- what the program asks about the socket ---------------------------- */
@@ -374,7 +463,8 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
      * program learns from its next read or write): the real destination. */
     pep_lock();
     struct pep_conn *c = pep_conn_get(fd);
-    if (c && (r == 0 || c->state == PEP_ST_FAILED) && pep_same_socket(fd, c)) {
+    if (c && (r == 0 || c->state == PEP_ST_FAILED || c->state == PEP_ST_DEFERRED) &&
+        pep_same_socket(fd, c)) {
         socklen_t n = *len < c->destlen ? *len : c->destlen;
         memcpy(sa, &c->dest, n);
         *len = c->destlen;

@@ -58,6 +58,10 @@ static void init_once_fn(void)
     BIND_AS(ppoll_chk, "__ppoll_chk");
     BIND(recvmmsg);
     BIND(sendmmsg);
+    BIND(sendfile);
+    BIND(sendfile64);
+    BIND(splice);
+    BIND(shutdown);
     if (!pep_real.fcntl64)
         pep_real.fcntl64 = pep_real.fcntl;
     pep_config_load();

@@ -63,6 +63,10 @@ struct pep_real {
     int (*ppoll_chk)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *, size_t);
     int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
     int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+    ssize_t (*sendfile)(int, int, off_t *, size_t);
+    ssize_t (*sendfile64)(int, int, off64_t *, size_t);
+    ssize_t (*splice)(int, loff_t *, int, loff_t *, size_t, unsigned int);
+    int (*shutdown)(int, int);
 };
 
 extern struct pep_real pep_real;

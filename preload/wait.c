@@ -252,10 +252,41 @@ static int confirm_after(struct pollfd *fds, struct confirm_swap *sw, int r)
     return r + changed > 0 ? r + changed : ALL_HIDDEN;
 }
 
+/*
+ * PEP_SYN_WRITE: a socket whose SYN waits for the program's first write
+ * (PEP_ST_DEFERRED) polls writable at once. poll and select see what the
+ * program waits for: waited on without write interest (a server that
+ * speaks first: SSH, SMTP), its header goes now, the SYN with it; with
+ * write interest it stays deferred (the wait returns at once, the program
+ * writes).
+ */
+static void syn_before_poll(const struct pollfd *fds, nfds_t n)
+{
+    nfds_t i;
+    for (i = 0; i < n && pep_syn_pending(); i++) {
+        if (!(fds[i].events & (POLLOUT | POLLWRNORM)) && pep_fd_deferred(fds[i].fd))
+            pep_syn_flush(fds[i].fd);
+    }
+}
+
+static void syn_before_select(int n, fd_set *w)
+{
+    struct pep_conn *c;
+    for (c = pep_conn_next(NULL); c && pep_syn_pending(); c = pep_conn_next(c)) {
+        int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
+        if (fd < 0 || fd >= n || __atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_DEFERRED)
+            continue;
+        if (!w || fd >= FD_SETSIZE || !FD_ISSET(fd, w))
+            pep_syn_flush(fd);
+    }
+}
+
 /* A poll whose events after_poll hid (an attempt moved to the next PEP, a
  * verdict still pending) waits again for the time left. */
 static int hooked_poll(struct pollfd *fds, nfds_t n, int timeout)
 {
+    if (PEP_UNLIKELY(pep_syn_pending()))
+        syn_before_poll(fds, n);
     int ours = __atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED) != 0;
     long long start = timeout > 0 && ours ? now_ns() : 0;
     for (;;) {
@@ -281,6 +312,8 @@ static int hooked_poll(struct pollfd *fds, nfds_t n, int timeout)
 static int hooked_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts,
                         const sigset_t *mask)
 {
+    if (PEP_UNLIKELY(pep_syn_pending()))
+        syn_before_poll(fds, n);
     long long timeout = ts_to_ns(ts);
     int ours = __atomic_load_n(&pep_nmapped, __ATOMIC_RELAXED) != 0;
     long long deadline = timeout > 0 && ours ? now_ns() + timeout : 0;
@@ -469,6 +502,8 @@ static int select_confirm_after(int n, fd_set *r, fd_set *w, fd_set *e, struct s
 PEP_EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)
 {
     PEP_INIT();
+    if (PEP_UNLIKELY(pep_syn_pending()))
+        syn_before_select(n, w);
     for (;;) {
         struct select_swap sw;
         fd_set *rr = select_confirm_before(n, r, w, &sw);
@@ -494,6 +529,8 @@ PEP_EXPORT int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct time
                        const sigset_t *mask)
 {
     PEP_INIT();
+    if (PEP_UNLIKELY(pep_syn_pending()))
+        syn_before_select(n, w);
     long long timeout = n > FD_SETSIZE ? AS_ASKED : ts_to_ns(ts);
     long long deadline = timeout > 0 && __atomic_load_n(&pep_nconfirm, __ATOMIC_RELAXED)
                              ? now_ns() + timeout : 0;
@@ -730,10 +767,61 @@ static int epoll_confirm_after(int epfd, struct epoll_event *ev, int r)
     return out ? out : ALL_HIDDEN;
 }
 
+static void epoll_time_left(struct epoll_call *c, long long timeout)
+{
+    c->timeout = ns_to_ms(timeout);
+    c->ts_left = ns_to_ts(timeout < 0 ? 0 : timeout);
+    c->ts = timeout < 0 ? NULL : &c->ts_left;
+}
+
+/*
+ * PEP_SYN_WRITE under epoll, which does not say what the program waits
+ * for (libpep follows registrations only for PEP_CONFIRM): a deferred
+ * socket stays deferred through PEP_SYN_WAITS waits of the thread that
+ * connected it that may block (wrk: told writable at one, writes at the
+ * next; a timeout of 0 does not count); at the next one its header goes.
+ * While one is deferred, a wait that would block runs in slices of
+ * PEP_SYN_WAIT_CAP_NS; a slice that ends with nothing sends the calling
+ * thread's headers (a server-speaks-first program waits that long more).
+ * Any deferred socket goes after PEP_SYN_STALE_NS.
+ * Returns the wait's result, or ALL_HIDDEN: go on with the time left in c.
+ */
+static int syn_epoll(struct epoll_call *c, long long *timeout)
+{
+    if (!pep_syn_flush_waited(0, *timeout != 0) || *timeout == 0 ||
+        (*timeout > 0 && *timeout <= PEP_SYN_WAIT_CAP_NS))
+        return ALL_HIDDEN;
+    long long deadline = *timeout < 0 ? -1 : now_ns() + *timeout;
+    for (;;) {
+        long long slice = PEP_SYN_WAIT_CAP_NS;
+        if (deadline >= 0 && deadline - now_ns() < slice)
+            slice = deadline - now_ns();
+        if (slice <= 0)
+            return 0;
+        int r = epoll_confirm_after(c->epfd, c->ev, epoll_once(c, slice));
+        if (r != 0 && r != ALL_HIDDEN)
+            return r;
+        int left = pep_syn_flush_waited(1, 1);
+        if (deadline >= 0) {
+            *timeout = deadline - now_ns();
+            if (*timeout <= 0)
+                return 0;
+            epoll_time_left(c, *timeout);
+        }
+        if (!left)
+            return ALL_HIDDEN;
+    }
+}
+
 /* epoll_wait/epoll_pwait/epoll_pwait2 through the sliced wait; events
  * PEP_CONFIRM hides make it wait again for the time left. */
 static int hooked_epoll(struct epoll_call *c, long long timeout)
 {
+    if (PEP_UNLIKELY(pep_syn_pending()) && timeout != AS_ASKED) {
+        int r = syn_epoll(c, &timeout);
+        if (r != ALL_HIDDEN)
+            return r;
+    }
     long long deadline = timeout > 0 && __atomic_load_n(&pep_nepswapped, __ATOMIC_RELAXED)
                              ? now_ns() + timeout : 0;
     for (;;) {
@@ -748,10 +836,7 @@ static int hooked_epoll(struct epoll_call *c, long long timeout)
             timeout = deadline - now_ns();
             if (timeout <= 0)
                 return 0;
-            c->timeout = ns_to_ms(timeout);
-            struct timespec t = ns_to_ts(timeout);
-            c->ts_left = t;
-            c->ts = &c->ts_left;
+            epoll_time_left(c, timeout);
         }
     }
 }

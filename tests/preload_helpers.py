@@ -50,7 +50,7 @@ def preload_env(pep=None, lib: str | None = None, no_proxy: str | None = "", log
     for k in ("PEP_PROXY", "PEP_NO_PROXY", "PEP_LOG", "PEP_DISABLE", "http_proxy", "https_proxy",
               "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "PEP_STATE_DIR",
               "PEP_FALLBACK", "PEP_CONNECT_TIMEOUT", "PEP_REPLY_TIMEOUT", "PEP_CONFIRM",
-              "PEP_COOKIE", "PEP_TFO_MODE"):
+              "PEP_COOKIE", "PEP_TFO_MODE", "PEP_SYN_WRITE"):
         env.pop(k, None)
     env["PEP_STATE_DIR"] = tempfile.mkdtemp(prefix="pepstate-")
     env["LD_PRELOAD"] = lib or build()

@@ -380,18 +380,25 @@ def test_destination_errors_never_fall_back(net, tmp_path):
         assert _state(tmp_path, first.address).get("down_until") is None
 
 
-@pytest.mark.parametrize("fallback", ["direct", "fail"])
-def test_no_pep_left(net, tmp_path, fallback):
+@pytest.mark.parametrize("fallback,syn_write", [("direct", "1"), ("direct", "0"),
+                                                ("fail", "1"), ("fail", "0")])
+def test_no_pep_left(net, tmp_path, fallback, syn_write):
     """Both PEPs refuse: direct (default) fetches straight from the server
-    and says so once; fail refuses (curl: couldn't connect)."""
+    and says so once; fail refuses: curl couldn't connect (7), or, with the
+    SYN held for curl's request (PEP_SYN_WRITE), its connect was done before
+    the SYN left, so the refusal is its read's (56, "Connection refused"),
+    as with the kernel's own TCP_FASTOPEN_CONNECT."""
     a, b = _dead(net, PEP1), _dead(net, PEP2)
-    env = env_for([a, b], tmp_path, PEP_FALLBACK=fallback)
+    env = env_for([a, b], tmp_path, PEP_FALLBACK=fallback, PEP_SYN_WRITE=syn_write)
     p, took = _curl(net, env)
     if fallback == "direct":
         assert p.stdout == f"200 {len(net.payload)}", p.stdout + p.stderr
         assert p.stderr.count("connecting directly") == 1, p.stderr
     else:
-        assert p.returncode == 7, p.stdout + p.stderr
+        if syn_write == "0":
+            assert p.returncode == 7, p.stdout + p.stderr
+        else:
+            assert p.returncode == 56 and "Connection refused" in p.stderr, p.stdout + p.stderr
         assert "refusing the connection (PEP_FALLBACK=fail)" in p.stderr
     assert took < 1.5
 

@@ -97,12 +97,16 @@ def test_python_client_pep_down_refused_fast(net):
     assert time.monotonic() - start < 1.0
 
 
-def test_curl_under_libpep_pep_down_refused_fast(net):
-    """PEP_FALLBACK=fail: the refusal is curl's, at once."""
+@pytest.mark.parametrize("syn_write", ["1", "0"])
+def test_curl_under_libpep_pep_down_refused_fast(net, syn_write):
+    """PEP_FALLBACK=fail: the refusal is curl's, at once: its connect's
+    (couldn't connect, 7), or with the SYN held for curl's request
+    (PEP_SYN_WRITE, the default) its read's (56)."""
     build()
     proc, took = _curl(net, net.http.url("/1m.bin"), (PEP_IP, _dead_port(net)),
-                       "--connect-timeout", "3", "--max-time", "5", PEP_FALLBACK="fail")
-    assert proc.returncode == 7, (proc.returncode, proc.stderr)  # couldn't connect
+                       "--connect-timeout", "3", "--max-time", "5", PEP_FALLBACK="fail",
+                       PEP_SYN_WRITE=syn_write)
+    assert proc.returncode == (7 if syn_write == "0" else 56), (proc.returncode, proc.stderr)
     assert "refused" in proc.stderr.lower() or "connect" in proc.stderr.lower(), proc.stderr
     assert took < 2.0
 
@@ -134,14 +138,25 @@ def test_python_client_pep_blackholed_times_out_on_time(net, rules):
     assert _drops(net) >= 1
 
 
-def test_curl_under_libpep_pep_blackholed_times_out_on_time(net, rules):
+@pytest.mark.parametrize("syn_write", ["1", "0"])
+def test_curl_under_libpep_pep_blackholed_times_out_on_time(net, rules, syn_write):
+    """PEP_SYN_WRITE=0: curl's --connect-timeout ends it. With the SYN held
+    for curl's request (the default), curl's connect is done before any SYN
+    left: libpep's handshake deadline (3 s) moves the connection, request
+    and all, to the destination (PEP_FALLBACK=direct), within --max-time."""
     build()
     rules("-d", PEP_IP, "-p", "tcp", "--dport", str(net.conv.address[1]), "-j", "DROP")
     proc, took = _curl(net, net.http.url("/1m.bin"), net.conv.address,
-                       "--connect-timeout", "2", "--max-time", "4")
-    assert proc.returncode == 28, (proc.returncode, proc.stderr)  # operation timed out
-    assert "timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower(), proc.stderr
-    assert 1.8 < took < 3.5, took
+                       "--connect-timeout", "2", "--max-time", "6", PEP_SYN_WRITE=syn_write)
+    if syn_write == "0":
+        assert proc.returncode == 28, (proc.returncode, proc.stderr)  # operation timed out
+        assert "timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower(), proc.stderr
+        assert 1.8 < took < 3.5, took
+    else:
+        assert proc.returncode == 0, (proc.returncode, proc.stderr)
+        assert proc.stdout.split() == ["200", str(len(net.payload))]
+        assert "did not answer in time" in proc.stderr, proc.stderr
+        assert 2.5 < took < 5.5, took
     assert _drops(net) >= 1
 
 
@@ -156,7 +171,10 @@ def test_curl_under_libpep_pep_blackholed_after_connect_max_time(net, rules):
     assert took < 4.5, took
 
 
-def test_pep_host_unreachable_is_immediate(net, rules):
+@pytest.mark.parametrize("syn_write", ["1", "0"])
+def test_pep_host_unreachable_is_immediate(net, rules, syn_write):
+    """curl fails at once: couldn't connect (7), or with the SYN held for its
+    request (PEP_SYN_WRITE, the default) on its read (56)."""
     build()
     rules("-d", PEP_IP, "-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-host-unreachable")
     with net.hosts["cli"].enter():
@@ -166,8 +184,8 @@ def test_pep_host_unreachable_is_immediate(net, rules):
         assert time.monotonic() - start < 2.0
     assert "EHOSTUNREACH" in str(info.value) or info.value.errno == 113
     proc, took = _curl(net, net.http.url("/1m.bin"), net.conv.address,
-                       "--connect-timeout", "3", "--max-time", "5")
-    assert proc.returncode == 7, (proc.returncode, proc.stderr)
+                       "--connect-timeout", "3", "--max-time", "5", PEP_SYN_WRITE=syn_write)
+    assert proc.returncode == (7 if syn_write == "0" else 56), (proc.returncode, proc.stderr)
     assert took < 2.5
 
 
