@@ -218,10 +218,15 @@ def test_smoke_quick_run(tmp_path):
     assert runs and all(f["complete"] for r in runs for f in r["flows"])
     assert {(r["qdisc"], r["mode"]) for r in runs} == {(q, m) for q in ("fifo", "fq_codel") for m in ("e2e", "pep")}
     # FQ-CoDel keeps the interactive flow out of the bulk flow's queue: its worst delay stays
-    # within 15 ms of the FIFO-free propagation delay (R1+R2)/2, while FIFO's exceeds that
+    # near the FIFO-free propagation delay (R1+R2)/2 = 25 ms (typically 27-28 ms), while
+    # FIFO's carries the bulk flow's queue (~100-110 ms). The margin is 25 ms: the worst of
+    # one run of a user-space delay line on 2 cores shared with a client, a relay and a
+    # server takes an occasional scheduling hiccup (38-42 ms seen, with and without the
+    # relay changes of the day); queueing behind the bulk flow is far more.
     from pepsock.testbed.report import interactive
     worst = {(r["qdisc"], r["mode"]): max(interactive(r)["owd"]) for r in runs}
-    assert worst[("fq_codel", "pep")] < 25 + 15 < worst[("fifo", "pep")], worst
+    assert worst[("fq_codel", "pep")] < 25 + 25 < worst[("fifo", "pep")], worst
+    assert 2 * worst[("fq_codel", "pep")] < worst[("fifo", "pep")], worst
     e2e = [r for r in runs if r["mode"] == "e2e"][0]
     # the step took place during the transfer (10 -> 75 Mbit/s at 4 s)
     assert [round(r / 1e6) for _, r in e2e["rate_changes"]] == [10, 75]
