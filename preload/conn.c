@@ -432,23 +432,12 @@ void pep_syn_flush_connected(int fd)
     errno = saved;
 }
 
-void pep_syn_flush_every(void)
-{
-    int saved = errno;
-    struct pep_conn *c;
-    for (c = pep_conn_next(NULL); c && pep_syn_pending(); c = pep_conn_next(c)) {
-        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) != PEP_ST_DEFERRED)
-            continue;
-        pep_lock();
-        int fd = c->fd;
-        if (c->state == PEP_ST_DEFERRED && fd >= 0 && pep_conn_get(fd) == c)
-            syn_send(fd, c, NULL, 0, 0);
-        pep_unlock();
-    }
-    errno = saved;
-}
-
-int pep_syn_flush_waited(int all, int blocking)
+/* The held SYNs that go now (their headers alone): every one (`everyone`:
+ * a blocking accept), else the calling thread's that went through
+ * PEP_SYN_WAITS of its waits that could block (all: every one of the
+ * thread's) and any held longer than PEP_SYN_STALE_NS; the calling thread's
+ * others count this wait (blocking). 1 if some are still held. */
+static int flush_held(int everyone, int all, int blocking)
 {
     int saved = errno, left = 0;
     unsigned long me = (unsigned long)pthread_self();
@@ -461,7 +450,7 @@ int pep_syn_flush_waited(int all, int blocking)
         int fd = c->fd;
         if (c->state == PEP_ST_DEFERRED && fd >= 0 && pep_conn_get(fd) == c) {
             int mine = c->defer_thread == me;
-            if (now - c->defer_since >= PEP_SYN_STALE_NS ||
+            if (everyone || now - c->defer_since >= PEP_SYN_STALE_NS ||
                 (mine && (all || c->defer_waits >= PEP_SYN_WAITS))) {
                 syn_send(fd, c, NULL, 0, 0);
             } else {
@@ -473,6 +462,16 @@ int pep_syn_flush_waited(int all, int blocking)
     }
     errno = saved;
     return left;
+}
+
+void pep_syn_flush_every(void)
+{
+    flush_held(1, 1, 0);
+}
+
+int pep_syn_flush_waited(int all, int blocking)
+{
+    return flush_held(0, all, blocking);
 }
 
 /* ---- the bounded wait for the reply ------------------------------------- */

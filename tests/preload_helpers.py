@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 
 from converter import (  # noqa: F401  (re-exported: the suites import them from here)
@@ -108,3 +110,16 @@ def forward_rules(rt):
 
     yield add
     rt.run("iptables", "-w", "5", "-F", "FORWARD", check=False)
+
+
+def run(ns, argv, env, timeout=30, **kw):
+    """argv in namespace ns; the preload applies to argv only, not to `ip netns exec`."""
+    ours = {k: env[k] for k in env if k == "LD_PRELOAD" or k.startswith("PEP_")}
+    rest = {k: v for k, v in env.items() if k not in ours}
+    argv = ["env", *(f"{k}={v}" for k, v in ours.items()), *argv]
+    return ns.run(*argv, check=False, env=rest, timeout=timeout, **kw)
+
+
+def pyrun(ns, code, env, timeout=30):
+    """Python code (dedented) in namespace ns under the preload of env."""
+    return run(ns, [sys.executable, "-c", textwrap.dedent(code)], env, timeout)

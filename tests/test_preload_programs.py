@@ -40,16 +40,7 @@ def lo(tmp_path_factory):
         yield host
 
 
-def run(ns, argv, env, timeout=TIMEOUT, **kw):
-    """argv in namespace ns; the preload applies to argv only, not to `ip netns exec`."""
-    ours = {k: env[k] for k in env if k == "LD_PRELOAD" or k.startswith("PEP_")}
-    rest = {k: v for k, v in env.items() if k not in ours}
-    argv = ["env", *(f"{k}={v}" for k, v in ours.items()), *argv]
-    return ns.run(*argv, check=False, env=rest, timeout=timeout, **kw)
-
-
-def pyrun(ns, code, env, timeout=TIMEOUT):
-    return run(ns, [sys.executable, "-c", textwrap.dedent(code)], env, timeout)
+run, pyrun = ph.run, ph.pyrun
 
 
 # ------------------------------------------------------------------ loopback

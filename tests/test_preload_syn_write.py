@@ -6,13 +6,8 @@ AF_PACKET socket there records the payload of every SYN sent to the
 converter, so the tests see what really rode the SYN. Real programs (curl,
 wget, Python, small C programs), the test converter of tests/converter.py.
 """
-import os
 import socket
 import struct
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 
@@ -37,15 +32,7 @@ def lo(tmp_path_factory):
         yield host
 
 
-def run(ns, argv, env, timeout=TIMEOUT, **kw):
-    ours = {k: env[k] for k in env if k == "LD_PRELOAD" or k.startswith("PEP_")}
-    rest = {k: v for k, v in env.items() if k not in ours}
-    argv = ["env", *(f"{k}={v}" for k, v in ours.items()), *argv]
-    return ns.run(*argv, check=False, env=rest, timeout=timeout, **kw)
-
-
-def pyrun(ns, code, env, timeout=TIMEOUT):
-    return run(ns, [sys.executable, "-c", textwrap.dedent(code)], env, timeout)
+run, pyrun = ph.run, ph.pyrun
 
 
 class SynPayloads:
