@@ -80,3 +80,19 @@ def echo(ns):
     from converter import EchoServer
     with EchoServer() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """preload/libpep.so of this checkout, built once (the libpep.so suites)."""
+    import preload_helpers
+    return preload_helpers.build()
+
+
+@pytest.fixture(scope="module")
+def lo(tmp_path_factory):
+    """One namespace with TFO on (3), an HTTP server on 127.0.0.1 and ::1."""
+    require_root()
+    from converter import web_namespace
+    with web_namespace("pl", tmp_path_factory.mktemp("www")) as host:
+        yield host

@@ -22,23 +22,9 @@ import pytest
 from conftest import require_root, require_tool
 from pepsock.testbed.netns import Topology
 import preload_helpers as ph
-from converter import converter_in, web_namespace
+from converter import converter_in
 
 TIMEOUT = 30
-
-
-@pytest.fixture(scope="module")
-def lib():
-    return ph.build()
-
-
-@pytest.fixture(scope="module")
-def lo(tmp_path_factory):
-    """One namespace with TFO on (3), an HTTP server on 127.0.0.1 and ::1."""
-    require_root()
-    with web_namespace("pl", tmp_path_factory.mktemp("www")) as host:
-        yield host
-
 
 run, pyrun = ph.run, ph.pyrun
 

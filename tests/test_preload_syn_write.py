@@ -11,26 +11,12 @@ import struct
 
 import pytest
 
-from conftest import require_root, require_tool
+from conftest import require_tool
 import preload_helpers as ph
-from converter import EchoServer, converter_in, web_namespace
+from converter import EchoServer, converter_in
 from pepsock import protocol
 
-TIMEOUT = 30
 ETH_P_IP = 0x0800
-
-
-@pytest.fixture(scope="module")
-def lib():
-    return ph.build()
-
-
-@pytest.fixture(scope="module")
-def lo(tmp_path_factory):
-    require_root()
-    with web_namespace("sw", tmp_path_factory.mktemp("www")) as host:
-        yield host
-
 
 run, pyrun = ph.run, ph.pyrun
 
