@@ -498,9 +498,14 @@ int pep_handshake_check(int fd, struct pep_conn *c, long long now)
     if (!c->hs_deadline)
         return 1;
     int st = pep_tcp_state(fd, &ti);
-    if (st == TCP_SYN_SENT || st == TCP_SYN_RECV) {
-        if (now < c->hs_deadline)
-            return 0;
+    int going = st == TCP_SYN_SENT || st == TCP_SYN_RECV;
+    if (going && now < c->hs_deadline)
+        return 0;
+    /* libpep acts on fd from here (fails over, holds the PEP down, notes
+     * its RTT): a number that is not c's socket any more is left alone */
+    if (!pep_fd_still_ours(fd, c))
+        return 1;
+    if (going) {
         pep_failover(fd, c, PEP_DOWN_TIMEOUT, 0, ETIMEDOUT);
         return c->state == PEP_ST_FAILED || !c->hs_deadline;
     }
@@ -712,6 +717,11 @@ enum pep_taken pep_connect_again(int fd, const struct sockaddr *sa, socklen_t le
     }
     if (c->state != PEP_ST_CONNECTING)
         pep_handshake_check(fd, c, pep_now_ns());
+    if (pep_conn_get(fd) != c) { /* fd turned out not to be c's socket */
+        pep_unlock();
+        errno = saved;
+        return PEP_PASS;
+    }
     if (c->confirm) {
         pep_unlock();
         int err = 0, v = pep_confirm_poll(fd, &err);
