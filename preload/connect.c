@@ -501,18 +501,23 @@ int pep_handshake_check(int fd, struct pep_conn *c, long long now)
     int going = st == TCP_SYN_SENT || st == TCP_SYN_RECV;
     if (going && now < c->hs_deadline)
         return 0;
+    /* never got as far as a handshake: refused (RST, ICMP) */
+    int avail = 0;
+    int refused = (st == TCP_CLOSE || st < 0) && !ti.tcpi_rtt &&
+                  !(ioctl(fd, FIONREAD, &avail) == 0 && avail > 0);
     /* libpep acts on fd from here (fails over, holds the PEP down, notes
-     * its RTT): a number that is not c's socket any more is left alone */
-    if (!pep_fd_still_ours(fd, c))
+     * its RTT). A number that is not c's socket any more (closed behind
+     * libpep's back, reused by a pipe, a file...) is left alone. c's socket
+     * answers TCP_INFO in every state: a failure says so at once; a
+     * failover (rare) is worth an fstat; a handshake seen done (every
+     * connection) is not. */
+    if ((st < 0 || going || refused) && !pep_fd_still_ours(fd, c))
         return 1;
     if (going) {
         pep_failover(fd, c, PEP_DOWN_TIMEOUT, 0, ETIMEDOUT);
         return c->state == PEP_ST_FAILED || !c->hs_deadline;
     }
-    int avail = 0;
-    if ((st == TCP_CLOSE || st < 0) && !ti.tcpi_rtt &&
-        !(ioctl(fd, FIONREAD, &avail) == 0 && avail > 0)) {
-        /* never got as far as a handshake: refused (RST, ICMP) */
+    if (refused) {
         int err = 0;
         pep_log(PEP_LOG_DEBUG, "fd %d: handshake with the PEP failed", fd);
         pep_sockopt_int(fd, SOL_SOCKET, SO_ERROR, &err); /* takes it: it is ours to act on */
