@@ -53,6 +53,22 @@ int pep_same_socket(int fd, const struct pep_conn *c)
     return fstat(fd, &st) == 0 && st.st_dev == c->dev && st.st_ino == c->ino;
 }
 
+/* A socket closed behind libpep's back (glibc's own close in fclose() of an
+ * fdopen()ed socket, syscall(SYS_close)) whose number went to something
+ * libpep does not hook (pipe(), open(), eventfd()...): a wait must not take
+ * it for a PEP that refused, nor dissolve it. */
+int pep_fd_still_ours(int fd, struct pep_conn *c)
+{
+    if (pep_same_socket(fd, c))
+        return 1;
+    if (pep_conn_get(fd) == c) {
+        pep_log(PEP_LOG_DEBUG, "fd %d: not the socket libpep connected any more "
+                "(closed behind its back); forgotten", fd);
+        pep_fd_forget(fd);
+    }
+    return 0;
+}
+
 void pep_forget(int fd)
 {
     if (PEP_UNLIKELY(pep_fd_tracked(fd))) {
@@ -493,12 +509,15 @@ static long long reply_deadline(int fd, struct pep_conn *c)
 }
 
 /* Past its deadline: the connection fails with ETIMEDOUT (said at the
- * default log level, naming the PEP). Under the lock. 1 if it expired. */
+ * default log level, naming the PEP). Under the lock. 1 if it expired (or
+ * fd was not c's socket any more: forgotten). */
 static int reply_expired(int fd, struct pep_conn *c, long long now)
 {
     long long d = reply_deadline(fd, c);
     if (!d || now < d)
         return 0;
+    if (!pep_fd_still_ours(fd, c))
+        return 1;
     char peer[80];
     pep_peer_text(&c->pep, peer, sizeof peer);
     pep_log(PEP_LOG_ERROR, "PEP %s did not answer within %.1f s (PEP_REPLY_TIMEOUT); "
@@ -525,7 +544,7 @@ static enum step step_send_header(int fd, struct pep_conn *c, enum pep_settle_fo
     if (c->hs_deadline) { /* our attempt: refused or late means the next PEP */
         if (!pep_handshake_check(fd, c, pep_now_ns()))
             goto wait;
-        if (c->state != PEP_ST_SENDING)
+        if (pep_conn_get(fd) != c || c->state != PEP_ST_SENDING)
             return STEP_AGAIN;
     }
     if (why == PEP_FOR_HEADER_ONLY) {
@@ -582,7 +601,7 @@ static enum step step_read_reply(int fd, struct pep_conn *c, enum pep_settle_for
             *until = c->hs_deadline;
             return STEP_WAIT;
         }
-        if (c->state != PEP_ST_AWAIT)
+        if (pep_conn_get(fd) != c || c->state != PEP_ST_AWAIT)
             return STEP_AGAIN;
     }
     uint8_t tmp[PEP_MSG_MAX];
@@ -719,10 +738,41 @@ int pep_failed_by_pep(int fd)
     return failed;
 }
 
+/*
+ * tick() for one connection, under the lock, fd being c's: its deadline
+ * left (0: none). The kernel is asked (TCP_INFO) about c at most once per
+ * PEP_SLICE_NS, and at its deadline: a wait costs one getsockopt per
+ * connection due, not per connection in flight, while a refusal is still
+ * seen within a slice of waits and a deadline at it.
+ */
+static long long tick_conn(int fd, struct pep_conn *c, long long now)
+{
+    if (c->hs_deadline) {
+        if (now < c->next_probe && now < c->hs_deadline)
+            return c->hs_deadline; /* asked less than a slice ago */
+        c->next_probe = now + PEP_SLICE_NS;
+        pep_handshake_check(fd, c, now);
+        if (pep_conn_get(fd) != c)
+            return 0;
+        if (c->hs_deadline)
+            return c->hs_deadline;
+    }
+    if (c->state != PEP_ST_AWAIT)
+        return 0;
+    if (!c->reply_deadline) { /* handshake done, not seen established yet */
+        if (now < c->next_probe)
+            return c->next_probe;
+        c->next_probe = now + PEP_SLICE_NS;
+    }
+    if (reply_expired(fd, c, now))
+        return 0;
+    return c->reply_deadline ? c->reply_deadline : c->next_probe;
+}
+
 /* Every connection with a deadline: a handshake late or refused moves to
  * the next PEP; a reply past PEP_REPLY_TIMEOUT fails. The nearest deadline
  * left (0: none); a handshake done but its reply deadline not set yet counts
- * as now + PEP_SLICE_NS. */
+ * as its next probe (at most PEP_SLICE_NS away). */
 static long long tick(void)
 {
     long long now = pep_now_ns(), next = 0;
@@ -733,13 +783,7 @@ static long long tick(void)
         if ((st != PEP_ST_AWAIT && st != PEP_ST_SENDING) || fd < 0)
             continue;
         pep_lock();
-        if (pep_conn_get(fd) == c && c->hs_deadline)
-            pep_handshake_check(fd, c, now);
-        long long d = 0;
-        if (pep_conn_get(fd) == c && c->hs_deadline)
-            d = c->hs_deadline;
-        else if (pep_conn_get(fd) == c && c->state == PEP_ST_AWAIT && !reply_expired(fd, c, now))
-            d = c->reply_deadline ? c->reply_deadline : now + PEP_SLICE_NS;
+        long long d = pep_conn_get(fd) == c ? tick_conn(fd, c, now) : 0;
         pep_unlock();
         if (d && (!next || d < next))
             next = d;
@@ -777,7 +821,9 @@ int pep_attempt_poll(int fd, int *err)
         unsigned tried = c->tried;
         int direct = c->direct;
         pep_handshake_check(fd, c, pep_now_ns());
-        if ((c->tried != tried || c->direct != direct) && c->state != PEP_ST_FAILED)
+        if (pep_conn_get(fd) != c)
+            c = NULL; /* not c's socket after all: forgotten */
+        else if ((c->tried != tried || c->direct != direct) && c->state != PEP_ST_FAILED)
             ours = 1; /* moved to the next PEP (or the destination) */
     }
     if (c && c->state == PEP_ST_FAILED && c->failed_connecting) {
@@ -788,6 +834,8 @@ int pep_attempt_poll(int fd, int *err)
     return ours;
 }
 
+/* After tick(): a connection whose handshake is not seen done yet
+ * (hs_deadline) is tick's to watch, and waits for its next probe. */
 void pep_flush_sending(void)
 {
     if (!pep_headers_pending())
@@ -796,7 +844,8 @@ void pep_flush_sending(void)
     struct pep_conn *c;
     for (c = pep_conn_next(NULL); c; c = pep_conn_next(c)) {
         int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
-        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) == PEP_ST_SENDING && fd >= 0)
+        if (__atomic_load_n(&c->state, __ATOMIC_ACQUIRE) == PEP_ST_SENDING && fd >= 0 &&
+            !__atomic_load_n(&c->hs_deadline, __ATOMIC_RELAXED))
             pep_settle(fd, PEP_FOR_HEADER_ONLY, 1);
     }
     errno = saved;

@@ -162,5 +162,10 @@ int pep_sockopt_int(int fd, int level, int name, int *v);
 int pep_tcp_state(int fd, struct tcp_info *ti); /* TCP_* state or -1 */
 int pep_is_nonblocking(int fd);
 int pep_same_socket(int fd, const struct pep_conn *c); /* not closed and reused */
+/* Under the lock, right before libpep acts on fd for c (a failover, a
+ * disconnect, a hold-down): is fd still c's socket? If not, fd is
+ * forgotten (pep_conn_get(fd) is not c any more) and the caller does
+ * nothing. One fstat per act, none per look. */
+int pep_fd_still_ours(int fd, struct pep_conn *c);
 
 #endif

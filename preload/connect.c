@@ -498,16 +498,26 @@ int pep_handshake_check(int fd, struct pep_conn *c, long long now)
     if (!c->hs_deadline)
         return 1;
     int st = pep_tcp_state(fd, &ti);
-    if (st == TCP_SYN_SENT || st == TCP_SYN_RECV) {
-        if (now < c->hs_deadline)
-            return 0;
+    int going = st == TCP_SYN_SENT || st == TCP_SYN_RECV;
+    if (going && now < c->hs_deadline)
+        return 0;
+    /* never got as far as a handshake: refused (RST, ICMP) */
+    int avail = 0;
+    int refused = (st == TCP_CLOSE || st < 0) && !ti.tcpi_rtt &&
+                  !(ioctl(fd, FIONREAD, &avail) == 0 && avail > 0);
+    /* libpep acts on fd from here (fails over, holds the PEP down, notes
+     * its RTT). A number that is not c's socket any more (closed behind
+     * libpep's back, reused by a pipe, a file...) is left alone. c's socket
+     * answers TCP_INFO in every state: a failure says so at once; a
+     * failover (rare) is worth an fstat; a handshake seen done (every
+     * connection) is not. */
+    if ((st < 0 || going || refused) && !pep_fd_still_ours(fd, c))
+        return 1;
+    if (going) {
         pep_failover(fd, c, PEP_DOWN_TIMEOUT, 0, ETIMEDOUT);
         return c->state == PEP_ST_FAILED || !c->hs_deadline;
     }
-    int avail = 0;
-    if ((st == TCP_CLOSE || st < 0) && !ti.tcpi_rtt &&
-        !(ioctl(fd, FIONREAD, &avail) == 0 && avail > 0)) {
-        /* never got as far as a handshake: refused (RST, ICMP) */
+    if (refused) {
         int err = 0;
         pep_log(PEP_LOG_DEBUG, "fd %d: handshake with the PEP failed", fd);
         pep_sockopt_int(fd, SOL_SOCKET, SO_ERROR, &err); /* takes it: it is ours to act on */
@@ -712,6 +722,11 @@ enum pep_taken pep_connect_again(int fd, const struct sockaddr *sa, socklen_t le
     }
     if (c->state != PEP_ST_CONNECTING)
         pep_handshake_check(fd, c, pep_now_ns());
+    if (pep_conn_get(fd) != c) { /* fd turned out not to be c's socket */
+        pep_unlock();
+        errno = saved;
+        return PEP_PASS;
+    }
     if (c->confirm) {
         pep_unlock();
         int err = 0, v = pep_confirm_poll(fd, &err);

@@ -38,7 +38,9 @@ void pep_retry_same(int fd, struct pep_conn *c);
 
 /* Under the lock. Is the handshake of c's attempt done, failed or late?
  * Acts on it (failover). Returns 1 once the handshake is done (or the
- * attempt is not ours to watch), 0 while it is still going. */
+ * attempt is not ours to watch: fd is then forgotten if it is not c's
+ * socket any more, see pep_fd_still_ours), 0 while it is still going.
+ * One TCP_INFO while the handshake is going. */
 int pep_handshake_check(int fd, struct pep_conn *c, long long now);
 
 /* Under the lock: the program wrote these bytes (r of them) before the

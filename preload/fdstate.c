@@ -152,7 +152,9 @@ void pep_conn_set_hs_deadline(struct pep_conn *c, long long deadline)
         __atomic_sub_fetch(&pep_nhandshake, 1, __ATOMIC_RELAXED);
     else if (!c->hs_deadline && deadline)
         __atomic_add_fetch(&pep_nhandshake, 1, __ATOMIC_RELAXED);
-    c->hs_deadline = deadline;
+    if (deadline)
+        c->next_probe = 0;
+    __atomic_store_n(&c->hs_deadline, deadline, __ATOMIC_RELAXED); /* pep_flush_sending */
 }
 
 void pep_conn_put(struct pep_conn *c)

@@ -77,6 +77,9 @@ struct pep_conn {
     uint64_t ep_data;
     int ep_swapped;             /* registered with EPOLLIN instead of EPOLLOUT for now */
     long long hs_deadline;      /* CLOCK_MONOTONIC ns; 0: handshake done (or not ours) */
+    long long next_probe;       /* the waits ask the kernel (TCP_INFO) about this attempt
+                                 * again no sooner than this (CLOCK_MONOTONIC ns; 0: at the
+                                 * next wait), unless a deadline has come (conn.c, tick) */
     /* The program's bytes written before the reply, for the next attempt
      * (at most PEP_REPLAY_MAX; past it, replay_lost and no more attempts) */
     uint8_t *replay;
@@ -148,7 +151,8 @@ void pep_conn_put(struct pep_conn *c);             /* drop a reference */
 void pep_fd_dup(int oldfd, int newfd);             /* newfd shares oldfd's slot */
 void pep_fd_forget_range(unsigned first, unsigned last);
 void pep_conn_set_state(struct pep_conn *c, int state);
-void pep_conn_set_hs_deadline(struct pep_conn *c, long long deadline); /* keeps the count */
+/* Keeps the count; a new deadline (a new attempt) is probed at the next wait. */
+void pep_conn_set_hs_deadline(struct pep_conn *c, long long deadline);
 
 /* Every connection slot in use or once used, without the lock: start with
  * NULL; NULL at the end. A slot may change under the caller: read its state
