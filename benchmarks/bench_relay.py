@@ -379,6 +379,12 @@ http {{
     return p, port
 
 
+def children_cpu_seconds() -> float:
+    """User + system seconds of this process's waited-for children (wrk)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def wrk(port: int, seconds: float, env=None) -> tuple[float, str]:
     out = subprocess.run(cmd(["wrk", "-t2", "-c64", f"-d{int(seconds)}s", "-H",
                               "Connection: close", f"http://127.0.0.1:{port}/"]),
@@ -418,13 +424,23 @@ def bench_conns(procs: Procs, tmp: str, seconds: float, rounds: int, cpus: int,
     results = {name: [] for name, _, _ in ways}
     results["notes"] = {}
     results["cpu_us"] = {name: [] for name in pids}
+    # Where a connection's CPU goes besides the proxy: the client (wrk, with
+    # libpep.so in the relays' rows) and the server, each way.
+    results["client_us"] = {name: [] for name, _, _ in ways}
+    results["server_us"] = {name: [] for name, _, _ in ways}
     try:
         for _ in range(rounds):
             for name, port, env in ways:
                 c0 = tree_cpu_seconds(pids[name]) if name in pids else 0.0
+                w0, n0 = children_cpu_seconds(), tree_cpu_seconds(nginx.pid)
                 rate, note = wrk(port, seconds, env)
                 results[name].append(rate)
                 results["notes"].setdefault(name, []).append(note)
+                if rate > 0:
+                    conns = rate * seconds
+                    results["client_us"][name].append((children_cpu_seconds() - w0) * 1e6 / conns)
+                    results["server_us"][name].append(
+                        (tree_cpu_seconds(nginx.pid) - n0) * 1e6 / conns)
                 if name in pids and rate > 0:
                     used = tree_cpu_seconds(pids[name]) - c0
                     results["cpu_us"][name].append(used * 1e6 / (rate * seconds))
@@ -755,9 +771,11 @@ def main(argv=None) -> int:
                 for k in names[2:]:
                     print(f"  {k}/haproxy = {best[k] / best['haproxy']:.2f}"
                           + ("  (target >= 1.0)" if k == "relay" else ""))
-                print("  proxy CPU per connection (us, the process and its workers; per round): "
-                      + "  ".join(f"{k} " + " ".join(f"{x:.0f}" for x in v)
-                                  for k, v in r["cpu_us"].items()))
+                for what, key in (("proxy", "cpu_us"), ("client (wrk; + libpep.so for relays)",
+                                                         "client_us"), ("server (nginx)", "server_us")):
+                    print(f"  {what} CPU per connection (us, per round): "
+                          + "  ".join(f"{k} " + " ".join(f"{x:.0f}" for x in v)
+                                      for k, v in r[key].items() if v))
         if "idle" in only and args.idle:
             ways = relay_ways(args.relay_args.split(), args.relay_way or [])
             print_idle(bench_idle(procs, tmp, args.idle, ways), args.idle)
