@@ -12,7 +12,6 @@ unsigned pep_nmapped;
 unsigned pep_nsending;
 unsigned pep_nawait;
 unsigned pep_ndeferred;
-unsigned pep_nhandshake;
 unsigned pep_nconfirm;
 unsigned pep_nepswapped;
 static struct pep_conn *all;   /* every connection ever allocated, newest first */
@@ -148,10 +147,6 @@ void pep_fd_forget(int fd)
 
 void pep_conn_set_hs_deadline(struct pep_conn *c, long long deadline)
 {
-    if (c->hs_deadline && !deadline)
-        __atomic_sub_fetch(&pep_nhandshake, 1, __ATOMIC_RELAXED);
-    else if (!c->hs_deadline && deadline)
-        __atomic_add_fetch(&pep_nhandshake, 1, __ATOMIC_RELAXED);
     if (deadline)
         c->next_probe = 0;
     __atomic_store_n(&c->hs_deadline, deadline, __ATOMIC_RELAXED); /* pep_flush_sending */

@@ -93,7 +93,6 @@ extern struct pep_conn **pep_fd_chunks[PEP_FD_CHUNKS];
 extern unsigned pep_nmapped;         /* fds in the table, for close_range */
 extern unsigned pep_nsending;        /* conns in PEP_ST_SENDING */
 extern unsigned pep_nawait;          /* conns in PEP_ST_AWAIT */
-extern unsigned pep_nhandshake;      /* conns whose handshake is not seen done (hs_deadline) */
 extern unsigned pep_nconfirm;        /* PEP_CONFIRM conns still waiting for the verdict */
 extern unsigned pep_nepswapped;      /* conns with ep_swapped (wait.c) */
 extern unsigned pep_ndeferred;       /* conns in PEP_ST_DEFERRED */
@@ -151,7 +150,7 @@ void pep_conn_put(struct pep_conn *c);             /* drop a reference */
 void pep_fd_dup(int oldfd, int newfd);             /* newfd shares oldfd's slot */
 void pep_fd_forget_range(unsigned first, unsigned last);
 void pep_conn_set_state(struct pep_conn *c, int state);
-/* Keeps the count; a new deadline (a new attempt) is probed at the next wait. */
+/* A new deadline (a new attempt) is probed at the next wait. */
 void pep_conn_set_hs_deadline(struct pep_conn *c, long long deadline);
 
 /* Every connection slot in use or once used, without the lock: start with
