@@ -276,6 +276,45 @@ def test_per_client_limit_is_error_64():
         _open_ok(r, srv.addr).close()
 
 
+def test_per_client_limit_holds_for_the_whole_relay_with_workers():
+    """--workers 2 --max-per-client 4: each worker allows 2, so one client
+    holds at most 4 tunnels in all (each worker used to allow all 4: 8)."""
+    with Server(echo) as srv, Relay("--listen", "127.0.0.1:0", *ALLOW_LO, "--workers", "2",
+                                    "--max-per-client", "4") as r:
+        held, codes = [], []
+        for _ in range(12):     # the kernel spreads them over both workers
+            s = convert_open(r.addr, srv.addr)
+            msg, _ = read_reply(s)
+            if msg.error is None:
+                held.append(s)
+            else:
+                codes.append(msg.error.code)
+                s.close()
+        for s in held:
+            s.close()
+    assert 2 <= len(held) <= 4, (len(held), codes)
+    assert set(codes) == {ErrorCode.RESOURCE_EXCEEDED}, codes
+
+
+def test_a_worker_gets_its_share_of_each_relay_wide_limit():
+    from pepsock.relay.config import Config
+    from pepsock.relay.server import _admission, _shares_warnings, worker_share
+    assert worker_share(1024, 4) == 256
+    assert worker_share(64, 3) == 21        # 63 in all: never more than asked
+    assert worker_share(0, 4) == 0          # unlimited stays unlimited
+    assert worker_share(3, 4) == 1          # cannot be split: 1 each
+    assert worker_share(7, 1) == 7
+    cfg = Config(listen=[("127.0.0.1", 0)], max_per_client=1024, max_pending=2048,
+                 max_pending_per_client=3, tunnel_rate=100.0, tunnel_burst=500, workers=4)
+    adm = _admission(cfg, [("127.0.0.1", 1)])
+    assert (adm.max_per_client, adm.max_pending, adm.max_pending_per_client) == (256, 512, 1)
+    assert (adm.rate.rate, adm.rate.burst) == (25.0, 125.0)
+    assert adm.max_tunnels == cfg.max_tunnels       # per process: the fd limit
+    assert _shares_warnings(cfg) == [
+        "--max-pending-per-client 3 with --workers 4: each worker allows 1, so the relay "
+        "allows up to 4"]
+
+
 def test_bad_options_are_refused():
     import subprocess
     import sys

@@ -159,21 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tunnels", type=int, default=C.DEFAULT_MAX_TUNNELS,
                    help="open tunnels per process, then Error 64 (default %(default)s)")
     g.add_argument("--max-per-client", type=int, default=C.DEFAULT_MAX_PER_CLIENT,
-                   help="open tunnels per client (IPv4 address or IPv6 prefix), 0 = unlimited, "
-                        "then Error 64 (default %(default)s)")
+                   help="open tunnels per client (IPv4 address or IPv6 prefix) in the whole "
+                        "relay (each of --workers N gets 1/N), 0 = unlimited, then Error 64 "
+                        "(default %(default)s)")
     g.add_argument("--ipv6-prefix", type=int, default=C.DEFAULT_IPV6_PREFIX, metavar="BITS",
                    help="IPv6 clients are one client per prefix of this length for every "
                         "per-client limit (default %(default)s)")
     g.add_argument("--max-pending", type=int, default=C.DEFAULT_MAX_PENDING, metavar="N",
-                   help="onward connects in progress per process, 0 = unlimited, then Error 64 "
-                        "(default %(default)s)")
+                   help="onward connects in progress in the whole relay (each of --workers N "
+                        "gets 1/N), 0 = unlimited, then Error 64 (default %(default)s)")
     g.add_argument("--max-pending-per-client", type=int,
                    default=C.DEFAULT_MAX_PENDING_PER_CLIENT, metavar="N",
-                   help="onward connects in progress per client, 0 = unlimited "
-                        "(default %(default)s)")
+                   help="onward connects in progress per client (each of --workers N gets "
+                        "1/N), 0 = unlimited (default %(default)s)")
     g.add_argument("--tunnel-rate", type=float, default=C.DEFAULT_TUNNEL_RATE, metavar="PER_S",
-                   help="new tunnels a client may open per second, 0 = unlimited, then Error 64 "
-                        "(default %(default)s; loopback clients are exempt)")
+                   help="new tunnels a client may open per second (each of --workers N allows "
+                        "1/N), 0 = unlimited, then Error 64 (default %(default)s; loopback "
+                        "clients are exempt)")
     g.add_argument("--tunnel-burst", type=int, default=C.DEFAULT_TUNNEL_BURST, metavar="N",
                    help="new tunnels a client may open at once before --tunnel-rate applies "
                         "(default %(default)s)")

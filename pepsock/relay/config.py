@@ -49,12 +49,15 @@ DEFAULT_USER_TIMEOUT = 120.0
 DEFAULT_PIPE_SIZE = 1 << 20
 #: Open tunnels per process: ~2 sockets each, pipes only while busy.
 DEFAULT_MAX_TUNNELS = 20000
-#: Tunnels per client address; 0 = unlimited.  Bounds what one host can take.
+#: Tunnels per client address in the whole relay (with --workers N each
+#: worker allows 1/N: server.worker_share); 0 = unlimited.  Bounds what one
+#: host can take.
 DEFAULT_MAX_PER_CLIENT = 1024
 #: IPv6 clients are counted by this prefix for every per-client limit
 #: (a host or home gets a /64 and may use any address in it).
 DEFAULT_IPV6_PREFIX = 64
-#: Onward connects in progress, per process and per client.  Each may send
+#: Onward connects in progress, in the whole relay and per client (each of
+#: --workers N gets 1/N, as of the two below).  Each may send
 #: up to 1 + --syn-retries SYNs at a destination that does not answer, so
 #: these bound how hard the relay can be made to knock on a stranger's door;
 #: a client opening tunnels to live destinations holds a slot for one RTT.

@@ -430,7 +430,7 @@ class Loop(Reactor):
 
 
 def _warnings(cfg: Config, bound, warnings) -> None:
-    for text in warnings:
+    for text in [*warnings, *_shares_warnings(cfg)]:
         log.warning("%s", text)
     if not cfg.allow_clients:
         for addr in bound:
@@ -441,7 +441,32 @@ def _warnings(cfg: Config, bound, warnings) -> None:
                 break
 
 
+def worker_share(limit: int, workers: int) -> int:
+    """A worker's part of a relay-wide count limit (0: unlimited): 1/N,
+    rounded down so the workers together never exceed it, at least 1."""
+    return limit and max(1, limit // max(1, workers))
+
+
+def _shares_warnings(cfg: Config) -> list[str]:
+    """Relay-wide limits too small to split between the workers."""
+    n = cfg.workers
+    return [f"{flag} {limit} with --workers {n}: each worker allows 1, so the relay allows "
+            f"up to {n}" for flag, limit in (("--max-per-client", cfg.max_per_client),
+                                            ("--max-pending-per-client",
+                                             cfg.max_pending_per_client),
+                                            ("--max-pending", cfg.max_pending))
+            if n > 1 and 0 < limit < n]
+
+
 def _admission(cfg: Config, bound) -> Admission:
+    """This process's admission.  The limits on one client (tunnels, new
+    tunnels a second, onward connects in progress) and the relay's total of
+    onward connects hold for the relay: with --workers N each worker gets
+    1/N of them, as of the memory budgets (budget.make_budget).  SO_REUSEPORT
+    spreads a client's connections over the workers by their ports, so a
+    client may meet a limit a little before its full count (docs/relay.md).
+    --max-tunnels stays per process: it follows the process's fd limit."""
+    n = max(1, cfg.workers)
     extra = []
     public = False
     for addr in bound:
@@ -449,11 +474,12 @@ def _admission(cfg: Config, bound) -> Admission:
         public = public or not ip.is_loopback
         if not ip.is_unspecified:
             extra.append(ip)
-    adm = Admission(cfg.dest_rules, cfg.allow_clients, cfg.max_tunnels, cfg.max_per_client,
-                     extra_local=extra, max_pending=cfg.max_pending,
-                     max_pending_per_client=cfg.max_pending_per_client,
-                     rate=cfg.tunnel_rate, burst=cfg.tunnel_burst, public=public,
-                     nat64=cfg.nat64_prefixes)
+    adm = Admission(cfg.dest_rules, cfg.allow_clients, cfg.max_tunnels,
+                    worker_share(cfg.max_per_client, n),
+                    extra_local=extra, max_pending=worker_share(cfg.max_pending, n),
+                    max_pending_per_client=worker_share(cfg.max_pending_per_client, n),
+                    rate=cfg.tunnel_rate / n, burst=max(1.0, cfg.tunnel_burst / n),
+                    public=public, nat64=cfg.nat64_prefixes)
     adm.listen_ports = {addr[1] for addr in bound}
     adm.budget = make_budget(cfg)
     return adm
