@@ -109,9 +109,6 @@ static uint32_t unacked(int fd)
     return (uint32_t)n;
 }
 
-/* The held Success reply, now and alone (see the top): 0, or -errno if the
- * client's socket failed.  Nothing was read for the client while it was
- * held, so nothing can overtake it. */
 /* Whether the spill (see the top) may still be held back: the direction is
  * spilling, its source not at EOF, and the client's window not full. */
 static bool spill_held(struct dir *down, struct tcp_info *ti)
@@ -138,6 +135,9 @@ static uint32_t spill_of(const struct rc_core *core, struct dir *down, uint64_t 
     return spill <= core->success_len && spill <= down->len ? spill : 0;
 }
 
+/* The held Success reply, now and alone (see the top): 0, or -errno if the
+ * client's socket failed.  Nothing was read for the client while it was
+ * held, so nothing can overtake it. */
 static int reply_alone(struct rc_core *core, struct dir *down)
 {
     if (!down->reply)
@@ -721,8 +721,7 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                     if (d->len == COPY_BUF) {
                         d->splice_mode = true;  /* a bulk transfer: splice from now on */
                         d->spilling = false;
-                    }
-                    else if (src->armed && !src->fin_seen)
+                    } else if (src->armed && !src->fin_seen)
                         src->readable = false;  /* drained: saves the EAGAIN recv */
                 } else if (n == 0) {
                     if ((rc = reply_alone(core, d)) != 0) {
