@@ -28,6 +28,9 @@
 /* How long a held Success reply waits for the destination's first bytes to
  * ride with (tunnel.c): far below the clients' reply timeout (10 s). */
 #define REPLY_HOLD_NS 200000000LL   /* 0.2 s */
+/* How long after a coalesced reply the relay may hold back the reply's spill
+ * (tunnel.c, "The spill"). */
+#define SPILL_HOLD_NS 10000000LL     /* 10 ms */
 #define MAX_LISTENERS 16
 
 enum tstate {
@@ -60,6 +63,7 @@ enum tqueue {
     Q_FLUSH,       /* FLUSH_POLL_NS */
     Q_SYN_WINDOW,  /* an unverified client's onward SYN: unverified_syn_window */
     Q_REPLY,       /* OPEN with the Success reply held: REPLY_HOLD_NS */
+    Q_SPILL,       /* OPEN, the reply's spill held back: SPILL_HOLD_NS */
     Q_VERIFY,      /* an unverified client's handshake: header_timeout (link 1) */
     NQUEUES
 };
@@ -95,6 +99,7 @@ struct dir {
     uint32_t reply;       /* down only: bytes of the held Success reply, to go in
                            * front of the first bytes read (0: none held) */
     uint32_t lead;        /* bytes at buf[off] that are the reply, not data */
+    bool spilling;        /* down only: sends whole segments only (the reply's spill) */
     uint32_t limit;       /* budget: the most a pipe may hold */
 };
 

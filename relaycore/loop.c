@@ -311,6 +311,7 @@ RC_API struct rc_core *rc_new(const struct rc_config *cfg, struct rc_record **re
     core->q[Q_FLUSH].duration = FLUSH_POLL_NS;
     core->q[Q_SYN_WINDOW].duration = secs_ns(cfg->unverified_syn_window);
     core->q[Q_REPLY].duration = REPLY_HOLD_NS;
+    core->q[Q_SPILL].duration = SPILL_HOLD_NS;
     core->q[Q_VERIFY].duration = secs_ns(cfg->header_timeout);
     if (cfg->stall_timeout > 0) {
         double every = cfg->stall_timeout / 4;

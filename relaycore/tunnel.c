@@ -32,6 +32,22 @@
  * client that sent only the header may be waiting for the reply (PEP_CONFIRM,
  * a server-speaks-first protocol): it gets it at open, as the Python engine
  * does for every client.
+ *
+ * The spill.  The reply shifts the stream by its 4 bytes: a destination that
+ * sends whole segments (bulk data) fills the client's segments to the brim
+ * plus a spill of 1 to 4 bytes, and with Nagle off that spill would leave as
+ * a tiny segment of its own, taking a slot of the initial window after all
+ * (a 100 kB response then needs a fourth round trip of a satellite hop).  So
+ * after a coalesced reply the direction is `spilling`: each send leaves out
+ * a spill (keeps it in the buffer, the next read goes behind it) until the
+ * first of: the client socket's congestion window is full (the spill then
+ * waits in its send queue anyway and merges with the bytes behind it), the
+ * destination's EOF, the buffer filling (splice from then on), an error
+ * path, SPILL_HOLD_NS (Q_SPILL).  A response that really ends on a spill
+ * waits at most SPILL_HOLD_NS.  TCP_CORK would hold the spill in the kernel,
+ * but the kernel's autocorking then defers the whole push, and while the
+ * client socket is still in SYN_RECV (a TFO child before the client's ACK:
+ * a satellite hop's whole first flight) nothing resumes it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -91,6 +107,32 @@ static uint32_t unacked(int fd)
     if (ioctl(fd, SIOCOUTQ, &n) < 0)
         return 0;
     return (uint32_t)n;
+}
+
+/* Whether the spill (see the top) may still be held back: the direction is
+ * spilling, its source not at EOF, and the client's window not full. */
+static bool spill_held(struct dir *down, struct tcp_info *ti)
+{
+    socklen_t l = sizeof *ti;
+    if (down->spilling && !down->eof
+        && getsockopt(down->dst->fd, IPPROTO_TCP, TCP_INFO, ti, &l) == 0 && ti->tcpi_snd_mss
+        && ti->tcpi_unacked < ti->tcpi_snd_cwnd)
+        return true;
+    down->spilling = false;
+    return false;
+}
+
+/* How many of the buffered bytes a spilling send leaves out: those past the
+ * last whole segment when they are no more than the reply's length. */
+static uint32_t spill_of(const struct rc_core *core, struct dir *down, uint64_t moved)
+{
+    struct tcp_info ti;
+    if (!spill_held(down, &ti))
+        return 0;
+    /* stream offset once buf[off..off+len) is sent: reply + data */
+    uint64_t end = core->success_len + down->bytes + moved + (down->len - down->lead);
+    uint32_t spill = (uint32_t)(end % ti.tcpi_snd_mss);
+    return spill <= core->success_len && spill <= down->len ? spill : 0;
 }
 
 /* The held Success reply, now and alone (see the top): 0, or -errno if the
@@ -591,9 +633,11 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
         /* 1. deliver: the pipe, else the buffer */
         if ((d->held || d->len) && dst->writable) {
             bool from_pipe = d->held != 0;
+            uint32_t want = from_pipe || !d->spilling ? d->len : d->len - spill_of(core, d, moved);
             ssize_t n = from_pipe
                 ? splice(d->pipe_r, NULL, dst->fd, NULL, d->held, SPLICE_FLAGS)
-                : send(dst->fd, d->buf + d->off, d->len, MSG_NOSIGNAL | MSG_DONTWAIT);
+                : !want ? 0
+                : send(dst->fd, d->buf + d->off, want, MSG_NOSIGNAL | MSG_DONTWAIT);
             if (n > 0) {
                 uint32_t lead = 0;
                 if (from_pipe) {
@@ -614,8 +658,9 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                 break;
             }
         }
-        /* 2. read, once what is buffered is delivered */
-        if (!d->eof && src->readable && d->len == 0) {
+        /* 2. read, once what is buffered is delivered (but a held spill) */
+        if (!d->eof && src->readable
+            && (d->len == 0 || (d->spilling && d->len <= core->success_len))) {
             if (d->splice_mode && d->pipe_r < 0 && d->held == 0 && !pipe_get(core, d))
                 d->splice_mode = false;     /* out of fds: copy instead */
             if (d->splice_mode) {
@@ -651,9 +696,14 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                     *which = 0;
                     break;
                 }
-                /* A held reply goes in front of the first bytes, one send. */
-                uint32_t lead = d->reply;
-                ssize_t n = recv(src->fd, d->buf + lead, COPY_BUF - lead, MSG_DONTWAIT);
+                /* A held reply goes in front of the first bytes, one send;
+                 * a held spill, likewise (never both). */
+                uint32_t lead = d->reply, keep = d->len;
+                if (keep && d->off)
+                    memmove(d->buf, d->buf + d->off, keep);
+                d->off = 0;
+                ssize_t n = recv(src->fd, d->buf + lead + keep, COPY_BUF - lead - keep,
+                                 MSG_DONTWAIT);
                 if (n >= 0 && (rc = reply_alone(core, d->peer)) != 0) {
                     *which = 0;     /* the client streams: its reply goes now */
                     break;
@@ -663,14 +713,15 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                         memcpy(d->buf, core->success, lead);
                         d->reply = 0;
                         d->lead = lead;
+                        d->spilling = true;
                         core->n.replies_coalesced++;
                     }
-                    d->off = 0;
-                    d->len = (uint32_t)n + lead;
+                    d->len = (uint32_t)n + lead + keep;
                     progress = true;
-                    if (d->len == COPY_BUF)
+                    if (d->len == COPY_BUF) {
                         d->splice_mode = true;  /* a bulk transfer: splice from now on */
-                    else if (src->armed && !src->fin_seen)
+                        d->spilling = false;
+                    } else if (src->armed && !src->fin_seen)
                         src->readable = false;  /* drained: saves the EAGAIN recv */
                 } else if (n == 0) {
                     if ((rc = reply_alone(core, d)) != 0) {
@@ -688,8 +739,12 @@ static int pump(struct rc_core *core, struct dir *d, int *which)
                 }
             }
         }
-        if (!progress)
+        if (!progress) {
+            struct tcp_info ti;
+            if (d->len && d->spilling && !spill_held(d, &ti))
+                continue;       /* the spill goes now */
             break;
+        }
     }
     if (moved) {
         d->bytes += moved;
@@ -746,6 +801,7 @@ static bool flush(struct rc_core *core, struct tunnel *t)
 static void start_flush(struct rc_core *core, struct tunnel *t, const char *why)
 {
     reply_alone(core, &t->down);    /* first: a client gone shows in flush() */
+    t->down.spilling = false;
     t->state = T_FLUSHING;
     snprintf(t->why, sizeof t->why, "server %s", why);
     pipe_put(core, &t->up);     /* the client's bytes cannot reach the server any more */
@@ -809,6 +865,10 @@ static void run(struct rc_core *core, struct tunnel *t)
         return broken(core, t, rc);
     if (t->tl[0].q == Q_REPLY && !t->down.reply)
         timer_clear(core, t);   /* the held reply went */
+    if (t->down.spilling && t->tl[0].q != Q_SPILL)
+        timer_set(core, t, Q_SPILL);
+    else if (!t->down.spilling && t->tl[0].q == Q_SPILL)
+        timer_clear(core, t);
     if (t->up.shut && t->down.shut)
         finish_clean(core, t);
 }
@@ -959,7 +1019,13 @@ void tunnel_timer(struct rc_core *core, struct tunnel *t)
     case T_FLUSHING:
         flush_poll(core, t);
         break;
-    case T_OPEN: {  /* Q_REPLY: the destination is slow to answer, the reply goes alone */
+    case T_OPEN: {
+        if (t->down.spilling) {     /* Q_SPILL: the response may end on its spill */
+            t->down.spilling = false;
+            run(core, t);
+            break;
+        }
+        /* Q_REPLY: the destination is slow to answer, the reply goes alone */
         int rc = reply_alone(core, &t->down);
         if (rc)
             broken(core, t, rc);

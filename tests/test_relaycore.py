@@ -34,12 +34,13 @@ import pytest
 cffi = pytest.importorskip("cffi")
 
 from pepsock.protocol import (  # noqa: E402
-    Connect, Cookie, Message, MessageReader, TCPOption, error_reply, success_reply,
+    Connect, Cookie, Message, MessageReader, TCPOption, connect_request, error_reply,
+    success_reply,
 )
 from pepsock.relay import core as relaycore  # noqa: E402
 from relay_helpers import (  # noqa: E402
-    Relay, Server, convert_open, echo, error_code, read_reply, recv_all, recv_exact,
-    recv_to_the_end, tfo_send, wait_eof_or_reset,
+    TCP_FASTOPEN_NO_COOKIE, Relay, Server, convert_open, echo, error_code, read_reply, recv_all,
+    recv_exact, recv_to_the_end, tfo_send, wait_eof_or_reset,
 )
 import preload_helpers  # noqa: E402
 
@@ -541,3 +542,41 @@ def test_destination_reset_the_held_success_then_what_it_sent_then_the_reset(
         assert (len(got), how) == (size, "reset")
         assert got == data
         s.close()
+
+
+def test_a_response_ending_on_the_replys_spill_gets_it_after_the_spill_hold(core, silent):
+    """The coalesced reply shifts the stream by its 4 bytes: a response of one whole
+    client-side segment fills it and leaves a spill of 4 bytes, which the core holds back
+    while the client's window has room (as a segment of its own it would take a slot of
+    the initial window), SPILL_HOLD_NS = 10 ms at most: then it goes, though the
+    destination neither sends more nor closes."""
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+    s.settimeout(5)
+    tfo_send(s, connect_request(*silent.getsockname()) + b"GET", core.addr)
+    r = core.wait(RC_NEW)
+    assert r.early == 3
+    _rc_connect(core, r.id, silent.getsockname())
+    conn, _ = silent.accept()
+    conn.settimeout(5)
+    assert conn.recv(100) == b"GET"
+    # tcpi_snd_mss (u32 at 16): the client's 524 (536 - timestamps), as the relay's
+    mss = struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 16)[0]
+    body = os.urandom(mss)
+    conn.sendall(body)
+    _step_until_readable(core, s)
+    got = s.recv(65536)
+    assert got == SUCCESS + body[:mss - len(SUCCESS)]       # one whole segment
+    first = time.monotonic()
+    got += s.recv(65536) if select.select([s], [], [], 0)[0] else b""
+    while len(got) < len(SUCCESS) + len(body):
+        _step_until_readable(core, s)
+        got += s.recv(65536)
+    gap = time.monotonic() - first
+    assert got == SUCCESS + body
+    assert 0.008 <= gap < 1, gap
+    assert core.lib.rc_counters(core.core).replies_coalesced == 1
+    conn.close()
+    core.lib.rc_abort_all(core.core, b"test")
+    s.close()

@@ -146,6 +146,39 @@ def test_bulk_first_byte_through_the_pep_after_reset():
         tb.close()
 
 
+def test_a_100kB_response_through_the_pep_comes_in_three_flights():
+    """The relay's Success reply rides with the destination's first bytes and shifts the
+    stream by 4 bytes, so whole segments from the server would leave a 4-byte spill per
+    send; sent as a segment of its own it took a slot of the client hop's initial window,
+    and 100,000 bytes + the reply (70 segments: 10 + 20 + 40) needed a fourth flight for
+    their last 88 bytes: 3 R1 after the first byte instead of 2 (seen on the satellite
+    testbed: 1.65 s instead of 1.1).  With the spill held back, flights 2 and 3 come one
+    R1 apart.  A response that ends on a spill (2,896 bytes: 2 segments + 4) still comes
+    whole, at once."""
+    require_root()
+    require_tool("cc")
+    from pepsock.testbed.experiments import Plan, Runner
+    r1, r2 = 200.0, 10.0
+    tb = Testbed(Settings(r1_ms=r1, r2_ms=r2, wireless_mbit=50, qdisc="fifo"), prefix="evt")
+    runner = Runner(tb, Plan())
+    try:
+        runner.start()
+        assert runner.pep_ok, runner.pep_status
+        tb.reset()
+        f = runner.bulk("pep", 100_000, 1, start_in=0.2, timeout=15)["flows"][0]
+        assert f["complete"], f
+        after_first = (f["t_end"] - f["t_first"]) * 1000
+        # 2 R1 (+ 40 segments at 50 Mbit/s, 10 ms); a fourth flight: 3 R1
+        assert after_first < 2.5 * r1, after_first
+        tb.reset()
+        f = runner.bulk("pep", 2896, 1, start_in=0.2, timeout=15)["flows"][0]
+        assert f["complete"], f
+        assert (f["t_end"] - f["t_first"]) * 1000 < r1 / 4, f
+    finally:
+        runner.stop()
+        tb.close()
+
+
 def test_teardown_leaves_nothing():
     require_root()
     require_tool("cc")
