@@ -100,6 +100,7 @@ struct dir {
                            * front of the first bytes read (0: none held) */
     uint32_t lead;        /* bytes at buf[off] that are the reply, not data */
     bool spilling;        /* down only: sends whole segments only (the reply's spill) */
+    uint32_t mss;         /* down only: the client socket's MSS at accept (0: unknown) */
     uint32_t limit;       /* budget: the most a pipe may hold */
 };
 

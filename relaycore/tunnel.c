@@ -126,11 +126,16 @@ static bool spill_held(struct dir *down, struct tcp_info *ti)
  * last whole segment when they are no more than the reply's length. */
 static uint32_t spill_of(const struct rc_core *core, struct dir *down, uint64_t moved)
 {
+    /* stream offset once buf[off..off+len) is sent: reply + data */
+    uint64_t end = core->success_len + down->bytes + moved + (down->len - down->lead);
+    /* By the MSS seen at accept most sends cannot end on a spill (a short
+     * response never does): no TCP_INFO for them. */
+    uint32_t past = down->mss ? (uint32_t)(end % down->mss) : 1;
+    if (past == 0 || past > core->success_len)
+        return 0;
     struct tcp_info ti;
     if (!spill_held(down, &ti))
         return 0;
-    /* stream offset once buf[off..off+len) is sent: reply + data */
-    uint64_t end = core->success_len + down->bytes + moved + (down->len - down->lead);
     uint32_t spill = (uint32_t)(end % ti.tcpi_snd_mss);
     return spill <= core->success_len && spill <= down->len ? spill : 0;
 }
@@ -360,7 +365,8 @@ static bool header_progress(struct rc_core *core, struct tunnel *t, struct rc_re
 }
 
 /* tcp_info as the kernel lays it out (glibc's struct is older): tcpi_state
- * (u8 at 0), tcpi_options (u8 at 5), tcpi_bytes_received (u64 at 128),
+ * (u8 at 0), tcpi_options (u8 at 5), tcpi_snd_mss (u32 at 16),
+ * tcpi_bytes_received (u64 at 128),
  * tcpi_data_segs_in (u32 at 152); Linux >= 4.6. */
 #define TI_LEN 160
 
@@ -387,6 +393,7 @@ void tunnel_accepted(struct rc_core *core, struct tunnel *t, const struct sockad
     if (getsockopt(t->c.fd, IPPROTO_TCP, TCP_INFO, ti, &l) == 0) {
         r->handshaking = ti[0] == TCP_SYN_RECV;
         r->syn_data = (ti[5] & TCPI_OPT_SYN_DATA_BIT) != 0;
+        memcpy(&t->down.mss, ti + 16, sizeof t->down.mss);
         if (r->syn_data && l >= 156) {
             uint32_t segs;
             uint64_t bytes;
