@@ -2,6 +2,7 @@
 
 Needs root (namespaces, TUN, tc).  Bounded: the whole file takes about a minute.
 """
+import contextlib
 import os
 import signal
 import subprocess
@@ -118,21 +119,32 @@ def test_user_space_link_loss_uplink_and_upload():
         tb.close()
 
 
+@contextlib.contextmanager
+def _running_testbed(r1: float, r2: float):
+    """A testbed (R1, R2 in ms, 50 Mbit/s, FIFO) with its relay, server and
+    warm-up connections running: (testbed, runner)."""
+    require_root()
+    require_tool("cc")
+    from pepsock.testbed.experiments import Plan, Runner
+    tb = Testbed(Settings(r1_ms=r1, r2_ms=r2, wireless_mbit=50, qdisc="fifo"), prefix="evt")
+    runner = Runner(tb, Plan())
+    try:
+        runner.start()
+        assert runner.pep_ok, runner.pep_status
+        yield tb, runner
+    finally:
+        runner.stop()
+        tb.close()
+
+
 def test_bulk_first_byte_through_the_pep_after_reset():
     """A transfer through the PEP gets its request in the SYN (first byte at R1+2R2) after
     the testbed's between-runs reset too: the reset keeps the client's TFO cookie for the
     relay.  (It used to flush the TCP metrics, cookies with them, so the satellite case's
     bulk SYN carried a cookie request and the first byte came one R1 late, at 2R1+2R2.)
     A long R1 so that the round trip shows above the loaded machine's noise."""
-    require_root()
-    require_tool("cc")
-    from pepsock.testbed.experiments import Plan, Runner
     r1, r2 = 200.0, 20.0
-    tb = Testbed(Settings(r1_ms=r1, r2_ms=r2, wireless_mbit=50, qdisc="fifo"), prefix="evt")
-    runner = Runner(tb, Plan())
-    try:
-        runner.start()          # the relay, the server and the warm-up connections
-        assert runner.pep_ok, runner.pep_status
+    with _running_testbed(r1, r2) as (tb, runner):
         firsts = []
         for _ in range(2):
             tb.reset()
@@ -141,9 +153,6 @@ def test_bulk_first_byte_through_the_pep_after_reset():
             firsts.append(f["t_first"] - f["t_start"])
         # R1+2R2 = 240 ms; one more R1 (the handshake before the request) would be 440 ms
         assert all(t < r1 + 2 * r2 + r1 / 2 for t in (x * 1000 for x in firsts)), firsts
-    finally:
-        runner.stop()
-        tb.close()
 
 
 def test_a_100kB_response_through_the_pep_comes_in_three_flights():
@@ -155,15 +164,8 @@ def test_a_100kB_response_through_the_pep_comes_in_three_flights():
     testbed: 1.65 s instead of 1.1).  With the spill held back, flights 2 and 3 come one
     R1 apart.  A response that ends on a spill (2,896 bytes: 2 segments + 4) still comes
     whole, at once."""
-    require_root()
-    require_tool("cc")
-    from pepsock.testbed.experiments import Plan, Runner
     r1, r2 = 200.0, 10.0
-    tb = Testbed(Settings(r1_ms=r1, r2_ms=r2, wireless_mbit=50, qdisc="fifo"), prefix="evt")
-    runner = Runner(tb, Plan())
-    try:
-        runner.start()
-        assert runner.pep_ok, runner.pep_status
+    with _running_testbed(r1, r2) as (tb, runner):
         tb.reset()
         f = runner.bulk("pep", 100_000, 1, start_in=0.2, timeout=15)["flows"][0]
         assert f["complete"], f
@@ -174,9 +176,6 @@ def test_a_100kB_response_through_the_pep_comes_in_three_flights():
         f = runner.bulk("pep", 2896, 1, start_in=0.2, timeout=15)["flows"][0]
         assert f["complete"], f
         assert (f["t_end"] - f["t_first"]) * 1000 < r1 / 4, f
-    finally:
-        runner.stop()
-        tb.close()
 
 
 def test_teardown_leaves_nothing():
