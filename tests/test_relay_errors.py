@@ -297,8 +297,8 @@ def test_per_client_limit_holds_for_the_whole_relay_with_workers():
 
 
 def test_a_worker_gets_its_share_of_each_relay_wide_limit():
-    from pepsock.relay.config import Config
-    from pepsock.relay.server import _admission, _shares_warnings, worker_share
+    from pepsock.relay.config import Config, worker_share
+    from pepsock.relay.server import _admission, _shares_warnings
     assert worker_share(1024, 4) == 256
     assert worker_share(64, 3) == 21        # 63 in all: never more than asked
     assert worker_share(0, 4) == 0          # unlimited stays unlimited
@@ -310,6 +310,7 @@ def test_a_worker_gets_its_share_of_each_relay_wide_limit():
     assert (adm.max_per_client, adm.max_pending, adm.max_pending_per_client) == (256, 512, 1)
     assert (adm.rate.rate, adm.rate.burst) == (25.0, 125.0)
     assert adm.max_tunnels == cfg.max_tunnels       # per process: the fd limit
+    assert adm.budget.per_client == cfg.memory_per_client // 4      # the budgets alike
     assert _shares_warnings(cfg) == [
         "--max-pending-per-client 3 with --workers 4: each worker allows 1, so the relay "
         "allows up to 4"]

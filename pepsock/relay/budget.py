@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .config import worker_share
+
 #: Floors: a 16 KiB kernel buffer (8 KiB of window) and 4 KiB in a pipe keep
 #: a tunnel working, slowly, however many a client opens.
 MIN_BUFFER = 16 << 10
@@ -145,8 +147,8 @@ def full_sizes(cfg) -> Sizes:
 def make_budget(cfg) -> Budget:
     """The process's budget: per client and in total, each split evenly
     between --workers (SO_REUSEPORT spreads a client's connections evenly)."""
-    n = max(1, cfg.workers)
     total = cfg.memory_budget
     if total is None:
         total = tcp_mem_hard_limit() * 3 // 4
-    return Budget(full_sizes(cfg), cfg.memory_per_client // n, total // n)
+    return Budget(full_sizes(cfg), worker_share(cfg.memory_per_client, cfg.workers),
+                  worker_share(total, cfg.workers))

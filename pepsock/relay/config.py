@@ -80,6 +80,12 @@ DEFAULT_TFO_QUEUE = 4096
 DEFAULT_PIPE_POOL = 256
 
 
+def worker_share(limit: int, workers: int) -> int:
+    """A worker's part of a relay-wide limit (0: unlimited) with --workers N:
+    1/N, rounded down so the workers together never exceed it, at least 1."""
+    return limit and max(1, limit // max(1, workers))
+
+
 @dataclass
 class SideOptions:
     """Per-side TCP tuning (the client side faces the long/lossy link in a PEP)."""

@@ -29,7 +29,7 @@ from .budget import make_budget
 from .clients import client_key
 from .cookies import TCP_FASTOPEN_KEY, Cookies
 from .ratelimit import LogLimiter, TokenBuckets
-from .config import DEFAULT_MAX_TUNNELS, Config
+from .config import DEFAULT_MAX_TUNNELS, Config, worker_share
 from .context import TunnelContext
 from .pipes import PipePool
 from .reactor import ACCEPT_PAUSE, Reactor
@@ -439,12 +439,6 @@ def _warnings(cfg: Config, bound, warnings) -> None:
                 log.warning("listening on %s with no --allow-client: anyone who can reach "
                             "it may relay through this host", fmt_addr(addr))
                 break
-
-
-def worker_share(limit: int, workers: int) -> int:
-    """A worker's part of a relay-wide count limit (0: unlimited): 1/N,
-    rounded down so the workers together never exceed it, at least 1."""
-    return limit and max(1, limit // max(1, workers))
 
 
 def _shares_warnings(cfg: Config) -> list[str]:
