@@ -925,6 +925,7 @@ def test_pep_run_and_pep_lib_commands(lo, lib, tmp_path):
     curl = require_tool("curl")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEP_") and k != "LD_PRELOAD"}
     env["PYTHONPATH"] = ph.REPO
+    env["PEP_STATE_DIR"] = str(tmp_path / "pepstate")  # not the machine's: this test's own
     p = subprocess.run([sys.executable, "-m", "pepsock.cli", "lib"], env=env, capture_output=True,
                        text=True, timeout=TIMEOUT, cwd=ph.REPO)
     assert p.returncode == 0 and os.path.isfile(p.stdout.strip()), p.stderr

@@ -41,6 +41,10 @@ def base_env(**extra) -> dict:
            if not k.startswith("PEP_") and k not in ("LD_PRELOAD", "http_proxy", "HTTP_PROXY")}
     env["PYTHONPATH"] = REPO
     env["PEP_NO_PROXY"] = ""          # loopback goes via the PEP too
+    # A state directory of this environment's own: the default one is the
+    # machine's (/tmp/pepsock-<uid>), where earlier runs left tfo=cookie for
+    # converters on the same ports, so a first SYN went without the header.
+    env["PEP_STATE_DIR"] = tempfile.mkdtemp(prefix="pepstate-")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
